@@ -1,0 +1,181 @@
+"""What the coordinator does with the vectors: merge, restore BN, choose λ and the
+model to promote on the validation split, and report on the test split.
+
+The coordinator never reads images of a hospital.  For the ``recompute`` BN
+strategy it asks for moment sums through ``moments_fn(model)``, which in the
+distributed setting is answered by the hospitals (each sends only its sums) and
+otherwise by a coordinator calibration set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medvec.batchnorm import MomentSums, RunningStats, restore_batchnorm, set_running
+from medvec.config import Params
+from medvec.data import ImageSet
+from medvec.evaluate import evaluate_model
+from medvec.merge import MergeMethod, merge_delta, method_from_config
+from medvec.models import Base
+from medvec.vectors import DataVector
+
+MomentsFn = Callable[[nn.Module], MomentSums]
+
+
+@dataclass
+class EvalSets:
+    """The coordinator's own held-out data: ``val`` chooses, ``test`` reports."""
+
+    val: ImageSet
+    test: ImageSet
+
+
+@dataclass
+class Candidate:
+    name: str
+    kind: str
+    method: str | None
+    lam: float | None
+    bn: str
+    val: dict
+    test: dict | None = None
+    n_train: int = 0
+    selected: bool = False
+    curve: list[tuple[float, float]] = field(default_factory=list)
+
+    def row(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "method": self.method,
+            "lambda": self.lam,
+            "bn": self.bn,
+            "bn_restored": self.bn != "none",
+            "selected": self.selected,
+            "n_train": self.n_train,
+            "val": _scalars(self.val),
+            "test": _scalars(self.test or {}),
+            "confusion": (self.test or {}).get("confusion"),
+        }
+
+
+def _scalars(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy")}
+
+
+def score(m: dict, metric: str) -> float:
+    v = m.get(metric, float("nan"))
+    return -math.inf if v is None or math.isnan(v) else float(v)
+
+
+def running_of(vectors: Sequence) -> list[RunningStats]:
+    out = []
+    for v in vectors:
+        r = v.running() if callable(getattr(v, "running", None)) else v.running
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def build_model(base: Base, state: dict[str, torch.Tensor]) -> nn.Module:
+    model = base.fresh()
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def restore(model: nn.Module, strategy: str, vectors: Sequence, moments_fn: MomentsFn | None) -> nn.Module:
+    """Apply a BN strategy to a freshly merged model."""
+    if strategy == "recompute":
+        if moments_fn is None:
+            raise ValueError("strategy 'recompute' needs a moments source (hospitals or calibration set)")
+        return restore_batchnorm(model, "recompute", moments=moments_fn(model))
+    return restore_batchnorm(model, strategy, running=running_of(vectors))
+
+
+def single_models(base: Base, vectors: Sequence) -> list[tuple[str, nn.Module, int]]:
+    """Rebuild each hospital's fine-tuned model θ_h = θ_pre + τ_h with its own BN statistics."""
+    out = []
+    base_state = base.model.state_dict()
+    for v in vectors:
+        vec = v.to_vector() if hasattr(v, "to_vector") else v
+        model = build_model(base, vec.apply_to(base_state, 1.0))
+        if vec.running is not None:
+            set_running(model, vec.running.mean, vec.running.var)
+        out.append((vec.meta.hospital, model, vec.meta.n_train))
+    return out
+
+
+def evaluate_merges(
+    base: Base,
+    vectors: Sequence,
+    evalsets: EvalSets,
+    params: Params,
+    moments_fn: MomentsFn | None = None,
+    methods: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[Candidate]:
+    """For every (method, BN strategy): choose λ on ``val``, then score it on ``test``.
+
+    Returns one candidate per pair, each with its λ curve; the one with the best
+    validation score (``evaluate.select_metric``) is marked ``selected``.
+    """
+    methods = list(methods or params.merge.methods)
+    strategies = list(strategies or params.batchnorm.strategies)
+    metric = params.evaluate.select_metric
+    bs = params.evaluate.batch_size
+    base_state = base.model.state_dict()
+    n_train = sum(int(v.meta.n_train) for v in vectors)
+    results: list[Candidate] = []
+    jobs = [(m, s) for m in methods for s in strategies]
+    bar = tqdm(total=len(jobs), desc="merge candidates", disable=not progress, leave=False)
+    for name in methods:
+        method: MergeMethod = method_from_config(name, params.merge)
+        tau = merge_delta(vectors, method)
+        grid = [1.0] if name == "sum" else ([params.merge.lam] if params.merge.lam is not None else list(params.merge.lambdas or method.lambdas))
+        per_strategy: dict[str, list[tuple[float, dict]]] = {s: [] for s in strategies}
+        for lam in grid:
+            merged_state = tau.apply_to(base_state, lam)
+            for strategy in strategies:
+                model = restore(build_model(base, merged_state), strategy, vectors, moments_fn)
+                per_strategy[strategy].append((lam, evaluate_model(model, evalsets.val, base.spec, bs)))
+        for strategy in strategies:
+            lam, val = max(per_strategy[strategy], key=lambda p: score(p[1], metric))
+            model = restore(build_model(base, tau.apply_to(base_state, lam)), strategy, vectors, moments_fn)
+            test = evaluate_model(model, evalsets.test, base.spec, bs)
+            curve = [(l, m[metric]) for l, m in per_strategy[strategy]]
+            results.append(Candidate(f"{name} (bn={strategy})", "merged", name, lam, strategy, val, test, n_train, curve=curve))
+            bar.update(1)
+    bar.close()
+    if results:
+        best = max(results, key=lambda c: score(c.val, metric))
+        best.selected = True
+    return results
+
+
+def merged_model(base: Base, vectors: Sequence, method: str, lam: float, strategy: str, params: Params, moments_fn: MomentsFn | None = None) -> nn.Module:
+    """The merged model for one (method, λ, BN strategy)."""
+    tau = merge_delta(vectors, method_from_config(method, params.merge))
+    return restore(build_model(base, tau.apply_to(base.model.state_dict(), lam)), strategy, vectors, moments_fn)
+
+
+def random_control(vectors: Sequence, seed: int = 0) -> list[DataVector]:
+    """Random vectors with the same per-tensor L2 norms as each hospital's (the paper's control)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for v in vectors:
+        vec = v.to_vector() if hasattr(v, "to_vector") else v
+        deltas = {}
+        for k, t in vec.deltas.items():
+            r = torch.randn(t.shape, generator=g)
+            n = float(r.norm())
+            deltas[k] = r * (float(t.norm()) / n) if n > 0 else r
+        out.append(DataVector(deltas, vec.meta, vec.running, vec.moments))
+    return out

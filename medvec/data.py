@@ -1,0 +1,326 @@
+"""Image loaders, preprocessing and the hospital split simulator.
+
+Two on-disk layouts are read:
+
+* MedMNIST ``.npz``: keys ``<split>_images`` (uint8, N×H×W or N×H×W×C) and
+  ``<split>_labels`` (shape N or N×1).
+* image folders: ``<root>/<split>/<class>/*.png|jpg|jpeg``.
+
+A hospital's share written by :func:`write_hospital_shards` is a folder holding
+its own ``data.npz`` (splits ``train`` and ``val``) and ``meta.json``, so the code
+running at a hospital reads only that hospital's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medvec.models import ModelSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A data source that cannot be read as medvec expects."""
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, N×H×W or N×H×W×C) with integer labels and class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels).reshape(-1).astype(np.int64)
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if not self.classes:
+            n = int(self.labels.max()) + 1 if len(self.labels) else 0
+            self.classes = [str(i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label_counts(self) -> list[int]:
+        return np.bincount(self.labels, minlength=self.num_classes).astype(int).tolist()
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], list(self.classes))
+
+    @staticmethod
+    def concat(sets: list["ImageSet"]) -> "ImageSet":
+        classes = max((s.classes for s in sets), key=len)
+        return ImageSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes))
+
+
+def _npz_path(source: Path) -> Path | None:
+    if source.is_file() and source.suffix == ".npz":
+        return source
+    if source.is_dir() and (source / "data.npz").is_file():
+        return source / "data.npz"
+    return None
+
+
+def load_npz(path: str | Path, split: str) -> ImageSet:
+    """Load one split of a MedMNIST-layout ``.npz`` (labels N or N×1)."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        key_i, key_l = f"{split}_images", f"{split}_labels"
+        if key_i not in z or key_l not in z:
+            have = sorted({k.rsplit("_", 1)[0] for k in z.files})
+            raise DataError(f"{path}: no split {split!r} (has {', '.join(have)})")
+        images, labels = z[key_i], z[key_l]
+        classes = [str(c) for c in z["classes"]] if "classes" in z else []
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: {key_i} must be uint8, got {images.dtype}")
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(f"{path}: {key_l} has shape {labels.shape}; expected N or N×1 (multi-label is not supported)")
+    s = ImageSet(images, labels, classes)
+    if not classes:
+        s.classes = [str(i) for i in range(max(s.num_classes, 2))]
+    return s
+
+
+def load_image_folder(root: str | Path, split: str) -> ImageSet:
+    """Load ``<root>/<split>/<class>/*.png|jpg`` (classes sorted by name)."""
+    from PIL import Image
+
+    base = Path(root) / split
+    if not base.is_dir():
+        raise DataError(f"{root}: no split folder {split!r}")
+    classes = sorted(p.name for p in (Path(root) / "train" if (Path(root) / "train").is_dir() else base).iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{base}: no class folders")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((base / name).glob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(c)
+    if not files:
+        raise DataError(f"{base}: no {'/'.join(IMAGE_SUFFIXES)} images")
+    pil = [Image.open(f) for f in files]
+    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in pil) else "RGB"
+    sizes = [im.size for im in pil]
+    size = max(set(sizes), key=sizes.count)
+    arrays = [np.asarray(im.convert(mode).resize(size) if im.size != size else im.convert(mode), dtype=np.uint8) for im in pil]
+    return ImageSet(np.stack(arrays), np.asarray(labels), classes)
+
+
+def load_split(source: str | Path, split: str) -> ImageSet:
+    """Load a split from an ``.npz``, a hospital folder or an image-folder root."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder")
+    npz = _npz_path(source)
+    if npz is not None:
+        return load_npz(npz, split)
+    if source.is_dir():
+        return load_image_folder(source, split)
+    raise DataError(f"{source}: not an .npz file or an image-folder root")
+
+
+def has_split(source: str | Path, split: str) -> bool:
+    source = Path(source)
+    npz = _npz_path(source)
+    if npz is not None:
+        with np.load(npz, allow_pickle=False) as z:
+            return f"{split}_images" in z.files
+    return (source / split).is_dir()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def to_tensor(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """uint8 images -> float NCHW, resized to the spec's size and normalised.
+
+    Grayscale images feed RGB models by repeating the channel (keeps ImageNet
+    weights usable); RGB images feed one-channel models by averaging.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(images))
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = x.float().div_(255.0)
+    if x.shape[1] != spec.in_chans:
+        if x.shape[1] == 1:
+            x = x.expand(-1, spec.in_chans, -1, -1)
+        elif spec.in_chans == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise DataError(f"cannot feed {x.shape[1]}-channel images to a {spec.in_chans}-channel model")
+    if x.shape[-2:] != (spec.image_size, spec.image_size):
+        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(spec.mean[: spec.in_chans] if len(spec.mean) >= spec.in_chans else spec.mean * spec.in_chans).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std[: spec.in_chans] if len(spec.std) >= spec.in_chans else spec.std * spec.in_chans).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Light augmentation: random translation of up to 1/16 of the side, random horizontal flip."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 16)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def batches(
+    data: ImageSet,
+    spec: ModelSpec,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment_data: bool = False,
+    limit: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield preprocessed ``(x, y)`` batches; seeded when shuffling or augmenting."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(data) if limit is None else min(limit, len(data))
+    order = torch.randperm(len(data), generator=g).numpy()[:n] if shuffle or limit is not None else np.arange(n)
+    if limit is not None and not shuffle:
+        order = np.sort(order)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        x = to_tensor(data.images[idx], spec)
+        if augment_data:
+            x = augment(x, g)
+        yield x, torch.as_tensor(data.labels[idx])
+
+
+# --------------------------------------------------------------------------- hospital split simulator
+
+
+def split_indices(
+    labels: np.ndarray,
+    hospitals: int,
+    scheme: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_samples: int = 16,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Share sample indices among hospitals.
+
+    Schemes
+    -------
+    ``iid``: a random permutation cut into equal parts.
+    ``dirichlet``: label skew; for every class c, proportions p_c ~ Dir(α·1) over hospitals.
+    ``quantity``: size skew; proportions q ~ Dir(α·1), labels drawn uniformly.
+
+    Every hospital gets at least ``min_samples``; draws are repeated (seeded) until so.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if hospitals * min_samples > len(labels):
+        raise DataError(f"{len(labels)} samples cannot give {hospitals} hospitals {min_samples} each")
+    rng = np.random.default_rng(seed)
+    for _ in range(max_tries):
+        if scheme == "iid":
+            parts = np.array_split(rng.permutation(len(labels)), hospitals)
+        elif scheme == "dirichlet":
+            buckets: list[list[int]] = [[] for _ in range(hospitals)]
+            for c in np.unique(labels):
+                idx = rng.permutation(np.flatnonzero(labels == c))
+                p = rng.dirichlet(np.full(hospitals, alpha))
+                cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+                for h, part in enumerate(np.split(idx, cuts)):
+                    buckets[h].extend(part.tolist())
+            parts = [np.asarray(b, dtype=np.int64) for b in buckets]
+        elif scheme == "quantity":
+            q = rng.dirichlet(np.full(hospitals, alpha))
+            cuts = (np.cumsum(q)[:-1] * len(labels)).astype(int)
+            parts = np.split(rng.permutation(len(labels)), cuts)
+        else:
+            raise DataError(f"unknown split scheme {scheme!r}: valid are iid, dirichlet, quantity")
+        if min(len(p) for p in parts) >= min_samples:
+            return [np.sort(p) for p in parts]
+    raise DataError(f"no {scheme} split (alpha={alpha}) gave every hospital {min_samples} samples in {max_tries} draws")
+
+
+def hospital_names(n: int) -> list[str]:
+    return [f"h{i + 1}" for i in range(n)]
+
+
+def write_hospital_shards(
+    source: str | Path,
+    out_dir: str | Path,
+    hospitals: int = 4,
+    scheme: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+    local_val_fraction: float = 0.1,
+    min_samples: int = 16,
+) -> dict:
+    """Split the ``train`` split of ``source`` into one folder per hospital.
+
+    Each ``<out_dir>/<hospital>/`` gets ``data.npz`` (``train`` and a local ``val``
+    hold-out) and ``meta.json`` with counts.  Returns the split summary.
+    """
+    train = load_split(source, "train")
+    parts = split_indices(train.labels, hospitals, scheme, alpha, seed, min_samples)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 1)
+    summary = {
+        "source": str(source),
+        "scheme": scheme,
+        "alpha": alpha,
+        "seed": seed,
+        "classes": train.classes,
+        "hospitals": {},
+    }
+    for name, idx in zip(hospital_names(hospitals), parts):
+        idx = rng.permutation(idx)
+        n_val = int(round(len(idx) * local_val_fraction))
+        tr, va = train.subset(np.sort(idx[n_val:])), train.subset(np.sort(idx[:n_val]))
+        folder = out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "data.tmp.npz"
+        np.savez_compressed(
+            tmp,
+            train_images=tr.images,
+            train_labels=tr.labels,
+            val_images=va.images,
+            val_labels=va.labels,
+            classes=np.asarray(train.classes),
+        )
+        os.replace(tmp, folder / "data.npz")
+        meta = {
+            "hospital": name,
+            "n_train": len(tr),
+            "n_val": len(va),
+            "train_label_counts": tr.label_counts(),
+            "val_label_counts": va.label_counts(),
+        }
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        summary["hospitals"][name] = meta
+    (out_dir / "split.json").write_text(json.dumps(summary, indent=2))
+    return summary

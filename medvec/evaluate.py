@@ -1,0 +1,162 @@
+"""Metrics, tables and plots (scikit-learn's metrics, not our own).
+
+ROC-AUC (binary, or one-vs-rest macro for multi-class), balanced accuracy,
+accuracy, per-class recall and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medvec.data import ImageSet, batches
+from medvec.models import ModelSpec
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
+    """Class probabilities, N×K, with the model in eval mode."""
+    model.eval()
+    model.to(device)
+    out = []
+    for x, _ in batches(data, spec, batch_size):
+        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, data.num_classes))
+
+
+def metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = None) -> dict:
+    """AUC, balanced accuracy, accuracy, per-class recall and confusion matrix."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score, roc_auc_score
+
+    y_true = np.asarray(y_true).reshape(-1)
+    k = num_classes or proba.shape[1]
+    labels = list(range(k))
+    pred = proba.argmax(1)
+    present = np.unique(y_true)
+    if len(present) < 2 or not np.isfinite(proba).all():
+        auc = float("nan")
+    elif k == 2:
+        auc = float(roc_auc_score(y_true, proba[:, 1]))
+    else:
+        auc = float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels))
+    return {
+        "auc": auc,
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+        "accuracy": float(accuracy_score(y_true, pred)),
+        "recall": [float(r) for r in recall_score(y_true, pred, labels=labels, average=None, zero_division=0)],
+        "confusion": confusion_matrix(y_true, pred, labels=labels).astype(int).tolist(),
+        "n": int(len(y_true)),
+    }
+
+
+def evaluate_model(model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
+    return metrics(data.labels, predict(model, data, spec, batch_size, device), data.num_classes)
+
+
+def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
+    """Flatten result rows (``{"name", "kind", ..., "test": {...}}``) into a table."""
+    flat = []
+    for r in rows:
+        d = {k: v for k, v in r.items() if not isinstance(v, dict)}
+        for split in ("val", "test"):
+            for k, v in (r.get(split) or {}).items():
+                if isinstance(v, (int, float)):
+                    d[f"{split}_{k}"] = v
+        flat.append(d)
+    return pd.DataFrame(flat)
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str] | None = None) -> str:
+    headers = headers or columns
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for _, row in df.iterrows():
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append(fmt(v) if isinstance(v, float) else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+_KIND_COLOURS = {"single": "#9aa5b1", "merged": "#2f6fdd", "centralized": "#1b9e77", "control": "#d95f02"}
+
+
+def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", title: str = "") -> Path:
+    """Horizontal bars of ``metric`` per row, coloured by kind; the selected row is starred."""
+    plt = _plt()
+    path = Path(path)
+    labels = [f"{'★ ' if r.get('selected') else ''}{r['name']}" for _, r in df.iterrows()]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(df) + 1.2))
+    ax.barh(range(len(df)), df[metric], color=[_KIND_COLOURS.get(k, "#777") for k in df["kind"]])
+    ax.set_yticks(range(len(df)), labels, fontsize=8)
+    ax.invert_yaxis()
+    lo = np.nanmin(df[metric].to_numpy(dtype=float)) if len(df) else 0.0
+    ax.set_xlim(max(0.0, lo - 0.05), 1.0)
+    ax.set_xlabel(metric.replace("_", " "))
+    ax.set_title(title or f"{metric} by model")
+    for kind, colour in _KIND_COLOURS.items():
+        if kind in set(df["kind"]):
+            ax.barh([], [], color=colour, label=kind)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def lambda_curve(curves: dict[str, list[tuple[float, float]]], path: str | Path, metric: str = "val AUC") -> Path:
+    """One line per method: validation metric against λ."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if len(pts) > 1:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("λ")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion_plot(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> Path:
+    plt = _plt()
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.5, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

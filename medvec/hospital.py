@@ -1,0 +1,70 @@
+"""What runs inside a hospital: fine-tune θ_pre on local images and build τ_h.
+
+Only the vector and aggregate metadata (sample count, label counts, settings,
+local validation metrics, BN running statistics or moment sums) leave this
+module; images and per-sample values never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from medvec.batchnorm import MomentSums, RunningStats, moment_sums
+from medvec.config import BatchNormConfig, FinetuneConfig
+from medvec.data import ImageSet, batches, has_split, load_split
+from medvec.models import Base
+from medvec.train import TrainResult, finetune
+from medvec.vectors import DataVector
+
+
+@dataclass
+class LocalData:
+    train: ImageSet
+    val: ImageSet | None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "LocalData":
+        train = load_split(folder, "train")
+        val = load_split(folder, "val") if has_split(folder, "val") else None
+        return cls(train, val)
+
+
+def finetune_vector(
+    base: Base,
+    hospital: str,
+    data: LocalData,
+    cfg: FinetuneConfig,
+    progress: bool = True,
+) -> tuple[DataVector, TrainResult]:
+    """Fine-tune a fresh copy of θ_pre on ``data`` and return (τ_h, training record)."""
+    if data.train.num_classes > base.num_classes:
+        raise ValueError(f"{hospital}: data has {data.train.num_classes} classes, base model has {base.num_classes}")
+    model = base.fresh()
+    record = finetune(model, data.train, base.spec, cfg, val=data.val, progress=progress, desc=f"{hospital} fine-tune")
+    last = record.history[-1] if record.history else {}
+    local = {k: v for k, v in last.items() if k.startswith("val_") or k == "loss"}
+    settings = cfg.model_dump()
+    settings.pop("threads", None)
+    settings.pop("device", None)
+    vector = DataVector.from_states(
+        base.model.state_dict(),
+        model.state_dict(),
+        hospital=hospital,
+        base_sha256=base.sha256,
+        base_model=base.spec.name,
+        num_classes=base.num_classes,
+        n_train=len(data.train),
+        label_counts=data.train.label_counts(),
+        finetune=settings,
+        metrics=local,
+        running=RunningStats.of(model, len(data.train)),
+    )
+    return vector, record
+
+
+def local_moment_sums(model: nn.Module, base: Base, data: ImageSet, cfg: BatchNormConfig, seed: int = 0) -> MomentSums:
+    """Per-layer (count, Σx, Σx²) of the BN inputs under ``model`` on up to ``cfg.max_samples`` local images."""
+    return moment_sums(model, batches(data, base.spec, cfg.batch_size, seed=seed, limit=cfg.max_samples))

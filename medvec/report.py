@@ -1,0 +1,120 @@
+"""The comparison report: ``results.json``, ``results.md`` and plots.
+
+``results.json`` schema::
+
+    {"dataset": str, "model": str, "base_sha256": str, "split": {...},
+     "results": [{"name": str, "kind": "single"|"merged"|"centralized"|"control",
+                  "method": str|null, "lambda": float|null, "bn_restored": bool,
+                  "selected": bool, "n_train": int,
+                  "test": {"auc": float, "balanced_accuracy": float, "accuracy": float}}]}
+
+Exactly one merged row has ``selected: true``: the one the validation split chose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from medvec.evaluate import bar_chart, confusion_plot, lambda_curve, markdown_table, results_frame
+
+KINDS = ("single", "merged", "centralized", "control")
+
+
+def validate_results(doc: dict) -> None:
+    """Raise ``ValueError`` if ``doc`` does not follow the results.json schema."""
+    for key, typ in (("dataset", str), ("model", str), ("base_sha256", str), ("split", dict), ("results", list)):
+        if not isinstance(doc.get(key), typ):
+            raise ValueError(f"results.json: {key!r} must be {typ.__name__}")
+    selected = [r for r in doc["results"] if r.get("selected")]
+    if len(selected) != 1 or selected[0]["kind"] != "merged":
+        raise ValueError(f"results.json: exactly one merged row must be selected, found {len(selected)}")
+    for r in doc["results"]:
+        if r.get("kind") not in KINDS:
+            raise ValueError(f"results.json: row {r.get('name')!r} has kind {r.get('kind')!r}")
+        for k in ("auc", "balanced_accuracy", "accuracy"):
+            if not isinstance(r.get("test", {}).get(k), float):
+                raise ValueError(f"results.json: row {r.get('name')!r} lacks test.{k}")
+
+
+def _clean(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    singles = [r["test"]["auc"] for r in rows if r["kind"] == "single"]
+    sel = next(r for r in rows if r.get("selected"))
+    central = next((r for r in rows if r["kind"] == "centralized"), None)
+    lines = []
+    if singles:
+        mean_single = sum(singles) / len(singles)
+        lines.append(f"selected merge `{sel['name']}` (λ={sel['lambda']}): test AUC {sel['test']['auc']:.3f} vs mean single hospital {mean_single:.3f} ({sel['test']['auc'] - mean_single:+.3f})")
+    if central:
+        lines.append(f"centralized upper bound: test AUC {central['test']['auc']:.3f}; merged / centralized = {sel['test']['auc'] / central['test']['auc']:.3f}")
+    return lines
+
+
+def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes: list[str] | None = None) -> dict[str, Path]:
+    """Write results.json, results.md, results.png (bars), lambda.png, confusion.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = _clean(doc)
+    validate_results(doc)
+    paths = {"json": out / "results.json", "md": out / "results.md", "bars": out / "results.png"}
+    paths["json"].write_text(json.dumps(doc, indent=2))
+    df = results_frame(doc["results"])
+    df["lambda"] = df["lambda"].map(lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:g}")
+    df["selected"] = df["selected"].map(lambda s: "★" if s else "")
+    table = markdown_table(
+        df,
+        ["name", "kind", "lambda", "selected", "n_train", "val_auc", "test_auc", "test_balanced_accuracy", "test_accuracy"],
+        ["model", "kind", "λ", "sel", "n train", "val AUC", "test AUC", "test bal. acc", "test acc"],
+    )
+    md = [f"# medvec comparison: {doc['dataset']}", "", f"Base model `{doc['model']}` (sha256 `{doc['base_sha256'][:16]}…`).", ""]
+    md += [f"- {line}" for line in summary_lines(doc["results"])]
+    md += ["", table, "", "★ = chosen on the validation split for promotion; test figures are reported, never used to choose.", ""]
+    paths["md"].write_text("\n".join(md))
+    bar_chart(results_frame(doc["results"]), paths["bars"], "test_auc", f"{doc['dataset']}: test AUC")
+    if curves:
+        paths["lambda"] = lambda_curve(curves, out / "lambda.png")
+    sel = next(r for r in doc["results"] if r.get("selected"))
+    if sel.get("confusion") and classes:
+        paths["confusion"] = confusion_plot(sel["confusion"], classes, out / "confusion.png", f"selected: {sel['name']}")
+    return paths
+
+
+def print_table(doc: dict) -> str:
+    """The comparison as a plain table (for the terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"medvec: {doc['dataset']} ({doc['model']})")
+    for col in ("model", "kind", "λ", "n train", "val AUC", "test AUC", "test bal.acc", "test acc"):
+        t.add_column(col, justify="right" if col not in ("model", "kind") else "left")
+    for r in doc["results"]:
+        val = (r.get("val") or {}).get("auc")
+        t.add_row(
+            ("★ " if r.get("selected") else "") + r["name"],
+            r["kind"],
+            "" if r.get("lambda") is None else f"{r['lambda']:g}",
+            str(r.get("n_train", "")),
+            "–" if val is None or (isinstance(val, float) and math.isnan(val)) else f"{val:.3f}",
+            f"{r['test']['auc']:.3f}",
+            f"{r['test']['balanced_accuracy']:.3f}",
+            f"{r['test']['accuracy']:.3f}",
+        )
+    console = Console(width=120)
+    with console.capture() as cap:
+        console.print(t)
+        for line in summary_lines(doc["results"]):
+            console.print(line)
+    text = cap.get()
+    print(text)
+    return text

@@ -1,0 +1,41 @@
+"""Tasks that run on the coordinator's worker."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from medvec import coordinator as core
+from medvec.config import Params
+from medvec.data import write_hospital_shards
+from medvec.models import Base, create_base
+from medvec.store import open_store
+from medvec.vectors import VectorFile
+
+
+@task(cache_policy=NO_CACHE)
+def split_hospitals(source: str, out_dir: str, params: Params) -> dict:
+    """Simulate hospitals: one folder per hospital with its own share."""
+    s = params.split
+    return write_hospital_shards(source, out_dir, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples)
+
+
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
+    """Build θ_pre from the model section and publish it to the store."""
+    m = params.model
+    base = create_base(m.name, num_classes, m.pretrained, m.image_size, m.seed)
+    open_store(store_url).put_base(base)
+    return base
+
+
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def gather_latest(store_url: str, base: Base) -> list[VectorFile]:
+    """The newest valid vector of every hospital for this base (invalid ones quarantined)."""
+    return open_store(store_url).latest(base.sha256, base=base.model.state_dict())
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_merges(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None) -> list[core.Candidate]:
+    """Every merge method × BN strategy, λ chosen on validation, scored on test."""
+    return core.evaluate_merges(base, vectors, evalsets, params, moments_fn)

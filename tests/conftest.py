@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models and hand-checkable states (mergekit style), real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MEDVEC_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+BREAST = ROOT / "data" / "breastmnist.npz"
+PNEUMONIA = ROOT / "data" / "pneumoniamnist.npz"
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from medvec.models import create_base
+
+    return create_base("tiny_cnn", 2, pretrained=False, seed=0)
+
+
+def perturbed_state(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """A 'fine-tuned' state: floating tensors moved by seeded noise, BN stats changed too."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            noise = torch.randn(v.shape, generator=g) * scale
+            out[k] = v + noise if not k.endswith("running_var") else v * (1 + noise.abs())
+        else:
+            out[k] = v + 7
+    return out
+
+
+@pytest.fixture()
+def make_vector(tiny_base):
+    from medvec.batchnorm import RunningStats
+    from medvec.vectors import DataVector
+
+    def make(hospital: str = "h1", seed: int = 1, n_train: int = 10, scale: float = 0.01):
+        base_state = tiny_base.model.state_dict()
+        tuned = perturbed_state(base_state, seed, scale)
+        model = tiny_base.fresh()
+        model.load_state_dict(tuned)
+        return DataVector.from_states(
+            base_state,
+            tuned,
+            hospital=hospital,
+            base_sha256=tiny_base.sha256,
+            base_model="tiny_cnn",
+            num_classes=2,
+            n_train=n_train,
+            label_counts=[n_train // 2, n_train - n_train // 2],
+            finetune={"epochs": 1},
+            metrics={"val_auc": 0.5},
+            running=RunningStats.of(model, n_train),
+        )
+
+    return make

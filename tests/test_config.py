@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+from medvec.config import ConfigError, load_params
+
+
+def test_params_yaml_loads_and_overrides(root):
+    p = load_params(root / "params.yaml", ["merge.method=ties", "finetune.epochs=5", "merge.lambdas=[0.5, 1.0]", "split.alpha=0.1"])
+    assert p.merge.method == "ties" and p.finetune.epochs == 5 and p.merge.lambdas == (0.5, 1.0) and p.split.alpha == 0.1
+    assert p.model.name == "efficientnet_lite0" and p.split.hospitals == 4
+    with pytest.raises(Exception):
+        p.finetune.epochs = 3  # frozen
+
+
+def test_bad_overrides_name_the_problem(root):
+    with pytest.raises(ConfigError, match="valid methods are sum"):
+        load_params(root / "params.yaml", ["merge.method=fedavgx"])
+    with pytest.raises(ConfigError, match="epochs"):
+        load_params(root / "params.yaml", ["finetune.epochs=0"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_params(root / "params.yaml", ["finetune.epochs"])
+    with pytest.raises(ConfigError, match="unknown_key"):
+        load_params(root / "params.yaml", ["finetune.unknown_key=1"])
+
+
+def test_missing_file_gives_defaults(tmp_path):
+    assert load_params(tmp_path / "none.yaml").batchnorm.strategy == "recompute"

@@ -1,0 +1,108 @@
+"""The demo flow end to end on real images (breastmnist, tiny CNN), in Prefect's embedded mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import BREAST, ROOT
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=6",
+    "finetune.lr=0.003",
+    "split.alpha=0.5",
+    "split.seed=1",
+    "batchnorm.max_samples=128",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One real run of ``medvec demo`` (a subprocess, as a user runs it)."""
+    out = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-m", "medvec.cli", "demo", "--data", str(BREAST), "--hospitals", "3", "--out", str(out), "--no-progress"]
+    for o in TINY:
+        cmd += ["-S", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_demo_writes_schema_and_files(demo_run):
+    from medvec.report import validate_results
+
+    out, stdout = demo_run
+    doc = json.loads((out / "results.json").read_text())
+    validate_results(doc)
+    assert doc["dataset"] == "breastmnist" and doc["model"] == "tiny_cnn" and len(doc["base_sha256"]) == 64
+    kinds = [r["kind"] for r in doc["results"]]
+    assert kinds.count("single") == 3 and kinds.count("centralized") == 1 and kinds.count("control") == 1
+    assert kinds.count("merged") == 7 * 3  # every method × every BN strategy
+    assert {r["method"] for r in doc["results"] if r["kind"] == "merged"} == {"sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median"}
+    for name in ("results.md", "results.png", "lambda.png", "confusion.png"):
+        assert (out / name).stat().st_size > 0
+    assert len(list((out / "vectors").rglob("*.safetensors"))) == 3
+    assert "test AUC" in stdout and "★" in stdout
+
+
+def test_selection_uses_validation_not_test(demo_run):
+    out, _ = demo_run
+    doc = json.loads((out / "results.json").read_text())
+    merged = [r for r in doc["results"] if r["kind"] == "merged"]
+    best_val = max(r["val"]["auc"] for r in merged)
+    sel = next(r for r in merged if r["selected"])
+    assert sel["val"]["auc"] == best_val
+
+
+def test_merged_beats_the_mean_single_hospital(demo_run):
+    out, _ = demo_run
+    doc = json.loads((out / "results.json").read_text())
+    singles = [r["test"]["auc"] for r in doc["results"] if r["kind"] == "single"]
+    sel = next(r for r in doc["results"] if r["selected"])
+    assert sel["test"]["auc"] > sum(singles) / len(singles)
+
+
+def test_vector_files_hold_no_image_or_per_sample_value(demo_run, tiny_base):
+    """Inspect every tensor and all metadata of the published vectors."""
+    out, _ = demo_run
+    param_shapes = {tuple(v.shape) for v in tiny_base.model.state_dict().values()}
+    split = json.loads((out / "hospitals" / "split.json").read_text())
+    for path in (out / "vectors").rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["medvec"])
+            n = meta["n_train"]
+            for key in f.keys():
+                t = f.get_tensor(key)
+                assert tuple(t.shape) in param_shapes, (key, t.shape)
+                assert n not in t.shape and 28 not in t.shape[-2:], (key, t.shape)
+        assert meta["n_train"] == split["hospitals"][meta["hospital"]]["n_train"]
+        assert sum(meta["label_counts"]) == n and len(meta["label_counts"]) == 2
+        flat = json.dumps(meta)
+        assert ".png" not in flat and ".npz" not in flat and "hospitals/" not in flat
+        for v in meta["metrics"].values():
+            assert isinstance(v, float)
+
+
+def test_cli_verify_accepts_and_rejects(demo_run, tmp_path):
+    out, _ = demo_run
+    vec = next((out / "vectors").rglob("*.safetensors"))
+    base = next((out / "bases").glob("*.safetensors"))
+    ok = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec), "--base", str(base)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok"), ok.stderr
+    assert json.loads(ok.stdout[3:])["hospital"].startswith("h")
+    # without --base the base is rebuilt from the model name: tiny_cnn seed 0 is the demo's base
+    rebuilt = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec)], capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(vec.read_bytes()[:-10])
+    rej = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(bad), "--base", str(base)], capture_output=True, text=True)
+    assert rej.returncode == 2 and "truncated" in rej.stderr

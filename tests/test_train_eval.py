@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medvec.evaluate import metrics
+from medvec.train import _lr_lambda, class_weights, pick_device
+
+
+def test_class_weights_balance_the_loss():
+    w = class_weights([388, 3494])
+    assert torch.allclose(w, torch.tensor([3882 / (2 * 388), 3882 / (2 * 3494)]))
+    assert torch.equal(class_weights([0, 4]), torch.tensor([0.0, 1.0]))
+
+
+def test_cosine_schedule_with_warmup():
+    f = _lr_lambda(total=10, warmup=2)
+    assert [round(f(s), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_pick_device_honours_explicit_choice():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+
+
+def test_metrics_match_hand_computation():
+    y = np.array([0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.4, 0.8, 0.9])
+    m = metrics(y, np.stack([1 - p1, p1], 1))
+    # pairs (neg, pos): 6 pairs, correctly ordered: 0.1<all 3; 0.6<0.8,0.9 -> 5/6
+    assert m["auc"] == pytest.approx(5 / 6)
+    # predictions: 0,1,0,1,1 -> recall class0 1/2, class1 2/3
+    assert m["recall"] == pytest.approx([0.5, 2 / 3])
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion"] == [[1, 1], [1, 2]]
+
+
+def test_multiclass_auc_is_one_vs_rest_macro():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    p = rng.dirichlet(np.ones(3), size=9)
+    assert metrics(y, p)["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")
+def test_single_class_auc_is_nan_not_an_error():
+    assert np.isnan(metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))["auc"])
