@@ -31,7 +31,7 @@ from medvec.evaluate import evaluate_model
 from medvec.hospital import LocalData, local_moment_sums
 from medvec.merge import merge_vectors
 from medvec.models import Base
-from medvec.report import print_table, write_report
+from medvec.report import render_table, write_report
 from medvec.train import finetune, set_threads
 from tasks.coordinator import evaluate_merges, gather_latest, publish_base, split_hospitals
 
@@ -114,12 +114,12 @@ def demo(
 
     dirs = [str(out_dir / "hospitals" / h) for h in split["hospitals"]]
     for hospital, folder in zip(split["hospitals"], dirs):
-        hospital_finetune(hospital, folder, store_url, base.sha256, params.finetune, emit=True, progress=progress)
+        hospital_finetune(hospital, folder, store_url, base.sha256, params.model_dump(mode="json"), emit=True, progress=progress)
 
     vectors = gather_latest(store_url, base)
     moments_fn = hospital_moments(base, dirs, params)
     rows = single_rows(base, vectors, evalsets, params)
-    candidates = evaluate_merges(base, vectors, evalsets, params, moments_fn)
+    candidates = evaluate_merges(base, vectors, evalsets, params, moments_fn, progress)
     rows += [c.row() for c in candidates]
     if params.demo.control:
         rows.append(control_row(base, vectors, evalsets, params, moments_fn))
@@ -139,7 +139,8 @@ def demo(
     }
     curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy}
     paths = write_report(out_dir, doc, curves, split["classes"] if split["classes"][0] != "0" else ["0", "1"][:num_classes])
-    text = print_table(doc)
+    text = render_table(doc)
+    logger.info("\n%s", text)
     create_markdown_artifact(key="medvec-demo", markdown=paths["md"].read_text(), description="per-hospital vs merged metrics")
     logger.info("report written to %s in %.0f s", out_dir, doc["seconds"])
     return {"results": str(paths["json"]), "table": text}

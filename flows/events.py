@@ -22,5 +22,5 @@ def emit_vector_landed(summary: dict):
             {"prefect.resource.id": f"medvec.hospital.{summary['hospital']}", "prefect.resource.role": "hospital"},
             {"prefect.resource.id": f"medvec.base.{summary['base_sha256']}", "prefect.resource.role": "base"},
         ],
-        payload={"n_train": summary.get("n_train"), "path": summary.get("path")},
+        payload={"n_train": summary.get("n_train"), "key": summary.get("key"), "store": summary.get("store")},
     )

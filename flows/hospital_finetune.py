@@ -1,7 +1,10 @@
 """``hospital-finetune``: the flow a hospital's own worker runs.
 
 Loads θ_pre from the store (checking its sha256), fine-tunes on the hospital's
-local folder, publishes the validated data vector atomically and emits
+local folder, builds and validates the data vector with the batch-norm
+aggregates the configured strategy needs (its own running statistics for
+``average``; for ``recompute``, moment sums of its data under the current merged
+model when one exists), publishes it atomically and emits
 ``medvec.vector.landed``.  Only the vector and aggregate metadata leave.
 """
 
@@ -10,27 +13,38 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.events import emit_vector_landed
-from medvec.config import FinetuneConfig
+from medvec.config import Params
+from medvec.store import open_store
 from medvec.train import set_threads
-from tasks.hospital import fetch_base, finetune_hospital, load_local_data, publish_vector
+from tasks.hospital import attach_moments, fetch_base, finetune_hospital, load_local_data, publish_vector
+
+HOSPITAL_FLOW = "hospital-finetune"
 
 
-@flow(name="hospital-finetune", log_prints=True)
+@flow(name=HOSPITAL_FLOW, log_prints=True)
 def hospital_finetune(
     hospital: str,
     data_dir: str,
     store_url: str,
-    base_sha256: str,
-    finetune: FinetuneConfig = FinetuneConfig(),
+    base_sha256: str | None = None,
+    params: dict | None = None,
     emit: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune θ_pre at ``hospital`` on ``data_dir`` and publish τ_h to ``store_url``."""
+    """Fine-tune θ_pre at ``hospital`` on ``data_dir`` and publish τ_h to ``store_url``.
+
+    ``base_sha256`` defaults to the store's current base, so scheduled runs follow
+    the coordinator when it publishes a new base.
+    """
     logger = get_run_logger()
-    set_threads(finetune.threads)
+    p = Params.model_validate(params or {})
+    set_threads(p.finetune.threads)
+    base_sha256 = base_sha256 or open_store(store_url).current_base()
     base = fetch_base(store_url, base_sha256)
     data = load_local_data(data_dir)
-    vector = finetune_hospital(base, hospital, data, finetune, progress)
+    vector = finetune_hospital(base, hospital, data, p.finetune, progress)
+    if p.batchnorm.strategy == "recompute":
+        vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     summary = publish_vector(store_url, vector, base)
     logger.info("published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"])
     if emit:

@@ -23,11 +23,10 @@ def _shared(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _offline_prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _offline_prefect_env()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.demo import demo  # lazy: the front door, not a dependency of the core
 
     overrides = list(args.overrides)
@@ -40,6 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         params_file=args.params,
         progress=not args.no_progress,
     )
+    print(result["table"])
     print(f"results: {result['results']}")
     return 0
 
@@ -78,6 +78,92 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(args: argparse.Namespace):
+    from medvec.config import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def cmd_coordinator_up(args: argparse.Namespace) -> int:
+    from medvec.models import create_base
+    from medvec.store import open_store
+
+    p = _params(args)
+    from flows.deployments import deploy_coordinator, worker_command  # lazy: front door
+
+    store = open_store(p.store.url)
+    num_classes = args.num_classes
+    if num_classes is None:
+        from medvec.data import load_split
+
+        num_classes = load_split(p.coordinator.eval_data, "val").num_classes
+    base = create_base(p.model.name, num_classes, p.model.pretrained, p.model.image_size, p.model.seed)
+    store.put_base(base)
+    dep = deploy_coordinator(p.store.url, p.coordinator.eval_data, p.model_dump(mode="json"), p.coordinator.calibration_data, p.coordinator.reconcile_seconds)
+    print(f"base {base.sha256} ({base.spec.name}, {base.spec.image_size}px) is current in {store.url}")
+    print(f"deployment merge-and-evaluate/coordinator ({dep}) on pool 'coordinator', triggered by medvec.vector.landed")
+    print("start its worker with: medvec coordinator worker   (or: " + " ".join(worker_command("coordinator")) + ")")
+    return 0
+
+
+def cmd_coordinator_worker(args: argparse.Namespace) -> int:
+    from flows.deployments import COORDINATOR_POOL, start_worker
+
+    return start_worker(COORDINATOR_POOL)
+
+
+def cmd_hospital_join(args: argparse.Namespace) -> int:
+    p = _params(args)
+    from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
+
+    if not Path(args.data).exists():
+        print(f"error: {args.data}: no such data folder", file=sys.stderr)
+        return 2
+    dep = deploy_hospital(args.name, args.data, p.store.url, p.model_dump(mode="json"), cron=args.cron, interval=args.interval)
+    pool = hospital_pool(args.name)
+    print(f"deployment hospital-finetune/{args.name} ({dep}) on pool '{pool}', data {Path(args.data).resolve()}")
+    if args.no_worker:
+        print("start its worker with: " + " ".join(worker_command(pool)))
+        return 0
+    return start_worker(pool)
+
+
+def cmd_hospital_run(args: argparse.Namespace) -> int:
+    from flows.deployments import run_hospital
+
+    run = run_hospital(args.name, timeout=args.timeout)
+    state = run.state
+    print(f"{run.name}: {state.type.value if state else 'unknown'}")
+    return 0 if state is not None and state.is_completed() else 1
+
+
+def cmd_hospital_schedule(args: argparse.Namespace) -> int:
+    from flows.deployments import set_hospital_schedule
+
+    set_hospital_schedule(args.name, cron=args.cron, interval=args.interval)
+    print(f"hospital-finetune/{args.name}: schedule set to " + (f"cron {args.cron!r}" if args.cron else f"every {args.interval} s" if args.interval else "none"))
+    return 0
+
+
+def cmd_vectors_list(args: argparse.Namespace) -> int:
+    from medvec.store import open_store, vector_rows
+
+    p = _params(args)
+    rows = vector_rows(open_store(args.store or p.store.url), include_quarantined=args.all)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no vectors")
+        return 0
+    cols = ["status", "hospital", "vector_id", "n_train", "content", "created_at"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + (f"  {r['reason']}" if "reason" in r else ""))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from medvec.merge import get_method, method_names
 
@@ -111,12 +197,48 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--base", default=None, help="base model file (.safetensors) or model name (default: the name in the vector)")
     ver.set_defaults(func=cmd_verify)
 
+    vl = _shared(vsub.add_parser("list", help="what has landed in the store"))
+    vl.add_argument("--store", default=None, help="store URL (default: params store.url)")
+    vl.add_argument("--all", action="store_true", help="include quarantined vectors with their reasons")
+    vl.add_argument("--json", action="store_true")
+    vl.set_defaults(func=cmd_vectors_list)
+
+    co = sub.add_parser("coordinator", help="the coordinator side of the distributed path (PREFECT_API_URL)")
+    cosub = co.add_subparsers(dest="coordinator_command", required=True)
+    up = _shared(cosub.add_parser("up", help="publish the base, create pool 'coordinator', deploy merge-and-evaluate with its trigger"))
+    up.add_argument("--num-classes", type=int, default=None, help="default: from the evaluation data")
+    up.set_defaults(func=cmd_coordinator_up)
+    cw = cosub.add_parser("worker", help="start the coordinator's worker in the foreground")
+    cw.set_defaults(func=cmd_coordinator_worker)
+
+    ho = sub.add_parser("hospital", help="a hospital's side of the distributed path (PREFECT_API_URL)")
+    hosub = ho.add_subparsers(dest="hospital_command", required=True)
+    j = _shared(hosub.add_parser("join", help="create pool hospital-NAME and deployment hospital-finetune/NAME, then start the worker"))
+    j.add_argument("name")
+    j.add_argument("--data", required=True, help="this hospital's own data folder (.npz or image folders)")
+    j.add_argument("--no-worker", action="store_true", help="only print the worker command")
+    when = j.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=None, help="retraining schedule, e.g. '0 2 * * 0'")
+    when.add_argument("--interval", type=float, default=None, help="retraining every N seconds")
+    j.set_defaults(func=cmd_hospital_join)
+    r = hosub.add_parser("run", help="start the hospital's deployment now and wait for it")
+    r.add_argument("name")
+    r.add_argument("--timeout", type=float, default=None)
+    r.set_defaults(func=cmd_hospital_run)
+    sc = hosub.add_parser("schedule", help="change the retraining schedule")
+    sc.add_argument("name")
+    g = sc.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cron", default=None)
+    g.add_argument("--interval", type=float, default=None)
+    sc.set_defaults(func=cmd_hospital_schedule)
+
     m = sub.add_parser("methods", help="list merge methods with their formulas")
     m.set_defaults(func=cmd_methods)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    _offline_prefect_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     from medvec.config import ConfigError
@@ -126,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # store and server errors: one clear line, exit 1
+        from medvec.store import StoreError
+
+        if isinstance(exc, StoreError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Typed, frozen configuration loaded from ``params.yaml``.
 
 One section per stage (``split``, ``model``, ``finetune``, ``merge``,
-``batchnorm``, ``evaluate``, ``store``, ``registry``, ``demo``).  Every key can
+``batchnorm``, ``evaluate``, ``store``, ``coordinator``, ``registry``, ``demo``).  Every key can
 be overridden with ``-S section.key=value``; values are parsed as YAML, so
 ``-S merge.lambdas=[0.5,1.0]`` and ``-S finetune.epochs=2`` both work.
 """
@@ -76,7 +76,13 @@ class EvaluateConfig(_Frozen):
 
 
 class StoreConfig(_Frozen):
-    url: str = ".medvec/store"
+    url: str = Field(".medvec/store", description="local folder or s3://bucket/prefix[?endpoint_url=...]")
+
+
+class CoordinatorConfig(_Frozen):
+    eval_data: str = Field("data/pneumoniamnist.npz", description="the coordinator's held-out set (val chooses, test reports)")
+    calibration_data: str | None = Field(None, description="optional BN calibration images (train split) for recompute")
+    reconcile_seconds: float = Field(3600, gt=0, description="reconciling schedule of merge-and-evaluate")
 
 
 class RegistryConfig(_Frozen):
@@ -99,6 +105,7 @@ class Params(_Frozen):
     batchnorm: BatchNormConfig = BatchNormConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     store: StoreConfig = StoreConfig()
+    coordinator: CoordinatorConfig = CoordinatorConfig()
     registry: RegistryConfig = RegistryConfig()
     demo: DemoConfig = DemoConfig()
 

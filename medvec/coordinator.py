@@ -179,3 +179,75 @@ def random_control(vectors: Sequence, seed: int = 0) -> list[DataVector]:
             deltas[k] = r * (float(t.norm()) / n) if n > 0 else r
         out.append(DataVector(deltas, vec.meta, vec.running, vec.moments))
     return out
+
+
+def bn_source(vectors: Sequence, strategy: str, calibration: ImageSet | None) -> str:
+    """Where the merged model's BN statistics will come from, given what is available.
+
+    ``recompute`` uses the hospitals' moment sums when every vector carries them
+    (computed under the same earlier merged model), else a coordinator
+    calibration set, else falls back to ``average``.
+    """
+    if strategy != "recompute":
+        return strategy
+    moments_models = {getattr(v.meta, "moments_model_sha256", None) for v in vectors}
+    if vectors and None not in moments_models and len(moments_models) == 1 and all(_has_moments(v) for v in vectors):
+        return "hospital-moments"
+    if calibration is not None:
+        return "calibration"
+    return "average"
+
+
+def _has_moments(v) -> bool:
+    m = v.moments() if callable(getattr(v, "moments", None)) else v.moments
+    return m is not None and bool(m.count)
+
+
+def moments_source(vectors: Sequence, source: str, spec_base: Base, calibration: ImageSet | None, batch_size: int = 64) -> MomentsFn | None:
+    """A ``moments_fn`` for :func:`restore` that matches :func:`bn_source`."""
+    from medvec.batchnorm import moment_sums
+    from medvec.data import batches
+
+    if source == "hospital-moments":
+        total = MomentSums.combine(v.moments() if callable(getattr(v, "moments", None)) else v.moments for v in vectors)
+        return lambda model: total
+    if source == "calibration" and calibration is not None:
+        return lambda model: moment_sums(model, batches(calibration, spec_base.spec, batch_size))
+    return None
+
+
+@dataclass
+class MergeOutcome:
+    model: nn.Module
+    method: str
+    lam: float
+    bn: str
+    val: dict
+    test: dict | None
+    curve: list[tuple[float, float]]
+
+
+def merge_once(
+    base: Base,
+    vectors: Sequence,
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None = None,
+) -> MergeOutcome:
+    """One production merge: ``merge.method``, λ fixed or chosen on validation, BN restored, evaluated."""
+    name = params.merge.method
+    method = method_from_config(name, params.merge)
+    source = bn_source(vectors, params.batchnorm.strategy, calibration)
+    moments_fn = moments_source(vectors, source, base, calibration, params.batchnorm.batch_size)
+    strategy = {"hospital-moments": "recompute", "calibration": "recompute"}.get(source, source)
+    tau = merge_delta(vectors, method)
+    base_state = base.model.state_dict()
+    grid = [1.0] if name == "sum" else ([params.merge.lam] if params.merge.lam is not None else list(params.merge.lambdas or method.lambdas))
+    metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
+    scored = []
+    for lam in grid:
+        model = restore(build_model(base, tau.apply_to(base_state, lam)), strategy, vectors, moments_fn)
+        scored.append((lam, evaluate_model(model, evalsets.val, base.spec, bs), model))
+    lam, val, model = max(scored, key=lambda s: score(s[1], metric))
+    test = evaluate_model(model, evalsets.test, base.spec, bs) if evalsets.test is not None else None
+    return MergeOutcome(model, name, lam, source, val, test, [(l, m[metric]) for l, m, _ in scored])

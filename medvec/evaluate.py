@@ -115,10 +115,14 @@ def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", titl
     ax.set_xlim(max(0.0, lo - 0.05), 1.0)
     ax.set_xlabel(metric.replace("_", " "))
     ax.set_title(title or f"{metric} by model")
-    for kind, colour in _KIND_COLOURS.items():
-        if kind in set(df["kind"]):
-            ax.barh([], [], color=colour, label=kind)
-    ax.legend(loc="lower right", fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=k) for k, c in _KIND_COLOURS.items() if k in set(df["kind"])]
+    singles = df.loc[df["kind"] == "single", metric]
+    if len(singles):
+        ax.axvline(float(singles.mean()), color="#555", linestyle="--", linewidth=1)
+        handles.append(plt.Line2D([], [], color="#555", linestyle="--", label="mean single"))
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

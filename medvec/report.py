@@ -90,8 +90,8 @@ def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes
     return paths
 
 
-def print_table(doc: dict) -> str:
-    """The comparison as a plain table (for the terminal)."""
+def render_table(doc: dict) -> str:
+    """The comparison as a terminal table (text)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -115,6 +115,4 @@ def print_table(doc: dict) -> str:
         console.print(t)
         for line in summary_lines(doc["results"]):
             console.print(line)
-    text = cap.get()
-    print(text)
-    return text
+    return cap.get()

@@ -1,14 +1,21 @@
 """The vector store: where hospitals publish data vectors and the coordinator reads them.
 
-Layout (the same under a local root or an S3 prefix)::
+One interface, two backends: a local directory (the embedded default) and S3
+through boto3 (any S3-compatible endpoint).  Layout, the same under a local root
+or an ``s3://bucket/prefix``::
 
     bases/<base-sha>.safetensors                          θ_pre, published by the coordinator
+    bases/current.json                                    which base hospitals should fine-tune
     vectors/<base-sha>/<hospital>/<vector-id>.safetensors  a data vector
     vectors/<base-sha>/<hospital>/<vector-id>.json         its sidecar (metadata, content sha256, size)
-    quarantine/<hospital>/<vector-id or name>.*            a rejected upload and <…>.reason.json
+    merges/<base-sha>/<merge-id>.safetensors              a merged model (θ with restored BN)
+    merges/<base-sha>/<merge-id>.json                     its record (inputs, method, λ, metrics)
+    merges/<base-sha>/latest.json                         the newest merge record
+    quarantine/<hospital>/<name>                          a rejected file and <stem>.reason.json
 
-Publishing is atomic: the file is written under a temporary name and renamed,
-and the sidecar (which makes a vector visible to listings) is written last.
+Publishing is atomic: a vector is written under a temporary name (a temporary
+key on S3) and committed by rename (copy), and its sidecar — which makes it
+visible to listings — is written last.  A reader never sees a partial vector.
 A vector that fails validation is moved to ``quarantine/`` with its reason;
 nothing sent is ever silently dropped.
 """
@@ -18,80 +25,113 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
-
 from medvec.models import Base, load_base, save_base
 from medvec.vectors import DataVector, InvalidVectorError, VectorFile, load_vector, utcnow
 
 
 class StoreError(RuntimeError):
-    """A store that cannot be reached or written."""
+    """A store that cannot be reached, read or written; the message says which and why."""
 
 
-class LocalStore:
-    """A vector store in a local directory (the embedded default)."""
+class VectorStore:
+    """Shared logic over a few blob primitives that each backend implements."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    url: str
 
-    @property
-    def url(self) -> str:
-        return str(self.root)
+    # ------------------------------------------------------------ primitives
+    def _write_file(self, key: str, src: Path) -> None:  # atomic
+        raise NotImplementedError
 
-    # ---------------------------------------------------------------- bases
-    def put_base(self, base: Base) -> Path:
-        path = self.root / "bases" / f"{base.sha256}.safetensors"
-        if not path.exists():
-            save_base(base, path)
-        return path
+    def _write_bytes(self, key: str, data: bytes) -> None:  # atomic
+        raise NotImplementedError
 
-    def base_path(self, sha256: str) -> Path:
-        path = self.root / "bases" / f"{sha256}.safetensors"
-        if not path.exists():
-            raise StoreError(f"{self.url}: no base model {sha256[:12]}… (publish it with put_base)")
-        return path
+    def _read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def _local_file(self, key: str) -> Path:
+        """A local path holding the object's bytes (a cached download for S3)."""
+        raise NotImplementedError
+
+    def _list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def _exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def _move(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    def _read_json(self, key: str) -> dict | None:
+        if not self._exists(key):
+            return None
+        return json.loads(self._read_bytes(key))
+
+    def _write_json(self, key: str, doc: dict) -> None:
+        self._write_bytes(key, json.dumps(doc, indent=2, default=str).encode())
+
+    # ------------------------------------------------------------ bases
+    def put_base(self, base: Base, current: bool = True) -> str:
+        """Publish θ_pre (idempotent) and, by default, make it the current base."""
+        key = f"bases/{base.sha256}.safetensors"
+        if not self._exists(key):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "base.safetensors"
+                save_base(base, path)
+                self._write_file(key, path)
+        if current:
+            self._write_json("bases/current.json", {"sha256": base.sha256, "spec": base.spec.to_dict(), "num_classes": base.num_classes, "published_at": utcnow()})
+        return key
+
+    def current_base(self) -> str:
+        doc = self._read_json("bases/current.json")
+        if not doc:
+            raise StoreError(f"{self.url}: no current base model (run `medvec coordinator up` first)")
+        return doc["sha256"]
 
     def get_base(self, sha256: str) -> Base:
-        return load_base(self.base_path(sha256), expected_sha256=sha256)
+        key = f"bases/{sha256}.safetensors"
+        if not self._exists(key):
+            raise StoreError(f"{self.url}: no base model {sha256[:12]}…")
+        return load_base(self._local_file(key), expected_sha256=sha256)
 
-    # ---------------------------------------------------------------- vectors
-    def _vector_dir(self, base_sha: str, hospital: str) -> Path:
-        return self.root / "vectors" / base_sha / hospital
-
-    def put(self, vector: DataVector) -> Path:
-        """Publish a vector atomically; returns its path in the store."""
+    # ------------------------------------------------------------ vectors
+    def put(self, vector: DataVector) -> str:
+        """Publish a vector atomically; returns its key."""
         meta = vector.meta
         if meta is None:
             raise ValueError("only vectors with metadata can be published")
-        folder = self._vector_dir(meta.base_sha256, meta.hospital)
-        path = folder / f"{meta.vector_id}.safetensors"
-        if path.exists():
+        key = f"vectors/{meta.base_sha256}/{meta.hospital}/{meta.vector_id}.safetensors"
+        if self._exists(key):
             raise StoreError(f"vector id {meta.vector_id} already exists in {self.url}")
-        vector.save(path)  # atomic rename
-        self._write_sidecar(path, meta.model_dump(), vector.content_sha256)
-        return path
-
-    def _write_sidecar(self, path: Path, meta: dict, content: str) -> None:
-        side = {"meta": meta, "content_sha256": content, "size": path.stat().st_size, "published_at": utcnow()}
-        tmp = path.with_name(f".{path.stem}.json.tmp")
-        tmp.write_text(json.dumps(side, indent=2))
-        os.replace(tmp, path.with_suffix(".json"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = vector.save(Path(tmp) / "v.safetensors")
+            size = path.stat().st_size
+            self._write_file(key, path)
+        side = {"meta": meta.model_dump(), "content_sha256": vector.content_sha256, "size": size, "published_at": utcnow()}
+        self._write_json(key[: -len(".safetensors")] + ".json", side)
+        return key
 
     def sidecars(self, base_sha: str | None = None) -> list[dict]:
         """Every published vector's sidecar (optionally for one base), oldest first."""
-        top = self.root / "vectors" / base_sha if base_sha else self.root / "vectors"
+        prefix = f"vectors/{base_sha}/" if base_sha else "vectors/"
         out = []
-        for side in top.rglob("*.json") if top.exists() else []:
-            data = json.loads(side.read_text())
-            data["path"] = str(side.with_suffix(".safetensors"))
-            out.append(data)
+        for key in self._list(prefix):
+            if key.endswith(".json"):
+                doc = json.loads(self._read_bytes(key))
+                doc["key"] = key[: -len(".json")] + ".safetensors"
+                out.append(doc)
         return sorted(out, key=lambda d: (d["meta"]["created_at"], d["meta"]["vector_id"]))
+
+    def open_vector(self, key: str, base: dict | None = None, base_sha256: str | None = None) -> VectorFile:
+        return load_vector(self._local_file(key), base=base, base_sha256=base_sha256)
 
     def get(self, vector_id: str, base: dict | None = None, base_sha256: str | None = None) -> VectorFile:
         for side in self.sidecars():
             if side["meta"]["vector_id"] == vector_id:
-                return load_vector(side["path"], base=base, base_sha256=base_sha256)
+                return self.open_vector(side["key"], base, base_sha256)
         raise StoreError(f"{self.url}: no vector {vector_id}")
 
     def latest(self, base_sha256: str, base: dict | None = None) -> list[VectorFile]:
@@ -107,37 +147,241 @@ class LocalStore:
         for hospital in sorted(by_hospital):
             for side in reversed(by_hospital[hospital]):
                 try:
-                    chosen.append(load_vector(side["path"], base=base, base_sha256=base_sha256))
+                    chosen.append(self.open_vector(side["key"], base, base_sha256))
                     break
                 except InvalidVectorError as exc:
-                    self.quarantine(side["path"], exc.check, exc.problem, hospital)
+                    self.quarantine(side["key"], exc.check, exc.problem, hospital)
         return chosen
 
-    def quarantine(self, path: str | Path, check: str, problem: str, hospital: str = "unknown") -> Path:
-        """Move a rejected file (and its sidecar) under ``quarantine/`` with a JSON reason."""
-        path = Path(path)
-        folder = self.root / "quarantine" / hospital
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / path.name
-        if path.exists():
-            shutil.move(str(path), target)
-        side = path.with_suffix(".json")
-        if side.exists():
-            shutil.move(str(side), folder / f"{path.stem}.sidecar.json")
-        reason = {"check": check, "problem": problem, "hospital_claimed": hospital, "time": utcnow(), "file": target.name}
-        (folder / f"{path.stem}.reason.json").write_text(json.dumps(reason, indent=2))
+    def quarantine(self, key: str, check: str, problem: str, hospital: str = "unknown") -> str:
+        """Move a rejected object (and its sidecar) under ``quarantine/`` with a JSON reason."""
+        name = key.rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0]
+        target = f"quarantine/{hospital}/{name}"
+        if self._exists(key):
+            self._move(key, target)
+        side = key.rsplit(".", 1)[0] + ".json"
+        if side != key and self._exists(side):
+            self._move(side, f"quarantine/{hospital}/{stem}.sidecar.json")
+        reason = {"check": check, "problem": problem, "hospital_claimed": hospital, "time": utcnow(), "object": target}
+        self._write_json(f"quarantine/{hospital}/{stem}.reason.json", reason)
         return target
 
     def quarantined(self) -> list[dict]:
-        folder = self.root / "quarantine"
-        return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.reason.json"))] if folder.exists() else []
+        return [json.loads(self._read_bytes(k)) for k in self._list("quarantine/") if k.endswith(".reason.json")]
+
+    # ------------------------------------------------------------ merges
+    def put_merge(self, record: dict, weights: Path | None = None) -> dict:
+        """Store a merged model and its record; ``latest.json`` moves last."""
+        base = record["base_sha256"]
+        merge_id = record.setdefault("merge_id", f"merge-{utcnow().replace(':', '').replace('-', '').replace('+0000', 'Z')}-{uuid.uuid4().hex[:6]}")
+        if weights is not None:
+            record["weights_key"] = f"merges/{base}/{merge_id}.safetensors"
+            self._write_file(record["weights_key"], weights)
+        self._write_json(f"merges/{base}/{merge_id}.json", record)
+        self._write_json(f"merges/{base}/latest.json", record)
+        return record
+
+    def latest_merge(self, base_sha256: str) -> dict | None:
+        return self._read_json(f"merges/{base_sha256}/latest.json")
+
+    def merges(self, base_sha256: str) -> list[dict]:
+        keys = [k for k in self._list(f"merges/{base_sha256}/") if k.endswith(".json") and not k.endswith("latest.json")]
+        return sorted((json.loads(self._read_bytes(k)) for k in keys), key=lambda r: r.get("finished_at", ""))
+
+    def merge_weights(self, record: dict) -> Path:
+        return self._local_file(record["weights_key"])
 
 
-def open_store(url: str | Path) -> LocalStore:
-    """Open a store by URL: a local path (``file://`` optional)."""
+class LocalStore(VectorStore):
+    """A vector store in a local directory (the embedded default)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _write_file(self, key: str, src: Path) -> None:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+
+    def _read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def _local_file(self, key: str) -> Path:
+        return self._path(key)
+
+    def _list(self, prefix: str) -> list[str]:
+        top = self._path(prefix)
+        if not top.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in top.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def _exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _move(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(src), target)
+
+
+class S3Store(VectorStore):
+    """A vector store under ``s3://bucket/prefix`` through boto3.
+
+    ``endpoint_url`` selects any S3-compatible server (also read from
+    ``AWS_ENDPOINT_URL``); credentials come from boto3's usual chain.  Transient
+    errors are retried with exponential back-off (``retries`` attempts in all), then a
+    :class:`StoreError` says what failed.
+    """
+
+    def __init__(self, url: str, endpoint_url: str | None = None, retries: int = 4, connect_timeout: float = 3.0, cache_dir: str | Path | None = None, client=None):
+        import boto3
+        from botocore.config import Config
+
+        rest = url[len("s3://") :]
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise StoreError(f"{url}: no bucket in the S3 URL")
+        self.prefix = prefix.strip("/")
+        self.url = url
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        # a fresh session per store: boto3's default session caches the first credentials it saw
+        self.client = client or boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            config=Config(retries={"total_max_attempts": retries, "mode": "standard"}, connect_timeout=connect_timeout, read_timeout=30),
+        )
+        self.cache = Path(cache_dir or Path(tempfile.gettempdir()) / "medvec-s3-cache") / self.bucket / (self.prefix or "_")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                raise StoreError(f"S3 {self.endpoint_url or 'AWS'} rejected the credentials ({code}) while trying to {what} in {self.url}") from exc
+            raise StoreError(f"S3 error {code} while trying to {what} in {self.url}: {exc}") from exc
+        except EndpointConnectionError as exc:
+            raise StoreError(f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'} to {what} (gave up after retries): {exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"S3 failure while trying to {what} in {self.url}: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        """Check the endpoint, the credentials and the bucket (created when missing)."""
+        from botocore.exceptions import ClientError
+
+        try:  # an authenticated read: some servers answer HEAD bucket anonymously
+            self._call("list the bucket", self.client.list_objects_v2, Bucket=self.bucket, MaxKeys=1)
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                self._call("create the bucket", self.client.create_bucket, Bucket=self.bucket)
+            else:
+                raise
+
+    def _write_file(self, key: str, src: Path) -> None:
+        # temporary key, then commit by server-side copy: a reader never sees a partial object
+        tmp = self._key(f"tmp/{uuid.uuid4().hex}")
+        self._call(f"upload {key}", self.client.upload_file, str(src), self.bucket, tmp)
+        self._call(f"commit {key}", self.client.copy_object, Bucket=self.bucket, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": tmp})
+        self._call(f"clean up {tmp}", self.client.delete_object, Bucket=self.bucket, Key=tmp)
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        self._call(f"write {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def _read_bytes(self, key: str) -> bytes:
+        resp = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return resp["Body"].read()
+
+    def _local_file(self, key: str) -> Path:
+        dst = self.cache / key
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
+        self._call(f"download {key}", self.client.download_file, self.bucket, self._key(key), str(tmp))
+        os.replace(tmp, dst)
+        return dst
+
+    def _list(self, prefix: str) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self._key(prefix)
+        keys: list[str] = []
+
+        def run() -> None:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
+
+        self._call(f"list {prefix}", run)
+        return sorted(k for k in keys if not k.startswith("tmp/"))
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return bool(self._call(f"check {key}", head))
+
+    def _move(self, src: str, dst: str) -> None:
+        self._call(f"move {src}", self.client.copy_object, Bucket=self.bucket, Key=self._key(dst), CopySource={"Bucket": self.bucket, "Key": self._key(src)})
+        self._call(f"move {src}", self.client.delete_object, Bucket=self.bucket, Key=self._key(src))
+
+
+def open_store(url: str | Path, endpoint_url: str | None = None) -> VectorStore:
+    """Open a store by URL: ``s3://bucket/prefix[?endpoint_url=http://host:port]`` or a local path.
+
+    The S3 endpoint comes from the URL's ``endpoint_url`` query, the argument, or
+    ``AWS_ENDPOINT_URL``; credentials from boto3's usual chain (``AWS_ACCESS_KEY_ID``…).
+    """
     url = str(url)
     if url.startswith("s3://"):
-        raise StoreError("the S3 store is not available in this version; use a local directory")
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        endpoint_url = (query.get("endpoint_url") or [endpoint_url])[0]
+        store = S3Store(f"s3://{parts.netloc}{parts.path}", endpoint_url=endpoint_url)
+        store.ensure_bucket()
+        return store
     if url.startswith("file://"):
         url = url[len("file://") :]
     return LocalStore(url)
+
+
+def vector_rows(store: VectorStore, include_quarantined: bool = False) -> list[dict]:
+    """Rows for ``medvec vectors list``."""
+    rows = []
+    for side in store.sidecars():
+        m = side["meta"]
+        rows.append({"status": "landed", "vector_id": m["vector_id"], "hospital": m["hospital"], "base": m["base_sha256"][:12], "n_train": m["n_train"], "content": side["content_sha256"][:12], "created_at": m["created_at"]})
+    if include_quarantined:
+        for q in store.quarantined():
+            rows.append({"status": f"quarantined: {q['check']}", "vector_id": q["object"].rsplit("/", 1)[-1], "hospital": q["hospital_claimed"], "base": "", "n_train": "", "content": "", "created_at": q["time"], "reason": q["problem"]})
+    return rows
+

@@ -36,6 +36,6 @@ def gather_latest(store_url: str, base: Base) -> list[VectorFile]:
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_merges(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None) -> list[core.Candidate]:
+def evaluate_merges(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None, progress: bool = True) -> list[core.Candidate]:
     """Every merge method × BN strategy, λ chosen on validation, scored on test."""
-    return core.evaluate_merges(base, vectors, evalsets, params, moments_fn)
+    return core.evaluate_merges(base, vectors, evalsets, params, moments_fn, progress=progress)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from medvec.config import FinetuneConfig
-from medvec.hospital import LocalData, finetune_vector
+from medvec.batchnorm import MomentSums
+from medvec.config import BatchNormConfig, FinetuneConfig
+from medvec.hospital import LocalData, finetune_vector, local_moment_sums
 from medvec.models import Base
 from medvec.store import open_store
-from medvec.vectors import DataVector, load_vector
+from medvec.vectors import DataVector
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
@@ -32,15 +33,32 @@ def finetune_hospital(base: Base, hospital: str, data: LocalData, cfg: FinetuneC
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def attach_moments(store_url: str, base: Base, vector: DataVector, data: LocalData, cfg: BatchNormConfig) -> DataVector:
+    """Add moment sums of the local data under the current merged model, when one exists."""
+    from medvec.models import load_base
+
+    store = open_store(store_url)
+    last = store.latest_merge(base.sha256)
+    if last is None or "weights_key" not in last:
+        return vector
+    merged = load_base(store.merge_weights(last), expected_sha256=last["merged_sha256"])
+    sums: MomentSums = local_moment_sums(merged.model, base, data.train, cfg)
+    meta = vector.meta.model_copy(update={"moments_model_sha256": merged.sha256})
+    return DataVector(vector.deltas, meta, vector.running, sums)
+
+
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
 def publish_vector(store_url: str, vector: DataVector, base: Base) -> dict:
     """Publish atomically, re-validate the stored copy against the base, return its summary."""
-    path = open_store(store_url).put(vector)
-    stored = load_vector(path, base=base.model.state_dict(), base_sha256=base.sha256)
+    store = open_store(store_url)
+    key = store.put(vector)
+    stored = store.open_vector(key, base=base.model.state_dict(), base_sha256=base.sha256)
     return {
         "vector_id": stored.meta.vector_id,
         "hospital": stored.meta.hospital,
         "base_sha256": stored.meta.base_sha256,
         "content_sha256": stored.content_sha256,
         "n_train": stored.meta.n_train,
-        "path": str(path),
+        "key": key,
+        "store": store.url,
     }

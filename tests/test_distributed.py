@@ -1,0 +1,202 @@
+"""The distributed path on real servers: a Prefect server, one process worker per
+hospital pool and one for the coordinator, and an S3-compatible store (SeaweedFS
+``weed mini``), all started here on 127.0.0.1.  No mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BREAST, ROOT
+from servers import PrefectServer, SeaweedS3, Worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+OVERRIDES = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=2",
+    "finetune.lr=0.003",
+    "finetune.threads=1",
+    "merge.method=weighted",
+    "merge.lam=1.0",
+    "batchnorm.strategy=average",
+    f"coordinator.eval_data={BREAST}",
+]
+
+
+def medvec(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def sets(store_url: str) -> list[str]:
+    out = []
+    for o in OVERRIDES + [f"store.url={store_url}"]:
+        out += ["-S", o]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Prefect server + S3 server + coordinator deployment and worker."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    s3 = SeaweedS3(tmp / "s3")
+    server = PrefectServer(tmp / "prefect")
+    env = {**server.client_env(), **s3.env()}
+    store_url = f"s3://medvec/run?endpoint_url={s3.endpoint}"
+    workers: list[Worker] = []
+    try:
+        medvec(env, "coordinator", "up", *sets(store_url))
+        workers.append(Worker("coordinator", env, tmp))
+        yield {"tmp": tmp, "env": env, "server": server, "s3": s3, "store_url": store_url, "workers": workers}
+    finally:
+        for w in workers:
+            w.stop()
+        server.stop()
+        s3.stop()
+
+
+def api(env: dict, code: str) -> object:
+    """Run a snippet against the Prefect API in a child process (so settings come from env)."""
+    script = "import json, asyncio\nfrom prefect.client.orchestration import get_client\n" + code
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+MERGE_RUNS = """
+with get_client(sync_client=True) as c:
+    dep = c.read_deployment_by_name("merge-and-evaluate/coordinator")
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+    autos = c.read_automations()
+    linked = [str(a.id) for a in autos if any(getattr(x, "deployment_id", None) == dep.id for x in a.actions)]
+    arts = {}
+    for r in runs:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        for a in c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r.id]))):
+            arts.setdefault(str(r.id), []).append({"key": a.key, "type": a.type, "data": a.data if isinstance(a.data, str) else json.dumps(a.data)})
+    print(json.dumps({"automations": linked, "schedules": [s.schedule.interval.total_seconds() for s in c.read_deployment_schedules(dep.id) if getattr(s.schedule, "interval", None)],
+        "runs": [{"id": str(r.id), "state": r.state.type.value, "key": r.idempotency_key, "params": r.parameters, "created": r.created.isoformat()} for r in runs], "artifacts": arts}))
+"""
+
+
+def merged_ids(store_url: str, env: dict) -> list[list[str]]:
+    code = (
+        "import json, os\nfrom medvec.store import open_store\ns = open_store(%r)\n"
+        "print(json.dumps([[i['vector_id'] for i in m['inputs']] for m in s.merges(s.current_base())]))" % store_url
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def final_merge_run(env: dict, ids: list[str]):
+    """(API info, run) for a COMPLETED merge run created by the trigger automation whose
+    markdown artifact lists every id in ``ids``; None while there is none."""
+    info = api(env, MERGE_RUNS)
+    for auto in info["automations"]:
+        for r in info["runs"]:
+            if r["state"] == "COMPLETED" and (r["key"] or "").startswith(f"automation {auto}"):
+                for a in info["artifacts"].get(r["id"], []):
+                    if a["key"] == "merge-report" and all(i in a["data"] for i in ids):
+                        return info, r
+    return None
+
+
+def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
+    env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
+    from medvec.data import write_hospital_shards
+
+    write_hospital_shards(BREAST, tmp / "hospitals", hospitals=2, alpha=1.0, seed=0)
+    for name in ("h1", "h2"):
+        out = medvec(env, "hospital", "join", name, "--data", str(tmp / "hospitals" / name), "--no-worker", *sets(store_url))
+        assert f"hospital-finetune/{name}" in out.stdout and "prefect worker start --pool hospital-" + name in out.stdout
+        cluster["workers"].append(Worker(f"hospital-{name}", env, tmp))
+    for name in ("h1", "h2"):
+        out = medvec(env, "hospital", "run", name, "--timeout", "240", timeout=300)
+        assert "COMPLETED" in out.stdout
+    vectors = json.loads(medvec(env, "vectors", "list", "--json", *sets(store_url)).stdout)
+    ids = sorted(v["vector_id"] for v in vectors)
+    assert [v["hospital"] for v in sorted(vectors, key=lambda v: v["hospital"])] == ["h1", "h2"]
+
+    wait_until(lambda: any(sorted(m) == ids for m in merged_ids(store_url, env)), 180, "a merge of both vectors")
+    info, run = wait_until(lambda: final_merge_run(env, ids), 90, "a completed, triggered merge run whose artifact lists both vectors")
+    assert info["automations"], "the deployment has no trigger automation"
+    assert run["params"]["trigger"]["vector"].startswith("medvec.vector.")  # the trigger passes the landed event in
+    final = [run]
+    assert {a["key"] for a in info["artifacts"][final[0]["id"]]} == {"merge-report", "merge-metrics"}
+    assert 3600.0 in info["schedules"]  # the hourly reconciling schedule
+
+
+def test_a_lost_event_is_reconciled(cluster):
+    """Publish with events switched off: no trigger fires, the reconciling run merges it."""
+    env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
+    before = len(merged_ids(store_url, env))
+    code = f"""
+import json
+from flows.hospital_finetune import hospital_finetune
+from medvec.config import load_params
+p = load_params("params.yaml", {json.dumps([o for o in OVERRIDES])})
+s = hospital_finetune("h3", {str(tmp / 'hospitals' / 'h1')!r}, {store_url!r}, params=p.model_dump(mode="json"), emit=False, progress=False)
+print(json.dumps(s))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vid = json.loads(proc.stdout.strip().splitlines()[-1])["vector_id"]
+    time.sleep(5)
+    assert len(merged_ids(store_url, env)) == before and not any(vid in m for m in merged_ids(store_url, env)), "a merge ran without an event"
+    # the reconciling schedule's run (started here instead of waiting an hour) merges it
+    run = api(env, """
+from prefect.deployments import run_deployment
+r = run_deployment("merge-and-evaluate/coordinator", timeout=240)
+print(json.dumps({"state": r.state.type.value}))
+""")
+    assert run["state"] == "COMPLETED"
+    assert any(vid in m for m in merged_ids(store_url, env))
+
+
+def test_six_vectors_landing_within_a_second_end_in_one_merge_of_all(cluster, tiny_base):
+    env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
+    code = f"""
+import json, time
+from medvec.config import load_params
+from medvec.data import write_hospital_shards
+from medvec.hospital import LocalData, finetune_vector
+from medvec.store import open_store
+from flows.events import emit_vector_landed
+p = load_params("params.yaml", {json.dumps(OVERRIDES)} + ["finetune.epochs=1"])
+store = open_store({store_url!r})
+base = store.get_base(store.current_base())
+write_hospital_shards({str(BREAST)!r}, {str(tmp / 'six')!r}, hospitals=6, alpha=1.0, seed=2)
+vectors = [finetune_vector(base, f"s{{i}}", LocalData.load({str(tmp / 'six')!r} + f"/h{{i}}"), p.finetune, progress=False)[0] for i in range(1, 7)]
+t0 = time.monotonic()
+ids = []
+for v in vectors:
+    key = store.put(v)
+    ids.append(v.meta.vector_id)
+    emit_vector_landed({{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "base_sha256": v.meta.base_sha256, "content_sha256": v.content_sha256, "n_train": v.meta.n_train, "key": key, "store": store.url}})
+print(json.dumps({{"ids": ids, "seconds": time.monotonic() - t0}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    landed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert landed["seconds"] < 1.0, landed
+    six = set(landed["ids"])
+    final = wait_until(lambda: next((m for m in merged_ids(store_url, env) if six <= set(m)), None), 240, "a merge containing all six")
+    assert six <= set(final)
+    merges = merged_ids(store_url, env)
+    assert len({tuple(sorted(m)) for m in merges}) == len(merges), "the same inputs were merged twice"
+    info = api(env, MERGE_RUNS)
+    auto = info["automations"][0]
+    triggered = [r for r in info["runs"] if (r["key"] or "").startswith(f"automation {auto}") and r["params"]["trigger"]["vector"].split(".", 2)[-1] in six]
+    assert len(triggered) == 6, "every landed event created a merge run"
+    wait_until(lambda: all(r["state"] in ("COMPLETED",) for r in api(env, MERGE_RUNS)["runs"] if r["id"] in {t["id"] for t in triggered}), 240, "all six triggered runs finished")
