@@ -63,7 +63,7 @@ def deploy_coordinator(store_url: str, eval_data: str, params: dict, calibration
         name="medvec-vector-landed",
         expect={VECTOR_LANDED},
         match={"prefect.resource.id": "medvec.vector.*"},
-        parameters={"trigger": {"event_id": "{{ event.id }}", "vector": "{{ event.resource.id }}", "occurred": "{{ event.occurred }}"}},
+        parameters={"trigger": {"event_id": "{{ event.id | string }}", "vector": "{{ event.resource.id }}", "occurred": "{{ event.occurred | string }}"}},
     )
     dep_id = _deploy(
         merge_and_evaluate,

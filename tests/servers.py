@@ -86,6 +86,8 @@ def base_env(home: Path) -> dict:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
             "MEDVEC_THREADS": "1",
+            # queued merge runs retry their concurrency slot every 2 s instead of 30 s
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -178,13 +178,18 @@ store = open_store({store_url!r})
 base = store.get_base(store.current_base())
 write_hospital_shards({str(BREAST)!r}, {str(tmp / 'six')!r}, hospitals=6, alpha=1.0, seed=2)
 vectors = [finetune_vector(base, f"s{{i}}", LocalData.load({str(tmp / 'six')!r} + f"/h{{i}}"), p.finetune, progress=False)[0] for i in range(1, 7)]
-t0 = time.monotonic()
-ids = []
-for v in vectors:
+def land(v):  # six hospitals publishing at the same moment
     key = store.put(v)
-    ids.append(v.meta.vector_id)
     emit_vector_landed({{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "base_sha256": v.meta.base_sha256, "content_sha256": v.content_sha256, "n_train": v.meta.n_train, "key": key, "store": store.url}})
-print(json.dumps({{"ids": ids, "seconds": time.monotonic() - t0}}))
+    return time.monotonic()
+from concurrent.futures import ThreadPoolExecutor
+from prefect.events import emit_event
+emit_event(event="medvec.test.warmup", resource={{"prefect.resource.id": "medvec.test"}})  # connect the events client first
+store.sidecars()
+t0 = time.monotonic()
+with ThreadPoolExecutor(6) as pool:
+    done = list(pool.map(land, vectors))
+print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(done) - t0}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,152 @@
+"""Seconds from ``medvec.vector.landed`` to a finished merge-and-evaluate (tiny CNN), and
+the Prefect overhead relative to bare function calls.
+
+Starts a real Prefect server and a coordinator process worker on 127.0.0.1 (the
+same helpers as the integration tests), deploys ``merge-and-evaluate`` with its
+trigger, then ``--trials`` times: publishes one new vector, emits the event and
+waits until a merge containing it is recorded in the store.
+
+    python benchmarks/landing_latency.py [--trials 5] [--poll 1]
+
+Writes ``benchmarks/results/landing_latency.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from servers import PrefectServer, Worker, wait_until  # noqa: E402
+
+BREAST = ROOT / "data" / "breastmnist.npz"
+OVERRIDES = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=1", "finetune.threads=1", "merge.method=weighted", "merge.lam=1.0", "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}"]
+
+CHILD = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from medvec.config import load_params
+from medvec.data import write_hospital_shards
+from medvec.hospital import LocalData, finetune_vector
+from medvec.store import open_store
+from medvec.coordinator import EvalSets, merge_once
+from medvec.data import load_split
+from flows.events import emit_vector_landed
+from prefect.client.orchestration import get_client
+
+store_url, tmp, trials, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+p = load_params("params.yaml", overrides)
+store = open_store(store_url)
+base = store.get_base(store.current_base())
+write_hospital_shards(%(breast)r, tmp + "/h", hospitals=trials + 2, alpha=1.0, seed=0)
+vecs = [finetune_vector(base, f"h{i}", LocalData.load(tmp + f"/h/h{i}"), p.finetune, progress=False)[0] for i in range(1, trials + 3)]
+# two vectors land first (and are merged), then one per trial
+out = {"trials": []}
+def land(v):
+    key = store.put(v)
+    emit_vector_landed({"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "base_sha256": v.meta.base_sha256, "content_sha256": v.content_sha256, "n_train": v.meta.n_train, "key": key, "store": store.url})
+def merged(vid):
+    m = store.latest_merge(base.sha256)
+    return m is not None and vid in [i["vector_id"] for i in m["inputs"]]
+for v in vecs[:2]:
+    land(v)
+t = time.monotonic()
+while not merged(vecs[1].meta.vector_id) and time.monotonic() - t < 180:
+    time.sleep(0.05)
+for v in vecs[2:]:
+    t0 = time.monotonic()
+    land(v)
+    t_emit = time.monotonic()
+    while not merged(v.meta.vector_id):
+        if time.monotonic() - t0 > 180:
+            raise SystemExit("no merge within 180 s")
+        time.sleep(0.05)
+    out["trials"].append({"vector_id": v.meta.vector_id, "landed_to_merged_s": time.monotonic() - t0, "publish_s": t_emit - t0, "merge_seconds_in_flow": store.latest_merge(base.sha256)["seconds"]})
+# the same work as bare function calls: gather, merge, evaluate, publish
+evalsets = EvalSets(load_split(%(breast)r, "val"), load_split(%(breast)r, "test"))
+bare = []
+for _ in range(3):
+    t0 = time.monotonic()
+    vs = store.latest(base.sha256, base=base.model.state_dict())
+    outc = merge_once(base, vs, p, evalsets)
+    bare.append(time.monotonic() - t0)
+out["bare_merge_s"] = bare
+with get_client(sync_client=True) as c:
+    dep = c.read_deployment_by_name("merge-and-evaluate/coordinator")
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+    out["flow_runs"] = [{"total_run_time": r.total_run_time.total_seconds(), "start_delay_s": (r.start_time - r.expected_start_time).total_seconds() if r.start_time and r.expected_start_time else None, "state": r.state.type.value} for r in runs]
+print(json.dumps(out))
+""" % {"breast": str(BREAST)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--poll", type=float, default=1.0, help="worker polling interval (PREFECT_WORKER_QUERY_SECONDS); Prefect's default is 10")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="medvec-latency-"))
+    server = PrefectServer(tmp / "prefect")
+    env = server.client_env()
+    store_url = str(tmp / "store")
+    worker = None
+    try:
+        sets = [x for o in OVERRIDES + [f"store.url={store_url}"] for x in ("-S", o)]
+        subprocess.run([sys.executable, "-m", "medvec.cli", "coordinator", "up", *sets], cwd=ROOT, env=env, check=True, capture_output=True)
+        worker = Worker("coordinator", {**env, "PREFECT_WORKER_QUERY_SECONDS": str(args.poll)}, tmp)
+        proc = subprocess.run([sys.executable, "-c", CHILD, store_url, str(tmp), str(args.trials), json.dumps(OVERRIDES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+    lat = [t["landed_to_merged_s"] for t in raw["trials"]]
+    flow_runs = [r["total_run_time"] for r in raw["flow_runs"] if r["state"] == "COMPLETED" and r["total_run_time"] > 0]
+    bare = statistics.median(raw["bare_merge_s"])
+    result = {
+        "command": "python benchmarks/landing_latency.py " + " ".join(f"--{k} {v}" for k, v in (("trials", args.trials), ("poll", args.poll))),
+        "model": "tiny_cnn",
+        "data": "breastmnist (coordinator val 78 / test 156)",
+        "worker_poll_seconds": args.poll,
+        "landed_to_merged_s": {"median": statistics.median(lat), "min": min(lat), "max": max(lat), "values": lat},
+        "bare_merge_s": {"median": bare, "values": raw["bare_merge_s"]},
+        "flow_run_time_s": {"median": statistics.median(flow_runs) if flow_runs else None, "values": flow_runs},
+        "prefect_overhead_s": statistics.median(lat) - bare,
+        "prefect_overhead_ratio": statistics.median(lat) / bare,
+        "trials": raw["trials"],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "landing_latency.json").write_text(json.dumps(result, indent=2))
+    md = "\n".join(
+        [
+            f"Landing latency (`{result['command']}`), worker polling every {args.poll:g} s, tiny CNN on breastmnist:",
+            "",
+            "| measure | seconds |",
+            "|---|---|",
+            f"| vector landed → merge recorded (median of {len(lat)}) | {result['landed_to_merged_s']['median']:.2f} (min {min(lat):.2f}, max {max(lat):.2f}) |",
+            f"| merge-and-evaluate flow run time (median) | {result['flow_run_time_s']['median'] or float('nan'):.2f} |",
+            f"| the same merge as bare function calls (median) | {bare:.2f} |",
+            f"| Prefect overhead (landed→merged − bare) | {result['prefect_overhead_s']:.2f} ({result['prefect_overhead_ratio']:.1f}×) |",
+            "",
+        ]
+    )
+    (out / "landing_latency.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
