@@ -33,7 +33,7 @@ from medvec.merge import merge_vectors
 from medvec.models import Base
 from medvec.report import render_table, write_report
 from medvec.train import finetune, set_threads
-from tasks.coordinator import evaluate_merges, gather_latest, publish_base, split_hospitals
+from tasks.coordinator import evaluate_merges, gather_latest, publish_base, register_selected, split_hospitals
 
 
 @task(cache_policy=NO_CACHE)
@@ -138,7 +138,13 @@ def demo(
         "results": rows,
     }
     curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy}
-    paths = write_report(out_dir, doc, curves, split["classes"] if split["classes"][0] != "0" else ["0", "1"][:num_classes])
+    classes = split["classes"]
+    paths = write_report(out_dir, doc, curves, classes)
+    if params.registry.enabled:
+        selected = next(c for c in candidates if c.selected)
+        plots = {k: paths[k] for k in ("bars", "lambda", "confusion") if k in paths}
+        doc["registry"] = register_selected(base, vectors, selected, evalsets, params, moments_fn, plots, store_url)
+        paths = write_report(out_dir, doc, curves, classes)  # again, now naming the registered version
     text = render_table(doc)
     logger.info("\n%s", text)
     create_markdown_artifact(key="medvec-demo", markdown=paths["md"].read_text(), description="per-hospital vs merged metrics")

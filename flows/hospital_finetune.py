@@ -16,7 +16,7 @@ from flows.events import emit_vector_landed
 from medvec.config import Params
 from medvec.store import open_store
 from medvec.train import set_threads
-from tasks.hospital import attach_moments, fetch_base, finetune_hospital, load_local_data, publish_vector
+from tasks.hospital import attach_moments, fetch_base, finetune_hospital, load_local_data, publish_vector, track_hospital_run
 
 HOSPITAL_FLOW = "hospital-finetune"
 
@@ -42,11 +42,13 @@ def hospital_finetune(
     base_sha256 = base_sha256 or open_store(store_url).current_base()
     base = fetch_base(store_url, base_sha256)
     data = load_local_data(data_dir)
-    vector = finetune_hospital(base, hospital, data, p.finetune, progress)
+    vector, history = finetune_hospital(base, hospital, data, p.finetune, progress)
     if p.batchnorm.strategy == "recompute":
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     summary = publish_vector(store_url, vector, base)
     logger.info("published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"])
+    if p.registry.enabled:
+        summary["mlflow_run_id"] = track_hospital_run(summary, vector.meta.finetune, history)
     if emit:
         emit_vector_landed(summary)
     return summary

@@ -58,18 +58,30 @@ def single_metrics(base: Base, vectors: list, evalsets: core.EvalSets, params: P
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
 def publish_merge(store_url: str, base: Base, outcome: core.MergeOutcome, record: dict) -> dict:
-    """Write the merged weights and the record to the store (``latest.json`` last)."""
+    """Write the merged weights and the record; ``latest.json`` is moved only after registration."""
     merged = Base(outcome.model, base.spec, base.num_classes, state_sha256(outcome.model.state_dict()))
     record["merged_sha256"] = merged.sha256
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "merged.safetensors"
         save_base(merged, path)
-        return open_store(store_url).put_merge(record, path)
+        return open_store(store_url).put_merge(record, path, latest=False)
 
 
-def register_merge(record: dict) -> None:
-    """Seam for the model registry (MLflow lineage registers the merged model here)."""
-    return None
+@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
+def register_merge(record: dict, outcome: core.MergeOutcome, base: Base, evalsets: core.EvalSets, params: Params) -> dict:
+    """Log the merge run to MLflow, register the model and apply the champion gate."""
+    from medvec import tracking
+    from medvec.data import to_tensor
+    from medvec.evaluate import confusion_plot, lambda_curve
+
+    example = to_tensor(evalsets.val.images[:2], base.spec).numpy()
+    tracking.register_base(params.registry.model_name, base.model, base.sha256, base.spec.to_dict(), example)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = {"lambda": lambda_curve({outcome.method: outcome.curve}, Path(tmp) / "lambda.png")}
+        conf = (outcome.test or outcome.val).get("confusion")
+        if conf:
+            plots["confusion"] = confusion_plot(conf, evalsets.val.classes, Path(tmp) / "confusion.png", record["merge_id"])
+        return tracking.log_merge(record, outcome.model, example, params.registry.model_name, params.registry.champion_margin, params.evaluate.select_metric, plots)
 
 
 def _artifact(record: dict, rows: list[dict]) -> None:
@@ -122,6 +134,7 @@ def merge_and_evaluate(
     outcome = merge_task(base, vectors, p, evalsets, calibration)
     singles = single_metrics(base, vectors, evalsets, p)
     record = {
+        "store_url": store_url,
         "base_sha256": base_sha,
         "method": outcome.method,
         "lambda": outcome.lam,
@@ -137,8 +150,10 @@ def merge_and_evaluate(
     record["finished_at"] = utcnow()
     record["seconds"] = round(time.perf_counter() - started, 2)
     record = publish_merge(store_url, base, outcome, record)
-    register_merge(record)
+    if p.registry.enabled:
+        record["registry"] = register_merge(record, outcome, base, evalsets, p)
+    open_store(store_url).put_merge(record)  # latest.json moves last: a crash before here leaves the merge to be redone
     merged_row = core.Candidate(f"merged ({outcome.method}, λ={outcome.lam:g})", "merged", outcome.method, outcome.lam, outcome.bn, outcome.val, outcome.test or {}, sum(i["n_train"] for i in inputs)).row()
     _artifact(record, singles + [merged_row])
     logger.info("merge %s: %d vectors, val AUC %.3f", record["merge_id"], len(inputs), record["val"].get("auc", float("nan")))
-    return {"skipped": False, "merge_id": record["merge_id"], "inputs": inputs, "val": record["val"], "test": record["test"]}
+    return {"skipped": False, "merge_id": record["merge_id"], "inputs": inputs, "val": record["val"], "test": record["test"], "registry": record.get("registry")}

@@ -164,6 +164,27 @@ def cmd_vectors_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from medvec import tracking
+
+    tree = tracking.lineage(args.ref)
+    if args.rebuild:
+        from medvec.coordinator import rebuild_merge
+        from medvec.store import open_store
+
+        record = tracking.merge_record(args.ref)
+        _, sha = rebuild_merge(open_store(record["store_url"]), record)
+        tree["rebuild"] = {"sha256": sha, "registered_sha256": record.get("merged_sha256"), "identical": sha == record.get("merged_sha256")}
+    if args.json:
+        print(json.dumps(tree, indent=2, default=str))
+    else:
+        print(tracking.lineage_text(tree))
+        if "rebuild" in tree:
+            r = tree["rebuild"]
+            print(f"rebuilt from lineage: sha256 {r['sha256']} {'== registered (identical)' if r['identical'] else '!= registered ' + str(r['registered_sha256'])}")
+    return 0 if tree.get("rebuild", {}).get("identical", True) else 1
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from medvec.merge import get_method, method_names
 
@@ -231,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cron", default=None)
     g.add_argument("--interval", type=float, default=None)
     sc.set_defaults(func=cmd_hospital_schedule)
+
+    li = sub.add_parser("lineage", help="model version → merge run → vectors → fine-tune runs → base (MLflow)")
+    li.add_argument("ref", help="NAME@ALIAS (e.g. medvec@champion) or NAME/VERSION")
+    li.add_argument("--json", action="store_true")
+    li.add_argument("--rebuild", action="store_true", help="re-run the merge from its lineage and compare sha256")
+    li.set_defaults(func=cmd_lineage)
 
     m = sub.add_parser("methods", help="list merge methods with their formulas")
     m.set_defaults(func=cmd_methods)

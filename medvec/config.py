@@ -86,8 +86,9 @@ class CoordinatorConfig(_Frozen):
 
 
 class RegistryConfig(_Frozen):
+    enabled: bool = Field(True, description="log runs and register merged models in MLflow")
     model_name: str = "medvec"
-    champion_margin: float = 0.0
+    champion_margin: float = Field(0.0, ge=0, description="a new version must beat the champion's validation score by this much")
 
 
 class DemoConfig(_Frozen):

@@ -251,3 +251,30 @@ def merge_once(
     lam, val, model = max(scored, key=lambda s: score(s[1], metric))
     test = evaluate_model(model, evalsets.test, base.spec, bs) if evalsets.test is not None else None
     return MergeOutcome(model, name, lam, source, val, test, [(l, m[metric]) for l, m, _ in scored])
+
+
+def rebuild_merge(store, record: dict) -> tuple[nn.Module, str]:
+    """Rebuild a recorded merge bit for bit from its lineage (inputs by id, method, λ, BN source).
+
+    Returns (model, sha256 of its state); equal to ``record["merged_sha256"]`` when reproducible.
+    """
+    from medvec.config import Params
+    from medvec.models import state_sha256
+
+    params = Params.model_validate(record["params"])
+    base = store.get_base(record["base_sha256"])
+    vectors = [store.get(i["vector_id"], base=base.model.state_dict(), base_sha256=base.sha256) for i in record["inputs"]]
+    for v, i in zip(vectors, record["inputs"]):
+        if v.content_sha256 != i["content_sha256"]:
+            raise ValueError(f"vector {i['vector_id']}: content {v.content_sha256[:12]}… differs from the lineage's {i['content_sha256'][:12]}…")
+    source = record["bn_source"]
+    calibration = None
+    if source == "calibration":
+        from medvec.data import load_split
+
+        calibration = load_split(params.coordinator.calibration_data, "train")
+    moments_fn = moments_source(vectors, source, base, calibration, params.batchnorm.batch_size)
+    strategy = {"hospital-moments": "recompute", "calibration": "recompute"}.get(source, source)
+    tau = merge_delta(vectors, method_from_config(record["method"], params.merge))
+    model = restore(build_model(base, tau.apply_to(base.model.state_dict(), float(record["lambda"]))), strategy, vectors, moments_fn)
+    return model, state_sha256(model.state_dict())

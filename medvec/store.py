@@ -171,15 +171,16 @@ class VectorStore:
         return [json.loads(self._read_bytes(k)) for k in self._list("quarantine/") if k.endswith(".reason.json")]
 
     # ------------------------------------------------------------ merges
-    def put_merge(self, record: dict, weights: Path | None = None) -> dict:
-        """Store a merged model and its record; ``latest.json`` moves last."""
+    def put_merge(self, record: dict, weights: Path | None = None, latest: bool = True) -> dict:
+        """Store a merged model and its record; ``latest.json`` moves last (only when ``latest``)."""
         base = record["base_sha256"]
         merge_id = record.setdefault("merge_id", f"merge-{utcnow().replace(':', '').replace('-', '').replace('+0000', 'Z')}-{uuid.uuid4().hex[:6]}")
         if weights is not None:
             record["weights_key"] = f"merges/{base}/{merge_id}.safetensors"
             self._write_file(record["weights_key"], weights)
         self._write_json(f"merges/{base}/{merge_id}.json", record)
-        self._write_json(f"merges/{base}/latest.json", record)
+        if latest:
+            self._write_json(f"merges/{base}/latest.json", record)
         return record
 
     def latest_merge(self, base_sha256: str) -> dict | None:

@@ -39,3 +39,31 @@ def gather_latest(store_url: str, base: Base) -> list[VectorFile]:
 def evaluate_merges(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None, progress: bool = True) -> list[core.Candidate]:
     """Every merge method × BN strategy, λ chosen on validation, scored on test."""
     return core.evaluate_merges(base, vectors, evalsets, params, moments_fn, progress=progress)
+
+
+@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
+def register_selected(base: Base, vectors: list, selected: core.Candidate, evalsets: core.EvalSets, params: Params, moments_fn, plots: dict, store_url: str) -> dict:
+    """Register the demo's selected merge through the same champion gate as the flows."""
+    from medvec import tracking
+    from medvec.data import to_tensor
+    from medvec.models import state_sha256
+    from medvec.vectors import utcnow
+
+    model = core.merged_model(base, vectors, selected.method, selected.lam, selected.bn, params, moments_fn)
+    record = {
+        "merge_id": f"demo-{utcnow()}",
+        "store_url": store_url,
+        "base_sha256": base.sha256,
+        "method": selected.method,
+        "lambda": selected.lam,
+        "bn_source": selected.bn,
+        "inputs": [{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "n_train": v.meta.n_train} for v in vectors],
+        "val": {k: v for k, v in selected.val.items() if isinstance(v, float)},
+        "test": {k: v for k, v in (selected.test or {}).items() if isinstance(v, float)},
+        "lambda_curve": selected.curve,
+        "params": params.model_dump(mode="json"),
+        "merged_sha256": state_sha256(model.state_dict()),
+    }
+    example = to_tensor(evalsets.val.images[:2], base.spec).numpy()
+    tracking.register_base(params.registry.model_name, base.model, base.sha256, base.spec.to_dict(), example)
+    return tracking.log_merge(record, model, example, params.registry.model_name, params.registry.champion_margin, params.evaluate.select_metric, plots)

@@ -26,10 +26,19 @@ def load_local_data(data_dir: str) -> LocalData:
 
 
 @task(cache_policy=NO_CACHE)
-def finetune_hospital(base: Base, hospital: str, data: LocalData, cfg: FinetuneConfig, progress: bool = True) -> DataVector:
-    """Fine-tune θ_pre on local data and build the validated data vector."""
-    vector, _ = finetune_vector(base, hospital, data, cfg, progress=progress)
-    return vector
+def finetune_hospital(base: Base, hospital: str, data: LocalData, cfg: FinetuneConfig, progress: bool = True) -> tuple[DataVector, list[dict]]:
+    """Fine-tune θ_pre on local data; returns the data vector and the per-epoch history."""
+    vector, record = finetune_vector(base, hospital, data, cfg, progress=progress)
+    return vector, record.history
+
+
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def track_hospital_run(summary: dict, settings: dict, history: list[dict]) -> str:
+    """Log the fine-tune run to MLflow (params, per-epoch metrics, lineage tags, the vector)."""
+    from medvec import tracking
+
+    store = open_store(summary["store"])
+    return tracking.log_hospital_run(summary, settings, history, store._local_file(summary["key"]))
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)

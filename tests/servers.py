@@ -86,6 +86,7 @@ def base_env(home: Path) -> dict:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
             "MEDVEC_THREADS": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
             # queued merge runs retry their concurrency slot every 2 s instead of 30 s
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
             "PYTHONUNBUFFERED": "1",
@@ -151,3 +152,19 @@ class SeaweedS3(_Proc):
 
     def env(self) -> dict:
         return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class MlflowServer(_Proc):
+    """``mlflow server`` with a SQLite backend and served artifacts."""
+
+    def __init__(self, home: Path):
+        home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")]
+        self._start(cmd, env, home / "mlflow.log")
+        wait_until(lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200, 120, "mlflow server", self.proc, self.log, every=0.5)

@@ -1,0 +1,300 @@
+"""MLflow tracking, registry and lineage (the only module that imports MLflow).
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else the embedded default
+``sqlite:///.medvec/mlflow.db`` in the working directory, with artifacts in
+``.medvec/mlartifacts`` beside it.
+
+* hospital fine-tune run (experiment ``medvec-hospitals``): settings as params,
+  loss and local validation per epoch as metrics, tags ``medvec.hospital``,
+  ``medvec.base_sha256``, ``medvec.content_sha256``, ``medvec.n_train``,
+  ``medvec.vector_id``, and the vector file (or its store URI) as artifact;
+* merge run (experiment ``medvec-merges``): method, λ, BN source, the input
+  vectors (ids, hospitals, content hashes, fine-tune run ids) as tags and
+  ``inputs.json``, metrics, plots, and the merged model registered as a new
+  version of ``registry.model_name`` (PyTorch flavour, signature, input example);
+* the base model: registered once as ``<model_name>-base`` with its sha256;
+* the champion gate: alias ``champion`` moves only when the new version beats the
+  current champion's validation score by ``registry.champion_margin``; otherwise
+  the version is tagged ``rejected`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HOSPITAL_EXPERIMENT = "medvec-hospitals"
+MERGE_EXPERIMENT = "medvec-merges"
+DEFAULT_DIR = ".medvec"
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    folder = Path(DEFAULT_DIR).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def _experiment(name: str) -> str:
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):  # embedded: artifacts in a local folder beside the database
+        location = (Path(DEFAULT_DIR).resolve() / "mlartifacts" / name).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(key + ".", v))
+        else:
+            out[key] = v if not isinstance(v, (list, tuple)) else json.dumps(v)
+    return out
+
+
+def log_hospital_run(summary: dict, settings: dict, history: list[dict], vector_file: str | Path | None = None) -> str:
+    """Record one hospital fine-tune; returns the MLflow run id."""
+    mlflow = _mlflow()
+    exp = _experiment(HOSPITAL_EXPERIMENT)
+    with mlflow.start_run(experiment_id=exp, run_name=f"{summary['hospital']}-finetune") as run:
+        mlflow.log_params(_flat("finetune.", settings))
+        for entry in history:
+            step = int(entry.get("epoch", 0))
+            mlflow.log_metrics({k: float(v) for k, v in entry.items() if k not in ("epoch",) and isinstance(v, (int, float))}, step=step)
+        mlflow.set_tags(
+            {
+                "medvec.kind": "hospital-finetune",
+                "medvec.hospital": summary["hospital"],
+                "medvec.base_sha256": summary["base_sha256"],
+                "medvec.content_sha256": summary["content_sha256"],
+                "medvec.vector_id": summary["vector_id"],
+                "medvec.n_train": str(summary["n_train"]),
+                "medvec.store_uri": f"{summary.get('store', '')}/{summary.get('key', '')}",
+            }
+        )
+        if vector_file is not None and Path(vector_file).exists():
+            mlflow.log_artifact(str(vector_file), artifact_path="vector")
+        return run.info.run_id
+
+
+def find_hospital_run(vector_id: str) -> str | None:
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(HOSPITAL_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`medvec.vector_id` = '{vector_id}'", output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def _log_torch_model(model: torch.nn.Module, example: np.ndarray, registered_name: str) -> str:
+    """Log a PyTorch model (signature, input example, medvec code) and register it; returns the version."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.eval().cpu()
+    with torch.no_grad():
+        out = model(torch.as_tensor(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, out),
+        input_example=example,
+        code_paths=[str(Path(__file__).resolve().parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "efficientnet-lite-pytorch", "safetensors", "numpy"],
+        registered_model_name=registered_name,
+        await_registration_for=60,
+    )
+    return str(info.registered_model_version)
+
+
+def register_base(name: str, model: torch.nn.Module, sha256: str, spec: dict, example: np.ndarray) -> str:
+    """Register θ_pre once as ``<name>-base`` (idempotent by sha256); returns the version."""
+    from mlflow import MlflowClient
+
+    mlflow = _mlflow()
+    client = MlflowClient()
+    model_name = f"{name}-base"
+    try:
+        for mv in client.search_model_versions(f"name = '{model_name}'"):
+            if mv.tags.get("medvec.base_sha256") == sha256:
+                return mv.version
+    except Exception:
+        pass
+    exp = _experiment(MERGE_EXPERIMENT)
+    with mlflow.start_run(experiment_id=exp, run_name=f"base-{sha256[:12]}"):
+        mlflow.set_tags({"medvec.kind": "base", "medvec.base_sha256": sha256})
+        mlflow.log_params(_flat("spec.", spec))
+        version = _log_torch_model(model, example, model_name)
+    client.set_model_version_tag(model_name, version, "medvec.base_sha256", sha256)
+    return version
+
+
+def _score(metrics: dict, metric: str) -> float:
+    v = metrics.get(metric)
+    return float("-inf") if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+
+def log_merge(
+    record: dict,
+    model: torch.nn.Module,
+    example: np.ndarray,
+    model_name: str,
+    margin: float = 0.0,
+    metric: str = "auc",
+    plots: dict[str, Path] | None = None,
+    base_spec: dict | None = None,
+) -> dict:
+    """Record a merge, register its model and apply the champion gate.
+
+    Returns ``{"run_id", "version", "champion": bool, "reason"}``.  If anything
+    fails before the gate, no alias moves.
+    """
+    from mlflow import MlflowClient
+
+    mlflow = _mlflow()
+    client = MlflowClient()
+    exp = _experiment(MERGE_EXPERIMENT)
+    inputs = [dict(i, run_id=find_hospital_run(i["vector_id"])) for i in record["inputs"]]
+    with mlflow.start_run(experiment_id=exp, run_name=record.get("merge_id", "merge")) as run:
+        mlflow.log_params({"method": record["method"], "lambda": record["lambda"], "bn_source": record.get("bn_source"), "n_vectors": len(inputs)})
+        mlflow.log_metrics({f"val_{k}": v for k, v in record.get("val", {}).items() if isinstance(v, float) and not np.isnan(v)})
+        mlflow.log_metrics({f"test_{k}": v for k, v in record.get("test", {}).items() if isinstance(v, float) and not np.isnan(v)})
+        for lam, val in record.get("lambda_curve", []):
+            mlflow.log_metric(f"val_{metric}_by_lambda", float(val), step=int(round(float(lam) * 1000)))
+        tags = {
+            "medvec.kind": "merge",
+            "medvec.base_sha256": record["base_sha256"],
+            "medvec.merge_id": record.get("merge_id", ""),
+            "medvec.merged_sha256": record.get("merged_sha256", ""),
+            "medvec.inputs": json.dumps([[i["vector_id"], i["hospital"], i["content_sha256"]] for i in inputs]),
+        }
+        for n, i in enumerate(inputs):
+            tags[f"medvec.input.{n}"] = f"{i['vector_id']} {i['hospital']} {i['content_sha256']} run={i['run_id']}"
+        if record.get("dvc_commit"):
+            tags["medvec.dvc_commit"] = record["dvc_commit"]
+        mlflow.set_tags(tags)
+        mlflow.log_dict({**record, "inputs": inputs}, "merge_record.json")
+        mlflow.log_dict(inputs, "inputs.json")
+        for name, path in (plots or {}).items():
+            mlflow.log_artifact(str(path), artifact_path="plots")
+        version = _log_torch_model(model, example, model_name)
+        run_id = run.info.run_id
+    client.set_model_version_tag(model_name, version, "medvec.merge_run", run_id)
+    client.set_model_version_tag(model_name, version, "medvec.merged_sha256", record.get("merged_sha256", ""))
+    client.set_model_version_tag(model_name, version, f"val_{metric}", str(record.get("val", {}).get(metric)))
+    new = _score(record.get("val", {}), metric)
+    try:
+        champ = client.get_model_version_by_alias(model_name, "champion")
+        champ_score = float(champ.tags.get(f"val_{metric}", "-inf"))
+    except Exception:
+        champ, champ_score = None, float("-inf")
+    if champ is None or new > champ_score + margin:
+        client.set_registered_model_alias(model_name, "champion", version)
+        client.set_model_version_tag(model_name, version, "medvec.gate", "champion")
+        reason = "first version" if champ is None else f"val {metric} {new:.4f} > champion v{champ.version} {champ_score:.4f} + margin {margin}"
+        return {"run_id": run_id, "version": version, "champion": True, "reason": reason}
+    reason = f"val {metric} {new:.4f} does not beat champion v{champ.version} {champ_score:.4f} + margin {margin}"
+    client.set_model_version_tag(model_name, version, "rejected", reason)
+    client.set_model_version_tag(model_name, version, "medvec.gate", "rejected")
+    return {"run_id": run_id, "version": version, "champion": False, "reason": reason}
+
+
+def resolve(ref: str):
+    """``NAME@ALIAS`` or ``NAME/VERSION`` -> ModelVersion."""
+    from mlflow import MlflowClient
+
+    _mlflow()
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return client.get_model_version(name, version)
+    raise ValueError(f"{ref!r}: expected NAME@ALIAS or NAME/VERSION")
+
+
+def lineage(ref: str) -> dict:
+    """model version → merge run → vectors (id, hospital, content sha256) → fine-tune runs → base."""
+    from mlflow import MlflowClient
+
+    _mlflow()
+    client = MlflowClient()
+    mv = resolve(ref)
+    merge_run = client.get_run(mv.run_id)
+    tags = merge_run.data.tags
+    vectors = []
+    for i in json.loads(tags.get("medvec.inputs", "[]")):
+        vid, hospital, content = i
+        run_id = find_hospital_run(vid)
+        entry: dict[str, Any] = {"vector_id": vid, "hospital": hospital, "content_sha256": content, "finetune_run": None}
+        if run_id:
+            hr = client.get_run(run_id)
+            entry["finetune_run"] = {"run_id": run_id, "params": dict(hr.data.params), "metrics": dict(hr.data.metrics), "content_sha256": hr.data.tags.get("medvec.content_sha256")}
+        vectors.append(entry)
+    base_sha = tags.get("medvec.base_sha256")
+    base_versions = []
+    try:
+        base_versions = [v.version for v in client.search_model_versions(f"name = '{mv.name}-base'") if v.tags.get("medvec.base_sha256") == base_sha]
+    except Exception:
+        pass
+    aliases = list(getattr(mv, "aliases", []) or [])
+    return {
+        "model": {"name": mv.name, "version": mv.version, "aliases": aliases, "tags": dict(mv.tags)},
+        "merge_run": {"run_id": mv.run_id, "params": dict(merge_run.data.params), "metrics": dict(merge_run.data.metrics), "merge_id": tags.get("medvec.merge_id"), "merged_sha256": tags.get("medvec.merged_sha256"), "dvc_commit": tags.get("medvec.dvc_commit")},
+        "vectors": vectors,
+        "base": {"sha256": base_sha, "registered_as": f"{mv.name}-base", "versions": base_versions},
+    }
+
+
+def lineage_text(tree: dict) -> str:
+    m, r, b = tree["model"], tree["merge_run"], tree["base"]
+    alias = f" @{','.join(m['aliases'])}" if m["aliases"] else ""
+    lines = [f"{m['name']} v{m['version']}{alias}  merged sha256 {r.get('merged_sha256') or '?'}"]
+    lines.append(f"└─ merge run {r['run_id']}  method={r['params'].get('method')} λ={r['params'].get('lambda')} bn={r['params'].get('bn_source')}  val_auc={r['metrics'].get('val_auc', float('nan')):.4f}")
+    if r.get("dvc_commit"):
+        lines.append(f"   ├─ DVC registry commit {r['dvc_commit']}")
+    for n, v in enumerate(tree["vectors"]):
+        last = n == len(tree["vectors"]) - 1
+        lines.append(f"   {'└' if last else '├'}─ vector {v['vector_id']}  hospital={v['hospital']}  content sha256 {v['content_sha256']}")
+        fr = v["finetune_run"]
+        pad = "      " if last else "   │  "
+        if fr:
+            p = fr["params"]
+            lines.append(f"{pad}└─ fine-tune run {fr['run_id']}  epochs={p.get('finetune.epochs')} lr={p.get('finetune.lr')} seed={p.get('finetune.seed')}")
+        else:
+            lines.append(f"{pad}└─ fine-tune run: not found in this tracking server")
+    lines.append(f"   └─ base {b['sha256']}  registered as {b['registered_as']} v{','.join(b['versions']) or '?'}")
+    return "\n".join(lines)
+
+
+def merge_record(ref: str) -> dict:
+    """The merge record (inputs, method, λ, params, store) logged with a model version."""
+    import mlflow
+
+    _mlflow()
+    mv = resolve(ref)
+    return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/merge_record.json")

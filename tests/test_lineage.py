@@ -1,0 +1,102 @@
+"""MLflow lineage on a real ``mlflow server`` (SQLite backend, served artifacts) started here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import BREAST, ROOT
+from servers import MlflowServer
+
+pytestmark = pytest.mark.integration
+
+OVERRIDES = [
+    "model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=3", "finetune.lr=0.003", "finetune.threads=2",
+    "merge.method=weighted", "merge.lam=1.0", "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}",
+]
+
+SCRIPT = """
+import json, sys
+from medvec.config import load_params
+from medvec.data import write_hospital_shards
+from medvec.models import create_base
+from medvec.store import open_store
+from flows.hospital_finetune import hospital_finetune
+from flows.merge_and_evaluate import merge_and_evaluate
+tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
+p = load_params("params.yaml", overrides)
+store = open_store(tmp + "/store")
+store.put_base(create_base("tiny_cnn", 2, False, None, 0))
+write_hospital_shards(%(data)r, tmp + "/h", hospitals=2, alpha=1.0, seed=0)
+out = {"hospitals": [hospital_finetune(h, tmp + "/h/" + h, tmp + "/store", params=p.model_dump(mode="json"), emit=False, progress=False) for h in ("h1", "h2")]}
+out["good"] = merge_and_evaluate(tmp + "/store", %(data)r, params=p.model_dump(mode="json"))
+worse = load_params("params.yaml", overrides + ["merge.lam=-3.0"])  # a deliberately bad λ
+out["worse"] = merge_and_evaluate(tmp + "/store", %(data)r, params=worse.model_dump(mode="json"), force=True)
+print(json.dumps(out, default=str))
+""" % {"data": str(BREAST)}
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lineage")
+    server = MlflowServer(tmp / "mlflow")
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp), json.dumps(OVERRIDES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        yield {"env": env, "url": server.url, "tmp": tmp, "out": json.loads(proc.stdout.strip().splitlines()[-1])}
+    finally:
+        server.stop()
+
+
+def test_lineage_names_exactly_the_two_vectors_and_their_runs(tracked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
+    from medvec import tracking
+
+    hospitals = tracked["out"]["hospitals"]
+    tree = tracking.lineage("medvec@champion")
+    assert tree["model"]["version"] == tracked["out"]["good"]["registry"]["version"]
+    got = sorted((v["vector_id"], v["hospital"], v["content_sha256"], v["finetune_run"]["run_id"]) for v in tree["vectors"])
+    want = sorted((h["vector_id"], h["hospital"], h["content_sha256"], h["mlflow_run_id"]) for h in hospitals)
+    assert got == want
+    for v in tree["vectors"]:
+        assert v["finetune_run"]["content_sha256"] == v["content_sha256"]
+        assert v["finetune_run"]["params"]["finetune.epochs"] == "3"
+    assert tree["merge_run"]["params"]["method"] == "weighted" and len(tree["base"]["versions"]) == 1
+
+
+def test_a_worse_merge_does_not_move_champion(tracked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
+    from mlflow import MlflowClient
+
+    good, worse = tracked["out"]["good"]["registry"], tracked["out"]["worse"]["registry"]
+    assert good["champion"] and not worse["champion"]
+    client = MlflowClient(tracked["url"])
+    assert client.get_model_version_by_alias("medvec", "champion").version == good["version"]
+    mv = client.get_model_version("medvec", worse["version"])
+    assert "does not beat champion" in mv.tags["rejected"]
+
+
+def test_champion_loads_with_pyfunc_and_predicts(tracked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
+    import mlflow
+
+    from medvec.data import load_split, to_tensor
+    from medvec.models import get_spec
+
+    mlflow.set_tracking_uri(tracked["url"])
+    model = mlflow.pyfunc.load_model("models:/medvec@champion")
+    x = to_tensor(load_split(BREAST, "test").images[:5], get_spec("tiny_cnn", pretrained=False)).numpy()
+    out = np.asarray(model.predict(x))
+    assert out.shape == (5, 2) and np.isfinite(out).all()
+
+
+def test_merge_rebuilt_from_lineage_is_bit_identical(tracked):
+    proc = subprocess.run([sys.executable, "-m", "medvec.cli", "lineage", "medvec@champion", "--rebuild"], cwd=ROOT, env=tracked["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== registered (identical)" in proc.stdout
+    assert "└─ base" in proc.stdout and proc.stdout.count("fine-tune run ") == 2
