@@ -94,7 +94,7 @@ def demo(
     logger = get_run_logger()
     extra = list(overrides or [])
     if hospitals is not None:
-        extra.append(f"split.hospitals={hospitals}")
+        extra += [f"split.hospitals={hospitals}", "split.names=null"]
     if seed is not None:
         extra += [f"finetune.seed={seed}", f"merge.seed={seed}"]
     params = load_params(params_file, extra)

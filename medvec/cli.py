@@ -72,7 +72,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from medvec.data import write_hospital_shards
 
     p = load_params(args.params, args.overrides).split
-    summary = write_hospital_shards(args.data, args.out, p.hospitals, p.scheme, p.alpha, p.seed, p.local_val_fraction, p.min_samples)
+    summary = write_hospital_shards(args.data, args.out, p.hospitals, p.scheme, p.alpha, p.seed, p.local_val_fraction, p.min_samples, p.hospital_names())
     for name, meta in summary["hospitals"].items():
         print(f"{name}: n_train={meta['n_train']} labels={meta['train_label_counts']} -> {Path(args.out) / name}")
     return 0

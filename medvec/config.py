@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -28,6 +28,16 @@ class SplitConfig(_Frozen):
     local_val_fraction: float = Field(0.1, ge=0, lt=1)
     min_samples: int = Field(16, ge=1)
     seed: int = 0
+    names: tuple[str, ...] | None = Field(None, description="hospital names (DVC's foreach); must number `hospitals`")
+
+    @model_validator(mode="after")
+    def _names_match(self) -> "SplitConfig":
+        if self.names is not None and len(self.names) != self.hospitals:
+            raise ValueError(f"split.names has {len(self.names)} names but split.hospitals is {self.hospitals}")
+        return self
+
+    def hospital_names(self) -> list[str]:
+        return list(self.names) if self.names else [f"h{i + 1}" for i in range(self.hospitals)]
 
 
 class ModelConfig(_Frozen):

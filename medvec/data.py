@@ -278,6 +278,7 @@ def write_hospital_shards(
     seed: int = 0,
     local_val_fraction: float = 0.1,
     min_samples: int = 16,
+    names: list[str] | None = None,
 ) -> dict:
     """Split the ``train`` split of ``source`` into one folder per hospital.
 
@@ -297,7 +298,7 @@ def write_hospital_shards(
         "classes": train.classes,
         "hospitals": {},
     }
-    for name, idx in zip(hospital_names(hospitals), parts):
+    for name, idx in zip(names or hospital_names(hospitals), parts):
         idx = rng.permutation(idx)
         n_val = int(round(len(idx) * local_val_fraction))
         tr, va = train.subset(np.sort(idx[n_val:])), train.subset(np.sort(idx[:n_val]))

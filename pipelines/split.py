@@ -10,9 +10,10 @@ from medvec.config import Params, load_params
 from medvec.data import write_hospital_shards
 
 
-def split(params: Params, source: str, out: str) -> dict:
+def split(params: Params, source: str, out: str | Path) -> dict:
+    """Write one folder per hospital (``split.names``) from the source's training images."""
     s = params.split
-    return write_hospital_shards(source, out, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples)
+    return write_hospital_shards(source, out, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples, s.hospital_names())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params(args.params)
     summary = split(params, params.demo.data, args.out)
-    Path("work").mkdir(exist_ok=True)
-    Path("work/split.json").write_text(json.dumps({h: m["train_label_counts"] for h, m in summary["hospitals"].items()}, indent=2))
+    counts = {h: {"n_train": m["n_train"], "labels": m["train_label_counts"]} for h, m in summary["hospitals"].items()}
+    Path("work/split.json").write_text(json.dumps(counts, indent=2))
 
 
 if __name__ == "__main__":

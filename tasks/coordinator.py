@@ -17,7 +17,7 @@ from medvec.vectors import VectorFile
 def split_hospitals(source: str, out_dir: str, params: Params) -> dict:
     """Simulate hospitals: one folder per hospital with its own share."""
     s = params.split
-    return write_hospital_shards(source, out_dir, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples)
+    return write_hospital_shards(source, out_dir, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples, s.hospital_names())
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)

@@ -1,0 +1,37 @@
+"""DVC stage ``finetune@<hospital>``: fine-tune θ_pre on one hospital's folder and write its vector."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medvec.config import Params, load_params
+from medvec.hospital import LocalData, finetune_vector
+from medvec.models import load_base
+from medvec.train import set_threads
+from medvec.vectors import DataVector
+
+
+def finetune(params: Params, hospital: str, data_dir: str | Path, base_path: str | Path) -> tuple[DataVector, list[dict]]:
+    """The same core call as the ``hospital-finetune`` flow."""
+    set_threads(params.finetune.threads)
+    base = load_base(base_path)
+    vector, record = finetune_vector(base, hospital, LocalData.load(data_dir), params.finetune, progress=True)
+    return vector, record.history
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("hospital")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    vector, history = finetune(load_params(args.params), args.hospital, f"work/hospitals/{args.hospital}", "work/base.safetensors")
+    vector.save(f"work/vectors/{args.hospital}.safetensors")
+    Path("work/finetune").mkdir(parents=True, exist_ok=True)
+    last = history[-1] if history else {}
+    Path(f"work/finetune/{args.hospital}.json").write_text(json.dumps({"vector_id": vector.meta.vector_id, "content_sha256": vector.content_sha256, "n_train": vector.meta.n_train, **last}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
