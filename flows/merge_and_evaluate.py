@@ -68,6 +68,15 @@ def publish_merge(store_url: str, base: Base, outcome: core.MergeOutcome, record
 
 
 @task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
+def record_in_dvc(record: dict, vectors: list, params: Params) -> str:
+    """Commit the merge's input vectors to the DVC registry and push; returns the commit."""
+    from medvec.dvc_registry import record_merge
+
+    r = params.registry
+    return record_merge(r.dvc_repo, r.dvc_remote, record, {v.meta.vector_id: v.path for v in vectors}, r.dvc_endpoint_url)
+
+
+@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
 def register_merge(record: dict, outcome: core.MergeOutcome, base: Base, evalsets: core.EvalSets, params: Params) -> dict:
     """Log the merge run to MLflow, register the model and apply the champion gate."""
     from medvec import tracking
@@ -150,6 +159,10 @@ def merge_and_evaluate(
     record["finished_at"] = utcnow()
     record["seconds"] = round(time.perf_counter() - started, 2)
     record = publish_merge(store_url, base, outcome, record)
+    if p.registry.dvc_repo:
+        if not p.registry.dvc_remote:
+            raise ValueError("registry.dvc_repo is set but registry.dvc_remote is not")
+        record["dvc_commit"] = record_in_dvc(record, vectors, p)
     if p.registry.enabled:
         record["registry"] = register_merge(record, outcome, base, evalsets, p)
     open_store(store_url).put_merge(record)  # latest.json moves last: a crash before here leaves the merge to be redone

@@ -99,6 +99,9 @@ class RegistryConfig(_Frozen):
     enabled: bool = Field(True, description="log runs and register merged models in MLflow")
     model_name: str = "medvec"
     champion_margin: float = Field(0.0, ge=0, description="a new version must beat the champion's validation score by this much")
+    dvc_repo: str | None = Field(None, description="git+DVC registry of merged vectors (one commit per merge); None: off")
+    dvc_remote: str | None = Field(None, description="its DVC remote: a folder or s3://bucket/prefix")
+    dvc_endpoint_url: str | None = Field(None, description="S3 endpoint for that remote")
 
 
 class DemoConfig(_Frozen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from medvec.store import open_store
 from flows.hospital_finetune import hospital_finetune
 from flows.merge_and_evaluate import merge_and_evaluate
 tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
+overrides = overrides + [f"registry.dvc_repo={tmp}/registry", f"registry.dvc_remote={tmp}/dvc-remote"]
 p = load_params("params.yaml", overrides)
 store = open_store(tmp + "/store")
 store.put_base(create_base("tiny_cnn", 2, False, None, 0))
@@ -100,3 +102,23 @@ def test_merge_rebuilt_from_lineage_is_bit_identical(tracked):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== registered (identical)" in proc.stdout
     assert "└─ base" in proc.stdout and proc.stdout.count("fine-tune run ") == 2
+
+
+def test_dvc_registry_commit_restores_exactly_the_merged_vectors(tracked, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
+    from medvec import tracking
+    from medvec.store import open_store
+
+    tree = tracking.lineage("medvec@champion")
+    commit = tree["merge_run"]["dvc_commit"]
+    assert commit and len(commit) == 40
+    dvc = str(Path(sys.executable).parent / "dvc")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(tracked["tmp"] / "registry"), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+    subprocess.run([dvc, "pull", "-q"], cwd=clone, check=True, capture_output=True)
+    store = open_store(tracked["tmp"] / "store")
+    restored = sorted(clone.glob("vectors/*/*.safetensors"))
+    assert sorted(p.stem for p in restored) == sorted(v["vector_id"] for v in tree["vectors"])
+    for p in restored:
+        assert p.read_bytes() == store.get(p.stem).path.read_bytes()
