@@ -79,7 +79,7 @@ def deploy_coordinator(store_url: str, eval_data: str, params: dict, calibration
     return str(dep_id)
 
 
-def deploy_hospital(name: str, data_dir: str, store_url: str, params: dict, cron: str | None = None, interval: float | None = None) -> str:
+def deploy_hospital(name: str, data_dir: str, store_url: str, params: dict, cron: str | None = None, interval: float | None = None, key_file: str | None = None) -> str:
     """Create pool ``hospital-<name>`` and deployment ``hospital-finetune/<name>``."""
     from flows.hospital_finetune import hospital_finetune
 
@@ -96,7 +96,7 @@ def deploy_hospital(name: str, data_dir: str, store_url: str, params: dict, cron
         "flows/hospital_finetune.py:hospital_finetune",
         name,
         hospital_pool(name),
-        parameters={"hospital": name, "data_dir": str(Path(data_dir).resolve()), "store_url": store_url, "params": params, "progress": False},
+        parameters={"hospital": name, "data_dir": str(Path(data_dir).resolve()), "store_url": store_url, "params": params, "progress": False, "key_file": str(Path(key_file).resolve()) if key_file else None},
         tags=["medvec", "hospital", name],
         **kwargs,
     )

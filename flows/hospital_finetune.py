@@ -30,11 +30,13 @@ def hospital_finetune(
     params: dict | None = None,
     emit: bool = True,
     progress: bool = True,
+    key_file: str | None = None,
 ) -> dict:
     """Fine-tune θ_pre at ``hospital`` on ``data_dir`` and publish τ_h to ``store_url``.
 
     ``base_sha256`` defaults to the store's current base, so scheduled runs follow
-    the coordinator when it publishes a new base.
+    the coordinator when it publishes a new base.  With ``key_file`` (the
+    hospital's Ed25519 key from ``medvec hospital keygen``) the vector is signed.
     """
     logger = get_run_logger()
     p = Params.model_validate(params or {})
@@ -45,7 +47,7 @@ def hospital_finetune(
     vector, history = finetune_hospital(base, hospital, data, p.finetune, progress)
     if p.batchnorm.strategy == "recompute":
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
-    summary = publish_vector(store_url, vector, base)
+    summary = publish_vector(store_url, vector, base, key_file)
     logger.info("published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"])
     if p.registry.enabled:
         summary["mlflow_run_id"] = track_hospital_run(summary, vector.meta.finetune, history)

@@ -27,7 +27,7 @@ from medvec.models import Base, save_base, state_sha256
 from medvec.store import open_store
 from medvec.train import set_threads
 from medvec.vectors import utcnow
-from tasks.coordinator import gather_latest
+from tasks.coordinator import gather_latest, screen_outliers
 from tasks.hospital import fetch_base
 
 MERGE_FLOW = "merge-and-evaluate"
@@ -101,6 +101,11 @@ def _artifact(record: dict, rows: list[dict]) -> None:
     lines += ["| model | kind | val AUC | test AUC | test bal. acc |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['kind']} | {r['val'].get('auc', float('nan')):.3f} | {r['test'].get('auc', float('nan')):.3f} | {r['test'].get('balanced_accuracy', float('nan')):.3f} |")
+    if record.get("screened"):
+        lines += ["", "**Outlier defence**", ""] + [f"- {s['hospital']} `{s['vector_id']}`: {s['action']} — {s['reason']}" for s in record["screened"]]
+    if record.get("quarantined"):
+        lines += ["", "**Quarantined vectors (kept, not merged)**", "", "| hospital claimed | check | problem | time |", "|---|---|---|---|"]
+        lines += [f"| {q['hospital_claimed']} | {q['check']} | {q['problem']} | {q['time']} |" for q in record["quarantined"]]
     lines += ["", "| vector | hospital | content sha256 |", "|---|---|---|"]
     lines += [f"| {v['vector_id']} | {v['hospital']} | `{v['content_sha256'][:16]}…` |" for v in record["inputs"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +134,8 @@ def merge_and_evaluate(
     store = open_store(store_url)
     base_sha = store.current_base()
     base = fetch_base(store_url, base_sha)
-    vectors = gather_latest(store_url, base)
+    vectors = gather_latest(store_url, base, p)
+    vectors, screened = screen_outliers(store_url, vectors, p)
     inputs = [{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "n_train": v.meta.n_train} for v in vectors]
     last = last_merge(store_url, base_sha)
     if not vectors:
@@ -154,6 +160,8 @@ def merge_and_evaluate(
         "lambda_curve": outcome.curve,
         "params": p.model_dump(mode="json"),
         "trigger": trigger or {},
+        "screened": screened,
+        "quarantined": store.quarantined(),
         "started_at": utcnow(),
     }
     record["finished_at"] = utcnow()

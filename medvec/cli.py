@@ -56,6 +56,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             name = args.base or first.meta.base_model
             base = create_base(name, first.meta.num_classes, pretrained=True, image_size=None, seed=0)
         vf = load_vector(args.file, base=base.model.state_dict(), base_sha256=base.sha256)
+        if args.keyring:
+            from medvec.signing import Keyring, read_header
+
+            Keyring.load(args.keyring).verify(args.file, vf.meta, vf.content_sha256, read_header(args.file))
     except InvalidVectorError as exc:
         print(f"rejected: {exc}", file=sys.stderr)
         return 2
@@ -119,7 +123,7 @@ def cmd_hospital_join(args: argparse.Namespace) -> int:
     if not Path(args.data).exists():
         print(f"error: {args.data}: no such data folder", file=sys.stderr)
         return 2
-    dep = deploy_hospital(args.name, args.data, p.store.url, p.model_dump(mode="json"), cron=args.cron, interval=args.interval)
+    dep = deploy_hospital(args.name, args.data, p.store.url, p.model_dump(mode="json"), cron=args.cron, interval=args.interval, key_file=args.key)
     pool = hospital_pool(args.name)
     print(f"deployment hospital-finetune/{args.name} ({dep}) on pool '{pool}', data {Path(args.data).resolve()}")
     if args.no_worker:
@@ -185,6 +189,37 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0 if tree.get("rebuild", {}).get("identical", True) else 1
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from medvec.signing import keygen
+
+    key, pub = keygen(args.name, args.out)
+    print(f"private key {key} (mode 600, keep it inside the hospital)\npublic key  {pub} (give it to the coordinator: medvec keyring add)")
+    return 0
+
+
+def cmd_keyring_add(args: argparse.Namespace) -> int:
+    from medvec.signing import Keyring
+
+    ring = Keyring.load(args.keyring)
+    ring.add(args.name, args.pubfile)
+    ring.save(args.keyring)
+    print(f"{args.keyring}: {len(ring.keys)} hospital(s): {', '.join(sorted(ring.keys))}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from medvec.signing import sign_file
+    from medvec.vectors import InvalidVectorError
+
+    try:
+        block = sign_file(args.file, args.key)
+    except InvalidVectorError as exc:
+        print(f"rejected: {exc}", file=sys.stderr)
+        return 2
+    print(f"signed {args.file} as {block['signer']} (nonce {block['nonce']})")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from medvec.merge import get_method, method_names
 
@@ -216,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver = vsub.add_parser("verify", help="validate a vector file; exit 2 on rejection")
     ver.add_argument("file")
     ver.add_argument("--base", default=None, help="base model file (.safetensors) or model name (default: the name in the vector)")
+    ver.add_argument("--keyring", default=None, help="require a valid signature by a hospital in this keyring")
+    sg = vsub.add_parser("sign", help="sign a vector file in place with a hospital's key")
+    sg.add_argument("file")
+    sg.add_argument("--key", required=True)
+    sg.set_defaults(func=cmd_sign)
     ver.set_defaults(func=cmd_verify)
 
     vl = _shared(vsub.add_parser("list", help="what has landed in the store"))
@@ -238,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("name")
     j.add_argument("--data", required=True, help="this hospital's own data folder (.npz or image folders)")
     j.add_argument("--no-worker", action="store_true", help="only print the worker command")
+    j.add_argument("--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed")
     when = j.add_mutually_exclusive_group()
     when.add_argument("--cron", default=None, help="retraining schedule, e.g. '0 2 * * 0'")
     when.add_argument("--interval", type=float, default=None, help="retraining every N seconds")
@@ -246,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name")
     r.add_argument("--timeout", type=float, default=None)
     r.set_defaults(func=cmd_hospital_run)
+    kg = hosub.add_parser("keygen", help="write NAME.key (mode 600) and NAME.pub")
+    kg.add_argument("name")
+    kg.add_argument("--out", required=True)
+    kg.set_defaults(func=cmd_keygen)
     sc = hosub.add_parser("schedule", help="change the retraining schedule")
     sc.add_argument("name")
     g = sc.add_mutually_exclusive_group(required=True)
@@ -258,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true")
     li.add_argument("--rebuild", action="store_true", help="re-run the merge from its lineage and compare sha256")
     li.set_defaults(func=cmd_lineage)
+
+    kr = sub.add_parser("keyring", help="the coordinator's keyring of allowed hospitals")
+    krsub = kr.add_subparsers(dest="keyring_command", required=True)
+    ka = krsub.add_parser("add", help="allow a hospital: add its public key")
+    ka.add_argument("name")
+    ka.add_argument("pubfile")
+    ka.add_argument("--keyring", required=True)
+    ka.set_defaults(func=cmd_keyring_add)
 
     m = sub.add_parser("methods", help="list merge methods with their formulas")
     m.set_defaults(func=cmd_methods)

@@ -95,6 +95,16 @@ class CoordinatorConfig(_Frozen):
     reconcile_seconds: float = Field(3600, gt=0, description="reconciling schedule of merge-and-evaluate")
 
 
+class IntakeConfig(_Frozen):
+    """What a vector must pass before it is merged."""
+
+    keyring: str | None = Field(None, description="JSON keyring of allowed hospitals; set: signatures required")
+    max_vector_mb: float = Field(2048, gt=0)
+    max_metadata_kb: float = Field(64, gt=0)
+    defence: Literal["off", "quarantine", "clip"] = "quarantine"
+    mad_k: float = Field(5.0, gt=0, description="outlier threshold in median absolute deviations")
+
+
 class RegistryConfig(_Frozen):
     enabled: bool = Field(True, description="log runs and register merged models in MLflow")
     model_name: str = "medvec"
@@ -120,6 +130,7 @@ class Params(_Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
     store: StoreConfig = StoreConfig()
     coordinator: CoordinatorConfig = CoordinatorConfig()
+    intake: IntakeConfig = IntakeConfig()
     registry: RegistryConfig = RegistryConfig()
     demo: DemoConfig = DemoConfig()
 

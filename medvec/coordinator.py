@@ -267,6 +267,11 @@ def rebuild_merge(store, record: dict) -> tuple[nn.Module, str]:
     for v, i in zip(vectors, record["inputs"]):
         if v.content_sha256 != i["content_sha256"]:
             raise ValueError(f"vector {i['vector_id']}: content {v.content_sha256[:12]}… differs from the lineage's {i['content_sha256'][:12]}…")
+    scales = {s["vector_id"]: s["scale"] for s in record.get("screened", []) if s.get("scale") is not None}
+    if scales:
+        from medvec.defence import Scaled
+
+        vectors = [Scaled(v, scales[v.meta.vector_id]) if v.meta.vector_id in scales else v for v in vectors]
     source = record["bn_source"]
     calibration = None
     if source == "calibration":

@@ -98,8 +98,8 @@ class VectorStore:
         return load_base(self._local_file(key), expected_sha256=sha256)
 
     # ------------------------------------------------------------ vectors
-    def put(self, vector: DataVector) -> str:
-        """Publish a vector atomically; returns its key."""
+    def put(self, vector: DataVector, key_file: str | Path | None = None) -> str:
+        """Publish a vector atomically (signed first with ``key_file`` when given); returns its key."""
         meta = vector.meta
         if meta is None:
             raise ValueError("only vectors with metadata can be published")
@@ -108,6 +108,10 @@ class VectorStore:
             raise StoreError(f"vector id {meta.vector_id} already exists in {self.url}")
         with tempfile.TemporaryDirectory() as tmp:
             path = vector.save(Path(tmp) / "v.safetensors")
+            if key_file is not None:
+                from medvec.signing import sign_file
+
+                sign_file(path, key_file, meta.hospital)
             size = path.stat().st_size
             self._write_file(key, path)
         side = {"meta": meta.model_dump(), "content_sha256": vector.content_sha256, "size": size, "published_at": utcnow()}
@@ -120,8 +124,14 @@ class VectorStore:
         out = []
         for key in self._list(prefix):
             if key.endswith(".json"):
-                doc = json.loads(self._read_bytes(key))
-                doc["key"] = key[: -len(".json")] + ".safetensors"
+                target = key[: -len(".json")] + ".safetensors"
+                try:
+                    doc = json.loads(self._read_bytes(key))
+                    doc["meta"]["created_at"], doc["meta"]["vector_id"], doc["meta"]["hospital"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    self.quarantine(target, "sidecar", f"unreadable sidecar {key} ({exc.__class__.__name__})", key.split("/")[-2])
+                    continue
+                doc["key"] = target
                 out.append(doc)
         return sorted(out, key=lambda d: (d["meta"]["created_at"], d["meta"]["vector_id"]))
 
@@ -134,12 +144,18 @@ class VectorStore:
                 return self.open_vector(side["key"], base, base_sha256)
         raise StoreError(f"{self.url}: no vector {vector_id}")
 
-    def latest(self, base_sha256: str, base: dict | None = None) -> list[VectorFile]:
+    def latest(self, base_sha256: str, base: dict | None = None, policy=None) -> list[VectorFile]:
         """The newest valid vector of every hospital built on ``base_sha256``.
 
-        A vector that fails validation is quarantined with its reason and the
-        hospital's next-newest vector is used instead.
+        Every candidate goes through :func:`medvec.intake.check` under ``policy``
+        (signatures, replay, limits); one that fails is quarantined with its
+        reason and the hospital's next-newest vector is used instead.
         """
+        from medvec.intake import SEEN_KEY, IntakePolicy, check
+
+        policy = policy or IntakePolicy()
+        seen = self._read_json(SEEN_KEY) or {}
+        before = json.dumps(seen, sort_keys=True)
         by_hospital: dict[str, list[dict]] = {}
         for side in self.sidecars(base_sha256):
             by_hospital.setdefault(side["meta"]["hospital"], []).append(side)
@@ -147,10 +163,12 @@ class VectorStore:
         for hospital in sorted(by_hospital):
             for side in reversed(by_hospital[hospital]):
                 try:
-                    chosen.append(self.open_vector(side["key"], base, base_sha256))
+                    chosen.append(check(self, side["key"], base, base_sha256, policy, seen))
                     break
                 except InvalidVectorError as exc:
                     self.quarantine(side["key"], exc.check, exc.problem, hospital)
+        if json.dumps(seen, sort_keys=True) != before:
+            self._write_json(SEEN_KEY, seen)
         return chosen
 
     def quarantine(self, key: str, check: str, problem: str, hospital: str = "unknown") -> str:

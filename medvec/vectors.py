@@ -338,6 +338,7 @@ def load_vector(
     base_sha256: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_metadata_bytes: int = 64 * 1024,
 ) -> VectorFile:
     """Validate a vector file and return a lazy :class:`VectorFile`.
 
@@ -357,6 +358,8 @@ def load_vector(
     meta_raw = (header.get("__metadata__") or {})
     if meta_raw.get("format") != FORMAT or "medvec" not in meta_raw:
         raise InvalidVectorError(path, f"not a medvec vector (header format is {meta_raw.get('format')!r}, expected {FORMAT!r})", "metadata")
+    if len(str(meta_raw["medvec"]).encode()) > max_metadata_bytes:
+        raise InvalidVectorError(path, f"metadata is {len(str(meta_raw['medvec']).encode())} bytes, over the limit of {max_metadata_bytes}", "too_large")
     try:
         meta = VectorMeta.model_validate_json(meta_raw["medvec"])
     except ValidationError as exc:

@@ -29,10 +29,43 @@ def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
     return base
 
 
+def intake_policy(params: Params | None):
+    from medvec.intake import IntakePolicy
+    from medvec.signing import Keyring
+
+    if params is None:
+        return IntakePolicy()
+    i = params.intake
+    return IntakePolicy(
+        keyring=Keyring.load(i.keyring) if i.keyring else None,
+        max_bytes=int(i.max_vector_mb * 1024 * 1024),
+        max_metadata_bytes=int(i.max_metadata_kb * 1024),
+        defence=i.defence,
+        mad_k=i.mad_k,
+    )
+
+
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
-def gather_latest(store_url: str, base: Base) -> list[VectorFile]:
+def gather_latest(store_url: str, base: Base, params: Params | None = None) -> list[VectorFile]:
     """The newest valid vector of every hospital for this base (invalid ones quarantined)."""
-    return open_store(store_url).latest(base.sha256, base=base.model.state_dict())
+    return open_store(store_url).latest(base.sha256, base=base.model.state_dict(), policy=intake_policy(params))
+
+
+@task(cache_policy=NO_CACHE)
+def screen_outliers(store_url: str, vectors: list, params: Params) -> tuple[list, list[dict]]:
+    """Norm/direction outlier defence; quarantined or clipped vectors are reported."""
+    from medvec.defence import screen
+
+    result = screen(vectors, params.intake.defence, params.intake.mad_k)
+    store = open_store(store_url)
+    report = []
+    for v, reason in result.flagged:
+        stats = result.stats.get(v.meta.vector_id, {})
+        if params.intake.defence == "quarantine":
+            key = f"vectors/{v.meta.base_sha256}/{v.meta.hospital}/{v.meta.vector_id}.safetensors"
+            store.quarantine(key, "outlier", reason, v.meta.hospital)
+        report.append({"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "action": params.intake.defence, "scale": result.scales.get(v.meta.vector_id), "reason": reason, **stats})
+    return result.kept, report
 
 
 @task(cache_policy=NO_CACHE)

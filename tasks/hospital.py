@@ -57,10 +57,10 @@ def attach_moments(store_url: str, base: Base, vector: DataVector, data: LocalDa
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
-def publish_vector(store_url: str, vector: DataVector, base: Base) -> dict:
-    """Publish atomically, re-validate the stored copy against the base, return its summary."""
+def publish_vector(store_url: str, vector: DataVector, base: Base, key_file: str | None = None) -> dict:
+    """Sign (when a key is configured), publish atomically, re-validate the stored copy, return its summary."""
     store = open_store(store_url)
-    key = store.put(vector)
+    key = store.put(vector, key_file=key_file)
     stored = store.open_vector(key, base=base.model.state_dict(), base_sha256=base.sha256)
     return {
         "vector_id": stored.meta.vector_id,

@@ -1,0 +1,306 @@
+"""Vector intake: one test per rejection case, each asserting the reason and that the
+quarantined copy exists; concurrency; a property-based fuzz of the parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medvec.intake import IntakePolicy
+from medvec.signing import Keyring, keygen, sign_file
+from medvec.store import LocalStore
+from medvec.vectors import InvalidVectorError, content_sha256, load_vector
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_base):
+    s = LocalStore(tmp_path / "store")
+    s.put_base(tiny_base)
+    return s
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    ring = Keyring()
+    for h in ("h1", "h2"):
+        keygen(h, d)
+        ring.add(h, d / f"{h}.pub")
+    keygen("mallory", d)  # not in the keyring
+    keygen("h9", d)
+    return {"dir": d, "ring": ring}
+
+
+def plant(store: LocalStore, src: Path, hospital_folder: str, meta: dict, name: str | None = None) -> str:
+    """Put a file into the store's layout exactly as an uploader could (file, then sidecar)."""
+    key = f"vectors/{meta['base_sha256']}/{hospital_folder}/{name or meta['vector_id']}.safetensors"
+    store._write_file(key, src)
+    store._write_json(key[:-12] + ".json", {"meta": meta, "content_sha256": "?", "size": src.stat().st_size})
+    return key
+
+
+def rejected(store: LocalStore, tiny_base, check: str, hospital: str, policy: IntakePolicy | None = None, fragment: str = "") -> dict:
+    chosen = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict(), policy=policy)
+    reasons = [q for q in store.quarantined() if q["check"] == check]
+    assert reasons, f"no {check!r} quarantine; have {store.quarantined()}"
+    r = reasons[-1]
+    assert r["hospital_claimed"] == hospital and fragment in r["problem"], r
+    assert (store.root / r["object"]).is_file(), "the quarantined copy is missing"
+    assert all(v.meta.vector_id not in r["object"] for v in chosen)
+    return r
+
+
+def tampered(tmp_path: Path, vector, fn) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = vector.save(tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    fn(tensors, header)
+    header["content_sha256"] = content_sha256(tensors)
+    out = tmp_path / "bad.safetensors"
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(out), metadata=header)
+    return out
+
+
+def _meta(v) -> dict:
+    return v.meta.model_dump()
+
+
+@pytest.mark.parametrize(
+    "case, fn, check, fragment",
+    [
+        ("nan", lambda t, h: t["fc.bias"].__setitem__(0, float("nan")), "non_finite", "NaN"),
+        ("inf", lambda t, h: t["fc.bias"].__setitem__(1, float("-inf")), "non_finite", "Inf"),
+        ("shape", lambda t, h: t.__setitem__("fc.bias", torch.zeros(5)), "shape", "fc.bias"),
+        ("missing", lambda t, h: t.pop("fc.weight"), "missing_key", "fc.weight"),
+        ("extra", lambda t, h: t.__setitem__("fc.extra", torch.zeros(1)), "extra_key", "fc.extra"),
+        ("stale", lambda t, h: h.__setitem__("medvec", json.dumps({**json.loads(h["medvec"]), "base_sha256": "f" * 64})), "base_hash", "stale"),
+    ],
+)
+def test_bad_content_is_quarantined(case, fn, check, fragment, store, tiny_base, make_vector, tmp_path):
+    v = make_vector("h1")
+    bad = tampered(tmp_path, v, fn)
+    plant(store, bad, "h1", _meta(v))
+    rejected(store, tiny_base, check, "h1", fragment=fragment)
+
+
+def test_truncated_file_is_quarantined(store, tiny_base, make_vector, tmp_path):
+    v = make_vector("h1")
+    path = v.save(tmp_path / "v.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-64])
+    plant(store, cut, "h1", _meta(v))
+    rejected(store, tiny_base, "truncated", "h1", fragment="truncated")
+
+
+def test_pickle_payload_is_quarantined_unexecuted(store, tiny_base, make_vector, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Payload()))
+    plant(store, evil, "h1", _meta(make_vector("h1")))
+    rejected(store, tiny_base, "pickle", "h1", fragment="never unpickles")
+    assert not marker.exists()
+
+
+def test_oversized_file_is_quarantined_before_parsing(store, tiny_base, make_vector, tmp_path):
+    v = make_vector("h1")
+    plant(store, v.save(tmp_path / "v.safetensors"), "h1", _meta(v))
+    rejected(store, tiny_base, "too_large", "h1", IntakePolicy(max_bytes=1024), fragment="over the limit")
+
+
+def test_oversized_metadata_is_quarantined(store, tiny_base, make_vector, tmp_path):
+    v = make_vector("h1")
+    big = tampered(tmp_path, v, lambda t, h: h.__setitem__("medvec", json.dumps({**json.loads(h["medvec"]), "finetune": {"blob": "x" * 100_000}})))
+    plant(store, big, "h1", _meta(v))
+    rejected(store, tiny_base, "too_large", "h1", fragment="metadata is")
+
+
+def test_unsigned_vector_is_quarantined(store, tiny_base, make_vector, keys):
+    v = make_vector("h1")
+    store.put(v)
+    rejected(store, tiny_base, "unsigned", "h1", IntakePolicy(keyring=keys["ring"]), fragment="unsigned")
+
+
+def test_forged_signature_is_quarantined(store, tiny_base, make_vector, keys, tmp_path):
+    v = make_vector("h1")
+    path = v.save(tmp_path / "v.safetensors")
+    sign_file(path, keys["dir"] / "mallory.key", signer="h1")  # mallory signs, claiming to be h1
+    plant(store, path, "h1", _meta(v))
+    rejected(store, tiny_base, "bad_signature", "h1", IntakePolicy(keyring=keys["ring"]), fragment="does not verify")
+
+
+def test_tampered_metadata_breaks_the_signature(store, tiny_base, make_vector, keys, tmp_path):
+    v = make_vector("h1", n_train=10)
+    path = v.save(tmp_path / "v.safetensors")
+    sign_file(path, keys["dir"] / "h1.key")
+    bad = tmp_path / "bad.safetensors"
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    header["medvec"] = json.dumps({**json.loads(header["medvec"]), "n_train": 100000})  # inflate its weight
+    save_file(tensors, str(bad), metadata=header)
+    plant(store, bad, "h1", _meta(v))
+    rejected(store, tiny_base, "bad_signature", "h1", IntakePolicy(keyring=keys["ring"]))
+
+
+def test_unknown_hospital_is_quarantined(store, tiny_base, make_vector, keys):
+    v = make_vector("h9")
+    store.put(v, key_file=keys["dir"] / "h9.key")
+    rejected(store, tiny_base, "unknown_hospital", "h9", IntakePolicy(keyring=keys["ring"]), fragment="not in the keyring")
+
+
+def test_replay_is_quarantined(store, tiny_base, make_vector, keys):
+    policy = IntakePolicy(keyring=keys["ring"])
+    v = make_vector("h1")
+    key = store.put(v, key_file=keys["dir"] / "h1.key")
+    assert [x.meta.vector_id for x in store.latest(tiny_base.sha256, tiny_base.model.state_dict(), policy)] == [v.meta.vector_id]
+    # the same signed bytes published again under a new name, with a sidecar that claims to be newer
+    meta = {**_meta(v), "created_at": "2999-01-01T00:00:00+00:00"}
+    plant(store, store._local_file(key), "h1", meta, name="replayed")
+    r = rejected(store, tiny_base, "replay", "h1", policy, fragment="already seen")
+    assert [x.meta.vector_id for x in store.latest(tiny_base.sha256, tiny_base.model.state_dict(), policy)] == [v.meta.vector_id]
+    assert "replayed" in r["object"]
+
+
+def test_a_hospital_cannot_publish_as_another(store, tiny_base, make_vector, keys, tmp_path):
+    policy = IntakePolicy(keyring=keys["ring"])
+    # h1 signs honestly but drops the file into h2's folder
+    v = make_vector("h1")
+    path = v.save(tmp_path / "v.safetensors")
+    sign_file(path, keys["dir"] / "h1.key")
+    plant(store, path, "h2", _meta(v))
+    rejected(store, tiny_base, "impersonation", "h1", policy, fragment="published under hospital 'h2' but claims 'h1'")
+    # h1 writes metadata claiming h2 and signs with its own key
+    w = make_vector("h2", seed=5)
+    p2 = w.save(tmp_path / "w.safetensors")
+    sign_file(p2, keys["dir"] / "h1.key", signer="h1")
+    plant(store, p2, "h2", _meta(w))
+    rejected(store, tiny_base, "impersonation", "h2", policy, fragment="signed by 'h1'")
+    # and cannot overwrite h2's published vector
+    good = make_vector("h2", seed=6)
+    store.put(good, key_file=keys["dir"] / "h2.key")
+    from medvec.store import StoreError
+
+    with pytest.raises(StoreError, match="already exists"):
+        store.put(good, key_file=keys["dir"] / "h1.key")
+
+
+def test_norm_and_direction_outliers_are_quarantined(store, tiny_base, make_vector):
+    from medvec.config import load_params
+    from tasks.coordinator import screen_outliers
+
+    common = make_vector("c", seed=99).deltas  # honest hospitals share a direction, plus their own noise
+    honest = [make_vector(f"h{i}", seed=i) for i in range(1, 5)]
+    for v in honest:
+        v.deltas = {k: common[k] + 0.5 * t for k, t in v.deltas.items()}
+    big = make_vector("h5", seed=5)
+    big.deltas = {k: 50 * (common[k] + 0.5 * t) for k, t in big.deltas.items()}
+    flipped = make_vector("h6", seed=6)
+    flipped.deltas = {k: -(common[k] + 0.5 * t) for k, t in flipped.deltas.items()}
+    for v in honest + [big, flipped]:
+        store.put(v)
+    vectors = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    params = load_params(None, ["intake.defence=quarantine"])
+    kept, report = screen_outliers.fn(str(store.root), vectors, params)
+    assert sorted(v.meta.hospital for v in kept) == ["h1", "h2", "h3", "h4"]
+    by = {r["hospital"]: r for r in report}
+    assert set(by) == {"h5", "h6"} and "norm" in by["h5"]["reason"] and "cosine" in by["h6"]["reason"]
+    q = {x["hospital_claimed"]: x for x in store.quarantined()}
+    assert q["h5"]["check"] == "outlier" and (store.root / q["h5"]["object"]).is_file()
+    clip = load_params(None, ["intake.defence=clip"])
+    kept, report = screen_outliers.fn(str(store.root), store.latest(tiny_base.sha256, base=tiny_base.model.state_dict()), clip)
+    assert len(kept) == 4  # quarantined ones are gone; nothing left to clip
+    assert report == []
+
+
+def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of_each(store, tiny_base, make_vector):
+    from medvec.merge import merge_delta
+
+    vectors = []
+    for i in range(5):
+        for h in ("h1", "h2", "h3", "h4"):
+            vectors.append(make_vector(h, seed=10 * i + int(h[1])))
+            time.sleep(0.002)  # distinct created_at, in this order
+    errors = []
+
+    def publish(v):
+        try:
+            store.put(v)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(v,)) for v in reversed(vectors)]  # land out of order
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # the newest of h3 is corrupted after landing: its previous one must be used
+    newest = {v.meta.hospital: v for v in vectors}
+    key = f"vectors/{tiny_base.sha256}/h3/{newest['h3'].meta.vector_id}.safetensors"
+    p = store._local_file(key)
+    p.write_bytes(p.read_bytes()[:-10])
+    latest = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    want = {h: v.meta.vector_id for h, v in newest.items()}
+    want["h3"] = [v for v in vectors if v.meta.hospital == "h3"][-2].meta.vector_id
+    assert {v.meta.hospital: v.meta.vector_id for v in latest} == want
+    assert len(merge_delta(latest, "mean").keys()) == len(vectors[0].keys())
+    assert not list(store.root.rglob("*.tmp"))
+
+
+@settings(max_examples=int(os.environ.get("MEDVEC_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, make_vector, tiny_base):
+    """Random bytes and mutations of a valid file: InvalidVectorError or a valid VectorFile, nothing else."""
+    if not hasattr(test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load, "_good"):
+        test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good = make_vector("h1").save(tmp_path / "seed.safetensors").read_bytes()
+    good = test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good
+    kind = data.draw(st.sampled_from(["random", "flip", "truncate", "splice", "header"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=4096))
+    elif kind == "flip":
+        blob = bytearray(good)
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] ^= data.draw(st.integers(1, 255))
+        blob = bytes(blob)
+    elif kind == "truncate":
+        blob = good[: data.draw(st.integers(0, len(good)))]
+    elif kind == "splice":
+        i = data.draw(st.integers(0, len(good)))
+        blob = good[:i] + data.draw(st.binary(max_size=64)) + good[i:]
+    else:
+        n = int.from_bytes(good[:8], "little")
+        header = bytearray(good[8 : 8 + n])
+        i = data.draw(st.integers(0, len(header) - 1))
+        header[i] = data.draw(st.sampled_from(list(b'{}[]":,0123456789-eE ')))
+        blob = good[:8] + bytes(header) + good[8 + n :]
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(blob)
+    t0 = time.monotonic()
+    try:
+        vf = load_vector(path, base=tiny_base.model.state_dict(), base_sha256=tiny_base.sha256)
+        assert vf.content_sha256 and vf.meta.hospital  # a valid load is fully valid
+    except InvalidVectorError as exc:
+        assert str(path) in str(exc) and exc.check
+    assert time.monotonic() - t0 < 5, "the parser hung"
