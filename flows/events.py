@@ -5,11 +5,9 @@ from __future__ import annotations
 VECTOR_LANDED = "medvec.vector.landed"
 
 
-def emit_vector_landed(summary: dict):
-    """Emit ``medvec.vector.landed`` for a published vector; returns the event (or None)."""
-    from prefect.events import emit_event
-
-    return emit_event(
+def landed_event(summary: dict) -> dict:
+    """The fields of ``medvec.vector.landed`` for a published vector (ids, hashes, counts only)."""
+    return dict(
         event=VECTOR_LANDED,
         resource={
             "prefect.resource.id": f"medvec.vector.{summary['vector_id']}",
@@ -24,3 +22,10 @@ def emit_vector_landed(summary: dict):
         ],
         payload={"n_train": summary.get("n_train"), "key": summary.get("key"), "store": summary.get("store")},
     )
+
+
+def emit_vector_landed(summary: dict):
+    """Emit ``medvec.vector.landed`` for a published vector; returns the event (or None)."""
+    from prefect.events import emit_event
+
+    return emit_event(**landed_event(summary))

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from medvec.faults import failpoint
 from medvec.models import Base, load_base, save_base
 from medvec.vectors import DataVector, InvalidVectorError, VectorFile, load_vector, utcnow
 
@@ -228,6 +229,7 @@ class LocalStore(VectorStore):
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
         shutil.copyfile(src, tmp)
+        failpoint("store-before-commit")
         os.replace(tmp, dst)
 
     def _write_bytes(self, key: str, data: bytes) -> None:
@@ -276,8 +278,9 @@ class S3Store(VectorStore):
         if not self.bucket:
             raise StoreError(f"{url}: no bucket in the S3 URL")
         self.prefix = prefix.strip("/")
-        self.url = url
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        # the URL round-trips through open_store (flows pass it on), endpoint included
+        self.url = f"{url}?endpoint_url={self.endpoint_url}" if endpoint_url else url
         # a fresh session per store: boto3's default session caches the first credentials it saw
         self.client = client or boto3.session.Session().client(
             "s3",
@@ -322,6 +325,7 @@ class S3Store(VectorStore):
         # temporary key, then commit by server-side copy: a reader never sees a partial object
         tmp = self._key(f"tmp/{uuid.uuid4().hex}")
         self._call(f"upload {key}", self.client.upload_file, str(src), self.bucket, tmp)
+        failpoint("store-before-commit")
         self._call(f"commit {key}", self.client.copy_object, Bucket=self.bucket, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": tmp})
         self._call(f"clean up {tmp}", self.client.delete_object, Bucket=self.bucket, Key=tmp)
 

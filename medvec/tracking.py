@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medvec.faults import failpoint
+
 HOSPITAL_EXPERIMENT = "medvec-hospitals"
 MERGE_EXPERIMENT = "medvec-merges"
 DEFAULT_DIR = ".medvec"
@@ -110,7 +112,11 @@ def find_hospital_run(vector_id: str) -> str | None:
 
 
 def _log_torch_model(model: torch.nn.Module, example: np.ndarray, registered_name: str) -> str:
-    """Log a PyTorch model (signature, input example, medvec code) and register it; returns the version."""
+    """Log a PyTorch model (signature, input example, medvec code), then register it; returns the version.
+
+    Registration is a separate last step, so a process killed while the model is
+    being logged leaves no registered version.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
@@ -124,10 +130,9 @@ def _log_torch_model(model: torch.nn.Module, example: np.ndarray, registered_nam
         input_example=example,
         code_paths=[str(Path(__file__).resolve().parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "efficientnet-lite-pytorch", "safetensors", "numpy"],
-        registered_model_name=registered_name,
-        await_registration_for=60,
     )
-    return str(info.registered_model_version)
+    failpoint("registry-before-register")
+    return str(mlflow.register_model(info.model_uri, registered_name, await_registration_for=60).version)
 
 
 def register_base(name: str, model: torch.nn.Module, sha256: str, spec: dict, example: np.ndarray) -> str:
