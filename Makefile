@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test unit quality install clean
+.PHONY: demo test unit fuzz quality latency robustness install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,17 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
+fuzz: $(STAMP)
+	MEDVEC_FUZZ_EXAMPLES=$${MEDVEC_FUZZ_EXAMPLES:-5000} $(PY) -m pytest tests/test_intake.py -k fuzzed $(PYTEST_ARGS)
+
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py $(ARGS)
+
+latency: $(STAMP)
+	$(PY) benchmarks/landing_latency.py $(ARGS)
+
+robustness: $(STAMP)
+	$(PY) benchmarks/robustness.py $(ARGS)
 
 clean:
 	rm -rf .medvec reports/demo .pytest_cache

@@ -134,7 +134,8 @@ class DataVector:
             n_train=n_train,
             label_counts=list(label_counts),
             finetune=dict(finetune or {}),
-            metrics={k: float(x) for k, x in (metrics or {}).items()},
+            # non-finite local metrics (e.g. AUC of a one-class local split) are left out: JSON has no NaN
+            metrics={k: float(x) for k, x in (metrics or {}).items() if math.isfinite(float(x))},
             created_at=utcnow(),
             moments_model_sha256=moments_model_sha256,
         )

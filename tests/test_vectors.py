@@ -198,3 +198,13 @@ def test_oversized_header_rejected(tmp_path, tiny_base):
 def test_integer_tensor_rejected(tmp_path, make_vector, tiny_base):
     path = _tamper(tmp_path, make_vector, lambda t: t.__setitem__("fc.bias", torch.tensor([1, 2])))
     _reject(path, tiny_base, "dtype", "fc.bias", "torch.int64")
+
+
+def test_non_finite_local_metrics_are_left_out_and_the_vector_loads(tmp_path, tiny_base):
+    """A hospital whose local validation split has one class has AUC NaN: its vector must still be valid."""
+    state = tiny_base.model.state_dict()
+    v = DataVector.from_states(state, state, hospital="h1", base_sha256=tiny_base.sha256, base_model="tiny_cnn", num_classes=2,
+                               n_train=4, label_counts=[0, 4], metrics={"val_auc": float("nan"), "val_accuracy": 1.0, "loss": float("inf")})
+    assert v.meta.metrics == {"val_accuracy": 1.0}
+    loaded = load_vector(v.save(tmp_path / "v.safetensors"), base=state, base_sha256=tiny_base.sha256)
+    assert loaded.meta.metrics == {"val_accuracy": 1.0}

@@ -1,0 +1,131 @@
+"""Payload audit: everything the hospital flow writes outside its own data folder —
+store objects, MLflow artifacts, params, tags and metrics, and the event payload —
+is vector tensors with the model's parameter shapes and aggregate metadata only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from conftest import BREAST, ROOT
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = """
+import json, sys
+from medvec.config import load_params
+from medvec.models import create_base
+from medvec.store import open_store
+from flows.hospital_finetune import hospital_finetune
+from flows.events import landed_event
+store_url, data, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+open_store(store_url).put_base(create_base("tiny_cnn", 2, False, None, 0))
+p = load_params("params.yaml", overrides)
+summary = hospital_finetune("audit", data, store_url, params=p.model_dump(mode="json"), emit=True, progress=False)
+print(json.dumps({"summary": summary, "event": landed_event(summary)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    from PIL import Image
+
+    from medvec.data import load_split
+
+    tmp = tmp_path_factory.mktemp("audit")
+    data = tmp / "hospital-data"
+    names = []
+    for split, n in (("train", 120), ("val", 24)):
+        s = load_split(BREAST, "train")
+        for i in range(n):
+            j = i if split == "train" else 200 + i
+            name = f"patient_{split}_{j:04d}_scan.png"
+            folder = data / split / str(int(s.labels[j]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(s.images[j]).save(folder / name)
+            names.append(name)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MEDVEC_THREADS": "2"}
+    overrides = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=2", "batchnorm.strategy=average"]
+    # MLflow's embedded artifact folder is created relative to the working directory: run in tmp
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "store"), str(data), json.dumps(overrides)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"tmp": tmp, "data": data, "names": names, "n_train": 120, **out, "db": env["MLFLOW_TRACKING_URI"]}
+
+
+def _tensor_ok(t, allowed_shapes: set, n_train: int) -> None:
+    shape = tuple(t.shape)
+    assert shape in allowed_shapes, shape
+    assert n_train not in shape, f"a dimension equals the number of training samples: {shape}"
+    assert shape[-2:] != (28, 28), f"image-shaped array {shape}"
+
+
+def test_everything_written_is_vector_tensors_and_aggregates(audit, tiny_base):
+    from mlflow import MlflowClient
+
+    state = tiny_base.model.state_dict()
+    allowed = {tuple(v.shape) for v in state.values()} | {(1,)}  # (1,) = a moment-sum count
+    texts: list[str] = []
+    # 1. store objects
+    store_files = [p for p in (audit["tmp"] / "store").rglob("*") if p.is_file()]
+    assert store_files
+    for p in store_files:
+        if "bases" in p.parts:
+            continue  # θ_pre is the coordinator's, not written by the hospital
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():
+                    _tensor_ok(f.get_tensor(k), allowed, audit["n_train"])
+                texts.append(json.dumps(f.metadata()))
+        else:
+            texts.append(p.read_text())
+    # 2. MLflow: params, metrics, tags and every artifact of the hospital run
+    client = MlflowClient(audit["db"])
+    run = client.get_run(audit["summary"]["mlflow_run_id"])
+    texts += [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(run.data.metrics)]
+    for m, v in run.data.metrics.items():
+        assert isinstance(v, float)
+    art_dir = Path(client.download_artifacts(run.info.run_id, "", str(audit["tmp"] / "artifacts")))
+    arts = [p for p in art_dir.rglob("*") if p.is_file()]
+    assert arts
+    for p in arts:
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():
+                    _tensor_ok(f.get_tensor(k), allowed, audit["n_train"])
+        else:
+            texts.append(p.read_text())
+    # 3. the event payload
+    texts.append(json.dumps(audit["event"]))
+    blob = "\n".join(texts)
+    for name in audit["names"]:
+        assert name not in blob, f"an image file name left the hospital: {name}"
+    assert "patient_" not in blob and str(audit["data"]) not in blob
+    # aggregate metadata only: counts per class, never per sample
+    meta = json.loads(json.loads(next(t for t in texts if '"medvec"' in t))["medvec"])
+    assert meta["n_train"] == audit["n_train"] and len(meta["label_counts"]) == 2 and sum(meta["label_counts"]) == audit["n_train"]
+    for v in meta["metrics"].values():
+        assert isinstance(v, float)
+    assert not any(isinstance(v, list) and len(v) >= audit["n_train"] for v in meta.values())
+
+
+def test_no_numeric_array_in_metadata_is_sample_sized(audit):
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from walk(v)
+        elif isinstance(x, list):
+            yield x
+            for v in x:
+                yield from walk(v)
+
+    for arr in walk(audit["summary"]) :
+        assert len(arr) < audit["n_train"]
+    assert np.isfinite(audit["summary"]["n_train"])
