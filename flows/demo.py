@@ -27,24 +27,12 @@ from medvec import coordinator as core
 from medvec.batchnorm import MomentSums
 from medvec.config import Params, load_params
 from medvec.data import ImageSet, load_split
-from medvec.evaluate import evaluate_model
 from medvec.hospital import LocalData, local_moment_sums
 from medvec.merge import merge_vectors
 from medvec.models import Base
 from medvec.report import render_table, write_report
 from medvec.train import finetune, set_threads
-from tasks.coordinator import evaluate_merges, gather_latest, publish_base, register_selected, split_hospitals
-
-
-@task(cache_policy=NO_CACHE)
-def single_rows(base: Base, vectors: list, evalsets: core.EvalSets, params: Params) -> list[dict]:
-    """Each hospital's own fine-tuned model, evaluated like the merges."""
-    rows = []
-    for hospital, model, n in core.single_models(base, vectors):
-        val = evaluate_model(model, evalsets.val, base.spec, params.evaluate.batch_size)
-        test = evaluate_model(model, evalsets.test, base.spec, params.evaluate.batch_size)
-        rows.append(core.Candidate(hospital, "single", None, None, "own", val, test, n).row())
-    return rows
+from tasks.coordinator import evaluate_merges, gather_latest, publish_base, register_selected, single_rows, split_hospitals
 
 
 @task(cache_policy=NO_CACHE)
@@ -53,8 +41,7 @@ def control_row(base: Base, vectors: list, evalsets: core.EvalSets, params: Para
     control = core.random_control(vectors, seed=params.merge.seed)
     strategy = params.batchnorm.strategy
     model = core.restore(core.build_model(base, merge_vectors(base.model.state_dict(), control, "sum")), strategy, control, moments_fn)
-    val = evaluate_model(model, evalsets.val, base.spec, params.evaluate.batch_size)
-    test = evaluate_model(model, evalsets.test, base.spec, params.evaluate.batch_size)
+    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
     n = sum(v.meta.n_train for v in vectors)
     return core.Candidate(f"random control (bn={strategy})", "control", "sum", 1.0, strategy, val, test, n).row()
 
@@ -65,8 +52,7 @@ def centralized_row(base: Base, hospital_dirs: list[str], evalsets: core.EvalSet
     pooled = ImageSet.concat([LocalData.load(d).train for d in hospital_dirs])
     model = base.fresh()
     finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
-    val = evaluate_model(model, evalsets.val, base.spec, params.evaluate.batch_size)
-    test = evaluate_model(model, evalsets.test, base.spec, params.evaluate.batch_size)
+    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
     return core.Candidate("centralized (pooled)", "centralized", None, None, "own", val, test, len(pooled)).row()
 
 

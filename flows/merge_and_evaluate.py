@@ -22,12 +22,12 @@ from prefect.cache_policies import NO_CACHE
 from medvec import coordinator as core
 from medvec.config import Params
 from medvec.data import has_split, load_split
-from medvec.evaluate import bar_chart, evaluate_model, results_frame
+from medvec.evaluate import bar_chart, results_frame
 from medvec.models import Base, save_base, state_sha256
 from medvec.store import open_store
 from medvec.train import set_threads
 from medvec.vectors import utcnow
-from tasks.coordinator import gather_latest, screen_outliers
+from tasks.coordinator import gather_latest, screen_outliers, single_rows
 from tasks.hospital import fetch_base
 
 MERGE_FLOW = "merge-and-evaluate"
@@ -43,17 +43,6 @@ def last_merge(store_url: str, base_sha256: str) -> dict | None:
 def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration) -> core.MergeOutcome:
     """Merge with the configured method and λ, restore BN, evaluate on the held-out set."""
     return core.merge_once(base, vectors, params, evalsets, calibration)
-
-
-@task(cache_policy=NO_CACHE)
-def single_metrics(base: Base, vectors: list, evalsets: core.EvalSets, params: Params) -> list[dict]:
-    """Each hospital's own model on the coordinator's held-out set (for the comparison table)."""
-    rows = []
-    for hospital, model, n in core.single_models(base, vectors):
-        test = evaluate_model(model, evalsets.test, base.spec, params.evaluate.batch_size) if evalsets.test is not None else {}
-        val = evaluate_model(model, evalsets.val, base.spec, params.evaluate.batch_size)
-        rows.append(core.Candidate(hospital, "single", None, None, "own", val, test, n).row())
-    return rows
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
@@ -147,7 +136,7 @@ def merge_and_evaluate(
     evalsets = core.EvalSets(load_split(eval_data, "val"), load_split(eval_data, "test") if has_split(eval_data, "test") else None)
     calibration = load_split(calibration_data, "train") if calibration_data else None
     outcome = merge_task(base, vectors, p, evalsets, calibration)
-    singles = single_metrics(base, vectors, evalsets, p)
+    singles = single_rows(base, vectors, evalsets, p)
     record = {
         "store_url": store_url,
         "base_sha256": base_sha,

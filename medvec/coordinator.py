@@ -33,7 +33,7 @@ class EvalSets:
     """The coordinator's own held-out data: ``val`` chooses, ``test`` reports."""
 
     val: ImageSet
-    test: ImageSet
+    test: ImageSet | None
 
 
 @dataclass
@@ -67,6 +67,13 @@ class Candidate:
 
 def _scalars(m: dict) -> dict:
     return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy")}
+
+
+def evaluate_on(model: nn.Module, evalsets: EvalSets, spec, batch_size: int) -> tuple[dict, dict]:
+    """(validation metrics, test metrics or {} when the coordinator holds no test split)."""
+    val = evaluate_model(model, evalsets.val, spec, batch_size)
+    test = evaluate_model(model, evalsets.test, spec, batch_size) if evalsets.test is not None else {}
+    return val, test
 
 
 def score(m: dict, metric: str) -> float:

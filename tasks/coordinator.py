@@ -45,6 +45,16 @@ def intake_policy(params: Params | None):
     )
 
 
+@task(cache_policy=NO_CACHE)
+def single_rows(base: Base, vectors: list, evalsets: core.EvalSets, params: Params) -> list[dict]:
+    """Each hospital's own model θ_pre + τ_h (its BN statistics) on the coordinator's held-out set."""
+    rows = []
+    for hospital, model, n in core.single_models(base, vectors):
+        val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
+        rows.append(core.Candidate(hospital, "single", None, None, "own", val, test, n).row())
+    return rows
+
+
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
 def gather_latest(store_url: str, base: Base, params: Params | None = None) -> list[VectorFile]:
     """The newest valid vector of every hospital for this base (invalid ones quarantined)."""
