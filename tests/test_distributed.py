@@ -121,6 +121,14 @@ def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
         out = medvec(env, "hospital", "join", name, "--data", str(tmp / "hospitals" / name), "--no-worker", *sets(store_url))
         assert f"hospital-finetune/{name}" in out.stdout and "prefect worker start --pool hospital-" + name in out.stdout
         cluster["workers"].append(Worker(f"hospital-{name}", env, tmp))
+    # MLOps: a retraining schedule, changed later, visible through the API
+    medvec(env, "hospital", "schedule", "h1", "--cron", "0 2 * * 0")
+    sched = api(env, """
+with get_client(sync_client=True) as c:
+    dep = c.read_deployment_by_name("hospital-finetune/h1")
+    print(json.dumps([s.schedule.cron for s in c.read_deployment_schedules(dep.id)]))
+""")
+    assert sched == ["0 2 * * 0"]
     for name in ("h1", "h2"):
         out = medvec(env, "hospital", "run", name, "--timeout", "240", timeout=300)
         assert "COMPLETED" in out.stdout
@@ -198,6 +206,9 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
     six = set(landed["ids"])
     final = wait_until(lambda: next((m for m in merged_ids(store_url, env) if six <= set(m)), None), 240, "a merge containing all six")
     assert six <= set(final)
+    # through the Prefect API: a completed, trigger-created merge run whose artifact lists all six
+    info, run = wait_until(lambda: final_merge_run(env, sorted(six)), 120, "the API showing a merge of all six")
+    assert run["params"]["trigger"]["vector"].split(".", 2)[-1] in six
     merges = merged_ids(store_url, env)
     assert len({tuple(sorted(m)) for m in merges}) == len(merges), "the same inputs were merged twice"
     info = api(env, MERGE_RUNS)

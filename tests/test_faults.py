@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import BREAST, ROOT
-from servers import SeaweedS3, wait_until
+from servers import MlflowServer, SeaweedS3, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -105,12 +105,14 @@ def test_hospital_killed_mid_upload_leaves_no_visible_vector(backend, tmp_path, 
             s3.stop()
 
 
-def test_merge_killed_during_registration_moves_nothing_and_the_next_run_completes(tmp_path, shards):
+def test_merge_killed_during_registration_moves_nothing_and_the_next_run_completes(tmp_path, shards, request):
     from mlflow import MlflowClient
 
     from medvec.store import open_store
 
-    db = f"sqlite:///{tmp_path}/mlflow.db"
+    server = MlflowServer(tmp_path / "mlflow")  # the real tracking server of the lineage issue
+    request.addfinalizer(server.stop)
+    db = server.url
     env = {**os.environ, "MLFLOW_TRACKING_URI": db, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MEDVEC_THREADS": "1"}
     store_url = str(tmp_path / "store")
     for h in ("h1", "h2"):

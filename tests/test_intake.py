@@ -304,3 +304,18 @@ def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, m
     except InvalidVectorError as exc:
         assert str(path) in str(exc) and exc.check
     assert time.monotonic() - t0 < 5, "the parser hung"
+
+
+def test_quarantined_vectors_are_listed_with_their_reasons(store, tiny_base, make_vector, tmp_path):
+    from medvec.store import vector_rows
+
+    good, bad = make_vector("h1", seed=1), make_vector("h2", seed=2)
+    store.put(good)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(bad.save(tmp_path / "b.safetensors").read_bytes()[:-8])
+    plant(store, cut, "h2", _meta(bad))
+    store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    rows = vector_rows(store, include_quarantined=True)
+    assert [r["status"] for r in rows] == ["landed", "quarantined: truncated"]
+    assert rows[1]["hospital"] == "h2" and "truncated" in rows[1]["reason"]
+    assert [r["status"] for r in vector_rows(store)] == ["landed"]
