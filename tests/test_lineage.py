@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ print(json.dumps(out, default=str))
 def tracked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lineage")
     server = MlflowServer(tmp / "mlflow")
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     try:
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp), json.dumps(OVERRIDES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-5000:]
