@@ -11,7 +11,7 @@ never silently dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from medvec.signing import Keyring, read_header
 from medvec.vectors import DEFAULT_MAX_BYTES, InvalidVectorError, VectorFile, load_vector
@@ -24,9 +24,6 @@ class IntakePolicy:
     keyring: Keyring | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_metadata_bytes: int = 64 * 1024
-    defence: str = "off"
-    mad_k: float = 5.0
-    extra: dict = field(default_factory=dict)
 
 
 def check(store, key: str, base: dict | None, base_sha256: str | None, policy: IntakePolicy, seen: dict) -> VectorFile:

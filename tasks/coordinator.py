@@ -40,8 +40,6 @@ def intake_policy(params: Params | None):
         keyring=Keyring.load(i.keyring) if i.keyring else None,
         max_bytes=int(i.max_vector_mb * 1024 * 1024),
         max_metadata_bytes=int(i.max_metadata_kb * 1024),
-        defence=i.defence,
-        mad_k=i.mad_k,
     )
 
 

@@ -67,14 +67,6 @@ class _Proc:
                 self.proc.wait(5)
         self._fh.close()
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group (fault injection)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(5)
-
 
 def base_env(home: Path) -> dict:
     env = os.environ.copy()
