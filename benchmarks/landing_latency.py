@@ -19,13 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import PrefectServer, Worker, wait_until  # noqa: E402
+from servers import PrefectServer, Worker  # noqa: E402
 
 BREAST = ROOT / "data" / "breastmnist.npz"
 OVERRIDES = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=1", "finetune.threads=1", "merge.method=weighted", "merge.lam=1.0", "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}"]

@@ -25,7 +25,7 @@ from medvec.coordinator import EvalSets, merge_once  # noqa: E402
 from medvec.data import load_split, write_hospital_shards  # noqa: E402
 from medvec.defence import screen  # noqa: E402
 from medvec.hospital import LocalData, finetune_vector  # noqa: E402
-from medvec.models import create_base  # noqa: E402
+from medvec.models import base_from_config  # noqa: E402
 from medvec.train import set_threads  # noqa: E402
 from medvec.vectors import DataVector  # noqa: E402
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         p = load_params(ROOT / "params.yaml", base_overrides + [f"finetune.seed={seed}"] + args.overrides)
         set_threads(p.finetune.threads)
         split = write_hospital_shards(DATA, tmp / f"seed{seed}", 4, "dirichlet", p.split.alpha, p.split.seed, 0.1, 16)
-        base = create_base(p.model.name, 2, p.model.pretrained, p.model.image_size, p.model.seed)
+        base = base_from_config(p.model, 2)
         vectors = [finetune_vector(base, h, LocalData.load(tmp / f"seed{seed}" / h), p.finetune, progress=False)[0] for h in split["hospitals"]]
         for attack, fn in ATTACKS.items():
             vs = list(vectors)

@@ -28,7 +28,6 @@ from medvec.batchnorm import MomentSums
 from medvec.config import Params, load_params
 from medvec.data import ImageSet, load_split
 from medvec.hospital import LocalData, local_moment_sums
-from medvec.merge import merge_vectors
 from medvec.models import Base
 from medvec.report import render_table, write_report
 from medvec.train import finetune, set_threads
@@ -40,7 +39,7 @@ def control_row(base: Base, vectors: list, evalsets: core.EvalSets, params: Para
     """Random vectors with each hospital's per-tensor norms, summed (the paper's control)."""
     control = core.random_control(vectors, seed=params.merge.seed)
     strategy = params.batchnorm.strategy
-    model = core.restore(core.build_model(base, merge_vectors(base.model.state_dict(), control, "sum")), strategy, control, moments_fn)
+    model = core.merged_model(base, control, "sum", 1.0, strategy, params, moments_fn)
     val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
     n = sum(v.meta.n_train for v in vectors)
     return core.Candidate(f"random control (bn={strategy})", "control", "sum", 1.0, strategy, val, test, n).row()

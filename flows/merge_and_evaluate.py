@@ -162,7 +162,7 @@ def merge_and_evaluate(
         record["dvc_commit"] = record_in_dvc(record, vectors, p)
     if p.registry.enabled:
         record["registry"] = register_merge(record, outcome, base, evalsets, p)
-    open_store(store_url).put_merge(record)  # latest.json moves last: a crash before here leaves the merge to be redone
+    store.put_merge(record)  # latest.json moves last: a crash before here leaves the merge to be redone
     merged_row = core.Candidate(f"merged ({outcome.method}, λ={outcome.lam:g})", "merged", outcome.method, outcome.lam, outcome.bn, outcome.val, outcome.test or {}, sum(i["n_train"] for i in inputs)).row()
     _artifact(record, singles + [merged_row])
     logger.info("merge %s: %d vectors, val AUC %.3f", record["merge_id"], len(inputs), record["val"].get("auc", float("nan")))

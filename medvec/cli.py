@@ -72,11 +72,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from medvec.config import load_params
-    from medvec.data import write_hospital_shards
+    from medvec.data import split_from_config
 
-    p = load_params(args.params, args.overrides).split
-    summary = write_hospital_shards(args.data, args.out, p.hospitals, p.scheme, p.alpha, p.seed, p.local_val_fraction, p.min_samples, p.hospital_names())
+    summary = split_from_config(args.data, args.out, _params(args).split)
     for name, meta in summary["hospitals"].items():
         print(f"{name}: n_train={meta['n_train']} labels={meta['train_label_counts']} -> {Path(args.out) / name}")
     return 0
@@ -89,7 +87,7 @@ def _params(args: argparse.Namespace):
 
 
 def cmd_coordinator_up(args: argparse.Namespace) -> int:
-    from medvec.models import create_base
+    from medvec.models import base_from_config
     from medvec.store import open_store
 
     p = _params(args)
@@ -101,7 +99,7 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
         from medvec.data import load_split
 
         num_classes = load_split(p.coordinator.eval_data, "val").num_classes
-    base = create_base(p.model.name, num_classes, p.model.pretrained, p.model.image_size, p.model.seed)
+    base = base_from_config(p.model, num_classes)
     store.put_base(base)
     dep = deploy_coordinator(p.store.url, p.coordinator.eval_data, p.model_dump(mode="json"), p.coordinator.calibration_data, p.coordinator.reconcile_seconds)
     print(f"base {base.sha256} ({base.spec.name}, {base.spec.image_size}px) is current in {store.url}")

@@ -82,12 +82,21 @@ def score(m: dict, metric: str) -> float:
 
 
 def running_of(vectors: Sequence) -> list[RunningStats]:
-    out = []
-    for v in vectors:
-        r = v.running() if callable(getattr(v, "running", None)) else v.running
-        if r is not None:
-            out.append(r)
-    return out
+    return [r for r in (v.running for v in vectors) if r is not None]
+
+
+def lambda_grid(name: str, method: MergeMethod, params: Params) -> list[float]:
+    """λ values to try: 1 for the paper's ``sum``, ``merge.lam`` when fixed, else the grid."""
+    if name == "sum":
+        return [1.0]
+    if params.merge.lam is not None:
+        return [params.merge.lam]
+    return list(params.merge.lambdas or method.lambdas)
+
+
+def restore_strategy(source: str) -> str:
+    """The BN strategy behind a BN source (moment sums from hospitals or calibration = recompute)."""
+    return "recompute" if source in ("hospital-moments", "calibration") else source
 
 
 def build_model(base: Base, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -111,7 +120,7 @@ def single_models(base: Base, vectors: Sequence) -> list[tuple[str, nn.Module, i
     out = []
     base_state = base.model.state_dict()
     for v in vectors:
-        vec = v.to_vector() if hasattr(v, "to_vector") else v
+        vec = v.to_vector()
         model = build_model(base, vec.apply_to(base_state, 1.0))
         if vec.running is not None:
             set_running(model, vec.running.mean, vec.running.var)
@@ -146,7 +155,7 @@ def evaluate_merges(
     for name in methods:
         method: MergeMethod = method_from_config(name, params.merge)
         tau = merge_delta(vectors, method)
-        grid = [1.0] if name == "sum" else ([params.merge.lam] if params.merge.lam is not None else list(params.merge.lambdas or method.lambdas))
+        grid = lambda_grid(name, method, params)
         per_strategy: dict[str, list[tuple[float, dict]]] = {s: [] for s in strategies}
         for lam in grid:
             merged_state = tau.apply_to(base_state, lam)
@@ -178,7 +187,7 @@ def random_control(vectors: Sequence, seed: int = 0) -> list[DataVector]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for v in vectors:
-        vec = v.to_vector() if hasattr(v, "to_vector") else v
+        vec = v.to_vector()
         deltas = {}
         for k, t in vec.deltas.items():
             r = torch.randn(t.shape, generator=g)
@@ -198,16 +207,11 @@ def bn_source(vectors: Sequence, strategy: str, calibration: ImageSet | None) ->
     if strategy != "recompute":
         return strategy
     moments_models = {getattr(v.meta, "moments_model_sha256", None) for v in vectors}
-    if vectors and None not in moments_models and len(moments_models) == 1 and all(_has_moments(v) for v in vectors):
+    if vectors and None not in moments_models and len(moments_models) == 1 and all(v.moments is not None and v.moments.count for v in vectors):
         return "hospital-moments"
     if calibration is not None:
         return "calibration"
     return "average"
-
-
-def _has_moments(v) -> bool:
-    m = v.moments() if callable(getattr(v, "moments", None)) else v.moments
-    return m is not None and bool(m.count)
 
 
 def moments_source(vectors: Sequence, source: str, spec_base: Base, calibration: ImageSet | None, batch_size: int = 64) -> MomentsFn | None:
@@ -216,7 +220,7 @@ def moments_source(vectors: Sequence, source: str, spec_base: Base, calibration:
     from medvec.data import batches
 
     if source == "hospital-moments":
-        total = MomentSums.combine(v.moments() if callable(getattr(v, "moments", None)) else v.moments for v in vectors)
+        total = MomentSums.combine(v.moments for v in vectors)
         return lambda model: total
     if source == "calibration" and calibration is not None:
         return lambda model: moment_sums(model, batches(calibration, spec_base.spec, batch_size))
@@ -246,10 +250,10 @@ def merge_once(
     method = method_from_config(name, params.merge)
     source = bn_source(vectors, params.batchnorm.strategy, calibration)
     moments_fn = moments_source(vectors, source, base, calibration, params.batchnorm.batch_size)
-    strategy = {"hospital-moments": "recompute", "calibration": "recompute"}.get(source, source)
+    strategy = restore_strategy(source)
     tau = merge_delta(vectors, method)
     base_state = base.model.state_dict()
-    grid = [1.0] if name == "sum" else ([params.merge.lam] if params.merge.lam is not None else list(params.merge.lambdas or method.lambdas))
+    grid = lambda_grid(name, method, params)
     metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
     scored = []
     for lam in grid:
@@ -286,7 +290,5 @@ def rebuild_merge(store, record: dict) -> tuple[nn.Module, str]:
 
         calibration = load_split(params.coordinator.calibration_data, "train")
     moments_fn = moments_source(vectors, source, base, calibration, params.batchnorm.batch_size)
-    strategy = {"hospital-moments": "recompute", "calibration": "recompute"}.get(source, source)
-    tau = merge_delta(vectors, method_from_config(record["method"], params.merge))
-    model = restore(build_model(base, tau.apply_to(base.model.state_dict(), float(record["lambda"]))), strategy, vectors, moments_fn)
+    model = merged_model(base, vectors, record["method"], float(record["lambda"]), restore_strategy(source), params, moments_fn)
     return model, state_sha256(model.state_dict())

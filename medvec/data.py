@@ -325,3 +325,8 @@ def write_hospital_shards(
         summary["hospitals"][name] = meta
     (out_dir / "split.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def split_from_config(source: str | Path, out_dir: str | Path, cfg) -> dict:
+    """:func:`write_hospital_shards` with the settings of a :class:`medvec.config.SplitConfig`."""
+    return write_hospital_shards(source, out_dir, cfg.hospitals, cfg.scheme, cfg.alpha, cfg.seed, cfg.local_val_fraction, cfg.min_samples, cfg.hospital_names())

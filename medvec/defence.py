@@ -48,16 +48,18 @@ class Scaled:
     def tensor(self, key: str) -> torch.Tensor:
         return self._v.tensor(key) * self.scale
 
+    @property
     def running(self):
-        return self._v.running() if callable(getattr(self._v, "running", None)) else self._v.running
+        return self._v.running
 
+    @property
     def moments(self):
-        return self._v.moments() if callable(getattr(self._v, "moments", None)) else self._v.moments
+        return self._v.moments
 
     def to_vector(self):
         from medvec.vectors import DataVector
 
-        v = self._v.to_vector() if hasattr(self._v, "to_vector") else self._v
+        v = self._v.to_vector()
         return DataVector({k: t * self.scale for k, t in v.deltas.items()}, v.meta, v.running, v.moments)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "get_spec",
     "Base",
     "create_base",
+    "base_from_config",
     "BaseMismatchError",
     "save_base",
     "load_base",
@@ -275,6 +276,11 @@ def create_base(name: str, num_classes: int, pretrained: bool = True, image_size
     model, spec = build_model(name, num_classes, pretrained=pretrained, image_size=image_size, seed=seed)
     model.eval()
     return Base(model, spec, num_classes, state_sha256(model.state_dict()))
+
+
+def base_from_config(cfg, num_classes: int) -> Base:
+    """θ_pre from a :class:`medvec.config.ModelConfig` (name, pretrained, image size, head seed)."""
+    return create_base(cfg.name, num_classes, cfg.pretrained, cfg.image_size, cfg.seed)
 
 
 def save_base(base: Base, path) -> str:

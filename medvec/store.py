@@ -224,20 +224,20 @@ class LocalStore(VectorStore):
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def _write_file(self, key: str, src: Path) -> None:
+    def _commit(self, key: str, fill) -> None:
+        """Write through ``fill(tmp)`` to a hidden temporary file, then rename it into place."""
         dst = self._path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(src, tmp)
+        fill(tmp)
         failpoint("store-before-commit")
         os.replace(tmp, dst)
 
+    def _write_file(self, key: str, src: Path) -> None:
+        self._commit(key, lambda tmp: shutil.copyfile(src, tmp))
+
     def _write_bytes(self, key: str, data: bytes) -> None:
-        dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
+        self._commit(key, lambda tmp: tmp.write_bytes(data))
 
     def _read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()

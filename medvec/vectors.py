@@ -223,6 +223,10 @@ class DataVector:
         os.replace(tmp, path)
         return path
 
+    def to_vector(self) -> "DataVector":
+        """Itself (a :class:`VectorFile` loads into one), so callers need not tell them apart."""
+        return self
+
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "DataVector":
         """Validate and load a whole vector (see :func:`load_vector`)."""
@@ -270,20 +274,24 @@ class VectorFile:
             for k in keys:
                 yield k, f.get_tensor(k)
 
+    @property
     def running(self) -> RunningStats | None:
+        """The hospital's BN running statistics (read on access), as on :class:`DataVector`."""
         keys = [k for k in self._extra_keys if k.startswith("bn:")]
         if not keys:
             return None
         return RunningStats.from_tensors(dict(self.iter_tensors(keys)), self.meta.n_train)
 
+    @property
     def moments(self) -> MomentSums | None:
+        """Moment sums if the file carries them (read on access), as on :class:`DataVector`."""
         keys = [k for k in self._extra_keys if k.startswith("moments:")]
         if not keys:
             return None
         return MomentSums.from_tensors(dict(self.iter_tensors(keys)))
 
     def to_vector(self) -> DataVector:
-        return DataVector(dict(self.iter_tensors(self._delta_keys)), self.meta, self.running(), self.moments())
+        return DataVector(dict(self.iter_tensors(self._delta_keys)), self.meta, self.running, self.moments)
 
     def __repr__(self) -> str:
         return f"VectorFile({self.path.name}, hospital={self.meta.hospital})"

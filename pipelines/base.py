@@ -8,14 +8,13 @@ from pathlib import Path
 
 from medvec.config import Params, load_params
 from medvec.data import load_split
-from medvec.models import Base, create_base, save_base
+from medvec.models import Base, base_from_config, save_base
 
 
 def build_base(params: Params) -> Base:
     """θ_pre with a head sized to the data's classes (seeded by ``model.seed``)."""
     num_classes = load_split(params.coordinator.eval_data, "val").num_classes
-    m = params.model
-    return create_base(m.name, num_classes, m.pretrained, m.image_size, m.seed)
+    return base_from_config(params.model, num_classes)
 
 
 def main(argv: list[str] | None = None) -> None:

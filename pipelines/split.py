@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import write_hospital_shards
+from medvec.data import split_from_config
 
 
 def split(params: Params, source: str, out: str | Path) -> dict:
     """Write one folder per hospital (``split.names``) from the source's training images."""
-    s = params.split
-    return write_hospital_shards(source, out, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples, s.hospital_names())
+    return split_from_config(source, out, params.split)
 
 
 def main(argv: list[str] | None = None) -> None:

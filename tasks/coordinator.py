@@ -7,8 +7,8 @@ from prefect.cache_policies import NO_CACHE
 
 from medvec import coordinator as core
 from medvec.config import Params
-from medvec.data import write_hospital_shards
-from medvec.models import Base, create_base
+from medvec.data import split_from_config
+from medvec.models import Base, base_from_config
 from medvec.store import open_store
 from medvec.vectors import VectorFile
 
@@ -16,15 +16,13 @@ from medvec.vectors import VectorFile
 @task(cache_policy=NO_CACHE)
 def split_hospitals(source: str, out_dir: str, params: Params) -> dict:
     """Simulate hospitals: one folder per hospital with its own share."""
-    s = params.split
-    return write_hospital_shards(source, out_dir, s.hospitals, s.scheme, s.alpha, s.seed, s.local_val_fraction, s.min_samples, s.hospital_names())
+    return split_from_config(source, out_dir, params.split)
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
 def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
     """Build θ_pre from the model section and publish it to the store."""
-    m = params.model
-    base = create_base(m.name, num_classes, m.pretrained, m.image_size, m.seed)
+    base = base_from_config(params.model, num_classes)
     open_store(store_url).put_base(base)
     return base
 

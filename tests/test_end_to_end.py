@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from conftest import BREAST, ROOT
