@@ -37,7 +37,7 @@ from medvec.data import write_hospital_shards
 from medvec.hospital import LocalData, finetune_vector
 from medvec.store import open_store
 from medvec.coordinator import EvalSets, merge_once
-from medvec.data import load_split
+from medvec.intake import admit
 from flows.events import emit_vector_landed
 from prefect.client.orchestration import get_client
 
@@ -54,7 +54,7 @@ def land(v):
     emit_vector_landed({"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "base_sha256": v.meta.base_sha256, "content_sha256": v.content_sha256, "n_train": v.meta.n_train, "key": key, "store": store.url})
 def merged(vid):
     m = store.latest_merge(base.sha256)
-    return m is not None and vid in [i["vector_id"] for i in m["inputs"]]
+    return m is not None and vid in m.input_ids()
 for v in vecs[:2]:
     land(v)
 t = time.monotonic()
@@ -68,13 +68,13 @@ for v in vecs[2:]:
         if time.monotonic() - t0 > 180:
             raise SystemExit("no merge within 180 s")
         time.sleep(0.05)
-    out["trials"].append({"vector_id": v.meta.vector_id, "landed_to_merged_s": time.monotonic() - t0, "publish_s": t_emit - t0, "merge_seconds_in_flow": store.latest_merge(base.sha256)["seconds"]})
+    out["trials"].append({"vector_id": v.meta.vector_id, "landed_to_merged_s": time.monotonic() - t0, "publish_s": t_emit - t0, "merge_seconds_in_flow": store.latest_merge(base.sha256).seconds})
 # the same work as bare function calls: gather, merge, evaluate, publish
-evalsets = EvalSets(load_split(%(breast)r, "val"), load_split(%(breast)r, "test"))
+evalsets = EvalSets.load(%(breast)r)
 bare = []
 for _ in range(3):
     t0 = time.monotonic()
-    vs = store.latest(base.sha256, base=base.model.state_dict())
+    vs = admit(store, base, p.intake.model_copy(update={"defence": "off"})).admitted
     outc = merge_once(base, vs, p, evalsets)
     bare.append(time.monotonic() - t0)
 out["bare_merge_s"] = bare

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[tuple[str, str], list[float]] = {}
     flagged: dict[tuple[str, str], list[int]] = {}
     t0 = time.perf_counter()
-    evalsets = EvalSets(load_split(DATA, "val"), load_split(DATA, "test"))
+    evalsets = EvalSets.load(DATA)
     tmp = ROOT / ".medvec" / "robustness"
     for seed in args.seeds:
         p = load_params(ROOT / "params.yaml", base_overrides + [f"finetune.seed={seed}"] + args.overrides)

@@ -5,11 +5,12 @@ Runs in Prefect's local ephemeral mode (no server needed):
 1. split the training images into N simulated hospitals (one folder each);
 2. publish θ_pre to a local vector store;
 3. run ``hospital-finetune`` (the same flow a hospital's worker runs) per hospital;
-4. gather the latest vector per hospital and merge with every method and BN strategy,
+4. admit the latest vector per hospital and merge with every method and BN strategy,
    choosing λ and the model to promote on the validation split;
 5. train the centralized upper bound (all hospitals pooled, same epochs) and a
    random-vector control of matching norms;
-6. evaluate everything on the official test split and write the report.
+6. evaluate everything on the official test split, write the report, and record
+   and register the selected merge through the same champion gate as the flows.
 """
 
 from __future__ import annotations
@@ -18,41 +19,29 @@ import shutil
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from flows.hospital_finetune import hospital_finetune
 from medvec import coordinator as core
 from medvec.batchnorm import MomentSums
 from medvec.config import Params, load_params
-from medvec.data import ImageSet, load_split
 from medvec.hospital import LocalData, local_moment_sums
 from medvec.models import Base
+from medvec.record import MergeRecord
 from medvec.report import render_table, write_report
-from medvec.train import finetune, set_threads
-from tasks.coordinator import evaluate_merges, gather_latest, publish_base, register_selected, single_rows, split_hospitals
-
-
-@task(cache_policy=NO_CACHE)
-def control_row(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn) -> dict:
-    """Random vectors with each hospital's per-tensor norms, summed (the paper's control)."""
-    control = core.random_control(vectors, seed=params.merge.seed)
-    strategy = params.batchnorm.strategy
-    model = core.merged_model(base, control, "sum", 1.0, strategy, params, moments_fn)
-    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
-    n = sum(v.meta.n_train for v in vectors)
-    return core.Candidate(f"random control (bn={strategy})", "control", "sum", 1.0, strategy, val, test, n).row()
-
-
-@task(cache_policy=NO_CACHE)
-def centralized_row(base: Base, hospital_dirs: list[str], evalsets: core.EvalSets, params: Params, progress: bool) -> dict:
-    """Upper bound: fine-tune θ_pre on all hospitals' data pooled, same settings."""
-    pooled = ImageSet.concat([LocalData.load(d).train for d in hospital_dirs])
-    model = base.fresh()
-    finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
-    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
-    return core.Candidate("centralized (pooled)", "centralized", None, None, "own", val, test, len(pooled)).row()
+from medvec.train import set_threads
+from medvec.vectors import utcnow
+from tasks.coordinator import (
+    admit_vectors,
+    evaluate_merges,
+    publish_base,
+    publish_merge,
+    register_merge,
+    single_rows,
+    split_hospitals,
+)
+from tasks.demo import centralized_row, control_row
 
 
 def hospital_moments(base: Base, hospital_dirs: list[str], params: Params):
@@ -60,9 +49,22 @@ def hospital_moments(base: Base, hospital_dirs: list[str], params: Params):
     local = [LocalData.load(d).train for d in hospital_dirs]
 
     def moments_fn(model):
-        return MomentSums.combine(local_moment_sums(model, base, data, params.batchnorm, seed=i) for i, data in enumerate(local))
+        sums = (local_moment_sums(model, base, data, params.batchnorm, seed=i) for i, data in enumerate(local))
+        return MomentSums.combine(sums)
 
     return moments_fn
+
+
+def demo_params(
+    params_file: str | None, overrides: list[str] | None, hospitals: int | None, seed: int | None
+) -> Params:
+    """``params.yaml`` with the command line's overrides and the demo's shortcuts applied."""
+    extra = list(overrides or [])
+    if hospitals is not None:
+        extra += [f"split.hospitals={hospitals}", "split.names=null"]
+    if seed is not None:
+        extra += [f"finetune.seed={seed}", f"merge.seed={seed}"]
+    return load_params(params_file, extra)
 
 
 @flow(name="medvec-demo", log_prints=True)
@@ -77,14 +79,9 @@ def demo(
 ) -> dict:
     """Run the multi-hospital comparison and write ``out/results.{json,md,png}``."""
     logger = get_run_logger()
-    extra = list(overrides or [])
-    if hospitals is not None:
-        extra += [f"split.hospitals={hospitals}", "split.names=null"]
-    if seed is not None:
-        extra += [f"finetune.seed={seed}", f"merge.seed={seed}"]
-    params = load_params(params_file, extra)
+    params = demo_params(params_file, overrides, hospitals, seed)
     data = data or params.demo.data
-    out_dir = Path(out or params.demo.out)
+    out_dir = Path(out or params.demo.out).resolve()
     set_threads(params.finetune.threads)
     started = time.perf_counter()
     for sub in ("hospitals", "vectors", "bases", "quarantine"):
@@ -92,27 +89,31 @@ def demo(
     store_url = str(out_dir)
 
     split = split_hospitals(data, str(out_dir / "hospitals"), params)
-    evalsets = core.EvalSets(load_split(data, "val"), load_split(data, "test"))
+    evalsets = core.EvalSets.load(data)
     num_classes = max(len(split["classes"]), evalsets.test.num_classes)
     base = publish_base(store_url, params, num_classes)
     logger.info("base %s (%s, %d px) published", base.sha256[:12], base.spec.name, base.spec.image_size)
 
     dirs = [str(out_dir / "hospitals" / h) for h in split["hospitals"]]
     for hospital, folder in zip(split["hospitals"], dirs):
-        hospital_finetune(hospital, folder, store_url, base.sha256, params.model_dump(mode="json"), emit=True, progress=progress)
+        hospital_finetune(hospital, folder, store_url, base.sha256, params, emit=True, progress=progress)
 
-    vectors = gather_latest(store_url, base)
+    # the demo is a comparison: every hospital is merged, no outlier screen
+    admission = admit_vectors(store_url, base, params.intake.model_copy(update={"defence": "off"}))
+    vectors = admission.admitted
     moments_fn = hospital_moments(base, dirs, params)
     rows = single_rows(base, vectors, evalsets, params)
+    merge_started, merge_clock = utcnow(), time.perf_counter()
     candidates = evaluate_merges(base, vectors, evalsets, params, moments_fn, progress)
     rows += [c.row() for c in candidates]
     if params.demo.control:
-        rows.append(control_row(base, vectors, evalsets, params, moments_fn))
+        rows.append(control_row(base, vectors, evalsets, params, core.BnPlan.from_hospitals(params.batchnorm.strategy), moments_fn))
     if params.demo.centralized:
         rows.append(centralized_row(base, dirs, evalsets, params, progress))
 
     doc = {
         "dataset": Path(data).stem,
+        "data": str(data),
         "model": base.spec.name,
         "base_sha256": base.sha256,
         "image_size": base.spec.image_size,
@@ -127,8 +128,15 @@ def demo(
     paths = write_report(out_dir, doc, curves, classes)
     if params.registry.enabled:
         selected = next(c for c in candidates if c.selected)
+        outcome = core.outcome_of(base, vectors, selected, core.BnPlan.from_hospitals(selected.bn), params, moments_fn, evalsets)
+        record = MergeRecord.build(
+            outcome, vectors, base.sha256, params, evalsets.ref(), store_url, merge_started, merge_clock, data=str(data)
+        )
+        record = publish_merge(store_url, record, outcome, base)
         plots = {k: paths[k] for k in ("bars", "lambda", "confusion") if k in paths}
-        doc["registry"] = register_selected(base, vectors, selected, evalsets, params, moments_fn, plots, store_url)
+        decision = register_merge(record, outcome.model, base, evalsets, plots)
+        doc["merge_id"] = record.merge_id
+        doc["registry"] = decision.to_json()
         paths = write_report(out_dir, doc, curves, classes)  # again, now naming the registered version
     text = render_table(doc)
     logger.info("\n%s", text)

@@ -27,7 +27,7 @@ def hospital_finetune(
     data_dir: str,
     store_url: str,
     base_sha256: str | None = None,
-    params: dict | None = None,
+    params: Params | None = None,
     emit: bool = True,
     progress: bool = True,
     key_file: str | None = None,
@@ -39,7 +39,7 @@ def hospital_finetune(
     hospital's Ed25519 key from ``medvec hospital keygen``) the vector is signed.
     """
     logger = get_run_logger()
-    p = Params.model_validate(params or {})
+    p = params or Params()
     set_threads(p.finetune.threads)
     base_sha256 = base_sha256 or open_store(store_url).current_base()
     base = fetch_base(store_url, base_sha256)

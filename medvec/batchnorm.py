@@ -21,6 +21,7 @@ merged model's statistics are restored by one of three strategies:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -123,6 +124,19 @@ class MomentSums:
             out[f"{prefix}{k}.sum"] = self.sum[k].contiguous()
             out[f"{prefix}{k}.sumsq"] = self.sumsq[k].contiguous()
         return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the sums as safetensors (float64, exact); returns the path."""
+        from safetensors.torch import save_file
+
+        save_file(self.to_tensors(), str(path))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MomentSums":
+        from safetensors.torch import load_file
+
+        return cls.from_tensors(load_file(str(path)))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "moments:") -> "MomentSums":

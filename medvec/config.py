@@ -8,6 +8,8 @@ be overridden with ``-S section.key=value``; values are parsed as YAML, so
 
 from __future__ import annotations
 
+from medvec.errors import UserError
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,7 +149,7 @@ class Params(_Frozen):
         return value
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file or an override that does not fit the schema."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -19,10 +20,11 @@ from tqdm.auto import tqdm
 
 from medvec.batchnorm import MomentSums, RunningStats, restore_batchnorm, set_running
 from medvec.config import Params
-from medvec.data import ImageSet
+from medvec.data import ImageSet, has_split, load_split
 from medvec.evaluate import evaluate_model
 from medvec.merge import MergeMethod, merge_delta, method_from_config
 from medvec.models import Base
+from medvec.record import EvalSetRef
 from medvec.vectors import DataVector
 
 MomentsFn = Callable[[nn.Module], MomentSums]
@@ -34,6 +36,17 @@ class EvalSets:
 
     val: ImageSet
     test: ImageSet | None
+    source: str = ""
+
+    @classmethod
+    def load(cls, source: str | Path, with_test: bool = True) -> "EvalSets":
+        """The ``val`` split (and ``test`` where the source has one and ``with_test``) of a data source."""
+        test = load_split(source, "test") if with_test and has_split(source, "test") else None
+        return cls(load_split(source, "val"), test, str(source))
+
+    def ref(self) -> EvalSetRef:
+        """The identity of the validation set (the one that chooses λ and gates the champion)."""
+        return EvalSetRef.of(self.val, self.source, "val")
 
 
 @dataclass
@@ -94,11 +107,6 @@ def lambda_grid(name: str, method: MergeMethod, params: Params) -> list[float]:
     return list(params.merge.lambdas or method.lambdas)
 
 
-def restore_strategy(source: str) -> str:
-    """The BN strategy behind a BN source (moment sums from hospitals or calibration = recompute)."""
-    return "recompute" if source in ("hospital-moments", "calibration") else source
-
-
 def build_model(base: Base, state: dict[str, torch.Tensor]) -> nn.Module:
     model = base.fresh()
     model.load_state_dict(state)
@@ -106,13 +114,23 @@ def build_model(base: Base, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def restore(model: nn.Module, strategy: str, vectors: Sequence, moments_fn: MomentsFn | None) -> nn.Module:
-    """Apply a BN strategy to a freshly merged model."""
+def restore(model: nn.Module, strategy: str, vectors: Sequence, moments_fn: MomentsFn | None) -> MomentSums | None:
+    """Apply a BN strategy to a freshly merged model (in place); returns the moment sums used, if any."""
     if strategy == "recompute":
         if moments_fn is None:
             raise ValueError("strategy 'recompute' needs a moments source (hospitals or calibration set)")
-        return restore_batchnorm(model, "recompute", moments=moments_fn(model))
-    return restore_batchnorm(model, strategy, running=running_of(vectors))
+        moments = moments_fn(model)
+        restore_batchnorm(model, "recompute", moments=moments)
+        return moments
+    restore_batchnorm(model, strategy, running=running_of(vectors))
+    return None
+
+
+def restored(base: Base, state: dict[str, torch.Tensor], strategy: str, vectors: Sequence, moments_fn) -> nn.Module:
+    """A model holding ``state`` with its BN statistics restored by ``strategy``."""
+    model = build_model(base, state)
+    restore(model, strategy, vectors, moments_fn)
+    return model
 
 
 def single_models(base: Base, vectors: Sequence) -> list[tuple[str, nn.Module, int]]:
@@ -160,11 +178,11 @@ def evaluate_merges(
         for lam in grid:
             merged_state = tau.apply_to(base_state, lam)
             for strategy in strategies:
-                model = restore(build_model(base, merged_state), strategy, vectors, moments_fn)
+                model = restored(base, merged_state, strategy, vectors, moments_fn)
                 per_strategy[strategy].append((lam, evaluate_model(model, evalsets.val, base.spec, bs)))
         for strategy in strategies:
             lam, val = max(per_strategy[strategy], key=lambda p: score(p[1], metric))
-            model = restore(build_model(base, tau.apply_to(base_state, lam)), strategy, vectors, moments_fn)
+            model = restored(base, tau.apply_to(base_state, lam), strategy, vectors, moments_fn)
             test = evaluate_model(model, evalsets.test, base.spec, bs)
             curve = [(l, m[metric]) for l, m in per_strategy[strategy]]
             results.append(Candidate(f"{name} (bn={strategy})", "merged", name, lam, strategy, val, test, n_train, curve=curve))
@@ -176,10 +194,11 @@ def evaluate_merges(
     return results
 
 
-def merged_model(base: Base, vectors: Sequence, method: str, lam: float, strategy: str, params: Params, moments_fn: MomentsFn | None = None) -> nn.Module:
-    """The merged model for one (method, λ, BN strategy)."""
+def realize(base: Base, vectors: Sequence, method: str, lam: float, bn: BnPlan, params: Params, moments_fn: MomentsFn | None = None) -> tuple[nn.Module, MomentSums | None]:
+    """The merged model for one (method, λ, BN plan), with the moment sums its BN statistics came from."""
     tau = merge_delta(vectors, method_from_config(method, params.merge))
-    return restore(build_model(base, tau.apply_to(base.model.state_dict(), lam)), strategy, vectors, moments_fn)
+    model = build_model(base, tau.apply_to(base.model.state_dict(), lam))
+    return model, restore(model, bn.strategy, vectors, moments_fn)
 
 
 def random_control(vectors: Sequence, seed: int = 0) -> list[DataVector]:
@@ -197,42 +216,61 @@ def random_control(vectors: Sequence, seed: int = 0) -> list[DataVector]:
     return out
 
 
-def bn_source(vectors: Sequence, strategy: str, calibration: ImageSet | None) -> str:
+@dataclass(frozen=True)
+class BnPlan:
+    """How a merged model gets its BN statistics: a strategy and the source of its statistics."""
+
+    strategy: str  # none | average | recompute
+    source: str  # base | running | hospitals | calibration
+
+    @classmethod
+    def from_hospitals(cls, strategy: str) -> "BnPlan":
+        """The plan when the hospitals answer moment sums under the merged model itself (the demo)."""
+        return cls(strategy, {"none": "base", "average": "running", "recompute": "hospitals"}[strategy])
+
+
+def plan_bn(vectors: Sequence, strategy: str, calibration: ImageSet | None) -> BnPlan:
     """Where the merged model's BN statistics will come from, given what is available.
 
     ``recompute`` uses the hospitals' moment sums when every vector carries them
     (computed under the same earlier merged model), else a coordinator
-    calibration set, else falls back to ``average``.
+    calibration set, else falls back to ``average`` of the running statistics.
     """
-    if strategy != "recompute":
-        return strategy
-    moments_models = {getattr(v.meta, "moments_model_sha256", None) for v in vectors}
-    if vectors and None not in moments_models and len(moments_models) == 1 and all(v.moments is not None and v.moments.count for v in vectors):
-        return "hospital-moments"
+    if strategy == "none":
+        return BnPlan("none", "base")
+    if strategy == "average":
+        return BnPlan("average", "running")
+    moments_models = {v.meta.moments_model_sha256 for v in vectors}
+    consistent = len(moments_models) == 1 and None not in moments_models
+    if vectors and consistent and all(v.moments is not None and v.moments.count for v in vectors):
+        return BnPlan("recompute", "hospitals")
     if calibration is not None:
-        return "calibration"
-    return "average"
+        return BnPlan("recompute", "calibration")
+    return BnPlan("average", "running")
 
 
-def moments_source(vectors: Sequence, source: str, spec_base: Base, calibration: ImageSet | None, batch_size: int = 64) -> MomentsFn | None:
-    """A ``moments_fn`` for :func:`restore` that matches :func:`bn_source`."""
+def moments_source(vectors: Sequence, bn: BnPlan, base: Base, calibration: ImageSet | None, batch_size: int = 64) -> MomentsFn | None:
+    """A ``moments_fn`` for :func:`restore` that matches a :class:`BnPlan`."""
     from medvec.batchnorm import moment_sums
     from medvec.data import batches
 
-    if source == "hospital-moments":
+    if bn.source == "hospitals":
         total = MomentSums.combine(v.moments for v in vectors)
         return lambda model: total
-    if source == "calibration" and calibration is not None:
-        return lambda model: moment_sums(model, batches(calibration, spec_base.spec, batch_size))
+    if bn.source == "calibration" and calibration is not None:
+        return lambda model: moment_sums(model, batches(calibration, base.spec, batch_size))
     return None
 
 
 @dataclass
 class MergeOutcome:
+    """One merge's model and how it was made; :meth:`medvec.record.MergeRecord.build` records it."""
+
     model: nn.Module
     method: str
     lam: float
-    bn: str
+    bn: BnPlan
+    moments: MomentSums | None
     val: dict
     test: dict | None
     curve: list[tuple[float, float]]
@@ -248,47 +286,50 @@ def merge_once(
     """One production merge: ``merge.method``, λ fixed or chosen on validation, BN restored, evaluated."""
     name = params.merge.method
     method = method_from_config(name, params.merge)
-    source = bn_source(vectors, params.batchnorm.strategy, calibration)
-    moments_fn = moments_source(vectors, source, base, calibration, params.batchnorm.batch_size)
-    strategy = restore_strategy(source)
+    bn = plan_bn(vectors, params.batchnorm.strategy, calibration)
+    moments_fn = moments_source(vectors, bn, base, calibration, params.batchnorm.batch_size)
     tau = merge_delta(vectors, method)
     base_state = base.model.state_dict()
-    grid = lambda_grid(name, method, params)
     metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
     scored = []
-    for lam in grid:
-        model = restore(build_model(base, tau.apply_to(base_state, lam)), strategy, vectors, moments_fn)
-        scored.append((lam, evaluate_model(model, evalsets.val, base.spec, bs), model))
-    lam, val, model = max(scored, key=lambda s: score(s[1], metric))
+    for lam in lambda_grid(name, method, params):
+        model = build_model(base, tau.apply_to(base_state, lam))
+        moments = restore(model, bn.strategy, vectors, moments_fn)
+        scored.append((lam, evaluate_model(model, evalsets.val, base.spec, bs), model, moments))
+    lam, val, model, moments = max(scored, key=lambda s: score(s[1], metric))
     test = evaluate_model(model, evalsets.test, base.spec, bs) if evalsets.test is not None else None
-    return MergeOutcome(model, name, lam, source, val, test, [(l, m[metric]) for l, m, _ in scored])
+    return MergeOutcome(model, name, lam, bn, moments, val, test, [(l, m[metric]) for l, m, _, _ in scored])
 
 
-def rebuild_merge(store, record: dict) -> tuple[nn.Module, str]:
-    """Rebuild a recorded merge bit for bit from its lineage (inputs by id, method, λ, BN source).
+def outcome_of(base: Base, vectors: Sequence, candidate: Candidate, bn: BnPlan, params: Params, moments_fn, evalsets: EvalSets) -> MergeOutcome:
+    """The outcome behind one evaluated candidate (the demo registers the selected one)."""
+    model, moments = realize(base, vectors, candidate.method, candidate.lam, bn, params, moments_fn)
+    return MergeOutcome(model, candidate.method, candidate.lam, bn, moments, candidate.val, candidate.test, candidate.curve)
 
-    Returns (model, sha256 of its state); equal to ``record["merged_sha256"]`` when reproducible.
+
+def rebuild_merge(store, record) -> tuple[nn.Module, str]:
+    """Rebuild a recorded merge bit for bit from its :class:`~medvec.record.MergeRecord`.
+
+    Inputs come from the store by id (content hashes checked), norm clipping is
+    re-applied, and a ``recompute`` merge takes the moment sums stored with it.
+    Returns (model, sha256 of its state); equal to ``record.merged_sha256`` when reproducible.
     """
-    from medvec.config import Params
+    from medvec.defence import Scaled
     from medvec.models import state_sha256
 
-    params = Params.model_validate(record["params"])
-    base = store.get_base(record["base_sha256"])
-    vectors = [store.get(i["vector_id"], base=base.model.state_dict(), base_sha256=base.sha256) for i in record["inputs"]]
-    for v, i in zip(vectors, record["inputs"]):
-        if v.content_sha256 != i["content_sha256"]:
-            raise ValueError(f"vector {i['vector_id']}: content {v.content_sha256[:12]}… differs from the lineage's {i['content_sha256'][:12]}…")
-    scales = {s["vector_id"]: s["scale"] for s in record.get("screened", []) if s.get("scale") is not None}
-    if scales:
-        from medvec.defence import Scaled
-
-        vectors = [Scaled(v, scales[v.meta.vector_id]) if v.meta.vector_id in scales else v for v in vectors]
-    source = record["bn_source"]
-    calibration = None
-    if source == "calibration":
-        from medvec.data import load_split
-
-        calibration = load_split(params.coordinator.calibration_data, "train")
-    moments_fn = moments_source(vectors, source, base, calibration, params.batchnorm.batch_size)
-    model = merged_model(base, vectors, record["method"], float(record["lambda"]), restore_strategy(source), params, moments_fn)
+    base = store.get_base(record.base_sha256)
+    vectors = [store.get(i.vector_id, base=base.model.state_dict(), base_sha256=base.sha256) for i in record.inputs]
+    for v, i in zip(vectors, record.inputs):
+        if v.content_sha256 != i.content_sha256:
+            raise ValueError(f"vector {i.vector_id}: content {v.content_sha256[:12]}… differs from the lineage's {i.content_sha256[:12]}…")
+    scales = record.scales()
+    vectors = [Scaled(v, scales[v.meta.vector_id]) if v.meta.vector_id in scales else v for v in vectors]
+    moments_fn = None
+    if record.bn_strategy == "recompute":
+        if not record.moments_key:
+            raise ValueError(f"merge {record.merge_id}: recompute merge without stored moment sums")
+        stored = store.get_moments(record.moments_key)
+        moments_fn = lambda model: stored  # noqa: E731
+    bn = BnPlan(record.bn_strategy, record.bn_source)
+    model, _ = realize(base, vectors, record.method, record.lam, bn, record.params, moments_fn)
     return model, state_sha256(model.state_dict())

@@ -13,6 +13,9 @@ Uses the ``git`` and ``dvc`` command-line tools (no DVC import in the core).
 
 from __future__ import annotations
 
+from medvec.errors import UserError
+from medvec.record import MergeRecord
+
 import json
 import os
 import shutil
@@ -21,7 +24,7 @@ import sys
 from pathlib import Path
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A git or dvc command in the registry failed; the message carries its output."""
 
 
@@ -60,28 +63,27 @@ def ensure_registry(path: str | Path, remote: str, endpoint_url: str | None = No
     return repo
 
 
-def record_merge(path: str | Path, remote: str, record: dict, vector_files: dict[str, Path], endpoint_url: str | None = None) -> str:
+def record_merge(path: str | Path, remote: str, record: MergeRecord, vector_files: dict[str, Path], endpoint_url: str | None = None) -> str:
     """Track the merge's input vectors, commit, push; returns the commit sha.
 
     ``vector_files`` maps vector id to a local file holding its bytes.
     """
     repo = ensure_registry(path, remote, endpoint_url)
     added = []
-    for item in record["inputs"]:
-        rel = Path("vectors") / item["hospital"] / f"{item['vector_id']}.safetensors"
+    for item in record.inputs:
+        rel = Path("vectors") / item.hospital / f"{item.vector_id}.safetensors"
         dst = repo / rel
         if not (repo / f"{rel}.dvc").exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(vector_files[item["vector_id"]], dst)
+            shutil.copyfile(vector_files[item.vector_id], dst)
             added.append(str(rel))
     if added:
         _run([_dvc(), "add", "-q", *added], repo)
     merges = repo / "merges"
     merges.mkdir(exist_ok=True)
-    doc = {k: record[k] for k in ("merge_id", "base_sha256", "method", "lambda", "bn_source", "inputs", "merged_sha256") if k in record}
-    (merges / f"{record['merge_id']}.json").write_text(json.dumps(doc, indent=2))
+    (merges / f"{record.merge_id}.json").write_text(json.dumps(record.to_json(), indent=2))
     _run(["git", "add", "-A"], repo)
-    hospitals = ", ".join(f"{i['hospital']}:{i['vector_id']}" for i in record["inputs"])
-    _run(["git", "commit", "-qm", f"merge {record['merge_id']}: {hospitals}"], repo)
+    hospitals = ", ".join(f"{i.hospital}:{i.vector_id}" for i in record.inputs)
+    _run(["git", "commit", "-qm", f"merge {record.merge_id}: {hospitals}"], repo)
     _run([_dvc(), "push", "-q"], repo)
     return _run(["git", "rev-parse", "HEAD"], repo).strip()

@@ -7,12 +7,22 @@ base's hash, keys and shapes; the store path's hospital equals the metadata's
 Ed25519 signature by that hospital; and no replay (a vector id or nonce already
 seen at another place).  A rejected vector is quarantined with its reason —
 never silently dropped.
+
+:func:`admit` is the one intake step before a merge: it lists what landed,
+checks every hospital's newest vector (falling back to its next newest when one
+fails), screens the survivors for outliers (:mod:`medvec.defence`), quarantines
+what it rejects and records the replay state.  The store itself only stores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
+from medvec.config import IntakeConfig
+from medvec.defence import screen
+from medvec.models import Base
+from medvec.record import Rejection, Screened
 from medvec.signing import Keyring, read_header
 from medvec.vectors import DEFAULT_MAX_BYTES, InvalidVectorError, VectorFile, load_vector
 
@@ -25,10 +35,27 @@ class IntakePolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_metadata_bytes: int = 64 * 1024
 
+    @classmethod
+    def from_config(cls, cfg: IntakeConfig) -> "IntakePolicy":
+        return cls(
+            keyring=Keyring.load(cfg.keyring) if cfg.keyring else None,
+            max_bytes=int(cfg.max_vector_mb * 1024 * 1024),
+            max_metadata_bytes=int(cfg.max_metadata_kb * 1024),
+        )
+
+
+@dataclass
+class Admission:
+    """What intake let through (``admitted``, possibly norm-clipped) and what it refused, with reasons."""
+
+    admitted: list = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    screened: list[Screened] = field(default_factory=list)
+
 
 def check(store, key: str, base: dict | None, base_sha256: str | None, policy: IntakePolicy, seen: dict) -> VectorFile:
     """Validate one stored vector; raises :class:`InvalidVectorError` (the caller quarantines)."""
-    path = store._local_file(key)
+    path = store.local_file(key)
     vf = load_vector(path, base=base, base_sha256=base_sha256, max_bytes=policy.max_bytes, max_metadata_bytes=policy.max_metadata_bytes)
     hospital_in_path = key.split("/")[-2] if key.count("/") >= 2 else None
     if hospital_in_path is not None and hospital_in_path != vf.meta.hospital:
@@ -46,3 +73,47 @@ def check(store, key: str, base: dict | None, base_sha256: str | None, policy: I
         seen.setdefault("nonces", {})[nonce] = vf.meta.vector_id
     seen.setdefault("ids", {})[vf.meta.vector_id] = key
     return vf
+
+
+def admit(store, base: Base, cfg: IntakeConfig) -> Admission:
+    """The intake step: check, screen and quarantine; returns what was admitted and what was rejected."""
+    out = Admission()
+    seen = store.read_json(SEEN_KEY) or {}
+    before = json.dumps(seen, sort_keys=True)
+    _, unreadable = store.scan(base.sha256)
+    for key, hospital, problem in unreadable:
+        out.rejected.append(store.quarantine(key, "sidecar", problem, hospital))
+    checked = _newest_valid(store, base, IntakePolicy.from_config(cfg), seen, out.rejected)
+    if json.dumps(seen, sort_keys=True) != before:
+        store.write_json(SEEN_KEY, seen)
+    out.admitted, out.screened = _screen(store, checked, cfg, out.rejected)
+    return out
+
+
+def _newest_valid(store, base: Base, policy: IntakePolicy, seen: dict, rejected: list[Rejection]) -> list[VectorFile]:
+    """Each hospital's newest vector that passes :func:`check`; the failures are quarantined."""
+    state = base.model.state_dict()
+    chosen = []
+    for hospital, sidecars in store.latest(base.sha256).items():
+        for side in sidecars:
+            try:
+                chosen.append(check(store, side["key"], state, base.sha256, policy, seen))
+                break
+            except InvalidVectorError as exc:
+                rejected.append(store.quarantine(side["key"], exc.check, exc.problem, hospital))
+    return chosen
+
+
+def _screen(store, vectors: list, cfg: IntakeConfig, rejected: list[Rejection]) -> tuple[list, list[Screened]]:
+    """The norm and direction outlier screen: quarantine (a rejection) or clip (admitted, scaled down)."""
+    result = screen(vectors, cfg.defence, cfg.mad_k)
+    report = []
+    for v, reason in result.flagged:
+        meta = v.meta
+        if cfg.defence == "quarantine":
+            key = store.vector_key(meta.base_sha256, meta.hospital, meta.vector_id)
+            rejected.append(store.quarantine(key, "outlier", reason, meta.hospital))
+        stats = result.stats.get(meta.vector_id, {})
+        scale = result.scales.get(meta.vector_id)
+        report.append(Screened(vector_id=meta.vector_id, hospital=meta.hospital, action=cfg.defence, reason=reason, scale=scale, **stats))
+    return result.kept, report

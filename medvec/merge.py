@@ -24,6 +24,8 @@ tensor per vector is in memory at a time.
 
 from __future__ import annotations
 
+from medvec.errors import UserError
+
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -50,7 +52,7 @@ class VectorLike(Protocol):
     def tensor(self, key: str) -> torch.Tensor: ...
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(UserError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 

@@ -17,6 +17,8 @@ Names:
 
 from __future__ import annotations
 
+from medvec.errors import UserError
+
 import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(UserError, KeyError):
     """A model name that is neither registered nor a torchvision classifier."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
@@ -300,7 +302,7 @@ def save_base(base: Base, path) -> str:
     return base.sha256
 
 
-class BaseMismatchError(ValueError):
+class BaseMismatchError(UserError, ValueError):
     """A base model file whose weights do not hash to the expected sha256."""
 
 

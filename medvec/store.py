@@ -22,18 +22,23 @@ nothing sent is ever silently dropped.
 
 from __future__ import annotations
 
+from medvec.errors import UserError
+
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+
+from medvec.batchnorm import MomentSums
 from medvec.faults import failpoint
 from medvec.models import Base, load_base, save_base
-from medvec.vectors import DataVector, InvalidVectorError, VectorFile, load_vector, utcnow
+from medvec.record import MergeRecord, Rejection
+from medvec.vectors import DataVector, VectorFile, load_vector, utcnow
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store that cannot be reached, read or written; the message says which and why."""
 
 
@@ -52,7 +57,7 @@ class VectorStore:
     def _read_bytes(self, key: str) -> bytes:
         raise NotImplementedError
 
-    def _local_file(self, key: str) -> Path:
+    def local_file(self, key: str) -> Path:
         """A local path holding the object's bytes (a cached download for S3)."""
         raise NotImplementedError
 
@@ -65,12 +70,12 @@ class VectorStore:
     def _move(self, src: str, dst: str) -> None:
         raise NotImplementedError
 
-    def _read_json(self, key: str) -> dict | None:
+    def read_json(self, key: str) -> dict | None:
         if not self._exists(key):
             return None
         return json.loads(self._read_bytes(key))
 
-    def _write_json(self, key: str, doc: dict) -> None:
+    def write_json(self, key: str, doc: dict) -> None:
         self._write_bytes(key, json.dumps(doc, indent=2, default=str).encode())
 
     # ------------------------------------------------------------ bases
@@ -83,11 +88,11 @@ class VectorStore:
                 save_base(base, path)
                 self._write_file(key, path)
         if current:
-            self._write_json("bases/current.json", {"sha256": base.sha256, "spec": base.spec.to_dict(), "num_classes": base.num_classes, "published_at": utcnow()})
+            self.write_json("bases/current.json", {"sha256": base.sha256, "spec": base.spec.to_dict(), "num_classes": base.num_classes, "published_at": utcnow()})
         return key
 
     def current_base(self) -> str:
-        doc = self._read_json("bases/current.json")
+        doc = self.read_json("bases/current.json")
         if not doc:
             raise StoreError(f"{self.url}: no current base model (run `medvec coordinator up` first)")
         return doc["sha256"]
@@ -96,15 +101,24 @@ class VectorStore:
         key = f"bases/{sha256}.safetensors"
         if not self._exists(key):
             raise StoreError(f"{self.url}: no base model {sha256[:12]}…")
-        return load_base(self._local_file(key), expected_sha256=sha256)
+        return load_base(self.local_file(key), expected_sha256=sha256)
 
     # ------------------------------------------------------------ vectors
+    @staticmethod
+    def vector_key(base_sha256: str, hospital: str, vector_id: str) -> str:
+        """Where a hospital's vector lives: ``vectors/<base>/<hospital>/<id>.safetensors``."""
+        return f"vectors/{base_sha256}/{hospital}/{vector_id}.safetensors"
+
+    @staticmethod
+    def sidecar_key(key: str) -> str:
+        return key[: -len(".safetensors")] + ".json"
+
     def put(self, vector: DataVector, key_file: str | Path | None = None) -> str:
         """Publish a vector atomically (signed first with ``key_file`` when given); returns its key."""
         meta = vector.meta
         if meta is None:
             raise ValueError("only vectors with metadata can be published")
-        key = f"vectors/{meta.base_sha256}/{meta.hospital}/{meta.vector_id}.safetensors"
+        key = self.vector_key(meta.base_sha256, meta.hospital, meta.vector_id)
         if self._exists(key):
             raise StoreError(f"vector id {meta.vector_id} already exists in {self.url}")
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,28 +130,44 @@ class VectorStore:
             size = path.stat().st_size
             self._write_file(key, path)
         side = {"meta": meta.model_dump(), "content_sha256": vector.content_sha256, "size": size, "published_at": utcnow()}
-        self._write_json(key[: -len(".safetensors")] + ".json", side)
+        self.write_json(self.sidecar_key(key), side)
         return key
 
-    def sidecars(self, base_sha: str | None = None) -> list[dict]:
-        """Every published vector's sidecar (optionally for one base), oldest first."""
+    def scan(self, base_sha: str | None = None) -> tuple[list[dict], list[tuple[str, str, str]]]:
+        """Published vectors' sidecars (optionally for one base), oldest first, and the unreadable ones.
+
+        Reads only: unreadable sidecars come back as (vector key, hospital folder, problem)
+        for intake to quarantine.
+        """
         prefix = f"vectors/{base_sha}/" if base_sha else "vectors/"
-        out = []
+        out, unreadable = [], []
         for key in self._list(prefix):
-            if key.endswith(".json"):
-                target = key[: -len(".json")] + ".safetensors"
-                try:
-                    doc = json.loads(self._read_bytes(key))
-                    doc["meta"]["created_at"], doc["meta"]["vector_id"], doc["meta"]["hospital"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    self.quarantine(target, "sidecar", f"unreadable sidecar {key} ({exc.__class__.__name__})", key.split("/")[-2])
-                    continue
-                doc["key"] = target
-                out.append(doc)
-        return sorted(out, key=lambda d: (d["meta"]["created_at"], d["meta"]["vector_id"]))
+            if not key.endswith(".json"):
+                continue
+            target = key[: -len(".json")] + ".safetensors"
+            try:
+                doc = json.loads(self._read_bytes(key))
+                doc["meta"]["created_at"], doc["meta"]["vector_id"], doc["meta"]["hospital"]
+            except (ValueError, KeyError, TypeError) as exc:
+                unreadable.append((target, key.split("/")[-2], f"unreadable sidecar {key} ({exc.__class__.__name__})"))
+                continue
+            doc["key"] = target
+            out.append(doc)
+        return sorted(out, key=lambda d: (d["meta"]["created_at"], d["meta"]["vector_id"])), unreadable
+
+    def sidecars(self, base_sha: str | None = None) -> list[dict]:
+        """Every readable published vector's sidecar (optionally for one base), oldest first."""
+        return self.scan(base_sha)[0]
+
+    def latest(self, base_sha256: str) -> dict[str, list[dict]]:
+        """Every hospital's sidecars for ``base_sha256``, newest first (reads only; intake decides)."""
+        by_hospital: dict[str, list[dict]] = {}
+        for side in reversed(self.sidecars(base_sha256)):
+            by_hospital.setdefault(side["meta"]["hospital"], []).append(side)
+        return dict(sorted(by_hospital.items()))
 
     def open_vector(self, key: str, base: dict | None = None, base_sha256: str | None = None) -> VectorFile:
-        return load_vector(self._local_file(key), base=base, base_sha256=base_sha256)
+        return load_vector(self.local_file(key), base=base, base_sha256=base_sha256)
 
     def get(self, vector_id: str, base: dict | None = None, base_sha256: str | None = None) -> VectorFile:
         for side in self.sidecars():
@@ -145,34 +175,7 @@ class VectorStore:
                 return self.open_vector(side["key"], base, base_sha256)
         raise StoreError(f"{self.url}: no vector {vector_id}")
 
-    def latest(self, base_sha256: str, base: dict | None = None, policy=None) -> list[VectorFile]:
-        """The newest valid vector of every hospital built on ``base_sha256``.
-
-        Every candidate goes through :func:`medvec.intake.check` under ``policy``
-        (signatures, replay, limits); one that fails is quarantined with its
-        reason and the hospital's next-newest vector is used instead.
-        """
-        from medvec.intake import SEEN_KEY, IntakePolicy, check
-
-        policy = policy or IntakePolicy()
-        seen = self._read_json(SEEN_KEY) or {}
-        before = json.dumps(seen, sort_keys=True)
-        by_hospital: dict[str, list[dict]] = {}
-        for side in self.sidecars(base_sha256):
-            by_hospital.setdefault(side["meta"]["hospital"], []).append(side)
-        chosen = []
-        for hospital in sorted(by_hospital):
-            for side in reversed(by_hospital[hospital]):
-                try:
-                    chosen.append(check(self, side["key"], base, base_sha256, policy, seen))
-                    break
-                except InvalidVectorError as exc:
-                    self.quarantine(side["key"], exc.check, exc.problem, hospital)
-        if json.dumps(seen, sort_keys=True) != before:
-            self._write_json(SEEN_KEY, seen)
-        return chosen
-
-    def quarantine(self, key: str, check: str, problem: str, hospital: str = "unknown") -> str:
+    def quarantine(self, key: str, check: str, problem: str, hospital: str = "unknown") -> Rejection:
         """Move a rejected object (and its sidecar) under ``quarantine/`` with a JSON reason."""
         name = key.rsplit("/", 1)[-1]
         stem = name.rsplit(".", 1)[0]
@@ -182,35 +185,63 @@ class VectorStore:
         side = key.rsplit(".", 1)[0] + ".json"
         if side != key and self._exists(side):
             self._move(side, f"quarantine/{hospital}/{stem}.sidecar.json")
-        reason = {"check": check, "problem": problem, "hospital_claimed": hospital, "time": utcnow(), "object": target}
-        self._write_json(f"quarantine/{hospital}/{stem}.reason.json", reason)
-        return target
+        reason = Rejection(check=check, problem=problem, hospital_claimed=hospital, time=utcnow(), object=target)
+        self.write_json(f"quarantine/{hospital}/{stem}.reason.json", reason.to_json())
+        return reason
 
-    def quarantined(self) -> list[dict]:
-        return [json.loads(self._read_bytes(k)) for k in self._list("quarantine/") if k.endswith(".reason.json")]
+    def quarantined(self) -> list[Rejection]:
+        keys = [k for k in self._list("quarantine/") if k.endswith(".reason.json")]
+        return [Rejection.model_validate(json.loads(self._read_bytes(k))) for k in keys]
 
     # ------------------------------------------------------------ merges
-    def put_merge(self, record: dict, weights: Path | None = None, latest: bool = True) -> dict:
-        """Store a merged model and its record; ``latest.json`` moves last (only when ``latest``)."""
-        base = record["base_sha256"]
-        merge_id = record.setdefault("merge_id", f"merge-{utcnow().replace(':', '').replace('-', '').replace('+0000', 'Z')}-{uuid.uuid4().hex[:6]}")
+    @staticmethod
+    def merge_key(base_sha256: str, merge_id: str, suffix: str = ".json") -> str:
+        """``merges/<base>/<merge-id><suffix>``: the record, ``.safetensors`` weights, ``.moments.safetensors``."""
+        return f"merges/{base_sha256}/{merge_id}{suffix}"
+
+    def put_merge(
+        self,
+        record: MergeRecord,
+        weights: Path | None = None,
+        moments: MomentSums | None = None,
+        latest: bool = True,
+    ) -> MergeRecord:
+        """Store a merge: weights and BN moment sums first, then the record; ``latest.json`` moves last.
+
+        Returns the record with ``weights_key`` and ``moments_key`` filled in.
+        """
+        base, merge_id = record.base_sha256, record.merge_id
+        update: dict = {}
         if weights is not None:
-            record["weights_key"] = f"merges/{base}/{merge_id}.safetensors"
-            self._write_file(record["weights_key"], weights)
-        self._write_json(f"merges/{base}/{merge_id}.json", record)
+            update["weights_key"] = self.merge_key(base, merge_id, ".safetensors")
+            self._write_file(update["weights_key"], weights)
+        if moments is not None:
+            update["moments_key"] = self.merge_key(base, merge_id, ".moments.safetensors")
+            with tempfile.TemporaryDirectory() as tmp:
+                self._write_file(update["moments_key"], moments.save(Path(tmp) / "moments.safetensors"))
+        record = record.model_copy(update=update)
+        self.write_json(self.merge_key(base, merge_id), record.to_json())
         if latest:
-            self._write_json(f"merges/{base}/latest.json", record)
+            self.write_json(self.merge_key(base, "latest"), record.to_json())
         return record
 
-    def latest_merge(self, base_sha256: str) -> dict | None:
-        return self._read_json(f"merges/{base_sha256}/latest.json")
+    def latest_merge(self, base_sha256: str) -> MergeRecord | None:
+        doc = self.read_json(self.merge_key(base_sha256, "latest"))
+        return MergeRecord.model_validate(doc) if doc else None
 
-    def merges(self, base_sha256: str) -> list[dict]:
+    def merges(self, base_sha256: str) -> list[MergeRecord]:
         keys = [k for k in self._list(f"merges/{base_sha256}/") if k.endswith(".json") and not k.endswith("latest.json")]
-        return sorted((json.loads(self._read_bytes(k)) for k in keys), key=lambda r: r.get("finished_at", ""))
+        records = (MergeRecord.model_validate(json.loads(self._read_bytes(k))) for k in keys)
+        return sorted(records, key=lambda r: r.finished_at)
 
-    def merge_weights(self, record: dict) -> Path:
-        return self._local_file(record["weights_key"])
+    def merge_weights(self, record: MergeRecord) -> Path:
+        return self.local_file(record.weights_key)
+
+    def get_moments(self, key: str) -> MomentSums:
+        """The BN moment sums stored with a merge."""
+        if not self._exists(key):
+            raise StoreError(f"{self.url}: no moment sums {key}")
+        return MomentSums.load(self.local_file(key))
 
 
 class LocalStore(VectorStore):
@@ -242,7 +273,7 @@ class LocalStore(VectorStore):
     def _read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
-    def _local_file(self, key: str) -> Path:
+    def local_file(self, key: str) -> Path:
         return self._path(key)
 
     def _list(self, prefix: str) -> list[str]:
@@ -336,7 +367,7 @@ class S3Store(VectorStore):
         resp = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return resp["Body"].read()
 
-    def _local_file(self, key: str) -> Path:
+    def local_file(self, key: str) -> Path:
         dst = self.cache / key
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
@@ -400,11 +431,31 @@ def open_store(url: str | Path, endpoint_url: str | None = None) -> VectorStore:
 def vector_rows(store: VectorStore, include_quarantined: bool = False) -> list[dict]:
     """Rows for ``medvec vectors list``."""
     rows = []
-    for side in store.sidecars():
+    sidecars, unreadable = store.scan()
+    for side in sidecars:
         m = side["meta"]
-        rows.append({"status": "landed", "vector_id": m["vector_id"], "hospital": m["hospital"], "base": m["base_sha256"][:12], "n_train": m["n_train"], "content": side["content_sha256"][:12], "created_at": m["created_at"]})
+        rows.append(
+            {
+                "status": "landed",
+                "vector_id": m["vector_id"],
+                "hospital": m["hospital"],
+                "base": m["base_sha256"][:12],
+                "n_train": m["n_train"],
+                "content": side["content_sha256"][:12],
+                "created_at": m["created_at"],
+            }
+        )
+    for key, hospital, problem in unreadable:
+        rows.append({"status": "unreadable", "vector_id": key.rsplit("/", 1)[-1], "hospital": hospital, "reason": problem})
     if include_quarantined:
         for q in store.quarantined():
-            rows.append({"status": f"quarantined: {q['check']}", "vector_id": q["object"].rsplit("/", 1)[-1], "hospital": q["hospital_claimed"], "base": "", "n_train": "", "content": "", "created_at": q["time"], "reason": q["problem"]})
+            rows.append(
+                {
+                    "status": f"quarantined: {q.check}",
+                    "vector_id": q.object.rsplit("/", 1)[-1],
+                    "hospital": q.hospital_claimed,
+                    "created_at": q.time,
+                    "reason": q.problem,
+                }
+            )
     return rows
-

@@ -8,14 +8,15 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else the embedded default
   loss and local validation per epoch as metrics, tags ``medvec.hospital``,
   ``medvec.base_sha256``, ``medvec.content_sha256``, ``medvec.n_train``,
   ``medvec.vector_id``, and the vector file (or its store URI) as artifact;
-* merge run (experiment ``medvec-merges``): method, λ, BN source, the input
+* merge run (experiment ``medvec-merges``): method, λ, BN strategy and source, the input
   vectors (ids, hospitals, content hashes, fine-tune run ids) as tags and
   ``inputs.json``, metrics, plots, and the merged model registered as a new
   version of ``registry.model_name`` (PyTorch flavour, signature, input example);
 * the base model: registered once as ``<model_name>-base`` with its sha256;
 * the champion gate: alias ``champion`` moves only when the new version beats the
-  current champion's validation score by ``registry.champion_margin``; otherwise
-  the version is tagged ``rejected`` with the reason.
+  current champion's validation score by ``registry.champion_margin`` on the same
+  validation set (by content hash; a champion scored on another set is re-scored);
+  otherwise the version is tagged ``rejected`` with the reason.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from medvec.errors import LineageError
 from medvec.faults import failpoint
+from medvec.record import GateDecision, MergeRecord
 
 HOSPITAL_EXPERIMENT = "medvec-hospitals"
 MERGE_EXPERIMENT = "medvec-merges"
@@ -59,10 +62,15 @@ def _experiment(name: str) -> str:
     location = None
     if tracking_uri().startswith("sqlite:"):  # embedded: artifacts in a local folder beside the database
         location = (Path(DEFAULT_DIR).resolve() / "mlartifacts" / name).as_uri()
+    from mlflow.exceptions import MlflowException
+
     try:
         return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+    except MlflowException:  # created concurrently by another process; anything else fails the lookup below
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _flat(prefix: str, d: dict) -> dict:
@@ -141,12 +149,9 @@ def register_base(name: str, model: torch.nn.Module, sha256: str, spec: dict, ex
     mlflow = _mlflow()
     client = MlflowClient()
     model_name = f"{name}-base"
-    try:
-        for mv in client.search_model_versions(f"name = '{model_name}'"):
-            if mv.tags.get("medvec.base_sha256") == sha256:
-                return mv.version
-    except Exception:
-        pass
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        if mv.tags.get("medvec.base_sha256") == sha256:
+            return str(mv.version)
     exp = _experiment(MERGE_EXPERIMENT)
     with mlflow.start_run(experiment_id=exp, run_name=f"base-{sha256[:12]}"):
         mlflow.set_tags({"medvec.kind": "base", "medvec.base_sha256": sha256})
@@ -162,83 +167,145 @@ def _score(metrics: dict, metric: str) -> float:
 
 
 def log_merge(
-    record: dict,
+    record: MergeRecord,
     model: torch.nn.Module,
     example: np.ndarray,
-    model_name: str,
-    margin: float = 0.0,
-    metric: str = "auc",
+    rescore: Callable[[torch.nn.Module], dict],
     plots: dict[str, Path] | None = None,
-    base_spec: dict | None = None,
-) -> dict:
+) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
 
-    Returns ``{"run_id", "version", "champion": bool, "reason"}``.  If anything
-    fails before the gate, no alias moves.
+    ``rescore(model)`` evaluates a model on the current validation set: the gate
+    uses it when the champion was scored on a different set.  If anything fails
+    before the gate, no alias moves.
     """
     from mlflow import MlflowClient
 
     mlflow = _mlflow()
     client = MlflowClient()
+    reg, metric = record.params.registry, record.params.evaluate.select_metric
     exp = _experiment(MERGE_EXPERIMENT)
-    inputs = [dict(i, run_id=find_hospital_run(i["vector_id"])) for i in record["inputs"]]
-    with mlflow.start_run(experiment_id=exp, run_name=record.get("merge_id", "merge")) as run:
-        mlflow.log_params({"method": record["method"], "lambda": record["lambda"], "bn_source": record.get("bn_source"), "n_vectors": len(inputs)})
-        mlflow.log_metrics({f"val_{k}": v for k, v in record.get("val", {}).items() if isinstance(v, float) and not np.isnan(v)})
-        mlflow.log_metrics({f"test_{k}": v for k, v in record.get("test", {}).items() if isinstance(v, float) and not np.isnan(v)})
-        for lam, val in record.get("lambda_curve", []):
-            mlflow.log_metric(f"val_{metric}_by_lambda", float(val), step=int(round(float(lam) * 1000)))
-        tags = {
-            "medvec.kind": "merge",
-            "medvec.base_sha256": record["base_sha256"],
-            "medvec.merge_id": record.get("merge_id", ""),
-            "medvec.merged_sha256": record.get("merged_sha256", ""),
-            "medvec.inputs": json.dumps([[i["vector_id"], i["hospital"], i["content_sha256"]] for i in inputs]),
-        }
-        for n, i in enumerate(inputs):
-            tags[f"medvec.input.{n}"] = f"{i['vector_id']} {i['hospital']} {i['content_sha256']} run={i['run_id']}"
-        if record.get("dvc_commit"):
-            tags["medvec.dvc_commit"] = record["dvc_commit"]
-        mlflow.set_tags(tags)
-        mlflow.log_dict({**record, "inputs": inputs}, "merge_record.json")
-        mlflow.log_dict(inputs, "inputs.json")
-        for name, path in (plots or {}).items():
-            mlflow.log_artifact(str(path), artifact_path="plots")
-        version = _log_torch_model(model, example, model_name)
+    runs = {i.vector_id: find_hospital_run(i.vector_id) for i in record.inputs}
+    with mlflow.start_run(experiment_id=exp, run_name=record.merge_id) as run:
+        _log_merge_run(mlflow, record, runs, metric, plots or {})
+        version = _log_torch_model(model, example, reg.model_name)
         run_id = run.info.run_id
-    client.set_model_version_tag(model_name, version, "medvec.merge_run", run_id)
-    client.set_model_version_tag(model_name, version, "medvec.merged_sha256", record.get("merged_sha256", ""))
-    client.set_model_version_tag(model_name, version, f"val_{metric}", str(record.get("val", {}).get(metric)))
-    new = _score(record.get("val", {}), metric)
+    tags = {
+        "medvec.merge_run": run_id,
+        "medvec.merged_sha256": record.merged_sha256,
+        f"val_{metric}": str(record.val.get(metric)),
+        "medvec.eval_sha256": record.eval_set.sha256,
+        "medvec.eval_size": str(record.eval_set.size),
+        "medvec.eval_source": record.eval_set.source,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(reg.model_name, version, key, value)
+    champion, reason = _gate(client, record, rescore)
+    verdict = "champion" if champion else "rejected"
+    if champion:
+        client.set_registered_model_alias(reg.model_name, "champion", version)
+    else:
+        client.set_model_version_tag(reg.model_name, version, "rejected", reason)
+    client.set_model_version_tag(reg.model_name, version, "medvec.gate", verdict)
+    client.set_model_version_tag(reg.model_name, version, "medvec.gate_reason", reason)
+    return GateDecision(run_id=run_id, version=str(version), champion=champion, reason=reason)
+
+
+def _log_merge_run(mlflow, record: MergeRecord, runs: dict[str, str | None], metric: str, plots: dict[str, Path]) -> None:
+    """Params, metrics, lineage tags, the record and plots of one merge run."""
+    mlflow.log_params(
+        {
+            "method": record.method,
+            "lambda": record.lam,
+            "bn_strategy": record.bn_strategy,
+            "bn_source": record.bn_source,
+            "n_vectors": len(record.inputs),
+            "eval_set": record.eval_set.describe(),
+        }
+    )
+    for split, metrics in (("val", record.val), ("test", record.test)):
+        mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items() if not np.isnan(v)})
+    for lam, val in record.lambda_curve:
+        mlflow.log_metric(f"val_{metric}_by_lambda", float(val), step=int(round(float(lam) * 1000)))
+    tags = {
+        "medvec.kind": "merge",
+        "medvec.base_sha256": record.base_sha256,
+        "medvec.merge_id": record.merge_id,
+        "medvec.merged_sha256": record.merged_sha256,
+        "medvec.eval_sha256": record.eval_set.sha256,
+        "medvec.inputs": json.dumps([[i.vector_id, i.hospital, i.content_sha256] for i in record.inputs]),
+    }
+    for n, i in enumerate(record.inputs):
+        tags[f"medvec.input.{n}"] = f"{i.vector_id} {i.hospital} {i.content_sha256} run={runs[i.vector_id]}"
+    if record.dvc_commit:
+        tags["medvec.dvc_commit"] = record.dvc_commit
+    mlflow.set_tags(tags)
+    mlflow.log_dict(record.to_json(), "merge_record.json")
+    mlflow.log_dict([{**i.to_json(), "run_id": runs[i.vector_id]} for i in record.inputs], "inputs.json")
+    for path in plots.values():
+        mlflow.log_artifact(str(path), artifact_path="plots")
+
+
+def _gate(client, record: MergeRecord, rescore: Callable[[torch.nn.Module], dict]) -> tuple[bool, str]:
+    """Does the new version beat the champion on the same validation set?  Returns (promote, reason).
+
+    When the champion was scored on another set (by content hash), it is loaded
+    and re-scored on this record's set, and the reason says so.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    reg, metric = record.params.registry, record.params.evaluate.select_metric
+    new, margin = _score(record.val, metric), reg.champion_margin
     try:
-        champ = client.get_model_version_by_alias(model_name, "champion")
-        champ_score = float(champ.tags.get(f"val_{metric}", "-inf"))
-    except Exception:
-        champ, champ_score = None, float("-inf")
-    if champ is None or new > champ_score + margin:
-        client.set_registered_model_alias(model_name, "champion", version)
-        client.set_model_version_tag(model_name, version, "medvec.gate", "champion")
-        reason = "first version" if champ is None else f"val {metric} {new:.4f} > champion v{champ.version} {champ_score:.4f} + margin {margin}"
-        return {"run_id": run_id, "version": version, "champion": True, "reason": reason}
-    reason = f"val {metric} {new:.4f} does not beat champion v{champ.version} {champ_score:.4f} + margin {margin}"
-    client.set_model_version_tag(model_name, version, "rejected", reason)
-    client.set_model_version_tag(model_name, version, "medvec.gate", "rejected")
-    return {"run_id": run_id, "version": version, "champion": False, "reason": reason}
+        champ = client.get_model_version_by_alias(reg.model_name, "champion")
+    except MlflowException:  # no champion yet
+        return True, "first version"
+    champ_score = float(champ.tags.get(f"val_{metric}", "-inf"))
+    where = f"on {record.eval_set.describe()}"
+    if champ.tags.get("medvec.eval_sha256") != record.eval_set.sha256:
+        old = f"{champ_score:.4f} on {champ.tags.get('medvec.eval_source', '?')} ({champ.tags.get('medvec.eval_size', '?')} images)"
+        champ_model = mlflow.pytorch.load_model(f"models:/{reg.model_name}/{champ.version}")
+        champ_score = _score(rescore(champ_model), metric)
+        where = f"re-scored on the current validation set {record.eval_set.describe()} (it scored {old})"
+    verdict = "beats" if new > champ_score + margin else "does not beat"
+    reason = f"val {metric} {new:.4f} {verdict} champion v{champ.version} {champ_score:.4f} + margin {margin}, {where}"
+    return new > champ_score + margin, reason
 
 
 def resolve(ref: str):
     """``NAME@ALIAS`` or ``NAME/VERSION`` -> ModelVersion."""
     from mlflow import MlflowClient
 
+    from mlflow.exceptions import MlflowException
+
     _mlflow()
     client = MlflowClient()
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    if "/" in ref:
+        fetch = lambda: client.get_model_version_by_alias(name, alias)  # noqa: E731
+    elif "/" in ref:
         name, version = ref.rsplit("/", 1)
-        return client.get_model_version(name, version)
-    raise ValueError(f"{ref!r}: expected NAME@ALIAS or NAME/VERSION")
+        fetch = lambda: client.get_model_version(name, version)  # noqa: E731
+    else:
+        raise LineageError(f"{ref!r}: expected NAME@ALIAS (e.g. medvec@champion) or NAME/VERSION")
+    try:
+        return fetch()
+    except MlflowException as exc:
+        raise LineageError(f"{ref}: {_missing_reason(client, name)} at {tracking_uri()}") from exc
+
+
+def _missing_reason(client, name: str) -> str:
+    """Why a model reference does not resolve: the model is unknown, or which aliases and versions exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return f"no registered model {name!r}"
+    aliases = ", ".join(sorted(model.aliases)) or "none"
+    latest = max((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), default=0)
+    return f"model {name!r} has no such alias or version (aliases: {aliases}; versions 1..{latest})"
 
 
 def lineage(ref: str) -> dict:
@@ -260,11 +327,7 @@ def lineage(ref: str) -> dict:
             entry["finetune_run"] = {"run_id": run_id, "params": dict(hr.data.params), "metrics": dict(hr.data.metrics), "content_sha256": hr.data.tags.get("medvec.content_sha256")}
         vectors.append(entry)
     base_sha = tags.get("medvec.base_sha256")
-    base_versions = []
-    try:
-        base_versions = [v.version for v in client.search_model_versions(f"name = '{mv.name}-base'") if v.tags.get("medvec.base_sha256") == base_sha]
-    except Exception:
-        pass
+    base_versions = [str(v.version) for v in client.search_model_versions(f"name = '{mv.name}-base'") if v.tags.get("medvec.base_sha256") == base_sha]
     aliases = list(getattr(mv, "aliases", []) or [])
     return {
         "model": {"name": mv.name, "version": mv.version, "aliases": aliases, "tags": dict(mv.tags)},
@@ -278,7 +341,7 @@ def lineage_text(tree: dict) -> str:
     m, r, b = tree["model"], tree["merge_run"], tree["base"]
     alias = f" @{','.join(m['aliases'])}" if m["aliases"] else ""
     lines = [f"{m['name']} v{m['version']}{alias}  merged sha256 {r.get('merged_sha256') or '?'}"]
-    lines.append(f"└─ merge run {r['run_id']}  method={r['params'].get('method')} λ={r['params'].get('lambda')} bn={r['params'].get('bn_source')}  val_auc={r['metrics'].get('val_auc', float('nan')):.4f}")
+    lines.append(f"└─ merge run {r['run_id']} ({r.get('merge_id')})  method={r['params'].get('method')} λ={r['params'].get('lambda')} bn={r['params'].get('bn_strategy')} from {r['params'].get('bn_source')}  val_auc={r['metrics'].get('val_auc', float('nan')):.4f}")
     if r.get("dvc_commit"):
         lines.append(f"   ├─ DVC registry commit {r['dvc_commit']}")
     for n, v in enumerate(tree["vectors"]):
@@ -295,10 +358,15 @@ def lineage_text(tree: dict) -> str:
     return "\n".join(lines)
 
 
-def merge_record(ref: str) -> dict:
-    """The merge record (inputs, method, λ, params, store) logged with a model version."""
+def merge_record(ref: str) -> MergeRecord:
+    """The :class:`~medvec.record.MergeRecord` logged with a model version."""
     import mlflow
+    from pydantic import ValidationError
 
     _mlflow()
     mv = resolve(ref)
-    return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/merge_record.json")
+    doc = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/merge_record.json")
+    try:
+        return MergeRecord.model_validate(doc)
+    except ValidationError as exc:
+        raise LineageError(f"{ref}: its merge record (run {mv.run_id}) is not a medvec merge record: {exc}") from exc

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from medvec.errors import UserError
+
 import datetime as _dt
 import hashlib
 import json
@@ -39,7 +41,7 @@ _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class InvalidVectorError(ValueError):
+class InvalidVectorError(UserError, ValueError):
     """A vector that fails validation; the message names the file and the problem."""
 
     def __init__(self, source: str | Path, problem: str, check: str = "invalid"):

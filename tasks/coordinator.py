@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medvec import coordinator as core
-from medvec.config import Params
-from medvec.data import split_from_config
-from medvec.models import Base, base_from_config
+from medvec.config import IntakeConfig, Params
+from medvec.data import split_from_config, to_tensor
+from medvec.evaluate import evaluate_model
+from medvec.intake import Admission, admit
+from medvec.models import Base, base_from_config, save_base
+from medvec.record import GateDecision, MergeRecord
 from medvec.store import open_store
-from medvec.vectors import VectorFile
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
 
 
 @task(cache_policy=NO_CACHE)
@@ -19,7 +26,7 @@ def split_hospitals(source: str, out_dir: str, params: Params) -> dict:
     return split_from_config(source, out_dir, params.split)
 
 
-@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+@task(**IO_RETRIES)
 def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
     """Build θ_pre from the model section and publish it to the store."""
     base = base_from_config(params.model, num_classes)
@@ -27,18 +34,10 @@ def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
     return base
 
 
-def intake_policy(params: Params | None):
-    from medvec.intake import IntakePolicy
-    from medvec.signing import Keyring
-
-    if params is None:
-        return IntakePolicy()
-    i = params.intake
-    return IntakePolicy(
-        keyring=Keyring.load(i.keyring) if i.keyring else None,
-        max_bytes=int(i.max_vector_mb * 1024 * 1024),
-        max_metadata_bytes=int(i.max_metadata_kb * 1024),
-    )
+@task(**IO_RETRIES)
+def admit_vectors(store_url: str, base: Base, intake: IntakeConfig) -> Admission:
+    """Intake: each hospital's newest valid vector for this base, screened; rejections quarantined."""
+    return admit(open_store(store_url), base, intake)
 
 
 @task(cache_policy=NO_CACHE)
@@ -51,58 +50,60 @@ def single_rows(base: Base, vectors: list, evalsets: core.EvalSets, params: Para
     return rows
 
 
-@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
-def gather_latest(store_url: str, base: Base, params: Params | None = None) -> list[VectorFile]:
-    """The newest valid vector of every hospital for this base (invalid ones quarantined)."""
-    return open_store(store_url).latest(base.sha256, base=base.model.state_dict(), policy=intake_policy(params))
-
-
 @task(cache_policy=NO_CACHE)
-def screen_outliers(store_url: str, vectors: list, params: Params) -> tuple[list, list[dict]]:
-    """Norm/direction outlier defence; quarantined or clipped vectors are reported."""
-    from medvec.defence import screen
-
-    result = screen(vectors, params.intake.defence, params.intake.mad_k)
-    store = open_store(store_url)
-    report = []
-    for v, reason in result.flagged:
-        stats = result.stats.get(v.meta.vector_id, {})
-        if params.intake.defence == "quarantine":
-            key = f"vectors/{v.meta.base_sha256}/{v.meta.hospital}/{v.meta.vector_id}.safetensors"
-            store.quarantine(key, "outlier", reason, v.meta.hospital)
-        report.append({"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "action": params.intake.defence, "scale": result.scales.get(v.meta.vector_id), "reason": reason, **stats})
-    return result.kept, report
-
-
-@task(cache_policy=NO_CACHE)
-def evaluate_merges(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None, progress: bool = True) -> list[core.Candidate]:
+def evaluate_merges(
+    base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None, progress: bool = True
+) -> list[core.Candidate]:
     """Every merge method × BN strategy, λ chosen on validation, scored on test."""
     return core.evaluate_merges(base, vectors, evalsets, params, moments_fn, progress=progress)
 
 
-@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
-def register_selected(base: Base, vectors: list, selected: core.Candidate, evalsets: core.EvalSets, params: Params, moments_fn, plots: dict, store_url: str) -> dict:
-    """Register the demo's selected merge through the same champion gate as the flows."""
-    from medvec import tracking
-    from medvec.data import to_tensor
-    from medvec.models import state_sha256
-    from medvec.vectors import utcnow
+@task(**IO_RETRIES)
+def last_merge(store_url: str, base_sha256: str) -> MergeRecord | None:
+    """The newest merge record for this base."""
+    return open_store(store_url).latest_merge(base_sha256)
 
-    model = core.merged_model(base, vectors, selected.method, selected.lam, selected.bn, params, moments_fn)
-    record = {
-        "merge_id": f"demo-{utcnow()}",
-        "store_url": store_url,
-        "base_sha256": base.sha256,
-        "method": selected.method,
-        "lambda": selected.lam,
-        "bn_source": selected.bn,
-        "inputs": [{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "n_train": v.meta.n_train} for v in vectors],
-        "val": {k: v for k, v in selected.val.items() if isinstance(v, float)},
-        "test": {k: v for k, v in (selected.test or {}).items() if isinstance(v, float)},
-        "lambda_curve": selected.curve,
-        "params": params.model_dump(mode="json"),
-        "merged_sha256": state_sha256(model.state_dict()),
-    }
+
+@task(cache_policy=NO_CACHE)
+def merge_task(
+    base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration
+) -> core.MergeOutcome:
+    """Merge with the configured method and λ, restore BN, evaluate on the held-out set."""
+    return core.merge_once(base, vectors, params, evalsets, calibration)
+
+
+@task(**IO_RETRIES)
+def publish_merge(store_url: str, record: MergeRecord, outcome: core.MergeOutcome, base: Base) -> MergeRecord:
+    """Write the merged weights, the BN moment sums used and the record (``latest.json`` is moved later)."""
+    merged = Base(outcome.model, base.spec, base.num_classes, record.merged_sha256)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "merged.safetensors"
+        save_base(merged, path)
+        return open_store(store_url).put_merge(record, path, outcome.moments, latest=False)
+
+
+@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
+def record_in_dvc(record: MergeRecord, vectors: list, params: Params) -> str:
+    """Commit the merge's input vectors to the DVC registry and push; returns the commit."""
+    from medvec.dvc_registry import record_merge
+
+    r = params.registry
+    files = {v.meta.vector_id: v.path for v in vectors}
+    return record_merge(r.dvc_repo, r.dvc_remote, record, files, r.dvc_endpoint_url)
+
+
+@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
+def register_merge(
+    record: MergeRecord, model, base: Base, evalsets: core.EvalSets, plots: dict[str, Path] | None = None
+) -> GateDecision:
+    """Log the merge run to MLflow, register the model and apply the champion gate on the same validation set."""
+    from medvec import tracking
+
+    p = record.params
     example = to_tensor(evalsets.val.images[:2], base.spec).numpy()
-    tracking.register_base(params.registry.model_name, base.model, base.sha256, base.spec.to_dict(), example)
-    return tracking.log_merge(record, model, example, params.registry.model_name, params.registry.champion_margin, params.evaluate.select_metric, plots)
+    tracking.register_base(p.registry.model_name, base.model, base.sha256, base.spec.to_dict(), example)
+
+    def rescore(champion) -> dict:
+        return evaluate_model(champion, evalsets.val, base.spec, p.evaluate.batch_size)
+
+    return tracking.log_merge(record, model, example, rescore, plots)

@@ -38,7 +38,7 @@ def track_hospital_run(summary: dict, settings: dict, history: list[dict]) -> st
     from medvec import tracking
 
     store = open_store(summary["store"])
-    return tracking.log_hospital_run(summary, settings, history, store._local_file(summary["key"]))
+    return tracking.log_hospital_run(summary, settings, history, store.local_file(summary["key"]))
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
@@ -48,9 +48,9 @@ def attach_moments(store_url: str, base: Base, vector: DataVector, data: LocalDa
 
     store = open_store(store_url)
     last = store.latest_merge(base.sha256)
-    if last is None or "weights_key" not in last:
+    if last is None or last.weights_key is None:
         return vector
-    merged = load_base(store.merge_weights(last), expected_sha256=last["merged_sha256"])
+    merged = load_base(store.merge_weights(last), expected_sha256=last.merged_sha256)
     sums: MomentSums = local_moment_sums(merged.model, base, data.train, cfg)
     meta = vector.meta.model_copy(update={"moments_model_sha256": merged.sha256})
     return DataVector(vector.deltas, meta, vector.running, sums)

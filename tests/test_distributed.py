@@ -91,7 +91,7 @@ with get_client(sync_client=True) as c:
 def merged_ids(store_url: str, env: dict) -> list[list[str]]:
     code = (
         "import json, os\nfrom medvec.store import open_store\ns = open_store(%r)\n"
-        "print(json.dumps([[i['vector_id'] for i in m['inputs']] for m in s.merges(s.current_base())]))" % store_url
+        "print(json.dumps([[i.vector_id for i in m.inputs] for m in s.merges(s.current_base())]))" % store_url
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]

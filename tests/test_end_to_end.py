@@ -35,13 +35,24 @@ def demo_run(tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout, env
+
+
+def test_the_demo_champion_rebuilds_bit_identically_from_its_lineage(demo_run):
+    out, _, env = demo_run
+    doc = json.loads((out / "results.json").read_text())
+    selected = next(r for r in doc["results"] if r["selected"])
+    cmd = [sys.executable, "-m", "medvec.cli", "lineage", "medvec@champion", "--rebuild"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== registered (identical)" in proc.stdout and f"bn={selected['bn']} from" in proc.stdout
+    assert doc["registry"]["champion"] is True and doc["merge_id"] in proc.stdout
 
 
 def test_demo_writes_schema_and_files(demo_run):
     from medvec.report import validate_results
 
-    out, stdout = demo_run
+    out, stdout, _ = demo_run
     doc = json.loads((out / "results.json").read_text())
     validate_results(doc)
     assert doc["dataset"] == "breastmnist" and doc["model"] == "tiny_cnn" and len(doc["base_sha256"]) == 64
@@ -56,7 +67,7 @@ def test_demo_writes_schema_and_files(demo_run):
 
 
 def test_selection_uses_validation_not_test(demo_run):
-    out, _ = demo_run
+    out, _, _ = demo_run
     doc = json.loads((out / "results.json").read_text())
     merged = [r for r in doc["results"] if r["kind"] == "merged"]
     best_val = max(r["val"]["auc"] for r in merged)
@@ -65,7 +76,7 @@ def test_selection_uses_validation_not_test(demo_run):
 
 
 def test_merged_beats_the_mean_single_hospital(demo_run):
-    out, _ = demo_run
+    out, _, _ = demo_run
     doc = json.loads((out / "results.json").read_text())
     singles = [r["test"]["auc"] for r in doc["results"] if r["kind"] == "single"]
     sel = next(r for r in doc["results"] if r["selected"])
@@ -74,7 +85,7 @@ def test_merged_beats_the_mean_single_hospital(demo_run):
 
 def test_vector_files_hold_no_image_or_per_sample_value(demo_run, tiny_base):
     """Inspect every tensor and all metadata of the published vectors."""
-    out, _ = demo_run
+    out, _, _ = demo_run
     param_shapes = {tuple(v.shape) for v in tiny_base.model.state_dict().values()}
     split = json.loads((out / "hospitals" / "split.json").read_text())
     for path in (out / "vectors").rglob("*.safetensors"):
@@ -94,7 +105,7 @@ def test_vector_files_hold_no_image_or_per_sample_value(demo_run, tiny_base):
 
 
 def test_cli_verify_accepts_and_rejects(demo_run, tmp_path):
-    out, _ = demo_run
+    out, _, _ = demo_run
     vec = next((out / "vectors").rglob("*.safetensors"))
     base = next((out / "bases").glob("*.safetensors"))
     ok = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec), "--base", str(base)], capture_output=True, text=True)

@@ -92,13 +92,13 @@ def test_hospital_killed_mid_upload_leaves_no_visible_vector(backend, tmp_path, 
         kill_at_failpoint(proc, marker)
         store = open_store(store_url)
         base = store.current_base()
-        assert store.sidecars() == [] and store.latest(base) == []
+        assert store.sidecars() == [] and store.latest(base) == {}
         if s3:  # the bytes were uploaded to a temporary key only
             keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="medvec-faults").get("Contents", [])]
             assert any("/tmp/" in k for k in keys) and not any(k.endswith(".safetensors") and "/vectors/" in k for k in keys)
         # the next run succeeds and exactly one vector is visible
         summary = json.loads(finish(start(HOSPITAL, args, env)).strip().splitlines()[-1])
-        assert [v.meta.vector_id for v in open_store(store_url).latest(base)] == [summary["vector_id"]]
+        assert [s["meta"]["vector_id"] for s in open_store(store_url).sidecars(base)] == [summary["vector_id"]]
     finally:
         if s3:
             s3.stop()
@@ -128,4 +128,4 @@ def test_merge_killed_during_registration_moves_nothing_and_the_next_run_complet
     out = json.loads(finish(start(MERGE, [store_url, str(BREAST), json.dumps(OVERRIDES)], env)).strip().splitlines()[-1])
     assert out["skipped"] is False and out["registry"]["champion"] is True
     assert str(client.get_model_version_by_alias("medvec", "champion").version) == out["registry"]["version"]
-    assert len(store.latest_merge(base)["inputs"]) == 2
+    assert len(store.latest_merge(base).inputs) == 2

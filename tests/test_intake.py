@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medvec.intake import IntakePolicy
+from medvec.config import IntakeConfig
+from medvec.intake import admit
 from medvec.signing import Keyring, keygen, sign_file
 from medvec.store import LocalStore
 from medvec.vectors import InvalidVectorError, content_sha256, load_vector
@@ -37,25 +38,32 @@ def keys(tmp_path_factory):
         ring.add(h, d / f"{h}.pub")
     keygen("mallory", d)  # not in the keyring
     keygen("h9", d)
-    return {"dir": d, "ring": ring}
+    ring.save(d / "keyring.json")
+    return {"dir": d, "ring": ring, "signed": IntakeConfig(defence="off", keyring=str(d / "keyring.json"))}
 
 
 def plant(store: LocalStore, src: Path, hospital_folder: str, meta: dict, name: str | None = None) -> str:
     """Put a file into the store's layout exactly as an uploader could (file, then sidecar)."""
     key = f"vectors/{meta['base_sha256']}/{hospital_folder}/{name or meta['vector_id']}.safetensors"
     store._write_file(key, src)
-    store._write_json(key[:-12] + ".json", {"meta": meta, "content_sha256": "?", "size": src.stat().st_size})
+    store.write_json(key[:-12] + ".json", {"meta": meta, "content_sha256": "?", "size": src.stat().st_size})
     return key
 
 
-def rejected(store: LocalStore, tiny_base, check: str, hospital: str, policy: IntakePolicy | None = None, fragment: str = "") -> dict:
-    chosen = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict(), policy=policy)
-    reasons = [q for q in store.quarantined() if q["check"] == check]
-    assert reasons, f"no {check!r} quarantine; have {store.quarantined()}"
+def admitted(store: LocalStore, tiny_base, cfg: IntakeConfig | None = None) -> list[str]:
+    """Vector ids that intake admits (screen off unless ``cfg`` says otherwise)."""
+    return [v.meta.vector_id for v in admit(store, tiny_base, cfg or IntakeConfig(defence="off")).admitted]
+
+
+def rejected(store: LocalStore, tiny_base, check: str, hospital: str, cfg: IntakeConfig | None = None, fragment: str = ""):
+    adm = admit(store, tiny_base, cfg or IntakeConfig(defence="off"))
+    reasons = [q for q in adm.rejected if q.check == check]
+    assert reasons, f"no {check!r} rejection; have {adm.rejected}"
     r = reasons[-1]
-    assert r["hospital_claimed"] == hospital and fragment in r["problem"], r
-    assert (store.root / r["object"]).is_file(), "the quarantined copy is missing"
-    assert all(v.meta.vector_id not in r["object"] for v in chosen)
+    assert r.hospital_claimed == hospital and fragment in r.problem, r
+    assert r in store.quarantined(), "the reason is not kept in the store"
+    assert (store.root / r.object).is_file(), "the quarantined copy is missing"
+    assert all(v.meta.vector_id not in r.object for v in adm.admitted)
     return r
 
 
@@ -122,7 +130,7 @@ def test_pickle_payload_is_quarantined_unexecuted(store, tiny_base, make_vector,
 def test_oversized_file_is_quarantined_before_parsing(store, tiny_base, make_vector, tmp_path):
     v = make_vector("h1")
     plant(store, v.save(tmp_path / "v.safetensors"), "h1", _meta(v))
-    rejected(store, tiny_base, "too_large", "h1", IntakePolicy(max_bytes=1024), fragment="over the limit")
+    rejected(store, tiny_base, "too_large", "h1", IntakeConfig(defence="off", max_vector_mb=1024 / 2**20), fragment="over the limit")
 
 
 def test_oversized_metadata_is_quarantined(store, tiny_base, make_vector, tmp_path):
@@ -135,7 +143,7 @@ def test_oversized_metadata_is_quarantined(store, tiny_base, make_vector, tmp_pa
 def test_unsigned_vector_is_quarantined(store, tiny_base, make_vector, keys):
     v = make_vector("h1")
     store.put(v)
-    rejected(store, tiny_base, "unsigned", "h1", IntakePolicy(keyring=keys["ring"]), fragment="unsigned")
+    rejected(store, tiny_base, "unsigned", "h1", keys["signed"], fragment="unsigned")
 
 
 def test_forged_signature_is_quarantined(store, tiny_base, make_vector, keys, tmp_path):
@@ -143,7 +151,7 @@ def test_forged_signature_is_quarantined(store, tiny_base, make_vector, keys, tm
     path = v.save(tmp_path / "v.safetensors")
     sign_file(path, keys["dir"] / "mallory.key", signer="h1")  # mallory signs, claiming to be h1
     plant(store, path, "h1", _meta(v))
-    rejected(store, tiny_base, "bad_signature", "h1", IntakePolicy(keyring=keys["ring"]), fragment="does not verify")
+    rejected(store, tiny_base, "bad_signature", "h1", keys["signed"], fragment="does not verify")
 
 
 def test_tampered_metadata_breaks_the_signature(store, tiny_base, make_vector, keys, tmp_path):
@@ -159,30 +167,30 @@ def test_tampered_metadata_breaks_the_signature(store, tiny_base, make_vector, k
     header["medvec"] = json.dumps({**json.loads(header["medvec"]), "n_train": 100000})  # inflate its weight
     save_file(tensors, str(bad), metadata=header)
     plant(store, bad, "h1", _meta(v))
-    rejected(store, tiny_base, "bad_signature", "h1", IntakePolicy(keyring=keys["ring"]))
+    rejected(store, tiny_base, "bad_signature", "h1", keys["signed"])
 
 
 def test_unknown_hospital_is_quarantined(store, tiny_base, make_vector, keys):
     v = make_vector("h9")
     store.put(v, key_file=keys["dir"] / "h9.key")
-    rejected(store, tiny_base, "unknown_hospital", "h9", IntakePolicy(keyring=keys["ring"]), fragment="not in the keyring")
+    rejected(store, tiny_base, "unknown_hospital", "h9", keys["signed"], fragment="not in the keyring")
 
 
 def test_replay_is_quarantined(store, tiny_base, make_vector, keys):
-    policy = IntakePolicy(keyring=keys["ring"])
+    policy = keys["signed"]
     v = make_vector("h1")
     key = store.put(v, key_file=keys["dir"] / "h1.key")
-    assert [x.meta.vector_id for x in store.latest(tiny_base.sha256, tiny_base.model.state_dict(), policy)] == [v.meta.vector_id]
+    assert admitted(store, tiny_base, policy) == [v.meta.vector_id]
     # the same signed bytes published again under a new name, with a sidecar that claims to be newer
     meta = {**_meta(v), "created_at": "2999-01-01T00:00:00+00:00"}
-    plant(store, store._local_file(key), "h1", meta, name="replayed")
+    plant(store, store.local_file(key), "h1", meta, name="replayed")
     r = rejected(store, tiny_base, "replay", "h1", policy, fragment="already seen")
-    assert [x.meta.vector_id for x in store.latest(tiny_base.sha256, tiny_base.model.state_dict(), policy)] == [v.meta.vector_id]
-    assert "replayed" in r["object"]
+    assert admitted(store, tiny_base, policy) == [v.meta.vector_id]
+    assert "replayed" in r.object
 
 
 def test_a_hospital_cannot_publish_as_another(store, tiny_base, make_vector, keys, tmp_path):
-    policy = IntakePolicy(keyring=keys["ring"])
+    policy = keys["signed"]
     # h1 signs honestly but drops the file into h2's folder
     v = make_vector("h1")
     path = v.save(tmp_path / "v.safetensors")
@@ -205,9 +213,6 @@ def test_a_hospital_cannot_publish_as_another(store, tiny_base, make_vector, key
 
 
 def test_norm_and_direction_outliers_are_quarantined(store, tiny_base, make_vector):
-    from medvec.config import load_params
-    from tasks.coordinator import screen_outliers
-
     common = make_vector("c", seed=99).deltas  # honest hospitals share a direction, plus their own noise
     honest = [make_vector(f"h{i}", seed=i) for i in range(1, 5)]
     for v in honest:
@@ -216,20 +221,35 @@ def test_norm_and_direction_outliers_are_quarantined(store, tiny_base, make_vect
     big.deltas = {k: 50 * (common[k] + 0.5 * t) for k, t in big.deltas.items()}
     flipped = make_vector("h6", seed=6)
     flipped.deltas = {k: -(common[k] + 0.5 * t) for k, t in flipped.deltas.items()}
-    for v in honest + [big, flipped]:
+    for v in [*honest, big, flipped]:
         store.put(v)
-    vectors = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
-    params = load_params(None, ["intake.defence=quarantine"])
-    kept, report = screen_outliers.fn(str(store.root), vectors, params)
-    assert sorted(v.meta.hospital for v in kept) == ["h1", "h2", "h3", "h4"]
-    by = {r["hospital"]: r for r in report}
-    assert set(by) == {"h5", "h6"} and "norm" in by["h5"]["reason"] and "cosine" in by["h6"]["reason"]
-    q = {x["hospital_claimed"]: x for x in store.quarantined()}
-    assert q["h5"]["check"] == "outlier" and (store.root / q["h5"]["object"]).is_file()
-    clip = load_params(None, ["intake.defence=clip"])
-    kept, report = screen_outliers.fn(str(store.root), store.latest(tiny_base.sha256, base=tiny_base.model.state_dict()), clip)
-    assert len(kept) == 4  # quarantined ones are gone; nothing left to clip
-    assert report == []
+    adm = admit(store, tiny_base, IntakeConfig(defence="quarantine"))
+    assert sorted(v.meta.hospital for v in adm.admitted) == ["h1", "h2", "h3", "h4"]
+    by = {r.hospital: r for r in adm.screened}
+    assert set(by) == {"h5", "h6"} and "norm" in by["h5"].reason and "cosine" in by["h6"].reason
+    q = {x.hospital_claimed: x for x in store.quarantined()}
+    assert q["h5"].check == "outlier" and (store.root / q["h5"].object).is_file()
+    assert {r.hospital_claimed for r in adm.rejected} == {"h5", "h6"}
+    again = admit(store, tiny_base, IntakeConfig(defence="clip"))
+    assert len(again.admitted) == 4  # quarantined ones are gone; nothing left to clip
+    assert again.screened == [] and again.rejected == []
+
+
+def test_clipping_keeps_the_outlier_scaled_to_the_median_norm(store, tiny_base, make_vector):
+    from medvec.defence import Scaled
+
+    common = make_vector("c", seed=99).deltas
+    vectors = [make_vector(f"h{i}", seed=i) for i in range(1, 5)]
+    for n, v in enumerate(vectors):
+        factor = 50 if n == 3 else 1
+        v.deltas = {k: factor * (common[k] + 0.5 * t) for k, t in v.deltas.items()}
+        store.put(v)
+    adm = admit(store, tiny_base, IntakeConfig(defence="clip"))
+    assert len(adm.admitted) == 4 and adm.rejected == []
+    (flag,) = adm.screened
+    assert flag.hospital == "h4" and flag.action == "clip" and 0 < flag.scale < 0.1
+    (clipped,) = [v for v in adm.admitted if isinstance(v, Scaled)]
+    assert clipped.meta.hospital == "h4" and clipped.scale == flag.scale
 
 
 def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of_each(store, tiny_base, make_vector):
@@ -257,9 +277,9 @@ def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of
     # the newest of h3 is corrupted after landing: its previous one must be used
     newest = {v.meta.hospital: v for v in vectors}
     key = f"vectors/{tiny_base.sha256}/h3/{newest['h3'].meta.vector_id}.safetensors"
-    p = store._local_file(key)
+    p = store.local_file(key)
     p.write_bytes(p.read_bytes()[:-10])
-    latest = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    latest = admit(store, tiny_base, IntakeConfig(defence="off")).admitted
     want = {h: v.meta.vector_id for h, v in newest.items()}
     want["h3"] = [v for v in vectors if v.meta.hospital == "h3"][-2].meta.vector_id
     assert {v.meta.hospital: v.meta.vector_id for v in latest} == want
@@ -313,7 +333,7 @@ def test_quarantined_vectors_are_listed_with_their_reasons(store, tiny_base, mak
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(bad.save(tmp_path / "b.safetensors").read_bytes()[:-8])
     plant(store, cut, "h2", _meta(bad))
-    store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    admit(store, tiny_base, IntakeConfig(defence="off"))
     rows = vector_rows(store, include_quarantined=True)
     assert [r["status"] for r in rows] == ["landed", "quarantined: truncated"]
     assert rows[1]["hospital"] == "h2" and "truncated" in rows[1]["reason"]

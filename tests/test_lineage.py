@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BREAST, ROOT
+from conftest import BREAST, PNEUMONIA, ROOT
 from servers import MlflowServer
 
 pytestmark = pytest.mark.integration
@@ -39,8 +39,11 @@ out = {"hospitals": [hospital_finetune(h, tmp + "/h/" + h, tmp + "/store", param
 out["good"] = merge_and_evaluate(tmp + "/store", %(data)r, params=p.model_dump(mode="json"))
 worse = load_params("params.yaml", overrides + ["merge.lam=-3.0"])  # a deliberately bad λ
 out["worse"] = merge_and_evaluate(tmp + "/store", %(data)r, params=worse.model_dump(mode="json"), force=True)
+recompute = load_params("params.yaml", overrides + ["batchnorm.strategy=recompute"])  # BN from a calibration set
+out["recompute"] = merge_and_evaluate(tmp + "/store", %(data)r, params=recompute, calibration_data=%(data)r, force=True)
+out["other_set"] = merge_and_evaluate(tmp + "/store", %(other)r, params=p, force=True)  # another validation set
 print(json.dumps(out, default=str))
-""" % {"data": str(BREAST)}
+""" % {"data": str(BREAST), "other": str(PNEUMONIA)}
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +101,39 @@ def test_champion_loads_with_pyfunc_and_predicts(tracked, monkeypatch):
     assert out.shape == (5, 2) and np.isfinite(out).all()
 
 
-def test_merge_rebuilt_from_lineage_is_bit_identical(tracked):
-    proc = subprocess.run([sys.executable, "-m", "medvec.cli", "lineage", "medvec@champion", "--rebuild"], cwd=ROOT, env=tracked["env"], capture_output=True, text=True, timeout=300)
+def rebuild(tracked, ref: str) -> str:
+    cmd = [sys.executable, "-m", "medvec.cli", "lineage", ref, "--rebuild"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=tracked["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== registered (identical)" in proc.stdout
-    assert "└─ base" in proc.stdout and proc.stdout.count("fine-tune run ") == 2
+    return proc.stdout
+
+
+def test_merge_rebuilt_from_lineage_is_bit_identical(tracked):
+    out = rebuild(tracked, "medvec@champion")
+    assert "bn=average from running" in out
+    assert "└─ base" in out and out.count("fine-tune run ") == 2
+
+
+def test_recompute_merge_rebuilt_from_its_stored_moment_sums_is_bit_identical(tracked):
+    version = tracked["out"]["recompute"]["registry"]["version"]
+    out = rebuild(tracked, f"medvec/{version}")
+    assert "bn=recompute from calibration" in out
+
+
+def test_the_gate_rescores_a_champion_scored_on_another_validation_set(tracked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
+    from mlflow import MlflowClient
+
+    from medvec import tracking
+
+    decision = tracked["out"]["other_set"]["registry"]
+    assert "re-scored on the current validation set" in decision["reason"], decision
+    assert "pneumoniamnist.npz val (524 images" in decision["reason"] and "(78 images)" in decision["reason"]
+    mv = MlflowClient(tracked["url"]).get_model_version("medvec", decision["version"])
+    assert mv.tags["medvec.gate_reason"] == decision["reason"] and mv.tags["medvec.eval_size"] == "524"
+    record = tracking.merge_record(f"medvec/{decision['version']}")
+    assert record.eval_set.size == 524 and record.eval_set.source.endswith("pneumoniamnist.npz")
 
 
 def test_dvc_registry_commit_restores_exactly_the_merged_vectors(tracked, monkeypatch, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from medvec.config import IntakeConfig
+from medvec.intake import admit
+
 import time
 
 import pytest
@@ -37,8 +40,9 @@ def _exercise(store, make_vector, tiny_base):
         store.put(v)
     with pytest.raises(StoreError, match="already exists"):
         store.put(a1)
-    latest = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    latest = admit(store, tiny_base, IntakeConfig(defence="off")).admitted
     assert [v.meta.vector_id for v in latest] == [a2.meta.vector_id, b1.meta.vector_id]
+    assert [s["meta"]["vector_id"] for s in store.latest(tiny_base.sha256)["h1"]] == [a2.meta.vector_id, a1.meta.vector_id]
     got = store.get(b1.meta.vector_id).to_vector()
     assert all(torch.equal(got.deltas[k], b1.deltas[k]) for k in b1.keys())
     return a1, a2, b1
@@ -70,10 +74,10 @@ def test_s3_corrupt_vector_is_quarantined_not_dropped(s3, monkeypatch, make_vect
     key = store.put(bad)
     body = s3.client().get_object(Bucket="medvec-unit", Key=f"quarantine-case/{key}")["Body"].read()
     s3.client().put_object(Bucket="medvec-unit", Key=f"quarantine-case/{key}", Body=body[:-50])  # truncate in place
-    latest = store.latest(tiny_base.sha256, base=tiny_base.model.state_dict())
+    latest = admit(store, tiny_base, IntakeConfig(defence="off")).admitted
     assert [v.meta.vector_id for v in latest] == [good.meta.vector_id]  # falls back to the older valid one
     reasons = store.quarantined()
-    assert len(reasons) == 1 and reasons[0]["check"] == "truncated" and reasons[0]["hospital_claimed"] == "h1"
+    assert len(reasons) == 1 and reasons[0].check == "truncated" and reasons[0].hospital_claimed == "h1"
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="medvec-unit", Prefix="quarantine-case/quarantine/")["Contents"]]
     assert f"quarantine-case/quarantine/h1/{bad.meta.vector_id}.safetensors" in keys
 

@@ -1,0 +1,197 @@
+"""Typed records of what the coordinator did: the merge record and its parts.
+
+A :class:`MergeRecord` holds everything one merge used, so that any merge can be
+replayed bit for bit (``medvec lineage NAME@ALIAS --rebuild``): the base, the
+input vectors by id and content hash, the method and λ, the batch-norm strategy
+*and* where its statistics came from, the key of the BN moment sums actually
+used, the parameters, the data and the identity of the validation set that chose
+λ.  It is built in one place, :meth:`MergeRecord.build`, and read by the store,
+MLflow tracking, the DVC registry and the rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medvec.config import Params
+from medvec.vectors import utcnow
+
+if TYPE_CHECKING:
+    from medvec.data import ImageSet
+
+BnStrategy = Literal["none", "average", "recompute"]
+BnSource = Literal["base", "running", "hospitals", "calibration"]
+"""``base``: θ_pre's statistics (strategy none); ``running``: the hospitals' running statistics (average);
+``hospitals`` or ``calibration``: moment sums of the hospitals' data or of a coordinator calibration set (recompute)."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> dict:
+        """The record as JSON-ready data (``lam`` written as ``lambda``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class VectorRef(_Record):
+    """One input vector of a merge, by id and content hash."""
+
+    vector_id: str
+    hospital: str
+    content_sha256: str
+    n_train: int = 0
+
+    @classmethod
+    def of(cls, vector) -> "VectorRef":
+        return cls(
+            vector_id=vector.meta.vector_id,
+            hospital=vector.meta.hospital,
+            content_sha256=vector.content_sha256,
+            n_train=int(vector.meta.n_train),
+        )
+
+
+class EvalSetRef(_Record):
+    """The identity of an evaluation set: where it came from, its size and a hash of its pixels and labels."""
+
+    source: str
+    split: str
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, data: "ImageSet", source: str, split: str) -> "EvalSetRef":
+        h = hashlib.sha256()
+        for array in (data.images, data.labels):
+            h.update(str((array.dtype.str, array.shape)).encode())
+            h.update(array.tobytes())
+        return cls(source=str(source), split=split, size=len(data), sha256=h.hexdigest())
+
+    def describe(self) -> str:
+        return f"{self.source} {self.split} ({self.size} images, sha256 {self.sha256[:12]}…)"
+
+
+class Rejection(_Record):
+    """A vector (or sidecar) that intake refused, kept in quarantine with the reason."""
+
+    check: str
+    problem: str
+    hospital_claimed: str
+    time: str
+    object: str
+
+
+class Screened(_Record):
+    """What the outlier screen found about one vector, and what it did."""
+
+    vector_id: str
+    hospital: str
+    action: Literal["quarantine", "clip"]
+    reason: str
+    scale: float | None = None
+    norm: float | None = None
+    cosine_loo: float | None = None
+    median_norm: float | None = None
+    median_cosine: float | None = None
+
+
+class GateDecision(_Record):
+    """The champion gate's verdict on a registered version."""
+
+    run_id: str
+    version: str
+    champion: bool
+    reason: str
+
+
+def new_merge_id() -> str:
+    stamp = utcnow().replace(":", "").replace("-", "").split(".")[0]
+    return f"merge-{stamp}Z-{uuid.uuid4().hex[:6]}"
+
+
+class MergeRecord(_Record):
+    """Everything one merge used and produced."""
+
+    merge_id: str
+    started_at: str
+    finished_at: str
+    seconds: float
+    store_url: str
+    base_sha256: str
+    method: str
+    lam: float = Field(alias="lambda")
+    bn_strategy: BnStrategy
+    bn_source: BnSource
+    inputs: tuple[VectorRef, ...]
+    screened: tuple[Screened, ...] = ()
+    quarantined: tuple[Rejection, ...] = ()
+    val: dict[str, float]
+    test: dict[str, float] = Field(default_factory=dict)
+    lambda_curve: tuple[tuple[float, float], ...] = ()
+    params: Params
+    data: str | None = Field(None, description="the training data the demo split; None: the hospitals' own data")
+    eval_set: EvalSetRef
+    merged_sha256: str
+    weights_key: str | None = None
+    moments_key: str | None = Field(None, description="store key of the BN moment sums used (recompute)")
+    dvc_commit: str | None = None
+    trigger: dict[str, str] = Field(default_factory=dict)
+    registry: GateDecision | None = None
+
+    @classmethod
+    def build(
+        cls,
+        outcome,
+        vectors,
+        base_sha256: str,
+        params: Params,
+        eval_set: EvalSetRef,
+        store_url: str,
+        started_at: str,
+        started_clock: float,
+        **extra,
+    ) -> "MergeRecord":
+        """The one constructor: a record from a merge outcome (:class:`medvec.coordinator.MergeOutcome`)."""
+        import time
+
+        from medvec.models import state_sha256
+
+        return cls(
+            merge_id=extra.pop("merge_id", None) or new_merge_id(),
+            started_at=started_at,
+            finished_at=utcnow(),
+            seconds=round(time.perf_counter() - started_clock, 2),
+            store_url=store_url,
+            base_sha256=base_sha256,
+            method=outcome.method,
+            lam=outcome.lam,
+            bn_strategy=outcome.bn.strategy,
+            bn_source=outcome.bn.source,
+            inputs=tuple(VectorRef.of(v) for v in vectors),
+            val=_floats(outcome.val),
+            test=_floats(outcome.test or {}),
+            lambda_curve=tuple((float(lam), float(v)) for lam, v in outcome.curve),
+            params=params,
+            eval_set=eval_set,
+            merged_sha256=state_sha256(outcome.model.state_dict()),
+            **extra,
+        )
+
+    @property
+    def n_train(self) -> int:
+        return sum(i.n_train for i in self.inputs)
+
+    def input_ids(self) -> list[str]:
+        return sorted(i.vector_id for i in self.inputs)
+
+    def scales(self) -> dict[str, float]:
+        """Vector id → the norm-clipping factor applied before merging."""
+        return {s.vector_id: s.scale for s in self.screened if s.action == "clip" and s.scale is not None}
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, float)}

@@ -1,0 +1,35 @@
+"""Tasks of the embedded demo: the paper's random control and the centralized upper bound."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from medvec import coordinator as core
+from medvec.config import Params
+from medvec.data import ImageSet
+from medvec.hospital import LocalData
+from medvec.models import Base
+from medvec.train import finetune
+
+
+@task(cache_policy=NO_CACHE)
+def control_row(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, bn: core.BnPlan, moments_fn) -> dict:
+    """Random vectors with each hospital's per-tensor norms, summed (the paper's control)."""
+    control = core.random_control(vectors, seed=params.merge.seed)
+    model, _ = core.realize(base, control, "sum", 1.0, bn, params, moments_fn)
+    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
+    n = sum(v.meta.n_train for v in vectors)
+    return core.Candidate(f"random control (bn={bn.strategy})", "control", "sum", 1.0, bn.strategy, val, test, n).row()
+
+
+@task(cache_policy=NO_CACHE)
+def centralized_row(
+    base: Base, hospital_dirs: list[str], evalsets: core.EvalSets, params: Params, progress: bool
+) -> dict:
+    """Upper bound: fine-tune θ_pre on all hospitals' data pooled, same settings."""
+    pooled = ImageSet.concat([LocalData.load(d).train for d in hospital_dirs])
+    model = base.fresh()
+    finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
+    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
+    return core.Candidate("centralized (pooled)", "centralized", None, None, "own", val, test, len(pooled)).row()
