@@ -235,6 +235,9 @@ class VectorStore:
         return sorted(records, key=lambda r: r.finished_at)
 
     def merge_weights(self, record: MergeRecord) -> Path:
+        """A local file holding a merge's stored weights (θ with restored BN)."""
+        if not record.weights_key or not self._exists(record.weights_key):
+            raise StoreError(f"{self.url}: no stored weights for merge {record.merge_id}")
         return self.local_file(record.weights_key)
 
     def get_moments(self, key: str) -> MomentSums:

@@ -170,13 +170,14 @@ def log_merge(
     record: MergeRecord,
     model: torch.nn.Module,
     example: np.ndarray,
-    rescore: Callable[[torch.nn.Module], dict],
+    rescore: Callable[[MergeRecord], dict],
     plots: dict[str, Path] | None = None,
 ) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
 
-    ``rescore(model)`` evaluates a model on the current validation set: the gate
-    uses it when the champion was scored on a different set.  If anything fails
+    ``rescore(champion_record)`` evaluates the champion's merged weights on the
+    current validation set: the gate uses it when the champion was scored on a
+    different set.  If anything fails
     before the gate, no alias moves.
     """
     from mlflow import MlflowClient
@@ -246,11 +247,11 @@ def _log_merge_run(mlflow, record: MergeRecord, runs: dict[str, str | None], met
         mlflow.log_artifact(str(path), artifact_path="plots")
 
 
-def _gate(client, record: MergeRecord, rescore: Callable[[torch.nn.Module], dict]) -> tuple[bool, str]:
+def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict]) -> tuple[bool, str]:
     """Does the new version beat the champion on the same validation set?  Returns (promote, reason).
 
-    When the champion was scored on another set (by content hash), it is loaded
-    and re-scored on this record's set, and the reason says so.
+    When the champion was scored on another set (by content hash), its merged
+    weights are re-scored on this record's set, and the reason says so.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -265,8 +266,8 @@ def _gate(client, record: MergeRecord, rescore: Callable[[torch.nn.Module], dict
     where = f"on {record.eval_set.describe()}"
     if champ.tags.get("medvec.eval_sha256") != record.eval_set.sha256:
         old = f"{champ_score:.4f} on {champ.tags.get('medvec.eval_source', '?')} ({champ.tags.get('medvec.eval_size', '?')} images)"
-        champ_model = mlflow.pytorch.load_model(f"models:/{reg.model_name}/{champ.version}")
-        champ_score = _score(rescore(champ_model), metric)
+        champ_record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
+        champ_score = _score(rescore(champ_record), metric)
         where = f"re-scored on the current validation set {record.eval_set.describe()} (it scored {old})"
     verdict = "beats" if new > champ_score + margin else "does not beat"
     reason = f"val {metric} {new:.4f} {verdict} champion v{champ.version} {champ_score:.4f} + margin {margin}, {where}"

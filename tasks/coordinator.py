@@ -13,7 +13,7 @@ from medvec.config import IntakeConfig, Params
 from medvec.data import split_from_config, to_tensor
 from medvec.evaluate import evaluate_model
 from medvec.intake import Admission, admit
-from medvec.models import Base, base_from_config, save_base
+from medvec.models import Base, base_from_config, load_base, save_base
 from medvec.record import GateDecision, MergeRecord
 from medvec.store import open_store
 
@@ -103,7 +103,10 @@ def register_merge(
     example = to_tensor(evalsets.val.images[:2], base.spec).numpy()
     tracking.register_base(p.registry.model_name, base.model, base.sha256, base.spec.to_dict(), example)
 
-    def rescore(champion) -> dict:
-        return evaluate_model(champion, evalsets.val, base.spec, p.evaluate.batch_size)
+    def rescore(champion: MergeRecord) -> dict:
+        """The champion's stored merged weights, scored on this merge's validation set."""
+        store = open_store(champion.store_url)
+        merged = load_base(store.merge_weights(champion), expected_sha256=champion.merged_sha256)
+        return evaluate_model(merged.model, evalsets.val, merged.spec, p.evaluate.batch_size)
 
     return tracking.log_merge(record, model, example, rescore, plots)
