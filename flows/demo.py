@@ -41,7 +41,7 @@ from tasks.coordinator import (
     single_rows,
     split_hospitals,
 )
-from tasks.demo import centralized_row, control_row
+from tasks.demo import centralized_row, control_row, simulate_async
 
 
 def hospital_moments(base: Base, hospital_dirs: list[str], params: Params):
@@ -76,8 +76,15 @@ def demo(
     overrides: list[str] | None = None,
     params_file: str | None = "params.yaml",
     progress: bool = True,
+    contributions: int | None = None,
+    straggler: float | None = None,
 ) -> dict:
-    """Run the multi-hospital comparison and write ``out/results.{json,md,png}``."""
+    """Run the multi-hospital comparison and write ``out/results.{json,md,png}``.
+
+    With ``contributions`` C, every hospital then contributes C more times to an
+    asynchronous champion on a simulated clock (``straggler``: the last hospital
+    that many times slower), one ``async`` row per landing.
+    """
     logger = get_run_logger()
     params = demo_params(params_file, overrides, hospitals, seed)
     data = data or params.demo.data
@@ -110,6 +117,11 @@ def demo(
         rows.append(control_row(base, vectors, evalsets, params, core.BnPlan.from_hospitals(params.batchnorm.strategy), moments_fn))
     if params.demo.centralized:
         rows.append(centralized_row(base, dirs, evalsets, params, progress))
+    if contributions:
+        shutil.rmtree(out_dir / "async", ignore_errors=True)
+        refine = params.model_copy(update={"refine": params.refine.model_copy(update={"mode": "async"})})
+        folders = dict(zip(split["hospitals"], dirs))
+        rows += simulate_async(str(out_dir / "async"), base, folders, refine, evalsets, contributions, straggler, progress)
 
     doc = {
         "dataset": Path(data).stem,
@@ -121,6 +133,7 @@ def demo(
         "params": params.model_dump(mode="json"),
         "vectors": [{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "path": str(v.path)} for v in vectors],
         "seconds": round(time.perf_counter() - started, 1),
+        "async": {"contributions": contributions, "straggler": straggler, "refine": params.refine.model_dump(mode="json")} if contributions else None,
         "results": rows,
     }
     curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy}

@@ -16,7 +16,15 @@ from flows.events import emit_vector_landed
 from medvec.config import Params
 from medvec.store import open_store
 from medvec.train import set_threads
-from tasks.hospital import attach_moments, fetch_base, finetune_hospital, load_local_data, publish_vector, track_hospital_run
+from tasks.hospital import (
+    attach_moments,
+    fetch_base,
+    fetch_start,
+    finetune_hospital,
+    load_local_data,
+    publish_vector,
+    track_hospital_run,
+)
 
 HOSPITAL_FLOW = "hospital-finetune"
 
@@ -35,7 +43,8 @@ def hospital_finetune(
     """Fine-tune θ_pre at ``hospital`` on ``data_dir`` and publish τ_h to ``store_url``.
 
     ``base_sha256`` defaults to the store's current base, so scheduled runs follow
-    the coordinator when it publishes a new base.  With ``key_file`` (the
+    the coordinator when it publishes a new base; ``hospital.start_from`` picks the
+    start point at run time: the current champion (async refinement) or θ_pre.  With ``key_file`` (the
     hospital's Ed25519 key from ``medvec hospital keygen``) the vector is signed.
     """
     logger = get_run_logger()
@@ -43,8 +52,9 @@ def hospital_finetune(
     set_threads(p.finetune.threads)
     base_sha256 = base_sha256 or open_store(store_url).current_base()
     base = fetch_base(store_url, base_sha256)
+    start, version = fetch_start(store_url, base, p.hospital.start_from)
     data = load_local_data(data_dir)
-    vector, history = finetune_hospital(base, hospital, data, p.finetune, progress)
+    vector, history = finetune_hospital(base, hospital, data, p.finetune, progress, start, version)
     if p.batchnorm.strategy == "recompute":
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     summary = publish_vector(store_url, vector, base, key_file)

@@ -32,6 +32,7 @@ from tasks.coordinator import (
     merge_task,
     publish_merge,
     record_in_dvc,
+    refine_task,
     register_merge,
     single_rows,
 )
@@ -79,6 +80,36 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
     create_markdown_artifact(key="merge-report", markdown="\n".join(lines), description=f"merge {record.merge_id}")
 
 
+def _finish(store_url: str, record: MergeRecord, outcome, base, evalsets, vectors, p: Params, decided=None) -> MergeRecord:
+    """DVC registry commit, MLflow registration and gate, then ``latest.json`` moves (last)."""
+    if p.registry.dvc_repo:
+        if not p.registry.dvc_remote:
+            raise ValueError("registry.dvc_repo is set but registry.dvc_remote is not")
+        record = record.model_copy(update={"dvc_commit": record_in_dvc(record, vectors, p)})
+    if p.registry.enabled:
+        with tempfile.TemporaryDirectory() as tmp:
+            plots = _plots(record, outcome, evalsets, Path(tmp))
+            decision = register_merge(record, outcome.model, base, evalsets, plots, decided)
+            record = record.model_copy(update={"registry": decision})
+    open_store(store_url).put_merge(record)  # a crash before here leaves the merge to be redone
+    return record
+
+
+def _step(store_url: str, base, admission, p: Params, eval_data: str, calibration_data: str | None, trigger: dict) -> dict:
+    """Async mode: once the buffer holds B vectors, one step into the champion (promoted if better)."""
+    logger = get_run_logger()
+    n, need = len(admission.admitted), p.refine.buffer
+    if n < need:
+        logger.info("buffer holds %d of %d vectors: no step yet", n, need)
+        return {"skipped": True, "reason": f"buffer holds {n} of {need}", "inputs": [v.meta.vector_id for v in admission.admitted]}
+    evalsets = core.EvalSets.load(eval_data)
+    calibration = load_split(calibration_data, "train") if calibration_data else None
+    step = refine_task(store_url, base, admission, p, evalsets, calibration, trigger)
+    record = _finish(store_url, step.record, step.outcome, base, evalsets, admission.admitted, p, (step.promoted, step.reason))
+    logger.info("step %s: %s", record.merge_id, step.reason)
+    return _summary(record) | {"promoted": step.promoted, "version": record.version, "reason": step.reason}
+
+
 @flow(name=MERGE_FLOW, log_prints=True)
 def merge_and_evaluate(
     store_url: str,
@@ -99,8 +130,10 @@ def merge_and_evaluate(
     store = open_store(store_url)
     base_sha = store.current_base()
     base = fetch_base(store_url, base_sha)
-    admission = admit_vectors(store_url, base, p.intake)
+    admission = admit_vectors(store_url, base, p.intake, p.refine)
     vectors = admission.admitted
+    if p.refine.mode == "async":
+        return _step(store_url, base, admission, p, eval_data, calibration_data, trigger or {})
     if not vectors:
         logger.info("no vectors for base %s yet", base_sha[:12])
         return {"skipped": True, "reason": "no vectors", "inputs": []}
@@ -125,15 +158,7 @@ def merge_and_evaluate(
         trigger=trigger or {},
     )
     record = publish_merge(store_url, record, outcome, base)
-    if p.registry.dvc_repo:
-        if not p.registry.dvc_remote:
-            raise ValueError("registry.dvc_repo is set but registry.dvc_remote is not")
-        record = record.model_copy(update={"dvc_commit": record_in_dvc(record, vectors, p)})
-    if p.registry.enabled:
-        with tempfile.TemporaryDirectory() as tmp:
-            plots = _plots(record, outcome, evalsets, Path(tmp))
-            record = record.model_copy(update={"registry": register_merge(record, outcome.model, base, evalsets, plots)})
-    store.put_merge(record)  # latest.json moves last: a crash before here leaves the merge to be redone
+    record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
     merged_row = core.Candidate(f"merged ({outcome.method}, λ={outcome.lam:g})", "merged", outcome.method, outcome.lam, outcome.bn.strategy, outcome.val, outcome.test or {}, record.n_train).row()
     _artifact(record, single_rows(base, vectors, evalsets, p) + [merged_row])
     logger.info("merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan")))

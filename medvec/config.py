@@ -106,6 +106,12 @@ class IntakeConfig(_Frozen):
     defence: Literal["off", "quarantine", "clip"] = "quarantine"
     mad_k: float = Field(5.0, gt=0, description="outlier threshold in median absolute deviations")
 
+    @field_validator("defence", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``-S intake.defence=off``) as false."""
+        return "off" if value is False else value
+
 
 class RegistryConfig(_Frozen):
     enabled: bool = Field(True, description="log runs and register merged models in MLflow")
@@ -114,6 +120,28 @@ class RegistryConfig(_Frozen):
     dvc_repo: str | None = Field(None, description="git+DVC registry of merged vectors (one commit per merge); None: off")
     dvc_remote: str | None = Field(None, description="its DVC remote: a folder or s3://bucket/prefix")
     dvc_endpoint_url: str | None = Field(None, description="S3 endpoint for that remote")
+
+
+class HospitalConfig(_Frozen):
+    """What a hospital's run starts from."""
+
+    start_from: Literal["champion", "base"] = Field(
+        "champion", description="fine-tune the current champion start point (async refinement) or θ_pre"
+    )
+
+
+class RefineConfig(_Frozen):
+    """How landed vectors move the champion: one-shot merging (the paper) or asynchronous steps."""
+
+    mode: Literal["oneshot", "async"] = Field("oneshot", description="oneshot: merge every hospital's latest; async: buffered steps")
+    buffer: int = Field(1, ge=1, description="B: vectors per step (1 = FedAsync, more = FedBuff)")
+    eta: float | None = Field(None, gt=0, description="server learning rate η; None chooses it on validation")
+    etas: tuple[float, ...] = Field((0.5, 1.0, 1.5, 2.0), description="η grid when eta is None")
+    staleness: Literal["polynomial", "hinge"] = "polynomial"
+    staleness_a: float = Field(0.5, gt=0, description="polynomial exponent a, or the hinge slope")
+    staleness_b: int = Field(4, ge=0, description="the hinge's knee: no discount up to b versions")
+    max_staleness: int = Field(8, ge=0, description="vectors staler than this are kept aside, not merged")
+    local_epochs: int = Field(1, ge=1, description="epochs per contribution in the demo's simulation")
 
 
 class DemoConfig(_Frozen):
@@ -134,6 +162,8 @@ class Params(_Frozen):
     coordinator: CoordinatorConfig = CoordinatorConfig()
     intake: IntakeConfig = IntakeConfig()
     registry: RegistryConfig = RegistryConfig()
+    hospital: HospitalConfig = HospitalConfig()
+    refine: RefineConfig = RefineConfig()
     demo: DemoConfig = DemoConfig()
 
     @field_validator("merge")

@@ -274,6 +274,7 @@ class MergeOutcome:
     val: dict
     test: dict | None
     curve: list[tuple[float, float]]
+    contributions: list | None = None  # an async step's :class:`medvec.refine.Contribution` per vector
 
 
 def merge_once(
@@ -286,13 +287,27 @@ def merge_once(
     """One production merge: ``merge.method``, λ fixed or chosen on validation, BN restored, evaluated."""
     name = params.merge.method
     method = method_from_config(name, params.merge)
+    tau = merge_delta(vectors, method)
+    return choose_scale(base, tau, lambda_grid(name, method, params), name, vectors, params, evalsets, calibration)
+
+
+def choose_scale(
+    base: Base,
+    tau: DataVector,
+    grid: Sequence[float],
+    name: str,
+    vectors: Sequence,
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None,
+) -> MergeOutcome:
+    """θ = base + scale·τ for every scale in ``grid`` (λ or η), BN restored; the best on validation wins."""
     bn = plan_bn(vectors, params.batchnorm.strategy, calibration)
     moments_fn = moments_source(vectors, bn, base, calibration, params.batchnorm.batch_size)
-    tau = merge_delta(vectors, method)
     base_state = base.model.state_dict()
     metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
     scored = []
-    for lam in lambda_grid(name, method, params):
+    for lam in grid:
         model = build_model(base, tau.apply_to(base_state, lam))
         moments = restore(model, bn.strategy, vectors, moments_fn)
         scored.append((lam, evaluate_model(model, evalsets.val, base.spec, bs), model, moments))
@@ -301,24 +316,34 @@ def merge_once(
     return MergeOutcome(model, name, lam, bn, moments, val, test, [(l, m[metric]) for l, m, _, _ in scored])
 
 
+def beats(new: dict, champion: dict, params: Params) -> tuple[bool, str]:
+    """The core champion gate: does ``new`` beat ``champion`` (both on the same validation set)?"""
+    metric, margin = params.evaluate.select_metric, params.registry.champion_margin
+    a, b = score(new, metric), score(champion, metric)
+    verdict = "beats" if a > b + margin else "does not beat"
+    return a > b + margin, f"val {metric} {a:.4f} {verdict} the champion's {b:.4f} + margin {margin}"
+
+
 def outcome_of(base: Base, vectors: Sequence, candidate: Candidate, bn: BnPlan, params: Params, moments_fn, evalsets: EvalSets) -> MergeOutcome:
     """The outcome behind one evaluated candidate (the demo registers the selected one)."""
     model, moments = realize(base, vectors, candidate.method, candidate.lam, bn, params, moments_fn)
     return MergeOutcome(model, candidate.method, candidate.lam, bn, moments, candidate.val, candidate.test, candidate.curve)
 
 
-def rebuild_merge(store, record) -> tuple[nn.Module, str]:
+def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module, str]:
     """Rebuild a recorded merge bit for bit from its :class:`~medvec.record.MergeRecord`.
 
     Inputs come from the store by id (content hashes checked), norm clipping is
     re-applied, and a ``recompute`` merge takes the moment sums stored with it.
+    An async step starts from ``parent`` (default: its stored parent start point).
     Returns (model, sha256 of its state); equal to ``record.merged_sha256`` when reproducible.
     """
     from medvec.defence import Scaled
     from medvec.models import state_sha256
+    from medvec.refine import step_delta
 
-    base = store.get_base(record.base_sha256)
-    vectors = [store.get(i.vector_id, base=base.model.state_dict(), base_sha256=base.sha256) for i in record.inputs]
+    root = store.get_base(record.base_sha256)
+    vectors = [store.get(i.vector_id, base=root.model.state_dict(), base_sha256=root.sha256) for i in record.inputs]
     for v, i in zip(vectors, record.inputs):
         if v.content_sha256 != i.content_sha256:
             raise ValueError(f"vector {i.vector_id}: content {v.content_sha256[:12]}… differs from the lineage's {i.content_sha256[:12]}…")
@@ -330,6 +355,11 @@ def rebuild_merge(store, record) -> tuple[nn.Module, str]:
             raise ValueError(f"merge {record.merge_id}: recompute merge without stored moment sums")
         stored = store.get_moments(record.moments_key)
         moments_fn = lambda model: stored  # noqa: E731
-    bn = BnPlan(record.bn_strategy, record.bn_source)
-    model, _ = realize(base, vectors, record.method, record.lam, bn, record.params, moments_fn)
+    if record.mode == "async":
+        start = parent or store.get_start(root.sha256, record.parent_version)
+        tau = step_delta(vectors, [i.weight for i in record.inputs])
+    else:
+        start, tau = root, merge_delta(vectors, method_from_config(record.method, record.params.merge))
+    model = build_model(start, tau.apply_to(start.model.state_dict(), record.lam))
+    restore(model, record.bn_strategy, vectors, moments_fn)
     return model, state_sha256(model.state_dict())

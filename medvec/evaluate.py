@@ -99,7 +99,7 @@ def _plt():
     return plt
 
 
-_KIND_COLOURS = {"single": "#9aa5b1", "merged": "#2f6fdd", "centralized": "#1b9e77", "control": "#d95f02"}
+_KIND_COLOURS = {"single": "#9aa5b1", "merged": "#2f6fdd", "centralized": "#1b9e77", "control": "#d95f02", "async": "#7570b3"}
 
 
 def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", title: str = "") -> Path:
@@ -141,6 +141,26 @@ def lambda_curve(curves: dict[str, list[tuple[float, float]]], path: str | Path,
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def async_curve(rows: list[dict], path: str | Path, references: dict[str, float] | None = None) -> Path:
+    """The async champion's test AUC against landings and against simulated time, beside reference lines."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    auc = [r["test"]["auc"] for r in rows]
+    for ax, key, label in ((axes[0], "landings", "landings"), (axes[1], "sim_time", "simulated time (1000-image epochs)")):
+        ax.step([r[key] for r in rows], auc, where="post", marker="o", color=_KIND_COLOURS["async"], label="async champion")
+        for (name, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+            ax.axhline(value, linestyle=style, color="#555", linewidth=1, label=name)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test AUC")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("asynchronous refinement: the champion after each landing")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -38,11 +38,17 @@ def finetune_vector(
     data: LocalData,
     cfg: FinetuneConfig,
     progress: bool = True,
+    start: Base | None = None,
+    start_version: int = 0,
 ) -> tuple[DataVector, TrainResult]:
-    """Fine-tune a fresh copy of θ_pre on ``data`` and return (τ_h, training record)."""
+    """Fine-tune a fresh copy of the start point (θ_pre by default) on ``data``; returns (τ_h, training record).
+
+    τ_h = θ_h − θ_start; the metadata names the root base θ_pre, and the start point's version and sha256.
+    """
+    start = start or base
     if data.train.num_classes > base.num_classes:
         raise ValueError(f"{hospital}: data has {data.train.num_classes} classes, base model has {base.num_classes}")
-    model = base.fresh()
+    model = start.fresh()
     record = finetune(model, data.train, base.spec, cfg, val=data.val, progress=progress, desc=f"{hospital} fine-tune")
     last = record.history[-1] if record.history else {}
     local = {k: v for k, v in last.items() if k.startswith("val_") or k == "loss"}
@@ -50,7 +56,7 @@ def finetune_vector(
     settings.pop("threads", None)
     settings.pop("device", None)
     vector = DataVector.from_states(
-        base.model.state_dict(),
+        start.model.state_dict(),
         model.state_dict(),
         hospital=hospital,
         base_sha256=base.sha256,
@@ -61,6 +67,8 @@ def finetune_vector(
         finetune=settings,
         metrics=local,
         running=RunningStats.of(model, len(data.train)),
+        start_version=start_version,
+        start_sha256=start.sha256 if start_version else None,
     )
     return vector, record
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from medvec.config import IntakeConfig
+from medvec.config import IntakeConfig, RefineConfig
 from medvec.defence import screen
 from medvec.models import Base
 from medvec.record import Rejection, Screened
@@ -75,15 +75,24 @@ def check(store, key: str, base: dict | None, base_sha256: str | None, policy: I
     return vf
 
 
-def admit(store, base: Base, cfg: IntakeConfig) -> Admission:
-    """The intake step: check, screen and quarantine; returns what was admitted and what was rejected."""
+def admit(store, base: Base, cfg: IntakeConfig, refine: RefineConfig | None = None) -> Admission:
+    """The intake step: check, screen and quarantine; returns what was admitted and what was rejected.
+
+    One-shot mode admits each hospital's newest valid vector.  Async mode
+    (``refine.mode``) admits every valid vector no step has consumed yet, oldest
+    first, whose start point is a known version within ``refine.max_staleness``.
+    """
     out = Admission()
     seen = store.read_json(SEEN_KEY) or {}
     before = json.dumps(seen, sort_keys=True)
     _, unreadable = store.scan(base.sha256)
     for key, hospital, problem in unreadable:
         out.rejected.append(store.quarantine(key, "sidecar", problem, hospital))
-    checked = _newest_valid(store, base, IntakePolicy.from_config(cfg), seen, out.rejected)
+    policy = IntakePolicy.from_config(cfg)
+    if refine is not None and refine.mode == "async":
+        checked = _pending(store, base, policy, refine, seen, out.rejected)
+    else:
+        checked = _newest_valid(store, base, policy, seen, out.rejected)
     if json.dumps(seen, sort_keys=True) != before:
         store.write_json(SEEN_KEY, seen)
     out.admitted, out.screened = _screen(store, checked, cfg, out.rejected)
@@ -102,6 +111,43 @@ def _newest_valid(store, base: Base, policy: IntakePolicy, seen: dict, rejected:
             except InvalidVectorError as exc:
                 rejected.append(store.quarantine(side["key"], exc.check, exc.problem, hospital))
     return chosen
+
+
+def consumed(store, root: str) -> set[str]:
+    """Vector ids that an async step has already merged (promoted or not): never applied twice."""
+    return {i.vector_id for r in store.merges(root) if r.mode == "async" for i in r.inputs}
+
+
+def _pending(store, base: Base, policy: IntakePolicy, refine: RefineConfig, seen: dict, rejected: list[Rejection]) -> list:
+    """Every valid vector not yet consumed by a step, oldest first, started from a live start point."""
+    state = base.model.state_dict()
+    points = {p.version: p for p in store.start_points(base.sha256)}
+    champion = max(points)
+    done = consumed(store, base.sha256)
+    out = []
+    for side in store.sidecars(base.sha256):
+        if side["meta"]["vector_id"] in done:
+            continue
+        try:
+            vf = check(store, side["key"], state, base.sha256, policy, seen)
+            _check_start(vf, points, champion, refine.max_staleness)
+            out.append(vf)
+        except InvalidVectorError as exc:
+            rejected.append(store.quarantine(side["key"], exc.check, exc.problem, side["meta"]["hospital"]))
+    return out
+
+
+def _check_start(vf: VectorFile, points: dict, champion: int, max_staleness: int) -> None:
+    """The vector's start point is a known version, with that version's sha256, and not too stale."""
+    version = vf.meta.start_version
+    if version not in points:
+        raise InvalidVectorError(vf.path, f"unknown start point v{version}: the store has v0..v{champion}", "start_point")
+    if vf.meta.start != points[version].sha256:
+        want = points[version].sha256[:12]
+        raise InvalidVectorError(vf.path, f"start point v{version} is {want}…, the vector names {vf.meta.start[:12]}…", "start_point")
+    if champion - version > max_staleness:
+        problem = f"stale: started from version {version}, champion is {champion} (max_staleness {max_staleness})"
+        raise InvalidVectorError(vf.path, problem, "stale")
 
 
 def _screen(store, vectors: list, cfg: IntakeConfig, rejected: list[Rejection]) -> tuple[list, list[Screened]]:

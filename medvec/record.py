@@ -44,15 +44,34 @@ class VectorRef(_Record):
     hospital: str
     content_sha256: str
     n_train: int = 0
+    start_version: int = 0
+    staleness: int = 0
+    weight: float | None = Field(None, description="w·s(staleness)/Σw in an async step; None in a one-shot merge")
 
     @classmethod
-    def of(cls, vector) -> "VectorRef":
+    def of(cls, vector, contribution=None) -> "VectorRef":
+        extra = {}
+        if contribution is not None:
+            extra = {"staleness": contribution.staleness, "weight": contribution.weight}
         return cls(
             vector_id=vector.meta.vector_id,
             hospital=vector.meta.hospital,
             content_sha256=vector.content_sha256,
             n_train=int(vector.meta.n_train),
+            start_version=int(vector.meta.start_version),
+            **extra,
         )
+
+
+class StartPoint(_Record):
+    """A model hospitals fine-tune from: version 0 is θ_pre, each promoted champion the next version."""
+
+    version: int
+    sha256: str
+    merge_id: str | None = None
+    parent_version: int | None = None
+    promoted_at: str
+    val: dict[str, float] = Field(default_factory=dict)
 
 
 class EvalSetRef(_Record):
@@ -117,6 +136,10 @@ class MergeRecord(_Record):
     """Everything one merge used and produced."""
 
     merge_id: str
+    mode: Literal["oneshot", "async"] = "oneshot"
+    parent_version: int = Field(0, description="the champion version an async step started from (0: θ_pre)")
+    parent_sha256: str | None = None
+    version: int | None = Field(None, description="the start-point version this merge became, if promoted")
     started_at: str
     finished_at: str
     seconds: float
@@ -171,7 +194,7 @@ class MergeRecord(_Record):
             lam=outcome.lam,
             bn_strategy=outcome.bn.strategy,
             bn_source=outcome.bn.source,
-            inputs=tuple(VectorRef.of(v) for v in vectors),
+            inputs=tuple(VectorRef.of(v, c) for v, c in zip(vectors, outcome.contributions or [None] * len(vectors))),
             val=_floats(outcome.val),
             test=_floats(outcome.test or {}),
             lambda_curve=tuple((float(lam), float(v)) for lam, v in outcome.curve),

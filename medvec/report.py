@@ -3,12 +3,15 @@
 ``results.json`` schema::
 
     {"dataset": str, "model": str, "base_sha256": str, "split": {...},
-     "results": [{"name": str, "kind": "single"|"merged"|"centralized"|"control",
+     "results": [{"name": str, "kind": "single"|"merged"|"centralized"|"control"|"async",
                   "method": str|null, "lambda": float|null, "bn_restored": bool,
                   "selected": bool, "n_train": int,
                   "test": {"auc": float, "balanced_accuracy": float, "accuracy": float}}]}
 
 Exactly one merged row has ``selected: true``: the one the validation split chose.
+``async`` rows (``medvec demo --contributions C``) describe the asynchronous
+champion after each landing, with ``landings``, ``sim_time`` and ``version``;
+the last one has ``final: true``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import json
 import math
 from pathlib import Path
 
-from medvec.evaluate import bar_chart, confusion_plot, lambda_curve, markdown_table, results_frame
+from medvec.evaluate import async_curve, bar_chart, confusion_plot, lambda_curve, markdown_table, results_frame
 
-KINDS = ("single", "merged", "centralized", "control")
+KINDS = ("single", "merged", "centralized", "control", "async")
 
 
 def validate_results(doc: dict) -> None:
@@ -30,7 +33,12 @@ def validate_results(doc: dict) -> None:
     selected = [r for r in doc["results"] if r.get("selected")]
     if len(selected) != 1 or selected[0]["kind"] != "merged":
         raise ValueError(f"results.json: exactly one merged row must be selected, found {len(selected)}")
+    finals = [r for r in doc["results"] if r.get("kind") == "async" and r.get("final")]
+    if any(r.get("kind") == "async" for r in doc["results"]) and len(finals) != 1:
+        raise ValueError(f"results.json: exactly one async row must be final, found {len(finals)}")
     for r in doc["results"]:
+        if r.get("kind") == "async" and not all(k in r for k in ("landings", "sim_time", "version")):
+            raise ValueError(f"results.json: async row {r.get('name')!r} lacks landings, sim_time or version")
         if r.get("kind") not in KINDS:
             raise ValueError(f"results.json: row {r.get('name')!r} has kind {r.get('kind')!r}")
         for k in ("auc", "balanced_accuracy", "accuracy"):
@@ -81,7 +89,18 @@ def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes
     md += [f"- {line}" for line in summary_lines(doc["results"])]
     md += ["", table, "", "★ = chosen on the validation split for promotion; test figures are reported, never used to choose.", ""]
     paths["md"].write_text("\n".join(md))
-    bar_chart(results_frame(doc["results"]), paths["bars"], "test_auc", f"{doc['dataset']}: test AUC")
+    bars = [r for r in doc["results"] if r["kind"] != "async" or r.get("final")]
+    bar_chart(results_frame(bars), paths["bars"], "test_auc", f"{doc['dataset']}: test AUC")
+    steps = [r for r in doc["results"] if r["kind"] == "async"]
+    if steps:
+        sel = next(r for r in doc["results"] if r.get("selected"))
+        refs = {"one-shot merge (selected)": sel["test"]["auc"]}
+        central = next((r for r in doc["results"] if r["kind"] == "centralized"), None)
+        if central:
+            refs["centralized"] = central["test"]["auc"]
+        paths["async"] = async_curve(steps, out / "async.png", refs)
+        md += ["", "![async champion after each landing](async.png)", ""]
+        paths["md"].write_text("\n".join(md))
     if curves:
         paths["lambda"] = lambda_curve(curves, out / "lambda.png")
     sel = next(r for r in doc["results"] if r.get("selected"))

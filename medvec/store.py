@@ -34,7 +34,7 @@ from pathlib import Path
 from medvec.batchnorm import MomentSums
 from medvec.faults import failpoint
 from medvec.models import Base, load_base, save_base
-from medvec.record import MergeRecord, Rejection
+from medvec.record import MergeRecord, Rejection, StartPoint
 from medvec.vectors import DataVector, VectorFile, load_vector, utcnow
 
 
@@ -192,6 +192,45 @@ class VectorStore:
     def quarantined(self) -> list[Rejection]:
         keys = [k for k in self._list("quarantine/") if k.endswith(".reason.json")]
         return [Rejection.model_validate(json.loads(self._read_bytes(k))) for k in keys]
+
+    # ------------------------------------------------------------ start points
+    def start_points(self, root: str) -> list[StartPoint]:
+        """Version 0 (θ_pre) and every promoted champion for the base ``root``, oldest first."""
+        doc = self.read_json(f"starts/{root}/index.json") or []
+        return [StartPoint(version=0, sha256=root, promoted_at=""), *(StartPoint.model_validate(d) for d in doc)]
+
+    def champion(self, root: str) -> StartPoint:
+        """The current champion start point (version 0, θ_pre, until a step is promoted)."""
+        return self.start_points(root)[-1]
+
+    def put_start(self, root: str, model: Base, merge_id: str, val: dict[str, float]) -> StartPoint:
+        """Promote ``model`` to the next start point: its weights first, then the index that names it."""
+        points = self.start_points(root)
+        parent = points[-1]
+        point = StartPoint(
+            version=parent.version + 1,
+            sha256=model.sha256,
+            merge_id=merge_id,
+            parent_version=parent.version,
+            promoted_at=utcnow(),
+            val=val,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "start.safetensors"
+            save_base(model, path)
+            self._write_file(f"starts/{root}/v{point.version}.safetensors", path)
+        self.write_json(f"starts/{root}/index.json", [p.to_json() for p in points[1:]] + [point.to_json()])
+        return point
+
+    def get_start(self, root: str, version: int) -> Base:
+        """The weights of start point ``version`` (0: θ_pre), hash-checked."""
+        if version == 0:
+            return self.get_base(root)
+        points = {p.version: p for p in self.start_points(root)}
+        if version not in points:
+            raise StoreError(f"{self.url}: no start point v{version} for base {root[:12]}…")
+        key = f"starts/{root}/v{version}.safetensors"
+        return load_base(self.local_file(key), expected_sha256=points[version].sha256)
 
     # ------------------------------------------------------------ merges
     @staticmethod

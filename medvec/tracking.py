@@ -172,13 +172,14 @@ def log_merge(
     example: np.ndarray,
     rescore: Callable[[MergeRecord], dict],
     plots: dict[str, Path] | None = None,
+    decided: tuple[bool, str] | None = None,
 ) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
 
     ``rescore(champion_record)`` evaluates the champion's merged weights on the
     current validation set: the gate uses it when the champion was scored on a
-    different set.  If anything fails
-    before the gate, no alias moves.
+    different set.  ``decided`` (promote, reason) is an async step's own gate,
+    taken against the champion start point.  If anything fails before the gate, no alias moves.
     """
     from mlflow import MlflowClient
 
@@ -198,10 +199,14 @@ def log_merge(
         "medvec.eval_sha256": record.eval_set.sha256,
         "medvec.eval_size": str(record.eval_set.size),
         "medvec.eval_source": record.eval_set.source,
+        "medvec.mode": record.mode,
+        "medvec.parent_version": str(record.parent_version),
     }
+    if record.version is not None:
+        tags["medvec.version"] = str(record.version)
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
-    champion, reason = _gate(client, record, rescore)
+    champion, reason = decided or _gate(client, record, rescore)
     verdict = "champion" if champion else "rejected"
     if champion:
         client.set_registered_model_alias(reg.model_name, "champion", version)
@@ -356,7 +361,23 @@ def lineage_text(tree: dict) -> str:
         else:
             lines.append(f"{pad}└─ fine-tune run: not found in this tracking server")
     lines.append(f"   └─ base {b['sha256']}  registered as {b['registered_as']} v{','.join(b['versions']) or '?'}")
+    lines += _chain_text(tree.get("chain", []))
     return "\n".join(lines)
+
+
+def _chain_text(chain: list[dict]) -> list[str]:
+    """The async version chain back to θ_pre: each step with its vectors, staleness and weights."""
+    if not chain:
+        return []
+    lines = ["version chain (θ_pre is v0):"]
+    for step in chain:
+        version = f"v{step['version']}" if step["version"] is not None else "not promoted"
+        val = step["val"].get("auc", float("nan"))
+        lines.append(f"  {version} ← v{step['parent_version']}  {step['merge_id']}  η={step['eta']:g}  bn={step['bn']}  val_auc={val:.4f}")
+        for v in step["vectors"]:
+            weight = "-" if v["weight"] is None else f"{v['weight']:.4f}"
+            lines.append(f"     {v['hospital']:>8}  {v['vector_id']}  from v{v['start_version']}  staleness {v['staleness']}  weight {weight}")
+    return lines
 
 
 def merge_record(ref: str) -> MergeRecord:

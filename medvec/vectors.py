@@ -68,6 +68,13 @@ class VectorMeta(BaseModel):
     created_at: str
     medvec_version: str = medvec.__version__
     moments_model_sha256: str | None = None
+    start_version: int = Field(0, ge=0, description="the start point fine-tuned from: 0 is θ_pre")
+    start_sha256: str | None = Field(None, description="that start point's sha256 (None: θ_pre, base_sha256)")
+
+    @property
+    def start(self) -> str:
+        """The sha256 of the weights this vector is a difference from."""
+        return self.start_sha256 or self.base_sha256
 
 
 def vector_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -117,6 +124,8 @@ class DataVector:
         running: RunningStats | None = None,
         moments: MomentSums | None = None,
         moments_model_sha256: str | None = None,
+        start_version: int = 0,
+        start_sha256: str | None = None,
     ) -> "DataVector":
         """Build τ from θ_pre and θ_h (keys and shapes must agree)."""
         if set(base) != set(tuned):
@@ -140,6 +149,8 @@ class DataVector:
             metrics={k: float(x) for k, x in (metrics or {}).items() if math.isfinite(float(x))},
             created_at=utcnow(),
             moments_model_sha256=moments_model_sha256,
+            start_version=start_version,
+            start_sha256=start_sha256,
         )
         v.meta = meta
         return v

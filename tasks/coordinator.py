@@ -9,12 +9,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medvec import coordinator as core
-from medvec.config import IntakeConfig, Params
+from medvec.config import IntakeConfig, Params, RefineConfig
 from medvec.data import split_from_config, to_tensor
 from medvec.evaluate import evaluate_model
 from medvec.intake import Admission, admit
 from medvec.models import Base, base_from_config, load_base, save_base
 from medvec.record import GateDecision, MergeRecord
+from medvec.refine import Step, run_step
 from medvec.store import open_store
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
@@ -35,9 +36,15 @@ def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
 
 
 @task(**IO_RETRIES)
-def admit_vectors(store_url: str, base: Base, intake: IntakeConfig) -> Admission:
-    """Intake: each hospital's newest valid vector for this base, screened; rejections quarantined."""
-    return admit(open_store(store_url), base, intake)
+def admit_vectors(store_url: str, base: Base, intake: IntakeConfig, refine: RefineConfig | None = None) -> Admission:
+    """Intake: the vectors to merge (newest per hospital, or every unconsumed one in async mode), screened."""
+    return admit(open_store(store_url), base, intake, refine)
+
+
+@task(cache_policy=NO_CACHE)
+def refine_task(store_url: str, base: Base, admission: Admission, params: Params, evalsets: core.EvalSets, calibration, trigger) -> Step:
+    """One async step into the champion: merged, gated on validation, stored, promoted if better."""
+    return run_step(open_store(store_url), base, admission, params, evalsets, calibration, trigger)
 
 
 @task(cache_policy=NO_CACHE)
@@ -94,7 +101,12 @@ def record_in_dvc(record: MergeRecord, vectors: list, params: Params) -> str:
 
 @task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
 def register_merge(
-    record: MergeRecord, model, base: Base, evalsets: core.EvalSets, plots: dict[str, Path] | None = None
+    record: MergeRecord,
+    model,
+    base: Base,
+    evalsets: core.EvalSets,
+    plots: dict[str, Path] | None = None,
+    decided: tuple[bool, str] | None = None,
 ) -> GateDecision:
     """Log the merge run to MLflow, register the model and apply the champion gate on the same validation set."""
     from medvec import tracking
@@ -109,4 +121,4 @@ def register_merge(
         merged = load_base(store.merge_weights(champion), expected_sha256=champion.merged_sha256)
         return evaluate_model(merged.model, evalsets.val, merged.spec, p.evaluate.batch_size)
 
-    return tracking.log_merge(record, model, example, rescore, plots)
+    return tracking.log_merge(record, model, example, rescore, plots, decided)

@@ -33,3 +33,24 @@ def centralized_row(
     finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
     val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
     return core.Candidate("centralized (pooled)", "centralized", None, None, "own", val, test, len(pooled)).row()
+
+
+@task(cache_policy=NO_CACHE)
+def simulate_async(
+    store_url: str,
+    base: Base,
+    folders: dict[str, str],
+    params: Params,
+    evalsets: core.EvalSets,
+    contributions: int,
+    straggler: float | None,
+    progress: bool,
+) -> list[dict]:
+    """Every hospital contributes ``contributions`` times on a simulated clock; a row per landing."""
+    from medvec.simulate import Clock, simulate
+    from medvec.store import open_store
+
+    store = open_store(store_url)
+    store.put_base(base)
+    clock = Clock.seeded(list(folders), params.split.seed + params.finetune.seed, straggler)
+    return simulate(store, base, folders, params, evalsets, contributions, clock, params.refine.local_epochs, progress)

@@ -19,6 +19,14 @@ def fetch_base(store_url: str, base_sha256: str) -> Base:
     return open_store(store_url).get_base(base_sha256)
 
 
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+def fetch_start(store_url: str, root: Base, start_from: str) -> tuple[Base, int]:
+    """The start point to fine-tune: the current champion's weights and version, or θ_pre (version 0)."""
+    store = open_store(store_url)
+    version = store.champion(root.sha256).version if start_from == "champion" else 0
+    return (store.get_start(root.sha256, version) if version else root), version
+
+
 @task(cache_policy=NO_CACHE)
 def load_local_data(data_dir: str) -> LocalData:
     """Read this hospital's own folder (nothing else)."""
@@ -26,9 +34,17 @@ def load_local_data(data_dir: str) -> LocalData:
 
 
 @task(cache_policy=NO_CACHE)
-def finetune_hospital(base: Base, hospital: str, data: LocalData, cfg: FinetuneConfig, progress: bool = True) -> tuple[DataVector, list[dict]]:
-    """Fine-tune θ_pre on local data; returns the data vector and the per-epoch history."""
-    vector, record = finetune_vector(base, hospital, data, cfg, progress=progress)
+def finetune_hospital(
+    base: Base,
+    hospital: str,
+    data: LocalData,
+    cfg: FinetuneConfig,
+    progress: bool = True,
+    start: Base | None = None,
+    start_version: int = 0,
+) -> tuple[DataVector, list[dict]]:
+    """Fine-tune the start point (θ_pre by default) on local data; returns the data vector and the history."""
+    vector, record = finetune_vector(base, hospital, data, cfg, progress, start, start_version)
     return vector, record.history
 
 
@@ -68,6 +84,7 @@ def publish_vector(store_url: str, vector: DataVector, base: Base, key_file: str
         "base_sha256": stored.meta.base_sha256,
         "content_sha256": stored.content_sha256,
         "n_train": stored.meta.n_train,
+        "start_version": stored.meta.start_version,
         "key": key,
         "store": store.url,
     }
