@@ -24,9 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.hospital_finetune import hospital_finetune
 from medvec import coordinator as core
-from medvec.batchnorm import MomentSums
 from medvec.config import Params, load_params
-from medvec.hospital import LocalData, local_moment_sums
+from medvec.hospital import live_moments
 from medvec.models import Base
 from medvec.record import MergeRecord
 from medvec.report import render_table, write_report
@@ -42,17 +41,6 @@ from tasks.coordinator import (
     split_hospitals,
 )
 from tasks.demo import centralized_row, control_row, simulate_async
-
-
-def hospital_moments(base: Base, hospital_dirs: list[str], params: Params):
-    """``moments_fn`` answered by each hospital on its own data (only sums come back)."""
-    local = [LocalData.load(d).train for d in hospital_dirs]
-
-    def moments_fn(model):
-        sums = (local_moment_sums(model, base, data, params.batchnorm, seed=i) for i, data in enumerate(local))
-        return MomentSums.combine(sums)
-
-    return moments_fn
 
 
 def demo_params(
@@ -108,7 +96,7 @@ def demo(
     # the demo is a comparison: every hospital is merged, no outlier screen
     admission = admit_vectors(store_url, base, params.intake.model_copy(update={"defence": "off"}))
     vectors = admission.admitted
-    moments_fn = hospital_moments(base, dirs, params)
+    moments_fn = live_moments(base, dirs, params.batchnorm)
     rows = single_rows(base, vectors, evalsets, params)
     merge_started, merge_clock = utcnow(), time.perf_counter()
     candidates = evaluate_merges(base, vectors, evalsets, params, moments_fn, progress)
@@ -121,7 +109,7 @@ def demo(
         shutil.rmtree(out_dir / "async", ignore_errors=True)
         refine = params.model_copy(update={"refine": params.refine.model_copy(update={"mode": "async"})})
         folders = dict(zip(split["hospitals"], dirs))
-        rows += simulate_async(str(out_dir / "async"), base, folders, refine, evalsets, contributions, straggler, progress)
+        rows += simulate_async(str(out_dir / "async"), base, folders, refine, evalsets, contributions, straggler, progress, moments_fn)
 
     doc = {
         "dataset": Path(data).stem,

@@ -300,10 +300,17 @@ def choose_scale(
     params: Params,
     evalsets: EvalSets,
     calibration: ImageSet | None,
+    moments_fn: MomentsFn | None = None,
 ) -> MergeOutcome:
-    """θ = base + scale·τ for every scale in ``grid`` (λ or η), BN restored; the best on validation wins."""
-    bn = plan_bn(vectors, params.batchnorm.strategy, calibration)
-    moments_fn = moments_source(vectors, bn, base, calibration, params.batchnorm.batch_size)
+    """θ = base + scale·τ for every scale in ``grid`` (λ or η), BN restored; the best on validation wins.
+
+    A ``moments_fn`` given here (hospitals answering under each candidate) takes ``recompute`` from the hospitals.
+    """
+    if moments_fn is not None and params.batchnorm.strategy == "recompute":
+        bn = BnPlan("recompute", "hospitals")
+    else:
+        bn = plan_bn(vectors, params.batchnorm.strategy, calibration)
+        moments_fn = moments_source(vectors, bn, base, calibration, params.batchnorm.batch_size)
     base_state = base.model.state_dict()
     metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
     scored = []

@@ -55,6 +55,50 @@ def metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = Non
     }
 
 
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9) -> float:
+    """A binary decision threshold on the positive-class probability, chosen on validation data.
+
+    ``youden``: the ROC point that maximises J = sensitivity + specificity − 1;
+    ``sensitivity``: the highest threshold whose sensitivity reaches ``target_sensitivity``.
+    """
+    from sklearn.metrics import roc_curve
+
+    y_true = np.asarray(y_true).reshape(-1)
+    if len(np.unique(y_true)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y_true, scores)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if rule == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    if rule == "sensitivity":
+        ok = np.nonzero(tpr >= target_sensitivity)[0]
+        return float(thresholds[ok[0]]) if len(ok) else float(thresholds[-1])
+    raise ValueError(f"unknown threshold rule {rule!r}: valid are youden, sensitivity")
+
+
+def at_threshold(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity, balanced accuracy and accuracy of ``scores >= threshold``."""
+    y_true = np.asarray(y_true).reshape(-1).astype(bool)
+    pred = np.asarray(scores) >= threshold
+    pos, neg = y_true.sum(), (~y_true).sum()
+    sens = float((pred & y_true).sum() / pos) if pos else float("nan")
+    spec = float((~pred & ~y_true).sum() / neg) if neg else float("nan")
+    return {
+        "threshold": float(threshold),
+        "sensitivity": sens,
+        "specificity": spec,
+        "balanced_accuracy": (sens + spec) / 2,
+        "accuracy": float((pred == y_true).mean()) if len(y_true) else float("nan"),
+    }
+
+
+def operating_point(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], rule: str = "youden", target: float = 0.9) -> dict:
+    """Choose the threshold on (labels, P(positive)) of validation; report at it on test."""
+    threshold = choose_threshold(val[0], val[1], rule, target)
+    return at_threshold(test[0], test[1], threshold)
+
+
 def evaluate_model(model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
     return metrics(data.labels, predict(model, data, spec, batch_size, device), data.num_classes)
 

@@ -76,3 +76,13 @@ def finetune_vector(
 def local_moment_sums(model: nn.Module, base: Base, data: ImageSet, cfg: BatchNormConfig, seed: int = 0) -> MomentSums:
     """Per-layer (count, Σx, Σx²) of the BN inputs under ``model`` on up to ``cfg.max_samples`` local images."""
     return moment_sums(model, batches(data, base.spec, cfg.batch_size, seed=seed, limit=cfg.max_samples))
+
+
+def live_moments(base: Base, folders: list[str | Path], cfg: BatchNormConfig):
+    """A ``moments_fn`` answered by each hospital on its own data under the model asked about (only sums come back)."""
+    local = [LocalData.load(f).train for f in folders]
+
+    def moments_fn(model: nn.Module) -> MomentSums:
+        return MomentSums.combine(local_moment_sums(model, base, data, cfg, seed=i) for i, data in enumerate(local))
+
+    return moments_fn

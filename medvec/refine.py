@@ -92,13 +92,14 @@ def refine_step(
     params: Params,
     evalsets: EvalSets,
     calibration: ImageSet | None = None,
+    moments_fn=None,
 ) -> MergeOutcome:
     """One step: θ_champion + η·Σ w_i·s(staleness_i)·τ_i/Σ w_i, η chosen on validation, BN restored."""
     r = params.refine
     parts = contributions(vectors, version, r.staleness, r.staleness_a, r.staleness_b)
     tau = step_delta(vectors, [c.weight for c in parts])
     grid = [r.eta] if r.eta is not None else list(r.etas)
-    outcome = choose_scale(champion, tau, grid, "async", vectors, params, evalsets, calibration)
+    outcome = choose_scale(champion, tau, grid, "async", vectors, params, evalsets, calibration, moments_fn)
     outcome.contributions = parts
     return outcome
 
@@ -113,16 +114,21 @@ class Step:
     reason: str
 
 
-def run_step(store, root: Base, admission, params: Params, evalsets: EvalSets, calibration=None, trigger=None) -> Step:
+def run_step(
+    store, root: Base, admission, params: Params, evalsets: EvalSets, calibration=None, trigger=None, moments_fn=None
+) -> Step:
     """Merge the admitted buffer into the champion, gate it on validation, store it and promote it if better.
 
     The step's record is stored before promotion, so its vectors count as
     consumed even if a later stage fails: a vector is never applied twice.
+    ``moments_fn`` (hospitals answering moment sums under each candidate, as in
+    the demo) makes ``recompute`` exact; without it the BN plan follows
+    what the vectors carry (:func:`medvec.coordinator.plan_bn`).
     """
     started_at, clock = utcnow(), time.perf_counter()
     point = store.champion(root.sha256)
     champion = store.get_start(root.sha256, point.version)
-    outcome = refine_step(champion, point.version, admission.admitted, params, evalsets, calibration)
+    outcome = refine_step(champion, point.version, admission.admitted, params, evalsets, calibration, moments_fn)
     champion_val = evaluate_model(champion.model, evalsets.val, champion.spec, params.evaluate.batch_size)
     promoted, reason = beats(outcome.val, champion_val, params)
     record = MergeRecord.build(

@@ -74,6 +74,7 @@ def simulate(
     epochs: int = 1,
     progress: bool = True,
     on_landing: Callable[[dict], None] | None = None,
+    moments_fn=None,
 ) -> list[dict]:
     """Run the simulation; returns one ``async`` row per landing (the champion after it), the last marked final."""
     data = {h: LocalData.load(f) for h, f in folders.items()}
@@ -95,7 +96,7 @@ def simulate(
         store.put(run.vector)
         landings += 1
         bar.update(1)
-        rows.append(_land(store, base, params, evalsets, landings, run.time))
+        rows.append(_land(store, base, params, evalsets, landings, run.time, moments_fn))
         if on_landing is not None:
             on_landing(rows[-1])
         if run.number < contributions:
@@ -107,12 +108,12 @@ def simulate(
     return rows
 
 
-def _land(store, base: Base, params: Params, evalsets: EvalSets, landings: int, now: float) -> dict:
+def _land(store, base: Base, params: Params, evalsets: EvalSets, landings: int, now: float, moments_fn=None) -> dict:
     """Intake and, once the buffer is full, one step; the row describes the champion afterwards."""
     admission = admit(store, base, params.intake, params.refine)
     note = f"buffer {len(admission.admitted)} of {params.refine.buffer}"
     if len(admission.admitted) >= params.refine.buffer:
-        note = run_step(store, base, admission, params, evalsets).reason
+        note = run_step(store, base, admission, params, evalsets, moments_fn=moments_fn).reason
     point = store.champion(base.sha256)
     champion = store.get_start(base.sha256, point.version) if point.version else base
     val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size)

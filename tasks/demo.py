@@ -45,6 +45,7 @@ def simulate_async(
     contributions: int,
     straggler: float | None,
     progress: bool,
+    moments_fn=None,
 ) -> list[dict]:
     """Every hospital contributes ``contributions`` times on a simulated clock; a row per landing."""
     from medvec.simulate import Clock, simulate
@@ -53,4 +54,5 @@ def simulate_async(
     store = open_store(store_url)
     store.put_base(base)
     clock = Clock.seeded(list(folders), params.split.seed + params.finetune.seed, straggler)
-    return simulate(store, base, folders, params, evalsets, contributions, clock, params.refine.local_epochs, progress)
+    epochs = params.refine.local_epochs
+    return simulate(store, base, folders, params, evalsets, contributions, clock, epochs, progress, moments_fn=moments_fn)
