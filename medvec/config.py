@@ -85,6 +85,10 @@ class BatchNormConfig(_Frozen):
 class EvaluateConfig(_Frozen):
     batch_size: int = Field(64, ge=1, description="64 is ~3x faster than 256 on CPU (cache)")
     select_metric: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
+    threshold: Literal["youden", "sensitivity"] = Field(
+        "youden", description="operating point chosen on validation: Youden's J, or the target sensitivity"
+    )
+    target_sensitivity: float = Field(0.9, gt=0, le=1, description="with threshold: sensitivity")
 
 
 class StoreConfig(_Frozen):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from medvec.batchnorm import MomentSums, RunningStats, restore_batchnorm, set_running
 from medvec.config import Params
 from medvec.data import ImageSet, has_split, load_split
-from medvec.evaluate import evaluate_model
+from medvec.evaluate import evaluate_model, with_operating_point
 from medvec.merge import MergeMethod, merge_delta, method_from_config
 from medvec.models import Base
 from medvec.record import EvalSetRef
@@ -79,14 +79,20 @@ class Candidate:
 
 
 def _scalars(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy")}
+    """The metrics a report row keeps: AUC, balanced accuracy and accuracy (argmax), and the operating point."""
+    return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy", "op")}
 
 
-def evaluate_on(model: nn.Module, evalsets: EvalSets, spec, batch_size: int) -> tuple[dict, dict]:
-    """(validation metrics, test metrics or {} when the coordinator holds no test split)."""
+def evaluate_on(model: nn.Module, evalsets: EvalSets, spec, batch_size: int, rule: str = "youden", target: float = 0.9) -> tuple[dict, dict]:
+    """(validation metrics, test metrics with the validation-chosen operating point, or {} without a test split)."""
     val = evaluate_model(model, evalsets.val, spec, batch_size)
-    test = evaluate_model(model, evalsets.test, spec, batch_size) if evalsets.test is not None else {}
-    return val, test
+    test = evaluate_model(model, evalsets.test, spec, batch_size) if evalsets.test is not None else None
+    return val, with_operating_point(val, test, rule, target) or {}
+
+
+def op_rule(params: Params) -> tuple[str, float]:
+    """How the operating point is chosen on validation (``evaluate.threshold``, ``evaluate.target_sensitivity``)."""
+    return params.evaluate.threshold, params.evaluate.target_sensitivity
 
 
 def score(m: dict, metric: str) -> float:
@@ -183,7 +189,7 @@ def evaluate_merges(
         for strategy in strategies:
             lam, val = max(per_strategy[strategy], key=lambda p: score(p[1], metric))
             model = restored(base, tau.apply_to(base_state, lam), strategy, vectors, moments_fn)
-            test = evaluate_model(model, evalsets.test, base.spec, bs)
+            test = with_operating_point(val, evaluate_model(model, evalsets.test, base.spec, bs), *op_rule(params))
             curve = [(l, m[metric]) for l, m in per_strategy[strategy]]
             results.append(Candidate(f"{name} (bn={strategy})", "merged", name, lam, strategy, val, test, n_train, curve=curve))
             bar.update(1)
@@ -320,6 +326,7 @@ def choose_scale(
         scored.append((lam, evaluate_model(model, evalsets.val, base.spec, bs), model, moments))
     lam, val, model, moments = max(scored, key=lambda s: score(s[1], metric))
     test = evaluate_model(model, evalsets.test, base.spec, bs) if evalsets.test is not None else None
+    test = with_operating_point(val, test, *op_rule(params))
     return MergeOutcome(model, name, lam, bn, moments, val, test, [(l, m[metric]) for l, m, _, _ in scored])
 
 

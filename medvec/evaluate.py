@@ -100,7 +100,19 @@ def operating_point(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
 
 
 def evaluate_model(model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
-    return metrics(data.labels, predict(model, data, spec, batch_size, device), data.num_classes)
+    """:func:`metrics` of the model on ``data``; binary tasks also keep ``scores``, P(positive), for an operating point."""
+    proba = predict(model, data, spec, batch_size, device)
+    out = metrics(data.labels, proba, data.num_classes)
+    if proba.shape[1] == 2:
+        out["scores"], out["labels"] = proba[:, 1], data.labels
+    return out
+
+
+def with_operating_point(val: dict, test: dict | None, rule: str = "youden", target: float = 0.9) -> dict | None:
+    """Add ``op`` to the test metrics: the threshold chosen on validation scores, applied to the test scores."""
+    if test is None or "scores" not in val or "scores" not in test:
+        return test
+    return test | {"op": operating_point((val["labels"], val["scores"]), (test["labels"], test["scores"]), rule, target)}
 
 
 def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
@@ -112,6 +124,8 @@ def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
             for k, v in (r.get(split) or {}).items():
                 if isinstance(v, (int, float)):
                     d[f"{split}_{k}"] = v
+            for k, v in ((r.get(split) or {}).get("op") or {}).items():
+                d[f"{split}_op_{k}"] = v
         flat.append(d)
     return pd.DataFrame(flat)
 

@@ -154,6 +154,9 @@ class MergeRecord(_Record):
     quarantined: tuple[Rejection, ...] = ()
     val: dict[str, float]
     test: dict[str, float] = Field(default_factory=dict)
+    operating_point: dict[str, float] = Field(
+        default_factory=dict, description="threshold chosen on validation; sensitivity, specificity… at it on test"
+    )
     lambda_curve: tuple[tuple[float, float], ...] = ()
     params: Params
     data: str | None = Field(None, description="the training data the demo split; None: the hospitals' own data")
@@ -197,6 +200,7 @@ class MergeRecord(_Record):
             inputs=tuple(VectorRef.of(v, c) for v, c in zip(vectors, outcome.contributions or [None] * len(vectors))),
             val=_floats(outcome.val),
             test=_floats(outcome.test or {}),
+            operating_point=_floats((outcome.test or {}).get("op", {})),
             lambda_curve=tuple((float(lam), float(v)) for lam, v in outcome.curve),
             params=params,
             eval_set=eval_set,

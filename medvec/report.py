@@ -80,14 +80,17 @@ def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes
     df = results_frame(doc["results"])
     df["lambda"] = df["lambda"].map(lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:g}")
     df["selected"] = df["selected"].map(lambda s: "★" if s else "")
-    table = markdown_table(
-        df,
-        ["name", "kind", "lambda", "selected", "n_train", "val_auc", "test_auc", "test_balanced_accuracy", "test_accuracy"],
-        ["model", "kind", "λ", "sel", "n train", "val AUC", "test AUC", "test bal. acc", "test acc"],
-    )
+    columns = {
+        "name": "model", "kind": "kind", "lambda": "λ", "selected": "sel", "n_train": "n train", "val_auc": "val AUC",
+        "test_auc": "test AUC", "test_balanced_accuracy": "test bal. acc", "test_accuracy": "test acc",
+        "test_op_sensitivity": "sens @op", "test_op_specificity": "spec @op", "test_op_balanced_accuracy": "bal. acc @op",
+    }  # fmt: skip
+    shown = [c for c in columns if c in df]
+    table = markdown_table(df, shown, [columns[c] for c in shown])
     md = [f"# medvec comparison: {doc['dataset']}", "", f"Base model `{doc['model']}` (sha256 `{doc['base_sha256'][:16]}…`).", ""]
     md += [f"- {line}" for line in summary_lines(doc["results"])]
-    md += ["", table, "", "★ = chosen on the validation split for promotion; test figures are reported, never used to choose.", ""]
+    md += ["", table, "", "★ = chosen on the validation split for promotion; test figures are reported, never used to choose."]
+    md += ["@op = at the decision threshold chosen on the validation split (`evaluate.threshold`), applied to test.", ""]
     paths["md"].write_text("\n".join(md))
     bars = [r for r in doc["results"] if r["kind"] != "async" or r.get("final")]
     bar_chart(results_frame(bars), paths["bars"], "test_auc", f"{doc['dataset']}: test AUC")

@@ -22,7 +22,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from medvec.config import Params
-from medvec.coordinator import Candidate, EvalSets, evaluate_on
+from medvec.coordinator import Candidate, EvalSets, evaluate_on, op_rule
 from medvec.hospital import LocalData, finetune_vector
 from medvec.intake import admit
 from medvec.models import Base
@@ -116,7 +116,7 @@ def _land(store, base: Base, params: Params, evalsets: EvalSets, landings: int, 
         note = run_step(store, base, admission, params, evalsets, moments_fn=moments_fn).reason
     point = store.champion(base.sha256)
     champion = store.get_start(base.sha256, point.version) if point.version else base
-    val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size)
+    val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
     n = sum(r.n_train for r in store.merges(base.sha256) if r.version is not None)  # samples behind the chain
     row = Candidate(f"async v{point.version} after {landings} landings", "async", "async", None, params.batchnorm.strategy, val, test, n).row()
     return row | {"landings": landings, "sim_time": round(now, 4), "version": point.version, "step": note, "final": False}

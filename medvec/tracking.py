@@ -200,6 +200,7 @@ def log_merge(
         "medvec.eval_size": str(record.eval_set.size),
         "medvec.eval_source": record.eval_set.source,
         "medvec.mode": record.mode,
+        "medvec.threshold": str(record.operating_point.get("threshold", "")),
         "medvec.parent_version": str(record.parent_version),
     }
     if record.version is not None:

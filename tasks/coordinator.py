@@ -52,7 +52,7 @@ def single_rows(base: Base, vectors: list, evalsets: core.EvalSets, params: Para
     """Each hospital's own model θ_pre + τ_h (its BN statistics) on the coordinator's held-out set."""
     rows = []
     for hospital, model, n in core.single_models(base, vectors):
-        val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
+        val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size, *core.op_rule(params))
         rows.append(core.Candidate(hospital, "single", None, None, "own", val, test, n).row())
     return rows
 

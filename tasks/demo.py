@@ -18,7 +18,7 @@ def control_row(base: Base, vectors: list, evalsets: core.EvalSets, params: Para
     """Random vectors with each hospital's per-tensor norms, summed (the paper's control)."""
     control = core.random_control(vectors, seed=params.merge.seed)
     model, _ = core.realize(base, control, "sum", 1.0, bn, params, moments_fn)
-    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
+    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size, *core.op_rule(params))
     n = sum(v.meta.n_train for v in vectors)
     return core.Candidate(f"random control (bn={bn.strategy})", "control", "sum", 1.0, bn.strategy, val, test, n).row()
 
@@ -31,7 +31,7 @@ def centralized_row(
     pooled = ImageSet.concat([LocalData.load(d).train for d in hospital_dirs])
     model = base.fresh()
     finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
-    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size)
+    val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size, *core.op_rule(params))
     return core.Candidate("centralized (pooled)", "centralized", None, None, "own", val, test, len(pooled)).row()
 
 
