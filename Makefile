@@ -1,44 +1,58 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # Each creates .venv with python3 -m venv and pip when it is missing.
+# VENV may name an existing environment (an absolute path); it is reused when its stamp
+# matches this pyproject.toml, so a second checkout installs nothing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-STAMP  := $(VENV)/.medvec-installed
+# content-addressed: the stamp names the pyproject.toml it was installed from
+PYPROJECT_SHA := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest()[:12])")
+STAMP  := $(VENV)/.medvec-installed-$(PYPROJECT_SHA)
+# the checkout you run from is the code that runs, even in a venv whose editable install points elsewhere
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test unit fuzz quality latency robustness install clean
+.PHONY: demo test lint unit fuzz quality latency robustness install dirs clean
 
-$(STAMP): pyproject.toml
+$(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch/torchvision pinned to the builds on this disk; boto3 pinned so dvc-s3's aiobotocore resolves fast
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 boto3==1.43.117 -e '.[dev]'
+	rm -f $(VENV)/.medvec-installed*
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# every folder a library needs, made before it needs it (Prefect creates only the leaf of PREFECT_HOME)
+dirs:
+	@mkdir -p .medvec "$(PREFECT_HOME)"
+
+demo: $(STAMP) dirs
 	$(VENV)/bin/medvec demo $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-unit: $(STAMP)
+test: $(STAMP) dirs lint
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+
+unit: $(STAMP) dirs
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-fuzz: $(STAMP)
+fuzz: $(STAMP) dirs
 	MEDVEC_FUZZ_EXAMPLES=$${MEDVEC_FUZZ_EXAMPLES:-5000} $(PY) -m pytest tests/test_intake.py -k fuzzed $(PYTEST_ARGS)
 
-quality: $(STAMP)
+quality: $(STAMP) dirs
 	$(PY) benchmarks/quality.py $(ARGS)
 
-latency: $(STAMP)
+latency: $(STAMP) dirs
 	$(PY) benchmarks/landing_latency.py $(ARGS)
 
-robustness: $(STAMP)
+robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)
 
 clean:

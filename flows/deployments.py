@@ -13,15 +13,18 @@ worker started in a checkout with medvec installed runs it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
-import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from flows.events import VECTOR_LANDED
 from flows.hospital_finetune import HOSPITAL_FLOW
 from flows.merge_and_evaluate import MERGE_FLOW
+from medvec.errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COORDINATOR_POOL = "coordinator"
@@ -39,19 +42,21 @@ def ensure_pool(name: str) -> None:
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.workers.process import ProcessWorker
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
-        except ObjectAlreadyExists:
-            pass
+    template = ProcessWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
 
 
 def _deploy(flow, entrypoint: str, name: str, pool: str, **kwargs):
     remote = flow.from_source(source=str(PROJECT_DIR), entrypoint=entrypoint)
-    return remote.deploy(name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True, **kwargs)
+    return remote.deploy(
+        name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True, **kwargs
+    )
 
 
-def deploy_coordinator(store_url: str, eval_data: str, params: dict, calibration_data: str | None = None, reconcile_seconds: float = 3600) -> str:
+def deploy_coordinator(
+    store_url: str, eval_data: str, params: dict, calibration_data: str | None = None, reconcile_seconds: float = 3600
+) -> str:
     """Create the ``coordinator`` pool and deploy ``merge-and-evaluate`` with its trigger."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events import DeploymentEventTrigger
@@ -63,14 +68,25 @@ def deploy_coordinator(store_url: str, eval_data: str, params: dict, calibration
         name="medvec-vector-landed",
         expect={VECTOR_LANDED},
         match={"prefect.resource.id": "medvec.vector.*"},
-        parameters={"trigger": {"event_id": "{{ event.id | string }}", "vector": "{{ event.resource.id }}", "occurred": "{{ event.occurred | string }}"}},
+        parameters={
+            "trigger": {
+                "event_id": "{{ event.id | string }}",
+                "vector": "{{ event.resource.id }}",
+                "occurred": "{{ event.occurred | string }}",
+            }
+        },
     )
     dep_id = _deploy(
         merge_and_evaluate,
         "flows/merge_and_evaluate.py:merge_and_evaluate",
         COORDINATOR_DEPLOYMENT,
         COORDINATOR_POOL,
-        parameters={"store_url": store_url, "eval_data": str(Path(eval_data).resolve()), "params": params, "calibration_data": calibration_data},
+        parameters={
+            "store_url": store_url,
+            "eval_data": str(Path(eval_data).resolve()),
+            "params": params,
+            "calibration_data": calibration_data,
+        },
         triggers=[trigger],
         interval=dt.timedelta(seconds=reconcile_seconds),
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
@@ -79,7 +95,15 @@ def deploy_coordinator(store_url: str, eval_data: str, params: dict, calibration
     return str(dep_id)
 
 
-def deploy_hospital(name: str, data_dir: str, store_url: str, params: dict, cron: str | None = None, interval: float | None = None, key_file: str | None = None) -> str:
+def deploy_hospital(
+    name: str,
+    data_dir: str,
+    store_url: str,
+    params: dict,
+    cron: str | None = None,
+    interval: float | None = None,
+    key_file: str | None = None,
+) -> str:
     """Create pool ``hospital-<name>`` and deployment ``hospital-finetune/<name>``."""
     from flows.hospital_finetune import hospital_finetune
 
@@ -96,11 +120,35 @@ def deploy_hospital(name: str, data_dir: str, store_url: str, params: dict, cron
         "flows/hospital_finetune.py:hospital_finetune",
         name,
         hospital_pool(name),
-        parameters={"hospital": name, "data_dir": str(Path(data_dir).resolve()), "store_url": store_url, "params": params, "progress": False, "key_file": str(Path(key_file).resolve()) if key_file else None},
+        parameters={
+            "hospital": name,
+            "data_dir": str(Path(data_dir).resolve()),
+            "store_url": store_url,
+            "params": params,
+            "progress": False,
+            "key_file": str(Path(key_file).resolve()) if key_file else None,
+        },
         tags=["medvec", "hospital", name],
         **kwargs,
     )
     return str(dep_id)
+
+
+class DeploymentNotFoundError(UserError, LookupError):
+    """A hospital or coordinator deployment that the Prefect server does not hold."""
+
+
+@contextlib.contextmanager
+def _hospital_deployment(name: str) -> Iterator[str]:
+    """Yield ``hospital-finetune/<name>``; Prefect's ObjectNotFound for it becomes DeploymentNotFoundError."""
+    from prefect.exceptions import ObjectNotFound
+
+    full = f"{HOSPITAL_FLOW}/{name}"
+    try:
+        yield full
+    except ObjectNotFound as exc:
+        hint = f"create it with `medvec hospital join {name} --data FOLDER`"
+        raise DeploymentNotFoundError(f"no deployment {full} on the Prefect server: {hint}") from exc
 
 
 def set_hospital_schedule(name: str, cron: str | None = None, interval: float | None = None) -> None:
@@ -108,30 +156,38 @@ def set_hospital_schedule(name: str, cron: str | None = None, interval: float | 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
-    with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name(f"{HOSPITAL_FLOW}/{name}")
+    with get_client(sync_client=True) as client, _hospital_deployment(name) as full:
+        dep = client.read_deployment_by_name(full)
         for s in client.read_deployment_schedules(dep.id):
             client.delete_deployment_schedule(dep.id, s.id)
         if cron:
             client.create_deployment_schedules(dep.id, [(CronSchedule(cron=cron), True)])
         elif interval:
-            client.create_deployment_schedules(dep.id, [(IntervalSchedule(interval=dt.timedelta(seconds=interval)), True)])
+            client.create_deployment_schedules(
+                dep.id, [(IntervalSchedule(interval=dt.timedelta(seconds=interval)), True)]
+            )
 
 
 def run_hospital(name: str, timeout: float | None = None):
     """Start ``hospital-finetune/<name>`` now and wait for it; returns the flow run."""
     from prefect.deployments import run_deployment
 
-    return run_deployment(f"{HOSPITAL_FLOW}/{name}", timeout=timeout)
+    with _hospital_deployment(name) as full:
+        return run_deployment(full, timeout=timeout)
 
 
 def worker_command(pool: str) -> list[str]:
+    """The command line of a process worker for ``pool``."""
     return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
 
 
-def start_worker(pool: str) -> int:
-    """Run a process worker for ``pool`` in the foreground (returns its exit code)."""
-    return subprocess.call(worker_command(pool), cwd=PROJECT_DIR, env=os.environ.copy())
+def start_worker(pool: str) -> NoReturn:
+    """Become a process worker for ``pool`` (exec in place: signals to this PID reach the worker itself)."""
+    cmd = worker_command(pool)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(PROJECT_DIR)
+    os.execve(cmd[0], cmd, os.environ.copy())
 
 
 __all__ = [

@@ -9,25 +9,109 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from medvec.errors import ServerUnreachableError, UserError
+
+PREFECT_HINT = "start a server (`prefect server start`) or set PREFECT_API_URL to a running one"
 
 
 def _shared(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; missing: defaults)")
-    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a params.yaml key, e.g. -S merge.method=ties")
+    p.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml key, e.g. -S merge.method=ties",
+    )
     return p
 
 
 def _offline_prefect_env() -> None:
+    """Prefect settings for local runs: no analytics, ephemeral API allowed."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
 
 
+def _make_dirs() -> None:
+    """Create PREFECT_HOME with its parents before Prefect needs it (Prefect creates only the leaf)."""
+    home = os.environ.get("PREFECT_HOME")
+    if not home:
+        return
+    try:
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"PREFECT_HOME={home}: cannot create it ({exc.strerror})") from exc
+
+
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """medvec's own warnings (a skipped file, ...) on one line; others as Python prints them."""
+    if category.__module__.startswith("medvec."):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Keep records that carry a UserError off the console: main prints its one line (the API log keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+def _quiet_prefect_console() -> None:
+    """Filter Prefect's console handlers so that a UserError in a flow shows no traceback."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(_NoUserErrorTraceback())
+
+
+def require_prefect_api() -> str:
+    """Return the Prefect API URL, or raise ServerUnreachableError naming it when it does not answer."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.api.url
+    if not url:
+        raise ServerUnreachableError(f"PREFECT_API_URL is not set: {PREFECT_HINT}, e.g. http://127.0.0.1:4200/api")
+    key = settings.api.key.get_secret_value() if settings.api.key else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", headers=headers, timeout=5)
+    except httpx.HTTPError as exc:
+        raise ServerUnreachableError(
+            f"Prefect API {url} does not answer ({type(exc).__name__}): {PREFECT_HINT}"
+        ) from exc
+    if response.status_code == 404 or response.status_code >= 500:
+        raise ServerUnreachableError(f"Prefect API {url}: /health gave HTTP {response.status_code}: {PREFECT_HINT}")
+    return url
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from medvec.data import check_source
+
+    params = _params(args)  # a bad -S or params file fails here, before the flow starts
+    check_source(args.data or params.demo.data, ("train", "val", "test"))
     from flows.demo import demo  # lazy: the front door, not a dependency of the core
+
+    if not args.debug:
+        _quiet_prefect_console()
 
     overrides = list(args.overrides)
     result = demo(
@@ -38,6 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides=overrides,
         params_file=args.params,
         progress=not args.no_progress,
+        contributions=args.contributions,
+        straggler=args.straggler,
     )
     print(result["table"])
     print(f"results: {result['results']}")
@@ -87,10 +173,14 @@ def _params(args: argparse.Namespace):
 
 
 def cmd_coordinator_up(args: argparse.Namespace) -> int:
+    from medvec.data import check_source
     from medvec.models import base_from_config
     from medvec.store import open_store
 
     p = _params(args)
+    if args.num_classes is None:
+        check_source(p.coordinator.eval_data, ("val",))
+    require_prefect_api()
     from flows.deployments import deploy_coordinator, worker_command  # lazy: front door
 
     store = open_store(p.store.url)
@@ -101,7 +191,13 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
         num_classes = load_split(p.coordinator.eval_data, "val").num_classes
     base = base_from_config(p.model, num_classes)
     store.put_base(base)
-    dep = deploy_coordinator(p.store.url, p.coordinator.eval_data, p.model_dump(mode="json"), p.coordinator.calibration_data, p.coordinator.reconcile_seconds)
+    dep = deploy_coordinator(
+        p.store.url,
+        p.coordinator.eval_data,
+        p.model_dump(mode="json"),
+        p.coordinator.calibration_data,
+        p.coordinator.reconcile_seconds,
+    )
     print(f"base {base.sha256} ({base.spec.name}, {base.spec.image_size}px) is current in {store.url}")
     print(f"deployment merge-and-evaluate/coordinator ({dep}) on pool 'coordinator', triggered by medvec.vector.landed")
     print("start its worker with: medvec coordinator worker   (or: " + " ".join(worker_command("coordinator")) + ")")
@@ -109,28 +205,39 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_worker(args: argparse.Namespace) -> int:
+    require_prefect_api()
     from flows.deployments import COORDINATOR_POOL, start_worker
 
-    return start_worker(COORDINATOR_POOL)
+    start_worker(COORDINATOR_POOL)  # exec: this process becomes the worker
 
 
 def cmd_hospital_join(args: argparse.Namespace) -> int:
+    from medvec.data import check_source
+
     p = _params(args)
+    check_source(args.data)
+    require_prefect_api()
     from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
 
-    if not Path(args.data).exists():
-        print(f"error: {args.data}: no such data folder", file=sys.stderr)
-        return 2
-    dep = deploy_hospital(args.name, args.data, p.store.url, p.model_dump(mode="json"), cron=args.cron, interval=args.interval, key_file=args.key)
+    dep = deploy_hospital(
+        args.name,
+        args.data,
+        p.store.url,
+        p.model_dump(mode="json"),
+        cron=args.cron,
+        interval=args.interval,
+        key_file=args.key,
+    )
     pool = hospital_pool(args.name)
     print(f"deployment hospital-finetune/{args.name} ({dep}) on pool '{pool}', data {Path(args.data).resolve()}")
     if args.no_worker:
         print("start its worker with: " + " ".join(worker_command(pool)))
         return 0
-    return start_worker(pool)
+    start_worker(pool)  # exec: this process becomes the worker
 
 
 def cmd_hospital_run(args: argparse.Namespace) -> int:
+    require_prefect_api()
     from flows.deployments import run_hospital
 
     run = run_hospital(args.name, timeout=args.timeout)
@@ -140,10 +247,14 @@ def cmd_hospital_run(args: argparse.Namespace) -> int:
 
 
 def cmd_hospital_schedule(args: argparse.Namespace) -> int:
+    require_prefect_api()
     from flows.deployments import set_hospital_schedule
 
     set_hospital_schedule(args.name, cron=args.cron, interval=args.interval)
-    print(f"hospital-finetune/{args.name}: schedule set to " + (f"cron {args.cron!r}" if args.cron else f"every {args.interval} s" if args.interval else "none"))
+    print(
+        f"hospital-finetune/{args.name}: schedule set to "
+        + (f"cron {args.cron!r}" if args.cron else f"every {args.interval} s" if args.interval else "none")
+    )
     return 0
 
 
@@ -162,36 +273,53 @@ def cmd_vectors_list(args: argparse.Namespace) -> int:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + (f"  {r['reason']}" if "reason" in r else ""))
+        print(
+            "  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + (f"  {r['reason']}" if "reason" in r else "")
+        )
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     from medvec import tracking
+    from medvec.store import open_store
 
     tree = tracking.lineage(args.ref)
-    if args.rebuild:
-        from medvec.coordinator import rebuild_merge
-        from medvec.store import open_store
+    record = tracking.merge_record(args.ref)
+    store = open_store(record.store_url)
+    if record.mode == "async":
+        from medvec.refine import chain_rows
 
-        record = tracking.merge_record(args.ref)
-        _, sha = rebuild_merge(open_store(record["store_url"]), record)
-        tree["rebuild"] = {"sha256": sha, "registered_sha256": record.get("merged_sha256"), "identical": sha == record.get("merged_sha256")}
+        tree["chain"] = chain_rows(store, record)
+    if args.rebuild:
+        tree["rebuild"] = _rebuild(store, record)
     if args.json:
         print(json.dumps(tree, indent=2, default=str))
     else:
         print(tracking.lineage_text(tree))
-        if "rebuild" in tree:
-            r = tree["rebuild"]
-            print(f"rebuilt from lineage: sha256 {r['sha256']} {'== registered (identical)' if r['identical'] else '!= registered ' + str(r['registered_sha256'])}")
-    return 0 if tree.get("rebuild", {}).get("identical", True) else 1
+        for r in tree.get("rebuild", []):
+            same = "== registered (identical)" if r["identical"] else f"!= registered {r['registered_sha256']}"
+            print(f"rebuilt v{r['version']} from lineage: sha256 {r['sha256']} {same}")
+    return 0 if all(r["identical"] for r in tree.get("rebuild", [])) else 1
+
+
+def _rebuild(store, record) -> list[dict]:
+    """Replay a merge (an async champion: its whole chain from θ_pre) and compare each sha256."""
+    from medvec.refine import chain, replay_chain
+
+    steps = {r.version or 0: r for r in chain(store, record)}
+    return [
+        {"version": v, "sha256": sha, "registered_sha256": steps[v].merged_sha256, "identical": same}
+        for v, sha, same in replay_chain(store, record)
+    ]
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     from medvec.signing import keygen
 
     key, pub = keygen(args.name, args.out)
-    print(f"private key {key} (mode 600, keep it inside the hospital)\npublic key  {pub} (give it to the coordinator: medvec keyring add)")
+    print(
+        f"private key {key} (mode 600, keep it inside the hospital)\npublic key  {pub} (give it to the coordinator: medvec keyring add)"
+    )
     return 0
 
 
@@ -228,7 +356,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvec", description="Multi-hospital data-vector merging (arXiv 2408.13038).")
+    parser = argparse.ArgumentParser(
+        prog="medvec", description="Multi-hospital data-vector merging (arXiv 2408.13038)."
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors (default: one line, exit 2)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = _shared(sub.add_parser("demo", help="run the multi-hospital comparison (embedded Prefect, no server)"))
@@ -237,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output folder (default: params demo.out)")
     d.add_argument("--seed", type=int, default=None, help="training seed (fine-tune and DARE)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.add_argument(
+        "--contributions",
+        type=int,
+        default=None,
+        metavar="C",
+        help="then simulate asynchronous refinement: every hospital contributes C times (refine.* settings)",
+    )
+    d.add_argument(
+        "--straggler", type=float, default=None, metavar="X", help="with --contributions: one hospital X times slower"
+    )
     d.set_defaults(func=cmd_demo)
 
     s = _shared(sub.add_parser("split", help="simulate hospitals: one folder per hospital"))
@@ -248,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     vsub = v.add_subparsers(dest="vectors_command", required=True)
     ver = vsub.add_parser("verify", help="validate a vector file; exit 2 on rejection")
     ver.add_argument("file")
-    ver.add_argument("--base", default=None, help="base model file (.safetensors) or model name (default: the name in the vector)")
+    ver.add_argument(
+        "--base", default=None, help="base model file (.safetensors) or model name (default: the name in the vector)"
+    )
     ver.add_argument("--keyring", default=None, help="require a valid signature by a hospital in this keyring")
     sg = vsub.add_parser("sign", help="sign a vector file in place with a hospital's key")
     sg.add_argument("file")
@@ -264,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("coordinator", help="the coordinator side of the distributed path (PREFECT_API_URL)")
     cosub = co.add_subparsers(dest="coordinator_command", required=True)
-    up = _shared(cosub.add_parser("up", help="publish the base, create pool 'coordinator', deploy merge-and-evaluate with its trigger"))
+    up = _shared(
+        cosub.add_parser(
+            "up", help="publish the base, create pool 'coordinator', deploy merge-and-evaluate with its trigger"
+        )
+    )
     up.add_argument("--num-classes", type=int, default=None, help="default: from the evaluation data")
     up.set_defaults(func=cmd_coordinator_up)
     cw = cosub.add_parser("worker", help="start the coordinator's worker in the foreground")
@@ -272,11 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ho = sub.add_parser("hospital", help="a hospital's side of the distributed path (PREFECT_API_URL)")
     hosub = ho.add_subparsers(dest="hospital_command", required=True)
-    j = _shared(hosub.add_parser("join", help="create pool hospital-NAME and deployment hospital-finetune/NAME, then start the worker"))
+    j = _shared(
+        hosub.add_parser(
+            "join", help="create pool hospital-NAME and deployment hospital-finetune/NAME, then start the worker"
+        )
+    )
     j.add_argument("name")
     j.add_argument("--data", required=True, help="this hospital's own data folder (.npz or image folders)")
     j.add_argument("--no-worker", action="store_true", help="only print the worker command")
-    j.add_argument("--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed")
+    j.add_argument(
+        "--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed"
+    )
     when = j.add_mutually_exclusive_group()
     when.add_argument("--cron", default=None, help="retraining schedule, e.g. '0 2 * * 0'")
     when.add_argument("--interval", type=float, default=None, help="retraining every N seconds")
@@ -315,24 +468,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (KeyError's quotes removed)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``medvec`` command; errors a user can fix end in one line and exit status 2."""
     _offline_prefect_env()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from medvec.config import ConfigError
-
+    warnings.formatwarning = _format_warning
+    args = build_parser().parse_args(argv)
     try:
+        _make_dirs()
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:  # store and server errors: one clear line, exit 1
-        from medvec.store import StoreError
-
-        if isinstance(exc, StoreError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

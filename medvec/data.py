@@ -16,21 +16,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvec.errors import UserError
 from medvec.models import ModelSpec
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_BAD_FRACTION = 0.1  # an image folder may hold this share of unreadable files; they are skipped with a warning
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source that cannot be read as medvec expects."""
+
+
+class DataWarning(UserWarning):
+    """A part of a data source that was skipped (the rest is used)."""
 
 
 @dataclass
@@ -65,7 +77,9 @@ class ImageSet:
     @staticmethod
     def concat(sets: list["ImageSet"]) -> "ImageSet":
         classes = max((s.classes for s in sets), key=len)
-        return ImageSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes))
+        return ImageSet(
+            np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes)
+        )
 
 
 def _npz_path(source: Path) -> Path | None:
@@ -76,9 +90,19 @@ def _npz_path(source: Path) -> Path | None:
     return None
 
 
+def _npz_keys(path: Path) -> list[str]:
+    """The arrays an ``.npz`` holds; DataError naming it when it is not a readable ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return list(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
 def load_npz(path: str | Path, split: str) -> ImageSet:
     """Load one split of a MedMNIST-layout ``.npz`` (labels N or N×1)."""
     path = Path(path)
+    _npz_keys(path)
     with np.load(path, allow_pickle=False) as z:
         key_i, key_l = f"{split}_images", f"{split}_labels"
         if key_i not in z or key_l not in z:
@@ -96,14 +120,40 @@ def load_npz(path: str | Path, split: str) -> ImageSet:
     return s
 
 
-def load_image_folder(root: str | Path, split: str) -> ImageSet:
-    """Load ``<root>/<split>/<class>/*.png|jpg`` (classes sorted by name)."""
+def _read_image(path: Path) -> Image.Image:
+    """The decoded PIL image at ``path`` (raises when it is not a readable image)."""
     from PIL import Image
 
+    with Image.open(path) as im:
+        im.load()
+        return im
+
+
+def _read_images(files: list[Path], max_bad_fraction: float, where: Path) -> tuple[list[Image.Image], list[int]]:
+    """Decode ``files``, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
+    from PIL import Image
+
+    images, kept, bad = [], [], []
+    for i, f in enumerate(files):
+        try:
+            images.append(_read_image(f))
+            kept.append(i)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
+            bad.append(f"{f}: {exc}")
+            warnings.warn(f"skipped {f}: not a readable image ({exc})", DataWarning, stacklevel=3)
+    if bad and (not kept or len(bad) > max_bad_fraction * len(files)):
+        share = f"{len(bad)} of {len(files)} images could not be read (more than {max_bad_fraction:.0%})"
+        raise DataError(f"{where}: {share}; first: {bad[0]}")
+    return images, kept
+
+
+def load_image_folder(root: str | Path, split: str, max_bad_fraction: float = MAX_BAD_FRACTION) -> ImageSet:
+    """Load ``<root>/<split>/<class>/*.png|jpg`` (classes sorted by name), skipping a few unreadable files."""
     base = Path(root) / split
     if not base.is_dir():
         raise DataError(f"{root}: no split folder {split!r}")
-    classes = sorted(p.name for p in (Path(root) / "train" if (Path(root) / "train").is_dir() else base).iterdir() if p.is_dir())
+    train = Path(root) / "train"
+    classes = sorted(p.name for p in (train if train.is_dir() else base).iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{base}: no class folders")
     files, labels = [], []
@@ -114,12 +164,18 @@ def load_image_folder(root: str | Path, split: str) -> ImageSet:
                 labels.append(c)
     if not files:
         raise DataError(f"{base}: no {'/'.join(IMAGE_SUFFIXES)} images")
-    pil = [Image.open(f) for f in files]
+    pil, kept = _read_images(files, max_bad_fraction, base)
     mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in pil) else "RGB"
     sizes = [im.size for im in pil]
     size = max(set(sizes), key=sizes.count)
-    arrays = [np.asarray(im.convert(mode).resize(size) if im.size != size else im.convert(mode), dtype=np.uint8) for im in pil]
-    return ImageSet(np.stack(arrays), np.asarray(labels), classes)
+    arrays = [np.asarray(_fit(im, mode, size), dtype=np.uint8) for im in pil]
+    return ImageSet(np.stack(arrays), np.asarray(labels)[kept], classes)
+
+
+def _fit(im: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
+    """``im`` in ``mode`` at ``size``."""
+    im = im.convert(mode)
+    return im.resize(size) if im.size != size else im
 
 
 def load_split(source: str | Path, split: str) -> ImageSet:
@@ -136,12 +192,24 @@ def load_split(source: str | Path, split: str) -> ImageSet:
 
 
 def has_split(source: str | Path, split: str) -> bool:
+    """Whether ``source`` (an ``.npz``, hospital folder or image-folder root) holds ``split``."""
     source = Path(source)
     npz = _npz_path(source)
     if npz is not None:
-        with np.load(npz, allow_pickle=False) as z:
-            return f"{split}_images" in z.files
+        return f"{split}_images" in _npz_keys(npz)
     return (source / split).is_dir()
+
+
+def check_source(source: str | Path, splits: tuple[str, ...] = ("train",)) -> None:
+    """Raise DataError naming ``source`` unless it exists, has a known layout and holds ``splits`` (reads no images)."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder")
+    if _npz_path(path) is None and not path.is_dir():
+        raise DataError(f"{source}: not an .npz file, a hospital folder (data.npz) or an image-folder root")
+    missing = [s for s in splits if not has_split(path, s)]
+    if missing:
+        raise DataError(f"{source}: no split {', '.join(repr(s) for s in missing)} (needs {', '.join(splits)})")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -172,9 +240,15 @@ def to_tensor(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
         else:
             raise DataError(f"cannot feed {x.shape[1]}-channel images to a {spec.in_chans}-channel model")
     if x.shape[-2:] != (spec.image_size, spec.image_size):
-        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(spec.mean[: spec.in_chans] if len(spec.mean) >= spec.in_chans else spec.mean * spec.in_chans).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std[: spec.in_chans] if len(spec.std) >= spec.in_chans else spec.std * spec.in_chans).view(1, -1, 1, 1)
+        x = F.interpolate(
+            x, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean = torch.tensor(
+        spec.mean[: spec.in_chans] if len(spec.mean) >= spec.in_chans else spec.mean * spec.in_chans
+    ).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std[: spec.in_chans] if len(spec.std) >= spec.in_chans else spec.std * spec.in_chans).view(
+        1, -1, 1, 1
+    )
     return (x - mean) / std
 
 
@@ -298,9 +372,9 @@ def write_hospital_shards(
         "classes": train.classes,
         "hospitals": {},
     }
-    for name, idx in zip(names or hospital_names(hospitals), parts):
+    for name, idx in zip(names or hospital_names(hospitals), parts, strict=True):
         idx = rng.permutation(idx)
-        n_val = int(round(len(idx) * local_val_fraction))
+        n_val = round(len(idx) * local_val_fraction)
         tr, va = train.subset(np.sort(idx[n_val:])), train.subset(np.sort(idx[:n_val]))
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -329,4 +403,14 @@ def write_hospital_shards(
 
 def split_from_config(source: str | Path, out_dir: str | Path, cfg) -> dict:
     """:func:`write_hospital_shards` with the settings of a :class:`medvec.config.SplitConfig`."""
-    return write_hospital_shards(source, out_dir, cfg.hospitals, cfg.scheme, cfg.alpha, cfg.seed, cfg.local_val_fraction, cfg.min_samples, cfg.hospital_names())
+    return write_hospital_shards(
+        source,
+        out_dir,
+        cfg.hospitals,
+        cfg.scheme,
+        cfg.alpha,
+        cfg.seed,
+        cfg.local_val_fraction,
+        cfg.min_samples,
+        cfg.hospital_names(),
+    )

@@ -1,0 +1,214 @@
+"""Errors a user can cause end in one line that names the problem, exit status 2, never a traceback.
+
+Each case runs the real ``medvec`` command in a subprocess; ``--debug`` shows the traceback.
+The image-folder loader is also tested directly: unreadable files are skipped with a
+warning naming them, and a DataError stops the load only past ``max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BREAST, ROOT
+from PIL import Image
+from servers import free_port
+
+
+def medvec(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``medvec ARGS`` from the project root."""
+    cmd = [sys.executable, "-m", "medvec.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict:
+    """This process's environment without Prefect or MLflow settings, with an empty HOME and PREFECT_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"), **extra)
+    return env
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """rc 2, no traceback, and a single ``error:`` line (the last) that contains every one of ``names``."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    for name in names:
+        assert name in errors[0], f"{name!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def write_png_folder(
+    root: Path, per_class: int = 10, size: int = 8, splits: tuple[str, ...] = ("train",)
+) -> list[Path]:
+    """``root/<split>/<class>/*.png`` with two classes of random grayscale images; returns the train files."""
+    rng = np.random.default_rng(0)
+    files = []
+    for split in splits:
+        for name in ("a", "b"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                f = folder / f"{i:03d}.png"
+                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(f)
+                files += [f] if split == "train" else []
+    return files
+
+
+def spoil(files: list[Path]) -> None:
+    """Overwrite ``files`` with bytes that are not an image."""
+    for f in files:
+        f.write_bytes(b"this is not a png\n")
+
+
+# --------------------------------------------------------------------------- the image-folder loader
+
+
+def test_loader_skips_an_unreadable_image_with_a_warning(tmp_path):
+    from medvec.data import DataWarning, load_image_folder
+
+    files = write_png_folder(tmp_path, per_class=10)
+    spoil(files[3:4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_image_folder(tmp_path, "train")
+    skipped = [w for w in caught if issubclass(w.category, DataWarning)]
+    assert len(skipped) == 1 and str(files[3]) in str(skipped[0].message)
+    assert len(data) == 19 and data.label_counts() == [9, 10]
+    assert data.images.shape == (19, 8, 8) and data.classes == ["a", "b"]
+
+
+def test_loader_fails_past_the_bad_fraction(tmp_path):
+    from medvec.data import DataError, load_image_folder
+
+    files = write_png_folder(tmp_path, per_class=10)
+    spoil(files[:3])  # 3 of 20 = 15 % > 10 %
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"3 of 20 images could not be read") as exc:
+        load_image_folder(tmp_path, "train")
+    assert str(files[0]) in str(exc.value)
+    with pytest.warns(UserWarning):
+        assert len(load_image_folder(tmp_path, "train", max_bad_fraction=0.2)) == 17
+
+
+def test_check_source_names_the_problem(tmp_path):
+    from medvec.data import DataError, check_source
+
+    check_source(BREAST, ("train", "val", "test"))
+    with pytest.raises(DataError, match="no such file or folder"):
+        check_source(tmp_path / "nothing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
+        check_source(tmp_path / "junk.npz")
+    write_png_folder(tmp_path / "folder", per_class=1)
+    with pytest.raises(DataError, match="no split 'val'"):
+        check_source(tmp_path / "folder", ("train", "val"))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_demo_with_a_missing_data_file(tmp_path):
+    assert_one_line_error(medvec("demo", "--data", "/nonexistent.npz", env=clean_env(tmp_path)), "/nonexistent.npz")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = medvec("--debug", "demo", "--data", "/nonexistent.npz", env=clean_env(tmp_path))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataError" in proc.stderr
+
+
+def test_a_bad_setting(tmp_path):
+    assert_one_line_error(medvec("demo", "-S", "nosuch.key=1", env=clean_env(tmp_path)), "nosuch")
+
+
+def test_split_skips_one_unreadable_png_and_fails_on_many(tmp_path):
+    files = write_png_folder(tmp_path / "images", per_class=12)
+    spoil(files[5:6])
+    split = [
+        "split",
+        str(tmp_path / "images"),
+        "-S",
+        "split.hospitals=2",
+        "-S",
+        "split.names=null",
+        "-S",
+        "split.min_samples=4",
+    ]
+    ok = medvec(*split, "--out", str(tmp_path / "ok"), env=clean_env(tmp_path))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert str(files[5]) in ok.stderr and "Traceback" not in ok.stderr
+    spoil(files[:6])
+    bad = medvec(*split, "--out", str(tmp_path / "bad"), env=clean_env(tmp_path))
+    assert_one_line_error(bad, "6 of 24 images could not be read", str(files[0]))
+
+
+SMALL_DEMO = [
+    "--hospitals", "2", "--no-progress", "-S", "model.name=tiny_cnn", "-S", "model.image_size=16",
+    "-S", "finetune.epochs=1", "-S", "merge.methods=[sum]", "-S", "batchnorm.strategies=[none]",
+    "-S", "batchnorm.strategy=none", "-S", "demo.centralized=false", "-S", "demo.control=false",
+    "-S", "registry.enabled=false", "-S", "split.min_samples=4",
+]  # fmt: skip
+
+
+def test_demo_skips_one_unreadable_png_and_fails_on_many(tmp_path):
+    files = write_png_folder(tmp_path / "images", per_class=20, size=16, splits=("train", "val", "test"))
+    spoil(files[:1])
+    demo = ["demo", "--data", str(tmp_path / "images"), *SMALL_DEMO]
+    ok = medvec(*demo, "--out", str(tmp_path / "ok"), env=clean_env(tmp_path), timeout=300)
+    assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr[-3000:]
+    assert f"warning: skipped {files[0]}: not a readable image" in ok.stderr
+    assert (tmp_path / "ok" / "results.json").is_file()
+    spoil(files[:5])
+    bad = medvec(*demo, "--out", str(tmp_path / "bad"), env=clean_env(tmp_path), timeout=300)
+    assert_one_line_error(bad, f"{tmp_path / 'images' / 'train'}: 5 of 40 images could not be read", str(files[0]))
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> str:
+    """A SQLite tracking store that holds one registered model ``medvec`` (no versions, no aliases)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    code = f"from mlflow import MlflowClient; MlflowClient(tracking_uri={uri!r}).create_registered_model('medvec')"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    return uri
+
+
+@pytest.mark.parametrize(
+    ("ref", "names"),
+    [
+        ("medvec@nosuchalias", ["medvec@nosuchalias", "no such alias"]),
+        ("nosuchmodel@champion", ["nosuchmodel@champion", "no registered model 'nosuchmodel'"]),
+    ],
+)
+def test_lineage_of_an_unknown_reference(tmp_path, mlflow_db, ref, names):
+    assert_one_line_error(medvec("lineage", ref, env=clean_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_db)), *names)
+
+
+DISTRIBUTED = [
+    ["coordinator", "up", "-S", "model.name=tiny_cnn"],
+    ["coordinator", "worker"],
+    ["hospital", "join", "h1", "--data", str(BREAST)],
+    ["hospital", "run", "h1"],
+    ["hospital", "schedule", "h1", "--interval", "60"],
+]
+
+
+@pytest.mark.parametrize("args", DISTRIBUTED, ids=lambda a: " ".join(a[:2]))
+def test_distributed_commands_with_the_prefect_api_down(tmp_path, args):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    store = ["-S", f"store.url={tmp_path / 'store'}"] if args[1] in ("up", "join") else []
+    proc = medvec(*args, *store, env=clean_env(tmp_path, PREFECT_API_URL=url))
+    assert_one_line_error(proc, url, "prefect server start", "PREFECT_API_URL")
+    assert not (tmp_path / "store").exists()  # checked before any work
+
+
+def test_coordinator_up_without_prefect_api_url(tmp_path):
+    store = f"store.url={tmp_path / 'store'}"
+    proc = medvec("coordinator", "up", "-S", "model.name=tiny_cnn", "-S", store, env=clean_env(tmp_path))
+    assert_one_line_error(proc, "PREFECT_API_URL is not set", "prefect server start")
+    assert not (tmp_path / "store").exists()

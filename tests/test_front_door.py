@@ -1,0 +1,210 @@
+"""The front door as a newcomer meets it: a fresh clone of this checkout, an empty HOME, the README's commands.
+
+The clone is ``git clone`` of this repository plus the working tree's uncommitted changes
+(none in CI, which runs on a fresh clone), so what is tested is what you have.  The
+installed virtual environment is reused (``make ... VENV=``): nothing is installed twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT
+from servers import PrefectServer, wait_until
+
+pytestmark = pytest.mark.integration
+
+VENV = Path(sys.prefix)
+DEMO_ARGS = (
+    "--hospitals 2 -S model.name=tiny_cnn -S finetune.epochs=1 -S demo.centralized=false"
+    " -S merge.methods=[sum,task_arithmetic] --no-progress"
+)
+
+
+def fresh_env(home: Path, **extra: str) -> dict:
+    """A newcomer's environment: this machine's PATH, an empty HOME, no Prefect, MLflow or Python settings."""
+    drop = (
+        "PREFECT_",
+        "MLFLOW_",
+        "XDG_",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "MAKEFLAGS",
+        "MFLAGS",
+        "MAKELEVEL",
+        "MPLBACKEND",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    home.mkdir(parents=True, exist_ok=True)
+    return {**env, "HOME": str(home), **extra}
+
+
+def overlay_working_tree(dest: Path) -> None:
+    """Copy the checkout's uncommitted changes (modified, deleted, untracked but not ignored) onto ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--modified", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, set(listed.split("\0"))):
+        src, dst = ROOT / rel, dest / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        else:
+            dst.unlink(missing_ok=True)
+
+
+@pytest.fixture()
+def clone(tmp_path) -> Path:
+    """A fresh clone of this checkout (with its uncommitted changes), with no ``.medvec/``."""
+    if not (ROOT / ".git").exists():
+        pytest.skip(f"{ROOT} is not a git checkout")
+    dest = tmp_path / "medvec"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True, timeout=120)
+    overlay_working_tree(dest)
+    assert not (dest / ".medvec").exists()
+    return dest
+
+
+def require_stamp(clone: Path) -> None:
+    """Fail unless the venv was installed (``make install``) from this pyproject.toml, so make installs nothing."""
+    sha = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    if not (VENV / f".medvec-installed-{sha}").exists():
+        pytest.fail(f"{VENV} was not installed by `make install` from this pyproject.toml: run `make install` first")
+
+
+def test_make_demo_on_a_fresh_clone_with_an_empty_home(clone, tmp_path):
+    require_stamp(clone)
+    cmd = ["make", "demo", f"VENV={VENV}", f"ARGS={DEMO_ARGS}"]
+    proc = subprocess.run(cmd, cwd=clone, env=fresh_env(tmp_path / "home"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert "pip install" not in proc.stdout, "make installed into the reused venv"
+    rows = json.loads((clone / "reports" / "demo" / "results.json").read_text())["results"]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("single") == 2 and kinds.count("merged") >= 2, kinds
+    assert (clone / ".medvec" / "prefect").is_dir()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 (its own home and database)."""
+    srv = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def medvec(clone: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the venv's ``medvec`` in ``clone``; assert it succeeds."""
+    cmd = [str(VENV / "bin" / "medvec"), *args]
+    proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_deployment(env: dict, name: str) -> dict:
+    """A deployment read with the Prefect client, in a child process whose settings come from ``env``."""
+    code = (
+        "import json, sys\nfrom prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    d = c.read_deployment_by_name(sys.argv[1])\n"
+        "    auto = [a for a in c.read_automations() if any(getattr(x, 'deployment_id', None) == d.id for x in a.actions)]\n"
+        "    print(json.dumps({'pool': d.work_pool_name, 'pull_steps': d.pull_steps, 'triggers': len(auto)}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, name], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
+    env = fresh_env(tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone))
+    sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
+    medvec(
+        clone,
+        env,
+        "split",
+        "data/breastmnist.npz",
+        "--out",
+        str(tmp_path / "hospitals"),
+        "-S",
+        "split.hospitals=2",
+        "-S",
+        "split.names=null",
+    )
+    medvec(clone, env, "coordinator", "up", *sets)
+    medvec(clone, env, "hospital", "join", "h1", "--data", str(tmp_path / "hospitals" / "h1"), "--no-worker", *sets)
+    coordinator = read_deployment(env, "merge-and-evaluate/coordinator")
+    hospital = read_deployment(env, "hospital-finetune/h1")
+    assert coordinator["pool"] == "coordinator" and coordinator["triggers"] == 1
+    assert hospital["pool"] == "hospital-h1"
+    assert str(clone) in json.dumps(coordinator["pull_steps"])  # code deployed from the clone, not from ROOT
+    for args in (["run", "h9"], ["schedule", "h9", "--interval", "60"]):
+        cmd = [str(VENV / "bin" / "medvec"), "hospital", *args]
+        proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            "error: no deployment hospital-finetune/h9 on the Prefect server: "
+            "create it with `medvec hospital join h9 --data FOLDER`"
+        ], proc.stderr[-3000:]
+
+
+def pool_workers(url: str, pool: str) -> list[str]:
+    """Names of the workers the Prefect API lists for ``pool``."""
+    response = httpx.post(f"{url}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+    response.raise_for_status()
+    return [w["name"] for w in response.json()]
+
+
+def worker_pids(session: int, pool: str) -> list[int]:
+    """Live processes in ``session`` whose command line is a ``prefect worker`` for ``pool``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[3]) == session and "prefect worker" in cmdline and pool in cmdline:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_to_the_worker_command_stops_the_worker(clone, tmp_path, server):
+    env = fresh_env(
+        tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone), PREFECT_WORKER_QUERY_SECONDS="1"
+    )
+    with open(tmp_path / "worker.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(VENV / "bin" / "medvec"), "coordinator", "worker"],
+            cwd=clone,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: pool_workers(server.url, "coordinator"), 90, "worker polling", proc, tmp_path / "worker.log")
+        assert worker_pids(proc.pid, "coordinator"), "no prefect worker process for pool 'coordinator'"
+        os.kill(proc.pid, signal.SIGTERM)
+        started = time.monotonic()
+        proc.wait(timeout=20)
+        assert time.monotonic() - started < 20
+        time.sleep(1)
+        assert worker_pids(proc.pid, "coordinator") == [], "a prefect worker outlived SIGTERM to the medvec PID"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
