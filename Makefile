@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint unit fuzz quality latency robustness install dirs clean
+.PHONY: demo test lint unit fuzz quality latency robustness async-bench peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,15 @@ latency: $(STAMP) dirs
 
 robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)
+
+# Flower, for benchmarks/async_vs_sync.py only: flwr pins an older fastapi than prefect, so prefect's is put back
+# (the benchmark uses flwr's numpy FedAvg aggregation, not its server)
+peers: $(STAMP)
+	$(PIP) install -q 'flwr>=1.20'
+	$(PIP) install -q 'fastapi>=0.139,<0.151'
+
+async-bench: peers dirs
+	$(PY) benchmarks/async_vs_sync.py $(ARGS)
 
 clean:
 	rm -rf .medvec reports/demo .pytest_cache

@@ -72,7 +72,7 @@ def fedavg(base: Base, data: dict[str, LocalData], p: Params, rounds: int, evals
     out = []
     for r in range(rounds):
         results = []
-        for i, (h, d) in enumerate(data.items()):
+        for i, d in enumerate(data.values()):
             model = base.fresh()
             model.load_state_dict(state)
             finetune(model, d.train, base.spec, cfg.model_copy(update={"seed": cfg.seed + 100 * r + i}), progress=False)
@@ -112,7 +112,14 @@ def first_time(points: list[tuple[float, float]], target: float) -> float | None
 def run_seed(seed: int, rounds: int, overrides: list[str]) -> dict:
     p = load_params(
         ROOT / "params.yaml",
-        [f"split.seed={seed}", f"finetune.seed={seed}", f"merge.seed={seed}", "split.hospitals=4", "split.names=null", *overrides],
+        [
+            f"split.seed={seed}",
+            f"finetune.seed={seed}",
+            f"merge.seed={seed}",
+            "split.hospitals=4",
+            "split.names=null",
+            *overrides,
+        ],
     )
     set_threads(p.finetune.threads)
     bs = p.evaluate.batch_size
@@ -126,7 +133,9 @@ def run_seed(seed: int, rounds: int, overrides: list[str]) -> dict:
     vectors = [finetune_vector(base, h, d, p.finetune, progress=False)[0] for h, d in data.items()]
     singles = [{"hospital": h, **score(m, base, evalsets, bs)} for h, m, _ in core.single_models(base, vectors)]
     moments = live_moments(base, list(folders.values()), p.batchnorm)
-    candidates = core.evaluate_merges(base, vectors, evalsets, p, moments, [p.merge.method], [p.batchnorm.strategy], progress=False)
+    candidates = core.evaluate_merges(
+        base, vectors, evalsets, p, moments, [p.merge.method], [p.batchnorm.strategy], progress=False
+    )
     best = next(c for c in candidates if c.selected)
     plan = core.BnPlan.from_hospitals(best.bn)
     oneshot = score(core.outcome_of(base, vectors, best, plan, p, moments, evalsets).model, base, evalsets, bs)
@@ -171,6 +180,7 @@ def mean(xs: list[float | None]) -> float | None:
 
 def headline(seeds: list[dict], rounds: int) -> dict:
     """Means over seeds of the figures the issue asks for."""
+
     def pick(key: str) -> dict:
         metric = (lambda r: r[key]) if key == "auc" else (lambda r: r["op"][key])
         return {
@@ -198,6 +208,7 @@ def headline(seeds: list[dict], rounds: int) -> dict:
 
 def table(seeds: list[dict], rounds: int) -> str:
     """Mean ± std over seeds, one line per protocol (test split; operating point chosen on validation)."""
+
     def row(name: str, get) -> str:
         auc = [get(r)["auc"] for r in seeds]
         ba = [get(r)["op"]["balanced_accuracy"] for r in seeds]
@@ -249,9 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "async_vs_sync.json").write_text(json.dumps(doc, indent=2))
-    md = [f"# Async refinement vs synchronous FedAvg\n\n`{command}` ({doc['seconds']:.0f} s, {doc['machine']})\n", table(seeds, args.rounds)]
+    md = [
+        f"# Async refinement vs synchronous FedAvg\n\n`{command}` ({doc['seconds']:.0f} s, {doc['machine']})\n",
+        table(seeds, args.rounds),
+    ]
     h = doc["headline"]["straggler_time_to_oneshot_auc"]
-    md.append(f"\nWith the last hospital a 4× straggler, simulated time to the one-shot merge's test AUC (mean over seeds that reached it): sync {h['sync']}, async {h['async']} (reached: {h['reached']}).\n")
+    md.append(
+        f"\nWith the last hospital a 4× straggler, simulated time to the one-shot merge's test AUC (mean over seeds that reached it): sync {h['sync']}, async {h['async']} (reached: {h['reached']}).\n"
+    )
     (out / "async_vs_sync.md").write_text("\n".join(md))
     print("\n".join(md))
 

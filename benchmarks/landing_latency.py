@@ -27,7 +27,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 from servers import PrefectServer, Worker  # noqa: E402
 
 BREAST = ROOT / "data" / "breastmnist.npz"
-OVERRIDES = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=1", "finetune.threads=1", "merge.method=weighted", "merge.lam=1.0", "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}"]
+OVERRIDES = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=1",
+    "finetune.threads=1",
+    "merge.method=weighted",
+    "merge.lam=1.0",
+    "batchnorm.strategy=average",
+    f"coordinator.eval_data={BREAST}",
+]
 
 CHILD = r"""
 import json, sys, time
@@ -90,8 +99,17 @@ print(json.dumps(out))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--poll", type=float, default=1.0, help="worker polling interval (PREFECT_WORKER_QUERY_SECONDS); Prefect's default is 10")
-    ap.add_argument("--no-registry", action="store_true", help="merge without MLflow logging/registration (isolates Prefect's share)")
+    ap.add_argument(
+        "--poll",
+        type=float,
+        default=1.0,
+        help="worker polling interval (PREFECT_WORKER_QUERY_SECONDS); Prefect's default is 10",
+    )
+    ap.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="merge without MLflow logging/registration (isolates Prefect's share)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     overrides = OVERRIDES + (["registry.enabled=false"] if args.no_registry else [])
@@ -103,9 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     worker = None
     try:
         sets = [x for o in overrides + [f"store.url={store_url}"] for x in ("-S", o)]
-        subprocess.run([sys.executable, "-m", "medvec.cli", "coordinator", "up", *sets], cwd=ROOT, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "medvec.cli", "coordinator", "up", *sets],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         worker = Worker("coordinator", {**env, "PREFECT_WORKER_QUERY_SECONDS": str(args.poll)}, tmp)
-        proc = subprocess.run([sys.executable, "-c", CHILD, store_url, str(tmp), str(args.trials), json.dumps(overrides)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, store_url, str(tmp), str(args.trials), json.dumps(overrides)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
@@ -118,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     flow_runs = [r["total_run_time"] for r in raw["flow_runs"] if r["state"] == "COMPLETED" and r["total_run_time"] > 0]
     bare = statistics.median(raw["bare_merge_s"])
     result = {
-        "command": "python benchmarks/landing_latency.py " + " ".join(f"--{k} {v}" for k, v in (("trials", args.trials), ("poll", args.poll))) + (" --no-registry" if args.no_registry else ""),
+        "command": "python benchmarks/landing_latency.py "
+        + " ".join(f"--{k} {v}" for k, v in (("trials", args.trials), ("poll", args.poll)))
+        + (" --no-registry" if args.no_registry else ""),
         "mlflow_registration": not args.no_registry,
         "model": "tiny_cnn",
         "data": "breastmnist (coordinator val 78 / test 156)",

@@ -53,7 +53,12 @@ def summarise(docs: list[dict]) -> dict:
     rows = []
     for name in names:
         hits = [r for d in docs for r in d["results"] if r["name"] == name]
-        row = {"name": name, "kind": hits[0]["kind"], "seeds": len(hits), "times_selected": sum(bool(r.get("selected")) for r in hits)}
+        row = {
+            "name": name,
+            "kind": hits[0]["kind"],
+            "seeds": len(hits),
+            "times_selected": sum(bool(r.get("selected")) for r in hits),
+        }
         for m in METRICS:
             row[f"test_{m}_mean"], row[f"test_{m}_std"] = mean_std([r["test"][m] for r in hits])
         row["val_auc_mean"], _ = mean_std([(r.get("val") or {}).get("auc", float("nan")) for r in hits])
@@ -81,7 +86,11 @@ def markdown(summary: dict, seeds: list[int], command: str) -> str:
     ]
     for k in ("selected_merge", "mean_single", "centralized", "control"):
         lines.append(f"| {k.replace('_', ' ')} | {h[k]['mean']:.3f} ± {h[k]['std']:.3f} |")
-    lines += ["", "| model | kind | test AUC | test bal. acc | test acc | val AUC | chosen |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| model | kind | test AUC | test bal. acc | test acc | val AUC | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['name']} | {r['kind']} | {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} | "
@@ -104,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         print(f"== seed {seed}", flush=True)
         docs.append(run_seed(seed, ROOT / ".medvec" / "quality" / f"seed{seed}", args.overrides, args.data))
-    command = "python benchmarks/quality.py " + " ".join(["--seeds", *map(str, args.seeds)] + [f"-S {o}" for o in args.overrides])
+    command = "python benchmarks/quality.py " + " ".join(
+        ["--seeds", *map(str, args.seeds)] + [f"-S {o}" for o in args.overrides]
+    )
     summary = summarise(docs)
     result = {
         "command": command,

@@ -26,7 +26,6 @@ from flows.hospital_finetune import hospital_finetune
 from medvec import coordinator as core
 from medvec.config import Params, load_params
 from medvec.hospital import live_moments
-from medvec.models import Base
 from medvec.record import MergeRecord
 from medvec.report import render_table, write_report
 from medvec.train import set_threads
@@ -102,14 +101,20 @@ def demo(
     candidates = evaluate_merges(base, vectors, evalsets, params, moments_fn, progress)
     rows += [c.row() for c in candidates]
     if params.demo.control:
-        rows.append(control_row(base, vectors, evalsets, params, core.BnPlan.from_hospitals(params.batchnorm.strategy), moments_fn))
+        rows.append(
+            control_row(
+                base, vectors, evalsets, params, core.BnPlan.from_hospitals(params.batchnorm.strategy), moments_fn
+            )
+        )
     if params.demo.centralized:
         rows.append(centralized_row(base, dirs, evalsets, params, progress))
     if contributions:
         shutil.rmtree(out_dir / "async", ignore_errors=True)
         refine = params.model_copy(update={"refine": params.refine.model_copy(update={"mode": "async"})})
         folders = dict(zip(split["hospitals"], dirs))
-        rows += simulate_async(str(out_dir / "async"), base, folders, refine, evalsets, contributions, straggler, progress, moments_fn)
+        rows += simulate_async(
+            str(out_dir / "async"), base, folders, refine, evalsets, contributions, straggler, progress, moments_fn
+        )
 
     doc = {
         "dataset": Path(data).stem,
@@ -119,9 +124,23 @@ def demo(
         "image_size": base.spec.image_size,
         "split": {k: split[k] for k in ("scheme", "alpha", "seed")} | {"hospitals": split["hospitals"]},
         "params": params.model_dump(mode="json"),
-        "vectors": [{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "path": str(v.path)} for v in vectors],
+        "vectors": [
+            {
+                "vector_id": v.meta.vector_id,
+                "hospital": v.meta.hospital,
+                "content_sha256": v.content_sha256,
+                "path": str(v.path),
+            }
+            for v in vectors
+        ],
         "seconds": round(time.perf_counter() - started, 1),
-        "async": {"contributions": contributions, "straggler": straggler, "refine": params.refine.model_dump(mode="json")} if contributions else None,
+        "async": {
+            "contributions": contributions,
+            "straggler": straggler,
+            "refine": params.refine.model_dump(mode="json"),
+        }
+        if contributions
+        else None,
         "results": rows,
     }
     curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy}
@@ -129,7 +148,9 @@ def demo(
     paths = write_report(out_dir, doc, curves, classes)
     if params.registry.enabled:
         selected = next(c for c in candidates if c.selected)
-        outcome = core.outcome_of(base, vectors, selected, core.BnPlan.from_hospitals(selected.bn), params, moments_fn, evalsets)
+        outcome = core.outcome_of(
+            base, vectors, selected, core.BnPlan.from_hospitals(selected.bn), params, moments_fn, evalsets
+        )
         record = MergeRecord.build(
             outcome, vectors, base.sha256, params, evalsets.ref(), store_url, merge_started, merge_clock, data=str(data)
         )
@@ -141,6 +162,8 @@ def demo(
         paths = write_report(out_dir, doc, curves, classes)  # again, now naming the registered version
     text = render_table(doc)
     logger.info("\n%s", text)
-    create_markdown_artifact(key="medvec-demo", markdown=paths["md"].read_text(), description="per-hospital vs merged metrics")
+    create_markdown_artifact(
+        key="medvec-demo", markdown=paths["md"].read_text(), description="per-hospital vs merged metrics"
+    )
     logger.info("report written to %s in %.0f s", out_dir, doc["seconds"])
     return {"results": str(paths["json"]), "table": text}

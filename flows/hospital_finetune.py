@@ -58,7 +58,9 @@ def hospital_finetune(
     if p.batchnorm.strategy == "recompute":
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     summary = publish_vector(store_url, vector, base, key_file)
-    logger.info("published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"])
+    logger.info(
+        "published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"]
+    )
     if p.registry.enabled:
         summary["mlflow_run_id"] = track_hospital_run(summary, vector.meta.finetune, history)
     if emit:

@@ -46,7 +46,11 @@ def _summary(record: MergeRecord, skipped: bool = False, reason: str | None = No
     out = {"skipped": skipped, "merge_id": record.merge_id, "inputs": [i.to_json() for i in record.inputs]}
     if reason:
         return out | {"reason": reason}
-    return out | {"val": record.val, "test": record.test, "registry": record.registry.to_json() if record.registry else None}
+    return out | {
+        "val": record.val,
+        "test": record.test,
+        "registry": record.registry.to_json() if record.registry else None,
+    }
 
 
 def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalSets, folder: Path) -> dict[str, Path]:
@@ -60,27 +64,54 @@ def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalS
 
 def _artifact(record: MergeRecord, rows: list[dict]) -> None:
     df = results_frame(rows)
-    cols = [c for c in ("name", "kind", "lambda", "n_train", "val_auc", "test_auc", "test_balanced_accuracy", "test_accuracy") if c in df]
-    create_table_artifact(key="merge-metrics", table=df[cols].round(4).fillna("").to_dict(orient="records"), description=f"merge {record.merge_id}")
+    cols = [
+        c
+        for c in ("name", "kind", "lambda", "n_train", "val_auc", "test_auc", "test_balanced_accuracy", "test_accuracy")
+        if c in df
+    ]
+    create_table_artifact(
+        key="merge-metrics",
+        table=df[cols].round(4).fillna("").to_dict(orient="records"),
+        description=f"merge {record.merge_id}",
+    )
     bn = f"BN {record.bn_strategy} from `{record.bn_source}`"
-    lines = [f"### Merge `{record.merge_id}`", "", f"method `{record.method}`, λ = {record.lam}, {bn}, {len(record.inputs)} vectors", ""]
+    lines = [
+        f"### Merge `{record.merge_id}`",
+        "",
+        f"method `{record.method}`, λ = {record.lam}, {bn}, {len(record.inputs)} vectors",
+        "",
+    ]
     lines += ["| model | kind | val AUC | test AUC | test bal. acc |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['kind']} | {r['val'].get('auc', float('nan')):.3f} | {r['test'].get('auc', float('nan')):.3f} | {r['test'].get('balanced_accuracy', float('nan')):.3f} |")
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['val'].get('auc', float('nan')):.3f} | {r['test'].get('auc', float('nan')):.3f} | {r['test'].get('balanced_accuracy', float('nan')):.3f} |"
+        )
     if record.screened:
-        lines += ["", "**Outlier defence**", ""] + [f"- {s.hospital} `{s.vector_id}`: {s.action} — {s.reason}" for s in record.screened]
+        lines += ["", "**Outlier defence**", ""] + [
+            f"- {s.hospital} `{s.vector_id}`: {s.action} — {s.reason}" for s in record.screened
+        ]
     if record.quarantined:
-        lines += ["", "**Quarantined vectors (kept, not merged)**", "", "| hospital claimed | check | problem | time |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "**Quarantined vectors (kept, not merged)**",
+            "",
+            "| hospital claimed | check | problem | time |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {q.hospital_claimed} | {q.check} | {q.problem} | {q.time} |" for q in record.quarantined]
     lines += ["", "| vector | hospital | content sha256 |", "|---|---|---|"]
     lines += [f"| {v.vector_id} | {v.hospital} | `{v.content_sha256[:16]}…` |" for v in record.inputs]
     with tempfile.TemporaryDirectory() as tmp:
-        png = bar_chart(df, Path(tmp) / "chart.png", "test_auc" if "test_auc" in df else "val_auc", "per-hospital vs merged")
+        png = bar_chart(
+            df, Path(tmp) / "chart.png", "test_auc" if "test_auc" in df else "val_auc", "per-hospital vs merged"
+        )
         lines += ["", f"![per-hospital vs merged](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"]
     create_markdown_artifact(key="merge-report", markdown="\n".join(lines), description=f"merge {record.merge_id}")
 
 
-def _finish(store_url: str, record: MergeRecord, outcome, base, evalsets, vectors, p: Params, decided=None) -> MergeRecord:
+def _finish(
+    store_url: str, record: MergeRecord, outcome, base, evalsets, vectors, p: Params, decided=None
+) -> MergeRecord:
     """DVC registry commit, MLflow registration and gate, then ``latest.json`` moves (last)."""
     if p.registry.dvc_repo:
         if not p.registry.dvc_remote:
@@ -95,17 +126,25 @@ def _finish(store_url: str, record: MergeRecord, outcome, base, evalsets, vector
     return record
 
 
-def _step(store_url: str, base, admission, p: Params, eval_data: str, calibration_data: str | None, trigger: dict) -> dict:
+def _step(
+    store_url: str, base, admission, p: Params, eval_data: str, calibration_data: str | None, trigger: dict
+) -> dict:
     """Async mode: once the buffer holds B vectors, one step into the champion (promoted if better)."""
     logger = get_run_logger()
     n, need = len(admission.admitted), p.refine.buffer
     if n < need:
         logger.info("buffer holds %d of %d vectors: no step yet", n, need)
-        return {"skipped": True, "reason": f"buffer holds {n} of {need}", "inputs": [v.meta.vector_id for v in admission.admitted]}
+        return {
+            "skipped": True,
+            "reason": f"buffer holds {n} of {need}",
+            "inputs": [v.meta.vector_id for v in admission.admitted],
+        }
     evalsets = core.EvalSets.load(eval_data)
     calibration = load_split(calibration_data, "train") if calibration_data else None
     step = refine_task(store_url, base, admission, p, evalsets, calibration, trigger)
-    record = _finish(store_url, step.record, step.outcome, base, evalsets, admission.admitted, p, (step.promoted, step.reason))
+    record = _finish(
+        store_url, step.record, step.outcome, base, evalsets, admission.admitted, p, (step.promoted, step.reason)
+    )
     logger.info("step %s: %s", record.merge_id, step.reason)
     return _summary(record) | {"promoted": step.promoted, "version": record.version, "reason": step.reason}
 
@@ -159,7 +198,18 @@ def merge_and_evaluate(
     )
     record = publish_merge(store_url, record, outcome, base)
     record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
-    merged_row = core.Candidate(f"merged ({outcome.method}, λ={outcome.lam:g})", "merged", outcome.method, outcome.lam, outcome.bn.strategy, outcome.val, outcome.test or {}, record.n_train).row()
+    merged_row = core.Candidate(
+        f"merged ({outcome.method}, λ={outcome.lam:g})",
+        "merged",
+        outcome.method,
+        outcome.lam,
+        outcome.bn.strategy,
+        outcome.val,
+        outcome.test or {},
+        record.n_train,
+    ).row()
     _artifact(record, single_rows(base, vectors, evalsets, p) + [merged_row])
-    logger.info("merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan")))
+    logger.info(
+        "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))
+    )
     return _summary(record)

@@ -20,9 +20,9 @@ merged model's statistics are restored by one of three strategies:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -153,7 +153,12 @@ class MomentSums:
 
 
 @torch.no_grad()
-def moment_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "train", device: str | torch.device = "cpu") -> MomentSums:
+def moment_sums(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    mode: str = "train",
+    device: str | torch.device = "cpu",
+) -> MomentSums:
     """Accumulate (count, Σx, Σx²) of every BN layer's input over ``batches``.
 
     ``mode="train"`` normalises with each batch's own statistics (as SWA's
@@ -180,7 +185,14 @@ def moment_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
 
         return fn
 
-    saved = {k: (m.training, m.momentum, {b: getattr(m, b).clone() for b in ("running_mean", "running_var", "num_batches_tracked")}) for k, m in layers.items()}
+    saved = {
+        k: (
+            m.training,
+            m.momentum,
+            {b: getattr(m, b).clone() for b in ("running_mean", "running_var", "num_batches_tracked")},
+        )
+        for k, m in layers.items()
+    }
     was_training = model.training
     model.eval()
     if mode == "train":

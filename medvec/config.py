@@ -8,13 +8,13 @@ be overridden with ``-S section.key=value``; values are parsed as YAML, so
 
 from __future__ import annotations
 
-from medvec.errors import UserError
-
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medvec.errors import UserError
 
 
 class _Frozen(BaseModel):
@@ -59,7 +59,9 @@ class FinetuneConfig(_Frozen):
     warmup_steps: int = Field(0, ge=0)
     class_weighting: bool = True
     augment: bool = True
-    bn_recalibrate: bool = Field(True, description="re-estimate BN running stats on the training data after fine-tuning")
+    bn_recalibrate: bool = Field(
+        True, description="re-estimate BN running stats on the training data after fine-tuning"
+    )
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
     device: str = "auto"
@@ -69,7 +71,9 @@ class MergeConfig(_Frozen):
     methods: tuple[str, ...] = ("sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median")
     method: str = "task_arithmetic"
     lam: float | None = Field(None, description="fixed lambda; None selects it on the validation split")
-    lambdas: tuple[float, ...] | None = Field(None, description="λ grid for every method; None uses each method's own grid")
+    lambdas: tuple[float, ...] | None = Field(
+        None, description="λ grid for every method; None uses each method's own grid"
+    )
     ties_density: float = Field(0.2, gt=0, le=1)
     dare_drop: float = Field(0.5, ge=0, lt=1)
     seed: int = 0
@@ -96,7 +100,9 @@ class StoreConfig(_Frozen):
 
 
 class CoordinatorConfig(_Frozen):
-    eval_data: str = Field("data/pneumoniamnist.npz", description="the coordinator's held-out set (val chooses, test reports)")
+    eval_data: str = Field(
+        "data/pneumoniamnist.npz", description="the coordinator's held-out set (val chooses, test reports)"
+    )
     calibration_data: str | None = Field(None, description="optional BN calibration images (train split) for recompute")
     reconcile_seconds: float = Field(3600, gt=0, description="reconciling schedule of merge-and-evaluate")
 
@@ -120,8 +126,12 @@ class IntakeConfig(_Frozen):
 class RegistryConfig(_Frozen):
     enabled: bool = Field(True, description="log runs and register merged models in MLflow")
     model_name: str = "medvec"
-    champion_margin: float = Field(0.0, ge=0, description="a new version must beat the champion's validation score by this much")
-    dvc_repo: str | None = Field(None, description="git+DVC registry of merged vectors (one commit per merge); None: off")
+    champion_margin: float = Field(
+        0.0, ge=0, description="a new version must beat the champion's validation score by this much"
+    )
+    dvc_repo: str | None = Field(
+        None, description="git+DVC registry of merged vectors (one commit per merge); None: off"
+    )
     dvc_remote: str | None = Field(None, description="its DVC remote: a folder or s3://bucket/prefix")
     dvc_endpoint_url: str | None = Field(None, description="S3 endpoint for that remote")
 
@@ -137,7 +147,9 @@ class HospitalConfig(_Frozen):
 class RefineConfig(_Frozen):
     """How landed vectors move the champion: one-shot merging (the paper) or asynchronous steps."""
 
-    mode: Literal["oneshot", "async"] = Field("oneshot", description="oneshot: merge every hospital's latest; async: buffered steps")
+    mode: Literal["oneshot", "async"] = Field(
+        "oneshot", description="oneshot: merge every hospital's latest; async: buffered steps"
+    )
     buffer: int = Field(1, ge=1, description="B: vectors per step (1 = FedAsync, more = FedBuff)")
     eta: float | None = Field(None, gt=0, description="server learning rate η; None chooses it on validation")
     etas: tuple[float, ...] = Field((0.5, 1.0, 1.5, 2.0), description="η grid when eta is None")

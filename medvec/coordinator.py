@@ -10,9 +10,9 @@ otherwise by a coordinator calibration set.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -83,7 +83,9 @@ def _scalars(m: dict) -> dict:
     return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy", "op")}
 
 
-def evaluate_on(model: nn.Module, evalsets: EvalSets, spec, batch_size: int, rule: str = "youden", target: float = 0.9) -> tuple[dict, dict]:
+def evaluate_on(
+    model: nn.Module, evalsets: EvalSets, spec, batch_size: int, rule: str = "youden", target: float = 0.9
+) -> tuple[dict, dict]:
     """(validation metrics, test metrics with the validation-chosen operating point, or {} without a test split)."""
     val = evaluate_model(model, evalsets.val, spec, batch_size)
     test = evaluate_model(model, evalsets.test, spec, batch_size) if evalsets.test is not None else None
@@ -190,8 +192,10 @@ def evaluate_merges(
             lam, val = max(per_strategy[strategy], key=lambda p: score(p[1], metric))
             model = restored(base, tau.apply_to(base_state, lam), strategy, vectors, moments_fn)
             test = with_operating_point(val, evaluate_model(model, evalsets.test, base.spec, bs), *op_rule(params))
-            curve = [(l, m[metric]) for l, m in per_strategy[strategy]]
-            results.append(Candidate(f"{name} (bn={strategy})", "merged", name, lam, strategy, val, test, n_train, curve=curve))
+            curve = [(x, m[metric]) for x, m in per_strategy[strategy]]
+            results.append(
+                Candidate(f"{name} (bn={strategy})", "merged", name, lam, strategy, val, test, n_train, curve=curve)
+            )
             bar.update(1)
     bar.close()
     if results:
@@ -200,7 +204,15 @@ def evaluate_merges(
     return results
 
 
-def realize(base: Base, vectors: Sequence, method: str, lam: float, bn: BnPlan, params: Params, moments_fn: MomentsFn | None = None) -> tuple[nn.Module, MomentSums | None]:
+def realize(
+    base: Base,
+    vectors: Sequence,
+    method: str,
+    lam: float,
+    bn: BnPlan,
+    params: Params,
+    moments_fn: MomentsFn | None = None,
+) -> tuple[nn.Module, MomentSums | None]:
     """The merged model for one (method, λ, BN plan), with the moment sums its BN statistics came from."""
     tau = merge_delta(vectors, method_from_config(method, params.merge))
     model = build_model(base, tau.apply_to(base.model.state_dict(), lam))
@@ -255,7 +267,9 @@ def plan_bn(vectors: Sequence, strategy: str, calibration: ImageSet | None) -> B
     return BnPlan("average", "running")
 
 
-def moments_source(vectors: Sequence, bn: BnPlan, base: Base, calibration: ImageSet | None, batch_size: int = 64) -> MomentsFn | None:
+def moments_source(
+    vectors: Sequence, bn: BnPlan, base: Base, calibration: ImageSet | None, batch_size: int = 64
+) -> MomentsFn | None:
     """A ``moments_fn`` for :func:`restore` that matches a :class:`BnPlan`."""
     from medvec.batchnorm import moment_sums
     from medvec.data import batches
@@ -327,7 +341,7 @@ def choose_scale(
     lam, val, model, moments = max(scored, key=lambda s: score(s[1], metric))
     test = evaluate_model(model, evalsets.test, base.spec, bs) if evalsets.test is not None else None
     test = with_operating_point(val, test, *op_rule(params))
-    return MergeOutcome(model, name, lam, bn, moments, val, test, [(l, m[metric]) for l, m, _, _ in scored])
+    return MergeOutcome(model, name, lam, bn, moments, val, test, [(x, m[metric]) for x, m, _, _ in scored])
 
 
 def beats(new: dict, champion: dict, params: Params) -> tuple[bool, str]:
@@ -338,10 +352,14 @@ def beats(new: dict, champion: dict, params: Params) -> tuple[bool, str]:
     return a > b + margin, f"val {metric} {a:.4f} {verdict} the champion's {b:.4f} + margin {margin}"
 
 
-def outcome_of(base: Base, vectors: Sequence, candidate: Candidate, bn: BnPlan, params: Params, moments_fn, evalsets: EvalSets) -> MergeOutcome:
+def outcome_of(
+    base: Base, vectors: Sequence, candidate: Candidate, bn: BnPlan, params: Params, moments_fn, evalsets: EvalSets
+) -> MergeOutcome:
     """The outcome behind one evaluated candidate (the demo registers the selected one)."""
     model, moments = realize(base, vectors, candidate.method, candidate.lam, bn, params, moments_fn)
-    return MergeOutcome(model, candidate.method, candidate.lam, bn, moments, candidate.val, candidate.test, candidate.curve)
+    return MergeOutcome(
+        model, candidate.method, candidate.lam, bn, moments, candidate.val, candidate.test, candidate.curve
+    )
 
 
 def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module, str]:
@@ -360,7 +378,9 @@ def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module,
     vectors = [store.get(i.vector_id, base=root.model.state_dict(), base_sha256=root.sha256) for i in record.inputs]
     for v, i in zip(vectors, record.inputs):
         if v.content_sha256 != i.content_sha256:
-            raise ValueError(f"vector {i.vector_id}: content {v.content_sha256[:12]}… differs from the lineage's {i.content_sha256[:12]}…")
+            raise ValueError(
+                f"vector {i.vector_id}: content {v.content_sha256[:12]}… differs from the lineage's {i.content_sha256[:12]}…"
+            )
     scales = record.scales()
     vectors = [Scaled(v, scales[v.meta.vector_id]) if v.meta.vector_id in scales else v for v in vectors]
     moments_fn = None

@@ -19,8 +19,8 @@ The ``median`` merge method remains the robust choice that needs no screening.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -93,7 +93,14 @@ def vector_stats(vectors: Sequence) -> tuple[list[float], list[float]]:
     return norms, cos
 
 
-def screen(vectors: Sequence, mode: str = "quarantine", mad_k: float = 5.0, min_ratio: float = 3.0, max_cosine: float = 0.0, min_vectors: int = 3) -> Screening:
+def screen(
+    vectors: Sequence,
+    mode: str = "quarantine",
+    mad_k: float = 5.0,
+    min_ratio: float = 3.0,
+    max_cosine: float = 0.0,
+    min_vectors: int = 3,
+) -> Screening:
     """Flag outliers; ``mode`` is ``off``, ``quarantine`` or ``clip``."""
     if mode == "off" or len(vectors) < min_vectors:
         return Screening(list(vectors))

@@ -13,15 +13,15 @@ Uses the ``git`` and ``dvc`` command-line tools (no DVC import in the core).
 
 from __future__ import annotations
 
-from medvec.errors import UserError
-from medvec.record import MergeRecord
-
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from medvec.errors import UserError
+from medvec.record import MergeRecord
 
 
 class RegistryError(UserError, RuntimeError):
@@ -57,13 +57,17 @@ def ensure_registry(path: str | Path, remote: str, endpoint_url: str | None = No
     _run([_dvc(), "remote", "add", "-d", "-f", "store", remote], repo)
     if endpoint_url:
         _run([_dvc(), "remote", "modify", "store", "endpointurl", endpoint_url], repo)
-    (repo / "README.md").write_text("# medvec vector registry\n\nOne commit per merge. `git checkout <commit> && dvc pull` restores the vectors behind that merged model.\n")
+    (repo / "README.md").write_text(
+        "# medvec vector registry\n\nOne commit per merge. `git checkout <commit> && dvc pull` restores the vectors behind that merged model.\n"
+    )
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "medvec vector registry"], repo)
     return repo
 
 
-def record_merge(path: str | Path, remote: str, record: MergeRecord, vector_files: dict[str, Path], endpoint_url: str | None = None) -> str:
+def record_merge(
+    path: str | Path, remote: str, record: MergeRecord, vector_files: dict[str, Path], endpoint_url: str | None = None
+) -> str:
     """Track the merge's input vectors, commit, push; returns the commit sha.
 
     ``vector_files`` maps vector id to a local file holding its bytes.

@@ -7,8 +7,8 @@ accuracy, per-class recall and the confusion matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,9 @@ from medvec.models import ModelSpec
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
+def predict(
+    model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> np.ndarray:
     """Class probabilities, N×K, with the model in eval mode."""
     model.eval()
     model.to(device)
@@ -51,11 +53,13 @@ def metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = Non
         "accuracy": float(accuracy_score(y_true, pred)),
         "recall": [float(r) for r in recall_score(y_true, pred, labels=labels, average=None, zero_division=0)],
         "confusion": confusion_matrix(y_true, pred, labels=labels).astype(int).tolist(),
-        "n": int(len(y_true)),
+        "n": len(y_true),
     }
 
 
-def choose_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9) -> float:
+def choose_threshold(
+    y_true: np.ndarray, scores: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9
+) -> float:
     """A binary decision threshold on the positive-class probability, chosen on validation data.
 
     ``youden``: the ROC point that maximises J = sensitivity + specificity − 1;
@@ -93,13 +97,17 @@ def at_threshold(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> di
     }
 
 
-def operating_point(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], rule: str = "youden", target: float = 0.9) -> dict:
+def operating_point(
+    val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], rule: str = "youden", target: float = 0.9
+) -> dict:
     """Choose the threshold on (labels, P(positive)) of validation; report at it on test."""
     threshold = choose_threshold(val[0], val[1], rule, target)
     return at_threshold(test[0], test[1], threshold)
 
 
-def evaluate_model(model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
+def evaluate_model(
+    model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> dict:
     """:func:`metrics` of the model on ``data``; binary tasks also keep ``scores``, P(positive), for an operating point."""
     proba = predict(model, data, spec, batch_size, device)
     out = metrics(data.labels, proba, data.num_classes)
@@ -112,7 +120,9 @@ def with_operating_point(val: dict, test: dict | None, rule: str = "youden", tar
     """Add ``op`` to the test metrics: the threshold chosen on validation scores, applied to the test scores."""
     if test is None or "scores" not in val or "scores" not in test:
         return test
-    return test | {"op": operating_point((val["labels"], val["scores"]), (test["labels"], test["scores"]), rule, target)}
+    return test | {
+        "op": operating_point((val["labels"], val["scores"]), (test["labels"], test["scores"]), rule, target)
+    }
 
 
 def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
@@ -143,7 +153,11 @@ def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str] | No
         cells = []
         for c in columns:
             v = row.get(c)
-            cells.append(fmt(v) if isinstance(v, float) else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)))
+            cells.append(
+                fmt(v)
+                if isinstance(v, float)
+                else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,7 +171,13 @@ def _plt():
     return plt
 
 
-_KIND_COLOURS = {"single": "#9aa5b1", "merged": "#2f6fdd", "centralized": "#1b9e77", "control": "#d95f02", "async": "#7570b3"}
+_KIND_COLOURS = {
+    "single": "#9aa5b1",
+    "merged": "#2f6fdd",
+    "centralized": "#1b9e77",
+    "control": "#d95f02",
+    "async": "#7570b3",
+}
 
 
 def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", title: str = "") -> Path:
@@ -210,8 +230,13 @@ def async_curve(rows: list[dict], path: str | Path, references: dict[str, float]
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     auc = [r["test"]["auc"] for r in rows]
-    for ax, key, label in ((axes[0], "landings", "landings"), (axes[1], "sim_time", "simulated time (1000-image epochs)")):
-        ax.step([r[key] for r in rows], auc, where="post", marker="o", color=_KIND_COLOURS["async"], label="async champion")
+    for ax, key, label in (
+        (axes[0], "landings", "landings"),
+        (axes[1], "sim_time", "simulated time (1000-image epochs)"),
+    ):
+        ax.step(
+            [r[key] for r in rows], auc, where="post", marker="o", color=_KIND_COLOURS["async"], label="async champion"
+        )
         for (name, value), style in zip((references or {}).items(), ("--", ":", "-.")):
             ax.axhline(value, linestyle=style, color="#555", linewidth=1, label=name)
         ax.set_xlabel(label)

@@ -56,10 +56,18 @@ class Admission:
 def check(store, key: str, base: dict | None, base_sha256: str | None, policy: IntakePolicy, seen: dict) -> VectorFile:
     """Validate one stored vector; raises :class:`InvalidVectorError` (the caller quarantines)."""
     path = store.local_file(key)
-    vf = load_vector(path, base=base, base_sha256=base_sha256, max_bytes=policy.max_bytes, max_metadata_bytes=policy.max_metadata_bytes)
+    vf = load_vector(
+        path,
+        base=base,
+        base_sha256=base_sha256,
+        max_bytes=policy.max_bytes,
+        max_metadata_bytes=policy.max_metadata_bytes,
+    )
     hospital_in_path = key.split("/")[-2] if key.count("/") >= 2 else None
     if hospital_in_path is not None and hospital_in_path != vf.meta.hospital:
-        raise InvalidVectorError(path, f"published under hospital {hospital_in_path!r} but claims {vf.meta.hospital!r}", "impersonation")
+        raise InvalidVectorError(
+            path, f"published under hospital {hospital_in_path!r} but claims {vf.meta.hospital!r}", "impersonation"
+        )
     nonce = None
     if policy.keyring is not None:
         nonce = policy.keyring.verify(path, vf.meta, vf.content_sha256, read_header(path))["nonce"]
@@ -118,7 +126,9 @@ def consumed(store, root: str) -> set[str]:
     return {i.vector_id for r in store.merges(root) if r.mode == "async" for i in r.inputs}
 
 
-def _pending(store, base: Base, policy: IntakePolicy, refine: RefineConfig, seen: dict, rejected: list[Rejection]) -> list:
+def _pending(
+    store, base: Base, policy: IntakePolicy, refine: RefineConfig, seen: dict, rejected: list[Rejection]
+) -> list:
     """Every valid vector not yet consumed by a step, oldest first, started from a live start point."""
     state = base.model.state_dict()
     points = {p.version: p for p in store.start_points(base.sha256)}
@@ -141,10 +151,14 @@ def _check_start(vf: VectorFile, points: dict, champion: int, max_staleness: int
     """The vector's start point is a known version, with that version's sha256, and not too stale."""
     version = vf.meta.start_version
     if version not in points:
-        raise InvalidVectorError(vf.path, f"unknown start point v{version}: the store has v0..v{champion}", "start_point")
+        raise InvalidVectorError(
+            vf.path, f"unknown start point v{version}: the store has v0..v{champion}", "start_point"
+        )
     if vf.meta.start != points[version].sha256:
         want = points[version].sha256[:12]
-        raise InvalidVectorError(vf.path, f"start point v{version} is {want}…, the vector names {vf.meta.start[:12]}…", "start_point")
+        raise InvalidVectorError(
+            vf.path, f"start point v{version} is {want}…, the vector names {vf.meta.start[:12]}…", "start_point"
+        )
     if champion - version > max_staleness:
         problem = f"stale: started from version {version}, champion is {champion} (max_staleness {max_staleness})"
         raise InvalidVectorError(vf.path, problem, "stale")
@@ -161,5 +175,14 @@ def _screen(store, vectors: list, cfg: IntakeConfig, rejected: list[Rejection]) 
             rejected.append(store.quarantine(key, "outlier", reason, meta.hospital))
         stats = result.stats.get(meta.vector_id, {})
         scale = result.scales.get(meta.vector_id)
-        report.append(Screened(vector_id=meta.vector_id, hospital=meta.hospital, action=cfg.defence, reason=reason, scale=scale, **stats))
+        report.append(
+            Screened(
+                vector_id=meta.vector_id,
+                hospital=meta.hospital,
+                action=cfg.defence,
+                reason=reason,
+                scale=scale,
+                **stats,
+            )
+        )
     return result.kept, report

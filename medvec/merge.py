@@ -24,23 +24,24 @@ tensor per vector is in memory at a time.
 
 from __future__ import annotations
 
-from medvec.errors import UserError
-
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
+from medvec.errors import UserError
+
 __all__ = [
-    "MergeMethod",
     "GeneralizedTaskArithmetic",
     "Median",
+    "MergeMethod",
     "UnknownMethodError",
     "get_method",
-    "method_names",
     "merge_delta",
     "merge_vectors",
+    "method_names",
 ]
 
 
@@ -83,7 +84,7 @@ def trim_top_k(t: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0:
         return t
     flat = t.reshape(-1)
-    k = max(1, int(round(density * flat.numel())))
+    k = max(1, round(density * flat.numel()))
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.abs().topk(k, sorted=False).indices] = True
     return torch.where(keep, flat, torch.zeros_like(flat)).reshape(t.shape)
@@ -175,7 +176,11 @@ def _registry(density: float, drop: float, seed: int) -> dict[str, MergeMethod]:
             name="sum", reduce="sum", lambdas=(1.0,), formula="θ_pre + Σ_h τ_h", paper="arXiv 2408.13038"
         ),
         "task_arithmetic": GeneralizedTaskArithmetic(
-            name="task_arithmetic", reduce="sum", lambdas=_SUM_GRID, formula="θ_pre + λ Σ_h τ_h", paper="arXiv 2212.04089"
+            name="task_arithmetic",
+            reduce="sum",
+            lambdas=_SUM_GRID,
+            formula="θ_pre + λ Σ_h τ_h",
+            paper="arXiv 2212.04089",
         ),
         "mean": GeneralizedTaskArithmetic(
             name="mean", reduce="mean", lambdas=_MEAN_GRID, formula="θ_pre + λ (1/N) Σ_h τ_h", paper="arXiv 2203.05482"
@@ -239,7 +244,9 @@ def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
         if v.keys() != keys:
             diff = sorted(set(v.keys()) ^ set(keys))
             raise ValueError(f"vectors differ in keys: {diff[:5]}")
-    weights = [float(getattr(v.meta, "n_train", 0) or 0) for v in vectors] if method.needs_weights else [1.0] * len(vectors)
+    weights = (
+        [float(getattr(v.meta, "n_train", 0) or 0) for v in vectors] if method.needs_weights else [1.0] * len(vectors)
+    )
     return DataVector({k: method.merge_tensor([v.tensor(k) for v in vectors], weights, k) for k in keys})
 
 

@@ -17,29 +17,29 @@ Names:
 
 from __future__ import annotations
 
-from medvec.errors import UserError
-
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
+from medvec.errors import UserError
+
 __all__ = [
+    "Base",
+    "BaseMismatchError",
     "ModelSpec",
     "UnknownModelError",
+    "base_from_config",
     "build_model",
+    "create_base",
+    "get_spec",
+    "load_base",
     "model_names",
     "register_model",
-    "state_sha256",
-    "get_spec",
-    "Base",
-    "create_base",
-    "base_from_config",
-    "BaseMismatchError",
     "save_base",
-    "load_base",
+    "state_sha256",
 ]
 
 
@@ -274,7 +274,9 @@ class Base:
         return model
 
 
-def create_base(name: str, num_classes: int, pretrained: bool = True, image_size: int | None = None, seed: int = 0) -> Base:
+def create_base(
+    name: str, num_classes: int, pretrained: bool = True, image_size: int | None = None, seed: int = 0
+) -> Base:
     model, spec = build_model(name, num_classes, pretrained=pretrained, image_size=image_size, seed=seed)
     model.eval()
     return Base(model, spec, num_classes, state_sha256(model.state_dict()))
@@ -295,7 +297,9 @@ def save_base(base: Base, path) -> str:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"medvec_base": json.dumps({"spec": base.spec.to_dict(), "num_classes": base.num_classes, "sha256": base.sha256})}
+    meta = {
+        "medvec_base": json.dumps({"spec": base.spec.to_dict(), "num_classes": base.num_classes, "sha256": base.sha256})
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in base.model.state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -322,7 +326,9 @@ def load_base(path, expected_sha256: str | None = None) -> Base:
     if expected_sha256 is not None and sha != expected_sha256:
         raise BaseMismatchError(f"{path}: base sha256 is {sha}, expected {expected_sha256}")
     s = header["spec"]
-    spec = ModelSpec(s["name"], s["image_size"], s["in_chans"], tuple(s["mean"]), tuple(s["std"]), s["pretrained"], s["source"])
+    spec = ModelSpec(
+        s["name"], s["image_size"], s["in_chans"], tuple(s["mean"]), tuple(s["std"]), s["pretrained"], s["source"]
+    )
     model, _ = build_model(spec.name, header["num_classes"], pretrained=False, image_size=spec.image_size)
     model.load_state_dict(state)
     model.eval()

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
 
 from medvec.config import Params
 from medvec.coordinator import EvalSets, MergeOutcome, beats, choose_scale, rebuild_merge
 from medvec.data import ImageSet
 from medvec.evaluate import evaluate_model
-from pathlib import Path
-
 from medvec.models import Base, save_base
 from medvec.record import MergeRecord
 from medvec.vectors import DataVector, utcnow
@@ -156,7 +155,9 @@ def run_step(
         new = store.put_start(root.sha256, merged, record.merge_id, record.val)
         record = record.model_copy(update={"version": new.version})
         record = store.put_merge(record, latest=False)
-    return Step(record, outcome, promoted, f"v{point.version} → {'v' + str(record.version) if promoted else 'kept'}: {reason}")
+    return Step(
+        record, outcome, promoted, f"v{point.version} → {'v' + str(record.version) if promoted else 'kept'}: {reason}"
+    )
 
 
 def chain(store, record: MergeRecord) -> list[MergeRecord]:
@@ -166,7 +167,9 @@ def chain(store, record: MergeRecord) -> list[MergeRecord]:
     while steps[-1].mode == "async" and steps[-1].parent_version > 0:
         parent = by_version.get(steps[-1].parent_version)
         if parent is None:
-            raise ValueError(f"{store.url}: no record of champion v{steps[-1].parent_version}, parent of {steps[-1].merge_id}")
+            raise ValueError(
+                f"{store.url}: no record of champion v{steps[-1].parent_version}, parent of {steps[-1].merge_id}"
+            )
         steps.append(parent)
     return steps[::-1]
 
@@ -175,8 +178,28 @@ def chain_rows(store, record: MergeRecord) -> list[dict]:
     """The version chain for lineage: each step's version, parent, η, metric and its vectors with staleness and weight."""
     rows = []
     for r in chain(store, record):
-        vectors = [{"vector_id": i.vector_id, "hospital": i.hospital, "start_version": i.start_version, "staleness": i.staleness, "weight": i.weight} for i in r.inputs]
-        rows.append({"version": r.version, "parent_version": r.parent_version, "merge_id": r.merge_id, "mode": r.mode, "eta": r.lam, "bn": f"{r.bn_strategy} from {r.bn_source}", "val": r.val, "vectors": vectors})
+        vectors = [
+            {
+                "vector_id": i.vector_id,
+                "hospital": i.hospital,
+                "start_version": i.start_version,
+                "staleness": i.staleness,
+                "weight": i.weight,
+            }
+            for i in r.inputs
+        ]
+        rows.append(
+            {
+                "version": r.version,
+                "parent_version": r.parent_version,
+                "merge_id": r.merge_id,
+                "mode": r.mode,
+                "eta": r.lam,
+                "bn": f"{r.bn_strategy} from {r.bn_source}",
+                "val": r.val,
+                "vectors": vectors,
+            }
+        )
     return rows
 
 

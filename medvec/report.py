@@ -63,13 +63,19 @@ def summary_lines(rows: list[dict]) -> list[str]:
     lines = []
     if singles:
         mean_single = sum(singles) / len(singles)
-        lines.append(f"selected merge `{sel['name']}` (λ={sel['lambda']}): test AUC {sel['test']['auc']:.3f} vs mean single hospital {mean_single:.3f} ({sel['test']['auc'] - mean_single:+.3f})")
+        lines.append(
+            f"selected merge `{sel['name']}` (λ={sel['lambda']}): test AUC {sel['test']['auc']:.3f} vs mean single hospital {mean_single:.3f} ({sel['test']['auc'] - mean_single:+.3f})"
+        )
     if central:
-        lines.append(f"centralized upper bound: test AUC {central['test']['auc']:.3f}; merged / centralized = {sel['test']['auc'] / central['test']['auc']:.3f}")
+        lines.append(
+            f"centralized upper bound: test AUC {central['test']['auc']:.3f}; merged / centralized = {sel['test']['auc'] / central['test']['auc']:.3f}"
+        )
     return lines
 
 
-def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes: list[str] | None = None) -> dict[str, Path]:
+def write_report(
+    out: str | Path, doc: dict, curves: dict | None = None, classes: list[str] | None = None
+) -> dict[str, Path]:
     """Write results.json, results.md, results.png (bars), lambda.png, confusion.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,10 +93,23 @@ def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes
     }  # fmt: skip
     shown = [c for c in columns if c in df]
     table = markdown_table(df, shown, [columns[c] for c in shown])
-    md = [f"# medvec comparison: {doc['dataset']}", "", f"Base model `{doc['model']}` (sha256 `{doc['base_sha256'][:16]}…`).", ""]
+    md = [
+        f"# medvec comparison: {doc['dataset']}",
+        "",
+        f"Base model `{doc['model']}` (sha256 `{doc['base_sha256'][:16]}…`).",
+        "",
+    ]
     md += [f"- {line}" for line in summary_lines(doc["results"])]
-    md += ["", table, "", "★ = chosen on the validation split for promotion; test figures are reported, never used to choose."]
-    md += ["@op = at the decision threshold chosen on the validation split (`evaluate.threshold`), applied to test.", ""]
+    md += [
+        "",
+        table,
+        "",
+        "★ = chosen on the validation split for promotion; test figures are reported, never used to choose.",
+    ]
+    md += [
+        "@op = at the decision threshold chosen on the validation split (`evaluate.threshold`), applied to test.",
+        "",
+    ]
     paths["md"].write_text("\n".join(md))
     bars = [r for r in doc["results"] if r["kind"] != "async" or r.get("final")]
     bar_chart(results_frame(bars), paths["bars"], "test_auc", f"{doc['dataset']}: test AUC")
@@ -108,7 +127,9 @@ def write_report(out: str | Path, doc: dict, curves: dict | None = None, classes
         paths["lambda"] = lambda_curve(curves, out / "lambda.png")
     sel = next(r for r in doc["results"] if r.get("selected"))
     if sel.get("confusion") and classes:
-        paths["confusion"] = confusion_plot(sel["confusion"], classes, out / "confusion.png", f"selected: {sel['name']}")
+        paths["confusion"] = confusion_plot(
+            sel["confusion"], classes, out / "confusion.png", f"selected: {sel['name']}"
+        )
     return paths
 
 

@@ -30,14 +30,18 @@ def keygen(name: str, out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(private)
     os.chmod(key_path, 0o600)
-    pub_path.write_text(json.dumps({"hospital": name, "alg": "ed25519", "public_key": base64.b64encode(pub).decode()}) + "\n")
+    pub_path.write_text(
+        json.dumps({"hospital": name, "alg": "ed25519", "public_key": base64.b64encode(pub).decode()}) + "\n"
+    )
     return key_path, pub_path
 
 
@@ -65,7 +69,12 @@ def sign_file(path: str | Path, key_path: str | Path, signer: str | None = None)
     nonce = secrets.token_hex(16)
     key = _load_private(key_path)
     sig = key.sign(payload(vf.content_sha256, header["medvec"], nonce))
-    block = {"alg": "ed25519", "signer": signer or vf.meta.hospital, "nonce": nonce, "sig": base64.b64encode(sig).decode()}
+    block = {
+        "alg": "ed25519",
+        "signer": signer or vf.meta.hospital,
+        "nonce": nonce,
+        "sig": base64.b64encode(sig).decode(),
+    }
     header["signature"] = json.dumps(block)
     tmp = path.with_name(f".{path.name}.sign.tmp")
     save_file(tensors, str(tmp), metadata=header)
@@ -107,22 +116,36 @@ class Keyring:
 
         raw = header.get("signature")
         if not raw:
-            raise InvalidVectorError(path, f"unsigned vector (hospital {meta.hospital!r}); the keyring requires signatures", "unsigned")
+            raise InvalidVectorError(
+                path, f"unsigned vector (hospital {meta.hospital!r}); the keyring requires signatures", "unsigned"
+            )
         try:
             block = json.loads(raw)
             sig = base64.b64decode(block["sig"], validate=True)
             nonce, signer = str(block["nonce"]), str(block["signer"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidVectorError(path, f"malformed signature block ({exc.__class__.__name__})", "bad_signature") from exc
+            raise InvalidVectorError(
+                path, f"malformed signature block ({exc.__class__.__name__})", "bad_signature"
+            ) from exc
         if meta.hospital not in self.keys:
-            raise InvalidVectorError(path, f"unknown hospital {meta.hospital!r}: not in the keyring ({', '.join(sorted(self.keys)) or 'empty'})", "unknown_hospital")
+            raise InvalidVectorError(
+                path,
+                f"unknown hospital {meta.hospital!r}: not in the keyring ({', '.join(sorted(self.keys)) or 'empty'})",
+                "unknown_hospital",
+            )
         if signer != meta.hospital:
-            raise InvalidVectorError(path, f"signed by {signer!r} but claims hospital {meta.hospital!r}", "impersonation")
+            raise InvalidVectorError(
+                path, f"signed by {signer!r} but claims hospital {meta.hospital!r}", "impersonation"
+            )
         pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(self.keys[meta.hospital]))
         try:
             pub.verify(sig, payload(content_sha256, header["medvec"], nonce))
         except InvalidSignature as exc:
-            raise InvalidVectorError(path, f"signature does not verify with {meta.hospital!r}'s key (forged, or tensors/metadata changed)", "bad_signature") from exc
+            raise InvalidVectorError(
+                path,
+                f"signature does not verify with {meta.hospital!r}'s key (forged, or tensors/metadata changed)",
+                "bad_signature",
+            ) from exc
         return {"signer": signer, "nonce": nonce}
 
 

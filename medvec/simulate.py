@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -118,5 +118,20 @@ def _land(store, base: Base, params: Params, evalsets: EvalSets, landings: int, 
     champion = store.get_start(base.sha256, point.version) if point.version else base
     val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
     n = sum(r.n_train for r in store.merges(base.sha256) if r.version is not None)  # samples behind the chain
-    row = Candidate(f"async v{point.version} after {landings} landings", "async", "async", None, params.batchnorm.strategy, val, test, n).row()
-    return row | {"landings": landings, "sim_time": round(now, 4), "version": point.version, "step": note, "final": False}
+    row = Candidate(
+        f"async v{point.version} after {landings} landings",
+        "async",
+        "async",
+        None,
+        params.batchnorm.strategy,
+        val,
+        test,
+        n,
+    ).row()
+    return row | {
+        "landings": landings,
+        "sim_time": round(now, 4),
+        "version": point.version,
+        "step": note,
+        "final": False,
+    }

@@ -22,8 +22,6 @@ nothing sent is ever silently dropped.
 
 from __future__ import annotations
 
-from medvec.errors import UserError
-
 import json
 import os
 import shutil
@@ -32,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from medvec.batchnorm import MomentSums
+from medvec.errors import UserError
 from medvec.faults import failpoint
 from medvec.models import Base, load_base, save_base
 from medvec.record import MergeRecord, Rejection, StartPoint
@@ -88,7 +87,15 @@ class VectorStore:
                 save_base(base, path)
                 self._write_file(key, path)
         if current:
-            self.write_json("bases/current.json", {"sha256": base.sha256, "spec": base.spec.to_dict(), "num_classes": base.num_classes, "published_at": utcnow()})
+            self.write_json(
+                "bases/current.json",
+                {
+                    "sha256": base.sha256,
+                    "spec": base.spec.to_dict(),
+                    "num_classes": base.num_classes,
+                    "published_at": utcnow(),
+                },
+            )
         return key
 
     def current_base(self) -> str:
@@ -129,7 +136,12 @@ class VectorStore:
                 sign_file(path, key_file, meta.hospital)
             size = path.stat().st_size
             self._write_file(key, path)
-        side = {"meta": meta.model_dump(), "content_sha256": vector.content_sha256, "size": size, "published_at": utcnow()}
+        side = {
+            "meta": meta.model_dump(),
+            "content_sha256": vector.content_sha256,
+            "size": size,
+            "published_at": utcnow(),
+        }
         self.write_json(self.sidecar_key(key), side)
         return key
 
@@ -269,7 +281,9 @@ class VectorStore:
         return MergeRecord.model_validate(doc) if doc else None
 
     def merges(self, base_sha256: str) -> list[MergeRecord]:
-        keys = [k for k in self._list(f"merges/{base_sha256}/") if k.endswith(".json") and not k.endswith("latest.json")]
+        keys = [
+            k for k in self._list(f"merges/{base_sha256}/") if k.endswith(".json") and not k.endswith("latest.json")
+        ]
         records = (MergeRecord.model_validate(json.loads(self._read_bytes(k))) for k in keys)
         return sorted(records, key=lambda r: r.finished_at)
 
@@ -322,7 +336,9 @@ class LocalStore(VectorStore):
         top = self._path(prefix)
         if not top.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in top.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            str(p.relative_to(self.root)) for p in top.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -342,7 +358,15 @@ class S3Store(VectorStore):
     :class:`StoreError` says what failed.
     """
 
-    def __init__(self, url: str, endpoint_url: str | None = None, retries: int = 4, connect_timeout: float = 3.0, cache_dir: str | Path | None = None, client=None):
+    def __init__(
+        self,
+        url: str,
+        endpoint_url: str | None = None,
+        retries: int = 4,
+        connect_timeout: float = 3.0,
+        cache_dir: str | Path | None = None,
+        client=None,
+    ):
         import boto3
         from botocore.config import Config
 
@@ -359,9 +383,15 @@ class S3Store(VectorStore):
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            config=Config(retries={"total_max_attempts": retries, "mode": "standard"}, connect_timeout=connect_timeout, read_timeout=30),
+            config=Config(
+                retries={"total_max_attempts": retries, "mode": "standard"},
+                connect_timeout=connect_timeout,
+                read_timeout=30,
+            ),
         )
-        self.cache = Path(cache_dir or Path(tempfile.gettempdir()) / "medvec-s3-cache") / self.bucket / (self.prefix or "_")
+        self.cache = (
+            Path(cache_dir or Path(tempfile.gettempdir()) / "medvec-s3-cache") / self.bucket / (self.prefix or "_")
+        )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -374,10 +404,14 @@ class S3Store(VectorStore):
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-                raise StoreError(f"S3 {self.endpoint_url or 'AWS'} rejected the credentials ({code}) while trying to {what} in {self.url}") from exc
+                raise StoreError(
+                    f"S3 {self.endpoint_url or 'AWS'} rejected the credentials ({code}) while trying to {what} in {self.url}"
+                ) from exc
             raise StoreError(f"S3 error {code} while trying to {what} in {self.url}: {exc}") from exc
         except EndpointConnectionError as exc:
-            raise StoreError(f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'} to {what} (gave up after retries): {exc}") from exc
+            raise StoreError(
+                f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'} to {what} (gave up after retries): {exc}"
+            ) from exc
         except BotoCoreError as exc:
             raise StoreError(f"S3 failure while trying to {what} in {self.url}: {exc}") from exc
 
@@ -389,7 +423,11 @@ class S3Store(VectorStore):
             self._call("list the bucket", self.client.list_objects_v2, Bucket=self.bucket, MaxKeys=1)
         except StoreError as exc:
             cause = exc.__cause__
-            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
+                "404",
+                "NoSuchBucket",
+                "NotFound",
+            ):
                 self._call("create the bucket", self.client.create_bucket, Bucket=self.bucket)
             else:
                 raise
@@ -399,7 +437,13 @@ class S3Store(VectorStore):
         tmp = self._key(f"tmp/{uuid.uuid4().hex}")
         self._call(f"upload {key}", self.client.upload_file, str(src), self.bucket, tmp)
         failpoint("store-before-commit")
-        self._call(f"commit {key}", self.client.copy_object, Bucket=self.bucket, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": tmp})
+        self._call(
+            f"commit {key}",
+            self.client.copy_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            CopySource={"Bucket": self.bucket, "Key": tmp},
+        )
         self._call(f"clean up {tmp}", self.client.delete_object, Bucket=self.bucket, Key=tmp)
 
     def _write_bytes(self, key: str, data: bytes) -> None:
@@ -445,7 +489,13 @@ class S3Store(VectorStore):
         return bool(self._call(f"check {key}", head))
 
     def _move(self, src: str, dst: str) -> None:
-        self._call(f"move {src}", self.client.copy_object, Bucket=self.bucket, Key=self._key(dst), CopySource={"Bucket": self.bucket, "Key": self._key(src)})
+        self._call(
+            f"move {src}",
+            self.client.copy_object,
+            Bucket=self.bucket,
+            Key=self._key(dst),
+            CopySource={"Bucket": self.bucket, "Key": self._key(src)},
+        )
         self._call(f"move {src}", self.client.delete_object, Bucket=self.bucket, Key=self._key(src))
 
 
@@ -488,7 +538,9 @@ def vector_rows(store: VectorStore, include_quarantined: bool = False) -> list[d
             }
         )
     for key, hospital, problem in unreadable:
-        rows.append({"status": "unreadable", "vector_id": key.rsplit("/", 1)[-1], "hospital": hospital, "reason": problem})
+        rows.append(
+            {"status": "unreadable", "vector_id": key.rsplit("/", 1)[-1], "hospital": hospital, "reason": problem}
+        )
     if include_quarantined:
         for q in store.quarantined():
             rows.append(

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,10 @@ def log_hospital_run(summary: dict, settings: dict, history: list[dict], vector_
         mlflow.log_params(_flat("finetune.", settings))
         for entry in history:
             step = int(entry.get("epoch", 0))
-            mlflow.log_metrics({k: float(v) for k, v in entry.items() if k not in ("epoch",) and isinstance(v, (int, float))}, step=step)
+            mlflow.log_metrics(
+                {k: float(v) for k, v in entry.items() if k not in ("epoch",) and isinstance(v, (int, float))},
+                step=step,
+            )
         mlflow.set_tags(
             {
                 "medvec.kind": "hospital-finetune",
@@ -114,7 +118,9 @@ def find_hospital_run(vector_id: str) -> str | None:
     exp = mlflow.get_experiment_by_name(HOSPITAL_EXPERIMENT)
     if exp is None:
         return None
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`medvec.vector_id` = '{vector_id}'", output_format="list")
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`medvec.vector_id` = '{vector_id}'", output_format="list"
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -136,7 +142,12 @@ def _log_torch_model(model: torch.nn.Module, example: np.ndarray, registered_nam
         signature=infer_signature(example, out),
         input_example=example,
         code_paths=[str(Path(__file__).resolve().parent)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "efficientnet-lite-pytorch", "safetensors", "numpy"],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            "efficientnet-lite-pytorch",
+            "safetensors",
+            "numpy",
+        ],
     )
     failpoint("registry-before-register")
     return str(mlflow.register_model(info.model_uri, registered_name, await_registration_for=60).version)
@@ -218,7 +229,9 @@ def log_merge(
     return GateDecision(run_id=run_id, version=str(version), champion=champion, reason=reason)
 
 
-def _log_merge_run(mlflow, record: MergeRecord, runs: dict[str, str | None], metric: str, plots: dict[str, Path]) -> None:
+def _log_merge_run(
+    mlflow, record: MergeRecord, runs: dict[str, str | None], metric: str, plots: dict[str, Path]
+) -> None:
     """Params, metrics, lineage tags, the record and plots of one merge run."""
     mlflow.log_params(
         {
@@ -233,7 +246,7 @@ def _log_merge_run(mlflow, record: MergeRecord, runs: dict[str, str | None], met
     for split, metrics in (("val", record.val), ("test", record.test)):
         mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items() if not np.isnan(v)})
     for lam, val in record.lambda_curve:
-        mlflow.log_metric(f"val_{metric}_by_lambda", float(val), step=int(round(float(lam) * 1000)))
+        mlflow.log_metric(f"val_{metric}_by_lambda", float(val), step=round(float(lam) * 1000))
     tags = {
         "medvec.kind": "merge",
         "medvec.base_sha256": record.base_sha256,
@@ -283,7 +296,6 @@ def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict]) -
 def resolve(ref: str):
     """``NAME@ALIAS`` or ``NAME/VERSION`` -> ModelVersion."""
     from mlflow import MlflowClient
-
     from mlflow.exceptions import MlflowException
 
     _mlflow()
@@ -328,17 +340,38 @@ def lineage(ref: str) -> dict:
     for i in json.loads(tags.get("medvec.inputs", "[]")):
         vid, hospital, content = i
         run_id = find_hospital_run(vid)
-        entry: dict[str, Any] = {"vector_id": vid, "hospital": hospital, "content_sha256": content, "finetune_run": None}
+        entry: dict[str, Any] = {
+            "vector_id": vid,
+            "hospital": hospital,
+            "content_sha256": content,
+            "finetune_run": None,
+        }
         if run_id:
             hr = client.get_run(run_id)
-            entry["finetune_run"] = {"run_id": run_id, "params": dict(hr.data.params), "metrics": dict(hr.data.metrics), "content_sha256": hr.data.tags.get("medvec.content_sha256")}
+            entry["finetune_run"] = {
+                "run_id": run_id,
+                "params": dict(hr.data.params),
+                "metrics": dict(hr.data.metrics),
+                "content_sha256": hr.data.tags.get("medvec.content_sha256"),
+            }
         vectors.append(entry)
     base_sha = tags.get("medvec.base_sha256")
-    base_versions = [str(v.version) for v in client.search_model_versions(f"name = '{mv.name}-base'") if v.tags.get("medvec.base_sha256") == base_sha]
+    base_versions = [
+        str(v.version)
+        for v in client.search_model_versions(f"name = '{mv.name}-base'")
+        if v.tags.get("medvec.base_sha256") == base_sha
+    ]
     aliases = list(getattr(mv, "aliases", []) or [])
     return {
         "model": {"name": mv.name, "version": mv.version, "aliases": aliases, "tags": dict(mv.tags)},
-        "merge_run": {"run_id": mv.run_id, "params": dict(merge_run.data.params), "metrics": dict(merge_run.data.metrics), "merge_id": tags.get("medvec.merge_id"), "merged_sha256": tags.get("medvec.merged_sha256"), "dvc_commit": tags.get("medvec.dvc_commit")},
+        "merge_run": {
+            "run_id": mv.run_id,
+            "params": dict(merge_run.data.params),
+            "metrics": dict(merge_run.data.metrics),
+            "merge_id": tags.get("medvec.merge_id"),
+            "merged_sha256": tags.get("medvec.merged_sha256"),
+            "dvc_commit": tags.get("medvec.dvc_commit"),
+        },
         "vectors": vectors,
         "base": {"sha256": base_sha, "registered_as": f"{mv.name}-base", "versions": base_versions},
     }
@@ -348,17 +381,23 @@ def lineage_text(tree: dict) -> str:
     m, r, b = tree["model"], tree["merge_run"], tree["base"]
     alias = f" @{','.join(m['aliases'])}" if m["aliases"] else ""
     lines = [f"{m['name']} v{m['version']}{alias}  merged sha256 {r.get('merged_sha256') or '?'}"]
-    lines.append(f"└─ merge run {r['run_id']} ({r.get('merge_id')})  method={r['params'].get('method')} λ={r['params'].get('lambda')} bn={r['params'].get('bn_strategy')} from {r['params'].get('bn_source')}  val_auc={r['metrics'].get('val_auc', float('nan')):.4f}")
+    lines.append(
+        f"└─ merge run {r['run_id']} ({r.get('merge_id')})  method={r['params'].get('method')} λ={r['params'].get('lambda')} bn={r['params'].get('bn_strategy')} from {r['params'].get('bn_source')}  val_auc={r['metrics'].get('val_auc', float('nan')):.4f}"
+    )
     if r.get("dvc_commit"):
         lines.append(f"   ├─ DVC registry commit {r['dvc_commit']}")
     for n, v in enumerate(tree["vectors"]):
         last = n == len(tree["vectors"]) - 1
-        lines.append(f"   {'└' if last else '├'}─ vector {v['vector_id']}  hospital={v['hospital']}  content sha256 {v['content_sha256']}")
+        lines.append(
+            f"   {'└' if last else '├'}─ vector {v['vector_id']}  hospital={v['hospital']}  content sha256 {v['content_sha256']}"
+        )
         fr = v["finetune_run"]
         pad = "      " if last else "   │  "
         if fr:
             p = fr["params"]
-            lines.append(f"{pad}└─ fine-tune run {fr['run_id']}  epochs={p.get('finetune.epochs')} lr={p.get('finetune.lr')} seed={p.get('finetune.seed')}")
+            lines.append(
+                f"{pad}└─ fine-tune run {fr['run_id']}  epochs={p.get('finetune.epochs')} lr={p.get('finetune.lr')} seed={p.get('finetune.seed')}"
+            )
         else:
             lines.append(f"{pad}└─ fine-tune run: not found in this tracking server")
     lines.append(f"   └─ base {b['sha256']}  registered as {b['registered_as']} v{','.join(b['versions']) or '?'}")
@@ -374,10 +413,14 @@ def _chain_text(chain: list[dict]) -> list[str]:
     for step in chain:
         version = f"v{step['version']}" if step["version"] is not None else "not promoted"
         val = step["val"].get("auc", float("nan"))
-        lines.append(f"  {version} ← v{step['parent_version']}  {step['merge_id']}  η={step['eta']:g}  bn={step['bn']}  val_auc={val:.4f}")
+        lines.append(
+            f"  {version} ← v{step['parent_version']}  {step['merge_id']}  η={step['eta']:g}  bn={step['bn']}  val_auc={val:.4f}"
+        )
         for v in step["vectors"]:
             weight = "-" if v["weight"] is None else f"{v['weight']:.4f}"
-            lines.append(f"     {v['hospital']:>8}  {v['vector_id']}  from v{v['start_version']}  staleness {v['staleness']}  weight {weight}")
+            lines.append(
+                f"     {v['hospital']:>8}  {v['vector_id']}  from v{v['start_version']}  staleness {v['staleness']}  weight {weight}"
+            )
     return lines
 
 

@@ -37,7 +37,13 @@ def set_threads(threads: int | None = None) -> int:
     """
     if threads is None:
         env = os.environ.get("MEDVEC_THREADS")
-        threads = int(env) if env else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = (
+            int(env)
+            if env
+            else len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     threads = max(1, int(threads))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -66,7 +72,9 @@ class TrainResult:
     device: str = "cpu"
 
 
-def recalibrate_bn(model: nn.Module, data: ImageSet, spec: ModelSpec, device: torch.device | str = "cpu", batch_size: int = 64) -> None:
+def recalibrate_bn(
+    model: nn.Module, data: ImageSet, spec: ModelSpec, device: torch.device | str = "cpu", batch_size: int = 64
+) -> None:
     """Set BN running statistics to the exact statistics of ``data`` (no augmentation).
 
     Short fine-tunes leave EMA running statistics mostly at their pre-training
@@ -124,7 +132,9 @@ def finetune(
         for epoch in range(cfg.epochs):
             model.train()
             running, n = 0.0, 0
-            for x, y in batches(train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, augment_data=cfg.augment):
+            for x, y in batches(
+                train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, augment_data=cfg.augment
+            ):
                 if len(y) < 2:  # batch norm needs two samples in training mode
                     continue
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -16,22 +16,22 @@
 
 from __future__ import annotations
 
-from medvec.errors import UserError
-
 import datetime as _dt
 import hashlib
 import json
 import math
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import medvec
 from medvec.batchnorm import MomentSums, RunningStats, is_bn_stat
+from medvec.errors import UserError
 from medvec.models import hash_tensor
 
 FORMAT = "medvec-vector/1"
@@ -323,12 +323,16 @@ def _read_header(path: Path, max_bytes: int, max_header_bytes: int) -> tuple[dic
         if head[:2] in _PICKLE_MAGIC:
             raise InvalidVectorError(path, "is a pickle file, not safetensors; medvec never unpickles", "pickle")
         if head[:4] == _ZIP_MAGIC:
-            raise InvalidVectorError(path, "is a zip archive (torch.save pickle), not safetensors; medvec never unpickles", "pickle")
+            raise InvalidVectorError(
+                path, "is a zip archive (torch.save pickle), not safetensors; medvec never unpickles", "pickle"
+            )
         if len(head) < 8:
             raise InvalidVectorError(path, f"truncated: {size} bytes is shorter than a safetensors header", "truncated")
         (n,) = struct.unpack("<Q", head)
         if n > max_header_bytes:
-            raise InvalidVectorError(path, f"header length {n} is over the limit of {max_header_bytes} bytes", "too_large")
+            raise InvalidVectorError(
+                path, f"header length {n} is over the limit of {max_header_bytes} bytes", "too_large"
+            )
         if 8 + n > size:
             raise InvalidVectorError(path, f"truncated: header says {n} bytes, file has {size - 8}", "truncated")
         raw = f.read(n)
@@ -343,7 +347,7 @@ def _read_header(path: Path, max_bytes: int, max_header_bytes: int) -> tuple[dic
         if k == "__metadata__":
             continue
         try:
-            begin, stop = info["data_offsets"]
+            _, stop = info["data_offsets"]
             end = max(end, int(stop))
         except (TypeError, KeyError, ValueError) as exc:
             raise InvalidVectorError(path, f"corrupt safetensors header entry {k!r}", "corrupt") from exc
@@ -377,11 +381,17 @@ def load_vector(
 
     path = Path(path)
     header, _ = _read_header(path, max_bytes, max_header_bytes)
-    meta_raw = (header.get("__metadata__") or {})
+    meta_raw = header.get("__metadata__") or {}
     if meta_raw.get("format") != FORMAT or "medvec" not in meta_raw:
-        raise InvalidVectorError(path, f"not a medvec vector (header format is {meta_raw.get('format')!r}, expected {FORMAT!r})", "metadata")
+        raise InvalidVectorError(
+            path, f"not a medvec vector (header format is {meta_raw.get('format')!r}, expected {FORMAT!r})", "metadata"
+        )
     if len(str(meta_raw["medvec"]).encode()) > max_metadata_bytes:
-        raise InvalidVectorError(path, f"metadata is {len(str(meta_raw['medvec']).encode())} bytes, over the limit of {max_metadata_bytes}", "too_large")
+        raise InvalidVectorError(
+            path,
+            f"metadata is {len(str(meta_raw['medvec']).encode())} bytes, over the limit of {max_metadata_bytes}",
+            "too_large",
+        )
     try:
         meta = VectorMeta.model_validate_json(meta_raw["medvec"])
     except ValidationError as exc:
@@ -389,7 +399,11 @@ def load_vector(
         raise InvalidVectorError(path, f"invalid metadata ({problems})", "metadata") from exc
     expected_content = meta_raw.get("content_sha256", "")
     if base_sha256 is not None and meta.base_sha256 != base_sha256:
-        raise InvalidVectorError(path, f"built on base {meta.base_sha256[:12]}…, expected base {base_sha256[:12]}… (stale or foreign base)", "base_hash")
+        raise InvalidVectorError(
+            path,
+            f"built on base {meta.base_sha256[:12]}…, expected base {base_sha256[:12]}… (stale or foreign base)",
+            "base_hash",
+        )
     names = [k for k in header if k != "__metadata__"]
     delta_keys = sorted(k for k in names if ":" not in k)
     extra_keys = sorted(k for k in names if ":" in k)
@@ -400,9 +414,13 @@ def load_vector(
         expected = set(vector_keys(base))
         missing, extra = sorted(expected - set(delta_keys)), sorted(set(delta_keys) - expected)
         if missing:
-            raise InvalidVectorError(path, f"missing {len(missing)} key(s) of the base: {', '.join(missing[:5])}", "missing_key")
+            raise InvalidVectorError(
+                path, f"missing {len(missing)} key(s) of the base: {', '.join(missing[:5])}", "missing_key"
+            )
         if extra:
-            raise InvalidVectorError(path, f"{len(extra)} extra key(s) not in the base: {', '.join(extra[:5])}", "extra_key")
+            raise InvalidVectorError(
+                path, f"{len(extra)} extra key(s) not in the base: {', '.join(extra[:5])}", "extra_key"
+            )
         for k in delta_keys:
             want, have = tuple(base[k].shape), tuple(header[k]["shape"])
             if want != have:
@@ -413,12 +431,16 @@ def load_vector(
             for k in sorted(names):
                 t = f.get_tensor(k)
                 if not t.is_floating_point():
-                    raise InvalidVectorError(path, f"{k} has dtype {t.dtype}; vectors hold floating-point tensors only", "dtype")
+                    raise InvalidVectorError(
+                        path, f"{k} has dtype {t.dtype}; vectors hold floating-point tensors only", "dtype"
+                    )
                 finite = torch.isfinite(t)
                 if not bool(finite.all()):
                     n_nan = int(torch.isnan(t).sum())
                     n_inf = int(torch.isinf(t).sum())
-                    what = " and ".join(x for x in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if x)
+                    what = " and ".join(
+                        x for x in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if x
+                    )
                     raise InvalidVectorError(path, f"{k} holds non-finite values ({what})", "non_finite")
                 hash_tensor(h, k, t)
     except InvalidVectorError:
@@ -427,5 +449,9 @@ def load_vector(
         raise InvalidVectorError(path, f"corrupt tensor data ({exc})", "corrupt") from exc
     content = h.hexdigest()
     if content != expected_content:
-        raise InvalidVectorError(path, f"content sha256 {content[:12]}… does not match header {str(expected_content)[:12]}… (modified or corrupt)", "integrity")
+        raise InvalidVectorError(
+            path,
+            f"content sha256 {content[:12]}… does not match header {str(expected_content)[:12]}… (modified or corrupt)",
+            "integrity",
+        )
     return VectorFile(path, meta, content, delta_keys, extra_keys)

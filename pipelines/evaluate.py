@@ -14,7 +14,9 @@ from medvec.models import load_base
 
 def evaluate(params: Params, merged_path: str | Path) -> dict:
     merged = load_base(merged_path)
-    return evaluate_model(merged.model, load_split(params.coordinator.eval_data, "test"), merged.spec, params.evaluate.batch_size)
+    return evaluate_model(
+        merged.model, load_split(params.coordinator.eval_data, "test"), merged.spec, params.evaluate.batch_size
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params(args.params)
     m = evaluate(params, "work/merged.safetensors")
-    Path("work/metrics.json").write_text(json.dumps({k: m[k] for k in ("auc", "balanced_accuracy", "accuracy", "recall")}, indent=2))
+    Path("work/metrics.json").write_text(
+        json.dumps({k: m[k] for k in ("auc", "balanced_accuracy", "accuracy", "recall")}, indent=2)
+    )
     Path("work/plots").mkdir(parents=True, exist_ok=True)
     classes = load_split(params.coordinator.eval_data, "test").classes
     confusion_plot(m["confusion"], classes, "work/plots/confusion.png", "merged model (test)")

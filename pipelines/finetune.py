@@ -13,7 +13,9 @@ from medvec.train import set_threads
 from medvec.vectors import DataVector
 
 
-def finetune(params: Params, hospital: str, data_dir: str | Path, base_path: str | Path) -> tuple[DataVector, list[dict]]:
+def finetune(
+    params: Params, hospital: str, data_dir: str | Path, base_path: str | Path
+) -> tuple[DataVector, list[dict]]:
     """The same core call as the ``hospital-finetune`` flow."""
     set_threads(params.finetune.threads)
     base = load_base(base_path)
@@ -26,11 +28,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("hospital")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    vector, history = finetune(load_params(args.params), args.hospital, f"work/hospitals/{args.hospital}", "work/base.safetensors")
+    vector, history = finetune(
+        load_params(args.params), args.hospital, f"work/hospitals/{args.hospital}", "work/base.safetensors"
+    )
     vector.save(f"work/vectors/{args.hospital}.safetensors")
     Path("work/finetune").mkdir(parents=True, exist_ok=True)
     last = history[-1] if history else {}
-    Path(f"work/finetune/{args.hospital}.json").write_text(json.dumps({"vector_id": vector.meta.vector_id, "content_sha256": vector.content_sha256, "n_train": vector.meta.n_train, **last}, indent=2))
+    Path(f"work/finetune/{args.hospital}.json").write_text(
+        json.dumps(
+            {
+                "vector_id": vector.meta.vector_id,
+                "content_sha256": vector.content_sha256,
+                "n_train": vector.meta.n_train,
+                **last,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tu
     base = load_base(base_path)
     vectors = [load_vector(p, base=base.model.state_dict(), base_sha256=base.sha256) for p in vector_paths]
     evalsets = EvalSets.load(params.coordinator.eval_data, with_test=False)
-    calibration = load_split(params.coordinator.calibration_data, "train") if params.coordinator.calibration_data else None
+    calibration = (
+        load_split(params.coordinator.calibration_data, "train") if params.coordinator.calibration_data else None
+    )
     return base, vectors, evalsets, merge_once(base, vectors, params, evalsets, calibration)
 
 

@@ -42,7 +42,9 @@ def admit_vectors(store_url: str, base: Base, intake: IntakeConfig, refine: Refi
 
 
 @task(cache_policy=NO_CACHE)
-def refine_task(store_url: str, base: Base, admission: Admission, params: Params, evalsets: core.EvalSets, calibration, trigger) -> Step:
+def refine_task(
+    store_url: str, base: Base, admission: Admission, params: Params, evalsets: core.EvalSets, calibration, trigger
+) -> Step:
     """One async step into the champion: merged, gated on validation, stored, promoted if better."""
     return run_step(open_store(store_url), base, admission, params, evalsets, calibration, trigger)
 
@@ -72,9 +74,7 @@ def last_merge(store_url: str, base_sha256: str) -> MergeRecord | None:
 
 
 @task(cache_policy=NO_CACHE)
-def merge_task(
-    base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration
-) -> core.MergeOutcome:
+def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration) -> core.MergeOutcome:
     """Merge with the configured method and λ, restore BN, evaluate on the held-out set."""
     return core.merge_once(base, vectors, params, evalsets, calibration)
 

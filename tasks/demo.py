@@ -14,7 +14,9 @@ from medvec.train import finetune
 
 
 @task(cache_policy=NO_CACHE)
-def control_row(base: Base, vectors: list, evalsets: core.EvalSets, params: Params, bn: core.BnPlan, moments_fn) -> dict:
+def control_row(
+    base: Base, vectors: list, evalsets: core.EvalSets, params: Params, bn: core.BnPlan, moments_fn
+) -> dict:
     """Random vectors with each hospital's per-tensor norms, summed (the paper's control)."""
     control = core.random_control(vectors, seed=params.merge.seed)
     model, _ = core.realize(base, control, "sum", 1.0, bn, params, moments_fn)
@@ -55,4 +57,6 @@ def simulate_async(
     store.put_base(base)
     clock = Clock.seeded(list(folders), params.split.seed + params.finetune.seed, straggler)
     epochs = params.refine.local_epochs
-    return simulate(store, base, folders, params, evalsets, contributions, clock, epochs, progress, moments_fn=moments_fn)
+    return simulate(
+        store, base, folders, params, evalsets, contributions, clock, epochs, progress, moments_fn=moments_fn
+    )

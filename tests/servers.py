@@ -11,6 +11,7 @@ Every helper stops its process (SIGINT, then SIGKILL) on ``stop()``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -30,11 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, every: float = 0.25):
+def wait_until(
+    check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, every: float = 0.25
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{log.read_text()[-3000:] if log else ''}")
+            raise RuntimeError(
+                f"{what}: process exited with {proc.returncode}\n{log.read_text()[-3000:] if log else ''}"
+            )
         try:
             value = check()
             if value:
@@ -42,7 +47,9 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
         except Exception:
             pass
         time.sleep(every)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s\n{log.read_text()[-3000:] if log and log.exists() else ''}")
+    raise TimeoutError(
+        f"{what}: not ready after {timeout:.0f} s\n{log.read_text()[-3000:] if log and log.exists() else ''}"
+    )
 
 
 class _Proc:
@@ -51,8 +58,10 @@ class _Proc:
 
     def _start(self, cmd: list[str], env: dict, log: Path, cwd: Path = ROOT) -> None:
         self.log = log
-        self._fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self._fh = open(log, "w")  # noqa: SIM115 - open for the process's lifetime, closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def stop(self, timeout: float = 10) -> None:
         if self.proc.poll() is None:
@@ -60,10 +69,8 @@ class _Proc:
                 os.killpg(self.proc.pid, signal.SIGINT)
                 self.proc.wait(timeout)
             except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait(5)
         self._fh.close()
 
@@ -100,7 +107,13 @@ class PrefectServer(_Proc):
             self.env,
             self.home / "server.log",
         )
-        wait_until(lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200, 90, "prefect server", self.proc, self.log)
+        wait_until(
+            lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200,
+            90,
+            "prefect server",
+            self.proc,
+            self.log,
+        )
         self.env = {**self.env, "PREFECT_API_URL": self.url}
 
     def client_env(self) -> dict:
@@ -111,7 +124,11 @@ class Worker(_Proc):
     def __init__(self, pool: str, env: dict, log_dir: Path):
         env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
         self.pool = pool
-        self._start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"], env, Path(log_dir) / f"worker-{pool}.log")
+        self._start(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
+            env,
+            Path(log_dir) / f"worker-{pool}.log",
+        )
 
 
 class SeaweedS3(_Proc):
@@ -127,7 +144,15 @@ class SeaweedS3(_Proc):
         self.port = free_port()
         ports = {name: free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY}
-        cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={self.port}", "-master.telemetry=false"]
+        cmd = [
+            weed,
+            "mini",
+            f"-dir={data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            "-master.telemetry=false",
+        ]
         cmd += [f"-{name}.port={port}" for name, port in ports.items()]
         self._start(cmd, env, data_dir / "weed.log", cwd=data_dir)
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -136,14 +161,24 @@ class SeaweedS3(_Proc):
     def client(self, key: str | None = None, secret: str | None = None):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=key or self.ACCESS_KEY, aws_secret_access_key=secret or self.SECRET_KEY)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key or self.ACCESS_KEY,
+            aws_secret_access_key=secret or self.SECRET_KEY,
+        )
 
     def _ready(self) -> bool:
         self.client().list_buckets()
         return True
 
     def env(self) -> dict:
-        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
 
 class MlflowServer(_Proc):
@@ -156,7 +191,28 @@ class MlflowServer(_Proc):
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{home}/mlflow.db",
+            "--artifacts-destination",
+            str(home / "artifacts"),
+        ]
         self._start(cmd, env, home / "mlflow.log")
-        wait_until(lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200, 120, "mlflow server", self.proc, self.log, every=0.5)
+        wait_until(
+            lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200,
+            120,
+            "mlflow server",
+            self.proc,
+            self.log,
+            every=0.5,
+        )

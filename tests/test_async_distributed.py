@@ -34,7 +34,9 @@ OVERRIDES = [
 
 
 def medvec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -73,20 +75,24 @@ def test_three_hospitals_twice_each_in_shuffled_order_climb_a_version_chain(tmp_
         write_hospital_shards(BREAST, tmp_path / "hospitals", hospitals=4, alpha=1.0, seed=0)
         for name in ("h1", "h2", "h3", "h4"):
             late = ["-S", "hospital.start_from=base"] if name == "h4" else []  # h4 always fine-tunes θ_pre
-            medvec(env, "hospital", "join", name, "--data", str(tmp_path / "hospitals" / name), "--no-worker", *sets, *late)
+            medvec(
+                env, "hospital", "join", name, "--data", str(tmp_path / "hospitals" / name), "--no-worker", *sets, *late
+            )
             workers.append(Worker(f"hospital-{name}", env, tmp_path))
         order = ["h1", "h2", "h3"] * 2
         random.Random(7).shuffle(order)
         for n, name in enumerate(order):
             assert "COMPLETED" in medvec(env, "hospital", "run", name, "--timeout", "240").stdout
             # wait for this landing's step, so later runs start from a newer champion
-            wait_until(lambda: len(state(store_url, env)["steps"]) == n + 1, 180, f"step {n + 1}")
+            wait_until(lambda n=n: len(state(store_url, env)["steps"]) == n + 1, 180, f"step {n + 1}")
         s = state(store_url, env)
         landed = set(s["landed"])
         merged = [v for step in s["steps"] for v in step["inputs"]]
         assert len(merged) == len(set(merged)) == 6 and set(merged) == landed, "every landed vector in exactly one step"
         versions = [v for v, _, _ in s["starts"]]
-        assert versions == list(range(len(versions))) and len(versions) >= 3, s["starts"]  # v0 = θ_pre, two promotions at least
+        assert versions == list(range(len(versions))) and len(versions) >= 3, s[
+            "starts"
+        ]  # v0 = θ_pre, two promotions at least
         assert all(parent == v - 1 for v, parent, _ in s["starts"][1:])
         promoted = [step for step in s["steps"] if step["version"] is not None]
         assert [step["version"] for step in promoted] == versions[1:]

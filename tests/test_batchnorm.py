@@ -10,7 +10,10 @@ from medvec.batchnorm import MomentSums, RunningStats, average_running, bn_layer
 
 def _batches(seed, n_batches, size=8, side=12):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 1, side, side, generator=g) * 2 + 1, torch.zeros(size, dtype=torch.long)) for _ in range(n_batches)]
+    return [
+        (torch.randn(size, 1, side, side, generator=g) * 2 + 1, torch.zeros(size, dtype=torch.long))
+        for _ in range(n_batches)
+    ]
 
 
 def test_combined_moment_sums_equal_a_single_pass_over_all_batches(tiny_base):
@@ -74,8 +77,11 @@ def test_average_is_sample_weighted():
 def test_restore_strategies(tiny_base):
     model = tiny_base.fresh()
     layers = bn_layers(model)
-    stats = RunningStats({k: torch.full_like(m.running_mean, 2.0) for k, m in layers.items()},
-                         {k: torch.full_like(m.running_var, 3.0) for k, m in layers.items()}, 5)
+    stats = RunningStats(
+        {k: torch.full_like(m.running_mean, 2.0) for k, m in layers.items()},
+        {k: torch.full_like(m.running_var, 3.0) for k, m in layers.items()},
+        5,
+    )
     restore_batchnorm(model, "average", running=[stats])
     assert all(torch.equal(m.running_mean, torch.full_like(m.running_mean, 2.0)) for m in layers.values())
     sums = moment_sums(model, _batches(8, 2))

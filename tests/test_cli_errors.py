@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BREAST, ROOT
 from PIL import Image
+
+from conftest import BREAST, ROOT
 from servers import free_port
 
 

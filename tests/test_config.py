@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from medvec.config import ConfigError, load_params
 
 
 def test_params_yaml_loads_and_overrides(root):
-    p = load_params(root / "params.yaml", ["merge.method=ties", "finetune.epochs=5", "merge.lambdas=[0.5, 1.0]", "split.alpha=0.1"])
-    assert p.merge.method == "ties" and p.finetune.epochs == 5 and p.merge.lambdas == (0.5, 1.0) and p.split.alpha == 0.1
+    p = load_params(
+        root / "params.yaml", ["merge.method=ties", "finetune.epochs=5", "merge.lambdas=[0.5, 1.0]", "split.alpha=0.1"]
+    )
+    assert (
+        p.merge.method == "ties" and p.finetune.epochs == 5 and p.merge.lambdas == (0.5, 1.0) and p.split.alpha == 0.1
+    )
     assert p.model.name == "efficientnet_lite0" and p.split.hospitals == 4
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         p.finetune.epochs = 3  # frozen
 
 

@@ -69,8 +69,10 @@ def test_split_is_a_seeded_partition(scheme):
 
 def test_dirichlet_skews_labels_and_iid_does_not():
     labels = load_split(PNEUMONIA, "train").labels
+
     def spread(parts):
         return np.ptp([labels[p].mean() for p in parts])
+
     assert spread(split_indices(labels, 4, "dirichlet", 0.1, seed=0)) > 0.2
     assert spread(split_indices(labels, 4, "iid", seed=0)) < 0.05
     with pytest.raises(DataError, match="valid are iid, dirichlet, quantity"):

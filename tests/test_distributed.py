@@ -31,7 +31,9 @@ OVERRIDES = [
 
 
 def medvec(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -117,16 +119,23 @@ def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
 
     write_hospital_shards(BREAST, tmp / "hospitals", hospitals=2, alpha=1.0, seed=0)
     for name in ("h1", "h2"):
-        out = medvec(env, "hospital", "join", name, "--data", str(tmp / "hospitals" / name), "--no-worker", *sets(store_url))
-        assert f"hospital-finetune/{name}" in out.stdout and "prefect worker start --pool hospital-" + name in out.stdout
+        out = medvec(
+            env, "hospital", "join", name, "--data", str(tmp / "hospitals" / name), "--no-worker", *sets(store_url)
+        )
+        assert (
+            f"hospital-finetune/{name}" in out.stdout and "prefect worker start --pool hospital-" + name in out.stdout
+        )
         cluster["workers"].append(Worker(f"hospital-{name}", env, tmp))
     # MLOps: a retraining schedule, changed later, visible through the API
     medvec(env, "hospital", "schedule", "h1", "--cron", "0 2 * * 0")
-    sched = api(env, """
+    sched = api(
+        env,
+        """
 with get_client(sync_client=True) as c:
     dep = c.read_deployment_by_name("hospital-finetune/h1")
     print(json.dumps([s.schedule.cron for s in c.read_deployment_schedules(dep.id)]))
-""")
+""",
+    )
     assert sched == ["0 2 * * 0"]
     for name in ("h1", "h2"):
         out = medvec(env, "hospital", "run", name, "--timeout", "240", timeout=300)
@@ -136,7 +145,9 @@ with get_client(sync_client=True) as c:
     assert [v["hospital"] for v in sorted(vectors, key=lambda v: v["hospital"])] == ["h1", "h2"]
 
     wait_until(lambda: any(sorted(m) == ids for m in merged_ids(store_url, env)), 180, "a merge of both vectors")
-    info, run = wait_until(lambda: final_merge_run(env, ids), 90, "a completed, triggered merge run whose artifact lists both vectors")
+    info, run = wait_until(
+        lambda: final_merge_run(env, ids), 90, "a completed, triggered merge run whose artifact lists both vectors"
+    )
     assert info["automations"], "the deployment has no trigger automation"
     assert run["params"]["trigger"]["vector"].startswith("medvec.vector.")  # the trigger passes the landed event in
     final = [run]
@@ -153,20 +164,25 @@ import json
 from flows.hospital_finetune import hospital_finetune
 from medvec.config import load_params
 p = load_params("params.yaml", {json.dumps([o for o in OVERRIDES])})
-s = hospital_finetune("h3", {str(tmp / 'hospitals' / 'h1')!r}, {store_url!r}, params=p.model_dump(mode="json"), emit=False, progress=False)
+s = hospital_finetune("h3", {str(tmp / "hospitals" / "h1")!r}, {store_url!r}, params=p.model_dump(mode="json"), emit=False, progress=False)
 print(json.dumps(s))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     vid = json.loads(proc.stdout.strip().splitlines()[-1])["vector_id"]
     time.sleep(5)
-    assert len(merged_ids(store_url, env)) == before and not any(vid in m for m in merged_ids(store_url, env)), "a merge ran without an event"
+    assert len(merged_ids(store_url, env)) == before and not any(vid in m for m in merged_ids(store_url, env)), (
+        "a merge ran without an event"
+    )
     # the reconciling schedule's run (started here instead of waiting an hour) merges it
-    run = api(env, """
+    run = api(
+        env,
+        """
 from prefect.deployments import run_deployment
 r = run_deployment("merge-and-evaluate/coordinator", timeout=240)
 print(json.dumps({"state": r.state.type.value}))
-""")
+""",
+    )
     assert run["state"] == "COMPLETED"
     assert any(vid in m for m in merged_ids(store_url, env))
 
@@ -183,8 +199,8 @@ from flows.events import emit_vector_landed
 p = load_params("params.yaml", {json.dumps(OVERRIDES)} + ["finetune.epochs=1"])
 store = open_store({store_url!r})
 base = store.get_base(store.current_base())
-write_hospital_shards({str(BREAST)!r}, {str(tmp / 'six')!r}, hospitals=6, alpha=1.0, seed=2)
-vectors = [finetune_vector(base, f"s{{i}}", LocalData.load({str(tmp / 'six')!r} + f"/h{{i}}"), p.finetune, progress=False)[0] for i in range(1, 7)]
+write_hospital_shards({str(BREAST)!r}, {str(tmp / "six")!r}, hospitals=6, alpha=1.0, seed=2)
+vectors = [finetune_vector(base, f"s{{i}}", LocalData.load({str(tmp / "six")!r} + f"/h{{i}}"), p.finetune, progress=False)[0] for i in range(1, 7)]
 def land(v):  # six hospitals publishing at the same moment
     key = store.put(v)
     emit_vector_landed({{"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "base_sha256": v.meta.base_sha256, "content_sha256": v.content_sha256, "n_train": v.meta.n_train, "key": key, "store": store.url}})
@@ -203,7 +219,9 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
     landed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert landed["seconds"] < 1.0, landed
     six = set(landed["ids"])
-    final = wait_until(lambda: next((m for m in merged_ids(store_url, env) if six <= set(m)), None), 240, "a merge containing all six")
+    final = wait_until(
+        lambda: next((m for m in merged_ids(store_url, env) if six <= set(m)), None), 240, "a merge containing all six"
+    )
     assert six <= set(final)
     # through the Prefect API: a completed, trigger-created merge run whose artifact lists all six
     info, run = wait_until(lambda: final_merge_run(env, sorted(six)), 120, "the API showing a merge of all six")
@@ -212,6 +230,19 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
     assert len({tuple(sorted(m)) for m in merges}) == len(merges), "the same inputs were merged twice"
     info = api(env, MERGE_RUNS)
     auto = info["automations"][0]
-    triggered = [r for r in info["runs"] if (r["key"] or "").startswith(f"automation {auto}") and r["params"]["trigger"]["vector"].split(".", 2)[-1] in six]
+    triggered = [
+        r
+        for r in info["runs"]
+        if (r["key"] or "").startswith(f"automation {auto}")
+        and r["params"]["trigger"]["vector"].split(".", 2)[-1] in six
+    ]
     assert len(triggered) == 6, "every landed event created a merge run"
-    wait_until(lambda: all(r["state"] in ("COMPLETED",) for r in api(env, MERGE_RUNS)["runs"] if r["id"] in {t["id"] for t in triggered}), 240, "all six triggered runs finished")
+    wait_until(
+        lambda: all(
+            r["state"] in ("COMPLETED",)
+            for r in api(env, MERGE_RUNS)["runs"]
+            if r["id"] in {t["id"] for t in triggered}
+        ),
+        240,
+        "all six triggered runs finished",
+    )

@@ -44,7 +44,11 @@ def repo(tmp_path_factory, env):
     repo = tmp / "repo"
     files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT, env).split()
     for f in files:
-        if f.startswith(("data/pneumonia", "work/", "benchmarks/results", "reports/")) or f == "dvc.lock" or not (ROOT / f).is_file():
+        if (
+            f.startswith(("data/pneumonia", "work/", "benchmarks/results", "reports/"))
+            or f == "dvc.lock"
+            or not (ROOT / f).is_file()
+        ):
             continue
         (repo / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, repo / f)
@@ -97,7 +101,9 @@ def _clone_and_pull(repo: Path, dest: Path, env: dict, remote_args: list[str]) -
 
 def _same_vectors(a: Path, b: Path) -> None:
     for h in ("h1", "h2"):
-        assert (a / "work" / "vectors" / f"{h}.safetensors").read_bytes() == (b / "work" / "vectors" / f"{h}.safetensors").read_bytes()
+        assert (a / "work" / "vectors" / f"{h}.safetensors").read_bytes() == (
+            b / "work" / "vectors" / f"{h}.safetensors"
+        ).read_bytes()
 
 
 def test_push_pull_local_remote(repo, env):

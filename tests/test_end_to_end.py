@@ -29,7 +29,19 @@ TINY = [
 def demo_run(tmp_path_factory):
     """One real run of ``medvec demo`` (a subprocess, as a user runs it)."""
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "medvec.cli", "demo", "--data", str(BREAST), "--hospitals", "3", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medvec.cli",
+        "demo",
+        "--data",
+        str(BREAST),
+        "--hospitals",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     for o in TINY:
         cmd += ["-S", o]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
@@ -59,7 +71,15 @@ def test_demo_writes_schema_and_files(demo_run):
     kinds = [r["kind"] for r in doc["results"]]
     assert kinds.count("single") == 3 and kinds.count("centralized") == 1 and kinds.count("control") == 1
     assert kinds.count("merged") == 7 * 3  # every method × every BN strategy
-    assert {r["method"] for r in doc["results"] if r["kind"] == "merged"} == {"sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median"}
+    assert {r["method"] for r in doc["results"] if r["kind"] == "merged"} == {
+        "sum",
+        "task_arithmetic",
+        "mean",
+        "weighted",
+        "ties",
+        "dare",
+        "median",
+    }
     for name in ("results.md", "results.png", "lambda.png", "confusion.png"):
         assert (out / name).stat().st_size > 0
     assert len(list((out / "vectors").rglob("*.safetensors"))) == 3
@@ -108,13 +128,23 @@ def test_cli_verify_accepts_and_rejects(demo_run, tmp_path):
     out, _, _ = demo_run
     vec = next((out / "vectors").rglob("*.safetensors"))
     base = next((out / "bases").glob("*.safetensors"))
-    ok = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec), "--base", str(base)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec), "--base", str(base)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and ok.stdout.startswith("ok"), ok.stderr
     assert json.loads(ok.stdout[3:])["hospital"].startswith("h")
     # without --base the base is rebuilt from the model name: tiny_cnn seed 0 is the demo's base
-    rebuilt = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec)], capture_output=True, text=True)
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec)], capture_output=True, text=True
+    )
     assert rebuilt.returncode == 0, rebuilt.stderr
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(vec.read_bytes()[:-10])
-    rej = subprocess.run([sys.executable, "-m", "medvec.cli", "vectors", "verify", str(bad), "--base", str(base)], capture_output=True, text=True)
+    rej = subprocess.run(
+        [sys.executable, "-m", "medvec.cli", "vectors", "verify", str(bad), "--base", str(base)],
+        capture_output=True,
+        text=True,
+    )
     assert rej.returncode == 2 and "truncated" in rej.stderr

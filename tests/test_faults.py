@@ -17,7 +17,16 @@ from servers import MlflowServer, SeaweedS3, wait_until
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=1", "finetune.threads=1", "merge.method=mean", "merge.lam=1.0", "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}"]
+OVERRIDES = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=1",
+    "finetune.threads=1",
+    "merge.method=mean",
+    "merge.lam=1.0",
+    "batchnorm.strategy=average",
+    f"coordinator.eval_data={BREAST}",
+]
 
 HOSPITAL = """
 import json, sys
@@ -46,7 +55,15 @@ print(json.dumps(merge_and_evaluate(store_url, data, params=p.model_dump(mode="j
 
 
 def start(code: str, args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -75,7 +92,12 @@ def shards(tmp_path_factory):
 def test_hospital_killed_mid_upload_leaves_no_visible_vector(backend, tmp_path, shards, monkeypatch):
     from medvec.store import open_store
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MEDVEC_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MEDVEC_THREADS": "1",
+    }
     s3 = SeaweedS3(tmp_path / "s3") if backend == "s3" else None
     try:
         if s3:
@@ -88,14 +110,18 @@ def test_hospital_killed_mid_upload_leaves_no_visible_vector(backend, tmp_path, 
         open_store(store_url).put_base(create_base("tiny_cnn", 2, False, None, 0))  # the coordinator's part
         marker = tmp_path / "reached"
         args = [store_url, str(shards / "h1"), "h1", json.dumps(OVERRIDES)]
-        proc = start(HOSPITAL, args, {**env, "MEDVEC_FAILPOINT": "store-before-commit", "MEDVEC_FAILPOINT_MARKER": str(marker)})
+        proc = start(
+            HOSPITAL, args, {**env, "MEDVEC_FAILPOINT": "store-before-commit", "MEDVEC_FAILPOINT_MARKER": str(marker)}
+        )
         kill_at_failpoint(proc, marker)
         store = open_store(store_url)
         base = store.current_base()
         assert store.sidecars() == [] and store.latest(base) == {}
         if s3:  # the bytes were uploaded to a temporary key only
             keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="medvec-faults").get("Contents", [])]
-            assert any("/tmp/" in k for k in keys) and not any(k.endswith(".safetensors") and "/vectors/" in k for k in keys)
+            assert any("/tmp/" in k for k in keys) and not any(
+                k.endswith(".safetensors") and "/vectors/" in k for k in keys
+            )
         # the next run succeeds and exactly one vector is visible
         summary = json.loads(finish(start(HOSPITAL, args, env)).strip().splitlines()[-1])
         assert [s["meta"]["vector_id"] for s in open_store(store_url).sidecars(base)] == [summary["vector_id"]]
@@ -117,7 +143,11 @@ def test_merge_killed_during_registration_moves_nothing_and_the_next_run_complet
     for h in ("h1", "h2"):
         finish(start(HOSPITAL, [store_url, str(shards / h), h, json.dumps(OVERRIDES)], env))
     marker = tmp_path / "reached"
-    proc = start(MERGE, [store_url, str(BREAST), json.dumps(OVERRIDES)], {**env, "MEDVEC_FAILPOINT": "registry-before-register", "MEDVEC_FAILPOINT_MARKER": str(marker)})
+    proc = start(
+        MERGE,
+        [store_url, str(BREAST), json.dumps(OVERRIDES)],
+        {**env, "MEDVEC_FAILPOINT": "registry-before-register", "MEDVEC_FAILPOINT_MARKER": str(marker)},
+    )
     kill_at_failpoint(proc, marker, timeout=300)
     store = open_store(store_url)
     base = store.current_base()
@@ -125,7 +155,9 @@ def test_merge_killed_during_registration_moves_nothing_and_the_next_run_complet
     client = MlflowClient(db)
     names = [m.name for m in client.search_registered_models()]
     assert "medvec" not in names or client.search_model_versions("name = 'medvec'") == []
-    out = json.loads(finish(start(MERGE, [store_url, str(BREAST), json.dumps(OVERRIDES)], env)).strip().splitlines()[-1])
+    out = json.loads(
+        finish(start(MERGE, [store_url, str(BREAST), json.dumps(OVERRIDES)], env)).strip().splitlines()[-1]
+    )
     assert out["skipped"] is False and out["registry"]["champion"] is True
     assert str(client.get_model_version_by_alias("medvec", "champion").version) == out["registry"]["version"]
     assert len(store.latest_merge(base).inputs) == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import ROOT
 from servers import PrefectServer, wait_until
 

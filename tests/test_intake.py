@@ -55,7 +55,9 @@ def admitted(store: LocalStore, tiny_base, cfg: IntakeConfig | None = None) -> l
     return [v.meta.vector_id for v in admit(store, tiny_base, cfg or IntakeConfig(defence="off")).admitted]
 
 
-def rejected(store: LocalStore, tiny_base, check: str, hospital: str, cfg: IntakeConfig | None = None, fragment: str = ""):
+def rejected(
+    store: LocalStore, tiny_base, check: str, hospital: str, cfg: IntakeConfig | None = None, fragment: str = ""
+):
     adm = admit(store, tiny_base, cfg or IntakeConfig(defence="off"))
     reasons = [q for q in adm.rejected if q.check == check]
     assert reasons, f"no {check!r} rejection; have {adm.rejected}"
@@ -94,7 +96,12 @@ def _meta(v) -> dict:
         ("shape", lambda t, h: t.__setitem__("fc.bias", torch.zeros(5)), "shape", "fc.bias"),
         ("missing", lambda t, h: t.pop("fc.weight"), "missing_key", "fc.weight"),
         ("extra", lambda t, h: t.__setitem__("fc.extra", torch.zeros(1)), "extra_key", "fc.extra"),
-        ("stale", lambda t, h: h.__setitem__("medvec", json.dumps({**json.loads(h["medvec"]), "base_sha256": "f" * 64})), "base_hash", "stale"),
+        (
+            "stale",
+            lambda t, h: h.__setitem__("medvec", json.dumps({**json.loads(h["medvec"]), "base_sha256": "f" * 64})),
+            "base_hash",
+            "stale",
+        ),
     ],
 )
 def test_bad_content_is_quarantined(case, fn, check, fragment, store, tiny_base, make_vector, tmp_path):
@@ -130,12 +137,25 @@ def test_pickle_payload_is_quarantined_unexecuted(store, tiny_base, make_vector,
 def test_oversized_file_is_quarantined_before_parsing(store, tiny_base, make_vector, tmp_path):
     v = make_vector("h1")
     plant(store, v.save(tmp_path / "v.safetensors"), "h1", _meta(v))
-    rejected(store, tiny_base, "too_large", "h1", IntakeConfig(defence="off", max_vector_mb=1024 / 2**20), fragment="over the limit")
+    rejected(
+        store,
+        tiny_base,
+        "too_large",
+        "h1",
+        IntakeConfig(defence="off", max_vector_mb=1024 / 2**20),
+        fragment="over the limit",
+    )
 
 
 def test_oversized_metadata_is_quarantined(store, tiny_base, make_vector, tmp_path):
     v = make_vector("h1")
-    big = tampered(tmp_path, v, lambda t, h: h.__setitem__("medvec", json.dumps({**json.loads(h["medvec"]), "finetune": {"blob": "x" * 100_000}})))
+    big = tampered(
+        tmp_path,
+        v,
+        lambda t, h: h.__setitem__(
+            "medvec", json.dumps({**json.loads(h["medvec"]), "finetune": {"blob": "x" * 100_000}})
+        ),
+    )
     plant(store, big, "h1", _meta(v))
     rejected(store, tiny_base, "too_large", "h1", fragment="metadata is")
 
@@ -265,7 +285,7 @@ def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of
     def publish(v):
         try:
             store.put(v)
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=publish, args=(v,)) for v in reversed(vectors)]  # land out of order
@@ -287,12 +307,18 @@ def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of
     assert not list(store.root.rglob("*.tmp"))
 
 
-@settings(max_examples=int(os.environ.get("MEDVEC_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("MEDVEC_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, make_vector, tiny_base):
     """Random bytes and mutations of a valid file: InvalidVectorError or a valid VectorFile, nothing else."""
     if not hasattr(test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load, "_good"):
-        test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good = make_vector("h1").save(tmp_path / "seed.safetensors").read_bytes()
+        test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good = (
+            make_vector("h1").save(tmp_path / "seed.safetensors").read_bytes()
+        )
     good = test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good
     kind = data.draw(st.sampled_from(["random", "flip", "truncate", "splice", "header"]))
     if kind == "random":

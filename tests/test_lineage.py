@@ -17,8 +17,15 @@ from servers import MlflowServer
 pytestmark = pytest.mark.integration
 
 OVERRIDES = [
-    "model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=3", "finetune.lr=0.003", "finetune.threads=2",
-    "merge.method=weighted", "merge.lam=1.0", "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}",
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=3",
+    "finetune.lr=0.003",
+    "finetune.threads=2",
+    "merge.method=weighted",
+    "merge.lam=1.0",
+    "batchnorm.strategy=average",
+    f"coordinator.eval_data={BREAST}",
 ]
 
 SCRIPT = """
@@ -52,7 +59,14 @@ def tracked(tmp_path_factory):
     server = MlflowServer(tmp / "mlflow")
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     try:
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp), json.dumps(OVERRIDES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(tmp), json.dumps(OVERRIDES)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-5000:]
         yield {"env": env, "url": server.url, "tmp": tmp, "out": json.loads(proc.stdout.strip().splitlines()[-1])}
     finally:
@@ -66,7 +80,9 @@ def test_lineage_names_exactly_the_two_vectors_and_their_runs(tracked, monkeypat
     hospitals = tracked["out"]["hospitals"]
     tree = tracking.lineage("medvec@champion")
     assert tree["model"]["version"] == tracked["out"]["good"]["registry"]["version"]
-    got = sorted((v["vector_id"], v["hospital"], v["content_sha256"], v["finetune_run"]["run_id"]) for v in tree["vectors"])
+    got = sorted(
+        (v["vector_id"], v["hospital"], v["content_sha256"], v["finetune_run"]["run_id"]) for v in tree["vectors"]
+    )
     want = sorted((h["vector_id"], h["hospital"], h["content_sha256"], h["mlflow_run_id"]) for h in hospitals)
     assert got == want
     for v in tree["vectors"]:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvec.models import BaseMismatchError, UnknownModelError, build_model, create_base, load_base, save_base, state_sha256
+from medvec.models import (
+    BaseMismatchError,
+    UnknownModelError,
+    build_model,
+    create_base,
+    load_base,
+    save_base,
+    state_sha256,
+)
 
 
 @pytest.mark.parametrize(

@@ -51,10 +51,22 @@ def audit(tmp_path_factory):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(s.images[j]).save(folder / name)
             names.append(name)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MEDVEC_THREADS": "2"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MEDVEC_THREADS": "2",
+    }
     overrides = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=2", "batchnorm.strategy=average"]
     # MLflow's embedded artifact folder is created relative to the working directory: run in tmp
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "store"), str(data), json.dumps(overrides)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp / "store"), str(data), json.dumps(overrides)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"tmp": tmp, "data": data, "names": names, "n_train": 120, **out, "db": env["MLFLOW_TRACKING_URI"]}
@@ -90,7 +102,7 @@ def test_everything_written_is_vector_tensors_and_aggregates(audit, tiny_base):
     client = MlflowClient(audit["db"])
     run = client.get_run(audit["summary"]["mlflow_run_id"])
     texts += [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(run.data.metrics)]
-    for m, v in run.data.metrics.items():
+    for v in run.data.metrics.values():
         assert isinstance(v, float)
     art_dir = Path(client.download_artifacts(run.info.run_id, "", str(audit["tmp"] / "artifacts")))
     arts = [p for p in art_dir.rglob("*") if p.is_file()]
@@ -110,7 +122,11 @@ def test_everything_written_is_vector_tensors_and_aggregates(audit, tiny_base):
     assert "patient_" not in blob and str(audit["data"]) not in blob
     # aggregate metadata only: counts per class, never per sample
     meta = json.loads(json.loads(next(t for t in texts if '"medvec"' in t))["medvec"])
-    assert meta["n_train"] == audit["n_train"] and len(meta["label_counts"]) == 2 and sum(meta["label_counts"]) == audit["n_train"]
+    assert (
+        meta["n_train"] == audit["n_train"]
+        and len(meta["label_counts"]) == 2
+        and sum(meta["label_counts"]) == audit["n_train"]
+    )
     for v in meta["metrics"].values():
         assert isinstance(v, float)
     assert not any(isinstance(v, list) and len(v) >= audit["n_train"] for v in meta.values())
@@ -126,6 +142,6 @@ def test_no_numeric_array_in_metadata_is_sample_sized(audit):
             for v in x:
                 yield from walk(v)
 
-    for arr in walk(audit["summary"]) :
+    for arr in walk(audit["summary"]):
         assert len(arr) < audit["n_train"]
     assert np.isfinite(audit["summary"]["n_train"])

@@ -64,8 +64,16 @@ def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_
 
     params = load_params(
         None,
-        ["model.name=tiny_cnn", "finetune.epochs=2", "finetune.lr=0.003", "refine.mode=async", "refine.eta=1.0",
-         "refine.max_staleness=1", "batchnorm.strategy=average", "intake.defence=off"],
+        [
+            "model.name=tiny_cnn",
+            "finetune.epochs=2",
+            "finetune.lr=0.003",
+            "refine.mode=async",
+            "refine.eta=1.0",
+            "refine.max_staleness=1",
+            "batchnorm.strategy=average",
+            "intake.defence=off",
+        ],
     )
     base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
     store = LocalStore(tmp_path / "store")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from medvec.config import IntakeConfig
-from medvec.intake import admit
-
 import time
 
 import pytest
 import torch
 
+from medvec.config import IntakeConfig
+from medvec.intake import admit
 from medvec.store import LocalStore, S3Store, StoreError, open_store
 from servers import SeaweedS3, free_port
 
@@ -42,7 +41,10 @@ def _exercise(store, make_vector, tiny_base):
         store.put(a1)
     latest = admit(store, tiny_base, IntakeConfig(defence="off")).admitted
     assert [v.meta.vector_id for v in latest] == [a2.meta.vector_id, b1.meta.vector_id]
-    assert [s["meta"]["vector_id"] for s in store.latest(tiny_base.sha256)["h1"]] == [a2.meta.vector_id, a1.meta.vector_id]
+    assert [s["meta"]["vector_id"] for s in store.latest(tiny_base.sha256)["h1"]] == [
+        a2.meta.vector_id,
+        a1.meta.vector_id,
+    ]
     got = store.get(b1.meta.vector_id).to_vector()
     assert all(torch.equal(got.deltas[k], b1.deltas[k]) for k in b1.keys())
     return a1, a2, b1
@@ -58,7 +60,7 @@ def test_local_store_contract(tmp_path, make_vector, tiny_base):
 def test_s3_store_contract_and_layout(s3, monkeypatch, make_vector, tiny_base):
     store = _s3_store(s3, monkeypatch)
     assert isinstance(store, S3Store)
-    a1, a2, b1 = _exercise(store, make_vector, tiny_base)
+    _, _, b1 = _exercise(store, make_vector, tiny_base)
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="medvec-unit")["Contents"]]
     want = f"unit/vectors/{tiny_base.sha256}/h2/{b1.meta.vector_id}.safetensors"
     assert want in keys and want.replace(".safetensors", ".json") in keys
@@ -78,7 +80,10 @@ def test_s3_corrupt_vector_is_quarantined_not_dropped(s3, monkeypatch, make_vect
     assert [v.meta.vector_id for v in latest] == [good.meta.vector_id]  # falls back to the older valid one
     reasons = store.quarantined()
     assert len(reasons) == 1 and reasons[0].check == "truncated" and reasons[0].hospital_claimed == "h1"
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="medvec-unit", Prefix="quarantine-case/quarantine/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3.client().list_objects_v2(Bucket="medvec-unit", Prefix="quarantine-case/quarantine/")["Contents"]
+    ]
     assert f"quarantine-case/quarantine/h1/{bad.meta.vector_id}.safetensors" in keys
 
 

@@ -18,15 +18,29 @@ BASE = {
     "bn.running_var": torch.tensor([1.0, 1.0]),
     "bn.num_batches_tracked": torch.tensor(0),
 }
-TUNED_A = {**BASE, "conv.weight": torch.tensor([[2.0, 2.0], [3.0, 2.0]]), "bn.bias": torch.tensor([0.5, -0.5]),
-           "bn.running_mean": torch.tensor([5.0, 5.0]), "bn.running_var": torch.tensor([0.1, 9.0]), "bn.num_batches_tracked": torch.tensor(40)}
+TUNED_A = {
+    **BASE,
+    "conv.weight": torch.tensor([[2.0, 2.0], [3.0, 2.0]]),
+    "bn.bias": torch.tensor([0.5, -0.5]),
+    "bn.running_mean": torch.tensor([5.0, 5.0]),
+    "bn.running_var": torch.tensor([0.1, 9.0]),
+    "bn.num_batches_tracked": torch.tensor(40),
+}
 TUNED_B = {**BASE, "conv.weight": torch.tensor([[0.0, 3.0], [3.0, 4.0]]), "bn.weight": torch.tensor([2.0, 1.0])}
 SHA = "a" * 64
 
 
 def vec(tuned, hospital="h1", n=10):
-    return DataVector.from_states(BASE, tuned, hospital=hospital, base_sha256=SHA, base_model="toy", num_classes=2,
-                                  n_train=n, label_counts=[n // 2, n - n // 2])
+    return DataVector.from_states(
+        BASE,
+        tuned,
+        hospital=hospital,
+        base_sha256=SHA,
+        base_model="toy",
+        num_classes=2,
+        n_train=n,
+        label_counts=[n // 2, n - n // 2],
+    )
 
 
 def test_vector_excludes_integer_buffers_and_bn_running_statistics():
@@ -203,8 +217,17 @@ def test_integer_tensor_rejected(tmp_path, make_vector, tiny_base):
 def test_non_finite_local_metrics_are_left_out_and_the_vector_loads(tmp_path, tiny_base):
     """A hospital whose local validation split has one class has AUC NaN: its vector must still be valid."""
     state = tiny_base.model.state_dict()
-    v = DataVector.from_states(state, state, hospital="h1", base_sha256=tiny_base.sha256, base_model="tiny_cnn", num_classes=2,
-                               n_train=4, label_counts=[0, 4], metrics={"val_auc": float("nan"), "val_accuracy": 1.0, "loss": float("inf")})
+    v = DataVector.from_states(
+        state,
+        state,
+        hospital="h1",
+        base_sha256=tiny_base.sha256,
+        base_model="tiny_cnn",
+        num_classes=2,
+        n_train=4,
+        label_counts=[0, 4],
+        metrics={"val_auc": float("nan"), "val_accuracy": 1.0, "loss": float("inf")},
+    )
     assert v.meta.metrics == {"val_accuracy": 1.0}
     loaded = load_vector(v.save(tmp_path / "v.safetensors"), base=state, base_sha256=tiny_base.sha256)
     assert loaded.meta.metrics == {"val_accuracy": 1.0}
