@@ -324,7 +324,8 @@ def _missing_reason(client, name: str) -> str:
         return f"no registered model {name!r}"
     aliases = ", ".join(sorted(model.aliases)) or "none"
     latest = max((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), default=0)
-    return f"model {name!r} has no such alias or version (aliases: {aliases}; versions 1..{latest})"
+    versions = f"versions 1..{latest}" if latest else "no versions"
+    return f"model {name!r} has no such alias or version (aliases: {aliases}; {versions})"
 
 
 def lineage(ref: str) -> dict:
