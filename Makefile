@@ -37,8 +37,9 @@ demo: $(STAMP) dirs
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# two xdist workers, whole files each (tests/conftest.py gives each one torch thread and its own Prefect/MLflow files)
 test: $(STAMP) dirs lint
-	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 unit: $(STAMP) dirs
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -349,8 +349,15 @@ def _read_header(path: Path, max_bytes: int, max_header_bytes: int) -> tuple[dic
         try:
             _, stop = info["data_offsets"]
             end = max(end, int(stop))
+            shape, dtype = info["shape"], info["dtype"]
         except (TypeError, KeyError, ValueError) as exc:
             raise InvalidVectorError(path, f"corrupt safetensors header entry {k!r}", "corrupt") from exc
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(dtype, str)
+        ):
+            raise InvalidVectorError(path, f"corrupt safetensors header entry {k!r} (shape or dtype)", "corrupt")
     if 8 + n + end > size:
         raise InvalidVectorError(path, f"truncated: tensors need {8 + n + end} bytes, file has {size}", "truncated")
     if 8 + n + end < size:

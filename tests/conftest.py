@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,17 @@ import torch
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+# `make test` runs two pytest-xdist workers on this 2-core machine: one torch thread each (oversubscribed
+# threads run ~20x slower), and each worker gets its own embedded Prefect home and MLflow database, so
+# no two processes share a SQLite file. Tests that start real servers set their own.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _SCRATCH = Path(tempfile.mkdtemp(prefix=f"medvec-{_WORKER}-"))
+    os.environ["MEDVEC_THREADS"] = "1"
+    os.environ["PREFECT_HOME"] = str(_SCRATCH / "prefect")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH / 'mlflow.db'}"
+    (_SCRATCH / "prefect").mkdir()
 os.environ.setdefault("MEDVEC_THREADS", "2")
 
 ROOT = Path(__file__).resolve().parents[1]

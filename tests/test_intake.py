@@ -351,6 +351,18 @@ def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, m
     assert time.monotonic() - t0 < 5, "the parser hung"
 
 
+def test_a_header_entry_without_its_shape_is_a_clean_rejection(tmp_path, make_vector, tiny_base):
+    """Found by the fuzzer: a mutated header whose entry lost its ``shape`` key raised KeyError."""
+    good = make_vector("h1").save(tmp_path / "good.safetensors").read_bytes()
+    n = int.from_bytes(good[:8], "little")
+    header = good[8 : 8 + n].replace(b'"shape"', b'"shap1"', 1)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(good[:8] + header + good[8 + n :])
+    with pytest.raises(InvalidVectorError, match="corrupt safetensors header entry") as exc:
+        load_vector(path, base=tiny_base.model.state_dict(), base_sha256=tiny_base.sha256)
+    assert exc.value.check == "corrupt"
+
+
 def test_quarantined_vectors_are_listed_with_their_reasons(store, tiny_base, make_vector, tmp_path):
     from medvec.store import vector_rows
 
