@@ -62,6 +62,15 @@ def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalS
     return plots
 
 
+def _merged_row(record: MergeRecord, outcome, name: str | None = None) -> dict:
+    """The report row of the merged model (a one-shot merge or an async step)."""
+    name = name or f"merged ({outcome.method}, λ={outcome.lam:g})"
+    test = outcome.test or {}
+    return core.Candidate(
+        name, "merged", outcome.method, outcome.lam, outcome.bn.strategy, outcome.val, test, record.n_train
+    ).row()
+
+
 def _artifact(record: MergeRecord, rows: list[dict]) -> None:
     df = results_frame(rows)
     cols = [
@@ -145,6 +154,8 @@ def _step(
     record = _finish(
         store_url, step.record, step.outcome, base, evalsets, admission.admitted, p, (step.promoted, step.reason)
     )
+    name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"
+    _artifact(record, [_merged_row(record, step.outcome, name)])
     logger.info("step %s: %s", record.merge_id, step.reason)
     return _summary(record) | {"promoted": step.promoted, "version": record.version, "reason": step.reason}
 
@@ -198,17 +209,7 @@ def merge_and_evaluate(
     )
     record = publish_merge(store_url, record, outcome, base)
     record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
-    merged_row = core.Candidate(
-        f"merged ({outcome.method}, λ={outcome.lam:g})",
-        "merged",
-        outcome.method,
-        outcome.lam,
-        outcome.bn.strategy,
-        outcome.val,
-        outcome.test or {},
-        record.n_train,
-    ).row()
-    _artifact(record, single_rows(base, vectors, evalsets, p) + [merged_row])
+    _artifact(record, [*single_rows(base, vectors, evalsets, p), _merged_row(record, outcome)])
     logger.info(
         "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))
     )

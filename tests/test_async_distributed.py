@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import BREAST, ROOT
-from servers import PrefectServer, Worker, wait_until
+from servers import PrefectServer, Worker, medvec, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,6 @@ OVERRIDES = [
     "refine.max_staleness=1",
     f"coordinator.eval_data={BREAST}",
 ]
-
-
-def medvec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def state(store_url: str, env: dict) -> dict:

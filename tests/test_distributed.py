@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import BREAST, ROOT
-from servers import PrefectServer, SeaweedS3, Worker, wait_until
+from servers import PrefectServer, SeaweedS3, Worker, medvec, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +28,6 @@ OVERRIDES = [
     "batchnorm.strategy=average",
     f"coordinator.eval_data={BREAST}",
 ]
-
-
-def medvec(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def sets(store_url: str) -> list[str]:
