@@ -17,17 +17,15 @@ every vector starts from version 0 and one step merges them all.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from medvec.config import Params
 from medvec.coordinator import EvalSets, MergeOutcome, beats, choose_scale, rebuild_merge
 from medvec.data import ImageSet
 from medvec.evaluate import evaluate_model
-from medvec.models import Base, save_base
+from medvec.models import Base
 from medvec.record import MergeRecord
 from medvec.vectors import DataVector, utcnow
 
@@ -147,10 +145,7 @@ def run_step(
         trigger=trigger or {},
     )
     merged = Base(outcome.model, champion.spec, champion.num_classes, record.merged_sha256)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "merged.safetensors"
-        save_base(merged, path)
-        record = store.put_merge(record, path, outcome.moments, latest=False)
+    record = store.put_merged_model(record, merged, outcome.moments)
     if promoted:
         new = store.put_start(root.sha256, merged, record.merge_id, record.val)
         record = record.model_copy(update={"version": new.version})

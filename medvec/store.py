@@ -276,6 +276,13 @@ class VectorStore:
             self.write_json(self.merge_key(base, "latest"), record.to_json())
         return record
 
+    def put_merged_model(self, record: MergeRecord, model: Base, moments: MomentSums | None) -> MergeRecord:
+        """Store a merge with its model's weights and BN moment sums; ``latest.json`` is left for later."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "merged.safetensors"
+            save_base(model, path)
+            return self.put_merge(record, path, moments, latest=False)
+
     def latest_merge(self, base_sha256: str) -> MergeRecord | None:
         doc = self.read_json(self.merge_key(base_sha256, "latest"))
         return MergeRecord.model_validate(doc) if doc else None

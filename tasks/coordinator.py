@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -13,7 +12,7 @@ from medvec.config import IntakeConfig, Params, RefineConfig
 from medvec.data import split_from_config, to_tensor
 from medvec.evaluate import evaluate_model
 from medvec.intake import Admission, admit
-from medvec.models import Base, base_from_config, load_base, save_base
+from medvec.models import Base, base_from_config, load_base
 from medvec.record import GateDecision, MergeRecord
 from medvec.refine import Step, run_step
 from medvec.store import open_store
@@ -83,10 +82,7 @@ def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSet
 def publish_merge(store_url: str, record: MergeRecord, outcome: core.MergeOutcome, base: Base) -> MergeRecord:
     """Write the merged weights, the BN moment sums used and the record (``latest.json`` is moved later)."""
     merged = Base(outcome.model, base.spec, base.num_classes, record.merged_sha256)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "merged.safetensors"
-        save_base(merged, path)
-        return open_store(store_url).put_merge(record, path, outcome.moments, latest=False)
+    return open_store(store_url).put_merged_model(record, merged, outcome.moments)
 
 
 @task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
