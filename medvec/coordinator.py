@@ -134,11 +134,12 @@ def restore(model: nn.Module, strategy: str, vectors: Sequence, moments_fn: Mome
     return None
 
 
-def restored(base: Base, state: dict[str, torch.Tensor], strategy: str, vectors: Sequence, moments_fn) -> nn.Module:
-    """A model holding ``state`` with its BN statistics restored by ``strategy``."""
-    model = build_model(base, state)
-    restore(model, strategy, vectors, moments_fn)
-    return model
+def apply_delta(
+    base: Base, tau: DataVector, scale: float, strategy: str, vectors: Sequence, moments_fn: MomentsFn | None
+) -> tuple[nn.Module, MomentSums | None]:
+    """θ = base + scale·τ with BN restored by ``strategy``; returns the model and the moment sums used, if any."""
+    model = build_model(base, tau.apply_to(base.model.state_dict(), scale))
+    return model, restore(model, strategy, vectors, moments_fn)
 
 
 def single_models(base: Base, vectors: Sequence) -> list[tuple[str, nn.Module, int]]:
@@ -184,13 +185,14 @@ def evaluate_merges(
         grid = lambda_grid(name, method, params)
         per_strategy: dict[str, list[tuple[float, dict]]] = {s: [] for s in strategies}
         for lam in grid:
-            merged_state = tau.apply_to(base_state, lam)
+            merged_state = tau.apply_to(base_state, lam)  # once per λ, shared by the BN strategies
             for strategy in strategies:
-                model = restored(base, merged_state, strategy, vectors, moments_fn)
+                model = build_model(base, merged_state)
+                restore(model, strategy, vectors, moments_fn)
                 per_strategy[strategy].append((lam, evaluate_model(model, evalsets.val, base.spec, bs)))
         for strategy in strategies:
             lam, val = max(per_strategy[strategy], key=lambda p: score(p[1], metric))
-            model = restored(base, tau.apply_to(base_state, lam), strategy, vectors, moments_fn)
+            model, _ = apply_delta(base, tau, lam, strategy, vectors, moments_fn)
             test = with_operating_point(val, evaluate_model(model, evalsets.test, base.spec, bs), *op_rule(params))
             curve = [(x, m[metric]) for x, m in per_strategy[strategy]]
             results.append(
@@ -215,8 +217,7 @@ def realize(
 ) -> tuple[nn.Module, MomentSums | None]:
     """The merged model for one (method, λ, BN plan), with the moment sums its BN statistics came from."""
     tau = merge_delta(vectors, method_from_config(method, params.merge))
-    model = build_model(base, tau.apply_to(base.model.state_dict(), lam))
-    return model, restore(model, bn.strategy, vectors, moments_fn)
+    return apply_delta(base, tau, lam, bn.strategy, vectors, moments_fn)
 
 
 def random_control(vectors: Sequence, seed: int = 0) -> list[DataVector]:
@@ -331,12 +332,10 @@ def choose_scale(
     else:
         bn = plan_bn(vectors, params.batchnorm.strategy, calibration)
         moments_fn = moments_source(vectors, bn, base, calibration, params.batchnorm.batch_size)
-    base_state = base.model.state_dict()
     metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
     scored = []
     for lam in grid:
-        model = build_model(base, tau.apply_to(base_state, lam))
-        moments = restore(model, bn.strategy, vectors, moments_fn)
+        model, moments = apply_delta(base, tau, lam, bn.strategy, vectors, moments_fn)
         scored.append((lam, evaluate_model(model, evalsets.val, base.spec, bs), model, moments))
     lam, val, model, moments = max(scored, key=lambda s: score(s[1], metric))
     test = evaluate_model(model, evalsets.test, base.spec, bs) if evalsets.test is not None else None
@@ -394,6 +393,5 @@ def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module,
         tau = step_delta(vectors, [i.weight for i in record.inputs])
     else:
         start, tau = root, merge_delta(vectors, method_from_config(record.method, record.params.merge))
-    model = build_model(start, tau.apply_to(start.model.state_dict(), record.lam))
-    restore(model, record.bn_strategy, vectors, moments_fn)
+    model, _ = apply_delta(start, tau, record.lam, record.bn_strategy, vectors, moments_fn)
     return model, state_sha256(model.state_dict())
