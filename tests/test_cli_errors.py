@@ -213,3 +213,15 @@ def test_coordinator_up_without_prefect_api_url(tmp_path):
     proc = medvec("coordinator", "up", "-S", "model.name=tiny_cnn", "-S", store, env=clean_env(tmp_path))
     assert_one_line_error(proc, "PREFECT_API_URL is not set", "prefect server start")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
+    """``medvec methods | head``: when the reader has gone, the command ends quietly with status 0."""
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout now fails with EPIPE
+    try:
+        cmd = [sys.executable, "-m", "medvec.cli", "methods"]
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
