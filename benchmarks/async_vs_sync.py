@@ -5,7 +5,8 @@ On the demo configuration (PneumoniaMNIST, 4 Dirichlet-0.5 hospitals, the
 training), with the same split, θ_pre, training loop and evaluation:
 
 * single hospitals and the one-shot merge (``finetune.epochs`` epochs each; the
-  merge method ``merge.method`` with BN ``batchnorm.strategy``, λ on validation);
+  demo's choice: every method in ``merge.methods`` × every BN strategy, λ and the
+  pair chosen on validation, as ``make quality`` does);
 * synchronous FedAvg: R rounds × 1 local epoch, every state entry averaged by
   sample count with Flower's own ``aggregate`` (``pip install flwr``: the peer's
   arithmetic is the peer's);
@@ -133,9 +134,7 @@ def run_seed(seed: int, rounds: int, overrides: list[str]) -> dict:
     vectors = [finetune_vector(base, h, d, p.finetune, progress=False)[0] for h, d in data.items()]
     singles = [{"hospital": h, **score(m, base, evalsets, bs)} for h, m, _ in core.single_models(base, vectors)]
     moments = live_moments(base, list(folders.values()), p.batchnorm)
-    candidates = core.evaluate_merges(
-        base, vectors, evalsets, p, moments, [p.merge.method], [p.batchnorm.strategy], progress=False
-    )
+    candidates = core.evaluate_merges(base, vectors, evalsets, p, moments, progress=False)
     best = next(c for c in candidates if c.selected)
     plan = core.BnPlan.from_hospitals(best.bn)
     oneshot = score(core.outcome_of(base, vectors, best, plan, p, moments, evalsets).model, base, evalsets, bs)
