@@ -54,7 +54,7 @@ def hospital_finetune(
     base = fetch_base(store_url, base_sha256)
     start, version = fetch_start(store_url, base, p.hospital.start_from)
     data = load_local_data(data_dir)
-    vector, history = finetune_hospital(base, hospital, data, p.finetune, progress, start, version)
+    vector, training = finetune_hospital(base, hospital, data, p.finetune, progress, start, version)
     if p.batchnorm.strategy == "recompute":
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     summary = publish_vector(store_url, vector, base, key_file)
@@ -62,7 +62,7 @@ def hospital_finetune(
         "published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"]
     )
     if p.registry.enabled:
-        summary["mlflow_run_id"] = track_hospital_run(summary, vector.meta.finetune, history)
+        summary["mlflow_run_id"] = track_hospital_run(summary, vector.meta.finetune, training)
     if emit:
         emit_vector_landed(summary)
     return summary

@@ -11,7 +11,13 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else the embedded default
 * merge run (experiment ``medvec-merges``): method, λ, BN strategy and source, the input
   vectors (ids, hospitals, content hashes, fine-tune run ids) as tags and
   ``inputs.json``, metrics, plots, and the merged model registered as a new
-  version of ``registry.model_name`` (PyTorch flavour, signature, input example);
+  version of ``registry.model_name`` (a pyfunc returning class probabilities and the
+  label at the validation-chosen threshold; safetensors weights, signature, input example);
+* descriptions people can follow in the MLflow UI (``mlflow.note.content`` on runs, the
+  model version's description): a merge run links each input vector's fine-tune run, a
+  fine-tune run links the merges its vector went into, a version links its merge run;
+* datasets (``mlflow.log_input``): the coordinator's validation set on every merge run, the
+  hospital's local data on its fine-tune run (digest, size and label counts only);
 * the base model: registered once as ``<model_name>-base`` with its sha256;
 * the champion gate: alias ``champion`` moves only when the new version beats the
   current champion's validation score by ``registry.champion_margin`` on the same
@@ -29,6 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.pyfunc import PythonModel
 
 from medvec.errors import LineageError
 from medvec.faults import failpoint
@@ -37,6 +46,10 @@ from medvec.record import GateDecision, MergeRecord
 HOSPITAL_EXPERIMENT = "medvec-hospitals"
 MERGE_EXPERIMENT = "medvec-merges"
 DEFAULT_DIR = ".medvec"
+NOTE = "mlflow.note.content"  # a run's description, rendered as markdown by the MLflow UI
+RUN_NOTE_LIMIT = 8000  # MLflow's longest tag value
+VERSION_NOTE_LIMIT = 5000  # MLflow's longest model version description
+DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest: the first 32 hex digits of the sha256
 
 
 def tracking_uri() -> str:
@@ -85,8 +98,20 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
-def log_hospital_run(summary: dict, settings: dict, history: list[dict], vector_file: str | Path | None = None) -> str:
-    """Record one hospital fine-tune; returns the MLflow run id."""
+def log_hospital_run(
+    summary: dict,
+    settings: dict,
+    history: list[dict],
+    vector_file: str | Path | None = None,
+    finetune_seconds: float | None = None,
+    local_data: dict[str, dict] | None = None,
+) -> str:
+    """Record one hospital fine-tune; returns the MLflow run id.
+
+    ``finetune_seconds`` is the wall time measured around training (logged as the metric
+    ``finetune_seconds``); ``local_data`` maps a split (``train``, ``val``) to its ``sha256``,
+    ``size`` and ``label_counts``, logged as the run's datasets (no path, no per-image value).
+    """
     mlflow = _mlflow()
     exp = _experiment(HOSPITAL_EXPERIMENT)
     with mlflow.start_run(experiment_id=exp, run_name=f"{summary['hospital']}-finetune") as run:
@@ -97,20 +122,150 @@ def log_hospital_run(summary: dict, settings: dict, history: list[dict], vector_
                 {k: float(v) for k, v in entry.items() if k not in ("epoch",) and isinstance(v, (int, float))},
                 step=step,
             )
-        mlflow.set_tags(
-            {
-                "medvec.kind": "hospital-finetune",
-                "medvec.hospital": summary["hospital"],
-                "medvec.base_sha256": summary["base_sha256"],
-                "medvec.content_sha256": summary["content_sha256"],
-                "medvec.vector_id": summary["vector_id"],
-                "medvec.n_train": str(summary["n_train"]),
-                "medvec.store_uri": f"{summary.get('store', '')}/{summary.get('key', '')}",
-            }
-        )
+        metrics = {}
+        if finetune_seconds is not None:
+            metrics["finetune_seconds"] = float(finetune_seconds)
+            mlflow.log_metric("finetune_seconds", metrics["finetune_seconds"])
+        tags = {
+            "medvec.kind": "hospital-finetune",
+            "medvec.hospital": summary["hospital"],
+            "medvec.base_sha256": summary["base_sha256"],
+            "medvec.content_sha256": summary["content_sha256"],
+            "medvec.vector_id": summary["vector_id"],
+            "medvec.n_train": str(summary["n_train"]),
+            "medvec.store_uri": f"{summary.get('store', '')}/{summary.get('key', '')}",
+        }
         if vector_file is not None and Path(vector_file).exists():
             mlflow.log_artifact(str(vector_file), artifact_path="vector")
+            tags["medvec.vector_artifact"] = f"vector/{Path(vector_file).name}"
+        mlflow.set_tags(tags)
+        for split, data in (local_data or {}).items():
+            _log_local_data(mlflow, summary["hospital"], split, data)
+        mlflow.set_tag(NOTE, _fit(_hospital_note(tags, metrics, []), RUN_NOTE_LIMIT))
         return run.info.run_id
+
+
+class _Where(DatasetSource):
+    """A dataset source described by a few fields, not a path: a hospital and a split, or a URI."""
+
+    def __init__(self, fields: dict[str, Any]):
+        self._fields = dict(fields)
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "medvec"
+
+    def load(self, **kwargs):
+        raise NotImplementedError("medvec logs datasets by identity only; the data stays where it is")
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> "_Where":
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._fields)
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> "_Where":
+        return cls(source_dict)
+
+
+class _Identity(MetaDataset):
+    """A dataset logged by identity and aggregates only: name, digest, source and a small profile, no rows."""
+
+    def __init__(self, source: DatasetSource, name: str, digest: str, profile: dict[str, Any]):
+        self._profile = profile
+        super().__init__(source=source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def _log_local_data(mlflow, hospital: str, split: str, data: dict) -> None:
+    """A hospital's local split as a dataset input: digest, size and label counts (no path, nothing per image)."""
+    counts = [int(c) for c in data["label_counts"]]
+    profile = {"num_rows": int(data["size"]), "label_counts": {str(c): n for c, n in enumerate(counts)}}
+    dataset = _Identity(
+        _Where({"hospital": hospital, "split": split}),
+        name=f"{hospital} local {split}",
+        digest=data["sha256"][:DIGEST_CHARS],
+        profile=profile,
+    )
+    context = "training" if split == "train" else "validation"
+    mlflow.log_input(dataset, context=context, tags={"medvec.sha256": data["sha256"]})
+
+
+def _eval_source(source: str) -> DatasetSource:
+    """MLflow's own source for the evaluation set's location (a local path, s3://…), else a plain URI."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings():  # MLflow warns that a local path resolves to one source class "in two ways"
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return resolve_dataset_source(source)
+        except MlflowException:
+            return _Where({"uri": source})
+
+
+def _log_eval_set(mlflow, record: MergeRecord) -> None:
+    """The coordinator's evaluation set (the one that chose λ and the gate scores on) as a dataset input."""
+    ev = record.eval_set
+    dataset = _Identity(
+        _eval_source(ev.source),
+        name=f"{Path(ev.source).name or ev.source} {ev.split}",
+        digest=ev.sha256[:DIGEST_CHARS],
+        profile={"num_rows": ev.size, "split": ev.split, "sha256": ev.sha256},
+    )
+    mlflow.log_input(dataset, context="validation", tags={"medvec.sha256": ev.sha256, "medvec.size": str(ev.size)})
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link the MLflow UI follows from a run or model version description."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_link(name: str, version: str | int) -> str:
+    return f"#/models/{name}/versions/{version}"
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` cut at a line end to MLflow's length limit, saying so."""
+    if len(text) <= limit:
+        return text
+    tail = "\n\n… (cut to fit MLflow's length limit; the full lists are in the run's tags and `inputs.json`)"
+    return text[: limit - len(tail)].rsplit("\n", 1)[0] + tail
+
+
+def _hospital_note(tags: dict[str, str], metrics: dict[str, float], merges: list[str]) -> str:
+    """A fine-tune run's description: the vector it published and the merges that vector went into."""
+    lines = [
+        f"### Fine-tune at hospital `{tags.get('medvec.hospital')}`",
+        "",
+        f"- vector `{tags.get('medvec.vector_id')}`, content sha256 `{tags.get('medvec.content_sha256', '')[:12]}…`",
+        f"- base θ_pre sha256 `{tags.get('medvec.base_sha256', '')[:12]}…`",
+        f"- {tags.get('medvec.n_train')} training images; the local data set (digest, size, label counts)"
+        " is under *Datasets*",
+    ]
+    if "finetune_seconds" in metrics:
+        lines.append(f"- fine-tune wall time {metrics['finetune_seconds']:.1f} s (metric `finetune_seconds`)")
+    if tags.get("medvec.vector_artifact"):
+        lines.append(f"- the vector file: artifact `{tags['medvec.vector_artifact']}`")
+    else:
+        lines.append(f"- the vector file: in the store at `{tags.get('medvec.store_uri')}`")
+    lines += ["", "**Merges this vector went into**", ""]
+    lines += [f"- {m}" for m in merges] or ["- none yet"]
+    return "\n".join(lines)
 
 
 def find_hospital_run(vector_id: str) -> str | None:
@@ -124,38 +279,97 @@ def find_hospital_run(vector_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _log_torch_model(model: torch.nn.Module, example: np.ndarray, registered_name: str) -> str:
-    """Log a PyTorch model (signature, input example, medvec code), then register it; returns the version.
+class Classifier(PythonModel):
+    """The registered model's pyfunc: class probabilities and the label at the registered threshold.
 
-    Registration is a separate last step, so a process killed while the model is
-    being logged leaves no registered version.
+    ``predict(x)`` takes model-ready images (N, C, H, W float32, as :func:`medvec.data.to_tensor`
+    makes them) and returns a DataFrame with ``p_0 … p_{k-1}`` and ``label``.  A binary
+    model's label is ``p_1 >= threshold`` (the operating point chosen on validation);
+    without a threshold, and for more classes, it is the argmax.
     """
+
+    threshold: float | None = None
+    model: torch.nn.Module | None = None
+
+    def load_context(self, context) -> None:
+        from medvec.models import load_base
+
+        self.threshold = (context.model_config or {}).get("threshold")
+        self.model = load_base(context.artifacts["weights"]).model.eval()
+
+    def predict(self, context, model_input, params=None):
+        return label_frame(self.model, np.asarray(model_input, dtype=np.float32), self.threshold)
+
+
+MODEL_CODE = """from mlflow.models import set_model
+
+from medvec.tracking import Classifier
+
+set_model(Classifier())
+"""
+
+
+def label_frame(model: torch.nn.Module, x: np.ndarray, threshold: float | None):
+    """Probabilities and thresholded labels of ``model`` on ``x`` as a DataFrame (what the pyfunc returns)."""
+    import pandas as pd
+
+    with torch.no_grad():
+        p = torch.softmax(model(torch.as_tensor(x)), dim=1).numpy()
+    if threshold is not None and p.shape[1] == 2:
+        label = (p[:, 1] >= threshold).astype(np.int64)
+    else:
+        label = p.argmax(1).astype(np.int64)
+    return pd.DataFrame({**{f"p_{c}": p[:, c] for c in range(p.shape[1])}, "label": label})
+
+
+def _log_model(weights, example: np.ndarray, registered_name: str, threshold: float | None = None) -> str:
+    """Log ``weights`` (a :class:`medvec.models.Base`) as a :class:`Classifier` pyfunc, then register it.
+
+    The model carries its safetensors weights and spec, the medvec code, a signature and
+    an input example; it is logged as a model from code (no pickled object), the threshold
+    in its ``model_config``.  Registration is a separate last step, so a process killed while
+    the model is being logged leaves no registered version.
+    """
+    import tempfile
+
     import mlflow
     from mlflow.models import infer_signature
 
-    model = model.eval().cpu()
-    with torch.no_grad():
-        out = model(torch.as_tensor(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=infer_signature(example, out),
-        input_example=example,
-        code_paths=[str(Path(__file__).resolve().parent)],
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            "efficientnet-lite-pytorch",
-            "safetensors",
-            "numpy",
-        ],
-    )
+    from medvec.models import save_base
+
+    model = weights.model.eval().cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, code = Path(tmp) / "weights.safetensors", Path(tmp) / "classifier.py"
+        save_base(weights, path)
+        code.write_text(MODEL_CODE)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            model_config={"threshold": threshold},
+            artifacts={"weights": str(path)},
+            signature=infer_signature(example, label_frame(model, example, threshold)),
+            input_example=example,
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                "efficientnet-lite-pytorch",
+                "safetensors",
+                "numpy",
+                "pandas",
+            ],
+        )
     failpoint("registry-before-register")
     return str(mlflow.register_model(info.model_uri, registered_name, await_registration_for=60).version)
 
 
-def register_base(name: str, model: torch.nn.Module, sha256: str, spec: dict, example: np.ndarray) -> str:
-    """Register θ_pre once as ``<name>-base`` (idempotent by sha256); returns the version."""
+def register_base(name: str, base, example: np.ndarray) -> str:
+    """Register θ_pre (a :class:`medvec.models.Base`) once as ``<name>-base`` (idempotent by sha256).
+
+    Returns the version.
+    """
     from mlflow import MlflowClient
+
+    sha256 = base.sha256
 
     mlflow = _mlflow()
     client = MlflowClient()
@@ -166,8 +380,8 @@ def register_base(name: str, model: torch.nn.Module, sha256: str, spec: dict, ex
     exp = _experiment(MERGE_EXPERIMENT)
     with mlflow.start_run(experiment_id=exp, run_name=f"base-{sha256[:12]}"):
         mlflow.set_tags({"medvec.kind": "base", "medvec.base_sha256": sha256})
-        mlflow.log_params(_flat("spec.", spec))
-        version = _log_torch_model(model, example, model_name)
+        mlflow.log_params(_flat("spec.", base.spec.to_dict()))
+        version = _log_model(base, example, model_name)
     client.set_model_version_tag(model_name, version, "medvec.base_sha256", sha256)
     return version
 
@@ -179,13 +393,16 @@ def _score(metrics: dict, metric: str) -> float:
 
 def log_merge(
     record: MergeRecord,
-    model: torch.nn.Module,
+    merged,
     example: np.ndarray,
     rescore: Callable[[MergeRecord], dict],
     plots: dict[str, Path] | None = None,
     decided: tuple[bool, str] | None = None,
 ) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
+
+    ``merged`` is the merged model as a :class:`medvec.models.Base` (weights, spec and
+    sha256); it is registered as a :class:`Classifier` pyfunc with the record's threshold.
 
     ``rescore(champion_record)`` evaluates the champion's merged weights on the
     current validation set: the gate uses it when the champion was scored on a
@@ -199,9 +416,12 @@ def log_merge(
     reg, metric = record.params.registry, record.params.evaluate.select_metric
     exp = _experiment(MERGE_EXPERIMENT)
     runs = {i.vector_id: find_hospital_run(i.vector_id) for i in record.inputs}
+    hospital_exp = mlflow.get_experiment_by_name(HOSPITAL_EXPERIMENT)
+    links = {vid: run_link(hospital_exp.experiment_id, r) for vid, r in runs.items() if r and hospital_exp}
     with mlflow.start_run(experiment_id=exp, run_name=record.merge_id) as run:
         _log_merge_run(mlflow, record, runs, metric, plots or {})
-        version = _log_torch_model(model, example, reg.model_name)
+        mlflow.set_tag(NOTE, _fit(_merge_note(record, links, metric, None), RUN_NOTE_LIMIT))
+        version = _log_model(merged, example, reg.model_name, record.operating_point.get("threshold"))
         run_id = run.info.run_id
     tags = {
         "medvec.merge_run": run_id,
@@ -226,7 +446,151 @@ def log_merge(
         client.set_model_version_tag(reg.model_name, version, "rejected", reason)
     client.set_model_version_tag(reg.model_name, version, "medvec.gate", verdict)
     client.set_model_version_tag(reg.model_name, version, "medvec.gate_reason", reason)
+    _describe(client, record, exp, run_id, str(version), verdict, reason, links, runs)
     return GateDecision(run_id=run_id, version=str(version), champion=champion, reason=reason)
+
+
+def _describe(
+    client,
+    record: MergeRecord,
+    exp: str,
+    run_id: str,
+    version: str,
+    verdict: str,
+    reason: str,
+    links: dict[str, str],
+    runs: dict[str, str | None],
+) -> None:
+    """After the gate: the merge run's and the version's descriptions, and each input's fine-tune run's merge list.
+
+    The alias has already moved (or not) by now, so an MLflow error here is logged and
+    left: retrying the registration would register the merge a second time.
+    """
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    name, metric = record.params.registry.model_name, record.params.evaluate.select_metric
+    try:
+        gate = (name, version, verdict, reason)
+        client.set_tag(run_id, NOTE, _fit(_merge_note(record, links, metric, gate), RUN_NOTE_LIMIT))
+        note = _version_note(client, record, run_link(exp, run_id), verdict, reason)
+        client.update_model_version(name, version, description=_fit(note, VERSION_NOTE_LIMIT))
+        for hospital_run in {r for r in runs.values() if r}:
+            _update_hospital_note(client, exp, hospital_run)
+    except MlflowException as exc:
+        logging.getLogger(__name__).warning("merge %s: descriptions not updated: %s", record.merge_id, exc)
+
+
+def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: tuple | None) -> str:
+    """A merge run's description: its inputs with links to their fine-tune runs, settings, data and the gate."""
+    step = record.mode == "async"
+    lines = [
+        f"### Merge `{record.merge_id}`",
+        "",
+        f"Method **{record.method}**, {'η' if step else 'λ'} = {record.lam:g}, batch norm **{record.bn_strategy}**"
+        f" (statistics from {record.bn_source}), mode **{record.mode}**.",
+    ]
+    if step:
+        became = f"became v{record.version}" if record.version is not None else "not promoted"
+        lines.append(f"An asynchronous step into the champion: parent version v{record.parent_version}, {became}.")
+    head = "| hospital | vector id | content sha256 | fine-tune run |"
+    rule = "|---|---|---|---|"
+    if step:
+        head, rule = head + " from version | staleness | weight |", rule + "---|---|---|"
+    lines += ["", head, rule]
+    for i in record.inputs:
+        link = links.get(i.vector_id)
+        run = f"[fine-tune run]({link})" if link else "not found in this tracking server"
+        row = f"| {i.hospital} | `{i.vector_id}` | `{i.content_sha256[:12]}` | {run} |"
+        if step:
+            weight = "-" if i.weight is None else f"{i.weight:.4f}"
+            row += f" v{i.start_version} | {i.staleness} | {weight} |"
+        lines.append(row)
+    scores = ", ".join(
+        f"{split} {metric} {m[metric]:.4f}" for split, m in (("val", record.val), ("test", record.test)) if metric in m
+    )
+    lines += ["", f"Evaluated on {record.eval_set.describe()}, listed under *Datasets*. {scores}."]
+    if record.lambda_curve:
+        lines.append(
+            f"The {'η' if step else 'λ'} sweep: in the metric `val_{metric}_by_lambda` the step is {'η' if step else 'λ'}×1000"
+            " (step 1000 is 1.0); the table `lambda_curve.json` has the value itself."
+        )
+    if gate is None:
+        lines += ["", "**Gate:** pending (the model is being registered)."]
+    else:
+        name, version, verdict, reason = gate
+        lines += [
+            "",
+            f"**Gate:** {verdict}: {reason}.",
+            "",
+            f"Registered as [`{name}` v{version}]({version_link(name, version)}).",
+        ]
+    return "\n".join(lines)
+
+
+def _version_note(client, record: MergeRecord, merge_link: str, verdict: str, reason: str) -> str:
+    """A registered version's description: its merge run, its parent champion (async) and the gate."""
+    hospitals = ", ".join(sorted({i.hospital for i in record.inputs}))
+    lines = [
+        f"Merged by run [`{record.merge_id}`]({merge_link}): {record.method},"
+        f" {'η' if record.mode == 'async' else 'λ'} = {record.lam:g},"
+        f" batch norm {record.bn_strategy} from {record.bn_source}; {len(record.inputs)} vectors from {hospitals}."
+        " The run's description links each vector's fine-tune run.",
+    ]
+    if record.mode == "async":
+        became = f"v{record.version}" if record.version is not None else "not promoted"
+        lines += ["", f"Asynchronous step from parent champion {_parent(client, record)}; became {became}."]
+    lines += ["", f"Gate: **{verdict}**: {reason}."]
+    return "\n".join(lines)
+
+
+def _parent(client, record: MergeRecord) -> str:
+    """The parent start point of an async step, with a link to its registered version when there is one."""
+    name = record.params.registry.model_name
+    if record.parent_version == 0:
+        for mv in client.search_model_versions(f"name = '{name}-base'"):
+            if mv.tags.get("medvec.base_sha256") == record.base_sha256:
+                return f"v0 (θ_pre, [`{name}-base` v{mv.version}]({version_link(f'{name}-base', mv.version)}))"
+        return "v0 (θ_pre)"
+    found = [
+        mv
+        for mv in client.search_model_versions(f"name = '{name}'")
+        if mv.tags.get("medvec.version") == str(record.parent_version)
+    ]
+    found.sort(key=lambda mv: (mv.tags.get("medvec.gate") == "champion", int(mv.version)))
+    if not found:
+        return f"v{record.parent_version}"
+    mv = found[-1]
+    return f"v{record.parent_version} ([`{name}` v{mv.version}]({version_link(name, mv.version)}))"
+
+
+def _update_hospital_note(client, merge_exp: str, hospital_run: str) -> None:
+    """Rewrite a fine-tune run's description with every merge run whose inputs name its vector."""
+    run = client.get_run(hospital_run)
+    vid = run.data.tags.get("medvec.vector_id")
+    if not vid:
+        return
+    found = client.search_runs(
+        [merge_exp],
+        filter_string=f"tags.`medvec.inputs` LIKE '%{vid}%'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    merges = []
+    for m in found:
+        tags = m.data.tags
+        if vid not in {i[0] for i in json.loads(tags.get("medvec.inputs", "[]"))}:
+            continue
+        entry = f"[`{tags.get('medvec.merge_id', m.info.run_id)}`]({run_link(merge_exp, m.info.run_id)})"
+        for mv in client.search_model_versions(f"run_id = '{m.info.run_id}'"):
+            entry += f": [`{mv.name}` v{mv.version}]({version_link(mv.name, mv.version)})"
+            entry += f", {mv.tags.get('medvec.gate', 'gate pending')}"
+            break
+        else:
+            entry += f": no registered version (run {m.info.status.lower()})"
+        merges.append(entry)
+    client.set_tag(hospital_run, NOTE, _fit(_hospital_note(run.data.tags, run.data.metrics, merges), RUN_NOTE_LIMIT))
 
 
 def _log_merge_run(
@@ -247,6 +611,16 @@ def _log_merge_run(
         mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items() if not np.isnan(v)})
     for lam, val in record.lambda_curve:
         mlflow.log_metric(f"val_{metric}_by_lambda", float(val), step=round(float(lam) * 1000))
+    if record.lambda_curve:  # the same sweep with λ itself as a column
+        lams, vals = zip(*record.lambda_curve)
+        rows = len(lams)
+        table = {
+            "method": [record.method] * rows,
+            "bn": [record.bn_strategy] * rows,
+            "lambda": [float(x) for x in lams],
+        }
+        mlflow.log_table({**table, f"val_{metric}": [float(v) for v in vals]}, "lambda_curve.json")
+    _log_eval_set(mlflow, record)
     tags = {
         "medvec.kind": "merge",
         "medvec.base_sha256": record.base_sha256,

@@ -109,7 +109,7 @@ def register_merge(
 
     p = record.params
     example = to_tensor(evalsets.val.images[:2], base.spec).numpy()
-    tracking.register_base(p.registry.model_name, base.model, base.sha256, base.spec.to_dict(), example)
+    tracking.register_base(p.registry.model_name, base, example)
 
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
@@ -117,4 +117,5 @@ def register_merge(
         merged = load_base(store.merge_weights(champion), expected_sha256=champion.merged_sha256)
         return evaluate_model(merged.model, evalsets.val, merged.spec, p.evaluate.batch_size)
 
-    return tracking.log_merge(record, model, example, rescore, plots, decided)
+    merged = Base(model, base.spec, base.num_classes, record.merged_sha256)
+    return tracking.log_merge(record, merged, example, rescore, plots, decided)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -33,6 +35,15 @@ def load_local_data(data_dir: str) -> LocalData:
     return LocalData.load(data_dir)
 
 
+@dataclass(frozen=True)
+class Training:
+    """What a hospital's fine-tune run records beside its vector (all aggregate: nothing per image)."""
+
+    history: list[dict]  # per epoch: loss and local validation metrics
+    seconds: float  # wall time measured around training
+    data: dict[str, dict]  # per local split: sha256, size, label counts (describe_local_data)
+
+
 @task(cache_policy=NO_CACHE)
 def finetune_hospital(
     base: Base,
@@ -42,19 +53,38 @@ def finetune_hospital(
     progress: bool = True,
     start: Base | None = None,
     start_version: int = 0,
-) -> tuple[DataVector, list[dict]]:
-    """Fine-tune the start point (θ_pre by default) on local data; returns the data vector and the history."""
+) -> tuple[DataVector, Training]:
+    """Fine-tune the start point (θ_pre by default) on local data; returns the data vector and its :class:`Training`."""
     vector, record = finetune_vector(base, hospital, data, cfg, progress, start, start_version)
-    return vector, record.history
+    return vector, Training(record.history, record.seconds, describe_local_data(data))
+
+
+def describe_local_data(data: LocalData) -> dict[str, dict]:
+    """Per split: a sha256 of the pixels and labels, the size and the label counts (no path, nothing per image)."""
+    from medvec.record import EvalSetRef
+
+    splits = {"train": data.train, "val": data.val}
+    return {
+        split: {"sha256": EvalSetRef.of(s, "local", split).sha256, "size": len(s), "label_counts": s.label_counts()}
+        for split, s in splits.items()
+        if s is not None and len(s)
+    }
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
-def track_hospital_run(summary: dict, settings: dict, history: list[dict]) -> str:
-    """Log the fine-tune run to MLflow (params, per-epoch metrics, lineage tags, the vector)."""
+def track_hospital_run(summary: dict, settings: dict, training: Training) -> str:
+    """Log the fine-tune run to MLflow (params, per-epoch metrics, wall time, lineage tags, local data set, the vector)."""
     from medvec import tracking
 
     store = open_store(summary["store"])
-    return tracking.log_hospital_run(summary, settings, history, store.local_file(summary["key"]))
+    return tracking.log_hospital_run(
+        summary,
+        settings,
+        training.history,
+        store.local_file(summary["key"]),
+        finetune_seconds=training.seconds,
+        local_data=training.data,
+    )
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)

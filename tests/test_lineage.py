@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,18 +104,24 @@ def test_a_worse_merge_does_not_move_champion(tracked, monkeypatch):
     assert "does not beat champion" in mv.tags["rejected"]
 
 
-def test_champion_loads_with_pyfunc_and_predicts(tracked, monkeypatch):
+def test_champion_pyfunc_returns_probabilities_and_the_label_at_its_registered_threshold(tracked, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
     import mlflow
+    from mlflow import MlflowClient
 
     from medvec.data import load_split, to_tensor
     from medvec.models import get_spec
 
     mlflow.set_tracking_uri(tracked["url"])
     model = mlflow.pyfunc.load_model("models:/medvec@champion")
-    x = to_tensor(load_split(BREAST, "test").images[:5], get_spec("tiny_cnn", pretrained=False)).numpy()
-    out = np.asarray(model.predict(x))
-    assert out.shape == (5, 2) and np.isfinite(out).all()
+    x = to_tensor(load_split(BREAST, "test").images[:40], get_spec("tiny_cnn", pretrained=False)).numpy()
+    out = model.predict(x)
+    assert list(out.columns) == ["p_0", "p_1", "label"] and len(out) == 40
+    np.testing.assert_allclose(out["p_0"] + out["p_1"], 1.0, rtol=1e-5)
+    mv = MlflowClient().get_model_version_by_alias("medvec", "champion")
+    threshold = float(mv.tags["medvec.threshold"])
+    assert threshold == model.model_config["threshold"]
+    assert (out["label"] == (out["p_1"] >= threshold).astype(int)).all()
 
 
 def rebuild(tracked, ref: str) -> str:
@@ -170,3 +177,103 @@ def test_dvc_registry_commit_restores_exactly_the_merged_vectors(tracked, monkey
     assert sorted(p.stem for p in restored) == sorted(v["vector_id"] for v in tree["vectors"])
     for p in restored:
         assert p.read_bytes() == store.get(p.stem).path.read_bytes()
+
+
+# --------------------------------------------------------------------------- following lineage in the MLflow UI
+
+RUN_LINK = re.compile(r"\]\(#/experiments/(\d+)/runs/([0-9a-f]+)\)")
+
+
+def _client(tracked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracked["url"])
+
+
+def test_the_merge_run_description_links_each_input_vector_to_its_fine_tune_run(tracked, monkeypatch):
+    client = _client(tracked, monkeypatch)
+    good = tracked["out"]["good"]
+    note = client.get_run(good["registry"]["run_id"]).data.tags["mlflow.note.content"]
+    vectors = sorted(i["vector_id"] for i in good["inputs"])
+    assert len(RUN_LINK.findall(note)) == len(vectors) == 2  # one link per input vector, no other run link
+    for vid in vectors:
+        (row,) = [line for line in note.splitlines() if f"`{vid}`" in line]
+        ((exp, run_id),) = RUN_LINK.findall(row)
+        linked = client.get_run(run_id)
+        assert linked.data.tags["medvec.vector_id"] == vid and linked.info.experiment_id == exp
+    for i in good["inputs"]:
+        assert f"`{i['content_sha256'][:12]}`" in note
+    assert "Method **weighted**" in note and "batch norm **average**" in note
+    assert "**Gate:** champion: first version" in note
+
+
+def test_the_merge_run_logs_its_evaluation_set_and_the_lambda_sweep(tracked, monkeypatch):
+    client = _client(tracked, monkeypatch)
+    from medvec import tracking
+
+    decision = tracked["out"]["other_set"]["registry"]
+    record = tracking.merge_record(f"medvec/{decision['version']}")
+    run = client.get_run(decision["run_id"])
+    (inp,) = run.inputs.dataset_inputs
+    tags = {t.key: t.value for t in inp.tags}
+    # MLflow keeps at most 36 characters of a digest: the first 32 of the sha256, the whole in tag and profile
+    assert inp.dataset.digest == record.eval_set.sha256[: tracking.DIGEST_CHARS]
+    assert tags["medvec.sha256"] == record.eval_set.sha256 and tags["mlflow.data.context"] == "validation"
+    profile = json.loads(inp.dataset.profile)
+    assert profile["sha256"] == record.eval_set.sha256 and profile["num_rows"] == record.eval_set.size == 524
+    assert record.eval_set.source in inp.dataset.source
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "lambda_curve.json")).read_text())
+    assert table["columns"] == ["method", "bn", "lambda", "val_auc"]
+    assert [row[2] for row in table["data"]] == [lam for lam, _ in record.lambda_curve]
+    note = run.data.tags["mlflow.note.content"]
+    if record.lambda_curve:
+        assert "`val_auc_by_lambda` the step is λ×1000" in note
+
+
+def test_a_hospital_run_description_lists_the_merges_that_used_its_vector(tracked, monkeypatch):
+    client = _client(tracked, monkeypatch)
+    merges = [tracked["out"][k]["registry"] for k in ("good", "worse", "recompute", "other_set")]
+    for h in tracked["out"]["hospitals"]:
+        run = client.get_run(h["mlflow_run_id"])
+        note = run.data.tags["mlflow.note.content"]
+        for m in merges:
+            exp = client.get_run(m["run_id"]).info.experiment_id
+            assert f"](#/experiments/{exp}/runs/{m['run_id']})" in note
+            assert f"](#/models/medvec/versions/{m['version']})" in note
+        assert run.data.tags["medvec.vector_id"] == h["vector_id"]  # the search tags stay
+        assert run.data.metrics["finetune_seconds"] > 0
+        datasets = {
+            t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"
+        }
+        train = json.loads(datasets["training"].profile)
+        assert train["num_rows"] == h["n_train"] == sum(train["label_counts"].values())
+        assert len(datasets["training"].digest) == 32
+        assert str(tracked["tmp"]) not in json.dumps([d.source for d in datasets.values()])
+
+
+def test_the_champion_version_description_links_its_merge_run(tracked, monkeypatch):
+    client = _client(tracked, monkeypatch)
+    mv = client.get_model_version_by_alias("medvec", "champion")
+    exp = client.get_run(mv.run_id).info.experiment_id
+    assert f"](#/experiments/{exp}/runs/{mv.run_id})" in mv.description
+    assert "Gate: **champion**" in mv.description and "Asynchronous step" not in mv.description
+    worse = client.get_model_version("medvec", tracked["out"]["worse"]["registry"]["version"])
+    assert "Gate: **rejected**: val auc" in worse.description
+
+
+def test_an_async_step_description_names_its_parent_champion_version(tracked, monkeypatch):
+    client = _client(tracked, monkeypatch)
+    from medvec import tracking
+
+    good = tracked["out"]["good"]["registry"]
+    client.set_model_version_tag("medvec", good["version"], "medvec.version", "7")  # as if it were step v7
+    try:
+        record = tracking.merge_record(f"medvec/{good['version']}")
+        step = record.model_copy(update={"mode": "async", "parent_version": 7, "version": 8})
+        note = tracking._version_note(client, step, "#/experiments/1/runs/abc", "champion", "first version")
+        assert f"parent champion v7 ([`medvec` v{good['version']}](#/models/medvec/versions/{good['version']}))" in note
+        assert "became v8" in note and "η = 1" in note
+        assert "parent version v7, became v8" in tracking._merge_note(step, {}, "auc", None)
+    finally:
+        client.delete_model_version_tag("medvec", good["version"], "medvec.version")

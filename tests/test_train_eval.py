@@ -49,3 +49,16 @@ def test_multiclass_auc_is_one_vs_rest_macro():
 @pytest.mark.filterwarnings("ignore:A single label was found")
 def test_single_class_auc_is_nan_not_an_error():
     assert np.isnan(metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))["auc"])
+
+
+def test_the_registered_label_is_the_positive_probability_at_the_threshold_not_the_argmax():
+    from medvec.tracking import label_frame
+
+    logits = torch.tensor([[0.0, -1.0], [0.0, 0.5], [2.0, 0.0]])  # p_1 = 0.269, 0.622, 0.119
+    p1 = torch.softmax(logits, 1)[:, 1].numpy()
+    model = torch.nn.Identity()
+    x = logits.numpy()
+    assert label_frame(model, x, None)["label"].tolist() == [0, 1, 0]  # no threshold: the argmax
+    assert label_frame(model, x, 0.2)["label"].tolist() == [1, 1, 0]
+    assert label_frame(model, x, 0.7)["label"].tolist() == [0, 0, 0]
+    np.testing.assert_allclose(label_frame(model, x, 0.2)["p_1"], p1, rtol=1e-6)
