@@ -35,9 +35,14 @@ def _shared(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _offline_prefect_env() -> None:
-    """Prefect settings for local runs: no analytics, ephemeral API allowed."""
+    """Prefect settings for local runs: no analytics, ephemeral API allowed.
+
+    Prefect gives its ephemeral server 20 s to start (counting only its sleeps); on a busy
+    2-core machine startup took longer, and the run failed with a 404 from ``/api/health``.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _make_dirs() -> None:
