@@ -1,8 +1,10 @@
 """Asynchronous refinement on the distributed path, on real servers started here: a Prefect server,
-one process worker per hospital pool and one for the coordinator (MLflow on a SQLite file, a local store).
+one process worker per hospital pool and one for the coordinator (MLflow on a SQLite file, a local store,
+the DVC registry in a git repo here with a local DVC remote).
 
 Three hospitals contribute twice each, in a shuffled order, each run starting from the champion of its
-time; a fourth hospital fine-tunes θ_pre late, past ``max_staleness``, and is kept aside with its reason.
+time, the last two landing at once (a burst); a fourth hospital fine-tunes θ_pre late, past
+``max_staleness``, and is kept aside with its reason.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import random
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -42,7 +46,11 @@ s = open_store({store_url!r})
 root = s.current_base()
 steps = [m for m in s.merges(root) if m.mode == "async"]
 print(json.dumps({{
-    "steps": [{{"inputs": [i.vector_id for i in m.inputs], "parent": m.parent_version, "version": m.version}} for m in steps],
+    "steps": [
+        {{"inputs": [i.vector_id for i in m.inputs], "parent": m.parent_version, "version": m.version,
+          "dvc_commit": m.dvc_commit, "merge_id": m.merge_id}}
+        for m in steps
+    ],
     "starts": [[p.version, p.parent_version, p.merge_id] for p in s.start_points(root)],
     "stale": [q.problem for q in s.quarantined() if q.check == "stale"],
     "landed": [d["meta"]["vector_id"] for d in s.sidecars(root)],
@@ -59,7 +67,9 @@ def test_three_hospitals_twice_each_in_shuffled_order_climb_a_version_chain(tmp_
     server = PrefectServer(tmp_path / "prefect")
     env = server.client_env()
     store_url = str(tmp_path / "store")
-    sets = [a for o in [*OVERRIDES, f"store.url={store_url}"] for a in ("-S", o)]
+    registry = tmp_path / "registry"
+    dvc = [f"registry.dvc_repo={registry}", f"registry.dvc_remote={tmp_path / 'dvc-remote'}"]
+    sets = [a for o in [*OVERRIDES, f"store.url={store_url}", *dvc] for a in ("-S", o)]
     workers = []
     try:
         medvec(env, "coordinator", "up", *sets)
@@ -73,14 +83,23 @@ def test_three_hospitals_twice_each_in_shuffled_order_climb_a_version_chain(tmp_
             workers.append(Worker(f"hospital-{name}", env, tmp_path))
         order = ["h1", "h2", "h3"] * 2
         random.Random(7).shuffle(order)
-        for n, name in enumerate(order):
+        for n, name in enumerate(order[:4]):
             assert "COMPLETED" in medvec(env, "hospital", "run", name, "--timeout", "240").stdout
             # wait for this landing's step, so later runs start from a newer champion
             wait_until(lambda n=n: len(state(store_url, env)["steps"]) == n + 1, 180, f"step {n + 1}")
+        # the last two land in a burst (two hospitals at once): no vector lost, none merged twice
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(medvec, env, "hospital", "run", name, "--timeout", "240") for name in order[4:]]
+            assert all("COMPLETED" in r.result().stdout for r in runs)
+
+        def merged() -> list[str]:
+            return [v for step in state(store_url, env)["steps"] for v in step["inputs"]]
+
+        wait_until(lambda: len(set(merged())) == 6, 240, "both burst vectors merged")
+        time.sleep(5)  # a second triggered run, if any, has had time to (wrongly) merge again
         s = state(store_url, env)
         landed = set(s["landed"])
-        merged = [v for step in s["steps"] for v in step["inputs"]]
-        assert len(merged) == len(set(merged)) == 6 and set(merged) == landed, "every landed vector in exactly one step"
+        assert len(merged()) == len(set(merged())) == 6 and set(merged()) == landed, "every landed vector in one step"
         versions = [v for v, _, _ in s["starts"]]
         assert versions == list(range(len(versions))) and len(versions) >= 3, s[
             "starts"
@@ -88,6 +107,14 @@ def test_three_hospitals_twice_each_in_shuffled_order_climb_a_version_chain(tmp_
         assert all(parent == v - 1 for v, parent, _ in s["starts"][1:])
         promoted = [step for step in s["steps"] if step["version"] is not None]
         assert [step["version"] for step in promoted] == versions[1:]
+        # the DVC registry commits every step, promoted or not, with its merge record
+        log = subprocess.run(
+            ["git", "log", "--format=%H %s"], cwd=registry, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        commits = [sha for sha, subject in (line.split(" ", 1) for line in log) if subject.startswith("merge ")]
+        assert sorted(commits) == sorted(step["dvc_commit"] for step in s["steps"]), log
+        for step in s["steps"]:
+            assert (registry / "merges" / f"{step['merge_id']}.json").exists()
         # a vector from θ_pre, now past max_staleness 1: kept aside with its reason, never merged
         assert "COMPLETED" in medvec(env, "hospital", "run", "h4", "--timeout", "240").stdout
         wait_until(lambda: state(store_url, env)["stale"], 120, "the stale vector kept aside")
