@@ -45,6 +45,18 @@ def _offline_prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end has closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is not a file
+        return False
+
+
 def _make_dirs() -> None:
     """Create PREFECT_HOME with its parents before Prefect needs it (Prefect creates only the leaf)."""
     home = os.environ.get("PREFECT_HOME")
@@ -495,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `medvec methods | head`: the reader left; not an error of ours
+    except BrokenPipeError:
+        if args.debug or not _stdout_reader_gone():
+            raise  # a pipe of ours (a socket, a subprocess) broke: that is an error
+        # `medvec methods | head`: the reader of our output left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -200,7 +200,7 @@ class MergeRecord(_Record):
             inputs=tuple(VectorRef.of(v, c) for v, c in zip(vectors, outcome.contributions or [None] * len(vectors))),
             val=_floats(outcome.val),
             test=_floats(outcome.test or {}),
-            operating_point=_floats((outcome.test or {}).get("op", {})),
+            operating_point=_operating_point(outcome, params),
             lambda_curve=tuple((float(lam), float(v)) for lam, v in outcome.curve),
             params=params,
             eval_set=eval_set,
@@ -222,3 +222,17 @@ class MergeRecord(_Record):
 
 def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _operating_point(outcome, params: Params) -> dict[str, float]:
+    """The threshold chosen on validation with its test figures; the threshold alone when there is no test split."""
+    op = (outcome.test or {}).get("op")
+    if op:
+        return _floats(op)
+    val = outcome.val or {}
+    if "scores" not in val:  # not a binary task: the label is the argmax
+        return {}
+    from medvec.evaluate import choose_threshold
+
+    rule, target = params.evaluate.threshold, params.evaluate.target_sensitivity
+    return {"threshold": float(choose_threshold(val["labels"], val["scores"], rule, target))}

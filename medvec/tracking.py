@@ -250,7 +250,7 @@ def _fit(text: str, limit: int) -> str:
 def _hospital_note(tags: dict[str, str], metrics: dict[str, float], merges: list[str]) -> str:
     """A fine-tune run's description: the vector it published and the merges that vector went into."""
     lines = [
-        f"### Fine-tune at hospital `{tags.get('medvec.hospital')}`",
+        f"### Fine-tune at hospital {_md(tags.get('medvec.hospital'))}",
         "",
         f"- vector `{tags.get('medvec.vector_id')}`, content sha256 `{tags.get('medvec.content_sha256', '')[:12]}…`",
         f"- base θ_pre sha256 `{tags.get('medvec.base_sha256', '')[:12]}…`",
@@ -263,7 +263,7 @@ def _hospital_note(tags: dict[str, str], metrics: dict[str, float], merges: list
         lines.append(f"- the vector file: artifact `{tags['medvec.vector_artifact']}`")
     else:
         lines.append(f"- the vector file: in the store at `{tags.get('medvec.store_uri')}`")
-    lines += ["", "**Merges this vector went into**", ""]
+    lines += ["", "**Merges this vector went into** (newest first)", ""]
     lines += [f"- {m}" for m in merges] or ["- none yet"]
     return "\n".join(lines)
 
@@ -330,6 +330,7 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
     in its ``model_config``.  Registration is a separate last step, so a process killed while
     the model is being logged leaves no registered version.
     """
+    import copy
     import tempfile
 
     import mlflow
@@ -337,7 +338,9 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
 
     from medvec.models import save_base
 
-    model = weights.model.eval().cpu()
+    model = copy.deepcopy(weights.model).cpu().eval()  # the caller's model stays where it is
+    weights = type(weights)(model, weights.spec, weights.num_classes, weights.sha256)
+    example = np.zeros_like(example)  # the shape only: no coordinator image is stored with the model
     with tempfile.TemporaryDirectory() as tmp:
         path, code = Path(tmp) / "weights.safetensors", Path(tmp) / "classifier.py"
         save_base(weights, path)
@@ -352,6 +355,7 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
+                "torchvision",
                 "efficientnet-lite-pytorch",
                 "safetensors",
                 "numpy",
@@ -468,8 +472,6 @@ def _describe(
     """
     import logging
 
-    from mlflow.exceptions import MlflowException
-
     name, metric = record.params.registry.model_name, record.params.evaluate.select_metric
     try:
         gate = (name, version, verdict, reason)
@@ -478,8 +480,16 @@ def _describe(
         client.update_model_version(name, version, description=_fit(note, VERSION_NOTE_LIMIT))
         for hospital_run in {r for r in runs.values() if r}:
             _update_hospital_note(client, exp, hospital_run)
-    except MlflowException as exc:
+    except Exception as exc:  # descriptions are for people; nothing downstream reads them
         logging.getLogger(__name__).warning("merge %s: descriptions not updated: %s", record.merge_id, exc)
+
+
+def _md(text: object) -> str:
+    """A value from outside (a hospital's name) made inert in a markdown table: no link, no markup, one line."""
+    out = " ".join(str(text).split())
+    for ch in "\\`*_[]|<>#":
+        out = out.replace(ch, "\\" + ch)
+    return out
 
 
 def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: tuple | None) -> str:
@@ -502,7 +512,7 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
     for i in record.inputs:
         link = links.get(i.vector_id)
         run = f"[fine-tune run]({link})" if link else "not found in this tracking server"
-        row = f"| {i.hospital} | `{i.vector_id}` | `{i.content_sha256[:12]}` | {run} |"
+        row = f"| {_md(i.hospital)} | `{i.vector_id}` | `{i.content_sha256[:12]}` | {run} |"
         if step:
             weight = "-" if i.weight is None else f"{i.weight:.4f}"
             row += f" v{i.start_version} | {i.staleness} | {weight} |"
@@ -531,7 +541,7 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
 
 def _version_note(client, record: MergeRecord, merge_link: str, verdict: str, reason: str) -> str:
     """A registered version's description: its merge run, its parent champion (async) and the gate."""
-    hospitals = ", ".join(sorted({i.hospital for i in record.inputs}))
+    hospitals = ", ".join(sorted({_md(i.hospital) for i in record.inputs}))
     lines = [
         f"Merged by run [`{record.merge_id}`]({merge_link}): {record.method},"
         f" {'η' if record.mode == 'async' else 'λ'} = {record.lam:g},"
@@ -574,8 +584,8 @@ def _update_hospital_note(client, merge_exp: str, hospital_run: str) -> None:
     found = client.search_runs(
         [merge_exp],
         filter_string=f"tags.`medvec.inputs` LIKE '%{vid}%'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1000,
+        order_by=["attributes.start_time DESC"],  # newest first: a cut drops the oldest
+        max_results=200,
     )
     merges = []
     for m in found:

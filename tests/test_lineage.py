@@ -225,10 +225,8 @@ def test_the_merge_run_logs_its_evaluation_set_and_the_lambda_sweep(tracked, mon
     assert record.eval_set.source in inp.dataset.source
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "lambda_curve.json")).read_text())
     assert table["columns"] == ["method", "bn", "lambda", "val_auc"]
-    assert [row[2] for row in table["data"]] == [lam for lam, _ in record.lambda_curve]
-    note = run.data.tags["mlflow.note.content"]
-    if record.lambda_curve:
-        assert "`val_auc_by_lambda` the step is λ×1000" in note
+    assert record.lambda_curve and [row[2] for row in table["data"]] == [lam for lam, _ in record.lambda_curve]
+    assert "`val_auc_by_lambda` the step is λ×1000" in run.data.tags["mlflow.note.content"]
 
 
 def test_a_hospital_run_description_lists_the_merges_that_used_its_vector(tracked, monkeypatch):

@@ -126,3 +126,17 @@ def test_the_eval_set_identity_tells_sets_apart():
     assert a.sha256 == b.sha256 and a.size == len(val) == 78
     other = EvalSetRef.of(val.subset(list(range(70))), "x.npz", "val")
     assert other.sha256 != a.sha256 and other.size == 70
+
+
+def test_without_a_test_split_the_record_still_keeps_the_threshold_chosen_on_validation(stored, tiny_base):
+    from medvec.evaluate import choose_threshold, evaluate_model
+
+    store, vectors = stored
+    params = load_params(None, ["model.name=tiny_cnn", "model.pretrained=false", "batchnorm.strategy=average"])
+    evalsets = core.EvalSets.load(BREAST, with_test=False)
+    outcome = core.merge_once(tiny_base, vectors, params, evalsets)
+    record = MergeRecord.build(outcome, vectors, tiny_base.sha256, params, evalsets.ref(), store.url, utcnow(), 0.0)
+    val = evaluate_model(outcome.model, evalsets.val, tiny_base.spec, params.evaluate.batch_size)
+    assert record.test == {} and record.operating_point == {
+        "threshold": pytest.approx(choose_threshold(val["labels"], val["scores"]))
+    }

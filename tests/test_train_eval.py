@@ -62,3 +62,10 @@ def test_the_registered_label_is_the_positive_probability_at_the_threshold_not_t
     assert label_frame(model, x, 0.2)["label"].tolist() == [1, 1, 0]
     assert label_frame(model, x, 0.7)["label"].tolist() == [0, 0, 0]
     np.testing.assert_allclose(label_frame(model, x, 0.2)["p_1"], p1, rtol=1e-6)
+
+
+def test_a_hospital_name_cannot_plant_markup_or_links_in_an_mlflow_description():
+    from medvec.tracking import _md
+
+    assert _md("st-marys") == "st-marys"
+    assert _md("x | [click](https://evil)\n# big") == "x \\| \\[click\\](https://evil) \\# big"
