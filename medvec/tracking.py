@@ -492,13 +492,18 @@ def _md(text: object) -> str:
     return out
 
 
+def _scale_name(record: MergeRecord) -> str:
+    """What ``record.lam`` scales: η, the server step of an async step, or λ of a one-shot merge."""
+    return "η" if record.mode == "async" else "λ"
+
+
 def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: tuple | None) -> str:
     """A merge run's description: its inputs with links to their fine-tune runs, settings, data and the gate."""
-    step = record.mode == "async"
+    step, scale = record.mode == "async", _scale_name(record)
     lines = [
         f"### Merge `{record.merge_id}`",
         "",
-        f"Method **{record.method}**, {'η' if step else 'λ'} = {record.lam:g}, batch norm **{record.bn_strategy}**"
+        f"Method **{record.method}**, {scale} = {record.lam:g}, batch norm **{record.bn_strategy}**"
         f" (statistics from {record.bn_source}), mode **{record.mode}**.",
     ]
     if step:
@@ -523,7 +528,7 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
     lines += ["", f"Evaluated on {record.eval_set.describe()}, listed under *Datasets*. {scores}."]
     if record.lambda_curve:
         lines.append(
-            f"The {'η' if step else 'λ'} sweep: in the metric `val_{metric}_by_lambda` the step is {'η' if step else 'λ'}×1000"
+            f"The {scale} sweep: in the metric `val_{metric}_by_lambda` the step is {scale}×1000"
             " (step 1000 is 1.0); the table `lambda_curve.json` has the value itself."
         )
     if gate is None:
@@ -544,7 +549,7 @@ def _version_note(client, record: MergeRecord, merge_link: str, verdict: str, re
     hospitals = ", ".join(sorted({_md(i.hospital) for i in record.inputs}))
     lines = [
         f"Merged by run [`{record.merge_id}`]({merge_link}): {record.method},"
-        f" {'η' if record.mode == 'async' else 'λ'} = {record.lam:g},"
+        f" {_scale_name(record)} = {record.lam:g},"
         f" batch norm {record.bn_strategy} from {record.bn_source}; {len(record.inputs)} vectors from {hospitals}."
         " The run's description links each vector's fine-tune run.",
     ]
