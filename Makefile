@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint unit fuzz quality latency robustness async-bench peers install dirs clean
+.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness async-bench peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ dirs:
 
 demo: $(STAMP) dirs
 	$(VENV)/bin/medvec demo $(ARGS)
+
+# the MLflow UI (http://127.0.0.1:5000) and the Prefect UI (http://127.0.0.1:4200) on the demo's stores, until Ctrl-C
+ui: $(STAMP) dirs
+	$(PY) scripts/ui.py serve
+
+# headless-Chromium screenshots of the lineage pages into reports/ui/ (after make demo; Debian packages chromium and
+# chromium-driver; Selenium is installed here, as flwr is for peers)
+ui-check: $(STAMP) dirs
+	$(PIP) install -q 'selenium>=4.20'
+	$(PY) scripts/ui.py check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

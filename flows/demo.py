@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.hospital_finetune import hospital_finetune
+from flows.ui import base_tag, demo_run_name, embedded_image, label_run
 from medvec import coordinator as core
 from medvec.config import Params, load_params
 from medvec.hospital import live_moments
@@ -54,7 +55,36 @@ def demo_params(
     return load_params(params_file, extra)
 
 
-@flow(name="medvec-demo", log_prints=True)
+def registry_lines(doc: dict, params: Params) -> list[str]:
+    """What the registry did with the selected merge, with links to its MLflow pages."""
+    decision = doc.get("registry")
+    if not decision:
+        return ["Registry: off (`registry.enabled=false`); nothing was registered."]
+    from medvec import tracking
+
+    name, version = params.registry.model_name, decision["version"]
+    verdict = "promoted to **champion**" if decision["champion"] else "registered, **not promoted**"
+    run = tracking.run_url(decision["run_id"], params.registry.ui_url)
+    page = tracking.version_url(name, version, params.registry.ui_url)
+    return [
+        f"Registry: merge `{doc['merge_id']}` became [`{name}` version {version}]({page}), {verdict}: "
+        f"{decision['reason']}.",
+        "",
+        f"[Its merge run in MLflow]({run}) links every hospital's fine-tune run and vector. "
+        "Open the MLflow UI on this store with `make ui`.",
+    ]
+
+
+def artifact_markdown(doc: dict, paths: dict[str, Path], params: Params) -> str:
+    """The demo's Prefect artifact: the registry's decision with MLflow links, the charts inline, then the report."""
+    report = [line for line in paths["md"].read_text().splitlines() if not line.startswith("![")]
+    charts = {"bars": "AUC by model (test split)", "lambda": "validation AUC against λ", "async": "async champion"}
+    lines = [report[0], "", "## Registry", ""] + registry_lines(doc, params) + ["", "## Charts", ""]
+    lines += [embedded_image(paths[key], alt) for key, alt in charts.items() if key in paths]
+    return "\n".join(lines + ["", "## All models", ""] + report[1:])
+
+
+@flow(name="medvec-demo", flow_run_name=demo_run_name, log_prints=True)
 def demo(
     data: str | None = None,
     out: str | None = None,
@@ -78,6 +108,7 @@ def demo(
     out_dir = Path(out or params.demo.out).resolve()
     set_threads(params.finetune.threads)
     started = time.perf_counter()
+    label_run(f"demo {Path(data).stem} seed {params.finetune.seed}", ["medvec", "demo", f"data:{Path(data).stem}"])
     for sub in ("hospitals", "vectors", "bases", "quarantine"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     store_url = str(out_dir)
@@ -87,6 +118,7 @@ def demo(
     num_classes = max(len(split["classes"]), evalsets.test.num_classes)
     base = publish_base(store_url, params, num_classes)
     logger.info("base %s (%s, %d px) published", base.sha256[:12], base.spec.name, base.spec.image_size)
+    label_run(tags=[base_tag(base.sha256)])
 
     dirs = [str(out_dir / "hospitals" / h) for h in split["hospitals"]]
     for hospital, folder in zip(split["hospitals"], dirs):
@@ -143,7 +175,8 @@ def demo(
         else None,
         "results": rows,
     }
-    curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy}
+    # every method under the configured BN strategy, and the selected candidate whatever its strategy
+    curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy or c.selected}
     classes = split["classes"]
     paths = write_report(out_dir, doc, curves, classes)
     if params.registry.enabled:
@@ -158,12 +191,13 @@ def demo(
         plots = {k: paths[k] for k in ("bars", "lambda", "confusion") if k in paths}
         decision = register_merge(record, outcome.model, base, evalsets, plots)
         doc["merge_id"] = record.merge_id
+        label_run(tags=[f"merge:{record.merge_id}"])
         doc["registry"] = decision.to_json()
         paths = write_report(out_dir, doc, curves, classes)  # again, now naming the registered version
     text = render_table(doc)
     logger.info("\n%s", text)
     create_markdown_artifact(
-        key="medvec-demo", markdown=paths["md"].read_text(), description="per-hospital vs merged metrics"
+        key="medvec-demo", markdown=artifact_markdown(doc, paths, params), description="per-hospital vs merged metrics"
     )
     logger.info("report written to %s in %.0f s", out_dir, doc["seconds"])
     return {"results": str(paths["json"]), "table": text}

@@ -128,7 +128,7 @@ def deploy_hospital(
             "progress": False,
             "key_file": str(Path(key_file).resolve()) if key_file else None,
         },
-        tags=["medvec", "hospital", name],
+        tags=["medvec", "hospital", f"hospital:{name}"],
         **kwargs,
     )
     return str(dep_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.events import emit_vector_landed
+from flows.ui import base_tag, hospital_run_name, label_run
 from medvec.config import Params
 from medvec.store import open_store
 from medvec.train import set_threads
@@ -29,7 +30,7 @@ from tasks.hospital import (
 HOSPITAL_FLOW = "hospital-finetune"
 
 
-@flow(name=HOSPITAL_FLOW, log_prints=True)
+@flow(name=HOSPITAL_FLOW, flow_run_name=hospital_run_name, log_prints=True)
 def hospital_finetune(
     hospital: str,
     data_dir: str,
@@ -51,6 +52,7 @@ def hospital_finetune(
     p = params or Params()
     set_threads(p.finetune.threads)
     base_sha256 = base_sha256 or open_store(store_url).current_base()
+    label_run(tags=["medvec", "hospital", f"hospital:{hospital}", base_tag(base_sha256)])
     base = fetch_base(store_url, base_sha256)
     start, version = fetch_start(store_url, base, p.hospital.start_from)
     data = load_local_data(data_dir)

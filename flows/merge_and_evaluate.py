@@ -10,7 +10,6 @@ newer than the last merge and merges them.
 
 from __future__ import annotations
 
-import base64
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.ui import base_tag, embedded_image, label_run, merge_run_name
 from medvec import coordinator as core
 from medvec.config import Params
 from medvec.data import load_split
@@ -55,10 +55,15 @@ def _summary(record: MergeRecord, skipped: bool = False, reason: str | None = No
 
 def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalSets, folder: Path) -> dict[str, Path]:
     """λ curve and confusion matrix of one merge, as PNG files in ``folder``."""
-    plots = {"lambda": lambda_curve({outcome.method: outcome.curve}, folder / "lambda.png")}
-    conf = (outcome.test or outcome.val).get("confusion")
+    title = f"merge {record.merge_id}: validation AUC against λ (validation split)"
+    curve = {outcome.method: outcome.curve}
+    chosen = {outcome.method: outcome.lam}
+    plots = {"lambda": lambda_curve(curve, folder / "lambda.png", chosen=chosen, selected=outcome.method, title=title)}
+    split, metrics = ("test", outcome.test) if outcome.test else ("validation", outcome.val)
+    conf = metrics.get("confusion")
     if conf:
-        plots["confusion"] = confusion_plot(conf, evalsets.val.classes, folder / "confusion.png", record.merge_id)
+        title = f"merge {record.merge_id}: {split} split (n={sum(map(sum, conf))})"
+        plots["confusion"] = confusion_plot(conf, evalsets.val.classes, folder / "confusion.png", title)
     return plots
 
 
@@ -111,10 +116,9 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
     lines += ["", "| vector | hospital | content sha256 |", "|---|---|---|"]
     lines += [f"| {v.vector_id} | {v.hospital} | `{v.content_sha256[:16]}…` |" for v in record.inputs]
     with tempfile.TemporaryDirectory() as tmp:
-        png = bar_chart(
-            df, Path(tmp) / "chart.png", "test_auc" if "test_auc" in df else "val_auc", "per-hospital vs merged"
-        )
-        lines += ["", f"![per-hospital vs merged](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"]
+        metric = "test_auc" if "test_auc" in df else "val_auc"
+        png = bar_chart(df, Path(tmp) / "chart.png", metric)
+        lines += ["", embedded_image(png, "per-hospital vs merged")]
     create_markdown_artifact(key="merge-report", markdown="\n".join(lines), description=f"merge {record.merge_id}")
 
 
@@ -151,6 +155,7 @@ def _step(
     evalsets = core.EvalSets.load(eval_data)
     calibration = load_split(calibration_data, "train") if calibration_data else None
     step = refine_task(store_url, base, admission, p, evalsets, calibration, trigger)
+    label_run(f"{step.record.merge_id} (async step)", [f"merge:{step.record.merge_id}"])
     record = _finish(
         store_url, step.record, step.outcome, base, evalsets, admission.admitted, p, (step.promoted, step.reason)
     )
@@ -160,7 +165,7 @@ def _step(
     return _summary(record) | {"promoted": step.promoted, "version": record.version, "reason": step.reason}
 
 
-@flow(name=MERGE_FLOW, log_prints=True)
+@flow(name=MERGE_FLOW, flow_run_name=merge_run_name, log_prints=True)
 def merge_and_evaluate(
     store_url: str,
     eval_data: str,
@@ -179,6 +184,7 @@ def merge_and_evaluate(
     started_at, clock = utcnow(), time.perf_counter()
     store = open_store(store_url)
     base_sha = store.current_base()
+    label_run(tags=["medvec", "coordinator", f"mode:{p.refine.mode}", base_tag(base_sha)])
     base = fetch_base(store_url, base_sha)
     admission = admit_vectors(store_url, base, p.intake, p.refine)
     vectors = admission.admitted
@@ -207,6 +213,7 @@ def merge_and_evaluate(
         quarantined=tuple(admission.rejected),
         trigger=trigger or {},
     )
+    label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"
     record = publish_merge(store_url, record, outcome, base)
     record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
     _artifact(record, [*single_rows(base, vectors, evalsets, p), _merged_row(record, outcome)])

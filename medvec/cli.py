@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medvec.errors import ServerUnreachableError, UserError
 
+DEMO_PREFECT_HOME = ".medvec/prefect"  # the Makefile's PREFECT_HOME, relative to the working directory
 PREFECT_HINT = "start a server (`prefect server start`) or set PREFECT_API_URL to a running one"
 
 
@@ -57,6 +58,12 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+def _demo_prefect_home(args: argparse.Namespace) -> None:
+    """``medvec demo`` keeps its run history where ``make demo`` does, so ``make ui`` shows either's runs."""
+    if getattr(args, "command", None) == "demo":
+        os.environ.setdefault("PREFECT_HOME", str(Path(DEMO_PREFECT_HOME).resolve()))
+
+
 def _make_dirs() -> None:
     """Create PREFECT_HOME with its parents before Prefect needs it (Prefect creates only the leaf)."""
     home = os.environ.get("PREFECT_HOME")
@@ -87,13 +94,17 @@ class _NoUserErrorTraceback(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
-def _quiet_prefect_console() -> None:
-    """Filter Prefect's console handlers so that a UserError in a flow shows no traceback."""
+def _quiet_prefect_console(level: int = logging.WARNING) -> None:
+    """Quiet Prefect's console handlers: records below ``level`` and UserError tracebacks stay off the terminal.
+
+    Only the console: the run's logs still reach the Prefect API, so the UI's run page shows them.
+    """
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
     for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
         if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(max(handler.level, level))
             handler.addFilter(_NoUserErrorTraceback())
 
 
@@ -120,7 +131,6 @@ def require_prefect_api() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from medvec.data import check_source
 
     params = _params(args)  # a bad -S or params file fails here, before the flow starts
@@ -128,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo  # lazy: the front door, not a dependency of the core
 
     if not args.debug:
-        _quiet_prefect_console()
+        _quiet_prefect_console()  # the table is the console's; the run's logs go to the Prefect API
 
     overrides = list(args.overrides)
     result = demo(
@@ -497,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     _offline_prefect_env()
     warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
+    _demo_prefect_home(args)
     try:
         _make_dirs()
         code = int(args.func(args) or 0)

@@ -134,6 +134,11 @@ class RegistryConfig(_Frozen):
     )
     dvc_remote: str | None = Field(None, description="its DVC remote: a folder or s3://bucket/prefix")
     dvc_endpoint_url: str | None = Field(None, description="S3 endpoint for that remote")
+    ui_url: str | None = Field(
+        None,
+        description="the MLflow UI that links outside MLflow point at; None: the tracking server when it is "
+        "http(s), else http://127.0.0.1:5000 (where `make ui` serves the embedded store)",
+    )
 
 
 class HospitalConfig(_Frozen):

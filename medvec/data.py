@@ -36,6 +36,19 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_BAD_FRACTION = 0.1  # an image folder may hold this share of unreadable files; they are skipped with a warning
 
+# MedMNIST's label names (its INFO["<dataset>"]["label"]), which its .npz files do not carry
+MEDMNIST_CLASSES = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal, benign"],
+    "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+}
+
+
+def medmnist_classes(path: Path, n: int) -> list[str]:
+    """Class names for a MedMNIST file (``pneumoniamnist.npz``, ``breastmnist_224.npz``), else ``0..n-1``."""
+    names = MEDMNIST_CLASSES.get(path.stem.split("_")[0].lower(), [])
+    return list(names) if len(names) >= n else [str(i) for i in range(n)]
+
 
 class DataError(UserError, ValueError):
     """A data source that cannot be read as medvec expects."""
@@ -116,7 +129,7 @@ def load_npz(path: str | Path, split: str) -> ImageSet:
         raise DataError(f"{path}: {key_l} has shape {labels.shape}; expected N or N×1 (multi-label is not supported)")
     s = ImageSet(images, labels, classes)
     if not classes:
-        s.classes = [str(i) for i in range(max(s.num_classes, 2))]
+        s.classes = medmnist_classes(path, max(s.num_classes, 2))
     return s
 
 

@@ -7,6 +7,7 @@ accuracy, per-class recall and the confusion matrix.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -180,19 +181,30 @@ _KIND_COLOURS = {
 }
 
 
+def _legend_outside(ax, handles=None) -> None:
+    """The legend to the right of the axes, where it covers no data."""
+    kwargs = {"handles": handles} if handles is not None else {}
+    ax.legend(**kwargs, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
 def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", title: str = "") -> Path:
-    """Horizontal bars of ``metric`` per row, coloured by kind; the selected row is starred."""
+    """Horizontal bars of ``metric`` per row, coloured by kind; the selected row is starred.
+
+    ``metric`` is ``<split>_<name>`` (``test_auc``); the default title names the split.
+    """
     plt = _plt()
     path = Path(path)
     labels = [f"{'★ ' if r.get('selected') else ''}{r['name']}" for _, r in df.iterrows()]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(df) + 1.2))
+    fig, ax = plt.subplots(figsize=(9.5, 0.32 * len(df) + 1.4))
     ax.barh(range(len(df)), df[metric], color=[_KIND_COLOURS.get(k, "#777") for k in df["kind"]])
     ax.set_yticks(range(len(df)), labels, fontsize=8)
     ax.invert_yaxis()
     lo = np.nanmin(df[metric].to_numpy(dtype=float)) if len(df) else 0.0
     ax.set_xlim(max(0.0, lo - 0.05), 1.0)
-    ax.set_xlabel(metric.replace("_", " "))
-    ax.set_title(title or f"{metric} by model")
+    split, _, name = metric.partition("_")
+    name = "AUC" if name == "auc" else name.replace("_", " ")
+    ax.set_xlabel(f"{name} on the {split} split")
+    ax.set_title(title or f"{name} by model ({split} split)")
     from matplotlib.patches import Patch
 
     handles = [Patch(color=c, label=k) for k, c in _KIND_COLOURS.items() if k in set(df["kind"])]
@@ -200,25 +212,60 @@ def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", titl
     if len(singles):
         ax.axvline(float(singles.mean()), color="#555", linestyle="--", linewidth=1)
         handles.append(plt.Line2D([], [], color="#555", linestyle="--", label="mean single"))
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    _legend_outside(ax, handles)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def lambda_curve(curves: dict[str, list[tuple[float, float]]], path: str | Path, metric: str = "val AUC") -> Path:
-    """One line per method: validation metric against λ."""
+def lambda_curve(
+    curves: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    metric: str = "AUC",
+    chosen: dict[str, float] | None = None,
+    selected: str | None = None,
+    title: str = "",
+) -> Path:
+    """One line per method: the validation metric against λ.
+
+    ``chosen`` marks each method's chosen λ (a ringed point); ``selected`` names the
+    method promoted, whose chosen point is a star.  λ is chosen on validation, so the
+    plot shows the validation split only.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     for name, pts in curves.items():
-        if len(pts) > 1:
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("λ")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
+        if not pts:
+            continue
+        xs, ys = zip(*sorted(pts))
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4 if name == selected else 1.0, label=name)
+        lam = (chosen or {}).get(name)
+        if lam is None:
+            continue
+        y = dict(zip(xs, ys)).get(lam)
+        if y is None:
+            continue
+        star = name == selected
+        ax.plot(
+            [lam],
+            [y],
+            color=line.get_color(),  # given explicitly, so the marker does not advance the colour cycle
+            marker="*" if star else "o",
+            markersize=16 if star else 9,
+            markerfacecolor=line.get_color() if star else "none",
+            markeredgecolor="black" if star else line.get_color(),
+            linestyle="none",
+            zorder=5,
+        )
+    ax.plot([], [], marker="o", markerfacecolor="none", markeredgecolor="#555", linestyle="none", label="chosen λ")
+    if selected:
+        ax.plot([], [], marker="*", markersize=12, color="#555", linestyle="none", label="selected for promotion")
+    ax.set_xlabel("λ (θ = θ_pre + λ·merged τ)")
+    ax.set_ylabel(f"{metric} on the validation split")
+    ax.set_title(title or f"{metric} against λ (validation split)")
     ax.grid(alpha=0.3)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -228,7 +275,7 @@ def lambda_curve(curves: dict[str, list[tuple[float, float]]], path: str | Path,
 def async_curve(rows: list[dict], path: str | Path, references: dict[str, float] | None = None) -> Path:
     """The async champion's test AUC against landings and against simulated time, beside reference lines."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     auc = [r["test"]["auc"] for r in rows]
     for ax, key, label in (
         (axes[0], "landings", "landings"),
@@ -241,28 +288,31 @@ def async_curve(rows: list[dict], path: str | Path, references: dict[str, float]
             ax.axhline(value, linestyle=style, color="#555", linewidth=1, label=name)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test AUC")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("asynchronous refinement: the champion after each landing")
+    axes[0].set_ylabel("AUC on the test split")
+    _legend_outside(axes[1])
+    fig.suptitle("asynchronous refinement: the champion after each landing (test split)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
 
-def confusion_plot(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> Path:
+def confusion_plot(confusion: list[list[int]], classes: list[str], path: str | Path, title: str) -> Path:
+    """Counts of true (rows) against predicted (columns) class; ``title`` must name the model and split."""
     plt = _plt()
     cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(3.5, 3.2))
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
     ax.imshow(cm, cmap="Blues")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if dark else "black")
+    names = [textwrap.fill(c, 14) for c in classes]
+    ax.set_xticks(range(len(classes)), names, fontsize=8)
+    ax.set_yticks(range(len(classes)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 48), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -112,7 +112,7 @@ def write_report(
     ]
     paths["md"].write_text("\n".join(md))
     bars = [r for r in doc["results"] if r["kind"] != "async" or r.get("final")]
-    bar_chart(results_frame(bars), paths["bars"], "test_auc", f"{doc['dataset']}: test AUC")
+    bar_chart(results_frame(bars), paths["bars"], "test_auc", f"{doc['dataset']}: AUC by model (test split)")
     steps = [r for r in doc["results"] if r["kind"] == "async"]
     if steps:
         sel = next(r for r in doc["results"] if r.get("selected"))
@@ -123,13 +123,14 @@ def write_report(
         paths["async"] = async_curve(steps, out / "async.png", refs)
         md += ["", "![async champion after each landing](async.png)", ""]
         paths["md"].write_text("\n".join(md))
-    if curves:
-        paths["lambda"] = lambda_curve(curves, out / "lambda.png")
     sel = next(r for r in doc["results"] if r.get("selected"))
+    if curves:
+        chosen = {r["name"]: r["lambda"] for r in doc["results"] if r["name"] in curves}
+        title = f"{doc['dataset']}: validation AUC against λ (validation split)"
+        paths["lambda"] = lambda_curve(curves, out / "lambda.png", chosen=chosen, selected=sel["name"], title=title)
     if sel.get("confusion") and classes:
-        paths["confusion"] = confusion_plot(
-            sel["confusion"], classes, out / "confusion.png", f"selected: {sel['name']}"
-        )
+        title = f"{doc['dataset']}, selected {sel['name']}: test split (n={sum(map(sum, sel['confusion']))})"
+        paths["confusion"] = confusion_plot(sel["confusion"], classes, out / "confusion.png", title)
     return paths
 
 

@@ -239,6 +239,24 @@ def version_link(name: str, version: str | int) -> str:
     return f"#/models/{name}/versions/{version}"
 
 
+def ui_url(configured: str | None = None) -> str:
+    """The MLflow UI's address: ``configured``, else the tracking server's, else ``make ui``'s."""
+    uri = tracking_uri()
+    if configured:
+        return configured.rstrip("/")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(run_id: str, configured_ui: str | None = None) -> str:
+    """An absolute link to an MLflow run page, for pages outside MLflow (Prefect artifacts)."""
+    run = _mlflow().MlflowClient().get_run(run_id)
+    return f"{ui_url(configured_ui)}/{run_link(run.info.experiment_id, run_id)}"
+
+
+def version_url(name: str, version: str | int, configured_ui: str | None = None) -> str:
+    return f"{ui_url(configured_ui)}/{version_link(name, version)}"
+
+
 def _fit(text: str, limit: int) -> str:
     """``text`` cut at a line end to MLflow's length limit, saying so."""
     if len(text) <= limit:

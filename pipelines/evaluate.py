@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     Path("work/plots").mkdir(parents=True, exist_ok=True)
     classes = load_split(params.coordinator.eval_data, "test").classes
-    confusion_plot(m["confusion"], classes, "work/plots/confusion.png", "merged model (test)")
+    confusion_plot(
+        m["confusion"],
+        classes,
+        "work/plots/confusion.png",
+        f"merged model: test split (n={sum(map(sum, m['confusion']))})",
+    )
 
 
 if __name__ == "__main__":

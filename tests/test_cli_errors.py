@@ -225,3 +225,18 @@ def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
     finally:
         os.close(write)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_medvec_demo_keeps_its_run_history_where_make_demo_does(tmp_path, monkeypatch):
+    from medvec.cli import _demo_prefect_home, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", "unset")  # recorded, so the test's own setting is undone afterwards
+    monkeypatch.delenv("PREFECT_HOME")
+    _demo_prefect_home(build_parser().parse_args(["methods"]))
+    assert "PREFECT_HOME" not in os.environ  # only the demo picks a home
+    _demo_prefect_home(build_parser().parse_args(["demo"]))
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / ".medvec" / "prefect")  # the Makefile's PREFECT_HOME
+    monkeypatch.setenv("PREFECT_HOME", "/elsewhere")
+    _demo_prefect_home(build_parser().parse_args(["demo"]))
+    assert os.environ["PREFECT_HOME"] == "/elsewhere"  # a home the user set wins

@@ -21,6 +21,19 @@ def test_real_npz_splits_and_counts():
     assert (len(b), b.label_counts(), b.images.shape[1:]) == (546, [147, 399], (28, 28))
 
 
+def test_medmnist_files_get_their_label_names(tmp_path):
+    # MedMNIST's .npz files carry no names; its INFO does (label 0 of breastmnist is malignant)
+    assert load_split(PNEUMONIA, "test").classes == ["normal", "pneumonia"]
+    assert load_split(BREAST, "val").classes == ["malignant", "normal, benign"]
+    # a hospital's shard keeps them, and an unknown file falls back to the label numbers
+    summary = write_hospital_shards(BREAST, tmp_path / "h", 2, "iid", 0.5, 0)
+    assert summary["classes"] == ["malignant", "normal, benign"]
+    assert load_split(tmp_path / "h" / "h1", "train").classes == ["malignant", "normal, benign"]
+    z = tmp_path / "other.npz"
+    np.savez(z, train_images=np.zeros((3, 4, 4), np.uint8), train_labels=np.array([0, 1, 2]))
+    assert load_split(z, "train").classes == ["0", "1", "2"]
+
+
 def test_labels_of_shape_n_and_n_by_1(tmp_path):
     imgs = np.zeros((3, 4, 4), np.uint8)
     np.savez(tmp_path / "a.npz", train_images=imgs, train_labels=np.array([[0], [1], [1]], np.uint8))

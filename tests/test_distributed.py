@@ -6,6 +6,7 @@ hospital pool and one for the coordinator, and an S3-compatible store (SeaweedFS
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,7 +79,15 @@ with get_client(sync_client=True) as c:
         for a in c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r.id]))):
             arts.setdefault(str(r.id), []).append({"key": a.key, "type": a.type, "data": a.data if isinstance(a.data, str) else json.dumps(a.data)})
     print(json.dumps({"automations": linked, "schedules": [s.schedule.interval.total_seconds() for s in c.read_deployment_schedules(dep.id) if getattr(s.schedule, "interval", None)],
-        "runs": [{"id": str(r.id), "state": r.state.type.value, "key": r.idempotency_key, "params": r.parameters, "created": r.created.isoformat()} for r in runs], "artifacts": arts}))
+        "runs": [{"id": str(r.id), "name": r.name, "tags": sorted(r.tags), "state": r.state.type.value, "key": r.idempotency_key, "params": r.parameters, "created": r.created.isoformat()} for r in runs], "artifacts": arts}))
+"""
+
+
+HOSPITAL_RUNS = """
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+with get_client(sync_client=True) as c:
+    runs = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["hospital-finetune"])))
+    print(json.dumps([{"name": r.name, "tags": sorted(r.tags), "hospital": r.parameters["hospital"]} for r in runs]))
 """
 
 
@@ -145,6 +154,13 @@ with get_client(sync_client=True) as c:
     final = [run]
     assert {a["key"] for a in info["artifacts"][final[0]["id"]]} == {"merge-report", "merge-metrics"}
     assert 3600.0 in info["schedules"]  # the hourly reconciling schedule
+    # the UI tells runs apart: the merge run is named by its merge id, a hospital's by hospital and date
+    merge_id = run["name"]
+    assert merge_id.startswith("merge-") and {f"merge:{merge_id}", "mode:oneshot"} <= set(run["tags"])
+    assert any(merge_id in a["data"] for a in info["artifacts"][run["id"]])
+    for h in api(env, HOSPITAL_RUNS):
+        assert re.fullmatch(rf"hospital-finetune/{h['hospital']} \d{{4}}-\d{{2}}-\d{{2}}", h["name"]), h
+        assert f"hospital:{h['hospital']}" in h["tags"] and any(t.startswith("base:") for t in h["tags"]), h
 
 
 def test_a_lost_event_is_reconciled(cluster):

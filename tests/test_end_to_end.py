@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,12 @@ def demo_run(tmp_path_factory):
     ]
     for o in TINY:
         cmd += ["-S", o]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
+        "PREFECT_HOME": str(out / "prefect"),  # its own run history, read back by the Prefect test below
+        "PREFECT_LOGGING_LEVEL": "INFO",  # a user's default (conftest quiets the test process)
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, env
@@ -59,6 +65,58 @@ def test_the_demo_champion_rebuilds_bit_identically_from_its_lineage(demo_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== registered (identical)" in proc.stdout and f"bn={selected['bn']} from" in proc.stdout
     assert doc["registry"]["champion"] is True and doc["merge_id"] in proc.stdout
+
+
+# Reads the demo's Prefect home back through Prefect's own client (its ephemeral API on that database).
+READ_PREFECT = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+with get_client(sync_client=True) as client:
+    flows = {f.id: f.name for f in client.read_flows()}
+    runs = []
+    for run in client.read_flow_runs():
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        runs.append({
+            "flow": flows[run.flow_id], "name": run.name, "tags": sorted(run.tags), "state": run.state.type.value,
+            "parameters": run.parameters, "logs": [entry.message for entry in logs],
+            "artifacts": {a.key: a.data for a in artifacts if a.key},
+        })
+print(json.dumps(runs, default=str))
+"""
+
+
+def test_the_demo_prefect_runs_are_named_tagged_and_logged(demo_run):
+    out, _, env = demo_run
+    doc = json.loads((out / "results.json").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-c", READ_PREFECT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = f"base:{doc['base_sha256'][:12]}"
+    demo = [r for r in runs if r["flow"] == "medvec-demo"]
+    assert len(demo) == 1 and demo[0]["state"] == "COMPLETED"
+    (demo,) = demo
+    assert demo["name"] == "demo breastmnist seed 0"
+    assert {"demo", "data:breastmnist", base, f"merge:{doc['merge_id']}"} <= set(demo["tags"])
+    # the run page has the flow's own log lines, not only Prefect's
+    assert any(m.startswith(f"base {doc['base_sha256'][:12]}") for m in demo["logs"]), demo["logs"][:20]
+    assert any(m.startswith("report written to") for m in demo["logs"])
+    hospitals = sorted((r for r in runs if r["flow"] == "hospital-finetune"), key=lambda r: r["name"])
+    assert [r["parameters"]["hospital"] for r in hospitals] == sorted(doc["split"]["hospitals"])
+    for run in hospitals:
+        hospital = run["parameters"]["hospital"]
+        assert re.fullmatch(rf"hospital-finetune/{hospital} \d{{4}}-\d{{2}}-\d{{2}}", run["name"]), run["name"]
+        assert {f"hospital:{hospital}", base} <= set(run["tags"])
+        assert any(m.startswith("published ") for m in run["logs"]), run["logs"]
+    # the artifact states the registry's decision and links the merge run in MLflow, with the chart inline
+    artifact = demo["artifacts"]["medvec-demo"]
+    decision = doc["registry"]
+    assert f"version {decision['version']}" in artifact and "promoted to **champion**" in artifact
+    assert f"/runs/{decision['run_id']})" in artifact and "data:image/png;base64," in artifact
 
 
 def test_demo_writes_schema_and_files(demo_run):
