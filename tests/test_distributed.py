@@ -87,7 +87,8 @@ HOSPITAL_RUNS = """
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 with get_client(sync_client=True) as c:
     runs = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["hospital-finetune"])))
-    print(json.dumps([{"name": r.name, "tags": sorted(r.tags), "hospital": r.parameters["hospital"]} for r in runs]))
+    print(json.dumps([{"name": r.name, "tags": sorted(r.tags), "hospital": r.parameters["hospital"]}
+        for r in runs if r.state.type.value == "COMPLETED"]))  # a scheduled run is named when it starts
 """
 
 
@@ -158,7 +159,9 @@ with get_client(sync_client=True) as c:
     merge_id = run["name"]
     assert merge_id.startswith("merge-") and {f"merge:{merge_id}", "mode:oneshot"} <= set(run["tags"])
     assert any(merge_id in a["data"] for a in info["artifacts"][run["id"]])
-    for h in api(env, HOSPITAL_RUNS):
+    ran = api(env, HOSPITAL_RUNS)
+    assert sorted(h["hospital"] for h in ran) == ["h1", "h2"]
+    for h in ran:
         assert re.fullmatch(rf"hospital-finetune/{h['hospital']} \d{{4}}-\d{{2}}-\d{{2}}", h["name"]), h
         assert f"hospital:{h['hospital']}" in h["tags"] and any(t.startswith("base:") for t in h["tags"]), h
 
