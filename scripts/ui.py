@@ -134,25 +134,39 @@ def servers(mlflow_port: int, prefect_port: int, logs: Path) -> Iterator[Servers
             _stop(proc)
 
 
-def mlflow_pages(ui: str) -> dict[str, Page]:
-    """The champion's model pages, its merge run and one contributing hospital's fine-tune run."""
+def _champion():
+    """(registered model name, champion version, its merge run), read from the demo's MLflow store."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
     sys.path.insert(0, str(ROOT))
     from mlflow import MlflowClient
 
-    from medvec import tracking
     from medvec.config import load_params
 
     name = load_params("params.yaml" if Path("params.yaml").exists() else None).registry.model_name
     client = MlflowClient()
-    champion = client.get_model_version_by_alias(name, "champion")
-    merge = client.get_run(champion.run_id)
-    vector = json.loads(merge.data.tags["medvec.inputs"])[0][0]
+    version = client.get_model_version_by_alias(name, "champion")
+    return name, version, client.get_run(version.run_id)
+
+
+def champion_inputs() -> tuple[str, list[str]]:
+    """The champion's merge id and its input vector ids, in input order (read from MLflow, not the UI)."""
+    _, _, merge = _champion()
+    return merge.data.tags["medvec.merge_id"], [row[0] for row in json.loads(merge.data.tags["medvec.inputs"])]
+
+
+def mlflow_pages(ui: str) -> dict[str, Page]:
+    """The champion's model pages, its merge run and one contributing hospital's fine-tune run."""
+    from mlflow import MlflowClient
+
+    from medvec import tracking
+
+    name, champion, merge = _champion()
+    vector = champion_inputs()[1][0]
     hospital = tracking.find_hospital_run(vector)
     if hospital is None:
         raise SystemExit(f"no hospital run found for vector {vector}")
     merge_url = tracking.run_link(merge.info.experiment_id, merge.info.run_id)
-    hospital_url = tracking.run_link(client.get_run(hospital).info.experiment_id, hospital)
+    hospital_url = tracking.run_link(MlflowClient().get_run(hospital).info.experiment_id, hospital)
     return {
         "1-registered-model": Page(f"{ui}/#/models/{name}", "champion", dismiss=MLFLOW_DISMISS),
         "2-champion-version": Page(
@@ -161,18 +175,6 @@ def mlflow_pages(ui: str) -> dict[str, Page]:
         "3-merge-run": Page(f"{ui}/{merge_url}", "fine-tune run", "Description", MLFLOW_DISMISS),
         "4-hospital-run": Page(f"{ui}/{hospital_url}", "Fine-tune at hospital", "Description", MLFLOW_DISMISS),
     }
-
-
-def champion_inputs() -> tuple[str, list[str]]:
-    """The champion's merge id and its input vector ids, in input order (read from MLflow, not the UI)."""
-    from mlflow import MlflowClient
-
-    from medvec.config import load_params
-
-    name = load_params("params.yaml" if Path("params.yaml").exists() else None).registry.model_name
-    client = MlflowClient()
-    tags = client.get_run(client.get_model_version_by_alias(name, "champion").run_id).data.tags
-    return tags["medvec.merge_id"], [row[0] for row in json.loads(tags["medvec.inputs"])]
 
 
 def prefect_pages(ui: str) -> dict[str, Page]:
@@ -216,14 +218,10 @@ def browser(chromedriver: str):
 def screenshot(driver, page: Page, png: Path, timeout: float = 60) -> None:
     """Load ``page``, wait until it shows its expected text, tidy it, and save a PNG."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get("about:blank")  # a hash-only change would not reload a single-page app
     driver.get(page.url)
-    try:
-        WebDriverWait(driver, timeout).until(lambda d: page.expect in d.find_element(By.TAG_NAME, "body").text)
-    except Exception as exc:
-        raise SystemExit(f"{page.url}: {page.expect!r} did not appear within {timeout:.0f} s ({exc!r})") from exc
+    _wait_text(driver, page.expect, timeout)
     time.sleep(2)  # late widgets (charts, graphs) settle
     for label in page.dismiss:
         for button in driver.find_elements(By.XPATH, f"//button[@aria-label='{label}']")[:1]:
