@@ -19,11 +19,13 @@ from medvec.store import open_store
 from medvec.train import set_threads
 from tasks.hospital import (
     attach_moments,
+    check_privacy_budget,
     fetch_base,
     fetch_start,
     finetune_hospital,
     load_local_data,
     publish_vector,
+    record_privacy_spent,
     track_hospital_run,
 )
 
@@ -56,10 +58,22 @@ def hospital_finetune(
     base = fetch_base(store_url, base_sha256)
     start, version = fetch_start(store_url, base, p.hospital.start_from)
     data = load_local_data(data_dir)
-    vector, training = finetune_hospital(base, hospital, data, p.finetune, progress, start, version)
-    if p.batchnorm.strategy == "recompute":
+    vector, training = finetune_hospital(base, hospital, data, p.finetune, progress, start, version, p.privacy)
+    if p.batchnorm.strategy == "recompute" and not p.privacy.enabled:  # under DP no moment sums leave
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
+    if p.privacy.enabled:
+        check_privacy_budget(vector, p.privacy, data_dir)
     summary = publish_vector(store_url, vector, base, key_file)
+    if p.privacy.enabled:
+        record_privacy_spent(vector, p.privacy, data_dir)
+        spent = vector.meta.privacy
+        logger.info(
+            "DP-SGD: ε=%.3f at δ=%.2g (%s, σ=%.3f)",
+            spent.epsilon,
+            spent.delta,
+            spent.accountant,
+            spent.noise_multiplier,
+        )
     logger.info(
         "published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"]
     )

@@ -67,6 +67,25 @@ class FinetuneConfig(_Frozen):
     device: str = "auto"
 
 
+class PrivacyConfig(_Frozen):
+    """DP-SGD at a hospital (Opacus): off by default, set per hospital in its own params."""
+
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0, description="ε to reach over the planned epochs (noise solved for it)")
+    delta: float | None = Field(None, gt=0, lt=1, description="δ; None: 1/(10·n) for n local training images")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="a fixed noise multiplier σ instead of solving for target_epsilon"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    lifetime_epsilon: float | None = Field(
+        None, gt=0, description="the hospital's total budget over all its vectors; None: no cap"
+    )
+    ledger: str | None = Field(
+        None, description="the hospital's local privacy ledger; None: privacy-ledger.json in its data folder"
+    )
+
+
 class MergeConfig(_Frozen):
     methods: tuple[str, ...] = ("sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median")
     method: str = "task_arithmetic"
@@ -176,6 +195,7 @@ class Params(_Frozen):
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     merge: MergeConfig = MergeConfig()
     batchnorm: BatchNormConfig = BatchNormConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -1,8 +1,8 @@
 """What runs inside a hospital: fine-tune θ_pre on local images and build τ_h.
 
 Only the vector and aggregate metadata (sample count, label counts, settings,
-local validation metrics, BN running statistics or moment sums) leave this
-module; images and per-sample values never do.
+local validation metrics, BN running statistics or moment sums, and with DP-SGD the
+accounted (ε, δ)) leave this module; images and per-sample values never do.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from medvec.batchnorm import MomentSums, RunningStats, moment_sums
-from medvec.config import BatchNormConfig, FinetuneConfig
+from medvec.config import BatchNormConfig, FinetuneConfig, PrivacyConfig
 from medvec.data import ImageSet, batches, has_split, load_split
 from medvec.models import Base
 from medvec.train import TrainResult, finetune
@@ -40,16 +40,28 @@ def finetune_vector(
     progress: bool = True,
     start: Base | None = None,
     start_version: int = 0,
+    privacy: PrivacyConfig | None = None,
 ) -> tuple[DataVector, TrainResult]:
     """Fine-tune a fresh copy of the start point (θ_pre by default) on ``data``; returns (τ_h, training record).
 
     τ_h = θ_h − θ_start; the metadata names the root base θ_pre, and the start point's version and sha256.
+    With ``privacy.enabled`` the fine-tune is DP-SGD (:mod:`medvec.privacy`) and the metadata
+    carries the (ε, δ) Opacus accounted.
     """
     start = start or base
     if data.train.num_classes > base.num_classes:
         raise ValueError(f"{hospital}: data has {data.train.num_classes} classes, base model has {base.num_classes}")
     model = start.fresh()
-    record = finetune(model, data.train, base.spec, cfg, val=data.val, progress=progress, desc=f"{hospital} fine-tune")
+    spent = None
+    if privacy is not None and privacy.enabled:
+        from medvec.privacy import dp_finetune
+
+        dp = dp_finetune(model, data.train, base.spec, cfg, privacy, data.val, progress, f"{hospital} DP fine-tune")
+        record, spent = dp.result, dp.spent
+    else:
+        record = finetune(
+            model, data.train, base.spec, cfg, val=data.val, progress=progress, desc=f"{hospital} fine-tune"
+        )
     last = record.history[-1] if record.history else {}
     local = {k: v for k, v in last.items() if k.startswith("val_") or k == "loss"}
     settings = cfg.model_dump()
@@ -69,6 +81,7 @@ def finetune_vector(
         running=RunningStats.of(model, len(data.train)),
         start_version=start_version,
         start_sha256=start.sha256 if start_version else None,
+        privacy=spent,
     )
     return vector, record
 

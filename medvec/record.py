@@ -47,12 +47,15 @@ class VectorRef(_Record):
     start_version: int = 0
     staleness: int = 0
     weight: float | None = Field(None, description="w·s(staleness)/Σw in an async step; None in a one-shot merge")
+    epsilon: float | None = Field(None, description="the DP-SGD ε its hospital spent on it; None: no DP")
 
     @classmethod
     def of(cls, vector, contribution=None) -> "VectorRef":
         extra = {}
         if contribution is not None:
             extra = {"staleness": contribution.staleness, "weight": contribution.weight}
+        if vector.meta.privacy is not None:
+            extra["epsilon"] = vector.meta.privacy.epsilon
         return cls(
             vector_id=vector.meta.vector_id,
             hospital=vector.meta.hospital,

@@ -135,6 +135,15 @@ def log_hospital_run(
             "medvec.n_train": str(summary["n_train"]),
             "medvec.store_uri": f"{summary.get('store', '')}/{summary.get('key', '')}",
         }
+        if summary.get("privacy"):  # DP-SGD: what the accountant reported, searchable and in the description
+            dp = summary["privacy"]
+            mlflow.log_params(_flat("privacy.", dp))
+            mlflow.log_metric("dp_epsilon", float(dp["epsilon"]))
+            tags["medvec.dp_epsilon"] = f"{dp['epsilon']:.6g}"
+            tags["medvec.dp"] = (
+                f"ε={dp['epsilon']:.3f} δ={dp['delta']:.2g} {dp['accountant']} σ={dp['noise_multiplier']:.3f} "
+                f"C={dp['max_grad_norm']:g} q={dp['sample_rate']:.4g} steps={dp['steps']}"
+            )
         if vector_file is not None and Path(vector_file).exists():
             mlflow.log_artifact(str(vector_file), artifact_path="vector")
             tags["medvec.vector_artifact"] = f"vector/{Path(vector_file).name}"
@@ -275,6 +284,8 @@ def _hospital_note(tags: dict[str, str], metrics: dict[str, float], merges: list
         f"- {tags.get('medvec.n_train')} training images; the local data set (digest, size, label counts)"
         " is under *Datasets*",
     ]
+    if tags.get("medvec.dp"):
+        lines.append(f"- trained with DP-SGD (Opacus): {tags['medvec.dp']}")
     if "finetune_seconds" in metrics:
         lines.append(f"- fine-tune wall time {metrics['finetune_seconds']:.1f} s (metric `finetune_seconds`)")
     if tags.get("medvec.vector_artifact"):
@@ -529,6 +540,9 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
         lines.append(f"An asynchronous step into the champion: parent version v{record.parent_version}, {became}.")
     head = "| hospital | vector id | content sha256 | fine-tune run |"
     rule = "|---|---|---|---|"
+    dp = any(i.epsilon is not None for i in record.inputs)
+    if dp:  # merging disjoint hospitals' vectors does not add their ε: each is that hospital's own
+        head, rule = head + " DP ε |", rule + "---|"
     if step:
         head, rule = head + " from version | staleness | weight |", rule + "---|---|---|"
     lines += ["", head, rule]
@@ -536,6 +550,8 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
         link = links.get(i.vector_id)
         run = f"[fine-tune run]({link})" if link else "not found in this tracking server"
         row = f"| {_md(i.hospital)} | `{i.vector_id}` | `{i.content_sha256[:12]}` | {run} |"
+        if dp:
+            row += " no DP |" if i.epsilon is None else f" {i.epsilon:.3f} |"
         if step:
             weight = "-" if i.weight is None else f"{i.weight:.4f}"
             row += f" v{i.start_version} | {i.staleness} | {weight} |"
@@ -762,6 +778,7 @@ def lineage(ref: str) -> dict:
                 "metrics": dict(hr.data.metrics),
                 "content_sha256": hr.data.tags.get("medvec.content_sha256"),
             }
+            entry["dp_epsilon"] = hr.data.metrics.get("dp_epsilon")
         vectors.append(entry)
     base_sha = tags.get("medvec.base_sha256")
     base_versions = [
@@ -798,6 +815,7 @@ def lineage_text(tree: dict) -> str:
         last = n == len(tree["vectors"]) - 1
         lines.append(
             f"   {'└' if last else '├'}─ vector {v['vector_id']}  hospital={v['hospital']}  content sha256 {v['content_sha256']}"
+            + (f"  DP ε={v['dp_epsilon']:.3f}" if v.get("dp_epsilon") is not None else "")
         )
         fr = v["finetune_run"]
         pad = "      " if last else "   │  "

@@ -24,7 +24,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,6 +51,22 @@ class InvalidVectorError(UserError, ValueError):
         super().__init__(f"{source}: {problem}")
 
 
+class PrivacySpent(BaseModel):
+    """The differential privacy a DP-SGD fine-tune spent, as Opacus' accountant reports it (signed with the vector)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epsilon: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "prv"]
+    noise_multiplier: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=0)
+    epochs: int = Field(ge=0)
+    batchnorm: Literal["frozen"] = "frozen"
+
+
 class VectorMeta(BaseModel):
     """Aggregate metadata a hospital publishes with its vector (nothing per patient)."""
 
@@ -70,6 +86,7 @@ class VectorMeta(BaseModel):
     moments_model_sha256: str | None = None
     start_version: int = Field(0, ge=0, description="the start point fine-tuned from: 0 is θ_pre")
     start_sha256: str | None = Field(None, description="that start point's sha256 (None: θ_pre, base_sha256)")
+    privacy: PrivacySpent | None = Field(None, description="DP-SGD's accounted (ε, δ); None: trained without DP")
 
     @property
     def start(self) -> str:
@@ -126,6 +143,7 @@ class DataVector:
         moments_model_sha256: str | None = None,
         start_version: int = 0,
         start_sha256: str | None = None,
+        privacy: PrivacySpent | None = None,
     ) -> "DataVector":
         """Build τ from θ_pre and θ_h (keys and shapes must agree)."""
         if set(base) != set(tuned):
@@ -151,6 +169,7 @@ class DataVector:
             moments_model_sha256=moments_model_sha256,
             start_version=start_version,
             start_sha256=start_sha256,
+            privacy=privacy,
         )
         v.meta = meta
         return v

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medvec.batchnorm import MomentSums
-from medvec.config import BatchNormConfig, FinetuneConfig
+from medvec.config import BatchNormConfig, FinetuneConfig, PrivacyConfig
 from medvec.hospital import LocalData, finetune_vector, local_moment_sums
 from medvec.models import Base
 from medvec.store import open_store
@@ -53,9 +53,10 @@ def finetune_hospital(
     progress: bool = True,
     start: Base | None = None,
     start_version: int = 0,
+    privacy: PrivacyConfig | None = None,
 ) -> tuple[DataVector, Training]:
     """Fine-tune the start point (θ_pre by default) on local data; returns the data vector and its :class:`Training`."""
-    vector, record = finetune_vector(base, hospital, data, cfg, progress, start, start_version)
+    vector, record = finetune_vector(base, hospital, data, cfg, progress, start, start_version, privacy)
     return vector, Training(record.history, record.seconds, describe_local_data(data))
 
 
@@ -117,4 +118,21 @@ def publish_vector(store_url: str, vector: DataVector, base: Base, key_file: str
         "start_version": stored.meta.start_version,
         "key": key,
         "store": store.url,
+        "privacy": stored.meta.privacy.model_dump(mode="json") if stored.meta.privacy else None,
     }
+
+
+@task(cache_policy=NO_CACHE)
+def check_privacy_budget(vector: DataVector, privacy: PrivacyConfig, data_dir: str) -> None:
+    """Refuse a DP vector past ``privacy.lifetime_epsilon`` (kept at the hospital, never published)."""
+    from medvec.privacy import Ledger
+
+    Ledger.for_hospital(privacy, data_dir).check(vector, privacy.lifetime_epsilon)
+
+
+@task(cache_policy=NO_CACHE)
+def record_privacy_spent(vector: DataVector, privacy: PrivacyConfig, data_dir: str) -> None:
+    """Add a published DP vector's ε to the hospital's local ledger."""
+    from medvec.privacy import Ledger
+
+    Ledger.for_hospital(privacy, data_dir).record(vector)

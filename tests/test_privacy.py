@@ -1,0 +1,173 @@
+"""DP-SGD at the hospital (Opacus): accounted ε, BN frozen, ε signed into the vector, the lifetime budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import BREAST, ROOT
+from servers import MlflowServer
+
+
+@pytest.fixture(scope="module")
+def dp_vector(tiny_base):
+    """A DP-SGD fine-tune of the tiny CNN on 200 real breastmnist images (σ solved for ε = 3)."""
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data import load_split
+    from medvec.hospital import LocalData, finetune_vector
+
+    train = load_split(BREAST, "train").subset(torch.arange(200).numpy())
+    cfg = FinetuneConfig(epochs=2, batch_size=32, lr=0.003, threads=1)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=3.0)
+    vector, record = finetune_vector(tiny_base, "h1", LocalData(train, None), cfg, progress=False, privacy=privacy)
+    return vector, record
+
+
+def test_the_reported_epsilon_is_exactly_opacus_accounting(dp_vector):
+    from opacus.accountants import RDPAccountant
+
+    spent = dp_vector[0].meta.privacy
+    assert spent.delta == 1 / (10 * 200) and spent.accountant == "rdp" and spent.batchnorm == "frozen"
+    # Opacus' Poisson loader: q = 1/(batches an epoch) = 1/ceil(200/32), and 1/q steps an epoch (empty ones count too)
+    assert spent.sample_rate == 1 / 7 and spent.epochs == 2 and spent.steps == 2 * 7
+    accountant = RDPAccountant()  # an independent recount from the recorded σ, q, steps and δ
+    accountant.history = [(spent.noise_multiplier, spent.sample_rate, spent.steps)]
+    assert spent.epsilon == accountant.get_epsilon(spent.delta)
+    assert 2.5 < spent.epsilon <= 3.0 + 1e-6  # σ was solved for the target ε over the planned epochs
+
+
+def test_batch_norm_is_frozen_and_the_rest_is_trained(dp_vector, tiny_base):
+    vector = dp_vector[0]
+    bn = [k for k in vector.deltas if k.rsplit(".", 1)[0] in vector.running.mean]  # BN layers' weight and bias
+    convs = [k for k in vector.deltas if k not in bn]
+    assert bn and convs
+    assert all(vector.deltas[k].abs().max() == 0 for k in bn)  # affine weights not trained
+    assert all(vector.deltas[k].abs().max() > 0 for k in convs)
+    base_running = {k: v for k, v in tiny_base.model.state_dict().items() if "running" in k}
+    assert vector.running is not None
+    for k, mean in vector.running.mean.items():  # running statistics stay θ_pre's: no data in them
+        assert torch.equal(mean, base_running[f"{k}.running_mean"])
+
+
+def test_the_epsilon_is_signed_tampering_fails_verification(dp_vector, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from medvec.signing import Keyring, keygen, read_header, sign_file
+    from medvec.vectors import InvalidVectorError, load_vector
+
+    path = dp_vector[0].save(tmp_path / "v.safetensors")
+    key, pub = keygen("h1", tmp_path / "keys")
+    sign_file(path, key)
+    ring = Keyring()
+    ring.add("h1", pub)
+    signed = load_vector(path)
+    assert signed.meta.privacy.epsilon == dp_vector[0].meta.privacy.epsilon
+    ring.verify(path, signed.meta, signed.content_sha256, read_header(path))  # intact: verifies
+
+    with safe_open(str(path), "pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    meta = json.loads(header["medvec"])
+    meta["privacy"]["epsilon"] = 0.1  # claim less privacy spent than was
+    header["medvec"] = json.dumps(meta)
+    forged = tmp_path / "forged.safetensors"
+    save_file(tensors, str(forged), metadata=header)
+    v = load_vector(forged)
+    with pytest.raises(InvalidVectorError, match="signature does not verify"):
+        ring.verify(forged, v.meta, v.content_sha256, read_header(forged))
+
+
+def test_publishing_past_the_lifetime_budget_is_refused_and_the_vector_kept(dp_vector, tmp_path):
+    from medvec.privacy import Ledger, PrivacyBudgetError
+
+    vector = dp_vector[0]
+    eps = vector.meta.privacy.epsilon
+    ledger = Ledger(tmp_path / "h1" / "privacy-ledger.json")
+    ledger.check(vector, lifetime_epsilon=2 * eps)  # the first fits
+    ledger.record(vector)
+    assert ledger.spent()[0] == pytest.approx(eps)
+    with pytest.raises(PrivacyBudgetError, match=r"privacy.lifetime_epsilon=.* would be exceeded") as err:
+        ledger.check(vector, lifetime_epsilon=1.5 * eps)
+    kept = tmp_path / "h1" / "unpublished" / f"{vector.meta.vector_id}.safetensors"
+    assert kept.is_file() and str(kept) in str(err.value)
+    assert json.loads(ledger.path.read_text())["epsilon_total"] == pytest.approx(eps)  # nothing added
+
+
+SCRIPT = """
+import json, sys
+from medvec.config import load_params
+from medvec.data import write_hospital_shards
+from medvec.models import create_base
+from medvec.privacy import PrivacyBudgetError
+from medvec.store import open_store
+from medvec import tracking
+from flows.hospital_finetune import hospital_finetune
+from flows.merge_and_evaluate import merge_and_evaluate
+tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
+p = load_params("params.yaml", overrides)
+dp = load_params("params.yaml", overrides + ["privacy.enabled=true", "privacy.target_epsilon=4", "privacy.lifetime_epsilon=6"])
+open_store(tmp + "/store").put_base(create_base("tiny_cnn", 2, False, None, 0))
+write_hospital_shards(%(data)r, tmp + "/h", hospitals=2, alpha=1.0, seed=0)
+out = {"h1": hospital_finetune("h1", tmp + "/h/h1", tmp + "/store", params=dp, emit=False, progress=False),
+       "h2": hospital_finetune("h2", tmp + "/h/h2", tmp + "/store", params=p, emit=False, progress=False)}
+try:  # a second DP vector from h1 would take it past its lifetime budget
+    hospital_finetune("h1", tmp + "/h/h1", tmp + "/store", params=dp, emit=False, progress=False)
+    out["refused"] = None
+except PrivacyBudgetError as exc:
+    out["refused"] = str(exc)
+out["merge"] = merge_and_evaluate(tmp + "/store", %(data)r, params=p)
+out["lineage"] = tracking.lineage("medvec@champion")
+out["text"] = tracking.lineage_text(out["lineage"])
+out["vectors"] = [s["meta"]["vector_id"] for s in open_store(tmp + "/store").sidecars()]
+print(json.dumps(out, default=str))
+""" % {"data": str(BREAST)}
+
+OVERRIDES = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=2",
+    "finetune.lr=0.003",
+    "finetune.threads=1",
+    "merge.method=weighted",
+    "merge.lam=1.0",
+    f"coordinator.eval_data={BREAST}",
+]
+
+
+@pytest.mark.integration
+def test_a_dp_and_a_non_dp_hospital_merge_through_the_flow_and_lineage_shows_each_epsilon(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(OVERRIDES)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    h1, h2 = out["h1"], out["h2"]
+    assert h2["privacy"] is None and 0 < h1["privacy"]["epsilon"] <= 4 + 1e-6
+    # refused, the budget named, nothing published: the store holds the two vectors, the ledger one ε
+    assert "privacy.lifetime_epsilon=6" in out["refused"] and "kept at" in out["refused"]
+    assert len(out["vectors"]) == 2
+    ledger = json.loads((tmp_path / "h" / "h1" / "privacy-ledger.json").read_text())
+    assert [e["vector_id"] for e in ledger["vectors"]] == [h1["vector_id"]]
+    assert len(list((tmp_path / "h" / "h1" / "unpublished").glob("*.safetensors"))) == 1
+    # the merge took both; lineage shows h1's ε and no ε for h2
+    assert sorted(i["vector_id"] for i in out["merge"]["inputs"]) == sorted([h1["vector_id"], h2["vector_id"]])
+    eps = {v["hospital"]: v.get("dp_epsilon") for v in out["lineage"]["vectors"]}
+    assert eps["h1"] == pytest.approx(h1["privacy"]["epsilon"]) and eps["h2"] is None
+    assert f"DP ε={h1['privacy']['epsilon']:.3f}" in out["text"]
+    inputs = {i["hospital"]: i for i in out["merge"]["inputs"]}
+    assert inputs["h1"]["epsilon"] == pytest.approx(h1["privacy"]["epsilon"]) and inputs["h2"]["epsilon"] is None
