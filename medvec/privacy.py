@@ -78,10 +78,11 @@ def _private(model, optimizer, loader, cfg: FinetuneConfig, privacy: PrivacyConf
     """Opacus' PrivacyEngine around the model, optimizer and loader; σ fixed or solved for the target ε."""
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
     common = {"module": model, "optimizer": optimizer, "data_loader": loader, "max_grad_norm": privacy.max_grad_norm}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # secure_mode needs torchcsprng
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # solving σ probes alphas
+        engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
         if privacy.noise_multiplier is not None:
             return engine, *engine.make_private(**common, noise_multiplier=privacy.noise_multiplier)
         return engine, *engine.make_private_with_epsilon(
@@ -132,23 +133,25 @@ def dp_finetune(
                 layer.eval()  # frozen statistics: no batch statistics, no running-stat updates
             running, n = 0.0, 0
             for x, y in loader:
-                steps += 1  # an empty Poisson batch is still a step the accountant counts
+                steps += 1
                 bar.update(1)
-                if len(y) == 0:
+                if len(y) == 0:  # an empty Poisson batch (probability (1-q)^n): no update, but still accounted
+                    engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=loader.sample_rate)
                     continue
                 x, y = x.to(device), y.to(device)
                 if cfg.augment:
                     x = augment(x, g)
                 loss = loss_fn(private(x), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with warnings.catch_warnings():  # the first conv's input needs no gradient: Opacus' hooks say so
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 opt.step()
                 sched.step()
                 running, n, seen = running + loss.item() * len(y), n + len(y), seen + len(y)
-                bar.set_postfix(
-                    epoch=epoch + 1, loss=f"{running / max(n, 1):.4f}", eps=f"{engine.get_epsilon(delta):.2f}"
-                )
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(n, 1):.4f}")
             entry = {"epoch": epoch + 1, "loss": running / max(n, 1), "lr": sched.get_last_lr()[0]}
+            entry["epsilon"] = _epsilon(engine, delta)  # spent so far: the fine-tune run's per-epoch curve
             if val is not None and len(val):
                 m = evaluate_model(model, val, spec, batch_size=64, device=device)
                 entry.update({f"val_{k}": v for k, v in m.items() if isinstance(v, float)})
@@ -160,7 +163,7 @@ def dp_finetune(
     result.seconds = time.perf_counter() - start
     result.samples_per_second = seen / max(result.seconds, 1e-9)
     spent = PrivacySpent(
-        epsilon=float(engine.get_epsilon(delta)),
+        epsilon=_epsilon(engine, delta),
         delta=delta,
         accountant=privacy.accountant,
         noise_multiplier=float(opt.noise_multiplier),
@@ -170,6 +173,12 @@ def dp_finetune(
         epochs=cfg.epochs,
     )
     return DPTraining(result, spent)
+
+
+def _epsilon(engine, delta: float) -> float:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(engine.get_epsilon(delta))
 
 
 class Ledger:

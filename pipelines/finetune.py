@@ -16,10 +16,12 @@ from medvec.vectors import DataVector
 def finetune(
     params: Params, hospital: str, data_dir: str | Path, base_path: str | Path
 ) -> tuple[DataVector, list[dict]]:
-    """The same core call as the ``hospital-finetune`` flow."""
+    """The same core call as the ``hospital-finetune`` flow (DP-SGD with ``privacy.enabled``; no ledger here:
+    the DVC pipeline simulates hospitals on one machine and publishes nothing)."""
     set_threads(params.finetune.threads)
     base = load_base(base_path)
-    vector, record = finetune_vector(base, hospital, LocalData.load(data_dir), params.finetune, progress=True)
+    data = LocalData.load(data_dir)
+    vector, record = finetune_vector(base, hospital, data, params.finetune, progress=True, privacy=params.privacy)
     return vector, record.history
 
 
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                 "vector_id": vector.meta.vector_id,
                 "content_sha256": vector.content_sha256,
                 "n_train": vector.meta.n_train,
+                "dp_epsilon": vector.meta.privacy.epsilon if vector.meta.privacy else None,
                 **last,
             },
             indent=2,
