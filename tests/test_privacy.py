@@ -171,3 +171,18 @@ def test_a_dp_and_a_non_dp_hospital_merge_through_the_flow_and_lineage_shows_eac
     assert f"DP ε={h1['privacy']['epsilon']:.3f}" in out["text"]
     inputs = {i["hospital"]: i for i in out["merge"]["inputs"]}
     assert inputs["h1"]["epsilon"] == pytest.approx(h1["privacy"]["epsilon"]) and inputs["h2"]["epsilon"] is None
+
+
+def test_the_prv_accountant_and_a_fixed_noise_multiplier(tiny_base):
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data import load_split
+    from medvec.hospital import LocalData, finetune_vector
+    from medvec.privacy import epsilon_of
+
+    train = load_split(BREAST, "train").subset(torch.arange(120).numpy())
+    cfg = FinetuneConfig(epochs=1, batch_size=30, threads=1, augment=False)
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.5, accountant="prv", delta=1e-3)
+    vector, _ = finetune_vector(tiny_base, "h2", LocalData(train, None), cfg, progress=False, privacy=privacy)
+    spent = vector.meta.privacy
+    assert (spent.accountant, spent.noise_multiplier, spent.delta, spent.steps) == ("prv", 1.5, 1e-3, 4)
+    assert spent.epsilon == pytest.approx(epsilon_of(spent), rel=1e-6)  # PRV's own recount from the metadata
