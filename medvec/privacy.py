@@ -34,7 +34,16 @@ from medvec.config import FinetuneConfig, PrivacyConfig
 from medvec.data import ImageSet, augment, to_tensor
 from medvec.errors import UserError
 from medvec.models import ModelSpec
-from medvec.train import TrainResult, _lr_lambda, class_weights, pick_device, seed_everything, set_threads
+from medvec.train import (
+    TrainResult,
+    class_weights,
+    finish_training,
+    lr_schedule,
+    pick_device,
+    seed_everything,
+    set_threads,
+    with_local_val,
+)
 from medvec.vectors import DataVector, PrivacySpent, utcnow
 
 LEDGER_NAME = "privacy-ledger.json"
@@ -105,8 +114,6 @@ def dp_finetune(
     ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an
     unaccounted release.
     """
-    from medvec.evaluate import evaluate_model
-
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -121,7 +128,7 @@ def dp_finetune(
         model, opt, _loader(train, spec, cfg.batch_size, cfg.seed), cfg, privacy, delta
     )
     steps_per_epoch = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps_per_epoch * cfg.epochs, cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(steps_per_epoch * cfg.epochs, cfg.warmup_steps))
     result = TrainResult(device=str(device))
     g = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation only: sampling is Opacus' own
     start, seen, steps = time.perf_counter(), 0, 0
@@ -152,16 +159,10 @@ def dp_finetune(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(n, 1):.4f}")
             entry = {"epoch": epoch + 1, "loss": running / max(n, 1), "lr": sched.get_last_lr()[0]}
             entry["epsilon"] = _epsilon(engine, delta)  # spent so far: the fine-tune run's per-epoch curve
-            if val is not None and len(val):
-                m = evaluate_model(model, val, spec, batch_size=64, device=device)
-                entry.update({f"val_{k}": v for k, v in m.items() if isinstance(v, float)})
-            result.history.append(entry)
+            result.history.append(with_local_val(entry, model, val, spec, device))
     finally:
         bar.close()
-    model.eval()
-    model.to("cpu")
-    result.seconds = time.perf_counter() - start
-    result.samples_per_second = seen / max(result.seconds, 1e-9)
+    finish_training(model, result, start, seen)
     spent = PrivacySpent(
         epsilon=_epsilon(engine, delta),
         delta=delta,

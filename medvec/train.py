@@ -87,7 +87,9 @@ def recalibrate_bn(
         set_running(model, *sums.mean_var())
 
 
-def _lr_lambda(total: int, warmup: int):
+def lr_schedule(total: int, warmup: int):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``total``."""
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -111,8 +113,6 @@ def finetune(
     The local validation set (if any) is evaluated after every epoch with
     :func:`medvec.evaluate.evaluate_model` and recorded in the history.
     """
-    from medvec.evaluate import evaluate_model
-
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -122,7 +122,7 @@ def finetune(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total, cfg.warmup_steps))
     amp = device.type == "cuda"
     result = TrainResult(device=str(device))
     start = time.perf_counter()
@@ -153,12 +153,24 @@ def finetune(
             entry = {"epoch": epoch + 1, "loss": running / max(n, 1), "lr": sched.get_last_lr()[0]}
             if cfg.bn_recalibrate and epoch == cfg.epochs - 1:
                 recalibrate_bn(model, train, spec, device)
-            if val is not None and len(val):
-                m = evaluate_model(model, val, spec, batch_size=64, device=device)
-                entry.update({f"val_{k}": v for k, v in m.items() if isinstance(v, float)})
-            result.history.append(entry)
+            result.history.append(with_local_val(entry, model, val, spec, device))
     finally:
         bar.close()
+    return finish_training(model, result, start, seen)
+
+
+def with_local_val(entry: dict, model: nn.Module, val: ImageSet | None, spec: ModelSpec, device) -> dict:
+    """An epoch's history entry, with the local validation metrics (``val_*``) when there is a local split."""
+    from medvec.evaluate import evaluate_model
+
+    if val is not None and len(val):
+        m = evaluate_model(model, val, spec, batch_size=64, device=device)
+        entry.update({f"val_{k}": v for k, v in m.items() if isinstance(v, float)})
+    return entry
+
+
+def finish_training(model: nn.Module, result: TrainResult, start: float, seen: int) -> TrainResult:
+    """Leave the model in eval mode on the CPU and record the wall time and throughput."""
     model.eval()
     model.to("cpu")
     result.seconds = time.perf_counter() - start

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medvec.evaluate import metrics
-from medvec.train import _lr_lambda, class_weights, pick_device
+from medvec.train import class_weights, lr_schedule, pick_device
 
 
 def test_class_weights_balance_the_loss():
@@ -15,7 +15,7 @@ def test_class_weights_balance_the_loss():
 
 
 def test_cosine_schedule_with_warmup():
-    f = _lr_lambda(total=10, warmup=2)
+    f = lr_schedule(total=10, warmup=2)
     assert [round(f(s), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 
