@@ -19,13 +19,12 @@ from medvec.store import open_store
 from medvec.train import set_threads
 from tasks.hospital import (
     attach_moments,
-    check_privacy_budget,
     fetch_base,
     fetch_start,
     finetune_hospital,
     load_local_data,
     publish_vector,
-    record_privacy_spent,
+    spend_privacy_budget,
     track_hospital_run,
 )
 
@@ -62,10 +61,9 @@ def hospital_finetune(
     if p.batchnorm.strategy == "recompute" and not p.privacy.enabled:  # under DP no moment sums leave
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     if p.privacy.enabled:
-        check_privacy_budget(vector, p.privacy, data_dir)
+        spend_privacy_budget(vector, p.privacy, data_dir)
     summary = publish_vector(store_url, vector, base, key_file)
     if p.privacy.enabled:
-        record_privacy_spent(vector, p.privacy, data_dir)
         spent = vector.meta.privacy
         logger.info(
             "DP-SGD: ε=%.3f at δ=%.2g (%s, σ=%.3f)",

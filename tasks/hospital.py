@@ -123,16 +123,11 @@ def publish_vector(store_url: str, vector: DataVector, base: Base, key_file: str
 
 
 @task(cache_policy=NO_CACHE)
-def check_privacy_budget(vector: DataVector, privacy: PrivacyConfig, data_dir: str) -> None:
-    """Refuse a DP vector past ``privacy.lifetime_epsilon`` (kept at the hospital, never published)."""
+def spend_privacy_budget(vector: DataVector, privacy: PrivacyConfig, data_dir: str) -> None:
+    """Before publishing a DP vector: refuse it past ``privacy.lifetime_epsilon`` (kept at the hospital), else
+    add its ε to the local ledger. Written first, so a crash before the publish over-counts, never under-counts."""
     from medvec.privacy import Ledger
 
-    Ledger.for_hospital(privacy, data_dir).check(vector, privacy.lifetime_epsilon)
-
-
-@task(cache_policy=NO_CACHE)
-def record_privacy_spent(vector: DataVector, privacy: PrivacyConfig, data_dir: str) -> None:
-    """Add a published DP vector's ε to the hospital's local ledger."""
-    from medvec.privacy import Ledger
-
-    Ledger.for_hospital(privacy, data_dir).record(vector)
+    ledger = Ledger.for_hospital(privacy, data_dir)
+    ledger.check(vector, privacy.lifetime_epsilon)
+    ledger.record(vector)
