@@ -2,15 +2,15 @@
 
 DP-SGD clips each example's gradient to ``max_grad_norm`` and adds Gaussian noise of
 ``noise_multiplier × max_grad_norm``; batches are Poisson-sampled, as Opacus does it
-(each image joins each batch with probability ``batch_size / n``, so batch sizes vary).
+(each image joins each batch with probability q = 1/⌈n/batch_size⌉, so batch sizes vary).
 Opacus' accountant (RDP or PRV) turns σ, the sampling rate and the number of steps
 into the (ε, δ) this module reports: medvec computes no privacy figure of its own.
 
 Batch norm: per-sample gradients and batch statistics do not mix, so BN layers are
 frozen (eval-mode running statistics, affine weights not trained). Their running
 statistics stay θ_start's, and the hospital sends no moment sums, so nothing in the
-vector's BN aggregates depends on its images; the merge restores BN from the other
-hospitals' statistics or a calibration set.
+vector's BN aggregates depends on its images; the merge restores BN from a calibration
+set, or averages the hospitals' running statistics (``coordinator.plan_bn``).
 
 The ledger (``privacy-ledger.json``, at the hospital) lists every vector the hospital
 published with its ε. Its total uses basic composition (ε and δ add up), an upper
@@ -34,16 +34,7 @@ from medvec.config import FinetuneConfig, PrivacyConfig
 from medvec.data import ImageSet, augment, to_tensor
 from medvec.errors import UserError
 from medvec.models import ModelSpec
-from medvec.train import (
-    TrainResult,
-    class_weights,
-    finish_training,
-    lr_schedule,
-    pick_device,
-    seed_everything,
-    set_threads,
-    with_local_val,
-)
+from medvec.train import TrainResult, finish_training, lr_schedule, prepare_training, with_local_val
 from medvec.vectors import DataVector, PrivacySpent, utcnow
 
 LEDGER_NAME = "privacy-ledger.json"
@@ -114,14 +105,9 @@ def dp_finetune(
     ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an
     unaccounted release.
     """
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    model.to(device)
+    device, loss_fn = prepare_training(model, train, cfg)
     delta = privacy.delta or default_delta(len(train))
     bn_layers = freeze_batchnorm(model)
-    weight = class_weights(train.label_counts()) if cfg.class_weighting else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, private, opt, loader = _private(

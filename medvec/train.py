@@ -99,6 +99,16 @@ def lr_schedule(total: int, warmup: int):
     return f
 
 
+def prepare_training(model: nn.Module, train: ImageSet, cfg: FinetuneConfig) -> tuple[torch.device, nn.Module]:
+    """How every fine-tune starts: threads, seeds, the device (model moved there) and the class-weighted loss."""
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device)
+    weight = class_weights(train.label_counts()) if cfg.class_weighting else None
+    return device, nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+
+
 def finetune(
     model: nn.Module,
     train: ImageSet,
@@ -113,12 +123,7 @@ def finetune(
     The local validation set (if any) is evaluated after every epoch with
     :func:`medvec.evaluate.evaluate_model` and recorded in the history.
     """
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    model.to(device)
-    weight = class_weights(train.label_counts()) if cfg.class_weighting else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+    device, loss_fn = prepare_training(model, train, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs

@@ -148,20 +148,18 @@ def _champion():
     return name, version, client.get_run(version.run_id)
 
 
-def champion_inputs() -> tuple[str, list[str]]:
-    """The champion's merge id and its input vector ids, in input order (read from MLflow, not the UI)."""
-    _, _, merge = _champion()
+def merge_inputs(merge) -> tuple[str, list[str]]:
+    """A merge run's merge id and its input vector ids, in input order (read from MLflow, not the UI)."""
     return merge.data.tags["medvec.merge_id"], [row[0] for row in json.loads(merge.data.tags["medvec.inputs"])]
 
 
-def mlflow_pages(ui: str) -> dict[str, Page]:
+def mlflow_pages(ui: str, name: str, champion, merge) -> dict[str, Page]:
     """The champion's model pages, its merge run and one contributing hospital's fine-tune run."""
     from mlflow import MlflowClient
 
     from medvec import tracking
 
-    name, champion, merge = _champion()
-    vector = champion_inputs()[1][0]
+    vector = merge_inputs(merge)[1][0]
     hospital = tracking.find_hospital_run(vector)
     if hospital is None:
         raise SystemExit(f"no hospital run found for vector {vector}")
@@ -224,9 +222,7 @@ def screenshot(driver, page: Page, png: Path, timeout: float = 60) -> None:
     _wait_text(driver, page.expect, timeout)
     time.sleep(2)  # late widgets (charts, graphs) settle
     for label in page.dismiss:
-        for button in driver.find_elements(By.XPATH, f"//button[@aria-label='{label}']")[:1]:
-            button.click()
-            time.sleep(1)
+        _press(driver, label)
     if page.focus:
         for element in driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{page.focus}']")[:1]:
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
@@ -270,10 +266,11 @@ def _click_link(driver, text: str, index: int = 0, anything: bool = False) -> No
         driver.switch_to.window(opened[0])
 
 
-def _expand_description(driver) -> None:
+def _press(driver, label: str) -> None:
+    """Click the first button labelled ``label`` (aria-label), if the page has one."""
     from selenium.webdriver.common.by import By
 
-    for button in driver.find_elements(By.XPATH, "//button[@aria-label='Expand description']")[:1]:
+    for button in driver.find_elements(By.XPATH, f"//button[@aria-label='{label}']")[:1]:
         button.click()
         time.sleep(1)
 
@@ -297,7 +294,7 @@ def walk_lineage(driver, version: Page, merge_id: str, vectors: list[str], shot:
         _wait_text(driver, "Merged by run")
         _click_link(driver, merge_id)  # the version's description links its merge run
         _wait_text(driver, "fine-tune run")
-        _expand_description(driver)  # as a person would: "Show more" on the collapsed description
+        _press(driver, "Expand description")  # as a person would: "Show more" on the collapsed description
         _click_link(driver, "fine-tune run", i)  # one link per input vector, in input order
         _wait_text(driver, f"vector {vector}")
         _click_link(driver, "Artifacts")
@@ -317,15 +314,16 @@ def check(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with servers(free_port(), free_port(), out / "logs") as urls:
-        pages = mlflow_pages(urls.mlflow) | prefect_pages(urls.prefect)
+        name, champion, merge = _champion()
+        pages = mlflow_pages(urls.mlflow, name, champion, merge) | prefect_pages(urls.prefect)
         driver = browser(chromedriver)
         try:
-            for name, page in sorted(pages.items()):
-                png = out / f"{name}.png"
+            for key, page in sorted(pages.items()):
+                png = out / f"{key}.png"
                 screenshot(driver, page, png)
                 print(f"{png}  <-  {page.url}")
             shot = out / "8-hospital-vector-artifact.png"
-            walked = walk_lineage(driver, pages["2-champion-version"], *champion_inputs(), shot=shot)
+            walked = walk_lineage(driver, pages["2-champion-version"], *merge_inputs(merge), shot=shot)
             print("\n".join(["clicked from the champion to every input:", *walked]))
             (out / "walk.txt").write_text("\n".join(walked) + "\n")
         finally:
