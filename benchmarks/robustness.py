@@ -1,11 +1,20 @@
-"""Outlier defence on breastmnist: one hospital sends a vector scaled ×50 or sign-flipped.
+"""Defences against one malicious hospital of four, on breastmnist and pneumoniamnist.
 
-Reports the merged model's test AUC without the defence, with quarantine and with
-norm clipping, as mean ± std over seeds (λ chosen on validation, as in production).
+Attacks (the last hospital turns malicious): ``sign_flip`` (it sends −τ), ``scale``
+(50·τ) and ``label_flip`` (it fine-tunes on its own images with shuffled labels;
+its label counts are unchanged).  Defences: ``none``, ``mad`` (the norm and
+direction screen, ``intake.defence=quarantine``), ``contribution`` (leave-one-out
+on the coordinator's validation split, ``intake.harmful=exclude``) and ``both``
+(the screen, then the contribution rule on what it kept).
 
-    python benchmarks/robustness.py [--seeds 0 1 2] [-S key=value ...]
+For each dataset and seed (the seed moves the hospital split and the training),
+it reports whether the attacker was caught, the honest vectors excluded, and the
+merged model's test AUC (λ chosen on validation, as in production); and every
+honest hospital's leave-one-out score next to its sample count and label skew.
 
-Writes ``benchmarks/results/robustness.json`` and ``.md``.
+    python benchmarks/robustness.py [--seeds 0 1 2] [--datasets breastmnist pneumoniamnist] [-S key=value ...]
+
+Writes ``benchmarks/results/robustness.json`` (with a ``headline`` for ``both``) and ``.md``.
 """
 
 from __future__ import annotations
@@ -17,101 +26,258 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from tqdm.auto import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medvec.config import load_params  # noqa: E402
+from medvec.contribution import guarded_merge, score_merge  # noqa: E402
 from medvec.coordinator import EvalSets, merge_once  # noqa: E402
-from medvec.data import write_hospital_shards  # noqa: E402
+from medvec.data import ImageSet, write_hospital_shards  # noqa: E402
 from medvec.defence import screen  # noqa: E402
 from medvec.hospital import LocalData, finetune_vector  # noqa: E402
 from medvec.models import base_from_config  # noqa: E402
 from medvec.train import set_threads  # noqa: E402
 from medvec.vectors import DataVector  # noqa: E402
 
-DATA = ROOT / "data" / "breastmnist.npz"
-ATTACKS = {"none": None, "scaled ×50": lambda t: 50 * t, "sign-flipped": lambda t: -t}
-DEFENCES = ("off", "quarantine", "clip")
+ATTACKS = ("none", "sign_flip", "scale", "label_flip")
+DEFENCES = ("none", "mad", "contribution", "both")
+SETTINGS = {  # defence → (intake.defence, intake.harmful)
+    "none": ("off", "off"),
+    "mad": ("quarantine", "off"),
+    "contribution": ("off", "exclude"),
+    "both": ("quarantine", "exclude"),
+}
+
+
+def shuffled(data: LocalData, seed: int) -> LocalData:
+    """The same images with their labels shuffled (the label counts stay the same)."""
+    rng = np.random.default_rng(seed)
+    train = data.train
+    return LocalData(ImageSet(train.images, rng.permutation(train.labels), train.classes), data.val)
+
+
+def attacked(vectors: list, attack: str, flipped_labels: DataVector) -> list:
+    """The four vectors with the last one replaced by the attacker's."""
+    if attack == "none":
+        return list(vectors)
+    v = vectors[-1]
+    if attack == "label_flip":
+        return [*vectors[:-1], flipped_labels]
+    fn = {"sign_flip": lambda t: -t, "scale": lambda t: 50 * t}[attack]
+    return [*vectors[:-1], DataVector({k: fn(t) for k, t in v.deltas.items()}, v.meta, v.running, v.moments)]
+
+
+def defend(base, vectors: list, p, evalsets: EvalSets, defence: str):
+    """Screen, then merge (and score, and exclude the harmful) as the coordinator would."""
+    mad, harmful = SETTINGS[defence]
+    intake = p.intake.model_copy(update={"defence": mad, "harmful": harmful})
+    pp = p.model_copy(update={"intake": intake})
+    kept = screen(vectors, mad, p.intake.mad_k).kept
+    return guarded_merge(
+        lambda vs: merge_once(base, vs, pp, evalsets),
+        lambda vs, o: score_merge(base, vs, o, pp, evalsets),
+        kept,
+        intake,
+    )
+
+
+def label_skew(counts: list[int], overall: list[int]) -> float:
+    """Total variation distance between a hospital's label distribution and the pooled one."""
+    a, b = np.asarray(counts, float), np.asarray(overall, float)
+    return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
+
+
+def run_dataset(name: str, seed: int, args, bar) -> tuple[list[dict], list[dict]]:
+    data = ROOT / "data" / f"{name}.npz"
+    overrides = [
+        "split.hospitals=4",
+        "split.names=null",
+        f"split.seed={seed}",
+        "batchnorm.strategy=average",
+        f"coordinator.eval_data={data}",
+        f"finetune.seed={seed}",
+        "contribution.method=loo",
+    ]
+    p = load_params(ROOT / "params.yaml", overrides + args.overrides)
+    set_threads(p.finetune.threads)
+    evalsets = EvalSets.load(data)
+    folder = ROOT / ".medvec" / "robustness" / f"{name}-seed{seed}"
+    split = write_hospital_shards(data, folder, 4, "dirichlet", p.split.alpha, seed, 0.1, 16)
+    base = base_from_config(p.model, 2)
+    names = list(split["hospitals"])
+    local = {h: LocalData.load(folder / h) for h in names}
+    honest = []
+    for h in names:
+        honest.append(finetune_vector(base, h, local[h], p.finetune, progress=False)[0])
+        bar.update(1)
+    last = names[-1]
+    flipped = finetune_vector(base, last, shuffled(local[last], seed), p.finetune, progress=False)[0]
+    bar.update(1)
+    rows, honest_rows = [], []
+    for attack in ATTACKS:
+        vectors = attacked(honest, attack, flipped)
+        attacker = vectors[-1].meta.vector_id if attack != "none" else None
+        submitted = vectors[:-1] if attacker else vectors  # the honest ones among them
+        for defence in DEFENCES:
+            g = defend(base, vectors, p, evalsets, defence)
+            final = {v.meta.vector_id for v in g.vectors}
+            first = {s.vector_id: s for s in (*g.outcome.scores.scores, *g.outcome.scores.excluded)}
+            rows.append(
+                {
+                    "dataset": name,
+                    "seed": seed,
+                    "attack": attack,
+                    "defence": defence,
+                    "caught": attacker is not None and attacker not in final,
+                    "honest_excluded": sum(v.meta.vector_id not in final for v in submitted),
+                    "test_auc": g.outcome.test["auc"],
+                    "lambda": g.outcome.lam,
+                    "attacker_loo": first[attacker].loo if attacker in first else None,
+                    "attacker_loo_se": first[attacker].loo_se if attacker in first else None,
+                    "scores": [  # the first merge's scores (the harmful rule's input), attacker marked
+                        {"hospital": s.hospital, "loo": s.loo, "loo_se": s.loo_se, "attacker": k == attacker}
+                        for k, s in first.items()
+                    ],
+                }
+            )
+            print(
+                f"{name} seed {seed} {attack:10s} {defence:12s} test AUC {rows[-1]['test_auc']:.3f}"
+                f" caught {rows[-1]['caught']} honest excluded {rows[-1]['honest_excluded']}",
+                flush=True,
+            )
+            if attack == "none" and defence == "none":
+                overall = np.sum([v.meta.label_counts for v in honest], axis=0).tolist()
+                for v in honest:
+                    s = first[v.meta.vector_id]
+                    honest_rows.append(
+                        {
+                            "dataset": name,
+                            "seed": seed,
+                            "hospital": v.meta.hospital,
+                            "n_train": int(v.meta.n_train),
+                            "label_counts": list(v.meta.label_counts),
+                            "label_skew": label_skew(v.meta.label_counts, overall),
+                            "loo": s.loo,
+                            "loo_se": s.loo_se,
+                        }
+                    )
+        bar.update(1)
+    return rows, honest_rows
+
+
+def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
+    out = []
+    keys = sorted({(r["dataset"], r["attack"], r["defence"]) for r in rows}, key=lambda k: (k[0], *map(_order, k[1:])))
+    for dataset, attack, defence in keys:
+        rs = [r for r in rows if (r["dataset"], r["attack"], r["defence"]) == (dataset, attack, defence)]
+        aucs = [r["test_auc"] for r in rs]
+        out.append(
+            {
+                "dataset": dataset,
+                "attack": attack,
+                "defence": defence,
+                "caught": sum(r["caught"] for r in rs),
+                "honest_excluded": sum(r["honest_excluded"] for r in rs),
+                "test_auc_mean": statistics.fmean(aucs),
+                "test_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                "seeds": len(rs),
+            }
+        )
+    return out
+
+
+def _order(name: str) -> int:
+    return (ATTACKS + DEFENCES).index(name)
+
+
+def headline(summary: list[dict], seeds: list[int]) -> dict:
+    both = [s for s in summary if s["defence"] == "both"]
+    return {
+        "caught": {f"{s['attack']}/{s['dataset']}": s["caught"] for s in both if s["attack"] != "none"},
+        "seeds": len(seeds),
+        "honest_excluded": sum(s["honest_excluded"] for s in both),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"One malicious hospital of four, {len(result['seeds'])} seeds (`{result['command']}`, "
+        f"{result['model']}, merge `{result['merge']}`, {result['seconds'] / 60:.0f} min). "
+        "Each cell: merged test AUC mean ± std; attacker caught on k of the seeds; honest vectors excluded "
+        "(summed over seeds).",
+        "",
+        "| dataset | attack | " + " | ".join(DEFENCES) + " |",
+        "|---|---|" + "---|" * len(DEFENCES),
+    ]
+    for dataset in result["datasets"]:
+        for attack in ATTACKS:
+            cells = []
+            for d in DEFENCES:
+                s = next(
+                    x for x in result["summary"] if (x["dataset"], x["attack"], x["defence"]) == (dataset, attack, d)
+                )
+                caught = f"caught {s['caught']}/{s['seeds']}, " if attack != "none" else ""
+                cells.append(
+                    f"{s['test_auc_mean']:.3f} ± {s['test_auc_std']:.3f} ({caught}honest out {s['honest_excluded']})"
+                )
+            lines.append(f"| {dataset} | {attack} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Honest hospitals' leave-one-out contribution (validation AUC), no attack, no defence:",
+        "",
+        "| dataset | seed | hospital | n_train | label counts | label skew (TV) | LOO ± SE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in result["honest"]:
+        se = f" ± {h['loo_se']:.4f}" if h["loo_se"] is not None else ""
+        lines.append(
+            f"| {h['dataset']} | {h['seed']} | {h['hospital']} | {h['n_train']} | {h['label_counts']} "
+            f"| {h['label_skew']:.2f} | {h['loo']:+.4f}{se} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    base_overrides = [
-        "split.hospitals=4",
-        "split.names=null",
-        "batchnorm.strategy=average",
-        f"coordinator.eval_data={DATA}",
-        "finetune.epochs=3",
-    ]
-    rows: dict[tuple[str, str], list[float]] = {}
-    flagged: dict[tuple[str, str], list[int]] = {}
     t0 = time.perf_counter()
-    evalsets = EvalSets.load(DATA)
-    tmp = ROOT / ".medvec" / "robustness"
-    for seed in args.seeds:
-        p = load_params(ROOT / "params.yaml", base_overrides + [f"finetune.seed={seed}"] + args.overrides)
-        set_threads(p.finetune.threads)
-        split = write_hospital_shards(DATA, tmp / f"seed{seed}", 4, "dirichlet", p.split.alpha, p.split.seed, 0.1, 16)
-        base = base_from_config(p.model, 2)
-        vectors = [
-            finetune_vector(base, h, LocalData.load(tmp / f"seed{seed}" / h), p.finetune, progress=False)[0]
-            for h in split["hospitals"]
-        ]
-        for attack, fn in ATTACKS.items():
-            vs = list(vectors)
-            if fn is not None:  # the last hospital turns malicious
-                v = vs[-1]
-                vs[-1] = DataVector({k: fn(t) for k, t in v.deltas.items()}, v.meta, v.running, v.moments)
-            for defence in DEFENCES:
-                s = screen(vs, defence, p.intake.mad_k)
-                out = merge_once(base, s.kept, p, evalsets)
-                rows.setdefault((attack, defence), []).append(out.test["auc"])
-                flagged.setdefault((attack, defence), []).append(len(s.flagged))
-                print(
-                    f"seed {seed} {attack:13s} {defence:10s} test AUC {out.test['auc']:.3f} flagged {len(s.flagged)}",
-                    flush=True,
-                )
+    rows, honest = [], []
+    jobs = len(args.datasets) * len(args.seeds) * (5 + len(ATTACKS))
+    with tqdm(total=jobs, desc="robustness (fine-tunes and attacks)") as bar:
+        for name in args.datasets:
+            for seed in args.seeds:
+                r, h = run_dataset(name, seed, args, bar)
+                rows += r
+                honest += h
+    p = load_params(ROOT / "params.yaml", args.overrides)
+    summary = summarize(rows, args.seeds)
     result = {
         "command": "python benchmarks/robustness.py "
-        + " ".join(["--seeds", *map(str, args.seeds)] + [f"-S {o}" for o in args.overrides]),
-        "data": "breastmnist (4 hospitals, Dirichlet α=0.5), the last hospital malicious",
+        + " ".join(
+            ["--seeds", *map(str, args.seeds), "--datasets", *args.datasets] + [f"-S {o}" for o in args.overrides]
+        ),
+        "datasets": args.datasets,
+        "seeds": args.seeds,
         "model": p.model.name,
         "merge": p.merge.method,
+        "rule": {"harm_min": p.intake.harm_min, "harm_z": p.intake.harm_z, "mad_k": p.intake.mad_k},
         "seconds": round(time.perf_counter() - t0, 1),
-        "results": [
-            {
-                "attack": a,
-                "defence": d,
-                "test_auc_mean": statistics.fmean(v),
-                "test_auc_std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                "values": v,
-                "flagged": flagged[(a, d)],
-            }
-            for (a, d), v in rows.items()
-        ],
+        "headline": headline(summary, args.seeds),
+        "summary": summary,
+        "honest": honest,
+        "runs": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(result, indent=2))
-    lines = [
-        f"Merged test AUC with one malicious hospital of four, mean ± std over seeds {args.seeds} (`{result['command']}`, {p.model.name}, merge `{p.merge.method}`):",
-        "",
-        "| attack | no defence | quarantine | clipping |",
-        "|---|---|---|---|",
-    ]
-    for a in ATTACKS:
-        cells = []
-        for d in DEFENCES:
-            r = next(x for x in result["results"] if x["attack"] == a and x["defence"] == d)
-            cells.append(
-                f"{r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} (flagged {sum(r['flagged'])}/{len(r['flagged'])})"
-            )
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines) + "\n"
+    md = markdown(result)
     (out / "robustness.md").write_text(md)
     print(md)
     return 0

@@ -33,6 +33,7 @@ from medvec.train import set_threads
 from medvec.vectors import utcnow
 from tasks.coordinator import (
     admit_vectors,
+    contribution_scores,
     evaluate_merges,
     publish_base,
     publish_merge,
@@ -78,7 +79,12 @@ def registry_lines(doc: dict, params: Params) -> list[str]:
 def artifact_markdown(doc: dict, paths: dict[str, Path], params: Params) -> str:
     """The demo's Prefect artifact: the registry's decision with MLflow links, the charts inline, then the report."""
     report = [line for line in paths["md"].read_text().splitlines() if not line.startswith("![")]
-    charts = {"bars": "AUC by model (test split)", "lambda": "validation AUC against λ", "async": "async champion"}
+    charts = {
+        "bars": "AUC by model (test split)",
+        "lambda": "validation AUC against λ",
+        "async": "async champion",
+        "contribution": "what each hospital contributed",
+    }
     lines = [report[0], "", "## Registry", ""] + registry_lines(doc, params) + ["", "## Charts", ""]
     lines += [embedded_image(paths[key], alt) for key, alt in charts.items() if key in paths]
     return "\n".join(lines + ["", "## All models", ""] + report[1:])
@@ -184,11 +190,14 @@ def demo(
         outcome = core.outcome_of(
             base, vectors, selected, core.BnPlan.from_hospitals(selected.bn), params, moments_fn, evalsets
         )
+        outcome.scores = contribution_scores(base, vectors, outcome, params, evalsets, moments_fn, progress)
         record = MergeRecord.build(
             outcome, vectors, base.sha256, params, evalsets.ref(), store_url, merge_started, merge_clock, data=str(data)
         )
         record = publish_merge(store_url, record, outcome, base)
-        plots = {k: paths[k] for k in ("bars", "lambda", "confusion") if k in paths}
+        doc["contribution"] = outcome.scores.to_json() if outcome.scores else None
+        paths = write_report(out_dir, doc, curves, classes)  # with the contribution table and chart
+        plots = {k: paths[k] for k in ("bars", "lambda", "confusion", "contribution") if k in paths}
         decision = register_merge(record, outcome.model, base, evalsets, plots)
         doc["merge_id"] = record.merge_id
         label_run(tags=[f"merge:{record.merge_id}"])

@@ -18,10 +18,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.ui import base_tag, embedded_image, label_run, merge_run_name
+from medvec import contribution
 from medvec import coordinator as core
 from medvec.config import Params
 from medvec.data import load_split
-from medvec.evaluate import bar_chart, confusion_plot, lambda_curve, results_frame
+from medvec.evaluate import bar_chart, confusion_plot, contribution_plot, lambda_curve, results_frame
 from medvec.record import MergeRecord
 from medvec.store import open_store
 from medvec.train import set_threads
@@ -31,6 +32,7 @@ from tasks.coordinator import (
     last_merge,
     merge_task,
     publish_merge,
+    quarantine_excluded,
     record_in_dvc,
     refine_task,
     register_merge,
@@ -59,6 +61,9 @@ def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalS
     curve = {outcome.method: outcome.curve}
     chosen = {outcome.method: outcome.lam}
     plots = {"lambda": lambda_curve(curve, folder / "lambda.png", chosen=chosen, selected=outcome.method, title=title)}
+    if outcome.scores is not None:
+        title = f"merge {record.merge_id}: each input's contribution (validation split)"
+        plots["contribution"] = contribution_plot(outcome.scores, folder / "contributions.png", title)
     split, metrics = ("test", outcome.test) if outcome.test else ("validation", outcome.val)
     conf = metrics.get("confusion")
     if conf:
@@ -100,6 +105,8 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
         lines.append(
             f"| {r['name']} | {r['kind']} | {r['val'].get('auc', float('nan')):.3f} | {r['test'].get('auc', float('nan')):.3f} | {r['test'].get('balanced_accuracy', float('nan')):.3f} |"
         )
+    if record.contribution is not None:
+        lines += ["", "**What each input contributed**", "", *contribution.markdown(record.contribution)]
     if record.screened:
         lines += ["", "**Outlier defence**", ""] + [
             f"- {s.hospital} `{s.vector_id}`: {s.action} — {s.reason}" for s in record.screened
@@ -119,6 +126,10 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
         metric = "test_auc" if "test_auc" in df else "val_auc"
         png = bar_chart(df, Path(tmp) / "chart.png", metric)
         lines += ["", embedded_image(png, "per-hospital vs merged")]
+        if record.contribution is not None:
+            title = f"merge {record.merge_id}: each input's contribution (validation split)"
+            png = contribution_plot(record.contribution, Path(tmp) / "contributions.png", title)
+            lines += ["", embedded_image(png, "contributions")]
     create_markdown_artifact(key="merge-report", markdown="\n".join(lines), description=f"merge {record.merge_id}")
 
 
@@ -157,7 +168,7 @@ def _step(
     step = refine_task(store_url, base, admission, p, evalsets, calibration, trigger)
     label_run(f"{step.record.merge_id} (async step)", [f"merge:{step.record.merge_id}"])
     record = _finish(
-        store_url, step.record, step.outcome, base, evalsets, admission.admitted, p, (step.promoted, step.reason)
+        store_url, step.record, step.outcome, base, evalsets, step.vectors, p, (step.promoted, step.reason)
     )
     name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"
     _artifact(record, [_merged_row(record, step.outcome, name)])
@@ -199,7 +210,9 @@ def merge_and_evaluate(
         return _summary(last, skipped=True, reason="no new vectors")
     evalsets = core.EvalSets.load(eval_data)
     calibration = load_split(calibration_data, "train") if calibration_data else None
-    outcome = merge_task(base, vectors, p, evalsets, calibration)
+    guarded = merge_task(base, vectors, p, evalsets, calibration)
+    outcome, vectors = guarded.outcome, guarded.vectors
+    harmful = quarantine_excluded(store_url, guarded.excluded) if guarded.excluded else []
     record = MergeRecord.build(
         outcome,
         vectors,
@@ -210,7 +223,7 @@ def merge_and_evaluate(
         started_at,
         clock,
         screened=tuple(admission.screened),
-        quarantined=tuple(admission.rejected),
+        quarantined=(*admission.rejected, *harmful),
         trigger=trigger or {},
     )
     label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"

@@ -285,6 +285,15 @@ def cmd_hospital_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hospital_report(args: argparse.Namespace) -> int:
+    from medvec.contribution import hospital_report, report_text
+    from medvec.store import open_store
+
+    doc = hospital_report(open_store(args.store or _params(args).store.url), args.name)
+    print(json.dumps(doc, indent=2) if args.json else report_text(doc))
+    return 0
+
+
 def cmd_vectors_list(args: argparse.Namespace) -> int:
     from medvec.store import open_store, vector_rows
 
@@ -310,8 +319,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from medvec import tracking
     from medvec.store import open_store
 
-    tree = tracking.lineage(args.ref)
     record = tracking.merge_record(args.ref)
+    tree = tracking.add_contributions(tracking.lineage(args.ref), record)
     store = open_store(record.store_url)
     if record.mode == "async":
         from medvec.refine import chain_rows
@@ -475,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cron", default=None)
     g.add_argument("--interval", type=float, default=None)
     sc.set_defaults(func=cmd_hospital_schedule)
+    hr = _shared(hosub.add_parser("report", help="its vectors, the merges they went into and its contribution to each"))
+    hr.add_argument("name")
+    hr.add_argument("--store", default=None, help="store URL (default: params store.url)")
+    hr.add_argument("--json", action="store_true")
+    hr.set_defaults(func=cmd_hospital_report)
 
     li = sub.add_parser("lineage", help="model version → merge run → vectors → fine-tune runs → base (MLflow)")
     li.add_argument("ref", help="NAME@ALIAS (e.g. medvec@champion) or NAME/VERSION")

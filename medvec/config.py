@@ -134,11 +134,34 @@ class IntakeConfig(_Frozen):
     max_metadata_kb: float = Field(64, gt=0)
     defence: Literal["off", "quarantine", "clip"] = "quarantine"
     mad_k: float = Field(5.0, gt=0, description="outlier threshold in median absolute deviations")
+    harmful: Literal["off", "flag", "exclude"] = Field(
+        "off", description="vectors whose leave-one-out contribution is significantly negative: flagged or excluded"
+    )
+    harm_z: float = Field(2.0, ge=0, description="harmful: LOO below −harm_z × its paired-bootstrap standard error")
+    harm_min: float = Field(0.01, ge=0, description="harmful: and LOO below −harm_min (the metric's units)")
 
-    @field_validator("defence", mode="before")
+    @field_validator("defence", "harmful", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         """YAML reads a bare ``off`` (``-S intake.defence=off``) as false."""
+        return "off" if value is False else value
+
+
+class ContributionConfig(_Frozen):
+    """What each vector contributed to a merge: leave-one-out and Shapley values on the validation split."""
+
+    method: Literal["off", "loo", "shapley"] = Field(
+        "loo", description="off | loo (K extra merges) | shapley (also Shapley values for K ≤ max_vectors)"
+    )
+    budget: int = Field(64, ge=1, description="Shapley: at most this many extra merges (subsets) per merge")
+    max_vectors: int = Field(8, ge=2, description="Shapley only up to this many vectors; LOO beyond")
+    seed: int = Field(0, description="seeds the permutation sample and the bootstrap")
+    bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the validation split (LOO's error)")
+    share: bool = Field(False, description="medvec hospital report also shows other hospitals' scores")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value
 
 
@@ -202,6 +225,7 @@ class Params(_Frozen):
     store: StoreConfig = StoreConfig()
     coordinator: CoordinatorConfig = CoordinatorConfig()
     intake: IntakeConfig = IntakeConfig()
+    contribution: ContributionConfig = ContributionConfig()
     registry: RegistryConfig = RegistryConfig()
     hospital: HospitalConfig = HospitalConfig()
     refine: RefineConfig = RefineConfig()

@@ -24,7 +24,7 @@ from medvec.data import ImageSet, has_split, load_split
 from medvec.evaluate import evaluate_model, with_operating_point
 from medvec.merge import MergeMethod, merge_delta, method_from_config
 from medvec.models import Base
-from medvec.record import EvalSetRef
+from medvec.record import Contributions, EvalSetRef
 from medvec.vectors import DataVector
 
 MomentsFn = Callable[[nn.Module], MomentSums]
@@ -296,6 +296,7 @@ class MergeOutcome:
     test: dict | None
     curve: list[tuple[float, float]]
     contributions: list | None = None  # an async step's :class:`medvec.refine.Contribution` per vector
+    scores: Contributions | None = None  # what each input contributed (:mod:`medvec.contribution`)
 
 
 def merge_once(

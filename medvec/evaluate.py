@@ -35,21 +35,14 @@ def predict(
 
 def metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = None) -> dict:
     """AUC, balanced accuracy, accuracy, per-class recall and confusion matrix."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score, roc_auc_score
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
     y_true = np.asarray(y_true).reshape(-1)
     k = num_classes or proba.shape[1]
     labels = list(range(k))
     pred = proba.argmax(1)
-    present = np.unique(y_true)
-    if len(present) < 2 or not np.isfinite(proba).all():
-        auc = float("nan")
-    elif k == 2:
-        auc = float(roc_auc_score(y_true, proba[:, 1]))
-    else:
-        auc = float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels))
     return {
-        "auc": auc,
+        "auc": metric_value(y_true, proba, "auc"),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
         "accuracy": float(accuracy_score(y_true, pred)),
         "recall": [float(r) for r in recall_score(y_true, pred, labels=labels, average=None, zero_division=0)],
@@ -109,12 +102,32 @@ def operating_point(
 def evaluate_model(
     model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> dict:
-    """:func:`metrics` of the model on ``data``; binary tasks also keep ``scores``, P(positive), for an operating point."""
+    """:func:`metrics` of the model on ``data``, with ``proba`` and ``labels`` (a paired bootstrap resamples them);
+    binary tasks also keep ``scores``, P(positive), for an operating point."""
     proba = predict(model, data, spec, batch_size, device)
-    out = metrics(data.labels, proba, data.num_classes)
+    out = metrics(data.labels, proba, data.num_classes) | {"proba": proba, "labels": np.asarray(data.labels)}
     if proba.shape[1] == 2:
-        out["scores"], out["labels"] = proba[:, 1], data.labels
+        out["scores"] = proba[:, 1]
     return out
+
+
+def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
+    """One selection metric (``auc``, ``balanced_accuracy`` or ``accuracy``) of class probabilities; NaN if undefined."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    y_true = np.asarray(y_true).reshape(-1)
+    if metric == "auc":
+        if len(np.unique(y_true)) < 2 or not np.isfinite(proba).all():
+            return float("nan")
+        if proba.shape[1] == 2:
+            return float(roc_auc_score(y_true, proba[:, 1]))
+        labels = list(range(proba.shape[1]))
+        return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels))
+    if metric == "balanced_accuracy":
+        return float(balanced_accuracy_score(y_true, proba.argmax(1)))
+    if metric == "accuracy":
+        return float(accuracy_score(y_true, proba.argmax(1)))
+    raise ValueError(f"unknown metric {metric!r}: valid are auc, balanced_accuracy, accuracy")
 
 
 def with_operating_point(val: dict, test: dict | None, rule: str = "youden", target: float = 0.9) -> dict | None:
@@ -145,6 +158,14 @@ def fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:.{digits}f}"
+
+
+def md_inert(text: object) -> str:
+    """A value from outside (a hospital's name) made inert in a markdown table: no link, no markup, one line."""
+    out = " ".join(str(text).split())
+    for ch in "\\`*_[]|<>#":
+        out = out.replace(ch, "\\" + ch)
+    return out
 
 
 def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str] | None = None) -> str:
@@ -213,6 +234,54 @@ def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "test_auc", titl
         ax.axvline(float(singles.mean()), color="#555", linestyle="--", linewidth=1)
         handles.append(plt.Line2D([], [], color="#555", linestyle="--", label="mean single"))
     _legend_outside(ax, handles)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def contribution_plot(scores, path: str | Path, title: str) -> Path:
+    """Horizontal bars of each input's leave-one-out score (± standard error), and its Shapley value when scored.
+
+    ``scores`` is a :class:`medvec.record.Contributions`; vectors the harmful rule fired on are red.
+    """
+    plt = _plt()
+    path = Path(path)
+    rows = [*scores.scores, *scores.excluded]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.6))
+    height = 0.38 if scores.method == "shapley" else 0.6
+    colours = ["#d62728" if s.harmful else "#2f6fdd" for s in rows]
+    err = [s.loo_se or 0.0 for s in rows]
+    ax.barh(
+        y - (height / 2 if scores.method == "shapley" else 0),
+        [s.loo for s in rows],
+        height,
+        xerr=err,
+        color=colours,
+        ecolor="#333",
+        capsize=3,
+        label="leave-one-out ± SE",
+    )
+    if scores.method == "shapley":
+        ax.barh(
+            y + height / 2,
+            [s.shapley or 0.0 for s in rows],
+            height,
+            xerr=[s.shapley_se or 0.0 for s in rows],
+            color="#9ecae1",
+            ecolor="#333",
+            capsize=3,
+            label="Shapley ± SE",
+        )
+    excluded = {s.vector_id for s in scores.excluded}
+    labels = [f"{s.hospital} {s.vector_id[-8:]}{' (excluded)' if s.vector_id in excluded else ''}" for s in rows]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="#555", linewidth=1)
+    ax.set_xlabel(f"contribution: change in validation {scores.metric} (positive: it helped)")
+    ax.set_title(title)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -91,11 +91,26 @@ def local_moment_sums(model: nn.Module, base: Base, data: ImageSet, cfg: BatchNo
     return moment_sums(model, batches(data, base.spec, cfg.batch_size, seed=seed, limit=cfg.max_samples))
 
 
-def live_moments(base: Base, folders: list[str | Path], cfg: BatchNormConfig):
-    """A ``moments_fn`` answered by each hospital on its own data under the model asked about (only sums come back)."""
-    local = [LocalData.load(f).train for f in folders]
+@dataclass
+class LiveMoments:
+    """A ``moments_fn`` answered by each hospital on its own data under the model asked about (only sums come back).
 
-    def moments_fn(model: nn.Module) -> MomentSums:
-        return MomentSums.combine(local_moment_sums(model, base, data, cfg, seed=i) for i, data in enumerate(local))
+    ``local`` holds (hospital, its training split, its sampling seed); ``only(hospitals)`` asks just those
+    hospitals (the merge of a subset, for contribution scores).
+    """
 
-    return moments_fn
+    base: Base
+    cfg: BatchNormConfig
+    local: list[tuple[str, ImageSet, int]]
+
+    def __call__(self, model: nn.Module) -> MomentSums:
+        return MomentSums.combine(local_moment_sums(model, self.base, d, self.cfg, seed=s) for _, d, s in self.local)
+
+    def only(self, hospitals: list[str]) -> "LiveMoments":
+        wanted = set(hospitals)
+        return LiveMoments(self.base, self.cfg, [h for h in self.local if h[0] in wanted])
+
+
+def live_moments(base: Base, folders: list[str | Path], cfg: BatchNormConfig) -> LiveMoments:
+    """:class:`LiveMoments` of the hospitals whose data folders are ``folders`` (named after the hospital)."""
+    return LiveMoments(base, cfg, [(Path(f).name, LocalData.load(f).train, i) for i, f in enumerate(folders)])

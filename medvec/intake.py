@@ -186,3 +186,12 @@ def _screen(store, vectors: list, cfg: IntakeConfig, rejected: list[Rejection]) 
             )
         )
     return result.kept, report
+
+
+def quarantine_harmful(store, excluded: list) -> list[Rejection]:
+    """Move the vectors the harmful rule excluded (:func:`medvec.contribution.guarded_merge`) to quarantine."""
+    out = []
+    for v, score in excluded:
+        key = store.vector_key(v.meta.base_sha256, v.meta.hospital, v.meta.vector_id)
+        out.append(store.quarantine(key, "harmful", score.harmful, v.meta.hospital))
+    return out

@@ -121,6 +121,39 @@ class Screened(_Record):
     median_cosine: float | None = None
 
 
+class ContributionScore(_Record):
+    """What one vector contributed to a merge, in the validation metric's units (positive: it helped)."""
+
+    vector_id: str
+    hospital: str
+    loo: float = Field(description="v(all) − v(all without this vector): the metric it added to the merge")
+    loo_se: float | None = Field(None, description="paired-bootstrap standard error of loo over the validation split")
+    shapley: float | None = Field(None, description="its Shapley value: the mean marginal gain over join orders")
+    shapley_se: float | None = Field(None, description="standard error of the permutation estimate; 0 when exact")
+    harmful: str | None = Field(None, description="why the harmful rule fired (intake.harmful); None: it did not")
+
+
+class Contributions(_Record):
+    """Contribution scores of one merge's inputs: the value v(S) of a subset S is the validation metric of the
+    merge of S made as the merge itself was (method, λ or η, BN strategy); v(∅) is the start model."""
+
+    method: Literal["loo", "shapley"]
+    metric: str
+    value_all: float
+    value_none: float
+    merges: int = Field(description="extra merges evaluated for the scores")
+    permutations: int = 0
+    exact: bool = Field(False, description="Shapley values from every join order (not sampled)")
+    seconds: float
+    scores: tuple[ContributionScore, ...]
+    excluded: tuple[ContributionScore, ...] = Field(
+        (), description="scored in a first merge, then excluded as harmful (intake.harmful=exclude)"
+    )
+
+    def of(self, vector_id: str) -> ContributionScore | None:
+        return next((s for s in (*self.scores, *self.excluded) if s.vector_id == vector_id), None)
+
+
 class GateDecision(_Record):
     """The champion gate's verdict on a registered version."""
 
@@ -170,6 +203,7 @@ class MergeRecord(_Record):
     dvc_commit: str | None = None
     trigger: dict[str, str] = Field(default_factory=dict)
     registry: GateDecision | None = None
+    contribution: Contributions | None = None
 
     @classmethod
     def build(
@@ -208,6 +242,7 @@ class MergeRecord(_Record):
             params=params,
             eval_set=eval_set,
             merged_sha256=state_sha256(outcome.model.state_dict()),
+            contribution=outcome.scores,
             **extra,
         )
 

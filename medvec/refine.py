@@ -109,6 +109,7 @@ class Step:
     outcome: MergeOutcome
     promoted: bool
     reason: str
+    vectors: list  # the step's inputs: the admitted ones, less any the harmful rule excluded
 
 
 def run_step(
@@ -122,15 +123,25 @@ def run_step(
     the demo) makes ``recompute`` exact; without it the BN plan follows
     what the vectors carry (:func:`medvec.coordinator.plan_bn`).
     """
+    from medvec.contribution import guarded_merge, score_merge
+    from medvec.intake import quarantine_harmful
+
     started_at, clock = utcnow(), time.perf_counter()
     point = store.champion(root.sha256)
     champion = store.get_start(root.sha256, point.version)
-    outcome = refine_step(champion, point.version, admission.admitted, params, evalsets, calibration, moments_fn)
+    guarded = guarded_merge(
+        lambda vs: refine_step(champion, point.version, vs, params, evalsets, calibration, moments_fn),
+        lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn),
+        admission.admitted,
+        params.intake,
+    )
+    outcome, vectors = guarded.outcome, guarded.vectors
+    harmful = quarantine_harmful(store, guarded.excluded)
     champion_val = evaluate_model(champion.model, evalsets.val, champion.spec, params.evaluate.batch_size)
     promoted, reason = beats(outcome.val, champion_val, params)
     record = MergeRecord.build(
         outcome,
-        admission.admitted,
+        vectors,
         root.sha256,
         params,
         evalsets.ref(),
@@ -141,7 +152,7 @@ def run_step(
         parent_version=point.version,
         parent_sha256=point.sha256,
         screened=tuple(admission.screened),
-        quarantined=tuple(admission.rejected),
+        quarantined=(*admission.rejected, *harmful),
         trigger=trigger or {},
     )
     merged = Base(outcome.model, champion.spec, champion.num_classes, record.merged_sha256)
@@ -150,9 +161,8 @@ def run_step(
         new = store.put_start(root.sha256, merged, record.merge_id, record.val)
         record = record.model_copy(update={"version": new.version})
         record = store.put_merge(record, latest=False)
-    return Step(
-        record, outcome, promoted, f"v{point.version} → {'v' + str(record.version) if promoted else 'kept'}: {reason}"
-    )
+    verdict = f"v{point.version} → {'v' + str(record.version) if promoted else 'kept'}: {reason}"
+    return Step(record, outcome, promoted, verdict, vectors)
 
 
 def chain(store, record: MergeRecord) -> list[MergeRecord]:

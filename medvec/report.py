@@ -20,7 +20,15 @@ import json
 import math
 from pathlib import Path
 
-from medvec.evaluate import async_curve, bar_chart, confusion_plot, lambda_curve, markdown_table, results_frame
+from medvec.evaluate import (
+    async_curve,
+    bar_chart,
+    confusion_plot,
+    contribution_plot,
+    lambda_curve,
+    markdown_table,
+    results_frame,
+)
 
 KINDS = ("single", "merged", "centralized", "control", "async")
 
@@ -123,6 +131,9 @@ def write_report(
         paths["async"] = async_curve(steps, out / "async.png", refs)
         md += ["", "![async champion after each landing](async.png)", ""]
         paths["md"].write_text("\n".join(md))
+    if doc.get("contribution"):
+        paths["contribution"] = _contribution_section(doc, out, md)
+        paths["md"].write_text("\n".join(md))
     sel = next(r for r in doc["results"] if r.get("selected"))
     if curves:
         chosen = {r["name"]: r["lambda"] for r in doc["results"] if r["name"] in curves}
@@ -132,6 +143,26 @@ def write_report(
         title = f"{doc['dataset']}, selected {sel['name']}: test split (n={sum(map(sum, sel['confusion']))})"
         paths["confusion"] = confusion_plot(sel["confusion"], classes, out / "confusion.png", title)
     return paths
+
+
+def _contribution_section(doc: dict, out: Path, md: list[str]) -> Path:
+    """What each hospital's vector contributed to the registered merge: a table in ``md`` and a bar chart."""
+    from medvec.contribution import markdown
+    from medvec.record import Contributions
+
+    scores = Contributions.model_validate(doc["contribution"])
+    title = f"{doc['dataset']}: each vector's contribution to the registered merge (validation split)"
+    path = contribution_plot(scores, out / "contributions.png", title)
+    md += [
+        "",
+        "## What each hospital contributed",
+        "",
+        *markdown(scores),
+        "",
+        "![contributions](contributions.png)",
+        "",
+    ]
+    return path
 
 
 def render_table(doc: dict) -> str:

@@ -39,7 +39,9 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.pyfunc import PythonModel
 
+from medvec.contribution import table_rows
 from medvec.errors import LineageError
+from medvec.evaluate import md_inert
 from medvec.faults import failpoint
 from medvec.record import GateDecision, MergeRecord
 
@@ -277,7 +279,7 @@ def _fit(text: str, limit: int) -> str:
 def _hospital_note(tags: dict[str, str], metrics: dict[str, float], merges: list[str]) -> str:
     """A fine-tune run's description: the vector it published and the merges that vector went into."""
     lines = [
-        f"### Fine-tune at hospital {_md(tags.get('medvec.hospital'))}",
+        f"### Fine-tune at hospital {md_inert(tags.get('medvec.hospital'))}",
         "",
         f"- vector `{tags.get('medvec.vector_id')}`, content sha256 `{tags.get('medvec.content_sha256', '')[:12]}…`",
         f"- base θ_pre sha256 `{tags.get('medvec.base_sha256', '')[:12]}…`",
@@ -513,14 +515,6 @@ def _describe(
         logging.getLogger(__name__).warning("merge %s: descriptions not updated: %s", record.merge_id, exc)
 
 
-def _md(text: object) -> str:
-    """A value from outside (a hospital's name) made inert in a markdown table: no link, no markup, one line."""
-    out = " ".join(str(text).split())
-    for ch in "\\`*_[]|<>#":
-        out = out.replace(ch, "\\" + ch)
-    return out
-
-
 def _scale_name(record: MergeRecord) -> str:
     """What ``record.lam`` scales: η, the server step of an async step, or λ of a one-shot merge."""
     return "η" if record.mode == "async" else "λ"
@@ -545,16 +539,22 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
         head, rule = head + " DP ε |", rule + "---|"
     if step:
         head, rule = head + " from version | staleness | weight |", rule + "---|---|---|"
+    scored = record.contribution
+    if scored is not None:
+        head, rule = head + f" contribution (LOO, val {scored.metric}) |", rule + "---|"
     lines += ["", head, rule]
     for i in record.inputs:
         link = links.get(i.vector_id)
         run = f"[fine-tune run]({link})" if link else "not found in this tracking server"
-        row = f"| {_md(i.hospital)} | `{i.vector_id}` | `{i.content_sha256[:12]}` | {run} |"
+        row = f"| {md_inert(i.hospital)} | `{i.vector_id}` | `{i.content_sha256[:12]}` | {run} |"
         if dp:
             row += " no DP |" if i.epsilon is None else f" {i.epsilon:.3f} |"
         if step:
             weight = "-" if i.weight is None else f"{i.weight:.4f}"
             row += f" v{i.start_version} | {i.staleness} | {weight} |"
+        if scored is not None:
+            score = scored.of(i.vector_id)
+            row += f" {score.loo:+.4f}{' (harmful)' if score.harmful else ''} |" if score else " – |"
         lines.append(row)
     scores = ", ".join(
         f"{split} {metric} {m[metric]:.4f}" for split, m in (("val", record.val), ("test", record.test)) if metric in m
@@ -580,7 +580,7 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
 
 def _version_note(client, record: MergeRecord, merge_link: str, verdict: str, reason: str) -> str:
     """A registered version's description: its merge run, its parent champion (async) and the gate."""
-    hospitals = ", ".join(sorted({_md(i.hospital) for i in record.inputs}))
+    hospitals = ", ".join(sorted({md_inert(i.hospital) for i in record.inputs}))
     lines = [
         f"Merged by run [`{record.merge_id}`]({merge_link}): {record.method},"
         f" {_scale_name(record)} = {record.lam:g},"
@@ -670,6 +670,7 @@ def _log_merge_run(
         }
         mlflow.log_table({**table, f"val_{metric}": [float(v) for v in vals]}, "lambda_curve.json")
     _log_eval_set(mlflow, record)
+    _log_contributions(mlflow, record)
     tags = {
         "medvec.kind": "merge",
         "medvec.base_sha256": record.base_sha256,
@@ -687,6 +688,23 @@ def _log_merge_run(
     mlflow.log_dict([{**i.to_json(), "run_id": runs[i.vector_id]} for i in record.inputs], "inputs.json")
     for path in plots.values():
         mlflow.log_artifact(str(path), artifact_path="plots")
+
+
+def _log_contributions(mlflow, record: MergeRecord) -> None:
+    """The contribution table ``contributions.json``, each vector's leave-one-out as ``contribution_loo.<n>``
+    (n: its place in the inputs), and ``medvec.harmful`` naming the vectors the harmful rule fired on."""
+    scores = record.contribution
+    if scores is None:
+        return
+    rows = table_rows(scores)
+    mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "contributions.json")
+    index = {i.vector_id: n for n, i in enumerate(record.inputs)}
+    loo = {f"contribution_loo.{index[s.vector_id]}": s.loo for s in scores.scores if s.vector_id in index}
+    mlflow.log_metrics(loo | {"contribution_seconds": scores.seconds})
+    mlflow.log_params({"contribution_method": scores.method})
+    harmful = [f"{r['vector_id']} {r['verdict']}" for r in rows if r["verdict"] != "ok"]
+    if harmful:
+        mlflow.set_tag("medvec.harmful", "; ".join(harmful))
 
 
 def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict]) -> tuple[bool, str]:
@@ -802,6 +820,28 @@ def lineage(ref: str) -> dict:
     }
 
 
+def add_contributions(tree: dict, record: MergeRecord) -> dict:
+    """Each lineage vector's contribution score from the merge record, and the vectors excluded as harmful."""
+    scores = record.contribution
+    if scores is None:
+        return tree
+    for v in tree["vectors"]:
+        s = scores.of(v["vector_id"])
+        v["contribution"] = s.model_dump(mode="json") if s else None
+    summary = scores.model_dump(mode="json", exclude={"scores"})
+    tree["contribution"] = summary
+    return tree
+
+
+def _contribution_text(c: dict | None, metric: str) -> str:
+    if not c:
+        return ""
+    out = f"  contribution (val {metric}) LOO {c['loo']:+.4f}" + (f" ± {c['loo_se']:.4f}" if c["loo_se"] else "")
+    if c.get("shapley") is not None:
+        out += f" Shapley {c['shapley']:+.4f}"
+    return out + ("  HARMFUL" if c.get("harmful") else "")
+
+
 def lineage_text(tree: dict) -> str:
     m, r, b = tree["model"], tree["merge_run"], tree["base"]
     alias = f" @{','.join(m['aliases'])}" if m["aliases"] else ""
@@ -816,6 +856,7 @@ def lineage_text(tree: dict) -> str:
         lines.append(
             f"   {'└' if last else '├'}─ vector {v['vector_id']}  hospital={v['hospital']}  content sha256 {v['content_sha256']}"
             + (f"  DP ε={v['dp_epsilon']:.3f}" if v.get("dp_epsilon") is not None else "")
+            + _contribution_text(v.get("contribution"), (tree.get("contribution") or {}).get("metric", ""))
         )
         fr = v["finetune_run"]
         pad = "      " if last else "   │  "
@@ -827,6 +868,8 @@ def lineage_text(tree: dict) -> str:
         else:
             lines.append(f"{pad}└─ fine-tune run: not found in this tracking server")
     lines.append(f"   └─ base {b['sha256']}  registered as {b['registered_as']} v{','.join(b['versions']) or '?'}")
+    for e in (tree.get("contribution") or {}).get("excluded", []):
+        lines.append(f"   excluded as harmful: {e['vector_id']} ({e['hospital']}): {e['harmful']}")
     lines += _chain_text(tree.get("chain", []))
     return "\n".join(lines)
 

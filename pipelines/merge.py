@@ -1,4 +1,5 @@
-"""DVC stage ``merge``: merge the hospitals' vectors (``merge``, ``batchnorm``), λ chosen on validation."""
+"""DVC stage ``merge``: merge the hospitals' vectors (``merge``, ``batchnorm``), λ chosen on validation,
+each vector's contribution scored (``contribution``, ``intake.harmful``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.coordinator import EvalSets, MergeOutcome, merge_once
+from medvec.contribution import scored_merge_once
+from medvec.coordinator import EvalSets, MergeOutcome
 from medvec.data import load_split
 from medvec.models import Base, load_base, save_base
 from medvec.record import MergeRecord
@@ -17,7 +19,10 @@ from medvec.vectors import load_vector, utcnow
 
 
 def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tuple[Base, list, EvalSets, MergeOutcome]:
-    """The same core call as the ``merge-and-evaluate`` flow (validation only; test is the next stage)."""
+    """The same core call as the ``merge-and-evaluate`` flow (validation only; test is the next stage).
+
+    Returns the vectors merged: a vector the harmful rule excluded stays in ``work/vectors`` and is named,
+    with its reason, in the record's contribution scores."""
     set_threads(params.finetune.threads)
     base = load_base(base_path)
     vectors = [load_vector(p, base=base.model.state_dict(), base_sha256=base.sha256) for p in vector_paths]
@@ -25,7 +30,8 @@ def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tu
     calibration = (
         load_split(params.coordinator.calibration_data, "train") if params.coordinator.calibration_data else None
     )
-    return base, vectors, evalsets, merge_once(base, vectors, params, evalsets, calibration)
+    guarded = scored_merge_once(base, vectors, params, evalsets, calibration)
+    return base, guarded.vectors, evalsets, guarded.outcome
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,11 +9,12 @@ from prefect.cache_policies import NO_CACHE
 
 from medvec import coordinator as core
 from medvec.config import IntakeConfig, Params, RefineConfig
+from medvec.contribution import Guarded, score_merge, scored_merge_once
 from medvec.data import split_from_config, to_tensor
 from medvec.evaluate import evaluate_model
-from medvec.intake import Admission, admit
+from medvec.intake import Admission, admit, quarantine_harmful
 from medvec.models import Base, base_from_config, load_base
-from medvec.record import GateDecision, MergeRecord
+from medvec.record import Contributions, GateDecision, MergeRecord, Rejection
 from medvec.refine import Step, run_step
 from medvec.store import open_store
 
@@ -73,9 +74,24 @@ def last_merge(store_url: str, base_sha256: str) -> MergeRecord | None:
 
 
 @task(cache_policy=NO_CACHE)
-def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration) -> core.MergeOutcome:
-    """Merge with the configured method and λ, restore BN, evaluate on the held-out set."""
-    return core.merge_once(base, vectors, params, evalsets, calibration)
+def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration) -> Guarded:
+    """Merge with the configured method and λ, restore BN, evaluate, and score each input's contribution
+    (merged again without the harmful ones under ``intake.harmful: exclude``)."""
+    return scored_merge_once(base, vectors, params, evalsets, calibration)
+
+
+@task(cache_policy=NO_CACHE)
+def contribution_scores(
+    base: Base, vectors: list, outcome: core.MergeOutcome, params: Params, evalsets: core.EvalSets, moments_fn, progress
+) -> Contributions | None:
+    """What each input contributed to ``outcome`` (leave-one-out, Shapley) on the validation split."""
+    return score_merge(base, vectors, outcome, params, evalsets, None, moments_fn, progress)
+
+
+@task(**IO_RETRIES)
+def quarantine_excluded(store_url: str, excluded: list) -> list[Rejection]:
+    """Keep the vectors the harmful rule excluded in quarantine, with the reason."""
+    return quarantine_harmful(open_store(store_url), excluded)
 
 
 @task(**IO_RETRIES)

@@ -115,6 +115,23 @@ def final_merge_run(env: dict, ids: list[str]):
     return None
 
 
+def tracked_merge(env: dict, merge_id: str) -> dict:
+    """The merge run in the coordinator's MLflow (a SQLite file here): its contribution table, plots and metrics."""
+    code = f"""
+import json, mlflow
+from mlflow import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name("medvec-merges")
+run = c.search_runs([exp.experiment_id], filter_string="tags.`medvec.merge_id` = '{merge_id}'")[0]
+table = json.load(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="contributions.json")))
+files = [f.path for f in c.list_artifacts(run.info.run_id, "plots")]
+print(json.dumps({{"table": table, "plots": files, "metrics": run.data.metrics}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
     env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
     from medvec.data import write_hospital_shards
@@ -159,6 +176,17 @@ with get_client(sync_client=True) as c:
     merge_id = run["name"]
     assert merge_id.startswith("merge-") and {f"merge:{merge_id}", "mode:oneshot"} <= set(run["tags"])
     assert any(merge_id in a["data"] for a in info["artifacts"][run["id"]])
+    # what each hospital contributed: in the Prefect merge report and in the MLflow merge run
+    report = next(a["data"] for a in info["artifacts"][run["id"]] if a["key"] == "merge-report")
+    assert "**What each input contributed**" in report
+    for vid in ids:
+        assert re.search(rf"\| h[12] \| `{vid}` \| [+-]\d\.\d{{4}} ± \d\.\d{{4}} \| – \| ok \|", report), report
+    tracked = tracked_merge(env, merge_id)
+    table = [dict(zip(tracked["table"]["columns"], row)) for row in tracked["table"]["data"]]
+    assert sorted(r["vector_id"] for r in table) == ids and {r["verdict"] for r in table} == {"ok"}
+    assert "plots/contributions.png" in tracked["plots"]
+    loo = sorted(tracked["metrics"][f"contribution_loo.{n}"] for n in (0, 1))
+    assert loo == pytest.approx(sorted(r["loo"] for r in table), abs=1e-9)  # the table keeps 10 digits
     ran = api(env, HOSPITAL_RUNS)
     assert sorted(h["hospital"] for h in ran) == ["h1", "h2"]
     for h in ran:

@@ -65,7 +65,7 @@ def test_the_registered_label_is_the_positive_probability_at_the_threshold_not_t
 
 
 def test_a_hospital_name_cannot_plant_markup_or_links_in_an_mlflow_description():
-    from medvec.tracking import _md
+    from medvec.evaluate import md_inert as _md
 
     assert _md("st-marys") == "st-marys"
     assert _md("x | [click](https://evil)\n# big") == "x \\| \\[click\\](https://evil) \\# big"

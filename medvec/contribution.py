@@ -1,0 +1,451 @@
+"""What each vector contributed to a merge, and the harmful-vector rule built on it.
+
+The value of a subset S of a merge's inputs, v(S), is the validation metric
+(``evaluate.select_metric``) of the merge of S made exactly as the merge itself
+was made: the same method and λ (an async step: the same η, its weights
+renormalized over S), the same BN strategy with statistics from S alone, the
+same evaluation (:func:`medvec.coordinator.apply_delta`,
+:func:`medvec.evaluate.evaluate_model`).  v(∅) is the start model (θ_pre, or the
+champion an async step starts from).
+
+- **Leave-one-out** (``contribution.method: loo``, K extra merges):
+  ``loo_i = v(all) − v(all without i)``, so a positive score means the vector
+  helped.  Its standard error comes from a paired bootstrap over the
+  validation images (both models scored on the same resample).
+- **Shapley** (``shapley``, K ≤ ``contribution.max_vectors``): the mean of
+  ``v(P ∪ {i}) − v(P)`` over join orders, P the vectors before i.  When every
+  subset fits the budget (``contribution.budget`` extra merges) every order is
+  used and the value is exact; otherwise orders are sampled (seeded) until the
+  budget is spent, with the standard error of the mean.
+
+The harmful rule (``intake.harmful``): a vector whose ``loo`` is below both
+``−intake.harm_min`` and ``−intake.harm_z`` × its standard error made the merge
+significantly worse.  ``flag`` records it; ``exclude`` also moves it to
+quarantine with that reason and merges again without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medvec.config import IntakeConfig, Params
+from medvec.coordinator import (
+    BnPlan,
+    EvalSets,
+    MergeOutcome,
+    MomentsFn,
+    apply_delta,
+    merge_once,
+    moments_source,
+    score,
+)
+from medvec.data import ImageSet
+from medvec.evaluate import evaluate_model, md_inert, metric_value
+from medvec.merge import merge_delta, method_from_config
+from medvec.models import Base
+from medvec.record import Contributions, ContributionScore
+from medvec.store import StoreError
+from medvec.vectors import DataVector
+
+Members = frozenset[int]
+
+
+def subset_delta(vectors: Sequence, outcome: MergeOutcome, params: Params) -> DataVector:
+    """The merged delta of ``vectors`` as ``outcome``'s merge made it (an async step renormalizes its weights)."""
+    if outcome.contributions is not None:  # an async step: w·s(staleness)/Σw over this subset
+        from medvec.refine import contributions, step_delta
+
+        first = outcome.contributions[0]
+        r = params.refine
+        parts = contributions(vectors, first.start_version + first.staleness, r.staleness, r.staleness_a, r.staleness_b)
+        return step_delta(vectors, [c.weight for c in parts])
+    return merge_delta(vectors, method_from_config(outcome.method, params.merge))
+
+
+@dataclass
+class Game:
+    """v(S) for subsets of one merge's inputs, each merge evaluated once (cached by subset)."""
+
+    start: Base
+    vectors: list
+    outcome: MergeOutcome
+    params: Params
+    evalsets: EvalSets
+    calibration: ImageSet | None = None
+    moments_fn: MomentsFn | None = None
+    cache: dict[Members, dict] = field(default_factory=dict)
+    bar: tqdm | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def metric(self) -> str:
+        return self.params.evaluate.select_metric
+
+    def metrics(self, members: Members) -> dict:
+        if members not in self.cache:
+            self.cache[members] = self._evaluate(members)
+            if self.bar is not None:
+                self.bar.update(1)
+        return self.cache[members]
+
+    @property
+    def merges(self) -> int:
+        """Extra merges evaluated so far: subsets other than all inputs (the merge itself) and none (the start)."""
+        return sum(0 < len(m) < self.k for m in self.cache)
+
+    def value(self, members: Members) -> float:
+        return score(self.metrics(members), self.metric)
+
+    def _evaluate(self, members: Members) -> dict:
+        bs = self.params.evaluate.batch_size
+        if not members:
+            return evaluate_model(self.start.model, self.evalsets.val, self.start.spec, bs)
+        subset = [self.vectors[i] for i in sorted(members)]
+        tau = subset_delta(subset, self.outcome, self.params)
+        model, _ = apply_delta(
+            self.start, tau, self.outcome.lam, self.outcome.bn.strategy, subset, self._moments(subset)
+        )
+        return evaluate_model(model, self.evalsets.val, self.start.spec, bs)
+
+    def _moments(self, subset: list) -> MomentsFn | None:
+        """BN moment sums from the subset's hospitals only (live answers, their stored sums, or the calibration set)."""
+        bn: BnPlan = self.outcome.bn
+        if bn.strategy != "recompute":
+            return None
+        if self.moments_fn is not None:
+            only = getattr(self.moments_fn, "only", None)
+            return only([v.meta.hospital for v in subset]) if only else self.moments_fn
+        return moments_source(subset, bn, self.start, self.calibration, self.params.batchnorm.batch_size)
+
+
+def paired_se(a: dict, b: dict, metric: str, resamples: int, seed: int) -> float | None:
+    """Standard error of metric(a) − metric(b) by a paired bootstrap over the same images; None without resamples."""
+    if resamples < 2 or "proba" not in a or "proba" not in b:
+        return None
+    y, pa, pb = np.asarray(a["labels"]).reshape(-1), a["proba"], b["proba"]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(y), len(y))
+        d = metric_value(y[idx], pa[idx], metric) - metric_value(y[idx], pb[idx], metric)
+        if math.isfinite(d):
+            diffs.append(d)
+    return float(statistics.stdev(diffs)) if len(diffs) > 1 else None
+
+
+def leave_one_out(game: Game) -> list[tuple[float, float | None]]:
+    """(v(all) − v(all without i), its paired-bootstrap standard error) per vector."""
+    c = game.params.contribution
+    everyone = frozenset(range(game.k))
+    full = game.metrics(everyone)
+    out = []
+    for i in range(game.k):
+        without = game.metrics(everyone - {i})
+        se = paired_se(full, without, game.metric, c.bootstrap, c.seed + i)
+        out.append((game.value(everyone) - game.value(everyone - {i}), se))
+    return out
+
+
+def _marginals(game: Game, order: Sequence[int]) -> dict[int, float]:
+    """Each vector's marginal gain v(P ∪ {i}) − v(P) along one join order."""
+    out, before, members = {}, game.value(frozenset()), frozenset()
+    for i in order:
+        members = members | {i}
+        after = game.value(members)
+        out[i], before = after - before, after
+    return out
+
+
+def _sampled_orders(game: Game, until: int, seed: int, cap: int = 10_000):
+    """Seeded random join orders until ``until`` extra merges are evaluated (at most ``cap`` orders)."""
+    rng = random.Random(seed)
+    for _ in range(cap):
+        if game.merges >= until:
+            return
+        yield rng.sample(range(game.k), game.k)
+
+
+def shapley(game: Game) -> tuple[list[float], list[float], int, bool]:
+    """(values, standard errors, join orders used, exact) within ``contribution.budget`` extra merges."""
+    c, k = game.params.contribution, game.k
+    exact = 2**k - 2 - game.merges <= c.budget
+    orders = itertools.permutations(range(k)) if exact else _sampled_orders(game, game.merges + c.budget, c.seed)
+    gains: dict[int, list[float]] = {i: [] for i in range(k)}
+    for order in orders:
+        for i, g in _marginals(game, order).items():
+            gains[i].append(g)
+    n = len(gains[0])
+    values = [statistics.fmean(gains[i]) for i in range(k)]
+    errors = [0.0 if exact else statistics.stdev(gains[i]) / math.sqrt(n) if n > 1 else math.inf for i in range(k)]
+    return values, errors, n, exact
+
+
+def harmful_reason(s: ContributionScore, cfg: IntakeConfig, metric: str) -> str | None:
+    """Why ``s`` made the merge significantly worse, or None (``intake.harm_min`` and ``intake.harm_z``)."""
+    if s.loo >= -cfg.harm_min:
+        return None
+    if s.loo_se is not None and s.loo > -cfg.harm_z * s.loo_se:
+        return None
+    se = f" ± {s.loo_se:.4f}" if s.loo_se is not None else ""
+    return (
+        f"harmful: the merge's validation {metric} is {-s.loo:.4f}{se} higher without it "
+        f"(beyond harm_min {cfg.harm_min} and {cfg.harm_z} standard errors)"
+    )
+
+
+def score_merge(
+    start: Base,
+    vectors: Sequence,
+    outcome: MergeOutcome,
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None = None,
+    moments_fn: MomentsFn | None = None,
+    progress: bool = False,
+) -> Contributions | None:
+    """Contribution scores of ``outcome``'s inputs; None when ``contribution.method`` and ``intake.harmful`` are off."""
+    c = params.contribution
+    if (c.method == "off" and params.intake.harmful == "off") or not vectors:
+        return None
+    t0 = time.perf_counter()
+    game = Game(start, list(vectors), outcome, params, evalsets, calibration, moments_fn)
+    game.cache[frozenset(range(game.k))] = outcome.val  # the merge itself, already evaluated
+    with tqdm(desc="contribution merges", disable=not progress, leave=False) as game.bar:
+        loo = leave_one_out(game)
+        sv = shapley(game) if c.method == "shapley" and game.k <= c.max_vectors else None
+    scores = []
+    for i, v in enumerate(vectors):
+        s = ContributionScore(
+            vector_id=v.meta.vector_id,
+            hospital=v.meta.hospital,
+            loo=loo[i][0],
+            loo_se=loo[i][1],
+            shapley=sv[0][i] if sv else None,
+            shapley_se=sv[1][i] if sv else None,
+        )
+        if params.intake.harmful != "off":
+            s = s.model_copy(update={"harmful": harmful_reason(s, params.intake, game.metric)})
+        scores.append(s)
+    return Contributions(
+        method="shapley" if sv else "loo",
+        metric=game.metric,
+        value_all=game.value(frozenset(range(game.k))),
+        value_none=game.value(frozenset()),
+        merges=game.merges,
+        permutations=sv[2] if sv else 0,
+        exact=bool(sv and sv[3]),
+        seconds=round(time.perf_counter() - t0, 2),
+        scores=tuple(scores),
+    )
+
+
+@dataclass
+class Guarded:
+    """A scored merge after the harmful rule: the outcome, the vectors in it, and those excluded with their scores."""
+
+    outcome: MergeOutcome
+    vectors: list
+    excluded: list[tuple[object, ContributionScore]] = field(default_factory=list)
+
+
+def guarded_merge(
+    merge: Callable[[list], MergeOutcome],
+    score_fn: Callable[[list, MergeOutcome], Contributions | None],
+    vectors: Sequence,
+    cfg: IntakeConfig,
+) -> Guarded:
+    """Merge and score; with ``intake.harmful: exclude``, merge and score again without the harmful vectors.
+
+    At least one vector always stays (a merge of nothing is no merge); the caller quarantines ``excluded``.
+    """
+    vectors = list(vectors)
+    outcome = merge(vectors)
+    outcome.scores = score_fn(vectors, outcome)
+    if cfg.harmful != "exclude" or outcome.scores is None:
+        return Guarded(outcome, vectors)
+    bad = {s.vector_id: s for s in outcome.scores.scores if s.harmful}
+    kept = [v for v in vectors if v.meta.vector_id not in bad]
+    if not bad or not kept:
+        return Guarded(outcome, vectors)
+    excluded = [(v, bad[v.meta.vector_id]) for v in vectors if v.meta.vector_id in bad]
+    again = merge(kept)
+    scores = score_fn(kept, again)
+    again.scores = scores.model_copy(update={"excluded": tuple(s for _, s in excluded)}) if scores else None
+    return Guarded(again, kept, excluded)
+
+
+def scored_merge_once(
+    base: Base,
+    vectors: Sequence,
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None = None,
+) -> Guarded:
+    """One production merge (:func:`medvec.coordinator.merge_once`), scored, under ``intake.harmful``."""
+    return guarded_merge(
+        lambda vs: merge_once(base, vs, params, evalsets, calibration),
+        lambda vs, o: score_merge(base, vs, o, params, evalsets, calibration),
+        vectors,
+        params.intake,
+    )
+
+
+def table_rows(scores: Contributions, hospitals: set[str] | None = None) -> list[dict]:
+    """One row per scored vector (``hospitals``: only theirs), excluded ones last: what reports and MLflow show."""
+    excluded = {s.vector_id for s in scores.excluded}
+    return [
+        {
+            "hospital": s.hospital,
+            "vector_id": s.vector_id,
+            "loo": s.loo,
+            "loo_se": s.loo_se,
+            "shapley": s.shapley,
+            "shapley_se": s.shapley_se,
+            "verdict": "excluded" if s.vector_id in excluded else "harmful" if s.harmful else "ok",
+            "reason": s.harmful or "",
+        }
+        for s in (*scores.scores, *scores.excluded)
+        if hospitals is None or s.hospital in hospitals
+    ]
+
+
+def markdown(scores: Contributions, hospitals: set[str] | None = None) -> list[str]:
+    """The contribution table as markdown lines (``hospitals``: only their rows)."""
+    how = "exact" if scores.exact else f"{scores.permutations} sampled orders" if scores.permutations else ""
+    lines = [
+        f"validation {scores.metric}: all inputs {scores.value_all:.4f}, start model {scores.value_none:.4f}; "
+        f"{scores.merges} extra merges, {scores.seconds:.1f} s" + (f"; Shapley {how}" if how else ""),
+        "",
+        "| hospital | vector | leave-one-out | Shapley | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for r in table_rows(scores, hospitals):
+        loo = f"{r['loo']:+.4f}" + (f" ± {r['loo_se']:.4f}" if r["loo_se"] is not None else "")
+        sv = f"{r['shapley']:+.4f} ± {r['shapley_se']:.4f}" if r["shapley"] is not None else "–"
+        lines.append(f"| {md_inert(r['hospital'])} | `{r['vector_id']}` | {loo} | {sv} | {r['verdict']} |")
+    return lines
+
+
+def _score_json(s: ContributionScore) -> dict:
+    return s.model_dump(mode="json", exclude={"hospital"})
+
+
+def hospital_report(store, hospital: str) -> dict:
+    """A hospital's view of what the coordinator published: its vectors, the merges they went into, and its
+    contribution to each.  Other hospitals' scores appear only where that merge's ``contribution.share`` was
+    set; nothing else about another hospital (its sample counts, its data) is shown."""
+    own = [s for s in store.sidecars() if s["meta"]["hospital"] == hospital]
+    bases = {s["meta"]["base_sha256"] for s in own}
+    with contextlib.suppress(StoreError):  # a store without a current base still has records to read
+        bases.add(store.current_base())
+    vectors = [
+        {
+            "vector_id": s["meta"]["vector_id"],
+            "status": "landed",
+            "n_train": s["meta"]["n_train"],
+            "created_at": s["meta"]["created_at"],
+            "start_version": s["meta"].get("start_version", 0),
+        }
+        for s in own
+    ]
+    vectors += [
+        {
+            "vector_id": q.object.rsplit("/", 1)[-1].split(".")[0],
+            "status": f"quarantined ({q.check})",
+            "reason": q.problem,
+        }
+        for q in store.quarantined()
+        if q.hospital_claimed == hospital
+    ]
+    merges = [_merge_entry(r, hospital) for b in sorted(bases) for r in store.merges(b)]
+    merges = sorted((m for m in merges if m is not None), key=lambda m: m["finished_at"], reverse=True)
+    return {"hospital": hospital, "store": store.url, "vectors": vectors, "merges": merges}
+
+
+def _merge_entry(record, hospital: str) -> dict | None:
+    """One merge as ``hospital`` may see it, or None when none of its vectors was in it (or excluded from it)."""
+    scores = record.contribution
+    mine = [i.vector_id for i in record.inputs if i.hospital == hospital]
+    excluded = [s for s in (scores.excluded if scores else ()) if s.hospital == hospital]
+    if not mine and not excluded:
+        return None
+    yours = []
+    for vid in mine:
+        s = scores.of(vid) if scores else None
+        yours.append({"vector_id": vid, "in_merge": True} | (_score_json(s) if s else {}))
+    yours += [{"in_merge": False} | _score_json(s) for s in excluded]
+    share = record.params.contribution.share and scores is not None
+    entry = {
+        "merge_id": record.merge_id,
+        "finished_at": record.finished_at,
+        "mode": record.mode,
+        "method": record.method,
+        "lambda": record.lam,
+        "inputs": len(record.inputs),
+        "metric": scores.metric if scores else record.params.evaluate.select_metric,
+        "val": record.val.get(record.params.evaluate.select_metric),
+        "promoted": _promoted(record),
+        "yours": yours,
+        "scored": scores is not None,
+        "others": [
+            {"hospital": s.hospital} | _score_json(s)
+            for s in (*scores.scores, *scores.excluded)
+            if s.hospital != hospital
+        ]
+        if share
+        else None,
+    }
+    return entry
+
+
+def _promoted(record) -> str:
+    """The merge's fate: an async step's start-point version, else the MLflow gate's verdict."""
+    if record.mode == "async":
+        return f"v{record.version}" if record.version is not None else "not promoted"
+    if record.registry is None:
+        return "not registered"
+    return f"version {record.registry.version}: {'champion' if record.registry.champion else 'not promoted'}"
+
+
+def report_text(doc: dict) -> str:
+    """``medvec hospital report`` as text."""
+    lines = [f"hospital {doc['hospital']} in {doc['store']}", "", f"vectors ({len(doc['vectors'])}):"]
+    for v in doc["vectors"]:
+        extra = f"n_train {v['n_train']}  {v['created_at']}" if v["status"] == "landed" else v.get("reason", "")
+        lines.append(f"  {v['vector_id']}  {v['status']}  {extra}")
+    lines += ["", f"merges with its vectors ({len(doc['merges'])}), newest first:"]
+    for m in doc["merges"]:
+        val = "–" if m["val"] is None else f"{m['val']:.4f}"
+        lines.append(
+            f"  {m['merge_id']}  {m['finished_at'][:19]}  {m['mode']} {m['method']} λ={m['lambda']:g}"
+            f"  {m['inputs']} inputs  val {m['metric']} {val}  {m['promoted']}"
+        )
+        for y in m["yours"]:
+            lines.append(f"    {y['vector_id']}: {_score_text(y) if 'loo' in y else 'not scored'}")
+        if m["others"] is not None:
+            lines += [f"    other: {o['hospital']} {o['vector_id']}: {_score_text(o)}" for o in m["others"]]
+    return "\n".join(lines)
+
+
+def _score_text(s: dict) -> str:
+    out = f"leave-one-out {s['loo']:+.4f}" + (f" ± {s['loo_se']:.4f}" if s.get("loo_se") is not None else "")
+    if s.get("shapley") is not None:
+        out += f"  Shapley {s['shapley']:+.4f} ± {s['shapley_se']:.4f}"
+    if not s.get("in_merge", True):
+        out += "  EXCLUDED"
+    if s.get("harmful"):
+        out += f"  ({s['harmful']})"
+    return out
