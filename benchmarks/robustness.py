@@ -14,7 +14,7 @@ honest hospital's leave-one-out score next to its sample count and label skew.
 
     python benchmarks/robustness.py [--seeds 0 1 2] [--datasets breastmnist pneumoniamnist] [-S key=value ...]
 
-Writes ``benchmarks/results/robustness.json`` (with a ``headline`` for ``both``) and ``.md``.
+Writes ``benchmarks/results/robustness.json`` (with a ``headline`` for ``both``), ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def run_dataset(name: str, seed: int, args, bar) -> tuple[list[dict], list[dict]
                     "honest_excluded": sum(v.meta.vector_id not in final for v in submitted),
                     "test_auc": g.outcome.test["auc"],
                     "lambda": g.outcome.lam,
+                    "contribution_seconds": g.outcome.scores.seconds,
                     "attacker_loo": first[attacker].loo if attacker in first else None,
                     "attacker_loo_se": first[attacker].loo_se if attacker in first else None,
                     "scores": [  # the first merge's scores (the harmful rule's input), attacker marked
@@ -240,6 +241,36 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Honest hospitals' leave-one-out score (± SE) against their sample count and their label skew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for dataset, colour in zip(result["datasets"], ("#d95f02", "#2f6fdd", "#1b9e77")):
+        rows = [h for h in result["honest"] if h["dataset"] == dataset]
+        loo = [h["loo"] for h in rows]
+        err = [h["loo_se"] or 0.0 for h in rows]
+        for ax, key in zip(axes, ("n_train", "label_skew")):
+            x = [h[key] for h in rows]
+            ax.errorbar(x, loo, yerr=err, fmt="o", color=colour, ecolor=colour, alpha=0.8, capsize=2, label=dataset)
+    for ax, label in zip(
+        axes, ("training images at the hospital", "label skew (total variation from the pooled labels)")
+    ):
+        ax.axhline(0.0, color="#555", linewidth=1)
+        ax.set_xlabel(label)
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("leave-one-out contribution (validation AUC)")
+    axes[1].legend(fontsize=8, frameon=False)
+    fig.suptitle(f"Honest hospitals' contributions, no attack ({len(result['seeds'])} seeds, ± paired-bootstrap SE)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -278,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
+    plot(result, out / "robustness.png")
+    md += "\n![honest contributions against sample count and label skew](robustness.png)\n"
     (out / "robustness.md").write_text(md)
     print(md)
     return 0

@@ -29,6 +29,7 @@ from medvec.config import Params, load_params
 from medvec.hospital import live_moments
 from medvec.record import MergeRecord
 from medvec.report import render_table, write_report
+from medvec.store import open_store
 from medvec.train import set_threads
 from medvec.vectors import utcnow
 from tasks.coordinator import (
@@ -199,6 +200,7 @@ def demo(
         paths = write_report(out_dir, doc, curves, classes)  # with the contribution table and chart
         plots = {k: paths[k] for k in ("bars", "lambda", "confusion", "contribution") if k in paths}
         decision = register_merge(record, outcome.model, base, evalsets, plots)
+        open_store(store_url).put_merge(record.model_copy(update={"registry": decision}))  # with the gate's verdict
         doc["merge_id"] = record.merge_id
         label_run(tags=[f"merge:{record.merge_id}"])
         doc["registry"] = decision.to_json()

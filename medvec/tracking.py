@@ -39,7 +39,6 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.pyfunc import PythonModel
 
-from medvec.contribution import table_rows
 from medvec.errors import LineageError
 from medvec.evaluate import md_inert
 from medvec.faults import failpoint
@@ -693,6 +692,8 @@ def _log_merge_run(
 def _log_contributions(mlflow, record: MergeRecord) -> None:
     """The contribution table ``contributions.json``, each vector's leave-one-out as ``contribution_loo.<n>``
     (n: its place in the inputs), and ``medvec.harmful`` naming the vectors the harmful rule fired on."""
+    from medvec.contribution import table_rows
+
     scores = record.contribution
     if scores is None:
         return
