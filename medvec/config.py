@@ -153,8 +153,8 @@ class ContributionConfig(_Frozen):
     method: Literal["off", "loo", "shapley"] = Field(
         "loo", description="off | loo (K extra merges) | shapley (also Shapley values for K ≤ max_vectors)"
     )
-    budget: int = Field(64, ge=1, description="Shapley: at most this many extra merges (subsets) per merge")
-    max_vectors: int = Field(8, ge=2, description="Shapley only up to this many vectors; LOO beyond")
+    budget: int = Field(64, ge=1, description="Shapley: extra merges beyond leave-one-out's, per merge")
+    max_vectors: int = Field(8, ge=2, le=8, description="Shapley only up to this many vectors (at most 8); LOO beyond")
     seed: int = Field(0, description="seeds the permutation sample and the bootstrap")
     bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the validation split (LOO's error)")
     share: bool = Field(False, description="medvec hospital report also shows other hospitals' scores")

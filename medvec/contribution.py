@@ -107,7 +107,9 @@ class Game:
         return sum(0 < len(m) < self.k for m in self.cache)
 
     def value(self, members: Members) -> float:
-        return score(self.metrics(members), self.metric)
+        """v(S); a metric that is undefined (a model whose outputs are not finite) counts as 0, the worst value."""
+        v = score(self.metrics(members), self.metric)
+        return v if math.isfinite(v) else 0.0
 
     def _evaluate(self, members: Members) -> dict:
         bs = self.params.evaluate.batch_size
@@ -178,7 +180,7 @@ def _sampled_orders(game: Game, until: int, seed: int, cap: int = 10_000):
         yield rng.sample(range(game.k), game.k)
 
 
-def shapley(game: Game) -> tuple[list[float], list[float], int, bool]:
+def shapley(game: Game) -> tuple[list[float], list[float | None], int, bool]:
     """(values, standard errors, join orders used, exact) within ``contribution.budget`` extra merges."""
     c, k = game.params.contribution, game.k
     exact = 2**k - 2 - game.merges <= c.budget
@@ -189,7 +191,7 @@ def shapley(game: Game) -> tuple[list[float], list[float], int, bool]:
             gains[i].append(g)
     n = len(gains[0])
     values = [statistics.fmean(gains[i]) for i in range(k)]
-    errors = [0.0 if exact else statistics.stdev(gains[i]) / math.sqrt(n) if n > 1 else math.inf for i in range(k)]
+    errors = [0.0 if exact else statistics.stdev(gains[i]) / math.sqrt(n) if n > 1 else None for i in range(k)]
     return values, errors, n, exact
 
 

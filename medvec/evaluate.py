@@ -122,6 +122,8 @@ def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
         if proba.shape[1] == 2:
             return float(roc_auc_score(y_true, proba[:, 1]))
         labels = list(range(proba.shape[1]))
+        if len(np.unique(y_true)) < len(labels):  # a class without examples: its one-vs-rest AUC is undefined
+            return float("nan")
         return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels))
     if metric == "balanced_accuracy":
         return float(balanced_accuracy_score(y_true, proba.argmax(1)))

@@ -107,7 +107,11 @@ class LiveMoments:
         return MomentSums.combine(local_moment_sums(model, self.base, d, self.cfg, seed=s) for _, d, s in self.local)
 
     def only(self, hospitals: list[str]) -> "LiveMoments":
-        wanted = set(hospitals)
+        wanted, known = set(hospitals), {h for h, _, _ in self.local}
+        if not wanted <= known:
+            raise ValueError(
+                f"no local data for hospital(s) {sorted(wanted - known)}: this moments source has {sorted(known)}"
+            )
         return LiveMoments(self.base, self.cfg, [h for h in self.local if h[0] in wanted])
 
 
