@@ -138,14 +138,25 @@ def paired_se(a: dict, b: dict, metric: str, resamples: int, seed: int) -> float
     if resamples < 2 or "proba" not in a or "proba" not in b:
         return None
     y, pa, pb = np.asarray(a["labels"]).reshape(-1), a["proba"], b["proba"]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(y), len(y))
-        d = metric_value(y[idx], pa[idx], metric) - metric_value(y[idx], pb[idx], metric)
-        if math.isfinite(d):
-            diffs.append(d)
-    return float(statistics.stdev(diffs)) if len(diffs) > 1 else None
+    idx = np.random.default_rng(seed).integers(0, len(y), (resamples, len(y)))
+    if metric == "auc" and pa.shape[1] == 2:
+        diffs = _binary_auc(y, pa[:, 1], idx) - _binary_auc(y, pb[:, 1], idx)
+    else:
+        diffs = np.array([metric_value(y[i], pa[i], metric) - metric_value(y[i], pb[i], metric) for i in idx])
+    diffs = diffs[np.isfinite(diffs)]
+    return float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
+
+
+def _binary_auc(y: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """ROC AUC of every resample (rows of ``idx``) at once, by the rank-sum formula (ties get average ranks)."""
+    from scipy.stats import rankdata
+
+    ys, ranks = y[idx] == 1, rankdata(scores[idx], axis=1)
+    pos = ys.sum(1)
+    neg = ys.shape[1] - pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * ys).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
+    return np.where((pos > 0) & (neg > 0), auc, np.nan)
 
 
 def leave_one_out(game: Game) -> list[tuple[float, float | None]]:

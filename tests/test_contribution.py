@@ -109,6 +109,21 @@ def test_sampled_shapley_stays_within_its_budget(tiny_base, make_vector, evalset
     assert [s.shapley for s in again.scores] == [s.shapley for s in scores.scores]
 
 
+def test_the_vectorized_bootstrap_auc_equals_scikit_learn_on_every_resample():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from medvec.contribution import _binary_auc
+
+    rng = np.random.default_rng(0)
+    y, scores = rng.integers(0, 2, 80), np.round(rng.random(80), 1)  # rounded: many ties
+    idx = rng.integers(0, 80, (50, 80))
+    idx[0] = np.flatnonzero(y == 1)[0]  # one resample with a single class: undefined
+    got = _binary_auc(y, scores, idx)
+    assert np.isnan(got[0])
+    assert np.allclose(got[1:], [roc_auc_score(y[i], scores[i]) for i in idx[1:]], rtol=0, atol=1e-12)
+
+
 def test_paired_bootstrap_error_is_zero_for_identical_models_and_seeded(tiny_base, evalsets):
     m = evaluate_model(tiny_base.model, evalsets.val, tiny_base.spec)
     assert paired_se(m, m, "auc", 50, 0) == 0.0

@@ -202,9 +202,7 @@ def test_sigterm_to_the_worker_command_stops_the_worker(clone, tmp_path, server)
         wait_until(lambda: pool_workers(server.url, "coordinator"), 90, "worker polling", proc, tmp_path / "worker.log")
         assert worker_pids(proc.pid, "coordinator"), "no prefect worker process for pool 'coordinator'"
         os.kill(proc.pid, signal.SIGTERM)
-        started = time.monotonic()
-        proc.wait(timeout=20)
-        assert time.monotonic() - started < 20
+        proc.wait(timeout=60)  # Prefect's graceful shutdown: seconds alone, up to ~25 s beside the rest of the suite
         time.sleep(1)
         assert worker_pids(proc.pid, "coordinator") == [], "a prefect worker outlived SIGTERM to the medvec PID"
     finally:
