@@ -346,8 +346,8 @@ def markdown(scores: Contributions, hospitals: set[str] | None = None) -> list[s
         "|---|---|---|---|---|",
     ]
     for r in table_rows(scores, hospitals):
-        loo = f"{r['loo']:+.4f}" + (f" ± {r['loo_se']:.4f}" if r["loo_se"] is not None else "")
-        sv = f"{r['shapley']:+.4f} ± {r['shapley_se']:.4f}" if r["shapley"] is not None else "–"
+        loo = f"{r['loo']:+.4f}{_pm(r['loo_se'])}"
+        sv = f"{r['shapley']:+.4f}{_pm(r['shapley_se'])}" if r["shapley"] is not None else "–"
         lines.append(f"| {md_inert(r['hospital'])} | `{r['vector_id']}` | {loo} | {sv} | {r['verdict']} |")
     return lines
 
@@ -447,18 +447,23 @@ def report_text(doc: dict) -> str:
             f"  {m['inputs']} inputs  val {m['metric']} {val}  {m['promoted']}"
         )
         for y in m["yours"]:
-            lines.append(f"    {y['vector_id']}: {_score_text(y) if 'loo' in y else 'not scored'}")
+            lines.append(f"    {y['vector_id']}: {score_text(y) if 'loo' in y else 'not scored'}")
         if m["others"] is not None:
-            lines += [f"    other: {o['hospital']} {o['vector_id']}: {_score_text(o)}" for o in m["others"]]
+            lines += [f"    other: {o['hospital']} {o['vector_id']}: {score_text(o)}" for o in m["others"]]
     return "\n".join(lines)
 
 
-def _score_text(s: dict) -> str:
-    out = f"leave-one-out {s['loo']:+.4f}" + (f" ± {s['loo_se']:.4f}" if s.get("loo_se") is not None else "")
+def score_text(s: dict, reasons: bool = True) -> str:
+    """One vector's scores on one line: leave-one-out ± SE, Shapley ± SE, and the harmful rule's verdict."""
+    out = f"leave-one-out {s['loo']:+.4f}{_pm(s.get('loo_se'))}"
     if s.get("shapley") is not None:
-        out += f"  Shapley {s['shapley']:+.4f} ± {s['shapley_se']:.4f}"
+        out += f"  Shapley {s['shapley']:+.4f}{_pm(s.get('shapley_se'))}"
     if not s.get("in_merge", True):
         out += "  EXCLUDED"
     if s.get("harmful"):
-        out += f"  ({s['harmful']})"
+        out += f"  ({s['harmful']})" if reasons else "  HARMFUL"
     return out
+
+
+def _pm(se: float | None) -> str:
+    return f" ± {se:.4f}" if se is not None else ""

@@ -835,12 +835,9 @@ def add_contributions(tree: dict, record: MergeRecord) -> dict:
 
 
 def _contribution_text(c: dict | None, metric: str) -> str:
-    if not c:
-        return ""
-    out = f"  contribution (val {metric}) LOO {c['loo']:+.4f}" + (f" ± {c['loo_se']:.4f}" if c["loo_se"] else "")
-    if c.get("shapley") is not None:
-        out += f" Shapley {c['shapley']:+.4f}"
-    return out + ("  HARMFUL" if c.get("harmful") else "")
+    from medvec.contribution import score_text
+
+    return f"  contribution (val {metric}) {score_text(c, reasons=False)}" if c else ""
 
 
 def lineage_text(tree: dict) -> str:

@@ -16,7 +16,7 @@ from medvec import coordinator as core
 from medvec.batchnorm import moment_sums
 from medvec.cli import main
 from medvec.config import load_params
-from medvec.contribution import harmful_reason, paired_se, score_merge, scored_merge_once
+from medvec.contribution import harmful_reason, markdown, paired_se, score_merge, scored_merge_once
 from medvec.data import batches, load_split
 from medvec.evaluate import evaluate_model
 from medvec.intake import quarantine_harmful
@@ -107,6 +107,11 @@ def test_sampled_shapley_stays_within_its_budget(tiny_base, make_vector, evalset
     assert all(s.shapley is not None and s.shapley_se is not None for s in scores.scores)
     again = score_merge(tiny_base, vs, outcome, params, evalsets)  # seeded: the same orders, the same values
     assert [s.shapley for s in again.scores] == [s.shapley for s in scores.scores]
+    one = params.model_copy(update={"contribution": params.contribution.model_copy(update={"budget": 1})})
+    single = score_merge(tiny_base, vs, outcome, one, evalsets)  # one join order: a mean without an error
+    assert single.permutations == 1 and all(s.shapley_se is None for s in single.scores)
+    rows = markdown(single)[4:]
+    assert len(rows) == 5 and all(f"| {s.shapley:+.4f} | ok |" in r for s, r in zip(single.scores, rows))
 
 
 def test_the_vectorized_bootstrap_auc_equals_scikit_learn_on_every_resample():
