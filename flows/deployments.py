@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,11 +183,17 @@ def worker_command(pool: str) -> list[str]:
 
 
 def start_worker(pool: str) -> NoReturn:
-    """Become a process worker for ``pool`` (exec in place: signals to this PID reach the worker itself)."""
+    """Become a process worker for ``pool`` (exec in place: signals to this PID reach the worker itself).
+
+    SIGINT gets its default action first: a shell starts background jobs (``nohup medvec … &``) with
+    SIGINT ignored, the ignore survives exec, and Prefect's worker stops its child worker with SIGINT,
+    so without this a SIGTERM would never stop a worker started that way.
+    """
     cmd = worker_command(pool)
     sys.stdout.flush()
     sys.stderr.flush()
     os.chdir(PROJECT_DIR)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execve(cmd[0], cmd, os.environ.copy())
 
 

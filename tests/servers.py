@@ -61,6 +61,11 @@ def medvec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedP
     return proc
 
 
+def default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default action (a shell's background job starts with it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Proc:
     proc: subprocess.Popen
     log: Path
@@ -69,7 +74,13 @@ class _Proc:
         self.log = log
         self._fh = open(log, "w")  # noqa: SIM115 - open for the process's lifetime, closed in stop()
         self.proc = subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=default_sigint,  # stop() sends SIGINT, which a background pytest would pass on ignored
         )
 
     def stop(self, timeout: float = 10) -> None:
