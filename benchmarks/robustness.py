@@ -138,7 +138,7 @@ def run_dataset(name: str, seed: int, args, bar) -> tuple[list[dict], list[dict]
                     "contribution_seconds": g.outcome.scores.seconds,
                     "attacker_loo": first[attacker].loo if attacker in first else None,
                     "attacker_loo_se": first[attacker].loo_se if attacker in first else None,
-                    "scores": [  # the first merge's scores (the harmful rule's input), attacker marked
+                    "scores": [  # what the rule saw: excluded vectors first-pass, kept ones from the final merge
                         {"hospital": s.hospital, "loo": s.loo, "loo_se": s.loo_se, "attacker": k == attacker}
                         for k, s in first.items()
                     ],
