@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medvec.config import load_params  # noqa: E402
-from medvec.contribution import guarded_merge, score_merge  # noqa: E402
-from medvec.coordinator import EvalSets, merge_once  # noqa: E402
+from medvec.contribution import scored_merge_once  # noqa: E402
+from medvec.coordinator import EvalSets  # noqa: E402
 from medvec.data import ImageSet, write_hospital_shards  # noqa: E402
 from medvec.defence import screen  # noqa: E402
 from medvec.hospital import LocalData, finetune_vector  # noqa: E402
@@ -75,13 +75,7 @@ def defend(base, vectors: list, p, evalsets: EvalSets, defence: str):
     mad, harmful = SETTINGS[defence]
     intake = p.intake.model_copy(update={"defence": mad, "harmful": harmful})
     pp = p.model_copy(update={"intake": intake})
-    kept = screen(vectors, mad, p.intake.mad_k).kept
-    return guarded_merge(
-        lambda vs: merge_once(base, vs, pp, evalsets),
-        lambda vs, o: score_merge(base, vs, o, pp, evalsets),
-        kept,
-        intake,
-    )
+    return scored_merge_once(base, screen(vectors, mad, p.intake.mad_k).kept, pp, evalsets)
 
 
 def label_skew(counts: list[int], overall: list[int]) -> float:

@@ -185,8 +185,8 @@ def demo(
     # every method under the configured BN strategy, and the selected candidate whatever its strategy
     curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy or c.selected}
     classes = split["classes"]
-    paths = write_report(out_dir, doc, curves, classes)
-    if params.registry.enabled:
+    record = None
+    if params.registry.enabled:  # the selected merge, scored and stored, for the registry
         selected = next(c for c in candidates if c.selected)
         outcome = core.outcome_of(
             base, vectors, selected, core.BnPlan.from_hospitals(selected.bn), params, moments_fn, evalsets
@@ -197,7 +197,8 @@ def demo(
         )
         record = publish_merge(store_url, record, outcome, base)
         doc["contribution"] = outcome.scores.to_json() if outcome.scores else None
-        paths = write_report(out_dir, doc, curves, classes)  # with the contribution table and chart
+    paths = write_report(out_dir, doc, curves, classes)
+    if record is not None:
         plots = {k: paths[k] for k in ("bars", "lambda", "confusion", "contribution") if k in paths}
         decision = register_merge(record, outcome.model, base, evalsets, plots)
         open_store(store_url).put_merge(record.model_copy(update={"registry": decision}))  # with the gate's verdict

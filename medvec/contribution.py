@@ -63,12 +63,10 @@ Members = frozenset[int]
 def subset_delta(vectors: Sequence, outcome: MergeOutcome, params: Params) -> DataVector:
     """The merged delta of ``vectors`` as ``outcome``'s merge made it (an async step renormalizes its weights)."""
     if outcome.contributions is not None:  # an async step: w·s(staleness)/Σw over this subset
-        from medvec.refine import contributions, step_delta
+        from medvec.refine import weighted_step
 
         first = outcome.contributions[0]
-        r = params.refine
-        parts = contributions(vectors, first.start_version + first.staleness, r.staleness, r.staleness_a, r.staleness_b)
-        return step_delta(vectors, [c.weight for c in parts])
+        return weighted_step(vectors, first.start_version + first.staleness, params.refine)[1]
     return merge_delta(vectors, method_from_config(outcome.method, params.merge))
 
 
@@ -228,14 +226,20 @@ def score_merge(
     calibration: ImageSet | None = None,
     moments_fn: MomentsFn | None = None,
     progress: bool = False,
+    start_val: dict | None = None,
 ) -> Contributions | None:
-    """Contribution scores of ``outcome``'s inputs; None when ``contribution.method`` and ``intake.harmful`` are off."""
+    """Contribution scores of ``outcome``'s inputs; None when ``contribution.method`` and ``intake.harmful`` are off.
+
+    ``start_val``: the start model's validation metrics when the caller has them already (v(∅), not evaluated again).
+    """
     c = params.contribution
     if (c.method == "off" and params.intake.harmful == "off") or not vectors:
         return None
     t0 = time.perf_counter()
     game = Game(start, list(vectors), outcome, params, evalsets, calibration, moments_fn)
     game.cache[frozenset(range(game.k))] = outcome.val  # the merge itself, already evaluated
+    if start_val is not None:
+        game.cache[frozenset()] = start_val
     with tqdm(desc="contribution merges", disable=not progress, leave=False) as game.bar:
         loo = leave_one_out(game)
         sv = shapley(game) if c.method == "shapley" and game.k <= c.max_vectors else None

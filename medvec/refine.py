@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from medvec.config import Params
+from medvec.config import Params, RefineConfig
 from medvec.coordinator import EvalSets, MergeOutcome, beats, choose_scale, rebuild_merge
 from medvec.data import ImageSet
 from medvec.evaluate import evaluate_model
@@ -82,6 +82,12 @@ def step_delta(vectors: Sequence, weights: Sequence[float]) -> DataVector:
     return DataVector(deltas)
 
 
+def weighted_step(vectors: Sequence, version: int, r: RefineConfig) -> tuple[list[Contribution], DataVector]:
+    """Each vector's place in a step from champion ``version`` (``refine.*``), and the step's Σ weight_i·τ_i."""
+    parts = contributions(vectors, version, r.staleness, r.staleness_a, r.staleness_b)
+    return parts, step_delta(vectors, [c.weight for c in parts])
+
+
 def refine_step(
     champion: Base,
     version: int,
@@ -93,8 +99,7 @@ def refine_step(
 ) -> MergeOutcome:
     """One step: θ_champion + η·Σ w_i·s(staleness_i)·τ_i/Σ w_i, η chosen on validation, BN restored."""
     r = params.refine
-    parts = contributions(vectors, version, r.staleness, r.staleness_a, r.staleness_b)
-    tau = step_delta(vectors, [c.weight for c in parts])
+    parts, tau = weighted_step(vectors, version, r)
     grid = [r.eta] if r.eta is not None else list(r.etas)
     outcome = choose_scale(champion, tau, grid, "async", vectors, params, evalsets, calibration, moments_fn)
     outcome.contributions = parts
@@ -129,15 +134,15 @@ def run_step(
     started_at, clock = utcnow(), time.perf_counter()
     point = store.champion(root.sha256)
     champion = store.get_start(root.sha256, point.version)
+    champion_val = evaluate_model(champion.model, evalsets.val, champion.spec, params.evaluate.batch_size)
     guarded = guarded_merge(
         lambda vs: refine_step(champion, point.version, vs, params, evalsets, calibration, moments_fn),
-        lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn),
+        lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn, start_val=champion_val),
         admission.admitted,
         params.intake,
     )
     outcome, vectors = guarded.outcome, guarded.vectors
     harmful = quarantine_harmful(store, guarded.excluded)
-    champion_val = evaluate_model(champion.model, evalsets.val, champion.spec, params.evaluate.batch_size)
     promoted, reason = beats(outcome.val, champion_val, params)
     record = MergeRecord.build(
         outcome,
