@@ -27,6 +27,14 @@ os.environ.setdefault("MEDVEC_THREADS", "2")
 ROOT = Path(__file__).resolve().parents[1]
 BREAST = ROOT / "data" / "breastmnist.npz"
 PNEUMONIA = ROOT / "data" / "pneumoniamnist.npz"
+# the tiny model trained briefly on one thread: the flows' integration tests start from these overrides
+TINY_FLOW = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=2",
+    "finetune.lr=0.003",
+    "finetune.threads=1",
+]
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_driver(script: str, tmp: Path, overrides: list[str], env: dict, timeout: float = 600) -> dict:
+    """Run a test's driver script in a fresh Python (argv: a scratch folder, the overrides as JSON) and
+    return the JSON object its last line prints."""
+    import json
+
+    cmd = [sys.executable, "-c", script, str(tmp), json.dumps(overrides)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def wait_until(
     check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, every: float = 0.25
 ):
@@ -236,3 +247,7 @@ class MlflowServer(_Proc):
             self.log,
             every=0.5,
         )
+
+    def client_env(self) -> dict:
+        """This process's environment pointed at the server (and Prefect's analytics off)."""
+        return {**os.environ, "MLFLOW_TRACKING_URI": self.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

@@ -18,17 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import BREAST, ROOT
+from conftest import BREAST, ROOT, TINY_FLOW
 from servers import PrefectServer, Worker, medvec, wait_until
 
 pytestmark = pytest.mark.integration
 
 OVERRIDES = [
-    "model.name=tiny_cnn",
-    "model.pretrained=false",
-    "finetune.epochs=2",
-    "finetune.lr=0.003",
-    "finetune.threads=1",
+    *TINY_FLOW,
     "batchnorm.strategy=average",
     "refine.mode=async",
     "refine.eta=1.0",

@@ -13,17 +13,13 @@ import time
 
 import pytest
 
-from conftest import BREAST, ROOT
+from conftest import BREAST, ROOT, TINY_FLOW
 from servers import PrefectServer, SeaweedS3, Worker, medvec, wait_until
 
 pytestmark = pytest.mark.integration
 
 OVERRIDES = [
-    "model.name=tiny_cnn",
-    "model.pretrained=false",
-    "finetune.epochs=2",
-    "finetune.lr=0.003",
-    "finetune.threads=1",
+    *TINY_FLOW,
     "merge.method=weighted",
     "merge.lam=1.0",
     "batchnorm.strategy=average",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import BREAST, PNEUMONIA, ROOT
-from servers import MlflowServer
+from servers import MlflowServer, run_driver
 
 pytestmark = pytest.mark.integration
 
@@ -58,18 +57,9 @@ print(json.dumps(out, default=str))
 def tracked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lineage")
     server = MlflowServer(tmp / "mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = server.client_env()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(tmp), json.dumps(OVERRIDES)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-5000:]
-        yield {"env": env, "url": server.url, "tmp": tmp, "out": json.loads(proc.stdout.strip().splitlines()[-1])}
+        yield {"env": env, "url": server.url, "tmp": tmp, "out": run_driver(SCRIPT, tmp, OVERRIDES, env)}
     finally:
         server.stop()
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import BREAST, ROOT
-from servers import MlflowServer
+from conftest import BREAST, TINY_FLOW
+from servers import MlflowServer, run_driver
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +125,7 @@ print(json.dumps(out, default=str))
 """ % {"data": str(BREAST)}
 
 OVERRIDES = [
-    "model.name=tiny_cnn",
-    "model.pretrained=false",
-    "finetune.epochs=2",
-    "finetune.lr=0.003",
-    "finetune.threads=1",
+    *TINY_FLOW,
     "merge.method=weighted",
     "merge.lam=1.0",
     f"coordinator.eval_data={BREAST}",
@@ -142,20 +135,10 @@ OVERRIDES = [
 @pytest.mark.integration
 def test_a_dp_and_a_non_dp_hospital_merge_through_the_flow_and_lineage_shows_each_epsilon(tmp_path):
     server = MlflowServer(tmp_path / "mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(OVERRIDES)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        out = run_driver(SCRIPT, tmp_path, OVERRIDES, server.client_env())
     finally:
         server.stop()
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
     h1, h2 = out["h1"], out["h2"]
     assert h2["privacy"] is None and 0 < h1["privacy"]["epsilon"] <= 4 + 1e-6
     # refused, the budget named, nothing published: the store holds the two vectors, the ledger one ε
