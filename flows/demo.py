@@ -26,6 +26,7 @@ from flows.hospital_finetune import hospital_finetune
 from flows.ui import base_tag, demo_run_name, embedded_image, label_run
 from medvec import coordinator as core
 from medvec.config import Params, load_params
+from medvec.data import DataSpec, dataset_name
 from medvec.hospital import live_moments
 from medvec.record import MergeRecord
 from medvec.report import render_table, write_report
@@ -115,15 +116,16 @@ def demo(
     out_dir = Path(out or params.demo.out).resolve()
     set_threads(params.finetune.threads)
     started = time.perf_counter()
-    label_run(f"demo {Path(data).stem} seed {params.finetune.seed}", ["medvec", "demo", f"data:{Path(data).stem}"])
+    name = dataset_name(data)
+    label_run(f"demo {name} seed {params.finetune.seed}", ["medvec", "demo", f"data:{name}"])
     for sub in ("hospitals", "vectors", "bases", "quarantine"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     store_url = str(out_dir)
 
     split = split_hospitals(data, str(out_dir / "hospitals"), params)
-    evalsets = core.EvalSets.load(data)
-    num_classes = max(len(split["classes"]), evalsets.test.num_classes)
-    base = publish_base(store_url, params, num_classes)
+    evalsets = core.EvalSets.load(data, spec=DataSpec.of(params))
+    classes = max(split["classes"], evalsets.test.classes, key=len)
+    base = publish_base(store_url, params, len(classes), classes)
     logger.info("base %s (%s, %d px) published", base.sha256[:12], base.spec.name, base.spec.image_size)
     label_run(tags=[base_tag(base.sha256)])
 
@@ -156,7 +158,7 @@ def demo(
         )
 
     doc = {
-        "dataset": Path(data).stem,
+        "dataset": name,
         "data": str(data),
         "model": base.spec.name,
         "base_sha256": base.sha256,

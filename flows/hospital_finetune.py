@@ -56,7 +56,7 @@ def hospital_finetune(
     label_run(tags=["medvec", "hospital", f"hospital:{hospital}", base_tag(base_sha256)])
     base = fetch_base(store_url, base_sha256)
     start, version = fetch_start(store_url, base, p.hospital.start_from)
-    data = load_local_data(data_dir)
+    data = load_local_data(data_dir, p)
     vector, training = finetune_hospital(base, hospital, data, p.finetune, progress, start, version, p.privacy)
     if p.batchnorm.strategy == "recompute" and not p.privacy.enabled:  # under DP no moment sums leave
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)

@@ -21,7 +21,7 @@ from flows.ui import base_tag, embedded_image, label_run, merge_run_name
 from medvec import contribution
 from medvec import coordinator as core
 from medvec.config import Params
-from medvec.data import load_split
+from medvec.data import DataSpec, load_split
 from medvec.evaluate import bar_chart, confusion_plot, contribution_plot, lambda_curve, results_frame
 from medvec.record import MergeRecord
 from medvec.store import open_store
@@ -163,7 +163,7 @@ def _step(
             "reason": f"buffer holds {n} of {need}",
             "inputs": [v.meta.vector_id for v in admission.admitted],
         }
-    evalsets = core.EvalSets.load(eval_data)
+    evalsets = core.EvalSets.load(eval_data, spec=DataSpec.of(p))
     calibration = load_split(calibration_data, "train") if calibration_data else None
     step = refine_task(store_url, base, admission, p, evalsets, calibration, trigger)
     label_run(f"{step.record.merge_id} (async step)", [f"merge:{step.record.merge_id}"])
@@ -208,7 +208,7 @@ def merge_and_evaluate(
     if not force and last is not None and last.input_ids() == sorted(v.meta.vector_id for v in vectors):
         logger.info("nothing new since merge %s", last.merge_id)
         return _summary(last, skipped=True, reason="no new vectors")
-    evalsets = core.EvalSets.load(eval_data)
+    evalsets = core.EvalSets.load(eval_data, spec=DataSpec.of(p))
     calibration = load_split(calibration_data, "train") if calibration_data else None
     guarded = merge_task(base, vectors, p, evalsets, calibration)
     outcome, vectors = guarded.outcome, guarded.vectors

@@ -184,6 +184,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from medvec.data import check_source
+    from medvec.examples import export_manifest
+
+    check_source(args.data, ("train", "val", "test"))
+    print(f"manifest: {export_manifest(args.data, args.out, args.format)}")
+    return 0
+
+
+def cmd_data_example(args: argparse.Namespace) -> int:
+    from medvec.examples import EXAMPLES, write_manifest
+
+    print(f"manifest: {write_manifest(EXAMPLES[args.task](args.data_dir), args.out, args.format)}")
+    return 0
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     from medvec.data import split_from_config
 
@@ -211,12 +227,13 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
     from flows.deployments import deploy_coordinator, worker_command  # lazy: front door
 
     store = open_store(p.store.url)
-    num_classes = args.num_classes
+    num_classes, classes = args.num_classes, None
     if num_classes is None:
-        from medvec.data import load_split
+        from medvec.data import DataSpec, load_split
 
-        num_classes = load_split(p.coordinator.eval_data, "val").num_classes
-    base = base_from_config(p.model, num_classes)
+        classes = load_split(p.coordinator.eval_data, "val", DataSpec.of(p)).classes
+        num_classes = len(classes)
+    base = base_from_config(p.model, num_classes, classes)
     store.put_base(base)
     dep = deploy_coordinator(
         p.store.url,
@@ -238,11 +255,27 @@ def cmd_coordinator_worker(args: argparse.Namespace) -> int:
     start_worker(COORDINATOR_POOL)  # exec: this process becomes the worker
 
 
+def _data_report(data: str, params):
+    from medvec.data import DataSpec
+    from medvec.datacheck import check_data
+
+    return check_data(data, DataSpec.of(params), params.split.local_val_fraction, params.split.seed)
+
+
+def cmd_hospital_check(args: argparse.Namespace) -> int:
+    report = _data_report(args.data, _params(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.usable else 2
+
+
 def cmd_hospital_join(args: argparse.Namespace) -> int:
-    from medvec.data import check_source
+    from medvec.data import DataError
 
     p = _params(args)
-    check_source(args.data)
+    report = _data_report(args.data, p)  # the same check as `medvec hospital check`, before anything is created
+    if not report.usable:
+        raise DataError(f"{args.data}: not usable for joining:\n{report.text()}")
+    print(f"data check: {sum(s.read for s in report.splits.values())} images read, usable")
     require_prefect_api()
     from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
 
@@ -399,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = _shared(sub.add_parser("demo", help="run the multi-hospital comparison (embedded Prefect, no server)"))
-    d.add_argument("--data", default=None, help=".npz or image-folder root (default: params demo.data)")
+    d.add_argument("--data", default=None, help=".npz, image-folder root or CSV manifest (default: params demo.data)")
     d.add_argument("--hospitals", type=int, default=None, help="number of simulated hospitals")
     d.add_argument("--out", default=None, help="output folder (default: params demo.out)")
     d.add_argument("--seed", type=int, default=None, help="training seed (fine-tune and DARE)")
@@ -415,6 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--straggler", type=float, default=None, metavar="X", help="with --contributions: one hospital X times slower"
     )
     d.set_defaults(func=cmd_demo)
+
+    da = sub.add_parser("data", help="hospital-style data from the shipped MedMNIST files (PNG/DICOM + CSV manifest)")
+    dasub = da.add_subparsers(dest="data_command", required=True)
+    ex = dasub.add_parser("export", help="every image of an .npz as PNG or DICOM files, with manifest.csv")
+    ex.add_argument("--data", required=True, help="a MedMNIST-layout .npz")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--format", choices=("png", "dicom"), default="png")
+    ex.set_defaults(func=cmd_data_export)
+    eg = dasub.add_parser("example", help="a multi-label or 4-class task built from both shipped files")
+    eg.add_argument("task", choices=("multilabel", "multiclass"))
+    eg.add_argument("--out", required=True)
+    eg.add_argument("--format", choices=("png", "dicom"), default="png")
+    eg.add_argument("--data-dir", default="data", help="folder holding pneumoniamnist.npz and breastmnist.npz")
+    eg.set_defaults(func=cmd_data_example)
 
     s = _shared(sub.add_parser("split", help="simulate hospitals: one folder per hospital"))
     s.add_argument("data")
@@ -461,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     j.add_argument("name")
-    j.add_argument("--data", required=True, help="this hospital's own data folder (.npz or image folders)")
+    j.add_argument(
+        "--data", required=True, help="this hospital's own data: .npz, image folders or a CSV manifest (PNG/JPEG/DICOM)"
+    )
     j.add_argument("--no-worker", action="store_true", help="only print the worker command")
     j.add_argument(
         "--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed"
@@ -470,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", default=None, help="retraining schedule, e.g. '0 2 * * 0'")
     when.add_argument("--interval", type=float, default=None, help="retraining every N seconds")
     j.set_defaults(func=cmd_hospital_join)
+    hc = _shared(hosub.add_parser("check", help="read the local data and report what joining would use and publish"))
+    hc.add_argument("--data", required=True, help="the data to check: .npz, image folders or a CSV manifest")
+    hc.add_argument("--json", action="store_true")
+    hc.set_defaults(func=cmd_hospital_check)
     r = hosub.add_parser("run", help="start the hospital's deployment now and wait for it")
     r.add_argument("name")
     r.add_argument("--timeout", type=float, default=None)

@@ -49,6 +49,14 @@ class ModelConfig(_Frozen):
     pretrained: bool = True
     image_size: int | None = Field(None, ge=8, description="override the model's native input size")
     seed: int = 0
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    classes: list[str] | None = Field(None, description="class names in label order; null: from the data")
+
+
+class DataConfig(_Frozen):
+    """How image files are read (image folders and CSV manifests)."""
+
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="share of a split's files that may be unreadable")
 
 
 class FinetuneConfig(_Frozen):
@@ -217,6 +225,7 @@ class DemoConfig(_Frozen):
 class Params(_Frozen):
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     merge: MergeConfig = MergeConfig()

@@ -135,9 +135,10 @@ def paired_se(a: dict, b: dict, metric: str, resamples: int, seed: int) -> float
     """Standard error of metric(a) − metric(b) by a paired bootstrap over the same images; None without resamples."""
     if resamples < 2 or "proba" not in a or "proba" not in b:
         return None
-    y, pa, pb = np.asarray(a["labels"]).reshape(-1), a["proba"], b["proba"]
+    y, pa, pb = np.asarray(a["labels"]), a["proba"], b["proba"]
+    y = y if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1)  # multi-label rows stay rows
     idx = np.random.default_rng(seed).integers(0, len(y), (resamples, len(y)))
-    if metric == "auc" and pa.shape[1] == 2:
+    if metric == "auc" and pa.shape[1] == 2 and y.ndim == 1:
         diffs = _binary_auc(y, pa[:, 1], idx) - _binary_auc(y, pb[:, 1], idx)
     else:
         diffs = np.array([metric_value(y[i], pa[i], metric) - metric_value(y[i], pb[i], metric) for i in idx])

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from medvec.batchnorm import MomentSums, RunningStats, restore_batchnorm, set_running
 from medvec.config import Params
-from medvec.data import ImageSet, has_split, load_split
+from medvec.data import DataSpec, ImageSet, has_split, load_split
 from medvec.evaluate import evaluate_model, with_operating_point
 from medvec.merge import MergeMethod, merge_delta, method_from_config
 from medvec.models import Base
@@ -39,10 +39,10 @@ class EvalSets:
     source: str = ""
 
     @classmethod
-    def load(cls, source: str | Path, with_test: bool = True) -> "EvalSets":
+    def load(cls, source: str | Path, with_test: bool = True, spec: DataSpec | None = None) -> "EvalSets":
         """The ``val`` split (and ``test`` where the source has one and ``with_test``) of a data source."""
-        test = load_split(source, "test") if with_test and has_split(source, "test") else None
-        return cls(load_split(source, "val"), test, str(source))
+        test = load_split(source, "test", spec) if with_test and has_split(source, "test") else None
+        return cls(load_split(source, "val", spec), test, str(source))
 
     def ref(self) -> EvalSetRef:
         """The identity of the validation set (the one that chooses λ and gates the champion)."""
@@ -79,8 +79,9 @@ class Candidate:
 
 
 def _scalars(m: dict) -> dict:
-    """The metrics a report row keeps: AUC, balanced accuracy and accuracy (argmax), and the operating point."""
-    return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy", "op")}
+    """The metrics a report row keeps: AUC (per label too, for multi-label), balanced accuracy and accuracy, and the
+    operating point."""
+    return {k: v for k, v in m.items() if k in ("auc", "balanced_accuracy", "accuracy", "op", "auc_by_label")}
 
 
 def evaluate_on(

@@ -33,8 +33,9 @@ from medvec.models import ModelSpec
 if TYPE_CHECKING:
     from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 MAX_BAD_FRACTION = 0.1  # an image folder may hold this share of unreadable files; they are skipped with a warning
+SPLITS = ("train", "val", "test")
 
 # MedMNIST's label names (its INFO["<dataset>"]["label"]), which its .npz files do not carry
 MEDMNIST_CLASSES = {
@@ -58,31 +59,101 @@ class DataWarning(UserWarning):
     """A part of a data source that was skipped (the rest is used)."""
 
 
+TASKS = ("multiclass", "multilabel")
+
+
+def classes_sha256(classes: list[str]) -> str:
+    """The hash of a class list that vectors record and intake compares (order matters: it is the label index)."""
+    return hashlib.sha256(json.dumps(list(classes)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How data is read: the task and, when configured, the shared class list (``model.task``, ``model.classes``),
+    and the share of unreadable files a split may hold (``data.max_bad_fraction``).
+
+    ``DataSpec()`` expects nothing: self-describing sources (``.npz``, folders) load as they are, and a
+    manifest reads as multiclass with its own sorted class names.
+    """
+
+    task: str | None = None
+    classes: tuple[str, ...] | None = None
+    max_bad_fraction: float = MAX_BAD_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise DataError(f"unknown task {self.task!r}: valid are {', '.join(TASKS)}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise DataError(f"the class list {list(self.classes)} names a class twice")
+
+    @classmethod
+    def of(cls, params) -> "DataSpec":
+        """What :class:`medvec.config.Params` say: ``model.task``, ``model.classes``, ``data.max_bad_fraction``."""
+        model = params.model
+        return cls(model.task, tuple(model.classes) if model.classes else None, params.data.max_bad_fraction)
+
+    def check(self, data: "ImageSet", where: object) -> "ImageSet":
+        """``data`` when it has this task and class list; a DataError naming ``where`` when not."""
+        if self.task is not None and data.task != self.task:
+            raise DataError(f"{where}: holds {data.task} labels but model.task is {self.task}")
+        if self.classes is not None and list(self.classes) != data.classes:
+            raise DataError(f"{where}: classes {data.classes} differ from model.classes {list(self.classes)}")
+        return data
+
+
 @dataclass
 class ImageSet:
-    """Images (uint8, N×H×W or N×H×W×C) with integer labels and class names."""
+    """Images (uint8, N×H×W or N×H×W×C) with labels and class names.
+
+    Multi-class labels are integers (N); multi-label labels are a 0/1 matrix (N×L, L ≥ 2 names in ``classes``).
+    """
 
     images: np.ndarray
     labels: np.ndarray
     classes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels).reshape(-1).astype(np.int64)
+        labels = np.asarray(self.labels)
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            if not np.isin(labels, (0, 1)).all():
+                raise DataError("multi-label labels must be 0 or 1")
+            self.labels = labels.astype(np.uint8)
+        else:
+            self.labels = labels.reshape(-1).astype(np.int64)
         if len(self.images) != len(self.labels):
             raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
         if not self.classes:
-            n = int(self.labels.max()) + 1 if len(self.labels) else 0
+            n = self.labels.shape[1] if self.multilabel else int(self.labels.max()) + 1 if len(self.labels) else 0
             self.classes = [str(i) for i in range(n)]
+        if self.multilabel and self.labels.shape[1] != len(self.classes):
+            raise DataError(f"{self.labels.shape[1]} label columns but {len(self.classes)} class names")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.multilabel else "multiclass"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def label_counts(self) -> list[int]:
+        """Images per class; for multi-label, images with each label (a row may count towards several)."""
+        if self.multilabel:
+            return self.labels.sum(0).astype(int).tolist()
         return np.bincount(self.labels, minlength=self.num_classes).astype(int).tolist()
+
+    def strata(self) -> np.ndarray:
+        """One integer per image to stratify splits by: the class, or for multi-label the label combination."""
+        if not self.multilabel:
+            return self.labels
+        return np.unique(self.labels, axis=0, return_inverse=True)[1].reshape(-1)
 
     def subset(self, index: np.ndarray) -> "ImageSet":
         return ImageSet(self.images[index], self.labels[index], list(self.classes))
@@ -125,43 +196,99 @@ def load_npz(path: str | Path, split: str) -> ImageSet:
         classes = [str(c) for c in z["classes"]] if "classes" in z else []
     if images.dtype != np.uint8:
         raise DataError(f"{path}: {key_i} must be uint8, got {images.dtype}")
-    if labels.ndim == 2 and labels.shape[1] != 1:
-        raise DataError(f"{path}: {key_l} has shape {labels.shape}; expected N or N×1 (multi-label is not supported)")
+    if labels.ndim > 2:
+        raise DataError(f"{path}: {key_l} has shape {labels.shape}; expected N, N×1 or N×L (multi-label)")
     s = ImageSet(images, labels, classes)
-    if not classes:
+    if not classes and not s.multilabel:
         s.classes = medmnist_classes(path, max(s.num_classes, 2))
     return s
 
 
-def _read_image(path: Path) -> Image.Image:
-    """The decoded PIL image at ``path`` (raises when it is not a readable image)."""
+def _read_image(path: Path) -> tuple[Image.Image, str]:
+    """The decoded image at ``path`` and its kind (``PNG``, ``JPEG``, ``DICOM CT``...), detected by content.
+
+    Raises OSError or ValueError when it is not a readable image.
+    """
     from PIL import Image
 
+    from medvec.dicom import dicom_summary, is_dicom, read_dicom
+
+    if is_dicom(path):
+        return Image.fromarray(read_dicom(path)), f"DICOM {dicom_summary(path)['modality']}"
     with Image.open(path) as im:
         im.load()
-        return im
+        return im, im.format or "image"
+
+
+@dataclass
+class Decoded:
+    """What reading a list of files gave: the images kept (by index into the list) and each failure's reason."""
+
+    images: list = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def decode_files(files: list[Path]) -> Decoded:
+    """Decode every file (PNG, JPEG or DICOM, by content); unreadable ones are recorded, not raised."""
+    from PIL import Image
+
+    out = Decoded()
+    for i, f in enumerate(files):
+        try:
+            image, kind = _read_image(f)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
+            out.failed.append((f, str(exc) or type(exc).__name__))
+            continue
+        out.images.append(image)
+        out.kept.append(i)
+        out.kinds.append(kind)
+    return out
 
 
 def _read_images(files: list[Path], max_bad_fraction: float, where: Path) -> tuple[list[Image.Image], list[int]]:
     """Decode ``files``, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
-    from PIL import Image
-
-    images, kept, bad = [], [], []
-    for i, f in enumerate(files):
-        try:
-            images.append(_read_image(f))
-            kept.append(i)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
-            bad.append(f"{f}: {exc}")
-            warnings.warn(f"skipped {f}: not a readable image ({exc})", DataWarning, stacklevel=3)
-    if bad and (not kept or len(bad) > max_bad_fraction * len(files)):
+    decoded = decode_files(files)
+    for f, reason in decoded.failed:
+        warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
+    bad = decoded.failed
+    if bad and (not decoded.kept or len(bad) > max_bad_fraction * len(files)):
         share = f"{len(bad)} of {len(files)} images could not be read (more than {max_bad_fraction:.0%})"
-        raise DataError(f"{where}: {share}; first: {bad[0]}")
-    return images, kept
+        raise DataError(f"{where}: {share}; first: {bad[0][0]}: {bad[0][1]}")
+    return decoded.images, decoded.kept
+
+
+def stack_images(images: list[Image.Image]) -> np.ndarray:
+    """One uint8 array of decoded images: grayscale unless any is colour, at the most common size."""
+    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    sizes = [im.size for im in images]
+    size = max(set(sizes), key=sizes.count)
+    return np.stack([np.asarray(_fit(im, mode, size), dtype=np.uint8) for im in images])
+
+
+@dataclass
+class Listing:
+    """The image files of one split with their labels (indices or 0/1 rows) and the class list."""
+
+    files: list[Path]
+    labels: np.ndarray
+    classes: list[str]
+
+    def assemble(self, decoded: Decoded) -> ImageSet:
+        """The :class:`ImageSet` of the files that decoded."""
+        return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes)
 
 
 def load_image_folder(root: str | Path, split: str, max_bad_fraction: float = MAX_BAD_FRACTION) -> ImageSet:
-    """Load ``<root>/<split>/<class>/*.png|jpg`` (classes sorted by name), skipping a few unreadable files."""
+    """Load ``<root>/<split>/<class>/*.png|jpg|dcm`` (classes sorted by name), skipping a few unreadable files."""
+    listing = folder_listing(root, split)
+    pil, kept = _read_images(listing.files, max_bad_fraction, Path(root) / split)
+    return listing.assemble(Decoded(pil, kept))
+
+
+def folder_listing(root: str | Path, split: str) -> Listing:
+    """The files of ``<root>/<split>/<class>/`` with their class indices."""
     base = Path(root) / split
     if not base.is_dir():
         raise DataError(f"{root}: no split folder {split!r}")
@@ -177,12 +304,7 @@ def load_image_folder(root: str | Path, split: str, max_bad_fraction: float = MA
                 labels.append(c)
     if not files:
         raise DataError(f"{base}: no {'/'.join(IMAGE_SUFFIXES)} images")
-    pil, kept = _read_images(files, max_bad_fraction, base)
-    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in pil) else "RGB"
-    sizes = [im.size for im in pil]
-    size = max(set(sizes), key=sizes.count)
-    arrays = [np.asarray(_fit(im, mode, size), dtype=np.uint8) for im in pil]
-    return ImageSet(np.stack(arrays), np.asarray(labels)[kept], classes)
+    return Listing(files, np.asarray(labels, dtype=np.int64), classes)
 
 
 def _fit(im: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
@@ -191,22 +313,41 @@ def _fit(im: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
     return im.resize(size) if im.size != size else im
 
 
-def load_split(source: str | Path, split: str) -> ImageSet:
-    """Load a split from an ``.npz``, a hospital folder or an image-folder root."""
+def is_manifest(source: Path) -> bool:
+    return source.is_file() and source.suffix.lower() in (".csv", ".tsv")
+
+
+def load_split(source: str | Path, split: str, spec: DataSpec | None = None) -> ImageSet:
+    """Load a split from an ``.npz``, a hospital folder, an image-folder root or a CSV manifest.
+
+    ``labels`` (``model.task`` and ``model.classes``) maps a manifest's class names to indices and is checked
+    against what the other layouts hold.
+    """
     source = Path(source)
+    spec = spec or DataSpec()
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
+    if is_manifest(source):
+        from medvec.manifest import load_manifest
+
+        return load_manifest(source, split, spec)
     npz = _npz_path(source)
     if npz is not None:
-        return load_npz(npz, split)
-    if source.is_dir():
-        return load_image_folder(source, split)
-    raise DataError(f"{source}: not an .npz file or an image-folder root")
+        data = load_npz(npz, split)
+    elif source.is_dir():
+        data = load_image_folder(source, split, spec.max_bad_fraction)
+    else:
+        raise DataError(f"{source}: not an .npz file, an image-folder root or a .csv manifest")
+    return spec.check(data, source)
 
 
 def has_split(source: str | Path, split: str) -> bool:
-    """Whether ``source`` (an ``.npz``, hospital folder or image-folder root) holds ``split``."""
+    """Whether ``source`` (an ``.npz``, hospital folder, image-folder root or manifest) holds ``split``."""
     source = Path(source)
+    if is_manifest(source):
+        from medvec.manifest import manifest_splits
+
+        return split in manifest_splits(source)
     npz = _npz_path(source)
     if npz is not None:
         return f"{split}_images" in _npz_keys(npz)
@@ -218,11 +359,26 @@ def check_source(source: str | Path, splits: tuple[str, ...] = ("train",)) -> No
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or folder")
-    if _npz_path(path) is None and not path.is_dir():
-        raise DataError(f"{source}: not an .npz file, a hospital folder (data.npz) or an image-folder root")
+    if _npz_path(path) is None and not path.is_dir() and not is_manifest(path):
+        raise DataError(
+            f"{source}: not an .npz file, a hospital folder (data.npz), an image-folder root or a .csv manifest"
+        )
     missing = [s for s in splits if not has_split(path, s)]
     if missing:
         raise DataError(f"{source}: no split {', '.join(repr(s) for s in missing)} (needs {', '.join(splits)})")
+
+
+def dataset_name(source: str | Path) -> str:
+    """A short name for reports: the file's stem, or ``<folder>/<file>`` for a manifest (often manifest.csv)."""
+    source = Path(source)
+    return f"{source.parent.name}/{source.name}" if is_manifest(source) else source.stem
+
+
+def draw_local_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded rule that holds out a hospital's local validation split: (train indices, val indices), sorted."""
+    idx = np.random.default_rng(seed + 1).permutation(n)
+    n_val = round(n * fraction)
+    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
 def file_sha256(path: str | Path) -> str:
@@ -289,7 +445,8 @@ def batches(
     augment_data: bool = False,
     limit: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield preprocessed ``(x, y)`` batches; seeded when shuffling or augmenting."""
+    """Yield preprocessed ``(x, y)`` batches (y: class indices, or float 0/1 rows for multi-label); seeded when
+    shuffling or augmenting."""
     g = torch.Generator().manual_seed(seed)
     n = len(data) if limit is None else min(limit, len(data))
     order = torch.randperm(len(data), generator=g).numpy()[:n] if shuffle or limit is not None else np.arange(n)
@@ -300,7 +457,8 @@ def batches(
         x = to_tensor(data.images[idx], spec)
         if augment_data:
             x = augment(x, g)
-        yield x, torch.as_tensor(data.labels[idx])
+        y = torch.as_tensor(data.labels[idx])
+        yield x, y.float() if data.multilabel else y
 
 
 # --------------------------------------------------------------------------- hospital split simulator
@@ -366,17 +524,18 @@ def write_hospital_shards(
     local_val_fraction: float = 0.1,
     min_samples: int = 16,
     names: list[str] | None = None,
+    spec: DataSpec | None = None,
 ) -> dict:
     """Split the ``train`` split of ``source`` into one folder per hospital.
 
     Each ``<out_dir>/<hospital>/`` gets ``data.npz`` (``train`` and a local ``val``
     hold-out) and ``meta.json`` with counts.  Returns the split summary.
     """
-    train = load_split(source, "train")
-    parts = split_indices(train.labels, hospitals, scheme, alpha, seed, min_samples)
+    train = load_split(source, "train", spec)
+    parts = split_indices(train.strata(), hospitals, scheme, alpha, seed, min_samples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed + 1)  # one stream for all hospitals; draw_local_val is its first draw
     summary = {
         "source": str(source),
         "scheme": scheme,
@@ -414,7 +573,7 @@ def write_hospital_shards(
     return summary
 
 
-def split_from_config(source: str | Path, out_dir: str | Path, cfg) -> dict:
+def split_from_config(source: str | Path, out_dir: str | Path, cfg, spec: DataSpec | None = None) -> dict:
     """:func:`write_hospital_shards` with the settings of a :class:`medvec.config.SplitConfig`."""
     return write_hospital_shards(
         source,
@@ -426,4 +585,5 @@ def split_from_config(source: str | Path, out_dir: str | Path, cfg) -> dict:
         cfg.local_val_fraction,
         cfg.min_samples,
         cfg.hospital_names(),
+        spec,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,23 +21,57 @@ from medvec.data import ImageSet, batches
 from medvec.models import ModelSpec
 
 
+def probabilities(logits: torch.Tensor, task: str = "multiclass") -> torch.Tensor:
+    """Class probabilities of logits: a softmax over classes, or for multi-label one sigmoid per label."""
+    return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), dim=1)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> np.ndarray:
-    """Class probabilities, N×K, with the model in eval mode."""
+    """Class probabilities, N×K, with the model in eval mode (per-label sigmoids for a multi-label set)."""
     model.eval()
     model.to(device)
     out = []
     for x, _ in batches(data, spec, batch_size):
-        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+        out.append(probabilities(model(x.to(device)), data.task).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, data.num_classes))
 
 
+def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict:
+    """Per-label AUC and their macro mean, and per-label balanced accuracy, accuracy and recall at p ≥ 0.5."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
+
+    pred = (proba >= 0.5).astype(int)
+    per = range(y_true.shape[1])
+    auc = [_binary_or_nan(y_true[:, c], proba[:, c]) for c in per]
+    with warnings.catch_warnings():  # a label without positives in y_true: sklearn warns and scores the negatives
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        bal = [float(balanced_accuracy_score(y_true[:, c], pred[:, c])) for c in per]
+    return {
+        "auc": float(np.mean(auc)),
+        "auc_per_label": auc,
+        "balanced_accuracy": float(np.mean(bal)),
+        "accuracy": float(np.mean([accuracy_score(y_true[:, c], pred[:, c]) for c in per])),
+        "recall": [float(recall_score(y_true[:, c], pred[:, c], zero_division=0)) for c in per],
+        "n": len(y_true),
+    }
+
+
+def _binary_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 and np.isfinite(p).all() else float("nan")
+
+
 def metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = None) -> dict:
-    """AUC, balanced accuracy, accuracy, per-class recall and confusion matrix."""
+    """AUC, balanced accuracy, accuracy, per-class recall and confusion matrix (multi-label: per label, no
+    confusion matrix)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
+    if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
+        return multilabel_metrics(np.asarray(y_true), proba)
     y_true = np.asarray(y_true).reshape(-1)
     k = num_classes or proba.shape[1]
     labels = list(range(k))
@@ -106,7 +141,9 @@ def evaluate_model(
     binary tasks also keep ``scores``, P(positive), for an operating point."""
     proba = predict(model, data, spec, batch_size, device)
     out = metrics(data.labels, proba, data.num_classes) | {"proba": proba, "labels": np.asarray(data.labels)}
-    if proba.shape[1] == 2:
+    if data.multilabel:
+        out["auc_by_label"] = dict(zip(data.classes, out["auc_per_label"], strict=True))
+    elif proba.shape[1] == 2:
         out["scores"] = proba[:, 1]
     return out
 
@@ -115,6 +152,10 @@ def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
     """One selection metric (``auc``, ``balanced_accuracy`` or ``accuracy``) of class probabilities; NaN if undefined."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
+    if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
+        if metric not in ("auc", "balanced_accuracy", "accuracy"):
+            raise ValueError(f"unknown metric {metric!r}: valid are auc, balanced_accuracy, accuracy")
+        return multilabel_metrics(np.asarray(y_true), proba)[metric]
     y_true = np.asarray(y_true).reshape(-1)
     if metric == "auc":
         if len(np.unique(y_true)) < 2 or not np.isfinite(proba).all():
@@ -152,6 +193,8 @@ def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
                     d[f"{split}_{k}"] = v
             for k, v in ((r.get(split) or {}).get("op") or {}).items():
                 d[f"{split}_op_{k}"] = v
+            for k, v in ((r.get(split) or {}).get("auc_by_label") or {}).items():
+                d[f"{split}_auc:{k}"] = v
         flat.append(d)
     return pd.DataFrame(flat)
 
@@ -362,6 +405,33 @@ def async_curve(rows: list[dict], path: str | Path, references: dict[str, float]
     axes[0].set_ylabel("AUC on the test split")
     _legend_outside(axes[1])
     fig.suptitle("asynchronous refinement: the champion after each landing (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def label_confusion_plot(
+    y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: str | Path, title: str
+) -> Path:
+    """Multi-label: for each label, counts of true (rows) against predicted (columns, p ≥ 0.5) absent/present."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 3.4), squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        cm = np.zeros((2, 2), dtype=int)
+        np.add.at(cm, (y_true[:, c].astype(int), (proba[:, c] >= 0.5).astype(int)), 1)
+        ax.imshow(cm, cmap="Blues")
+        for i in range(2):
+            for j in range(2):
+                ax.text(
+                    j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+                )
+        ax.set_xticks([0, 1], ["absent", "present"], fontsize=8)
+        ax.set_yticks([0, 1], ["absent", "present"], fontsize=8)
+        ax.set_xlabel("predicted (p ≥ 0.5)")
+        ax.set_ylabel("true")
+        ax.set_title(textwrap.fill(classes[c], 24), fontsize=9)
+    fig.suptitle(f"{title} (n={len(y_true)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

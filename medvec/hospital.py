@@ -14,7 +14,17 @@ from torch import nn
 
 from medvec.batchnorm import MomentSums, RunningStats, moment_sums
 from medvec.config import BatchNormConfig, FinetuneConfig, PrivacyConfig
-from medvec.data import ImageSet, batches, has_split, load_split
+from medvec.data import (
+    DataError,
+    DataSpec,
+    ImageSet,
+    batches,
+    classes_sha256,
+    draw_local_val,
+    has_split,
+    is_manifest,
+    load_split,
+)
 from medvec.models import Base
 from medvec.train import TrainResult, finetune
 from medvec.vectors import DataVector
@@ -26,10 +36,52 @@ class LocalData:
     val: ImageSet | None
 
     @classmethod
-    def load(cls, folder: str | Path) -> "LocalData":
-        train = load_split(folder, "train")
-        val = load_split(folder, "val") if has_split(folder, "val") else None
+    def load(
+        cls, folder: str | Path, spec: DataSpec | None = None, local_val_fraction: float = 0.1, seed: int = 0
+    ) -> "LocalData":
+        """A hospital's train and local val splits; a manifest without a split column gets its val split drawn
+        by :func:`medvec.data.draw_local_val` (``split.local_val_fraction``, ``split.seed``)."""
+        train = load_split(folder, "train", spec)
+        val = load_split(folder, "val", spec) if has_split(folder, "val") else None
+        return cls.of_splits(train, val, is_manifest(Path(folder)), local_val_fraction, seed)
+
+    @classmethod
+    def of_splits(
+        cls, train: ImageSet, val: ImageSet | None, draw_val: bool, local_val_fraction: float, seed: int
+    ) -> "LocalData":
+        """The local splits: ``val`` when the source has one, else drawn from ``train`` when ``draw_val``."""
+        if val is None and draw_val and local_val_fraction > 0:
+            keep, held = draw_local_val(len(train), local_val_fraction, seed)
+            return cls(train.subset(keep), train.subset(held))
         return cls(train, val)
+
+    @classmethod
+    def of(cls, folder: str | Path, params) -> "LocalData":
+        """:meth:`load` with the label space and local split rule of ``params``."""
+        return cls.load(folder, DataSpec.of(params), params.split.local_val_fraction, params.split.seed)
+
+
+def published_data_fields(train: ImageSet) -> dict:
+    """The fields of a vector's metadata that describe the hospital's data: counts and the class list's hash."""
+    return {
+        "n_train": len(train),
+        "label_counts": train.label_counts(),
+        "task": train.task,
+        "classes_sha256": classes_sha256(train.classes),
+    }
+
+
+def check_label_space(base: Base, data: ImageSet, where: str) -> None:
+    """DataError unless ``data`` has the base's task and class list (or, for an older base, fits its head)."""
+    if data.task != base.task:
+        raise DataError(f"{where}: the data holds {data.task} labels but the base model is {base.task}")
+    if base.classes is not None and data.classes != base.classes:
+        raise DataError(
+            f"{where}: the data's classes {data.classes} differ from the base model's {base.classes}; "
+            "set model.classes to the coordinator's list"
+        )
+    if data.num_classes > base.num_classes:
+        raise DataError(f"{where}: data has {data.num_classes} classes, base model has {base.num_classes}")
 
 
 def finetune_vector(
@@ -49,8 +101,7 @@ def finetune_vector(
     carries the (ε, δ) Opacus accounted.
     """
     start = start or base
-    if data.train.num_classes > base.num_classes:
-        raise ValueError(f"{hospital}: data has {data.train.num_classes} classes, base model has {base.num_classes}")
+    check_label_space(base, data.train, hospital)
     model = start.fresh()
     spent = None
     if privacy is not None and privacy.enabled:
@@ -74,8 +125,7 @@ def finetune_vector(
         base_sha256=base.sha256,
         base_model=base.spec.name,
         num_classes=base.num_classes,
-        n_train=len(data.train),
-        label_counts=data.train.label_counts(),
+        **published_data_fields(data.train),
         finetune=settings,
         metrics=local,
         running=RunningStats.of(model, len(data.train)),

@@ -2,7 +2,7 @@
 
 In order: size limits (before parsing), the safetensors layout, never a pickle,
 metadata (size-limited) and values (:func:`medvec.vectors.load_vector`); the
-base's hash, keys and shapes; the store path's hospital equals the metadata's
+base's hash, keys and shapes; its task and class list (their hash); the store path's hospital equals the metadata's
 (a hospital cannot publish into another's folder); with a keyring, a valid
 Ed25519 signature by that hospital; and no replay (a vector id or nonce already
 seen at another place).  A rejected vector is quarantined with its reason —
@@ -34,13 +34,28 @@ class IntakePolicy:
     keyring: Keyring | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_metadata_bytes: int = 64 * 1024
+    task: str | None = None  # the base's task and class list hash: a vector must match them
+    classes_sha256: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: IntakeConfig) -> "IntakePolicy":
+    def from_config(cls, cfg: IntakeConfig, base: Base | None = None) -> "IntakePolicy":
         return cls(
             keyring=Keyring.load(cfg.keyring) if cfg.keyring else None,
             max_bytes=int(cfg.max_vector_mb * 1024 * 1024),
             max_metadata_bytes=int(cfg.max_metadata_kb * 1024),
+            task=base.task if base is not None else None,
+            classes_sha256=base.classes_sha256 if base is not None else None,
+        )
+
+
+def check_labels(path, meta, policy: IntakePolicy) -> None:
+    """InvalidVectorError (check ``classes``) unless the vector has the base's task and class list."""
+    if policy.task is not None and meta.task != policy.task:
+        raise InvalidVectorError(path, f"a {meta.task} vector for a {policy.task} base", "classes")
+    if policy.classes_sha256 is not None and meta.classes_sha256 != policy.classes_sha256:
+        theirs = f"{meta.classes_sha256[:12]}…" if meta.classes_sha256 else "none recorded"
+        raise InvalidVectorError(
+            path, f"class list {theirs} differs from the base's {policy.classes_sha256[:12]}…", "classes"
         )
 
 
@@ -63,6 +78,7 @@ def check(store, key: str, base: dict | None, base_sha256: str | None, policy: I
         max_bytes=policy.max_bytes,
         max_metadata_bytes=policy.max_metadata_bytes,
     )
+    check_labels(path, vf.meta, policy)
     hospital_in_path = key.split("/")[-2] if key.count("/") >= 2 else None
     if hospital_in_path is not None and hospital_in_path != vf.meta.hospital:
         raise InvalidVectorError(
@@ -96,7 +112,7 @@ def admit(store, base: Base, cfg: IntakeConfig, refine: RefineConfig | None = No
     _, unreadable = store.scan(base.sha256)
     for key, hospital, problem in unreadable:
         out.rejected.append(store.quarantine(key, "sidecar", problem, hospital))
-    policy = IntakePolicy.from_config(cfg)
+    policy = IntakePolicy.from_config(cfg, base)
     if refine is not None and refine.mode == "async":
         checked = _pending(store, base, policy, refine, seen, out.rejected)
     else:

@@ -263,6 +263,18 @@ class Base:
     spec: ModelSpec
     num_classes: int
     sha256: str = field(default="")
+    classes: list[str] | None = None  # the shared class list in label order; None: not recorded (older bases)
+    task: str = "multiclass"  # or multilabel: one sigmoid per class
+
+    @property
+    def classes_sha256(self) -> str | None:
+        from medvec.data import classes_sha256
+
+        return classes_sha256(self.classes) if self.classes else None
+
+    def with_model(self, model: nn.Module, sha256: str) -> "Base":
+        """Other weights (a merge, a champion) of the same architecture, spec, classes and task."""
+        return Base(model, self.spec, self.num_classes, sha256, self.classes, self.task)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -282,9 +294,15 @@ def create_base(
     return Base(model, spec, num_classes, state_sha256(model.state_dict()))
 
 
-def base_from_config(cfg, num_classes: int) -> Base:
-    """θ_pre from a :class:`medvec.config.ModelConfig` (name, pretrained, image size, head seed)."""
-    return create_base(cfg.name, num_classes, cfg.pretrained, cfg.image_size, cfg.seed)
+def base_from_config(cfg, num_classes: int, classes: list[str] | None = None) -> Base:
+    """θ_pre from a :class:`medvec.config.ModelConfig` (name, pretrained, image size, head seed, task), recording
+    the class list (``classes``, else ``cfg.classes``)."""
+    base = create_base(cfg.name, num_classes, cfg.pretrained, cfg.image_size, cfg.seed)
+    base.classes = list(classes or cfg.classes or []) or None
+    if base.classes is not None and len(base.classes) != num_classes:
+        raise ValueError(f"{len(base.classes)} class names for a {num_classes}-class head")
+    base.task = cfg.task
+    return base
 
 
 def save_base(base: Base, path) -> str:
@@ -298,7 +316,15 @@ def save_base(base: Base, path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "medvec_base": json.dumps({"spec": base.spec.to_dict(), "num_classes": base.num_classes, "sha256": base.sha256})
+        "medvec_base": json.dumps(
+            {
+                "spec": base.spec.to_dict(),
+                "num_classes": base.num_classes,
+                "sha256": base.sha256,
+                "classes": base.classes,
+                "task": base.task,
+            }
+        )
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in base.model.state_dict().items()}, str(tmp), metadata=meta)
@@ -332,4 +358,4 @@ def load_base(path, expected_sha256: str | None = None) -> Base:
     model, _ = build_model(spec.name, header["num_classes"], pretrained=False, image_size=spec.image_size)
     model.load_state_dict(state)
     model.eval()
-    return Base(model, spec, header["num_classes"], sha)
+    return Base(model, spec, header["num_classes"], sha, header.get("classes"), header.get("task", "multiclass"))

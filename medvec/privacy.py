@@ -61,7 +61,7 @@ def freeze_batchnorm(model: nn.Module) -> list[nn.Module]:
 def _loader(train: ImageSet, spec: ModelSpec, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     """All training images preprocessed once; Opacus replaces the loader with its Poisson-sampling one."""
     x = to_tensor(train.images, spec)
-    y = torch.as_tensor(train.labels, dtype=torch.long)
+    y = torch.as_tensor(train.labels, dtype=torch.float32 if train.multilabel else torch.long)
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, generator=g)
 

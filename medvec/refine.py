@@ -160,7 +160,7 @@ def run_step(
         quarantined=(*admission.rejected, *harmful),
         trigger=trigger or {},
     )
-    merged = Base(outcome.model, champion.spec, champion.num_classes, record.merged_sha256)
+    merged = champion.with_model(outcome.model, record.merged_sha256)
     record = store.put_merged_model(record, merged, outcome.moments)
     if promoted:
         new = store.put_start(root.sha256, merged, record.merge_id, record.val)
@@ -223,5 +223,5 @@ def replay_chain(store, record: MergeRecord) -> list[tuple[int, str, bool]]:
     for step in chain(store, record):
         model, sha = rebuild_merge(store, step, parent=parent)
         out.append((step.version or 0, sha, sha == step.merged_sha256))
-        parent = Base(model, root.spec, root.num_classes, sha)
+        parent = root.with_model(model, sha)
     return out

@@ -27,6 +27,7 @@ from medvec.evaluate import (
     contribution_plot,
     lambda_curve,
     markdown_table,
+    md_inert,
     results_frame,
 )
 
@@ -99,6 +100,7 @@ def write_report(
         "test_auc": "test AUC", "test_balanced_accuracy": "test bal. acc", "test_accuracy": "test acc",
         "test_op_sensitivity": "sens @op", "test_op_specificity": "spec @op", "test_op_balanced_accuracy": "bal. acc @op",
     }  # fmt: skip
+    columns |= {c: f"test AUC {md_inert(c.split(':', 1)[1])}" for c in df.columns if c.startswith("test_auc:")}
     shown = [c for c in columns if c in df]
     table = markdown_table(df, shown, [columns[c] for c in shown])
     md = [
@@ -114,6 +116,8 @@ def write_report(
         "",
         "★ = chosen on the validation split for promotion; test figures are reported, never used to choose.",
     ]
+    if any(c.startswith("test_auc:") for c in df.columns):
+        md += ["Multi-label: test AUC is the macro mean of the per-label AUCs (one sigmoid per label)."]
     md += [
         "@op = at the decision threshold chosen on the validation split (`evaluate.threshold`), applied to test.",
         "",
@@ -165,14 +169,21 @@ def _contribution_section(doc: dict, out: Path, md: list[str]) -> Path:
     return path
 
 
+def _cell(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
 def render_table(doc: dict) -> str:
     """The comparison as a terminal table (text)."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"medvec: {doc['dataset']} ({doc['model']})")
+    per_label = list((doc["results"][0]["test"].get("auc_by_label") or {}) if doc["results"] else [])
     for col in ("model", "kind", "λ", "n train", "val AUC", "test AUC", "test bal.acc", "test acc"):
         t.add_column(col, justify="right" if col not in ("model", "kind") else "left")
+    for label in per_label:
+        t.add_column(f"AUC {label}", justify="right")
     for r in doc["results"]:
         val = (r.get("val") or {}).get("auc")
         t.add_row(
@@ -184,6 +195,7 @@ def render_table(doc: dict) -> str:
             f"{r['test']['auc']:.3f}",
             f"{r['test']['balanced_accuracy']:.3f}",
             f"{r['test']['accuracy']:.3f}",
+            *(_cell(r["test"].get("auc_by_label", {}).get(label)) for label in per_label),
         )
     console = Console(width=120)
     with console.capture() as cap:

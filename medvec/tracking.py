@@ -39,7 +39,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.pyfunc import PythonModel
 
-from medvec.errors import LineageError
+from medvec.errors import LineageError, UserError
 from medvec.evaluate import md_inert
 from medvec.faults import failpoint
 from medvec.record import GateDecision, MergeRecord
@@ -315,20 +315,23 @@ class Classifier(PythonModel):
     ``predict(x)`` takes model-ready images (N, C, H, W float32, as :func:`medvec.data.to_tensor`
     makes them) and returns a DataFrame with ``p_0 … p_{k-1}`` and ``label``.  A binary
     model's label is ``p_1 >= threshold`` (the operating point chosen on validation);
-    without a threshold, and for more classes, it is the argmax.
+    without a threshold, and for more classes, it is the argmax.  A multi-label model's
+    ``p_c`` are independent sigmoids and its labels are ``label_c = p_c >= 0.5``.
     """
 
     threshold: float | None = None
     model: torch.nn.Module | None = None
+    task: str = "multiclass"
 
     def load_context(self, context) -> None:
         from medvec.models import load_base
 
         self.threshold = (context.model_config or {}).get("threshold")
-        self.model = load_base(context.artifacts["weights"]).model.eval()
+        base = load_base(context.artifacts["weights"])
+        self.model, self.task = base.model.eval(), base.task
 
     def predict(self, context, model_input, params=None):
-        return label_frame(self.model, np.asarray(model_input, dtype=np.float32), self.threshold)
+        return label_frame(self.model, np.asarray(model_input, dtype=np.float32), self.threshold, self.task)
 
 
 MODEL_CODE = """from mlflow.models import set_model
@@ -339,12 +342,17 @@ set_model(Classifier())
 """
 
 
-def label_frame(model: torch.nn.Module, x: np.ndarray, threshold: float | None):
+def label_frame(model: torch.nn.Module, x: np.ndarray, threshold: float | None, task: str = "multiclass"):
     """Probabilities and thresholded labels of ``model`` on ``x`` as a DataFrame (what the pyfunc returns)."""
     import pandas as pd
 
+    from medvec.evaluate import probabilities
+
     with torch.no_grad():
-        p = torch.softmax(model(torch.as_tensor(x)), dim=1).numpy()
+        p = probabilities(model(torch.as_tensor(x)), task).numpy()
+    if task == "multilabel":
+        labels = {f"label_{c}": (p[:, c] >= 0.5).astype(np.int64) for c in range(p.shape[1])}
+        return pd.DataFrame({**{f"p_{c}": p[:, c] for c in range(p.shape[1])}, **labels})
     if threshold is not None and p.shape[1] == 2:
         label = (p[:, 1] >= threshold).astype(np.int64)
     else:
@@ -369,7 +377,7 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
     from medvec.models import save_base
 
     model = copy.deepcopy(weights.model).cpu().eval()  # the caller's model stays where it is
-    weights = type(weights)(model, weights.spec, weights.num_classes, weights.sha256)
+    weights = weights.with_model(model, weights.sha256)
     example = np.zeros_like(example)  # the shape only: no coordinator image is stored with the model
     with tempfile.TemporaryDirectory() as tmp:
         path, code = Path(tmp) / "weights.safetensors", Path(tmp) / "classifier.py"
@@ -380,7 +388,7 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
             python_model=str(code),
             model_config={"threshold": threshold},
             artifacts={"weights": str(path)},
-            signature=infer_signature(example, label_frame(model, example, threshold)),
+            signature=infer_signature(example, label_frame(model, example, threshold, weights.task)),
             input_example=example,
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=[
@@ -467,12 +475,14 @@ def log_merge(
         "medvec.mode": record.mode,
         "medvec.threshold": str(record.operating_point.get("threshold", "")),
         "medvec.parent_version": str(record.parent_version),
+        "medvec.task": merged.task,
+        "medvec.classes_sha256": merged.classes_sha256 or "",
     }
     if record.version is not None:
         tags["medvec.version"] = str(record.version)
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
-    champion, reason = decided or _gate(client, record, rescore)
+    champion, reason = decided or _gate(client, record, rescore, tags)
     verdict = "champion" if champion else "rejected"
     if champion:
         client.set_registered_model_alias(reg.model_name, "champion", version)
@@ -708,11 +718,13 @@ def _log_contributions(mlflow, record: MergeRecord) -> None:
         mlflow.set_tag("medvec.harmful", "; ".join(harmful))
 
 
-def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict]) -> tuple[bool, str]:
+def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict], tags: dict) -> tuple[bool, str]:
     """Does the new version beat the champion on the same validation set?  Returns (promote, reason).
 
     When the champion was scored on another set (by content hash), its merged
-    weights are re-scored on this record's set, and the reason says so.
+    weights are re-scored on this record's set, and the reason says so.  A champion for another
+    task or class list, or one whose weights cannot be re-scored, is not compared: the new version
+    is not promoted, and the reason says why.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -725,14 +737,29 @@ def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict]) -
         return True, "first version"
     champ_score = float(champ.tags.get(f"val_{metric}", "-inf"))
     where = f"on {record.eval_set.describe()}"
+    other = _other_task(champ.tags, tags)
+    if other:
+        return False, f"champion v{champ.version} {other}: not comparable; use another registry.model_name per task"
     if champ.tags.get("medvec.eval_sha256") != record.eval_set.sha256:
         old = f"{champ_score:.4f} on {champ.tags.get('medvec.eval_source', '?')} ({champ.tags.get('medvec.eval_size', '?')} images)"
         champ_record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
-        champ_score = _score(rescore(champ_record), metric)
+        try:
+            champ_score = _score(rescore(champ_record), metric)
+        except (UserError, OSError, RuntimeError) as exc:  # its store is gone, or its head does not fit this data
+            return False, f"champion v{champ.version} could not be re-scored on {record.eval_set.describe()}: {exc}"
         where = f"re-scored on the current validation set {record.eval_set.describe()} (it scored {old})"
     verdict = "beats" if new > champ_score + margin else "does not beat"
     reason = f"val {metric} {new:.4f} {verdict} champion v{champ.version} {champ_score:.4f} + margin {margin}, {where}"
     return new > champ_score + margin, reason
+
+
+def _other_task(champion: dict, new: dict) -> str:
+    """Why the champion (its version tags) answers another question than the new version, or ''."""
+    for key, what in (("medvec.task", "is a {} model"), ("medvec.classes_sha256", "has class list {}")):
+        theirs = champion.get(key)
+        if theirs and new[key] and theirs != new[key]:
+            return what.format(theirs[:12])
+    return ""
 
 
 def resolve(ref: str):

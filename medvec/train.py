@@ -1,5 +1,5 @@
 """The hospital's fine-tune loop: AdamW, warm-up + cosine LR, light augmentation,
-class-weighted cross-entropy, seeded, on the best available device."""
+class-weighted cross-entropy (multi-label: BCE with pos_weight), seeded, on the best available device."""
 
 from __future__ import annotations
 
@@ -59,6 +59,21 @@ def class_weights(label_counts: list[int]) -> torch.Tensor:
     return w
 
 
+def positive_weights(label_counts: list[int], n: int) -> torch.Tensor:
+    """Multi-label ``pos_weight``: w_c = (n − n_c) / n_c, negatives per positive (1 for a label never seen)."""
+    pos = torch.tensor(label_counts, dtype=torch.float32)
+    return torch.where(pos > 0, (n - pos) / pos.clamp(min=1), torch.ones_like(pos))
+
+
+def loss_function(train: ImageSet, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
+    """Cross-entropy, class-weighted (``finetune.class_weighting``); multi-label: BCE on logits with pos_weight."""
+    if train.multilabel:
+        weight = positive_weights(train.label_counts(), len(train)) if cfg.class_weighting else None
+        return nn.BCEWithLogitsLoss(pos_weight=weight.to(device) if weight is not None else None)
+    weight = class_weights(train.label_counts()) if cfg.class_weighting else None
+    return nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -100,13 +115,12 @@ def lr_schedule(total: int, warmup: int):
 
 
 def prepare_training(model: nn.Module, train: ImageSet, cfg: FinetuneConfig) -> tuple[torch.device, nn.Module]:
-    """How every fine-tune starts: threads, seeds, the device (model moved there) and the class-weighted loss."""
+    """How every fine-tune starts: threads, seeds, the device (model moved there) and the loss."""
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    weight = class_weights(train.label_counts()) if cfg.class_weighting else None
-    return device, nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+    return device, loss_function(train, cfg, device)
 
 
 def finetune(

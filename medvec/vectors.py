@@ -78,7 +78,9 @@ class VectorMeta(BaseModel):
     base_model: str
     num_classes: int = Field(ge=1)
     n_train: int = Field(ge=0)
-    label_counts: list[int]
+    label_counts: list[int] = Field(description="images per class; multilabel: images with each label")
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    classes_sha256: str | None = Field(None, min_length=64, max_length=64, description="sha256 of the class list")
     finetune: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: str
@@ -136,6 +138,8 @@ class DataVector:
         num_classes: int,
         n_train: int,
         label_counts: list[int],
+        task: str = "multiclass",
+        classes_sha256: str | None = None,
         finetune: dict | None = None,
         metrics: dict | None = None,
         running: RunningStats | None = None,
@@ -162,6 +166,8 @@ class DataVector:
             num_classes=num_classes,
             n_train=n_train,
             label_counts=list(label_counts),
+            task=task,
+            classes_sha256=classes_sha256,
             finetune=dict(finetune or {}),
             # non-finite local metrics (e.g. AUC of a one-class local split) are left out: JSON has no NaN
             metrics={k: float(x) for k, x in (metrics or {}).items() if math.isfinite(float(x))},

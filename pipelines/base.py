@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import load_split
+from medvec.data import DataSpec, load_split
 from medvec.models import Base, base_from_config, save_base
 
 
 def build_base(params: Params) -> Base:
     """θ_pre with a head sized to the data's classes (seeded by ``model.seed``)."""
-    num_classes = load_split(params.coordinator.eval_data, "val").num_classes
-    return base_from_config(params.model, num_classes)
+    classes = load_split(params.coordinator.eval_data, "val", DataSpec.of(params)).classes
+    return base_from_config(params.model, len(classes), classes)
 
 
 def main(argv: list[str] | None = None) -> None:

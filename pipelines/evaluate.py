@@ -7,16 +7,18 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import load_split
-from medvec.evaluate import confusion_plot, evaluate_model
+from medvec.data import DataSpec, load_split
+from medvec.evaluate import confusion_plot, evaluate_model, label_confusion_plot
 from medvec.models import load_base
+
+
+def test_split(params: Params):
+    return load_split(params.coordinator.eval_data, "test", DataSpec.of(params))
 
 
 def evaluate(params: Params, merged_path: str | Path) -> dict:
     merged = load_base(merged_path)
-    return evaluate_model(
-        merged.model, load_split(params.coordinator.eval_data, "test"), merged.spec, params.evaluate.batch_size
-    )
+    return evaluate_model(merged.model, test_split(params), merged.spec, params.evaluate.batch_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,11 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params(args.params)
     m = evaluate(params, "work/merged.safetensors")
-    Path("work/metrics.json").write_text(
-        json.dumps({k: m[k] for k in ("auc", "balanced_accuracy", "accuracy", "recall")}, indent=2)
-    )
+    keys = ("auc", "balanced_accuracy", "accuracy", "recall", "auc_by_label")
+    Path("work/metrics.json").write_text(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     Path("work/plots").mkdir(parents=True, exist_ok=True)
-    classes = load_split(params.coordinator.eval_data, "test").classes
+    classes = test_split(params).classes
+    if "confusion" not in m:  # multi-label: one 2×2 matrix per label at p ≥ 0.5
+        label_confusion_plot(m["labels"], m["proba"], classes, "work/plots/confusion.png", "merged model: test split")
+        return
     confusion_plot(
         m["confusion"],
         classes,

@@ -20,7 +20,7 @@ def finetune(
     the DVC pipeline simulates hospitals on one machine and publishes nothing)."""
     set_threads(params.finetune.threads)
     base = load_base(base_path)
-    data = LocalData.load(data_dir)
+    data = LocalData.of(data_dir, params)
     vector, record = finetune_vector(base, hospital, data, params.finetune, progress=True, privacy=params.privacy)
     return vector, record.history
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from medvec.config import Params, load_params
 from medvec.contribution import scored_merge_once
 from medvec.coordinator import EvalSets, MergeOutcome
-from medvec.data import load_split
+from medvec.data import DataSpec, load_split
 from medvec.models import Base, load_base, save_base
 from medvec.record import MergeRecord
 from medvec.train import set_threads
@@ -26,7 +26,7 @@ def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tu
     set_threads(params.finetune.threads)
     base = load_base(base_path)
     vectors = [load_vector(p, base=base.model.state_dict(), base_sha256=base.sha256) for p in vector_paths]
-    evalsets = EvalSets.load(params.coordinator.eval_data, with_test=False)
+    evalsets = EvalSets.load(params.coordinator.eval_data, with_test=False, spec=DataSpec.of(params))
     calibration = (
         load_split(params.coordinator.calibration_data, "train") if params.coordinator.calibration_data else None
     )
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     started_at, clock = utcnow(), time.perf_counter()
     base, vectors, evalsets, outcome = merge(params, "work/base.safetensors", paths)
     record = MergeRecord.build(outcome, vectors, base.sha256, params, evalsets.ref(), "work", started_at, clock)
-    save_base(Base(outcome.model, base.spec, base.num_classes, record.merged_sha256), "work/merged.safetensors")
+    save_base(base.with_model(outcome.model, record.merged_sha256), "work/merged.safetensors")
     Path("work/merge.json").write_text(json.dumps(record.to_json(), indent=2))
     Path("work/plots").mkdir(parents=True, exist_ok=True)
     curve = [{"lambda": lam, "val_auc": auc} for lam, auc in outcome.curve]

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import split_from_config
+from medvec.data import DataSpec, split_from_config
 
 
 def split(params: Params, source: str, out: str | Path) -> dict:
     """Write one folder per hospital (``split.names``) from the source's training images."""
-    return split_from_config(source, out, params.split)
+    return split_from_config(source, out, params.split, DataSpec.of(params))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from medvec import coordinator as core
 from medvec.config import IntakeConfig, Params, RefineConfig
 from medvec.contribution import Guarded, score_merge, scored_merge_once
-from medvec.data import split_from_config, to_tensor
+from medvec.data import DataSpec, split_from_config, to_tensor
 from medvec.evaluate import evaluate_model
 from medvec.intake import Admission, admit, quarantine_harmful
 from medvec.models import Base, base_from_config, load_base
@@ -24,13 +24,13 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": N
 @task(cache_policy=NO_CACHE)
 def split_hospitals(source: str, out_dir: str, params: Params) -> dict:
     """Simulate hospitals: one folder per hospital with its own share."""
-    return split_from_config(source, out_dir, params.split)
+    return split_from_config(source, out_dir, params.split, DataSpec.of(params))
 
 
 @task(**IO_RETRIES)
-def publish_base(store_url: str, params: Params, num_classes: int) -> Base:
-    """Build θ_pre from the model section and publish it to the store."""
-    base = base_from_config(params.model, num_classes)
+def publish_base(store_url: str, params: Params, num_classes: int, classes: list[str] | None = None) -> Base:
+    """Build θ_pre from the model section (recording the class list) and publish it to the store."""
+    base = base_from_config(params.model, num_classes, classes)
     open_store(store_url).put_base(base)
     return base
 
@@ -97,7 +97,7 @@ def quarantine_excluded(store_url: str, excluded: list) -> list[Rejection]:
 @task(**IO_RETRIES)
 def publish_merge(store_url: str, record: MergeRecord, outcome: core.MergeOutcome, base: Base) -> MergeRecord:
     """Write the merged weights, the BN moment sums used and the record (``latest.json`` is moved later)."""
-    merged = Base(outcome.model, base.spec, base.num_classes, record.merged_sha256)
+    merged = base.with_model(outcome.model, record.merged_sha256)
     return open_store(store_url).put_merged_model(record, merged, outcome.moments)
 
 
@@ -133,5 +133,5 @@ def register_merge(
         merged = load_base(store.merge_weights(champion), expected_sha256=champion.merged_sha256)
         return evaluate_model(merged.model, evalsets.val, merged.spec, p.evaluate.batch_size)
 
-    merged = Base(model, base.spec, base.num_classes, record.merged_sha256)
+    merged = base.with_model(model, record.merged_sha256)
     return tracking.log_merge(record, merged, example, rescore, plots, decided)

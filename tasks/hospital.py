@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medvec.batchnorm import MomentSums
-from medvec.config import BatchNormConfig, FinetuneConfig, PrivacyConfig
+from medvec.config import BatchNormConfig, FinetuneConfig, Params, PrivacyConfig
 from medvec.hospital import LocalData, finetune_vector, local_moment_sums
 from medvec.models import Base
 from medvec.store import open_store
@@ -30,9 +30,9 @@ def fetch_start(store_url: str, root: Base, start_from: str) -> tuple[Base, int]
 
 
 @task(cache_policy=NO_CACHE)
-def load_local_data(data_dir: str) -> LocalData:
-    """Read this hospital's own folder (nothing else)."""
-    return LocalData.load(data_dir)
+def load_local_data(data_dir: str, params: Params) -> LocalData:
+    """Read this hospital's own data (nothing else): a folder, an ``.npz`` or a CSV manifest."""
+    return LocalData.of(data_dir, params)
 
 
 @dataclass(frozen=True)

@@ -133,13 +133,18 @@ def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
     from medvec.data import write_hospital_shards
 
     write_hospital_shards(BREAST, tmp / "hospitals", hospitals=2, alpha=1.0, seed=0)
+    # h2's data as a PACS export: DICOM files (MONOCHROME1, rescale + window, RLE among them) and a CSV manifest
+    from medvec.data import load_split
+    from medvec.examples import write_manifest
+
+    h2 = {s: load_split(tmp / "hospitals" / "h2", s) for s in ("train", "val")}
+    data = {"h1": tmp / "hospitals" / "h1", "h2": write_manifest(h2, tmp / "h2-export", "dicom", progress=False)}
     for name in ("h1", "h2"):
-        out = medvec(
-            env, "hospital", "join", name, "--data", str(tmp / "hospitals" / name), "--no-worker", *sets(store_url)
-        )
+        out = medvec(env, "hospital", "join", name, "--data", str(data[name]), "--no-worker", *sets(store_url))
         assert (
             f"hospital-finetune/{name}" in out.stdout and "prefect worker start --pool hospital-" + name in out.stdout
         )
+        assert "data check:" in out.stdout and "usable" in out.stdout
         cluster["workers"].append(Worker(f"hospital-{name}", env, tmp))
     # MLOps: a retraining schedule, changed later, visible through the API
     medvec(env, "hospital", "schedule", "h1", "--cron", "0 2 * * 0")

@@ -150,6 +150,14 @@ def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     )
     medvec(clone, env, "coordinator", "up", *sets)
     medvec(clone, env, "hospital", "join", "h1", "--data", str(tmp_path / "hospitals" / "h1"), "--no-worker", *sets)
+    # docs/hospitals.md: from a DICOM export and a CSV to a joined worker
+    export = tmp_path / "export"
+    medvec(clone, env, "data", "export", "--data", "data/breastmnist.npz", "--out", str(export), "--format", "dicom")
+    check = medvec(clone, env, "hospital", "check", "--data", str(export / "manifest.csv"), *sets)
+    assert "train: 546 found, 546 read, 0 failed" in check.stdout and check.stdout.rstrip().endswith("usable: yes")
+    joined = medvec(clone, env, "hospital", "join", "h2", "--data", str(export / "manifest.csv"), "--no-worker", *sets)
+    assert "data check: 780 images read, usable" in joined.stdout
+    assert read_deployment(env, "hospital-finetune/h2")["pool"] == "hospital-h2"
     coordinator = read_deployment(env, "merge-and-evaluate/coordinator")
     hospital = read_deployment(env, "hospital-finetune/h1")
     assert coordinator["pool"] == "coordinator" and coordinator["triggers"] == 1

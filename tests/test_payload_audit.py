@@ -1,6 +1,9 @@
 """Payload audit: everything the hospital flow writes outside its own data folder —
 store objects, MLflow artifacts, params, tags and metrics, and the event payload —
-is vector tensors with the model's parameter shapes and aggregate metadata only."""
+is vector tensors with the model's parameter shapes and aggregate metadata only.
+
+It runs twice: on PNG folders whose file names carry identifiers, and on a CSV manifest of
+DICOM files with identifying patient tags set (synthetic values, none may leave)."""
 
 from __future__ import annotations
 
@@ -33,17 +36,14 @@ print(json.dumps({"summary": summary, "event": landed_event(summary)}))
 """
 
 
-@pytest.fixture(scope="module")
-def audit(tmp_path_factory):
+def _png_folders(data: Path) -> tuple[Path, list[str]]:
+    """``<split>/<class>/patient_…_scan.png``: the file names carry identifiers."""
     from PIL import Image
 
     from medvec.data import load_split
 
-    tmp = tmp_path_factory.mktemp("audit")
-    data = tmp / "hospital-data"
-    names = []
+    s, names = load_split(BREAST, "train"), []
     for split, n in (("train", 120), ("val", 24)):
-        s = load_split(BREAST, "train")
         for i in range(n):
             j = i if split == "train" else 200 + i
             name = f"patient_{split}_{j:04d}_scan.png"
@@ -51,6 +51,40 @@ def audit(tmp_path_factory):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(s.images[j]).save(folder / name)
             names.append(name)
+    return data, names
+
+
+def _dicom_manifest(data: Path) -> tuple[Path, list[str]]:
+    """DICOM files with identifying patient tags set (synthetic values), listed in a CSV manifest."""
+    import csv
+
+    from medvec.data import load_split
+    from medvec.dicom import write_dicom
+    from medvec.examples import DICOM_VARIANTS, fake_patient
+
+    s, names, rows = load_split(BREAST, "train"), [], []
+    for split, n in (("train", 120), ("val", 24)):
+        (data / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            j = i if split == "train" else 200 + i
+            name = f"patient_{split}_{j:04d}_scan.dcm"
+            variant = DICOM_VARIANTS[j % len(DICOM_VARIANTS)]
+            write_dicom(data / split / name, s.images[j], patient=fake_patient(j), **variant)
+            names += [name, *fake_patient(j).values()]
+            rows.append({"path": f"{split}/{name}", "label": s.classes[int(s.labels[j])], "split": split})
+    with (data / "labels.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return data / "labels.csv", names
+
+
+@pytest.fixture(scope="module", params=["png-folders", "dicom-manifest"])
+def audit(tmp_path_factory, request):
+    tmp = tmp_path_factory.mktemp("audit")
+    make = _png_folders if request.param == "png-folders" else _dicom_manifest
+    source, names = make(tmp / "hospital-data")
+    data = tmp / "hospital-data"
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
@@ -60,7 +94,7 @@ def audit(tmp_path_factory):
     overrides = ["model.name=tiny_cnn", "model.pretrained=false", "finetune.epochs=2", "batchnorm.strategy=average"]
     # MLflow's embedded artifact folder is created relative to the working directory: run in tmp
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp / "store"), str(data), json.dumps(overrides)],
+        [sys.executable, "-c", SCRIPT, str(tmp / "store"), str(source), json.dumps(overrides)],
         cwd=ROOT,
         env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -118,7 +152,7 @@ def test_everything_written_is_vector_tensors_and_aggregates(audit, tiny_base):
     texts.append(json.dumps(audit["event"]))
     blob = "\n".join(texts)
     for name in audit["names"]:
-        assert name not in blob, f"an image file name left the hospital: {name}"
+        assert name not in blob, f"an image file name or a DICOM tag value left the hospital: {name}"
     assert "patient_" not in blob and str(audit["data"]) not in blob
     # aggregate metadata only: counts per class, never per sample
     meta = json.loads(json.loads(next(t for t in texts if '"medvec"' in t))["medvec"])

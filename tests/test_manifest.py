@@ -1,0 +1,402 @@
+"""Hospital data as hospitals have it: CSV manifests of PNG and DICOM files, the shared class list and its
+hash, multi-label and multi-class tasks, and ``medvec hospital check`` — on real MedMNIST images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BREAST, PNEUMONIA, ROOT
+from medvec.data import (
+    DataError,
+    DataSpec,
+    DataWarning,
+    ImageSet,
+    classes_sha256,
+    draw_local_val,
+    load_npz,
+    load_split,
+)
+from medvec.examples import combined_multiclass, composite_multilabel, write_manifest
+
+
+def subset(source: Path, n: dict[str, int]) -> dict[str, ImageSet]:
+    """n images of each split, drawn with a fixed seed (both classes present), in file order."""
+    out = {}
+    for split, k in n.items():
+        data = load_npz(source, split)
+        out[split] = data.subset(np.sort(np.random.default_rng(0).permutation(len(data))[:k]))
+    return out
+
+
+SMALL = {"train": 60, "val": 30, "test": 30}
+PNEUMONIA_CLASSES = DataSpec("multiclass", ("normal", "pneumonia"))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return subset(PNEUMONIA, SMALL)
+
+
+@pytest.fixture(scope="module", params=["png", "dicom"])
+def manifest(request, small, tmp_path_factory):
+    return write_manifest(small, tmp_path_factory.mktemp(request.param), request.param, progress=False)
+
+
+def write_csv(path: Path, rows: list[dict], fields=("path", "label", "split")) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def rows_of(manifest: Path) -> list[dict]:
+    with manifest.open() as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def test_a_manifest_loads_the_same_pixels_labels_and_splits_as_the_npz(manifest, small):
+    """PNG and DICOM (MONOCHROME1, a 16-bit rescale with a window, RLE rotate through the files) read back exact."""
+    for split, ref in small.items():
+        got = load_split(manifest, split)
+        assert got.classes == ["normal", "pneumonia"]
+        np.testing.assert_array_equal(got.labels, ref.labels)
+        np.testing.assert_array_equal(got.images, ref.images)
+
+
+def test_dicom_files_are_found_by_content_not_by_extension(small, tmp_path):
+    from medvec.dicom import write_dicom
+
+    rows = []
+    for i in range(20):
+        name = f"img{i}.png" if i % 2 else f"img{i}"  # DICOM files named .png, or with no extension
+        write_dicom(tmp_path / name, small["train"].images[i], monochrome1=bool(i % 3))
+        rows.append({"path": name, "label": small["train"].classes[small["train"].labels[i]]})
+    data = load_split(write_csv(tmp_path / "m.csv", rows, ("path", "label")), "train", PNEUMONIA_CLASSES)
+    np.testing.assert_array_equal(data.images, small["train"].images[:20])
+
+
+def test_the_configured_class_list_sets_the_label_order(manifest, small):
+    data = load_split(manifest, "train", DataSpec(classes=("pneumonia", "normal")))
+    assert data.classes == ["pneumonia", "normal"]
+    np.testing.assert_array_equal(data.labels, 1 - small["train"].labels)
+
+
+def test_a_label_outside_the_class_list_is_refused_naming_it(manifest):
+    with pytest.raises(DataError, match=r"label\(s\) \['pneumonia'\] are not in model.classes"):
+        load_split(manifest, "train", DataSpec(classes=("normal", "effusion")))
+
+
+@pytest.mark.parametrize(
+    ("rows", "fields", "message"),
+    [
+        ([{"file": "a.png", "label": "x"}], ("file", "label"), "manifest has no path column"),
+        ([{"path": "a.png", "label": "x", "split": "holdout"}], None, "split 'holdout' is not one of train, val, test"),
+        ([{"path": "a.png", "label": "x|y", "split": "train"}], None, r"line 2: 2 labels \('x\|y'\)"),
+        ([{"path": "a.png", "label": "", "split": "train"}], None, "line 2: no label"),
+        ([{"path": "a.png", "label": "x", "split": "train"}], None, "one class"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_naming_the_problem(tmp_path, rows, fields, message):
+    path = write_csv(tmp_path / "m.csv", rows, fields or ("path", "label", "split"))
+    with pytest.raises(DataError, match=message):
+        load_split(path, "train")
+
+
+def test_unreadable_files_are_skipped_with_a_warning_and_too_many_are_an_error(small, tmp_path):
+    from medvec.dicom import write_dicom
+
+    rows = []
+    for i in range(30):
+        write_dicom(tmp_path / f"{i}.dcm", small["train"].images[i], rescale=(0.5, -1024.0), window=(40.0, 400.0))
+        rows.append({"path": f"{i}.dcm", "label": small["train"].classes[small["train"].labels[i]]})
+    data = (tmp_path / "7.dcm").read_bytes()
+    (tmp_path / "7.dcm").write_bytes(data[: len(data) * 6 // 10])  # truncated in the pixel data
+    with pytest.warns(DataWarning, match=r"skipped .*7\.dcm: not a readable image"):
+        got = load_split(write_csv(tmp_path / "m.csv", rows, ("path", "label")), "train", PNEUMONIA_CLASSES)
+    keep = [i for i in range(30) if i != 7]
+    np.testing.assert_array_equal(got.images, small["train"].images[keep])
+    np.testing.assert_array_equal(got.labels, small["train"].labels[keep])
+    for i in (3, 11, 19):  # 4 of 30 unreadable > 10%
+        (tmp_path / f"{i}.dcm").write_bytes(b"not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        with pytest.raises(DataError, match=r"4 of 30 images could not be read \(more than 10%\)"):
+            load_split(tmp_path / "m.csv", "train", PNEUMONIA_CLASSES)
+        lenient = DataSpec("multiclass", ("normal", "pneumonia"), max_bad_fraction=0.2)  # data.max_bad_fraction
+        assert len(load_split(tmp_path / "m.csv", "train", lenient)) == 26
+
+
+def test_without_a_split_column_the_local_val_split_is_drawn_by_the_seeded_rule(manifest, small):
+    from medvec.hospital import LocalData
+
+    rows = [r for r in rows_of(manifest) if r["split"] == "train"]
+    path = write_csv(manifest.parent / "nosplit.csv", rows, ("path", "label"))
+    local = LocalData.load(path, local_val_fraction=0.2, seed=3)
+    keep, held = draw_local_val(60, 0.2, 3)
+    assert len(held) == 12 and len(local.val) == 12 and len(local.train) == 48
+    np.testing.assert_array_equal(local.val.images, small["train"].images[held])
+    np.testing.assert_array_equal(local.train.labels, small["train"].labels[keep])
+
+
+def test_a_multilabel_manifest_reads_into_a_label_matrix(tmp_path, small):
+    from PIL import Image
+
+    labels = ["effusion|nodule", "", "nodule", "effusion", "nodule | effusion"]
+    rows = []
+    for i, label in enumerate(labels):
+        Image.fromarray(small["train"].images[i]).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", "label": label})
+    path = write_csv(tmp_path / "m.csv", rows, ("path", "label"))
+    data = load_split(path, "train", DataSpec("multilabel"))
+    assert data.classes == ["effusion", "nodule"] and data.multilabel and data.task == "multilabel"
+    np.testing.assert_array_equal(data.labels, [[1, 1], [0, 0], [0, 1], [1, 0], [1, 1]])
+    assert data.label_counts() == [3, 3]
+    assert len(set(data.strata().tolist())) == 4
+    with pytest.raises(DataError, match=r"holds multilabel labels but model\.task is multiclass"):
+        DataSpec("multiclass").check(data, path)
+
+
+# ----------------------------------------------------------------------------- class list and intake
+
+
+def test_intake_refuses_a_vector_whose_class_list_differs(tmp_path):
+    from medvec.config import IntakeConfig
+    from medvec.intake import admit
+    from medvec.models import create_base
+    from medvec.store import LocalStore
+    from medvec.vectors import DataVector
+
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
+    base.classes = ["normal", "pneumonia"]
+    store = LocalStore(tmp_path / "store")
+    store.put_base(base)
+    state = base.model.state_dict()
+    tuned = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    for hospital, classes in (("h1", ["normal", "pneumonia"]), ("h2", ["pneumonia", "normal"]), ("h3", None)):
+        v = DataVector.from_states(
+            state,
+            tuned,
+            hospital=hospital,
+            base_sha256=base.sha256,
+            base_model="tiny_cnn",
+            num_classes=2,
+            n_train=10,
+            label_counts=[5, 5],
+            classes_sha256=classes_sha256(classes) if classes else None,
+        )
+        store.put(v)
+    adm = admit(store, base, IntakeConfig(defence="off"))
+    assert [v.meta.hospital for v in adm.admitted] == ["h1"]
+    reasons = {r.hospital_claimed: r for r in adm.rejected}
+    assert set(reasons) == {"h2", "h3"} and all(r.check == "classes" for r in reasons.values())
+    assert f"differs from the base's {classes_sha256(['normal', 'pneumonia'])[:12]}" in reasons["h2"].problem
+    assert "none recorded" in reasons["h3"].problem
+    assert all(r in store.quarantined() for r in reasons.values())
+
+
+def test_a_hospital_with_another_class_list_is_refused_before_training(small, tmp_path):
+    from medvec.config import FinetuneConfig
+    from medvec.hospital import LocalData, finetune_vector
+    from medvec.models import create_base
+
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
+    base.classes = ["normal", "pneumonia"]
+    data = LocalData(ImageSet(small["train"].images, small["train"].labels, ["healthy", "pneumonia"]), None)
+    with pytest.raises(DataError, match=r"classes \['healthy', 'pneumonia'\] differ from the base model's"):
+        finetune_vector(base, "h1", data, FinetuneConfig(epochs=1), progress=False)
+
+
+def test_the_base_records_its_class_list_and_task(tmp_path):
+    from medvec.config import ModelConfig
+    from medvec.models import base_from_config, load_base, save_base
+
+    base = base_from_config(ModelConfig(name="tiny_cnn", pretrained=False, task="multilabel"), 2, ["a", "b"])
+    save_base(base, tmp_path / "b.safetensors")
+    back = load_base(tmp_path / "b.safetensors")
+    assert (back.classes, back.task, back.classes_sha256) == (["a", "b"], "multilabel", classes_sha256(["a", "b"]))
+
+
+# ----------------------------------------------------------------------------- multi-label and multi-class
+
+
+def test_pos_weight_is_negatives_per_positive():
+    from medvec.train import positive_weights
+
+    torch.testing.assert_close(positive_weights([1, 3, 0], 4), torch.tensor([3.0, 1 / 3, 1.0]))
+
+
+def test_multilabel_metrics_are_per_label_aucs_and_their_macro_mean():
+    from sklearn.metrics import roc_auc_score
+
+    from medvec.evaluate import metric_value, metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (50, 3))
+    p = np.clip(y * 0.3 + rng.random((50, 3)) * 0.7, 0, 1)
+    m = metrics(y, p)
+    expected = [roc_auc_score(y[:, c], p[:, c]) for c in range(3)]
+    assert m["auc_per_label"] == pytest.approx(expected, abs=0)
+    assert m["auc"] == pytest.approx(float(np.mean(expected)), abs=1e-15)
+    assert metric_value(y, p, "auc") == m["auc"] and "confusion" not in m
+    y[:, 1] = 0  # a label without positives: its AUC, and the macro mean, are undefined
+    assert np.isnan(metrics(y, p)["auc"])
+
+
+@pytest.fixture(scope="module")
+def multilabel_run():
+    """A tiny model fine-tuned on the real two-label composite (chest|breast), two hospitals, merged."""
+    from medvec.config import FinetuneConfig, load_params
+    from medvec.coordinator import EvalSets, merge_once
+    from medvec.hospital import LocalData, finetune_vector
+    from medvec.models import create_base
+
+    sets = composite_multilabel(ROOT / "data")
+    pick = np.random.default_rng(0).permutation  # the files are ordered by label: draw, don't slice
+    train = sets["train"].subset(pick(len(sets["train"]))[:600])
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
+    base.classes, base.task = ["pneumonia", "malignant"], "multilabel"
+    cfg = FinetuneConfig(epochs=2, lr=0.003, threads=1)
+    halves = [train.subset(np.arange(0, 300)), train.subset(np.arange(300, 600))]
+    vectors = [finetune_vector(base, f"h{i}", LocalData(h, None), cfg, progress=False)[0] for i, h in enumerate(halves)]
+    evalsets = EvalSets(sets["val"].subset(pick(len(sets["val"]))[:200]), sets["test"], "composite")
+    params = load_params(None, ["merge.method=task_arithmetic", "merge.lam=1.0", "batchnorm.strategy=average"])
+    outcome = merge_once(base, vectors, params, evalsets)
+    return {"vectors": vectors, "outcome": outcome, "halves": halves, "evalsets": evalsets, "base": base}
+
+
+def test_a_multilabel_vector_publishes_per_label_counts(multilabel_run):
+    for v, half in zip(multilabel_run["vectors"], multilabel_run["halves"], strict=True):
+        assert v.meta.task == "multilabel"
+        assert v.meta.label_counts == half.labels.sum(0).tolist()
+        assert v.meta.classes_sha256 == classes_sha256(["pneumonia", "malignant"])
+
+
+def test_a_multilabel_merge_reports_per_label_auc_above_chance(multilabel_run):
+    from medvec.evaluate import evaluate_model
+
+    test = multilabel_run["outcome"].test
+    per = test["auc_by_label"]
+    assert list(per) == ["pneumonia", "malignant"]
+    assert test["auc"] == pytest.approx(np.mean(list(per.values())), abs=1e-12)
+    assert per["pneumonia"] > 0.7, per  # the chest half of the composite carries the pneumonia label
+    again = evaluate_model(
+        multilabel_run["outcome"].model, multilabel_run["evalsets"].test, multilabel_run["base"].spec
+    )
+    assert again["auc_by_label"] == per
+
+
+def test_the_mlflow_pyfunc_frame_of_a_multilabel_model_has_a_label_per_class(multilabel_run):
+    from medvec.data import to_tensor
+    from medvec.tracking import label_frame
+
+    x = to_tensor(multilabel_run["evalsets"].test.images[:5], multilabel_run["base"].spec).numpy()
+    frame = label_frame(multilabel_run["outcome"].model, x, None, "multilabel")
+    assert list(frame.columns) == ["p_0", "p_1", "label_0", "label_1"]
+    assert ((frame["p_0"] >= 0.5).astype(int) == frame["label_0"]).all()
+    assert not np.allclose(frame[["p_0", "p_1"]].sum(1), 1.0)  # independent sigmoids, not a softmax
+
+
+def test_a_four_class_task_on_real_images_scores_macro_one_vs_rest_auc():
+    from sklearn.metrics import roc_auc_score
+
+    from medvec.config import FinetuneConfig
+    from medvec.evaluate import evaluate_model
+    from medvec.models import create_base
+    from medvec.train import finetune
+
+    sets = combined_multiclass(ROOT / "data")
+    assert sets["test"].classes[2:] == ["breast malignant", "breast normal or benign"]
+    rng = np.random.default_rng(0)
+    train = sets["train"].subset(rng.permutation(len(sets["train"]))[:800])
+    base = create_base("tiny_cnn", 4, pretrained=False, seed=0)
+    model = base.fresh()
+    finetune(model, train, base.spec, FinetuneConfig(epochs=2, lr=0.003, threads=1), progress=False)
+    m = evaluate_model(model, sets["test"], base.spec)
+    assert m["auc"] == pytest.approx(roc_auc_score(sets["test"].labels, m["proba"], multi_class="ovr"), abs=1e-12)
+    assert m["auc"] > 0.8 and len(m["confusion"]) == 4
+
+
+# ----------------------------------------------------------------------------- hospital check
+
+
+def test_hospital_check_reports_reads_failures_counts_duplicates_and_the_published_fields(manifest, small, tmp_path):
+    from medvec.datacheck import check_data
+    from medvec.hospital import published_data_fields
+
+    rows = rows_of(manifest)
+    first = manifest.parent / rows[0]["path"]
+    bad = manifest.parent / "images" / "train" / "broken.bin"
+    bad.write_bytes(b"\x00" * 300)
+    rows += [
+        {"path": rows[0]["path"], "label": rows[0]["label"], "split": "test"},  # the same image again, in test
+        {"path": "images/train/broken.bin", "label": "normal", "split": "train"},
+    ]
+    path = write_csv(manifest.parent / "checked.csv", rows)
+    r = check_data(path, DataSpec("multiclass"))
+    assert r.usable and r.layout == "CSV manifest" and r.classes == ["normal", "pneumonia"]
+    assert (r.splits["train"].found, r.splits["train"].read) == (61, 60)
+    assert r.splits["train"].failed[0][0] == "images/train/broken.bin"
+    assert r.splits["test"].found == 31
+    counts = small["train"].label_counts()
+    assert r.splits["train"].label_counts == {"normal": counts[0], "pneumonia": counts[1]}
+    assert [f"train:{rows[0]['path']}", f"test:{rows[0]['path']}"] in r.duplicates
+    assert r.sizes == {"28×28": 60 + 30 + 31}
+    kind = "PNG" if first.suffix == ".png" else "DICOM OT"
+    assert r.kinds == {kind: 121}
+    assert r.published == published_data_fields(small["train"]) | {"num_classes": 2}
+    assert set(r.published) == {"n_train", "label_counts", "task", "classes_sha256", "num_classes"}
+    text = r.text()
+    assert "failed images/train/broken.bin" in text and "usable: yes" in text
+
+
+def test_hospital_check_finds_a_class_list_mismatch_and_unreadable_data(manifest, tmp_path):
+    from medvec.datacheck import check_data
+
+    r = check_data(manifest, DataSpec("multiclass", ("normal", "effusion")))
+    assert not r.usable and "not in model.classes" in r.problems[0]
+    rows = [{"path": f"missing{i}.png", "label": "a" if i % 2 else "b"} for i in range(5)]
+    r = check_data(write_csv(tmp_path / "gone.csv", rows, ("path", "label")))
+    assert not r.usable and r.splits["train"].read == 0 and "5 of 5 images could not be read" in r.problems[0]
+
+
+def _medvec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # join must refuse before any server call
+    return subprocess.run(
+        [sys.executable, "-m", "medvec.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_check_and_join_commands_exit_2_with_the_report_on_unusable_data(tmp_path):
+    rows = [{"path": f"missing{i}.png", "label": "a" if i % 2 else "b"} for i in range(5)]
+    bad = write_csv(tmp_path / "bad.csv", rows, ("path", "label"))
+    check = _medvec("hospital", "check", "--data", str(bad), "--json", cwd=ROOT)
+    assert check.returncode == 2 and json.loads(check.stdout)["usable"] is False
+    join = _medvec("hospital", "join", "h1", "--data", str(bad), "--no-worker", cwd=ROOT)
+    assert join.returncode == 2, join.stderr
+    assert "not usable for joining" in join.stderr and "usable: NO" in join.stderr
+    assert "Prefect" not in join.stderr  # refused before any server was asked
+
+
+def test_data_export_writes_a_manifest_the_check_reads(tmp_path):
+    out = _medvec("data", "export", "--data", str(BREAST), "--out", str(tmp_path / "b"), "--format", "dicom", cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    check = _medvec("hospital", "check", "--data", str(tmp_path / "b" / "manifest.csv"), "--json", cwd=ROOT)
+    report = json.loads(check.stdout)
+    assert check.returncode == 0 and report["usable"]
+    assert {s: v["read"] for s, v in report["splits"].items()} == {"train": 546, "val": 78, "test": 156}
+    assert report["kinds"] == {"DICOM OT": 780}
+    assert report["classes"] == ["malignant", "normal, benign"]
