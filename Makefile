@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy async-bench peers install dirs clean
+.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy data-bench async-bench peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ latency: $(STAMP) dirs
 
 robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)
+
+# the demo on PNG and DICOM manifests vs the .npz, and a multi-label and a 4-class task over 3 seeds (about 50 min)
+data-bench: $(STAMP) dirs
+	$(PY) benchmarks/data_tasks.py $(ARGS)
 
 # DP-SGD at the hospitals: test AUC and a membership-inference attack against ε (about 30 min on 2 cores)
 privacy: $(STAMP) dirs

@@ -22,7 +22,7 @@ from medvec import contribution
 from medvec import coordinator as core
 from medvec.config import Params
 from medvec.data import DataSpec, load_split
-from medvec.evaluate import bar_chart, confusion_plot, contribution_plot, lambda_curve, results_frame
+from medvec.evaluate import bar_chart, confusion_figure, contribution_plot, lambda_curve, results_frame
 from medvec.record import MergeRecord
 from medvec.store import open_store
 from medvec.train import set_threads
@@ -65,10 +65,11 @@ def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalS
         title = f"merge {record.merge_id}: each input's contribution (validation split)"
         plots["contribution"] = contribution_plot(outcome.scores, folder / "contributions.png", title)
     split, metrics = ("test", outcome.test) if outcome.test else ("validation", outcome.val)
-    conf = metrics.get("confusion")
-    if conf:
-        title = f"merge {record.merge_id}: {split} split (n={sum(map(sum, conf))})"
-        plots["confusion"] = confusion_plot(conf, evalsets.val.classes, folder / "confusion.png", title)
+    conf = confusion_figure(
+        metrics, evalsets.val.classes, folder / "confusion.png", f"merge {record.merge_id}: {split} split"
+    )
+    if conf is not None:
+        plots["confusion"] = conf
     return plots
 
 

@@ -270,9 +270,12 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
 
 def cmd_hospital_join(args: argparse.Namespace) -> int:
     from medvec.data import DataError
+    from medvec.datacheck import against_base
+    from medvec.store import current_labels
 
     p = _params(args)
     report = _data_report(args.data, p)  # the same check as `medvec hospital check`, before anything is created
+    report = against_base(report, current_labels(p.store.url))
     if not report.usable:
         raise DataError(f"{args.data}: not usable for joining:\n{report.text()}")
     print(f"data check: {sum(s.read for s in report.splits.values())} images read, usable")

@@ -52,6 +52,16 @@ class ModelConfig(_Frozen):
     task: Literal["multiclass", "multilabel"] = "multiclass"
     classes: list[str] | None = Field(None, description="class names in label order; null: from the data")
 
+    @field_validator("classes")
+    @classmethod
+    def _class_list(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        names = [str(c).strip() for c in value]
+        if len(names) < 2 or "" in names or len(set(names)) != len(names):
+            raise ValueError(f"needs at least two distinct, non-empty class names, got {value}")
+        return names
+
 
 class DataConfig(_Frozen):
     """How image files are read (image folders and CSV manifests)."""

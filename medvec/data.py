@@ -183,8 +183,12 @@ def _npz_keys(path: Path) -> list[str]:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
 
 
-def load_npz(path: str | Path, split: str) -> ImageSet:
-    """Load one split of a MedMNIST-layout ``.npz`` (labels N or N×1)."""
+def load_npz(path: str | Path, split: str, classes: tuple[str, ...] | list[str] | None = None) -> ImageSet:
+    """Load one split of a MedMNIST-layout ``.npz`` (labels N or N×1; N×L 0/1 for multi-label).
+
+    Class names come from the file's ``classes`` array; a file without one takes ``classes`` (``model.classes``:
+    label index i is ``classes[i]``) when given, else MedMNIST's names by file name, else ``0..K-1``.
+    """
     path = Path(path)
     _npz_keys(path)
     with np.load(path, allow_pickle=False) as z:
@@ -193,13 +197,14 @@ def load_npz(path: str | Path, split: str) -> ImageSet:
             have = sorted({k.rsplit("_", 1)[0] for k in z.files})
             raise DataError(f"{path}: no split {split!r} (has {', '.join(have)})")
         images, labels = z[key_i], z[key_l]
-        classes = [str(c) for c in z["classes"]] if "classes" in z else []
+        file_classes = [str(c) for c in z["classes"]] if "classes" in z else []
     if images.dtype != np.uint8:
         raise DataError(f"{path}: {key_i} must be uint8, got {images.dtype}")
     if labels.ndim > 2:
         raise DataError(f"{path}: {key_l} has shape {labels.shape}; expected N, N×1 or N×L (multi-label)")
-    s = ImageSet(images, labels, classes)
-    if not classes and not s.multilabel:
+    given = list(classes or [])
+    s = ImageSet(images, labels, file_classes or given)
+    if not file_classes and not given and not s.multilabel:
         s.classes = medmnist_classes(path, max(s.num_classes, 2))
     return s
 
@@ -247,15 +252,22 @@ def decode_files(files: list[Path]) -> Decoded:
     return out
 
 
+def too_many_failed(decoded: Decoded, limit: float) -> bool:
+    """The rule for a split: unusable when nothing decoded, or more than ``limit`` of its files failed."""
+    total = len(decoded.kept) + len(decoded.failed)
+    return bool(decoded.failed) and (not decoded.kept or len(decoded.failed) > limit * total)
+
+
 def _read_images(files: list[Path], max_bad_fraction: float, where: Path) -> tuple[list[Image.Image], list[int]]:
     """Decode ``files``, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
     decoded = decode_files(files)
     for f, reason in decoded.failed:
         warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
     bad = decoded.failed
-    if bad and (not decoded.kept or len(bad) > max_bad_fraction * len(files)):
+    if too_many_failed(decoded, max_bad_fraction):
+        # no file name here: a failed flow run's message reaches the Prefect server, and names can identify patients
         share = f"{len(bad)} of {len(files)} images could not be read (more than {max_bad_fraction:.0%})"
-        raise DataError(f"{where}: {share}; first: {bad[0][0]}: {bad[0][1]}")
+        raise DataError(f"{where}: {share}; the warnings name each file (medvec hospital check lists them)")
     return decoded.images, decoded.kept
 
 
@@ -280,22 +292,30 @@ class Listing:
         return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes)
 
 
-def load_image_folder(root: str | Path, split: str, max_bad_fraction: float = MAX_BAD_FRACTION) -> ImageSet:
-    """Load ``<root>/<split>/<class>/*.png|jpg|dcm`` (classes sorted by name), skipping a few unreadable files."""
-    listing = folder_listing(root, split)
+def load_image_folder(root: str | Path, split: str, spec: DataSpec | None = None) -> ImageSet:
+    """Load ``<root>/<split>/<class>/*.png|jpg|dcm`` (classes: ``spec.classes`` or the sorted folder names),
+    skipping a few unreadable files (``spec.max_bad_fraction``)."""
+    spec = spec or DataSpec()
+    max_bad_fraction = spec.max_bad_fraction
+    listing = folder_listing(root, split, spec.classes)
     pil, kept = _read_images(listing.files, max_bad_fraction, Path(root) / split)
     return listing.assemble(Decoded(pil, kept))
 
 
-def folder_listing(root: str | Path, split: str) -> Listing:
-    """The files of ``<root>/<split>/<class>/`` with their class indices."""
+def folder_listing(root: str | Path, split: str, classes: tuple[str, ...] | list[str] | None = None) -> Listing:
+    """The files of ``<root>/<split>/<class>/`` with their class indices: through ``classes`` (``model.classes``;
+    a folder per class need not exist) when given, else the sorted folder names."""
     base = Path(root) / split
     if not base.is_dir():
         raise DataError(f"{root}: no split folder {split!r}")
     train = Path(root) / "train"
-    classes = sorted(p.name for p in (train if train.is_dir() else base).iterdir() if p.is_dir())
-    if not classes:
+    folders = sorted(p.name for p in (train if train.is_dir() else base).iterdir() if p.is_dir())
+    if not folders:
         raise DataError(f"{base}: no class folders")
+    unknown = sorted(set(folders) - set(classes or folders))
+    if unknown:
+        raise DataError(f"{root}: class folder(s) {unknown} are not in model.classes {list(classes or [])}")
+    classes = list(classes or folders)
     files, labels = [], []
     for c, name in enumerate(classes):
         for f in sorted((base / name).glob("*")):
@@ -333,9 +353,9 @@ def load_split(source: str | Path, split: str, spec: DataSpec | None = None) -> 
         return load_manifest(source, split, spec)
     npz = _npz_path(source)
     if npz is not None:
-        data = load_npz(npz, split)
+        data = load_npz(npz, split, spec.classes)
     elif source.is_dir():
-        data = load_image_folder(source, split, spec.max_bad_fraction)
+        data = load_image_folder(source, split, spec)
     else:
         raise DataError(f"{source}: not an .npz file, an image-folder root or a .csv manifest")
     return spec.check(data, source)

@@ -30,6 +30,7 @@ from medvec.data import (
     has_split,
     is_manifest,
     load_npz,
+    too_many_failed,
 )
 
 
@@ -84,7 +85,7 @@ def _listing(path: Path, split: str, spec: DataSpec) -> Listing:
         from medvec.manifest import manifest_listing
 
         return manifest_listing(path, split, spec)
-    return folder_listing(path, split)
+    return folder_listing(path, split, spec.classes)
 
 
 def _pixel_hash(image) -> str:
@@ -104,7 +105,7 @@ def _read_split(path: Path, split: str, spec: DataSpec, report: DataReport, hash
         report.sizes[size] = report.sizes.get(size, 0) + 1
         hashes.setdefault(_pixel_hash(image), []).append(f"{split}:{_name(listing.files[i], path)}")
     limit = spec.max_bad_fraction
-    if failed and (not decoded.kept or len(failed) > limit * len(listing.files)):
+    if too_many_failed(decoded, limit):
         report.problems.append(
             f"{split}: {len(failed)} of {len(listing.files)} images could not be read (more than {limit:.0%})"
         )
@@ -161,6 +162,20 @@ def check_data(
     report.published = published_data_fields(local.train) | {"num_classes": len(local.train.classes)}
     report.duplicates = [names for names in hashes.values() if len(names) > 1]
     _notes(report, local.train)
+    return report
+
+
+def against_base(report: DataReport, labels: dict | None) -> DataReport:
+    """Add a problem when the data's task or class list is not the coordinator's current base's (``labels``)."""
+    if not labels or not report.usable:
+        return report
+    if labels.get("task") and labels["task"] != report.task:
+        report.problems.append(f"the data holds {report.task} labels but the coordinator's base is {labels['task']}")
+    if labels.get("classes") and labels["classes"] != report.classes:
+        report.problems.append(
+            f"classes {report.classes} differ from the coordinator's base {labels['classes']}: "
+            "set model.classes to the coordinator's list"
+        )
     return report
 
 

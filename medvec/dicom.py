@@ -196,7 +196,19 @@ def _colour(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
 
 
 def read_dicom(path: PathLike) -> np.ndarray:
-    """uint8 pixels of a single-frame DICOM file: H x W (grayscale) or H x W x 3 (colour); see the module docstring."""
+    """uint8 pixels of a single-frame DICOM file: H x W (grayscale) or H x W x 3 (colour); see the module docstring.
+
+    Every failure is a :class:`DicomReadError` with a short reason, so a caller skips the file and goes on.
+    """
+    try:
+        return _read(path)
+    except DicomReadError:
+        raise
+    except Exception as exc:  # malformed LUTs, odd tag values: pydicom raises many types
+        raise DicomReadError(f"cannot convert the pixel data: {_reason(exc)}") from exc
+
+
+def _read(path: PathLike) -> np.ndarray:
     ds = _dcmread(path)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
@@ -364,11 +376,16 @@ def _encoder_uid(name: str) -> str:
 def dicom_summary(path: PathLike) -> dict[str, Any]:
     """Non-identifying technical fields for a local data report (never a patient or institution value)."""
     ds = _dcmread(path, stop_before_pixels=True)
-    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
     bits = ds.get("BitsStored")
+    try:
+        bits = int(bits) if bits is not None else None
+    except (TypeError, ValueError):
+        bits = None
     return {
         "modality": str(ds.get("Modality") or "unknown"),
         "photometric": str(ds.get("PhotometricInterpretation") or "unknown"),
-        "bits_stored": int(bits) if bits is not None else None,
-        "transfer_syntax": tsyntax.name if tsyntax else "unknown",
+        "bits_stored": bits,
+        "transfer_syntax": getattr(tsyntax, "name", None) or "unknown",
     }

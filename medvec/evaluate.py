@@ -40,23 +40,43 @@ def predict(
 
 
 def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict:
-    """Per-label AUC and their macro mean, and per-label balanced accuracy, accuracy and recall at p ≥ 0.5."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
+    """Per-label AUC and their macro mean, and per-label balanced accuracy, accuracy and recall at p ≥ 0.5.
+
+    A label whose AUC is undefined here (no positives, or no negatives) is left out of the macro mean, and
+    ``auc_labels`` counts those that were in it; the mean is NaN only when no label has an AUC.
+    """
+    from sklearn.metrics import recall_score
 
     pred = (proba >= 0.5).astype(int)
-    per = range(y_true.shape[1])
-    auc = [_binary_or_nan(y_true[:, c], proba[:, c]) for c in per]
-    with warnings.catch_warnings():  # a label without positives in y_true: sklearn warns and scores the negatives
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        bal = [float(balanced_accuracy_score(y_true[:, c], pred[:, c])) for c in per]
+    auc = per_label_auc(y_true, proba)
+    defined = [a for a in auc if not math.isnan(a)]
     return {
-        "auc": float(np.mean(auc)),
+        "auc": float(np.mean(defined)) if defined else float("nan"),
         "auc_per_label": auc,
-        "balanced_accuracy": float(np.mean(bal)),
-        "accuracy": float(np.mean([accuracy_score(y_true[:, c], pred[:, c]) for c in per])),
-        "recall": [float(recall_score(y_true[:, c], pred[:, c], zero_division=0)) for c in per],
+        "auc_labels": len(defined),
+        "balanced_accuracy": _multilabel_score(y_true, proba, "balanced_accuracy"),
+        "accuracy": _multilabel_score(y_true, proba, "accuracy"),
+        "recall": [float(recall_score(y_true[:, c], pred[:, c], zero_division=0)) for c in range(y_true.shape[1])],
         "n": len(y_true),
     }
+
+
+def per_label_auc(y_true: np.ndarray, proba: np.ndarray) -> list[float]:
+    return [_binary_or_nan(y_true[:, c], proba[:, c]) for c in range(y_true.shape[1])]
+
+
+def _multilabel_score(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
+    """The mean over labels of one metric: AUC (labels where it is defined), or (balanced) accuracy at p ≥ 0.5."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    if metric == "auc":
+        defined = [a for a in per_label_auc(y_true, proba) if not math.isnan(a)]
+        return float(np.mean(defined)) if defined else float("nan")
+    pred = (proba >= 0.5).astype(int)
+    score = balanced_accuracy_score if metric == "balanced_accuracy" else accuracy_score
+    with warnings.catch_warnings():  # a label without positives in y_true: sklearn warns and scores the negatives
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(np.mean([score(y_true[:, c], pred[:, c]) for c in range(y_true.shape[1])]))
 
 
 def _binary_or_nan(y: np.ndarray, p: np.ndarray) -> float:
@@ -155,7 +175,7 @@ def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
     if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
         if metric not in ("auc", "balanced_accuracy", "accuracy"):
             raise ValueError(f"unknown metric {metric!r}: valid are auc, balanced_accuracy, accuracy")
-        return multilabel_metrics(np.asarray(y_true), proba)[metric]
+        return _multilabel_score(np.asarray(y_true), proba, metric)
     y_true = np.asarray(y_true).reshape(-1)
     if metric == "auc":
         if len(np.unique(y_true)) < 2 or not np.isfinite(proba).all():
@@ -409,6 +429,17 @@ def async_curve(rows: list[dict], path: str | Path, references: dict[str, float]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def confusion_figure(m: dict, classes: list[str], path: str | Path, title: str) -> Path | None:
+    """The confusion plot of evaluation metrics ``m``: the K×K matrix, or for multi-label one 2×2 per label;
+    ``title`` names the model and split (n is added).  None when ``m`` holds neither."""
+    if m.get("confusion"):
+        return confusion_plot(m["confusion"], classes, path, f"{title} (n={sum(map(sum, m['confusion']))})")
+    labels = np.asarray(m.get("labels", []))
+    if labels.ndim == 2 and "proba" in m:
+        return label_confusion_plot(labels, m["proba"], classes, path, title)
+    return None
 
 
 def label_confusion_plot(

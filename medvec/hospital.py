@@ -80,7 +80,7 @@ def check_label_space(base: Base, data: ImageSet, where: str) -> None:
             f"{where}: the data's classes {data.classes} differ from the base model's {base.classes}; "
             "set model.classes to the coordinator's list"
         )
-    if data.num_classes > base.num_classes:
+    if data.num_classes > base.num_classes or (data.multilabel and data.num_classes != base.num_classes):
         raise DataError(f"{where}: data has {data.num_classes} classes, base model has {base.num_classes}")
 
 

@@ -78,12 +78,12 @@ def check(store, key: str, base: dict | None, base_sha256: str | None, policy: I
         max_bytes=policy.max_bytes,
         max_metadata_bytes=policy.max_metadata_bytes,
     )
-    check_labels(path, vf.meta, policy)
     hospital_in_path = key.split("/")[-2] if key.count("/") >= 2 else None
     if hospital_in_path is not None and hospital_in_path != vf.meta.hospital:
         raise InvalidVectorError(
             path, f"published under hospital {hospital_in_path!r} but claims {vf.meta.hospital!r}", "impersonation"
         )
+    check_labels(path, vf.meta, policy)
     nonce = None
     if policy.keyring is not None:
         nonce = policy.keyring.verify(path, vf.meta, vf.content_sha256, read_header(path))["nonce"]

@@ -13,11 +13,11 @@ whole manifest; vectors record the list's hash and intake refuses a different on
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from medvec.data import SPLITS, DataError, DataSpec, Decoded, ImageSet, Listing, _read_images
 
@@ -34,56 +34,73 @@ class Row:
     split: str
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The manifest's table, every cell a string; DataError naming the file when a column is missing."""
+def read_manifest(path: str | Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) for every row, column names lower-cased and cells stripped; DataError naming the file
+    when it cannot be read or a required column is missing.  Line numbers are the file's own (quoted cells may
+    span lines)."""
     path = Path(path)
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from exc
-    df.columns = [str(c).strip().lower() for c in df.columns]
-    missing = [c for c in REQUIRED if c not in df.columns]
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = [str(c).strip().lower() for c in reader.fieldnames or []]
+            rows = [(reader.line_num, _clean(rec, columns)) for rec in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable CSV manifest ({type(exc).__name__})") from None
+    missing = [c for c in REQUIRED if c not in columns]
     if missing:
-        raise DataError(f"{path}: manifest has no {', '.join(missing)} column (has {', '.join(df.columns)})")
-    if not len(df):
+        raise DataError(f"{path}: manifest has no {', '.join(missing)} column (has {', '.join(columns) or 'none'})")
+    if not rows:
         raise DataError(f"{path}: manifest lists no images")
-    return df
+    return rows
+
+
+def _clean(rec: dict, columns: list[str]) -> dict[str, str]:
+    values = [v for k, v in rec.items() if k is not None]  # extra cells beyond the header are ignored
+    return {c: (v or "").strip() for c, v in zip(columns, values)} | {c: "" for c in columns[len(values) :]}
 
 
 def _names(label: str, task: str, where: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in label.split("|") if n.strip())
     if task == "multiclass" and len(names) != 1:
-        what = "no label" if not names else f"{len(names)} labels ({label!r})"
+        what = "no label" if not names else f"{len(names)} labels"
         raise DataError(f"{where}: {what}; a multiclass task needs exactly one class name per image")
     return names
 
 
+def _split(rec: dict[str, str], where: str) -> str:
+    """The row's split: ``train`` without a split column; an empty or unknown cell is an error."""
+    if "split" not in rec:
+        return "train"
+    split = rec["split"].lower()
+    if split not in SPLITS:
+        raise DataError(f"{where}: split {'(empty)' if not split else repr(split)} is not one of {', '.join(SPLITS)}")
+    return split
+
+
 def manifest_rows(path: str | Path, task: str = "multiclass") -> list[Row]:
-    """Every row of the manifest, validated: a known split, the right number of label names."""
+    """Every row of the manifest, validated: a known split, a path, the right number of label names."""
     path = Path(path)
-    df = read_manifest(path)
     rows = []
-    for i, rec in enumerate(df.to_dict("records")):
-        where = f"{path} line {i + 2}"
-        split = rec.get("split", "").strip().lower() or "train"
-        if split not in SPLITS:
-            raise DataError(f"{where}: split {rec['split']!r} is not one of {', '.join(SPLITS)}")
-        if not rec["path"].strip():
+    for line, rec in read_manifest(path):
+        where = f"{path} line {line}"
+        if not rec["path"]:
             raise DataError(f"{where}: empty path")
-        file = Path(rec["path"].strip())
+        file = Path(rec["path"])
         rows.append(
-            Row(i + 2, file if file.is_absolute() else path.parent / file, _names(rec["label"], task, where), split)
+            Row(
+                line,
+                file if file.is_absolute() else path.parent / file,
+                _names(rec["label"], task, where),
+                _split(rec, where),
+            )
         )
     return rows
 
 
 def manifest_splits(path: str | Path) -> set[str]:
     """The splits a manifest holds (``train`` alone when it has no split column)."""
-    df = read_manifest(path)
-    if "split" not in df.columns:
-        return {"train"}
-    return {s.strip().lower() or "train" for s in df["split"]}
+    return {_split(rec, f"{path} line {line}") for line, rec in read_manifest(path)}
 
 
 def class_list(rows: list[Row], spec: DataSpec, where: object) -> list[str]:

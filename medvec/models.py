@@ -300,7 +300,9 @@ def base_from_config(cfg, num_classes: int, classes: list[str] | None = None) ->
     base = create_base(cfg.name, num_classes, cfg.pretrained, cfg.image_size, cfg.seed)
     base.classes = list(classes or cfg.classes or []) or None
     if base.classes is not None and len(base.classes) != num_classes:
-        raise ValueError(f"{len(base.classes)} class names for a {num_classes}-class head")
+        from medvec.data import DataError
+
+        raise DataError(f"{len(base.classes)} class names ({base.classes}) for a {num_classes}-class head")
     base.task = cfg.task
     return base
 

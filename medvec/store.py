@@ -5,6 +5,7 @@ through boto3 (any S3-compatible endpoint).  Layout, the same under a local root
 or an ``s3://bucket/prefix``::
 
     bases/<base-sha>.safetensors                          θ_pre, published by the coordinator
+    bases/<base-sha>.json                                 its task and class list (the sha256 covers weights only)
     bases/current.json                                    which base hospitals should fine-tune
     vectors/<base-sha>/<hospital>/<vector-id>.safetensors  a data vector
     vectors/<base-sha>/<hospital>/<vector-id>.json         its sidecar (metadata, content sha256, size)
@@ -81,11 +82,20 @@ class VectorStore:
     def put_base(self, base: Base, current: bool = True) -> str:
         """Publish θ_pre (idempotent) and, by default, make it the current base."""
         key = f"bases/{base.sha256}.safetensors"
+        labels = {"task": base.task, "classes": base.classes}
+        known = self.read_json(f"bases/{base.sha256}.json")
+        if known is not None and known != labels:  # the sha256 covers the weights, not the label space
+            raise StoreError(
+                f"{self.url}: base {base.sha256[:12]}… is already published as a {known['task']} model with classes "
+                f"{known['classes']}; publish a base with another head (model.seed) for {base.task} {base.classes}"
+            )
         if not self._exists(key):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "base.safetensors"
                 save_base(base, path)
                 self._write_file(key, path)
+        if known is None:
+            self.write_json(f"bases/{base.sha256}.json", labels)
         if current:
             self.write_json(
                 "bases/current.json",
@@ -93,10 +103,18 @@ class VectorStore:
                     "sha256": base.sha256,
                     "spec": base.spec.to_dict(),
                     "num_classes": base.num_classes,
+                    **labels,
                     "published_at": utcnow(),
                 },
             )
         return key
+
+    def current_labels(self) -> dict | None:
+        """The current base's task and class list (``{"task", "classes"}``), without its weights; None if unknown."""
+        doc = self.read_json("bases/current.json")
+        if not doc:
+            return None
+        return self.read_json(f"bases/{doc['sha256']}.json") or ({"task": doc["task"]} if "task" in doc else None)
 
     def current_base(self) -> str:
         doc = self.read_json("bases/current.json")
@@ -108,7 +126,11 @@ class VectorStore:
         key = f"bases/{sha256}.safetensors"
         if not self._exists(key):
             raise StoreError(f"{self.url}: no base model {sha256[:12]}…")
-        return load_base(self.local_file(key), expected_sha256=sha256)
+        base = load_base(self.local_file(key), expected_sha256=sha256)
+        labels = self.read_json(f"bases/{sha256}.json")  # authoritative: it also covers bases published before it
+        if labels:
+            base.task, base.classes = labels["task"], labels["classes"]
+        return base
 
     # ------------------------------------------------------------ vectors
     @staticmethod
@@ -504,6 +526,13 @@ class S3Store(VectorStore):
             CopySource={"Bucket": self.bucket, "Key": self._key(src)},
         )
         self._call(f"move {src}", self.client.delete_object, Bucket=self.bucket, Key=self._key(src))
+
+
+def current_labels(url: str | Path) -> dict | None:
+    """The current base's task and class list at ``url``, creating nothing (None where no store or base is)."""
+    if not str(url).startswith("s3://") and not Path(url).is_dir():
+        return None
+    return open_store(url).current_labels()
 
 
 def open_store(url: str | Path, endpoint_url: str | None = None) -> VectorStore:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medvec.config import Params, load_params
 from medvec.data import DataSpec, load_split
-from medvec.evaluate import confusion_plot, evaluate_model, label_confusion_plot
+from medvec.evaluate import confusion_figure, evaluate_model
 from medvec.models import load_base
 
 
@@ -30,16 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = ("auc", "balanced_accuracy", "accuracy", "recall", "auc_by_label")
     Path("work/metrics.json").write_text(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     Path("work/plots").mkdir(parents=True, exist_ok=True)
-    classes = test_split(params).classes
-    if "confusion" not in m:  # multi-label: one 2×2 matrix per label at p ≥ 0.5
-        label_confusion_plot(m["labels"], m["proba"], classes, "work/plots/confusion.png", "merged model: test split")
-        return
-    confusion_plot(
-        m["confusion"],
-        classes,
-        "work/plots/confusion.png",
-        f"merged model: test split (n={sum(map(sum, m['confusion']))})",
-    )
+    confusion_figure(m, test_split(params).classes, "work/plots/confusion.png", "merged model: test split")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def test_a_label_outside_the_class_list_is_refused_naming_it(manifest):
     [
         ([{"file": "a.png", "label": "x"}], ("file", "label"), "manifest has no path column"),
         ([{"path": "a.png", "label": "x", "split": "holdout"}], None, "split 'holdout' is not one of train, val, test"),
-        ([{"path": "a.png", "label": "x|y", "split": "train"}], None, r"line 2: 2 labels \('x\|y'\)"),
+        ([{"path": "a.png", "label": "x|y", "split": "train"}], None, r"line 2: 2 labels; a multiclass task"),
+        ([{"path": "a.png", "label": "x", "split": ""}], None, r"line 2: split \(empty\) is not one of"),
         ([{"path": "a.png", "label": "", "split": "train"}], None, "line 2: no label"),
         ([{"path": "a.png", "label": "x", "split": "train"}], None, "one class"),
     ],
@@ -114,6 +115,23 @@ def test_a_malformed_manifest_is_refused_naming_the_problem(tmp_path, rows, fiel
     path = write_csv(tmp_path / "m.csv", rows, fields or ("path", "label", "split"))
     with pytest.raises(DataError, match=message):
         load_split(path, "train")
+
+
+def test_a_spreadsheet_export_with_a_bom_crlf_extra_columns_and_a_multiline_cell_reads(tmp_path, small):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(small["train"].images[i]).save(tmp_path / f"{i}.png")
+    text = (
+        "\ufeffPath,Label,Split,Note\r\n0.png,normal,train,x\r\n"
+        '1.png,pneumonia,train,"two\r\nlines"\r\n2.png,pneumonia,holdout,\r\n'
+    )
+    (tmp_path / "m.csv").write_text(text, encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=r"m\.csv line 5: split 'holdout'"):  # the file's own line number
+        load_split(tmp_path / "m.csv", "train")
+    (tmp_path / "m.csv").write_text(text.replace("holdout", "train"), encoding="utf-8", newline="")
+    data = load_split(tmp_path / "m.csv", "train")
+    assert data.classes == ["normal", "pneumonia"] and data.labels.tolist() == [0, 1, 1]
 
 
 def test_unreadable_files_are_skipped_with_a_warning_and_too_many_are_an_error(small, tmp_path):
@@ -230,6 +248,21 @@ def test_the_base_records_its_class_list_and_task(tmp_path):
     assert (back.classes, back.task, back.classes_sha256) == (["a", "b"], "multilabel", classes_sha256(["a", "b"]))
 
 
+def test_the_store_keeps_a_bases_class_list_and_refuses_the_same_weights_with_another(tmp_path):
+    from medvec.models import create_base
+    from medvec.store import LocalStore, StoreError
+
+    store = LocalStore(tmp_path / "store")
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
+    base.classes = ["normal", "pneumonia"]
+    store.put_base(base)
+    assert store.current_labels() == {"task": "multiclass", "classes": ["normal", "pneumonia"]}
+    assert store.get_base(base.sha256).classes == ["normal", "pneumonia"]
+    base.classes = ["pneumonia", "normal"]  # same weights (same sha256), another label order
+    with pytest.raises(StoreError, match=r"already published as a multiclass model with classes \['normal'"):
+        store.put_base(base)
+
+
 # ----------------------------------------------------------------------------- multi-label and multi-class
 
 
@@ -252,7 +285,11 @@ def test_multilabel_metrics_are_per_label_aucs_and_their_macro_mean():
     assert m["auc_per_label"] == pytest.approx(expected, abs=0)
     assert m["auc"] == pytest.approx(float(np.mean(expected)), abs=1e-15)
     assert metric_value(y, p, "auc") == m["auc"] and "confusion" not in m
-    y[:, 1] = 0  # a label without positives: its AUC, and the macro mean, are undefined
+    y[:, 1] = 0  # a label without positives: its AUC is undefined and left out of the macro mean
+    m = metrics(y, p)
+    assert np.isnan(m["auc_per_label"][1]) and m["auc_labels"] == 2
+    assert m["auc"] == pytest.approx((expected[0] + expected[2]) / 2, abs=1e-15) == metric_value(y, p, "auc")
+    y[:, :] = 0
     assert np.isnan(metrics(y, p)["auc"])
 
 
@@ -385,10 +422,25 @@ def test_the_check_and_join_commands_exit_2_with_the_report_on_unusable_data(tmp
     bad = write_csv(tmp_path / "bad.csv", rows, ("path", "label"))
     check = _medvec("hospital", "check", "--data", str(bad), "--json", cwd=ROOT)
     assert check.returncode == 2 and json.loads(check.stdout)["usable"] is False
-    join = _medvec("hospital", "join", "h1", "--data", str(bad), "--no-worker", cwd=ROOT)
+    store = ["-S", f"store.url={tmp_path / 'store'}"]
+    join = _medvec("hospital", "join", "h1", "--data", str(bad), "--no-worker", *store, cwd=ROOT)
     assert join.returncode == 2, join.stderr
     assert "not usable for joining" in join.stderr and "usable: NO" in join.stderr
     assert "Prefect" not in join.stderr  # refused before any server was asked
+
+
+def test_join_refuses_data_whose_classes_are_not_the_coordinators(manifest, tmp_path):
+    from medvec.models import create_base
+    from medvec.store import LocalStore
+
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
+    base.classes = ["pneumonia", "normal"]  # the coordinator's order differs from the manifest's sorted names
+    LocalStore(tmp_path / "store").put_base(base)
+    store = ["-S", f"store.url={tmp_path / 'store'}"]
+    join = _medvec("hospital", "join", "h1", "--data", str(manifest), "--no-worker", *store, cwd=ROOT)
+    assert join.returncode == 2 and "differ from the coordinator's base ['pneumonia', 'normal']" in join.stderr
+    ok = _medvec("hospital", "check", "--data", str(manifest), "-S", "model.classes=[pneumonia,normal]", cwd=ROOT)
+    assert ok.returncode == 0 and "classes (2, in label order): 'pneumonia', 'normal'" in ok.stdout
 
 
 def test_data_export_writes_a_manifest_the_check_reads(tmp_path):
