@@ -216,10 +216,11 @@ def _read_image(path: Path) -> tuple[Image.Image, str]:
     """
     from PIL import Image
 
-    from medvec.dicom import dicom_summary, is_dicom, read_dicom
+    from medvec.dicom import is_dicom, read_dicom_image
 
     if is_dicom(path):
-        return Image.fromarray(read_dicom(path)), f"DICOM {dicom_summary(path)['modality']}"
+        pixels, modality = read_dicom_image(path)
+        return Image.fromarray(pixels), f"DICOM {modality}"
     with Image.open(path) as im:
         im.load()
         return im, im.format or "image"
@@ -258,17 +259,10 @@ def too_many_failed(decoded: Decoded, limit: float) -> bool:
     return bool(decoded.failed) and (not decoded.kept or len(decoded.failed) > limit * total)
 
 
-def _read_images(files: list[Path], max_bad_fraction: float, where: Path) -> tuple[list[Image.Image], list[int]]:
-    """Decode ``files``, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
-    decoded = decode_files(files)
-    for f, reason in decoded.failed:
-        warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
-    bad = decoded.failed
-    if too_many_failed(decoded, max_bad_fraction):
-        # no file name here: a failed flow run's message reaches the Prefect server, and names can identify patients
-        share = f"{len(bad)} of {len(files)} images could not be read (more than {max_bad_fraction:.0%})"
-        raise DataError(f"{where}: {share}; the warnings name each file (medvec hospital check lists them)")
-    return decoded.images, decoded.kept
+def failed_share(decoded: Decoded, limit: float) -> str:
+    """How many files failed, for an error (no file name: names can identify patients)."""
+    total = len(decoded.kept) + len(decoded.failed)
+    return f"{len(decoded.failed)} of {total} images could not be read (more than {limit:.0%})"
 
 
 def stack_images(images: list[Image.Image]) -> np.ndarray:
@@ -291,15 +285,23 @@ class Listing:
         """The :class:`ImageSet` of the files that decoded."""
         return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes)
 
+    def load(self, max_bad_fraction: float, where: Path) -> ImageSet:
+        """Decode the files, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
+        decoded = decode_files(self.files)
+        for f, reason in decoded.failed:
+            warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
+        if too_many_failed(decoded, max_bad_fraction):
+            # no file name here: a failed flow run's message reaches the Prefect server
+            share = failed_share(decoded, max_bad_fraction)
+            raise DataError(f"{where}: {share}; the warnings name each file (medvec hospital check lists them)")
+        return self.assemble(decoded)
+
 
 def load_image_folder(root: str | Path, split: str, spec: DataSpec | None = None) -> ImageSet:
     """Load ``<root>/<split>/<class>/*.png|jpg|dcm`` (classes: ``spec.classes`` or the sorted folder names),
     skipping a few unreadable files (``spec.max_bad_fraction``)."""
     spec = spec or DataSpec()
-    max_bad_fraction = spec.max_bad_fraction
-    listing = folder_listing(root, split, spec.classes)
-    pil, kept = _read_images(listing.files, max_bad_fraction, Path(root) / split)
-    return listing.assemble(Decoded(pil, kept))
+    return folder_listing(root, split, spec.classes).load(spec.max_bad_fraction, Path(root) / split)
 
 
 def folder_listing(root: str | Path, split: str, classes: tuple[str, ...] | list[str] | None = None) -> Listing:
@@ -340,8 +342,8 @@ def is_manifest(source: Path) -> bool:
 def load_split(source: str | Path, split: str, spec: DataSpec | None = None) -> ImageSet:
     """Load a split from an ``.npz``, a hospital folder, an image-folder root or a CSV manifest.
 
-    ``labels`` (``model.task`` and ``model.classes``) maps a manifest's class names to indices and is checked
-    against what the other layouts hold.
+    ``spec`` (``model.task``, ``model.classes``, ``data.max_bad_fraction``) maps a manifest's class names to
+    indices and is checked against what the other layouts hold.
     """
     source = Path(source)
     spec = spec or DataSpec()

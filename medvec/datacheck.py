@@ -26,6 +26,7 @@ from medvec.data import (
     _npz_path,
     check_source,
     decode_files,
+    failed_share,
     folder_listing,
     has_split,
     is_manifest,
@@ -104,11 +105,8 @@ def _read_split(path: Path, split: str, spec: DataSpec, report: DataReport, hash
         size = f"{image.size[0]}×{image.size[1]}"
         report.sizes[size] = report.sizes.get(size, 0) + 1
         hashes.setdefault(_pixel_hash(image), []).append(f"{split}:{_name(listing.files[i], path)}")
-    limit = spec.max_bad_fraction
-    if too_many_failed(decoded, limit):
-        report.problems.append(
-            f"{split}: {len(failed)} of {len(listing.files)} images could not be read (more than {limit:.0%})"
-        )
+    if too_many_failed(decoded, spec.max_bad_fraction):
+        report.problems.append(f"{split}: {failed_share(decoded, spec.max_bad_fraction)}")
     return listing.assemble(decoded) if decoded.kept else None
 
 

@@ -200,16 +200,21 @@ def read_dicom(path: PathLike) -> np.ndarray:
 
     Every failure is a :class:`DicomReadError` with a short reason, so a caller skips the file and goes on.
     """
+    return read_dicom_image(path)[0]
+
+
+def read_dicom_image(path: PathLike) -> tuple[np.ndarray, str]:
+    """:func:`read_dicom`'s pixels and the file's Modality (``unknown`` when absent), from one read of the file."""
     try:
-        return _read(path)
+        ds = _dcmread(path)
+        return _pixels(ds), str(ds.get("Modality") or "unknown")
     except DicomReadError:
         raise
     except Exception as exc:  # malformed LUTs, odd tag values: pydicom raises many types
         raise DicomReadError(f"cannot convert the pixel data: {_reason(exc)}") from exc
 
 
-def _read(path: PathLike) -> np.ndarray:
-    ds = _dcmread(path)
+def _pixels(ds: Dataset) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise DicomReadError(f"multi-frame images are not supported ({frames} frames)")

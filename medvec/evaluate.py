@@ -49,11 +49,10 @@ def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict:
 
     pred = (proba >= 0.5).astype(int)
     auc = per_label_auc(y_true, proba)
-    defined = [a for a in auc if not math.isnan(a)]
     return {
-        "auc": float(np.mean(defined)) if defined else float("nan"),
+        "auc": macro_auc(auc),
         "auc_per_label": auc,
-        "auc_labels": len(defined),
+        "auc_labels": sum(not math.isnan(a) for a in auc),
         "balanced_accuracy": _multilabel_score(y_true, proba, "balanced_accuracy"),
         "accuracy": _multilabel_score(y_true, proba, "accuracy"),
         "recall": [float(recall_score(y_true[:, c], pred[:, c], zero_division=0)) for c in range(y_true.shape[1])],
@@ -65,13 +64,18 @@ def per_label_auc(y_true: np.ndarray, proba: np.ndarray) -> list[float]:
     return [_binary_or_nan(y_true[:, c], proba[:, c]) for c in range(y_true.shape[1])]
 
 
+def macro_auc(aucs: list[float]) -> float:
+    """The mean of the per-label AUCs that are defined; NaN when none is."""
+    defined = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def _multilabel_score(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
     """The mean over labels of one metric: AUC (labels where it is defined), or (balanced) accuracy at p ≥ 0.5."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     if metric == "auc":
-        defined = [a for a in per_label_auc(y_true, proba) if not math.isnan(a)]
-        return float(np.mean(defined)) if defined else float("nan")
+        return macro_auc(per_label_auc(y_true, proba))
     pred = (proba >= 0.5).astype(int)
     score = balanced_accuracy_score if metric == "balanced_accuracy" else accuracy_score
     with warnings.catch_warnings():  # a label without positives in y_true: sklearn warns and scores the negatives

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvec.data import SPLITS, DataError, DataSpec, Decoded, ImageSet, Listing, _read_images
+from medvec.data import SPLITS, DataError, DataSpec, ImageSet, Listing
 
 REQUIRED = ("path", "label")
 
@@ -134,9 +134,7 @@ def load_manifest(path: str | Path, split: str, spec: DataSpec | None = None) ->
     """One split of a manifest as an :class:`ImageSet`; unreadable images are skipped with a warning, up to
     ``spec.max_bad_fraction`` of them."""
     spec = spec or DataSpec()
-    listing = manifest_listing(path, split, spec)
-    images, kept = _read_images(listing.files, spec.max_bad_fraction, Path(path))
-    return listing.assemble(Decoded(images, kept))
+    return manifest_listing(path, split, spec).load(spec.max_bad_fraction, Path(path))
 
 
 def manifest_listing(path: str | Path, split: str, spec: DataSpec | None = None) -> Listing:

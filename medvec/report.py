@@ -25,6 +25,7 @@ from medvec.evaluate import (
     bar_chart,
     confusion_plot,
     contribution_plot,
+    fmt,
     lambda_curve,
     markdown_table,
     md_inert,
@@ -169,10 +170,6 @@ def _contribution_section(doc: dict, out: Path, md: list[str]) -> Path:
     return path
 
 
-def _cell(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
 def render_table(doc: dict) -> str:
     """The comparison as a terminal table (text)."""
     from rich.console import Console
@@ -191,11 +188,11 @@ def render_table(doc: dict) -> str:
             r["kind"],
             "" if r.get("lambda") is None else f"{r['lambda']:g}",
             str(r.get("n_train", "")),
-            "–" if val is None or (isinstance(val, float) and math.isnan(val)) else f"{val:.3f}",
+            fmt(val),
             f"{r['test']['auc']:.3f}",
             f"{r['test']['balanced_accuracy']:.3f}",
             f"{r['test']['accuracy']:.3f}",
-            *(_cell(r["test"].get("auc_by_label", {}).get(label)) for label in per_label),
+            *(fmt(r["test"].get("auc_by_label", {}).get(label)) for label in per_label),
         )
     console = Console(width=120)
     with console.capture() as cap:

@@ -103,7 +103,6 @@ class VectorStore:
                     "sha256": base.sha256,
                     "spec": base.spec.to_dict(),
                     "num_classes": base.num_classes,
-                    **labels,
                     "published_at": utcnow(),
                 },
             )
@@ -112,9 +111,7 @@ class VectorStore:
     def current_labels(self) -> dict | None:
         """The current base's task and class list (``{"task", "classes"}``), without its weights; None if unknown."""
         doc = self.read_json("bases/current.json")
-        if not doc:
-            return None
-        return self.read_json(f"bases/{doc['sha256']}.json") or ({"task": doc["task"]} if "task" in doc else None)
+        return self.read_json(f"bases/{doc['sha256']}.json") if doc else None
 
     def current_base(self) -> str:
         doc = self.read_json("bases/current.json")
