@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy data-bench async-bench peers install dirs clean
+.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy data-bench async-bench bench peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ quality: $(STAMP) dirs
 
 latency: $(STAMP) dirs
 	$(PY) benchmarks/landing_latency.py $(ARGS)
+
+# performance against same-run baselines (docs/performance.md); each script also runs alone
+bench: $(STAMP) dirs
+	$(PY) benchmarks/merge_bandwidth.py
+	$(PY) benchmarks/vector_size.py
 
 robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)

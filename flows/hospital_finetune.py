@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from flows.events import emit_vector_landed
 from flows.ui import base_tag, hospital_run_name, label_run
 from medvec.config import Params
+from medvec.hospital import for_upload
 from medvec.store import open_store
 from medvec.train import set_threads
 from tasks.hospital import (
@@ -62,6 +63,7 @@ def hospital_finetune(
         vector = attach_moments(store_url, base, vector, data, p.batchnorm)
     if p.privacy.enabled:
         spend_privacy_budget(vector, p.privacy, data_dir)
+    vector = for_upload(vector, p.vectors)
     summary = publish_vector(store_url, vector, base, key_file)
     if p.privacy.enabled:
         spent = vector.meta.privacy

@@ -1,6 +1,6 @@
 """Typed, frozen configuration loaded from ``params.yaml``.
 
-One section per stage (``split``, ``model``, ``finetune``, ``merge``,
+One section per stage (``split``, ``model``, ``finetune``, ``vectors``, ``merge``,
 ``batchnorm``, ``evaluate``, ``store``, ``coordinator``, ``registry``, ``demo``).  Every key can
 be overridden with ``-S section.key=value``; values are parsed as YAML, so
 ``-S merge.lambdas=[0.5,1.0]`` and ``-S finetune.epochs=2`` both work.
@@ -67,6 +67,30 @@ class DataConfig(_Frozen):
     """How image files are read (image folders and CSV manifests)."""
 
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="share of a split's files that may be unreadable")
+
+
+class VectorsConfig(_Frozen):
+    """How a hospital stores the vector it uploads (:mod:`medvec.encoding`); intake decodes any of them."""
+
+    encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_channel", "int4", "topk"] = Field(
+        "fp32", description="fp32 | fp16 | bf16 | int8 (one scale per tensor) | int8_channel | int4 | topk"
+    )
+    group_size: int = Field(64, ge=2, description="int4: consecutive entries that share one scale (even)")
+    density: float = Field(0.1, gt=0, le=1, description="topk: share of each tensor's entries kept (largest |·|)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"group_size must be even (two 4-bit values per byte), not {value}")
+        return value
+
+    def spec(self):
+        """The :class:`medvec.encoding.Encoding` these settings name."""
+        from medvec.encoding import Encoding
+
+        extra = {"int4": {"group_size": self.group_size}, "topk": {"density": self.density}}.get(self.encoding, {})
+        return Encoding(name=self.encoding, **extra)
 
 
 class FinetuneConfig(_Frozen):
@@ -237,6 +261,7 @@ class Params(_Frozen):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    vectors: VectorsConfig = VectorsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     merge: MergeConfig = MergeConfig()
     batchnorm: BatchNormConfig = BatchNormConfig()

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from medvec.batchnorm import MomentSums, RunningStats, moment_sums
-from medvec.config import BatchNormConfig, FinetuneConfig, PrivacyConfig
+from medvec.config import BatchNormConfig, FinetuneConfig, PrivacyConfig, VectorsConfig
 from medvec.data import (
     DataError,
     DataSpec,
@@ -25,6 +25,7 @@ from medvec.data import (
     is_manifest,
     load_split,
 )
+from medvec.encoding import FP32
 from medvec.models import Base
 from medvec.train import TrainResult, finetune
 from medvec.vectors import DataVector
@@ -134,6 +135,12 @@ def finetune_vector(
         privacy=spent,
     )
     return vector, record
+
+
+def for_upload(vector: DataVector, cfg: VectorsConfig) -> DataVector:
+    """τ_h as ``vectors.encoding`` stores it (fp32: unchanged); the encoding goes into the signed metadata."""
+    encoding = cfg.spec()
+    return vector if encoding == FP32 else vector.encoded(encoding)
 
 
 def local_moment_sums(model: nn.Module, base: Base, data: ImageSet, cfg: BatchNormConfig, seed: int = 0) -> MomentSums:

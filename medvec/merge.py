@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 
 from medvec.errors import UserError
+from medvec.vectors import HUGE_PAGE, MERGE_WINDOW_BYTES
 
 __all__ = [
     "GeneralizedTaskArithmetic",
@@ -116,16 +117,37 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def needs_weights(self) -> bool:  # type: ignore[override]
         return self.reduce == "weighted"
 
+    @property
+    def streams(self) -> bool:
+        """τ_m = Σ_h c_h · f(τ_h): each vector can be added into the output on its own (no sign election)."""
+        return not self.sign_election and self.reduce in ("sum", "mean", "weighted")
+
+    def coefficients(self, weights: list[float]) -> list[float]:
+        """c_h of a streaming reduction: 1 (sum), 1/N (mean), n_h / Σ n (weighted)."""
+        if self.reduce == "sum":
+            return [1.0] * len(weights)
+        if self.reduce == "mean":
+            return [1.0 / len(weights)] * len(weights)
+        w = torch.tensor(weights, dtype=torch.float64)
+        if (w < 0).any() or float(w.sum()) <= 0:
+            raise ValueError("weighted merge needs non-negative weights with a positive sum")
+        return (w / w.sum()).tolist()
+
+    def transforms(self) -> bool:
+        """Whether each vector is changed (DARE drop, trimming) before it is reduced."""
+        return self.drop > 0 or self.density < 1.0
+
+    def prepare(self, t: torch.Tensor, key: str, index: int) -> torch.Tensor:
+        """f(τ_h) for one tensor: DARE's seeded drop and rescale, then top-k trimming."""
+        t = t.float()
+        if self.drop > 0:
+            g = torch.Generator().manual_seed(_seed_for(self.seed, key, index))
+            mask = torch.rand(t.shape, generator=g) >= self.drop
+            t = torch.where(mask, t / (1.0 - self.drop), torch.zeros_like(t))
+        return trim_top_k(t, self.density)
+
     def merge_tensor(self, deltas: list[torch.Tensor], weights: list[float], key: str) -> torch.Tensor:
-        ts = []
-        for i, t in enumerate(deltas):
-            t = t.float()
-            if self.drop > 0:
-                g = torch.Generator().manual_seed(_seed_for(self.seed, key, i))
-                mask = torch.rand(t.shape, generator=g) >= self.drop
-                t = torch.where(mask, t / (1.0 - self.drop), torch.zeros_like(t))
-            t = trim_top_k(t, self.density)
-            ts.append(t)
+        ts = [self.prepare(t, key, i) for i, t in enumerate(deltas)]
         stacked = torch.stack(ts)
         if self.sign_election:
             gamma = torch.sign(stacked.sum(0))
@@ -138,11 +160,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if self.reduce == "mean":
             return stacked.mean(0)
         if self.reduce == "weighted":
-            w = torch.tensor(weights, dtype=stacked.dtype)
-            if (w < 0).any() or float(w.sum()) <= 0:
-                raise ValueError("weighted merge needs non-negative weights with a positive sum")
-            w = (w / w.sum()).view(-1, *([1] * (stacked.ndim - 1)))
-            return (stacked * w).sum(0)
+            w = torch.tensor(self.coefficients(weights), dtype=stacked.dtype)
+            return (stacked * w.view(-1, *([1] * (stacked.ndim - 1)))).sum(0)
         if self.reduce == "disjoint_mean":
             nonzero = stacked != 0
             return stacked.sum(0) / nonzero.sum(0).clamp_min(1)
@@ -232,7 +251,13 @@ def method_from_config(name: str, cfg) -> MergeMethod:
 
 
 def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
-    """τ_m, computed tensor by tensor from lazily read vectors (a derived :class:`DataVector`)."""
+    """τ_m, computed tensor by tensor from lazily read vectors (a derived :class:`DataVector`).
+
+    Linear reductions (sum, mean, weighted, DARE) stream: each vector's tensor is added
+    into the output where it lies, so memory does not grow with the number of vectors.
+    Methods that need all values of a coordinate at once (TIES' sign election, the
+    median) hold that one tensor's N slices.
+    """
     from medvec.vectors import DataVector
 
     if isinstance(method, str):
@@ -247,7 +272,35 @@ def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
     weights = (
         [float(getattr(v.meta, "n_train", 0) or 0) for v in vectors] if method.needs_weights else [1.0] * len(vectors)
     )
-    return DataVector({k: method.merge_tensor([v.tensor(k) for v in vectors], weights, k) for k in keys})
+    for v in vectors:  # mapped file pages held across all vectors stay within one budget
+        if hasattr(v, "window"):
+            v.window = max(HUGE_PAGE, MERGE_WINDOW_BYTES // len(vectors) // HUGE_PAGE * HUGE_PAGE)
+    try:
+        if getattr(method, "streams", False):
+            coeffs = method.coefficients(weights)
+            return DataVector({k: _stream_tensor(vectors, method, coeffs, k) for k in keys})
+        return DataVector({k: method.merge_tensor([v.tensor(k) for v in vectors], weights, k) for k in keys})
+    finally:
+        for v in vectors:
+            if hasattr(v, "release"):
+                v.release()
+
+
+def _stream_tensor(vectors: Sequence[VectorLike], method, coeffs: list[float], key: str) -> torch.Tensor:
+    """Σ_h c_h · f(τ_h)[key], one vector at a time (read where it lies when f is the identity)."""
+    in_place = not method.transforms()
+    first = vectors[0]
+    if in_place and hasattr(first, "scaled"):
+        out = first.scaled(key, coeffs[0])
+    else:
+        out = method.prepare(first.tensor(key), key, 0) * coeffs[0]
+    flat = out.view(-1)
+    for i, (v, c) in enumerate(zip(vectors[1:], coeffs[1:]), start=1):
+        if in_place and hasattr(v, "accumulate"):
+            v.accumulate(key, flat, c)
+        else:
+            out.add_(method.prepare(v.tensor(key), key, i), alpha=c)
+    return out
 
 
 def merge_vectors(

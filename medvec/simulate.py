@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from medvec.config import Params
 from medvec.coordinator import Candidate, EvalSets, evaluate_on, op_rule
-from medvec.hospital import LocalData, finetune_vector
+from medvec.hospital import LocalData, finetune_vector, for_upload
 from medvec.intake import admit
 from medvec.models import Base
 from medvec.refine import run_step
@@ -93,7 +93,7 @@ def simulate(
             end = run.time + clock.duration(run.hospital, len(data[run.hospital].train), epochs)
             heapq.heappush(queue, _Run(end, run.order, run.hospital, run.number, vector))
             continue
-        store.put(run.vector)
+        store.put(for_upload(run.vector, params.vectors))
         landings += 1
         bar.update(1)
         rows.append(_land(store, base, params, evalsets, landings, run.time, moments_fn))

@@ -8,20 +8,25 @@
 * Algebra: ``a + b``, ``sum(vectors)``, ``k * v``, ``-v``, ``a - b`` and
   ``v.apply_to(base_state, lam)`` = θ_pre + λ·τ.
 * File format: safetensors (never pickle).  The header's metadata holds the
-  JSON :class:`VectorMeta` and the ``content_sha256`` of all tensors.
+  JSON :class:`VectorMeta` and the ``content_sha256`` of all stored tensors.  The
+  deltas may be stored compactly (fp16, bf16, int8, int4, top-k: ``meta.encoding``,
+  :mod:`medvec.encoding`); they are decoded to float32 on read.
 * :func:`load_vector` validates everything and raises :class:`InvalidVectorError`
-  naming the file and the exact problem.  Tensors are then read lazily, one at a
-  time, so merges never hold more than one tensor per vector.
+  naming the file and the exact problem.  Tensors are then read lazily from a
+  memory map, one at a time, so merges never hold more than one tensor per vector.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +36,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import medvec
 from medvec.batchnorm import MomentSums, RunningStats, is_bn_stat
+from medvec.encoding import (
+    COMPANIONS,
+    FP32,
+    Encoding,
+    EncodingError,
+    check_values,
+    companion,
+    decode,
+    encode_all,
+    expected_layout,
+    logical_shape,
+    topk_count,
+)
 from medvec.errors import UserError
 from medvec.models import hash_tensor
 
@@ -89,6 +107,7 @@ class VectorMeta(BaseModel):
     start_version: int = Field(0, ge=0, description="the start point fine-tuned from: 0 is θ_pre")
     start_sha256: str | None = Field(None, description="that start point's sha256 (None: θ_pre, base_sha256)")
     privacy: PrivacySpent | None = Field(None, description="DP-SGD's accounted (ε, δ); None: trained without DP")
+    encoding: Encoding = Field(FP32, description="how the deltas are stored (medvec.encoding); BN aggregates: fp32")
 
     @property
     def start(self) -> str:
@@ -124,6 +143,7 @@ class DataVector:
         self.meta = meta
         self.running = running
         self.moments = moments
+        self._stored: dict[str, torch.Tensor] | None = None  # the encoded deltas, once encoded
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -180,6 +200,24 @@ class DataVector:
         v.meta = meta
         return v
 
+    def encoded(self, encoding: Encoding) -> "DataVector":
+        """This vector as ``encoding`` stores it: metadata naming the encoding, deltas as the coordinator decodes them.
+
+        Raises :class:`~medvec.encoding.EncodingError` when a value does not fit (fp16 overflow).
+        """
+        if self.meta is None:
+            raise ValueError("only a vector with metadata can be encoded (the encoding is part of it)")
+        stored = encode_all(self.deltas, encoding)
+        shapes = {k: tuple(v.shape) for k, v in self.deltas.items()}
+        deltas = {k: decode(k, stored.__getitem__, shapes[k], encoding) for k in self.deltas}
+        out = DataVector(deltas, self.meta.model_copy(update={"encoding": encoding}), self.running, self.moments)
+        out._stored = stored
+        return out
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.meta.encoding if self.meta is not None else FP32
+
     # ---------------------------------------------------------------- algebra
     def keys(self) -> list[str]:
         return sorted(self.deltas)
@@ -234,7 +272,10 @@ class DataVector:
         return content_sha256(self._all_tensors())
 
     def _all_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.deltas)
+        """What a file of this vector stores: the (encoded) deltas and the BN aggregates."""
+        if self._stored is None and self.encoding != FP32:
+            self._stored = encode_all(self.deltas, self.encoding)
+        tensors = dict(self._stored if self._stored is not None else self.deltas)
         if self.running is not None:
             tensors.update(self.running.to_tensors())
         if self.moments is not None:
@@ -285,32 +326,151 @@ def content_sha256(tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.
 
 # ------------------------------------------------------------------------ validated files
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MERGE_WINDOW_BYTES = 64 * 1024**2  # mapped file pages a merge may hold across all its vectors
+HUGE_PAGE = 2 * 1024**2  # file pages may be mapped as 2 MiB folios: release whole ones
+# reads view the read-only map in place and never write to it; torch warns about every such view
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
 
 class VectorFile:
-    """A validated vector file; tensors are read lazily, one at a time."""
+    """A validated vector file; its deltas are decoded to float32 on read, one tensor at a time.
 
-    def __init__(self, path: Path, meta: VectorMeta, content: str, delta_keys: list[str], extra_keys: list[str]):
+    Reads memory-map the file once and view each stored tensor in place (no copy for
+    fp32).  Pages already read are handed back to the kernel every ``window`` bytes, so
+    a merge over K files holds about K × ``window`` of mapped file, not K whole files.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        meta: VectorMeta,
+        content: str,
+        header: dict,
+        data_start: int,
+        shapes: dict[str, tuple[int, ...]],
+        extra_keys: list[str],
+    ):
         self.path = path
         self.meta = meta
         self.content_sha256 = content
-        self._delta_keys = delta_keys
+        self._spans = {  # name → (first byte, end byte, dtype, shape) in the file
+            name: (
+                data_start + info["data_offsets"][0],
+                data_start + info["data_offsets"][1],
+                _DTYPES[info["dtype"]],
+                info["shape"],
+            )
+            for name, info in header.items()
+            if name != "__metadata__"
+        }
+        self._shapes = shapes
+        self._delta_keys = sorted(shapes)
         self._extra_keys = extra_keys
+        self._map: mmap.mmap | None = None
+        self.window = MERGE_WINDOW_BYTES
+        self._touched: tuple[int, int] | None = None
 
     def keys(self) -> list[str]:
         return list(self._delta_keys)
 
-    def tensor(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
 
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(key)
+    @property
+    def encoding(self) -> Encoding:
+        return self.meta.encoding
+
+    # ---------------------------------------------------------------- raw stored tensors
+    def _open(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:  # the map keeps its own handle
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._map
+
+    def _stored(self, name: str) -> torch.Tensor:
+        """A view of one stored tensor in the mapped file (valid until :meth:`close`)."""
+        return self._flat(name).view(self._spans[name][3])
+
+    def _flat(self, name: str) -> torch.Tensor:
+        """:meth:`_stored` as one flat run of values."""
+        lo, hi, dtype, _ = self._spans[name]
+        m = self._map if self._map is not None else self._open()
+        touched = self._touched
+        self._touched = (lo, hi) if touched is None else (min(lo, touched[0]), max(hi, touched[1]))
+        if hi == lo:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(m, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=lo)
+
+    def release(self) -> None:
+        """Hand every page read so far back to the kernel (the file stays mapped)."""
+        self._release_pages(force=True)
+
+    def _release_pages(self, force: bool = False) -> None:
+        """Give read pages back to the kernel once ``window`` bytes have been touched (they stay in the page cache).
+
+        Ranges end on a 2 MiB boundary, so a huge page the next read continues in is not split.
+        """
+        if self._map is None or self._touched is None:
+            return
+        lo, hi = self._touched
+        if not force and hi - lo < self.window:
+            return
+        lo = lo // HUGE_PAGE * HUGE_PAGE
+        end = len(self._map) if force else hi // HUGE_PAGE * HUGE_PAGE
+        if end > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, min(end, len(self._map)) - lo)
+        self._touched = None if force or end >= hi else (max(end, lo), hi)
+
+    def close(self) -> None:
+        """Unmap the file (reads reopen it)."""
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view: the map goes with the view
+                self._map.close()
+        self._map, self._touched = None, None
+
+    # ---------------------------------------------------------------- decoded deltas
+    def tensor(self, key: str) -> torch.Tensor:
+        """The float32 delta ``key`` (a copy the caller owns)."""
+        t = decode(key, self._stored, self._shapes[key], self.encoding)
+        t = t.clone() if self.encoding.name == "fp32" else t
+        self._release_pages()
+        return t
+
+    def scaled(self, key: str, alpha: float) -> torch.Tensor:
+        """A new tensor ``alpha · τ[key]``, computed from the stored tensor where it lies (one pass)."""
+        out = torch.mul(decode(key, self._stored, self._shapes[key], self.encoding), alpha)
+        self._release_pages()
+        return out
+
+    def accumulate(self, key: str, out: torch.Tensor, alpha: float = 1.0) -> None:
+        """``out += alpha · τ[key]`` in place for a contiguous ``out``, reading the stored tensor where it lies.
+
+        fp32 is added straight from the mapped file (no copy); ``out`` may be flat or shaped.
+        """
+        if self.encoding.name == "fp32":  # the common case, without decode's indirection
+            src = self._flat(key)
+        else:
+            src = decode(key, self._stored, self._shapes[key], self.encoding).reshape(-1)
+        out.add_(src if out.ndim == 1 else src.view(out.shape), alpha=alpha)
+        self._release_pages()
 
     def iter_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as f:
-            for k in keys:
-                yield k, f.get_tensor(k)
+        """Stored tensors by name, as copies (BN aggregates; deltas through :meth:`tensor`)."""
+        for k in keys:
+            yield k, self._stored(k).clone()
+        self._release_pages(force=True)
 
     @property
     def running(self) -> RunningStats | None:
@@ -329,13 +489,22 @@ class VectorFile:
         return MomentSums.from_tensors(dict(self.iter_tensors(keys)))
 
     def to_vector(self) -> DataVector:
-        return DataVector(dict(self.iter_tensors(self._delta_keys)), self.meta, self.running, self.moments)
+        deltas = {k: self.tensor(k) for k in self._delta_keys}
+        vector = DataVector(deltas, self.meta, self.running, self.moments)
+        self.close()
+        return vector
+
+    def __getstate__(self) -> dict:  # a mapped file does not pickle: it reopens in the other process
+        state = dict(self.__dict__)
+        state.update(_map=None, _touched=None)
+        return state
 
     def __repr__(self) -> str:
-        return f"VectorFile({self.path.name}, hospital={self.meta.hospital})"
+        return f"VectorFile({self.path.name}, hospital={self.meta.hospital}, {self.encoding.label})"
 
 
 def _read_header(path: Path, max_bytes: int, max_header_bytes: int) -> tuple[dict, int]:
+    """The parsed safetensors header and where the tensor data starts (8 + header length)."""
     if not path.exists():
         raise InvalidVectorError(path, "no such file", "not_a_file")
     if not path.is_file():
@@ -387,7 +556,7 @@ def _read_header(path: Path, max_bytes: int, max_header_bytes: int) -> tuple[dic
         raise InvalidVectorError(path, f"truncated: tensors need {8 + n + end} bytes, file has {size}", "truncated")
     if 8 + n + end < size:
         raise InvalidVectorError(path, f"{size - 8 - n - end} unexpected trailing bytes after the tensors", "corrupt")
-    return header, size
+    return header, 8 + n
 
 
 def load_vector(
@@ -401,8 +570,10 @@ def load_vector(
     """Validate a vector file and return a lazy :class:`VectorFile`.
 
     Checks, in order: a regular file within the size limit; not a pickle; a
-    complete safetensors layout; medvec metadata; floating dtypes; finite values;
-    content sha256; and, when given, the base's hash, keys and shapes.
+    complete safetensors layout; medvec metadata; the stored tensors' names, dtypes
+    and shapes as the vector's encoding lays them out (:mod:`medvec.encoding`);
+    finite values, valid scales and indices; content sha256; and, when given, the
+    base's hash, keys and shapes.
 
     Raises
     ------
@@ -412,24 +583,8 @@ def load_vector(
     from safetensors import safe_open
 
     path = Path(path)
-    header, _ = _read_header(path, max_bytes, max_header_bytes)
-    meta_raw = header.get("__metadata__") or {}
-    if meta_raw.get("format") != FORMAT or "medvec" not in meta_raw:
-        raise InvalidVectorError(
-            path, f"not a medvec vector (header format is {meta_raw.get('format')!r}, expected {FORMAT!r})", "metadata"
-        )
-    if len(str(meta_raw["medvec"]).encode()) > max_metadata_bytes:
-        raise InvalidVectorError(
-            path,
-            f"metadata is {len(str(meta_raw['medvec']).encode())} bytes, over the limit of {max_metadata_bytes}",
-            "too_large",
-        )
-    try:
-        meta = VectorMeta.model_validate_json(meta_raw["medvec"])
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidVectorError(path, f"invalid metadata ({problems})", "metadata") from exc
-    expected_content = meta_raw.get("content_sha256", "")
+    header, data_start = _read_header(path, max_bytes, max_header_bytes)
+    meta, expected_content = _read_meta(path, header, max_metadata_bytes)
     if base_sha256 is not None and meta.base_sha256 != base_sha256:
         raise InvalidVectorError(
             path,
@@ -437,53 +592,124 @@ def load_vector(
             "base_hash",
         )
     names = [k for k in header if k != "__metadata__"]
-    delta_keys = sorted(k for k in names if ":" not in k)
-    extra_keys = sorted(k for k in names if ":" in k)
-    bad_prefix = [k for k in extra_keys if not k.startswith(("bn:", "moments:"))]
-    if bad_prefix:
-        raise InvalidVectorError(path, f"unknown tensor namespace in {bad_prefix[:3]}", "extra_key")
-    if base is not None:
-        expected = set(vector_keys(base))
-        missing, extra = sorted(expected - set(delta_keys)), sorted(set(delta_keys) - expected)
-        if missing:
-            raise InvalidVectorError(
-                path, f"missing {len(missing)} key(s) of the base: {', '.join(missing[:5])}", "missing_key"
-            )
-        if extra:
-            raise InvalidVectorError(
-                path, f"{len(extra)} extra key(s) not in the base: {', '.join(extra[:5])}", "extra_key"
-            )
-        for k in delta_keys:
-            want, have = tuple(base[k].shape), tuple(header[k]["shape"])
-            if want != have:
-                raise InvalidVectorError(path, f"shape mismatch for {k}: vector {have}, base {want}", "shape")
-    h = hashlib.sha256()
+    delta_keys, extra_keys = _partition(path, names, meta.encoding)
     try:
         with safe_open(str(path), framework="pt") as f:
-            for k in sorted(names):
-                t = f.get_tensor(k)
-                if not t.is_floating_point():
-                    raise InvalidVectorError(
-                        path, f"{k} has dtype {t.dtype}; vectors hold floating-point tensors only", "dtype"
-                    )
-                finite = torch.isfinite(t)
-                if not bool(finite.all()):
-                    n_nan = int(torch.isnan(t).sum())
-                    n_inf = int(torch.isinf(t).sum())
-                    what = " and ".join(
-                        x for x in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if x
-                    )
-                    raise InvalidVectorError(path, f"{k} holds non-finite values ({what})", "non_finite")
-                hash_tensor(h, k, t)
+            cache: dict[str, torch.Tensor] = {}
+
+            def get(name: str) -> torch.Tensor:
+                if name not in cache:
+                    cache[name] = f.get_tensor(name)
+                return cache[name]
+
+            shapes = {k: _check_layout(path, k, header, get, meta.encoding) for k in delta_keys}
+            if base is not None:
+                _check_against_base(path, shapes, base)
+            content = _check_values(path, names, get, cache)
     except InvalidVectorError:
         raise
     except Exception as exc:  # safetensors raises its own error types on corrupt data
         raise InvalidVectorError(path, f"corrupt tensor data ({exc})", "corrupt") from exc
-    content = h.hexdigest()
     if content != expected_content:
         raise InvalidVectorError(
             path,
             f"content sha256 {content[:12]}… does not match header {str(expected_content)[:12]}… (modified or corrupt)",
             "integrity",
         )
-    return VectorFile(path, meta, content, delta_keys, extra_keys)
+    return VectorFile(path, meta, content, header, data_start, shapes, extra_keys)
+
+
+def _read_meta(path: Path, header: dict, max_metadata_bytes: int) -> tuple[VectorMeta, str]:
+    meta_raw = header.get("__metadata__") or {}
+    if meta_raw.get("format") != FORMAT or "medvec" not in meta_raw:
+        raise InvalidVectorError(
+            path, f"not a medvec vector (header format is {meta_raw.get('format')!r}, expected {FORMAT!r})", "metadata"
+        )
+    size = len(str(meta_raw["medvec"]).encode())
+    if size > max_metadata_bytes:
+        raise InvalidVectorError(path, f"metadata is {size} bytes, over the limit of {max_metadata_bytes}", "too_large")
+    try:
+        meta = VectorMeta.model_validate_json(meta_raw["medvec"])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidVectorError(path, f"invalid metadata ({problems})", "metadata") from exc
+    return meta, meta_raw.get("content_sha256", "")
+
+
+def _partition(path: Path, names: list[str], enc: Encoding) -> tuple[list[str], list[str]]:
+    """(delta keys, BN aggregate keys); every companion tensor must belong to a delta the encoding stores it for."""
+    delta_keys = sorted(k for k in names if ":" not in k)
+    prefixed = sorted(k for k in names if ":" in k)
+    unknown = [k for k in prefixed if k.split(":", 1)[0] not in ("bn", "moments", *COMPANIONS)]
+    if unknown:
+        raise InvalidVectorError(path, f"unknown tensor namespace in {unknown[:3]}", "extra_key")
+    wanted = enc.companions()
+    stray = [k for k in prefixed if k.split(":", 1)[0] in COMPANIONS and k.split(":", 1)[0] not in wanted]
+    stray += [k for k in prefixed if k.split(":", 1)[0] in wanted and k.split(":", 1)[1] not in delta_keys]
+    if stray:
+        raise InvalidVectorError(path, f"{stray[0]} is not a tensor that a {enc.label} vector stores", "encoding")
+    present = set(names)
+    for k in delta_keys:
+        for prefix in wanted:
+            if companion(prefix, k) not in present:
+                raise InvalidVectorError(path, f"{k} lacks {companion(prefix, k)}, which {enc.label} needs", "encoding")
+    return delta_keys, [k for k in prefixed if k.startswith(("bn:", "moments:"))]
+
+
+def _check_layout(path: Path, key: str, header: dict, get, enc: Encoding) -> tuple[int, ...]:
+    """The delta's logical shape, after its stored tensors' dtypes and shapes match the encoding's layout."""
+    payload_shape = tuple(header[key]["shape"])
+    try:
+        shape = logical_shape(key, get, payload_shape, enc)
+        stored = payload_shape[0] if enc.name == "topk" and len(payload_shape) == 1 else None
+        for name, (dtype, want) in expected_layout(key, shape, enc, stored).items():
+            have_dtype = _DTYPES.get(header[name]["dtype"], header[name]["dtype"])
+            if have_dtype != dtype:
+                raise InvalidVectorError(
+                    path, f"{name} has dtype {have_dtype}; a {enc.label} vector stores {dtype}", "dtype"
+                )
+            if tuple(header[name]["shape"]) != tuple(want):
+                raise InvalidVectorError(
+                    path, f"{name} has shape {tuple(header[name]['shape'])}; {enc.label} needs {tuple(want)}", "shape"
+                )
+        if enc.name == "topk" and stored != topk_count(math.prod(shape), enc.density or 1.0):
+            raise EncodingError(
+                f"{key} keeps {stored} entries; topk/{enc.density:g} of {shape} keeps {topk_count(math.prod(shape), enc.density or 1.0)}"
+            )
+        check_values(key, get, shape, enc)
+    except EncodingError as exc:
+        raise InvalidVectorError(path, str(exc), "encoding") from exc
+    return shape
+
+
+def _check_against_base(path: Path, shapes: dict[str, tuple[int, ...]], base: dict[str, torch.Tensor]) -> None:
+    expected = set(vector_keys(base))
+    missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
+    if missing:
+        raise InvalidVectorError(
+            path, f"missing {len(missing)} key(s) of the base: {', '.join(missing[:5])}", "missing_key"
+        )
+    if extra:
+        raise InvalidVectorError(
+            path, f"{len(extra)} extra key(s) not in the base: {', '.join(extra[:5])}", "extra_key"
+        )
+    for k, have in sorted(shapes.items()):
+        want = tuple(base[k].shape)
+        if want != have:
+            raise InvalidVectorError(path, f"shape mismatch for {k}: vector {have}, base {want}", "shape")
+
+
+def _check_values(path: Path, names: list[str], get, cache: dict) -> str:
+    """Finite floating values everywhere (BN aggregates floating only); returns the content sha256."""
+    h = hashlib.sha256()
+    for k in sorted(names):
+        t = get(k)
+        if ":" in k and k.split(":", 1)[0] in ("bn", "moments") and not t.is_floating_point():
+            raise InvalidVectorError(path, f"{k} has dtype {t.dtype}; BN aggregates are floating point", "dtype")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            what = " and ".join(x for x in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if x)
+            raise InvalidVectorError(path, f"{k} holds non-finite values ({what})", "non_finite")
+        hash_tensor(h, k, t)
+        cache.pop(k, None)
+    return h.hexdigest()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.hospital import LocalData, finetune_vector
+from medvec.hospital import LocalData, finetune_vector, for_upload
 from medvec.models import load_base
 from medvec.train import set_threads
 from medvec.vectors import DataVector
@@ -22,7 +22,7 @@ def finetune(
     base = load_base(base_path)
     data = LocalData.of(data_dir, params)
     vector, record = finetune_vector(base, hospital, data, params.finetune, progress=True, privacy=params.privacy)
-    return vector, record.history
+    return for_upload(vector, params.vectors), record.history
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medvec.config import IntakeConfig
+from medvec.encoding import Encoding
 from medvec.intake import admit
 from medvec.signing import Keyring, keygen, sign_file
 from medvec.store import LocalStore
@@ -307,6 +308,32 @@ def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of
     assert not list(store.root.rglob("*.tmp"))
 
 
+FUZZ_SEEDS: dict = {}
+
+
+def _retensor(good: bytes, data, tmp_path) -> bytes:
+    """``good`` with one stored tensor's bytes (payload, scale, index or shape) replaced at random, honestly rehashed."""
+    from safetensors.torch import load, save
+
+    meta = json.loads(good[8 : 8 + int.from_bytes(good[:8], "little")])["__metadata__"]
+    tensors = load(good)
+    name = data.draw(st.sampled_from(sorted(tensors)))
+    t = tensors[name]
+    raw = data.draw(st.binary(min_size=t.numel() * t.element_size(), max_size=t.numel() * t.element_size()))
+    if t.numel():
+        tensors[name] = torch.frombuffer(bytearray(raw), dtype=t.dtype).reshape(t.shape).clone()
+    meta["content_sha256"] = content_sha256(tensors)
+    return save(tensors, metadata=meta)
+
+
+FUZZ_ENCODINGS = [
+    Encoding(),
+    Encoding(name="int8_channel"),
+    Encoding(name="int4", group_size=4),
+    Encoding(name="topk", density=0.3),
+]
+
+
 @settings(
     max_examples=int(os.environ.get("MEDVEC_FUZZ_EXAMPLES", "150")),
     deadline=None,
@@ -314,13 +341,14 @@ def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of
 )
 @given(data=st.data())
 def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, make_vector, tiny_base):
-    """Random bytes and mutations of a valid file: InvalidVectorError or a valid VectorFile, nothing else."""
-    if not hasattr(test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load, "_good"):
-        test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good = (
-            make_vector("h1").save(tmp_path / "seed.safetensors").read_bytes()
-        )
-    good = test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load._good
-    kind = data.draw(st.sampled_from(["random", "flip", "truncate", "splice", "header"]))
+    """Random bytes and mutations of a valid file (of any encoding): InvalidVectorError or a valid VectorFile that
+    decodes every delta to the base's shape, nothing else."""
+    seeds = FUZZ_SEEDS.setdefault("files", {})
+    if not seeds:  # a valid file of each layout: plain floats, per-channel int8, packed int4, sparse top-k
+        for enc in FUZZ_ENCODINGS:
+            seeds[enc.label] = make_vector("h1").encoded(enc).save(tmp_path / "seed.safetensors").read_bytes()
+    good = seeds[data.draw(st.sampled_from(sorted(seeds)))]
+    kind = data.draw(st.sampled_from(["random", "flip", "truncate", "splice", "header", "retensor"]))
     if kind == "random":
         blob = data.draw(st.binary(max_size=4096))
     elif kind == "flip":
@@ -334,6 +362,8 @@ def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, m
     elif kind == "splice":
         i = data.draw(st.integers(0, len(good)))
         blob = good[:i] + data.draw(st.binary(max_size=64)) + good[i:]
+    elif kind == "retensor":  # new bytes in one stored tensor, the content hash made to match: only layout checks
+        blob = _retensor(good, data, tmp_path)
     else:
         n = int.from_bytes(good[:8], "little")
         header = bytearray(good[8 : 8 + n])
@@ -346,6 +376,10 @@ def test_fuzzed_files_end_in_a_clean_rejection_or_a_valid_load(data, tmp_path, m
     try:
         vf = load_vector(path, base=tiny_base.model.state_dict(), base_sha256=tiny_base.sha256)
         assert vf.content_sha256 and vf.meta.hospital  # a valid load is fully valid
+        state = tiny_base.model.state_dict()
+        for k in vf.keys():
+            t = vf.tensor(k)
+            assert t.dtype == torch.float32 and t.shape == state[k].shape and bool(torch.isfinite(t).all())
     except InvalidVectorError as exc:
         assert str(path) in str(exc) and exc.check
     assert time.monotonic() - t0 < 5, "the parser hung"

@@ -1,0 +1,73 @@
+"""What every ``make bench`` script shares: where results go, a Markdown table, peak memory, threads."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` (floats to 3 significant decimals)."""
+
+    def cell(x) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(name: str, payload: dict, markdown: str, out: Path = RESULTS) -> Path:
+    """Write ``<name>.json`` (with the machine) and ``<name>.md``, and print the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "machine": machine()}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(markdown)
+    print(f"\nwrote {path} and {name}.md")
+    return path
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set since start or :func:`reset_peak_rss` (MiB, file-backed pages included)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement (Linux ≥ 4.0: ``/proc/self/clear_refs``); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

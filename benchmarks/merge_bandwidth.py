@@ -1,0 +1,186 @@
+"""Merge read bandwidth and peak memory against the number of vectors K.
+
+K random vectors with the exact tensor shapes of torchvision's ResNet-50 (25.6M
+floating-point parameters, ~102 MB each in fp32) are written as medvec vector files.
+For each K, a fresh process validates them (``load_vector``), then times
+``merge_delta`` (the streaming weighted merge that the coordinator runs) and reports:
+
+* GB/s read: K × the vector's bytes ÷ the merge's seconds (best of ``--repeats``);
+* the same-run baseline: the same K vectors already in memory, summed with
+  ``torch.add`` into one output, tensor by tensor (best of ``--repeats``);
+* peak RSS of the merging process (file-backed pages included), from a fresh
+  high-water mark after validation to the end of the weighted merges; the RSS before
+  validation (Python, torch, medvec) and validation's own peak beside it;
+* the median merge (TIES-like methods hold one tensor's K slices) at the smaller Ks.
+
+    python benchmarks/merge_bandwidth.py [--ks 2,4,8,16,32] [--threads 2]
+
+Writes ``benchmarks/results/merge_bandwidth.json`` (headline ``ratio_k8``,
+``peak_rss_ratio_k32_k2``) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, peak_rss_mb, reset_peak_rss, table, write
+
+
+def shapes(model: str) -> dict:
+    import torchvision
+
+    from medvec.vectors import vector_keys
+
+    state = getattr(torchvision.models, model)(weights=None).state_dict()
+    return {k: tuple(state[k].shape) for k in vector_keys(state)}
+
+
+def make_vectors(folder: Path, k: int, model: str, encoding: str = "fp32") -> list[Path]:
+    """K vector files with random N(0, 1e-3) deltas in ``model``'s shapes."""
+    from medvec.encoding import Encoding
+    from medvec.vectors import DataVector, VectorMeta, utcnow
+
+    paths, layout = [], shapes(model)
+    for i in range(k):
+        g = torch.Generator().manual_seed(i)
+        deltas = {name: torch.randn(s, generator=g) * 1e-3 for name, s in layout.items()}
+        meta = VectorMeta(
+            vector_id=f"bench-{i}",
+            hospital=f"h{i}",
+            base_sha256="0" * 64,
+            base_model=model,
+            num_classes=1000,
+            n_train=100 + i,
+            label_counts=[1] * 1000,
+            created_at=utcnow(),
+            encoding=Encoding(name=encoding),
+        )
+        paths.append(DataVector(deltas, meta).save(folder / f"v{i}.safetensors"))
+        print(f"  wrote {paths[-1].name}", flush=True)
+    return paths
+
+
+def child(paths: list[str], repeats: int, threads: int, median: bool) -> dict:
+    """One K in its own process (so that its peak RSS is its own)."""
+    from medvec.merge import get_method, merge_delta
+    from medvec.vectors import load_vector
+
+    torch.set_num_threads(threads)
+    idle = peak_rss_mb()
+    t0 = time.perf_counter()
+    files = [load_vector(p) for p in paths]
+    validate = time.perf_counter() - t0
+    validate_peak = peak_rss_mb()
+    reset_peak_rss()
+    nbytes = sum(4 * _numel(f) for f in files)
+    weighted = get_method("weighted")
+    merge_delta(files, weighted)  # warm
+    seconds = min(_timed(lambda: merge_delta(files, weighted)) for _ in range(repeats))
+    row = {
+        "k": len(files),
+        "gb_read": nbytes / 1e9,
+        "validate_s": validate,
+        "merge_s": seconds,
+        "merge_gbps": nbytes / seconds / 1e9,
+    }
+    row.update(peak_rss_mb=peak_rss_mb(), rss_before_mb=idle, validate_peak_rss_mb=validate_peak)
+    if median:  # after the peak: the median holds one tensor's K slices
+        row["median_merge_s"] = _timed(lambda: merge_delta(files, "median"))
+    in_memory = [f.to_vector() for f in files]
+    row["baseline_s"] = min(_timed(lambda: _baseline(in_memory)) for _ in range(repeats))
+    row["baseline_gbps"] = nbytes / row["baseline_s"] / 1e9
+    row["ratio"] = row["merge_gbps"] / row["baseline_gbps"]
+    return row
+
+
+def _numel(f) -> int:
+    import math
+
+    return sum(math.prod(f.shape(k)) for k in f.keys())
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _baseline(vectors) -> dict:
+    """Σ_h τ_h with torch.add over tensors already in memory, one output tensor per key, kept as the merge keeps its own."""
+    sums = {}
+    for key in vectors[0].keys():
+        out = torch.mul(vectors[0].deltas[key], 1.0)
+        for v in vectors[1:]:
+            out.add_(v.deltas[key])
+        sums[key] = out
+    return sums
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ks", default="2,4,8,16,32")
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--median", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.repeats, args.threads, args.median)))
+        return
+    ks = [int(x) for x in args.ks.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="medvec-bw-"))
+    try:
+        print(f"writing {max(ks)} {args.model}-shaped vectors to {work}", flush=True)
+        paths = [str(p) for p in make_vectors(work, max(ks), args.model)]
+        rows = []
+        for k in ks:
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+            cmd += ["--median"] if k <= 8 else []
+            out = subprocess.run([*cmd, "--child", *paths[:k]], capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                sys.exit(f"K={k} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(
+                f"K={k}: {r['merge_gbps']:.2f} GB/s vs baseline {r['baseline_gbps']:.2f}, rss {r['peak_rss_mb']:.0f} MB"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    by_k = {r["k"]: r for r in rows}
+    headline = {
+        "ratio_k8": by_k[8]["ratio"] if 8 in by_k else None,
+        "peak_rss_ratio_k32_k2": by_k[32]["peak_rss_mb"] / by_k[2]["peak_rss_mb"] if {2, 32} <= set(by_k) else None,
+    }
+    columns = ["k", "gb_read", "merge_gbps", "baseline_gbps", "ratio", "rss_before_mb", "peak_rss_mb"]
+    columns += ["validate_s", "validate_peak_rss_mb", "median_merge_s"]
+    md = "\n".join(
+        [
+            f"# Merge bandwidth ({args.model} shapes, {args.threads} threads)",
+            "",
+            "`python benchmarks/merge_bandwidth.py` — streaming weighted merge from vector files (page cache) vs "
+            "`torch.add` over the same bytes in memory.",
+            "",
+            table(rows, columns),
+            "",
+            f"headline: {json.dumps({k: round(v, 3) if v else v for k, v in headline.items()})}",
+        ]
+    )
+    payload = {"headline": headline, "model": args.model, "threads": args.threads, "rows": rows}
+    write("merge_bandwidth", payload, md, args.out)
+
+
+if __name__ == "__main__":
+    main()
