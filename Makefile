@@ -63,10 +63,14 @@ quality: $(STAMP) dirs
 latency: $(STAMP) dirs
 	$(PY) benchmarks/landing_latency.py $(ARGS)
 
-# performance against same-run baselines (docs/performance.md); each script also runs alone
+# performance against same-run baselines (docs/performance.md; about 15 min on 2 cores); each script also runs alone.
+# benchmarks/load.py (100 hospitals on real servers) is `make load`.
 bench: $(STAMP) dirs
 	$(PY) benchmarks/merge_bandwidth.py
+	$(PY) benchmarks/finetune_throughput.py
 	$(PY) benchmarks/vector_size.py
+	$(PY) benchmarks/end_to_end.py
+	$(PY) benchmarks/landing_latency.py
 
 robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)

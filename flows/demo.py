@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.hospital_finetune import hospital_finetune
 from flows.ui import base_tag, demo_run_name, embedded_image, label_run
 from medvec import coordinator as core
+from medvec import timing
 from medvec.config import Params, load_params
 from medvec.data import DataSpec, dataset_name
 from medvec.hospital import live_moments
@@ -116,6 +117,7 @@ def demo(
     out_dir = Path(out or params.demo.out).resolve()
     set_threads(params.finetune.threads)
     started = time.perf_counter()
+    timing.reset()
     name = dataset_name(data)
     label_run(f"demo {name} seed {params.finetune.seed}", ["medvec", "demo", f"data:{name}"])
     for sub in ("hospitals", "vectors", "bases", "quarantine"):
@@ -199,6 +201,7 @@ def demo(
         )
         record = publish_merge(store_url, record, outcome, base)
         doc["contribution"] = outcome.scores.to_json() if outcome.scores else None
+    doc["phases"] = timing.snapshot()
     paths = write_report(out_dir, doc, curves, classes)
     if record is not None:
         plots = {k: paths[k] for k in ("bars", "lambda", "confusion", "contribution") if k in paths}
@@ -207,6 +210,7 @@ def demo(
         doc["merge_id"] = record.merge_id
         label_run(tags=[f"merge:{record.merge_id}"])
         doc["registry"] = decision.to_json()
+        doc["phases"] = timing.snapshot()  # the registry's own model scoring included
         paths = write_report(out_dir, doc, curves, classes)  # again, now naming the registered version
     text = render_table(doc)
     logger.info("\n%s", text)

@@ -55,6 +55,7 @@ from medvec.merge import merge_delta, method_from_config
 from medvec.models import Base
 from medvec.record import Contributions, ContributionScore
 from medvec.store import StoreError
+from medvec.timing import timed
 from medvec.vectors import DataVector
 
 Members = frozenset[int]
@@ -218,6 +219,7 @@ def harmful_reason(s: ContributionScore, cfg: IntakeConfig, metric: str) -> str 
     )
 
 
+@timed("contribution")
 def score_merge(
     start: Base,
     vectors: Sequence,

@@ -25,6 +25,7 @@ from medvec.evaluate import evaluate_model, with_operating_point
 from medvec.merge import MergeMethod, merge_delta, method_from_config
 from medvec.models import Base
 from medvec.record import Contributions, EvalSetRef
+from medvec.timing import timed
 from medvec.vectors import DataVector
 
 MomentsFn = Callable[[nn.Module], MomentSums]
@@ -123,6 +124,7 @@ def build_model(base: Base, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
+@timed("bn_restore")
 def restore(model: nn.Module, strategy: str, vectors: Sequence, moments_fn: MomentsFn | None) -> MomentSums | None:
     """Apply a BN strategy to a freshly merged model (in place); returns the moment sums used, if any."""
     if strategy == "recompute":

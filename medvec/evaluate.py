@@ -19,6 +19,7 @@ from torch import nn
 
 from medvec.data import ImageSet, batches
 from medvec.models import ModelSpec
+from medvec.timing import timed
 
 
 def probabilities(logits: torch.Tensor, task: str = "multiclass") -> torch.Tensor:
@@ -158,6 +159,7 @@ def operating_point(
     return at_threshold(test[0], test[1], threshold)
 
 
+@timed("evaluate")
 def evaluate_model(
     model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> dict:

@@ -27,6 +27,7 @@ from medvec.data import (
 )
 from medvec.encoding import FP32
 from medvec.models import Base
+from medvec.timing import timed
 from medvec.train import TrainResult, finetune
 from medvec.vectors import DataVector
 
@@ -143,6 +144,7 @@ def for_upload(vector: DataVector, cfg: VectorsConfig) -> DataVector:
     return vector if encoding == FP32 else vector.encoded(encoding)
 
 
+@timed("bn_restore")
 def local_moment_sums(model: nn.Module, base: Base, data: ImageSet, cfg: BatchNormConfig, seed: int = 0) -> MomentSums:
     """Per-layer (count, Σx, Σx²) of the BN inputs under ``model`` on up to ``cfg.max_samples`` local images."""
     return moment_sums(model, batches(data, base.spec, cfg.batch_size, seed=seed, limit=cfg.max_samples))

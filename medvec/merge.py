@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 
 from medvec.errors import UserError
+from medvec.timing import timed
 from medvec.vectors import HUGE_PAGE, MERGE_WINDOW_BYTES
 
 __all__ = [
@@ -250,6 +251,7 @@ def method_from_config(name: str, cfg) -> MergeMethod:
     return get_method(name, density=cfg.ties_density, drop=cfg.dare_drop, seed=cfg.seed)
 
 
+@timed("merge")
 def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
     """τ_m, computed tensor by tensor from lazily read vectors (a derived :class:`DataVector`).
 

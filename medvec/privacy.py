@@ -34,6 +34,7 @@ from medvec.config import FinetuneConfig, PrivacyConfig
 from medvec.data import ImageSet, augment, to_tensor
 from medvec.errors import UserError
 from medvec.models import ModelSpec
+from medvec.timing import timed
 from medvec.train import TrainResult, finish_training, lr_schedule, prepare_training, with_local_val
 from medvec.vectors import DataVector, PrivacySpent, utcnow
 
@@ -90,6 +91,7 @@ def _private(model, optimizer, loader, cfg: FinetuneConfig, privacy: PrivacyConf
         )
 
 
+@timed("finetune")
 def dp_finetune(
     model: nn.Module,
     train: ImageSet,

@@ -43,6 +43,7 @@ from medvec.errors import LineageError, UserError
 from medvec.evaluate import md_inert
 from medvec.faults import failpoint
 from medvec.record import GateDecision, MergeRecord
+from medvec.timing import timed
 
 HOSPITAL_EXPERIMENT = "medvec-hospitals"
 MERGE_EXPERIMENT = "medvec-merges"
@@ -99,6 +100,7 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
+@timed("tracking")
 def log_hospital_run(
     summary: dict,
     settings: dict,
@@ -404,6 +406,7 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
     return str(mlflow.register_model(info.model_uri, registered_name, await_registration_for=60).version)
 
 
+@timed("tracking")
 def register_base(name: str, base, example: np.ndarray) -> str:
     """Register θ_pre (a :class:`medvec.models.Base`) once as ``<name>-base`` (idempotent by sha256).
 
@@ -433,6 +436,7 @@ def _score(metrics: dict, metric: str) -> float:
     return float("-inf") if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
 
 
+@timed("tracking")
 def log_merge(
     record: MergeRecord,
     merged,

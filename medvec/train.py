@@ -14,8 +14,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medvec.config import FinetuneConfig
-from medvec.data import ImageSet, batches
+from medvec.data import ImageSet, batches, predecode
 from medvec.models import ModelSpec
+from medvec.timing import timed
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -123,6 +124,7 @@ def prepare_training(model: nn.Module, train: ImageSet, cfg: FinetuneConfig) -> 
     return device, loss_function(train, cfg, device)
 
 
+@timed("finetune")
 def finetune(
     model: nn.Module,
     train: ImageSet,
@@ -144,6 +146,7 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total, cfg.warmup_steps))
     amp = device.type == "cuda"
     result = TrainResult(device=str(device))
+    decoded = predecode(train, spec)  # resized and normalised once, not every epoch (None for a large split)
     start = time.perf_counter()
     seen = 0
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
@@ -152,7 +155,13 @@ def finetune(
             model.train()
             running, n = 0.0, 0
             for x, y in batches(
-                train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, augment_data=cfg.augment
+                train,
+                spec,
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed * 1000 + epoch,
+                augment_data=cfg.augment,
+                decoded=decoded,
             ):
                 if len(y) < 2:  # batch norm needs two samples in training mode
                     continue

@@ -1,0 +1,128 @@
+"""Images per second of medvec's fine-tune loop against a bare PyTorch loop, in the same process.
+
+Both train a fresh copy of the same θ_pre (the demo's EfficientNet-Lite0 at 64 px,
+``params.yaml``) with the same batch size, threads, optimizer (AdamW) and images
+(the first ``--images`` of PneumoniaMNIST's train split).  The bare loop is the
+floor of what a training step costs: images decoded and resized once up front,
+a random permutation per epoch, forward, cross-entropy, backward, step; no
+augmentation, no schedule, no progress bar.  It runs twice: on a plain NCHW
+tensor, and on the same tensor stored channels-last (as medvec's batches are, which
+is about twice as fast on CPU); the headline compares medvec with the faster one.  medvec's loop is
+:func:`medvec.train.finetune` as a hospital runs it (augmentation, class weights,
+LR schedule, progress bookkeeping), without the local validation and the BN
+recalibration pass that follow training.  The two alternate ``--repeats`` times
+so that drift hits both; each reports the median of its runs.
+
+    python benchmarks/finetune_throughput.py [--images 640] [--epochs 1] [--repeats 5]
+
+Writes ``benchmarks/results/finetune_throughput.json`` (headline ``ratio``: medvec's
+images per second ÷ the bare loop's) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, table, write
+
+DATA = ROOT / "data" / "pneumoniamnist.npz"
+
+
+def bare_loop(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int, epochs: int, seed: int):
+    """The plainest training loop over pre-decoded tensors; returns images per second."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed)
+    seen, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y_all), generator=g).split(batch_size):
+            if len(idx) < 2:
+                continue
+            loss = loss_fn(model(x_all[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+    return seen / (time.perf_counter() - start)
+
+
+def medvec_loop(model: nn.Module, data, spec, cfg) -> float:
+    from medvec.train import finetune
+
+    return finetune(model, data, spec, cfg, val=None, progress=False).samples_per_second
+
+
+def main() -> None:
+    from medvec.config import load_params
+    from medvec.data import load_split, to_tensor
+    from medvec.models import base_from_config
+    from medvec.train import set_threads
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=640)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = ap.parse_args()
+    p = load_params(ROOT / "params.yaml", args.overrides)
+    cfg = p.finetune.model_copy(update={"epochs": args.epochs, "bn_recalibrate": False})
+    set_threads(cfg.threads)
+    train = load_split(DATA, "train")
+    data = train.subset(list(range(min(args.images, len(train)))))
+    base = base_from_config(p.model, 2)
+    y_all = torch.as_tensor(data.labels)
+    layouts = {  # the same pixels, as a plain NCHW tensor and stored channels-last (as medvec's batches are)
+        "bare, NCHW": to_tensor(data.images, base.spec).contiguous(),
+        "bare, channels-last": to_tensor(data.images, base.spec).contiguous(memory_format=torch.channels_last),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in (*layouts, "medvec")}
+    for x_all in layouts.values():  # warm both layouts' kernels
+        bare_loop(base.fresh(), x_all[: 2 * cfg.batch_size], y_all[: 2 * cfg.batch_size], cfg.batch_size, 1, 0)
+    for r in range(args.repeats):
+        for name, x_all in layouts.items():
+            runs[name].append(bare_loop(base.fresh(), x_all, y_all, cfg.batch_size, args.epochs, r))
+        runs["medvec"].append(medvec_loop(base.fresh(), data, base.spec, cfg))
+        print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in runs.items()), flush=True)
+    rows = [
+        {
+            "loop": name,
+            "images_per_second": statistics.median(v),
+            "min": min(v),
+            "max": max(v),
+            "runs": len(v),
+        }
+        for name, v in runs.items()
+    ]
+    best = max(rows[:-1], key=lambda r: r["images_per_second"])
+    ratio = rows[-1]["images_per_second"] / best["images_per_second"]
+    head = {"ratio": round(ratio, 4), "against": best["loop"], "target": 0.95, "target_met": ratio >= 0.95}
+    md = "\n".join(
+        [
+            f"# Fine-tune throughput ({p.model.name}, {p.model.image_size} px, batch {cfg.batch_size}, "
+            f"{torch.get_num_threads()} threads, {len(data)} images × {args.epochs} epoch(s))",
+            "",
+            f"`python benchmarks/finetune_throughput.py --images {args.images} --epochs {args.epochs} "
+            f"--repeats {args.repeats}` — medians of alternating runs in one process.",
+            "",
+            table(rows, ["loop", "images_per_second", "min", "max", "runs"]),
+            "",
+            f"headline: {head}",
+        ]
+    )
+    payload = {"headline": head, "model": p.model.name, "batch_size": cfg.batch_size, "rows": rows, "runs": runs}
+    write("finetune_throughput", payload, md, args.out)
+
+
+if __name__ == "__main__":
+    main()
