@@ -4,12 +4,15 @@ Deployed with a trigger on ``medvec.vector.landed`` and an hourly reconciling
 schedule (``medvec coordinator up``).  Runs are serialized by the deployment's
 concurrency limit (one at a time, the rest queued), and a run whose inputs equal
 the last merge's does nothing, so N vectors landing at once end in one merge that
-contains all N.  A lost event only delays a merge: the schedule finds vectors
+contains all N.  A run that has stored its merge cancels the queued runs fired by
+vectors it already listed (``supersede_queued``), so a burst of landings does not
+leave a queue of runs that would each start a process to find nothing new.  A lost event only delays a merge: the schedule finds vectors
 newer than the last merge and merges them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +40,7 @@ from tasks.coordinator import (
     refine_task,
     register_merge,
     single_rows,
+    supersede_queued,
 )
 from tasks.hospital import fetch_base
 
@@ -151,6 +155,12 @@ def _finish(
     return record
 
 
+def _supersede(listed_at: dt.datetime, reason: str) -> None:
+    n = supersede_queued(listed_at, reason)
+    if n:
+        get_run_logger().info("cancelled %d queued run(s) this run answers (%s)", n, reason)
+
+
 def _step(
     store_url: str, base, admission, p: Params, eval_data: str, calibration_data: str | None, trigger: dict
 ) -> dict:
@@ -194,6 +204,7 @@ def merge_and_evaluate(
     p = params or Params()
     set_threads(p.finetune.threads)
     started_at, clock = utcnow(), time.perf_counter()
+    listed_at = dt.datetime.now(dt.timezone.utc)  # every run created before this is answered by this listing
     store = open_store(store_url)
     base_sha = store.current_base()
     label_run(tags=["medvec", "coordinator", f"mode:{p.refine.mode}", base_tag(base_sha)])
@@ -208,6 +219,7 @@ def merge_and_evaluate(
     last = last_merge(store_url, base_sha)
     if not force and last is not None and last.input_ids() == sorted(v.meta.vector_id for v in vectors):
         logger.info("nothing new since merge %s", last.merge_id)
+        _supersede(listed_at, f"merge {last.merge_id} already holds every vector listed")
         return _summary(last, skipped=True, reason="no new vectors")
     evalsets = core.EvalSets.load(eval_data, spec=DataSpec.of(p))
     calibration = load_split(calibration_data, "train") if calibration_data else None
@@ -230,7 +242,8 @@ def merge_and_evaluate(
     label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"
     record = publish_merge(store_url, record, outcome, base)
     record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
-    _artifact(record, [*single_rows(base, vectors, evalsets, p), _merged_row(record, outcome)])
+    _supersede(listed_at, f"merge {record.merge_id} holds every vector listed")
+    _artifact(record, [*single_rows(base, vectors, evalsets, p, store_url), _merged_row(record, outcome)])
     logger.info(
         "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))
     )

@@ -9,6 +9,8 @@ otherwise by a coordinator calibration set.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,15 +149,42 @@ def apply_delta(
 
 def single_models(base: Base, vectors: Sequence) -> list[tuple[str, nn.Module, int]]:
     """Rebuild each hospital's fine-tuned model θ_h = θ_pre + τ_h with its own BN statistics."""
-    out = []
-    base_state = base.model.state_dict()
+    return [single_model(base, v) for v in vectors]
+
+
+def single_model(base: Base, vector) -> tuple[str, nn.Module, int]:
+    """(hospital, θ_pre + τ_h with the hospital's BN statistics, n_train) of one vector."""
+    vec = vector.to_vector()
+    model = build_model(base, vec.apply_to(base.model.state_dict(), 1.0))
+    if vec.running is not None:
+        set_running(model, vec.running.mean, vec.running.var)
+    return vec.meta.hospital, model, vec.meta.n_train
+
+
+def single_rows(base: Base, vectors: Sequence, evalsets: EvalSets, params: Params, store=None) -> list[dict]:
+    """Each hospital's own model on the held-out set, as report rows.
+
+    With a ``store``, a vector's row is computed once per held-out set and operating-point rule and kept
+    under ``evals/`` (a merge of N vectors then evaluates only the vectors new since the last one).
+    """
+    rows = []
     for v in vectors:
-        vec = v.to_vector()
-        model = build_model(base, vec.apply_to(base_state, 1.0))
-        if vec.running is not None:
-            set_running(model, vec.running.mean, vec.running.var)
-        out.append((vec.meta.hospital, model, vec.meta.n_train))
-    return out
+        key = _single_row_key(base, v, evalsets, params)
+        row = store.read_json(key) if store is not None else None
+        if row is None:
+            hospital, model, n = single_model(base, v)
+            val, test = evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
+            row = Candidate(hospital, "single", None, None, "own", val, test, n).row()
+            if store is not None:
+                store.write_json(key, row)
+        rows.append(row)
+    return rows
+
+
+def _single_row_key(base: Base, vector, evalsets: EvalSets, params: Params) -> str:
+    test = EvalSetRef.of(evalsets.test, evalsets.source, "test").sha256 if evalsets.test is not None else None
+    what = [vector.content_sha256, base.sha256, evalsets.ref().sha256, test, list(op_rule(params))]
+    return f"evals/{base.sha256}/{hashlib.sha256(json.dumps(what).encode()).hexdigest()}.json"
 
 
 def evaluate_merges(

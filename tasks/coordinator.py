@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from prefect import task
@@ -50,13 +51,12 @@ def refine_task(
 
 
 @task(cache_policy=NO_CACHE)
-def single_rows(base: Base, vectors: list, evalsets: core.EvalSets, params: Params) -> list[dict]:
-    """Each hospital's own model θ_pre + τ_h (its BN statistics) on the coordinator's held-out set."""
-    rows = []
-    for hospital, model, n in core.single_models(base, vectors):
-        val, test = core.evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size, *core.op_rule(params))
-        rows.append(core.Candidate(hospital, "single", None, None, "own", val, test, n).row())
-    return rows
+def single_rows(
+    base: Base, vectors: list, evalsets: core.EvalSets, params: Params, store_url: str | None = None
+) -> list[dict]:
+    """Each hospital's own model θ_pre + τ_h (its BN statistics) on the coordinator's held-out set (with a store:
+    evaluated once per vector, then read from the store's ``evals/``)."""
+    return core.single_rows(base, vectors, evalsets, params, open_store(store_url) if store_url else None)
 
 
 @task(cache_policy=NO_CACHE)
@@ -65,6 +65,44 @@ def evaluate_merges(
 ) -> list[core.Candidate]:
     """Every merge method × BN strategy, λ chosen on validation, scored on test."""
     return core.evaluate_merges(base, vectors, evalsets, params, moments_fn, progress=progress)
+
+
+@task(**IO_RETRIES)
+def supersede_queued(listed_at: dt.datetime, reason: str) -> int:
+    """Cancel this deployment's queued, event-triggered runs created before ``listed_at``; returns how many.
+
+    Each was fired by a vector that landed before this run listed the store, so this run's merge (or its
+    "nothing new") already answers it, and running it would only start a process to find nothing new.
+    Runs on the reconciling schedule, running ones and ones created later are left alone.  Called once
+    the merge is stored: a crash before that leaves the queue as it was.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import deployment, flow_run
+    from prefect.states import Cancelled
+
+    me, dep = flow_run.id, deployment.id
+    if not me or not dep:  # not a deployment run (medvec demo, tests calling the flow directly)
+        return 0
+    queued = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
+    cancelled = 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep])), flow_run_filter=queued
+        )
+        for run in runs:
+            triggered = bool((run.parameters or {}).get("trigger"))
+            if str(run.id) != str(me) and triggered and run.created is not None and run.created < listed_at:
+                result = client.set_flow_run_state(run.id, Cancelled(message=f"superseded by run {me}: {reason}"))
+                cancelled += result.status.value == "ACCEPT"
+    return cancelled
 
 
 @task(**IO_RETRIES)
@@ -124,7 +162,7 @@ def register_merge(
     from medvec import tracking
 
     p = record.params
-    example = to_tensor(evalsets.val.images[:2], base.spec).numpy()
+    example = to_tensor(evalsets.val.images[:2], base.spec).contiguous().numpy()  # plain NCHW for the signature
     tracking.register_base(p.registry.model_name, base, example)
 
     def rescore(champion: MergeRecord) -> dict:

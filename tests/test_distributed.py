@@ -75,7 +75,7 @@ with get_client(sync_client=True) as c:
         for a in c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r.id]))):
             arts.setdefault(str(r.id), []).append({"key": a.key, "type": a.type, "data": a.data if isinstance(a.data, str) else json.dumps(a.data)})
     print(json.dumps({"automations": linked, "schedules": [s.schedule.interval.total_seconds() for s in c.read_deployment_schedules(dep.id) if getattr(s.schedule, "interval", None)],
-        "runs": [{"id": str(r.id), "name": r.name, "tags": sorted(r.tags), "state": r.state.type.value, "key": r.idempotency_key, "params": r.parameters, "created": r.created.isoformat()} for r in runs], "artifacts": arts}))
+        "runs": [{"id": str(r.id), "name": r.name, "tags": sorted(r.tags), "state": r.state.type.value, "message": r.state.message, "key": r.idempotency_key, "params": r.parameters, "created": r.created.isoformat()} for r in runs], "artifacts": arts}))
 """
 
 
@@ -277,12 +277,18 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
         and r["params"]["trigger"]["vector"].split(".", 2)[-1] in six
     ]
     assert len(triggered) == 6, "every landed event created a merge run"
-    wait_until(
-        lambda: all(
-            r["state"] in ("COMPLETED",)
-            for r in api(env, MERGE_RUNS)["runs"]
-            if r["id"] in {t["id"] for t in triggered}
+    ended = wait_until(
+        lambda: (lambda runs: runs if all(r["state"] in ("COMPLETED", "CANCELLED") for r in runs) else None)(
+            [r for r in api(env, MERGE_RUNS)["runs"] if r["id"] in {t["id"] for t in triggered}]
         ),
         240,
         "all six triggered runs finished",
     )
+    # a run that stored its merge cancels the queued runs it already answers, instead of leaving each to find
+    # nothing new; the message names the run that answered it
+    completed = {r["id"] for r in api(env, MERGE_RUNS)["runs"] if r["state"] == "COMPLETED"}
+    cancelled = [r for r in ended if r["state"] == "CANCELLED"]
+    assert any(r["state"] == "COMPLETED" for r in ended), ended
+    for r in cancelled:
+        assert (r["message"] or "").startswith("superseded by run "), r
+        assert r["message"].split()[3].rstrip(":") in completed, r

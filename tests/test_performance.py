@@ -1,0 +1,102 @@
+"""The speed-ups keep results: batches decoded once equal batches decoded per step, channels-last layout, and
+medvec.timing's accounting of nested phases (on a fake clock: no timed test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medvec import timing
+from medvec.data import ImageSet, batches, predecode, to_tensor
+from medvec.models import create_base
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return create_base("tiny_cnn", 2, pretrained=False, seed=0).spec
+
+
+def _images(n=37, seed=0) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    return ImageSet(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 2, n), ["a", "b"])
+
+
+def test_batches_from_predecoded_images_equal_batches_decoded_each_step(spec):
+    data = _images()
+    decoded = predecode(data, spec)
+    assert decoded is not None and decoded.shape == (37, spec.in_chans, spec.image_size, spec.image_size)
+    for kwargs in ({}, {"shuffle": True, "seed": 3}, {"shuffle": True, "seed": 4, "augment_data": True}):
+        plain = list(batches(data, spec, 8, **kwargs))
+        fast = list(batches(data, spec, 8, decoded=decoded, **kwargs))
+        assert len(plain) == len(fast) == 5
+        for (x1, y1), (x2, y2) in zip(plain, fast):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2), kwargs
+
+
+def test_predecode_keeps_to_its_budget(spec):
+    data = _images()
+    per_image = spec.in_chans * spec.image_size**2 * 4
+    assert predecode(data, spec, budget=37 * per_image) is not None
+    assert predecode(data, spec, budget=37 * per_image - 1) is None
+    assert predecode(_images(0), spec) is None
+
+
+def test_batches_are_channels_last_with_the_same_values(spec):
+    data = _images(5)
+    x = to_tensor(data.images, spec)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    x_aug = next(batches(data, spec, 5, shuffle=True, augment_data=True))[0]
+    assert x_aug.is_contiguous(memory_format=torch.channels_last)
+    model = create_base("tiny_cnn", 2, pretrained=False, seed=0).model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x.contiguous()), atol=1e-5)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_nested_phases_count_once_in_the_innermost(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    timing.reset()
+    with timing.phase("contribution"):
+        clock.now += 1.0
+        with timing.phase("merge"):
+            clock.now += 2.0
+        with timing.phase("evaluate"):
+            clock.now += 4.0
+            with timing.phase("bn_restore"):
+                clock.now += 8.0
+        clock.now += 16.0
+
+    @timing.timed("evaluate")
+    def evaluate():
+        clock.now += 32.0
+        return "done"
+
+    assert evaluate() == "done"
+    assert timing.snapshot() == {
+        "bn_restore": {"seconds": 8.0, "calls": 1},
+        "contribution": {"seconds": 17.0, "calls": 1},
+        "evaluate": {"seconds": 36.0, "calls": 2},
+        "merge": {"seconds": 2.0, "calls": 1},
+    }
+    timing.reset()
+    assert timing.snapshot() == {}
+
+
+def test_a_phase_that_raises_is_still_counted(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    timing.reset()
+    with pytest.raises(RuntimeError), timing.phase("merge"):
+        clock.now += 3.0
+        raise RuntimeError("boom")
+    assert timing.snapshot() == {"merge": {"seconds": 3.0, "calls": 1}}
+    timing.reset()
