@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy data-bench async-bench bench peers install dirs clean
+.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy data-bench async-bench bench load peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ bench: $(STAMP) dirs
 	$(PY) benchmarks/vector_size.py
 	$(PY) benchmarks/end_to_end.py
 	$(PY) benchmarks/landing_latency.py
+
+# 100, 200 and 400 hospitals landing signed vectors within a minute on a real Prefect server, SeaweedFS and the
+# coordinator's worker (about 15 min)
+load: $(STAMP) dirs
+	$(PY) benchmarks/load.py --hospitals 100 200 400 $(ARGS)
 
 robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)

@@ -121,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         help="merge without MLflow logging/registration (isolates Prefect's share)",
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default=None, help="file stem (default: landing_latency[_no_registry])")
     args = ap.parse_args(argv)
     overrides = OVERRIDES + (["registry.enabled=false"] if args.no_registry else [])
-    name = "landing_latency_no_registry" if args.no_registry else "landing_latency"
+    name = args.name or ("landing_latency_no_registry" if args.no_registry else "landing_latency")
     tmp = Path(tempfile.mkdtemp(prefix="medvec-latency-"))
     server = PrefectServer(tmp / "prefect")
     env = server.client_env()
