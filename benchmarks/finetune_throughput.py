@@ -5,15 +5,18 @@ Both train a fresh copy of the same θ_pre (the demo's EfficientNet-Lite0 at 64 
 (the first ``--images`` of PneumoniaMNIST's train split).  The bare loop is the
 floor of what a training step costs: images decoded and resized once up front,
 a random permutation per epoch, forward, cross-entropy, backward, step; no
-augmentation, no schedule, no progress bar.  It runs twice: on a plain NCHW
-tensor, and on the same tensor stored channels-last (as medvec's batches are, which
-is about twice as fast on CPU); the headline compares medvec with the faster one.  medvec's loop is
+augmentation, no schedule, no progress bar.  It runs three ways: on a plain NCHW
+tensor with AdamW's defaults; on the same tensor stored channels-last (as medvec's
+batches are, about twice as fast on CPU); and channels-last with the fused AdamW
+kernel (as medvec uses).  The headline ``ratio`` compares medvec's fastest run with
+the fastest run of the fastest bare loop (interference on a shared machine only ever
+slows a run); ``median_ratio`` compares the medians.  medvec's loop is
 :func:`medvec.train.finetune` as a hospital runs it (augmentation, class weights,
 LR schedule, progress bookkeeping), without the local validation and the BN
-recalibration pass that follow training.  The two alternate ``--repeats`` times
-so that drift hits both; each reports the median of its runs.
+recalibration pass that follow training.  The loops alternate ``--repeats`` times,
+so that drift hits all of them.
 
-    python benchmarks/finetune_throughput.py [--images 640] [--epochs 1] [--repeats 5]
+    python benchmarks/finetune_throughput.py [--images 1280] [--epochs 1] [--repeats 5]
 
 Writes ``benchmarks/results/finetune_throughput.json`` (headline ``ratio``: medvec's
 images per second ÷ the bare loop's) and ``.md``.
@@ -37,10 +40,12 @@ from common import RESULTS, ROOT, table, write
 DATA = ROOT / "data" / "pneumoniamnist.npz"
 
 
-def bare_loop(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int, epochs: int, seed: int):
+def bare_loop(
+    model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int, epochs: int, seed: int, fused: bool
+):
     """The plainest training loop over pre-decoded tensors; returns images per second."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **({"fused": True} if fused else {}))
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(seed)
     seen, start = 0, time.perf_counter()
@@ -69,7 +74,7 @@ def main() -> None:
     from medvec.train import set_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=640)
+    ap.add_argument("--images", type=int, default=1280)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override")
@@ -82,16 +87,19 @@ def main() -> None:
     data = train.subset(list(range(min(args.images, len(train)))))
     base = base_from_config(p.model, 2)
     y_all = torch.as_tensor(data.labels)
-    layouts = {  # the same pixels, as a plain NCHW tensor and stored channels-last (as medvec's batches are)
-        "bare, NCHW": to_tensor(data.images, base.spec).contiguous(),
-        "bare, channels-last": to_tensor(data.images, base.spec).contiguous(memory_format=torch.channels_last),
+    nchw = to_tensor(data.images, base.spec).contiguous()
+    last = nchw.contiguous(memory_format=torch.channels_last)
+    bare = {  # the same pixels as a plain NCHW tensor and stored channels-last (as medvec's batches are)
+        "bare, NCHW, AdamW": (nchw, False),
+        "bare, channels-last, AdamW": (last, False),
+        "bare, channels-last, fused AdamW": (last, True),
     }
-    runs: dict[str, list[float]] = {name: [] for name in (*layouts, "medvec")}
-    for x_all in layouts.values():  # warm both layouts' kernels
-        bare_loop(base.fresh(), x_all[: 2 * cfg.batch_size], y_all[: 2 * cfg.batch_size], cfg.batch_size, 1, 0)
+    runs: dict[str, list[float]] = {name: [] for name in (*bare, "medvec")}
+    for x_all, fused in bare.values():  # warm every variant's kernels
+        bare_loop(base.fresh(), x_all[: 2 * cfg.batch_size], y_all[: 2 * cfg.batch_size], cfg.batch_size, 1, 0, fused)
     for r in range(args.repeats):
-        for name, x_all in layouts.items():
-            runs[name].append(bare_loop(base.fresh(), x_all, y_all, cfg.batch_size, args.epochs, r))
+        for name, (x_all, fused) in bare.items():
+            runs[name].append(bare_loop(base.fresh(), x_all, y_all, cfg.batch_size, args.epochs, r, fused))
         runs["medvec"].append(medvec_loop(base.fresh(), data, base.spec, cfg))
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in runs.items()), flush=True)
     rows = [
@@ -104,9 +112,18 @@ def main() -> None:
         }
         for name, v in runs.items()
     ]
-    best = max(rows[:-1], key=lambda r: r["images_per_second"])
-    ratio = rows[-1]["images_per_second"] / best["images_per_second"]
-    head = {"ratio": round(ratio, 4), "against": best["loop"], "target": 0.95, "target_met": ratio >= 0.95}
+    # this machine is a shared VM: interference only ever slows a run down, so each loop's fastest run is its
+    # least disturbed one; the medians are reported beside
+    best = max(rows[:-1], key=lambda r: r["max"])
+    ratio = rows[-1]["max"] / best["max"]
+    median_ratio = rows[-1]["images_per_second"] / max(r["images_per_second"] for r in rows[:-1])
+    head = {
+        "ratio": round(ratio, 4),
+        "against": best["loop"],
+        "median_ratio": round(median_ratio, 4),
+        "target": 0.95,
+        "target_met": ratio >= 0.95,
+    }
     md = "\n".join(
         [
             f"# Fine-tune throughput ({p.model.name}, {p.model.image_size} px, batch {cfg.batch_size}, "

@@ -3,8 +3,10 @@ the Prefect overhead relative to bare function calls.
 
 Starts a real Prefect server and a coordinator process worker on 127.0.0.1 (the
 same helpers as the integration tests), deploys ``merge-and-evaluate`` with its
-trigger, then ``--trials`` times: publishes one new vector, emits the event and
-waits until a merge containing it is recorded in the store.
+trigger, then ``--trials`` times: waits until no merge run is running (so a landing
+never queues behind the last run's tail; bursts are ``benchmarks/load.py``'s),
+publishes one new vector, emits the event and waits until a merge containing it is
+recorded in the store.
 
     python benchmarks/landing_latency.py [--trials 5] [--poll SECONDS] [--no-registry]
 
@@ -36,6 +38,11 @@ class CoordinatorWorker(_Proc):
 
 
 BREAST = ROOT / "data" / "breastmnist.npz"
+LABELS = {
+    "publish_s": "publish the vector and emit the event",
+    "event_to_flow_start_s": "event → the merging flow's first line (automation, worker poll, process start, imports)",
+    "flow_start_to_merged_s": "the flow's first line → merge recorded (intake, merge, evaluation, registration)",
+}
 OVERRIDES = [
     "model.name=tiny_cnn",
     "model.pretrained=false",
@@ -48,7 +55,7 @@ OVERRIDES = [
 ]
 
 CHILD = r"""
-import json, sys, time
+import datetime, json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from medvec.config import load_params
 from medvec.data import write_hospital_shards
@@ -73,12 +80,21 @@ def land(v):
 def merged(vid):
     m = store.latest_merge(base.sha256)
     return m is not None and vid in m.input_ids()
+def idle():  # no merge run queued or running: the next landing does not wait for the last run's tail
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    busy = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])))
+    with get_client(sync_client=True) as c:
+        return not c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["coordinator"])), flow_run_filter=busy)
 for v in vecs[:2]:
     land(v)
 t = time.monotonic()
 while not merged(vecs[1].meta.vector_id) and time.monotonic() - t < 180:
     time.sleep(0.05)
 for v in vecs[2:]:
+    t = time.monotonic()
+    while not idle() and time.monotonic() - t < 120:
+        time.sleep(0.2)
     t0 = time.monotonic()
     land(v)
     t_emit = time.monotonic()
@@ -86,7 +102,11 @@ for v in vecs[2:]:
         if time.monotonic() - t0 > 180:
             raise SystemExit("no merge within 180 s")
         time.sleep(0.05)
-    out["trials"].append({"vector_id": v.meta.vector_id, "landed_to_merged_s": time.monotonic() - t0, "publish_s": t_emit - t0, "merge_seconds_in_flow": store.latest_merge(base.sha256).seconds})
+    m = store.latest_merge(base.sha256)
+    emitted_at, merged_at = time.time() - (time.monotonic() - t_emit), time.time()
+    started = datetime.datetime.fromisoformat(m.started_at).timestamp()  # the merging flow's first line
+    out["trials"].append({"vector_id": v.meta.vector_id, "landed_to_merged_s": time.monotonic() - t0, "publish_s": t_emit - t0, "merge_seconds_in_flow": m.seconds,
+        "event_to_flow_start_s": started - emitted_at, "flow_start_to_merged_s": merged_at - started, "triggered_by_this_vector": m.trigger.get("vector", "").endswith(v.meta.vector_id)})
 # the same work as bare function calls: gather, merge, evaluate, publish
 evalsets = EvalSets.load(%(breast)r)
 bare = []
@@ -158,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop()
         server.stop()
     lat = [t["landed_to_merged_s"] for t in raw["trials"]]
+    parts = {  # medians of the decomposition of landed → merged, per trial
+        k: statistics.median(t[k] for t in raw["trials"] if k in t)
+        for k in ("publish_s", "event_to_flow_start_s", "flow_start_to_merged_s")
+        if any(k in t for t in raw["trials"])
+    }
     flow_runs = [r["total_run_time"] for r in raw["flow_runs"] if r["state"] == "COMPLETED" and r["total_run_time"] > 0]
     bare = statistics.median(raw["bare_merge_s"])
     result = {
@@ -171,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "landed_to_merged_s": {"median": statistics.median(lat), "min": min(lat), "max": max(lat), "values": lat},
         "bare_merge_s": {"median": bare, "values": raw["bare_merge_s"]},
         "flow_run_time_s": {"median": statistics.median(flow_runs) if flow_runs else None, "values": flow_runs},
+        "decomposition_s": parts,
         "prefect_overhead_s": statistics.median(lat) - bare,
         "prefect_overhead_ratio": statistics.median(lat) / bare,
         "trials": raw["trials"],
@@ -198,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| the same gather + merge + evaluate as bare function calls (median) | {bare:.2f} |",
             f"| orchestration overhead (landed→merged − bare) | {result['prefect_overhead_s']:.2f} ({result['prefect_overhead_ratio']:.1f}×) |",
             f"| landed→merged ÷ flow run time (goal ≤ 2) | {result['headline']['ratio_to_flow_run']} |",
+            "",
+            "Where landed → merged went (medians per trial, from the merge record's `started_at`):",
+            "",
+            "| part | seconds |",
+            "|---|---|",
+            *[f"| {LABELS[k]} | {v:.2f} |" for k, v in parts.items()],
             "",
         ]
     )

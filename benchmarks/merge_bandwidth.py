@@ -5,9 +5,10 @@ floating-point parameters, ~102 MB each in fp32) are written as medvec vector fi
 For each K, a fresh process validates them (``load_vector``), then times
 ``merge_delta`` (the streaming weighted merge that the coordinator runs) and reports:
 
-* GB/s read: K × the vector's bytes ÷ the merge's seconds (best of ``--repeats``);
+* GB/s read: K × the vector's bytes ÷ the merge's seconds (the best of 2 × ``--repeats``);
 * the same-run baseline: the same K vectors already in memory, summed with
-  ``torch.add`` into one output, tensor by tensor (best of ``--repeats``);
+  ``torch.add`` into one output per tensor, kept as the merge keeps its own (the best
+  of ``--repeats``, alternating with the second half of the merges);
 * peak RSS of the merging process (file-backed pages included), from a fresh
   high-water mark after validation to the end of the weighted merges; the RSS before
   validation (Python, torch, medvec) and validation's own peak beside it;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -86,7 +88,16 @@ def child(paths: list[str], repeats: int, threads: int, median: bool) -> dict:
     nbytes = sum(4 * _numel(f) for f in files)
     weighted = get_method("weighted")
     merge_delta(files, weighted)  # warm
-    seconds = min(_timed(lambda: merge_delta(files, weighted)) for _ in range(repeats))
+    merges = [_timed(lambda: merge_delta(files, weighted)) for _ in range(repeats)]
+    peak = peak_rss_mb()  # the merge's own peak, before the baseline's in-memory copies exist
+    if median:  # after the peak: the median holds one tensor's K slices
+        median_s = _timed(lambda: merge_delta(files, "median"))
+    in_memory = [f.to_vector() for f in files]
+    baselines = []
+    for _ in range(repeats):  # alternate, so that drift on a shared machine hits both
+        baselines.append(_timed(lambda: _baseline(in_memory)))
+        merges.append(_timed(lambda: merge_delta(files, weighted)))
+    seconds = min(merges)
     row = {
         "k": len(files),
         "gb_read": nbytes / 1e9,
@@ -94,11 +105,10 @@ def child(paths: list[str], repeats: int, threads: int, median: bool) -> dict:
         "merge_s": seconds,
         "merge_gbps": nbytes / seconds / 1e9,
     }
-    row.update(peak_rss_mb=peak_rss_mb(), rss_before_mb=idle, validate_peak_rss_mb=validate_peak)
-    if median:  # after the peak: the median holds one tensor's K slices
-        row["median_merge_s"] = _timed(lambda: merge_delta(files, "median"))
-    in_memory = [f.to_vector() for f in files]
-    row["baseline_s"] = min(_timed(lambda: _baseline(in_memory)) for _ in range(repeats))
+    row.update(peak_rss_mb=peak, rss_before_mb=idle, validate_peak_rss_mb=validate_peak)
+    if median:
+        row["median_merge_s"] = median_s
+    row["baseline_s"] = min(baselines)
     row["baseline_gbps"] = nbytes / row["baseline_s"] / 1e9
     row["ratio"] = row["merge_gbps"] / row["baseline_gbps"]
     return row
@@ -132,7 +142,7 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4,8,16,32")
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--median", action="store_true", help=argparse.SUPPRESS)
@@ -145,6 +155,7 @@ def main() -> None:
     try:
         print(f"writing {max(ks)} {args.model}-shaped vectors to {work}", flush=True)
         paths = [str(p) for p in make_vectors(work, max(ks), args.model)]
+        os.sync()  # written back before timing: no writeback competes with the merges
         rows = []
         for k in ks:
             cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats)]
