@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4,8,16,32")
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--median", action="store_true", help=argparse.SUPPRESS)

@@ -256,7 +256,8 @@ def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
     """τ_m, computed tensor by tensor from lazily read vectors (a derived :class:`DataVector`).
 
     Linear reductions (sum, mean, weighted, DARE) stream: each vector's tensor is added
-    into the output where it lies, so memory does not grow with the number of vectors.
+    into the output where it lies, so memory does not grow with the number of vectors;
+    fp32 files with one layout are added a few MiB of consecutive tensors at a time.
     Methods that need all values of a coordinate at once (TIES' sign election, the
     median) hold that one tensor's N slices.
     """
@@ -280,12 +281,40 @@ def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
     try:
         if getattr(method, "streams", False):
             coeffs = method.coefficients(weights)
+            if not method.transforms() and _same_fp32_layout(vectors):
+                return DataVector(_stream_runs(vectors, coeffs))
             return DataVector({k: _stream_tensor(vectors, method, coeffs, k) for k in keys})
         return DataVector({k: method.merge_tensor([v.tensor(k) for v in vectors], weights, k) for k in keys})
     finally:
         for v in vectors:
             if hasattr(v, "release"):
                 v.release()
+
+
+RUN_CHUNK = 1 << 20  # values added per call (4 MiB) when whole runs of fp32 deltas are merged
+
+
+def _same_fp32_layout(vectors: Sequence[VectorLike]) -> bool:
+    """Every vector a file storing plain fp32 deltas at the same offsets as the first."""
+    layouts = [getattr(v, "fp32_layout", lambda: None)() for v in vectors]
+    return layouts[0] is not None and all(lay == layouts[0] for lay in layouts[1:])
+
+
+def _stream_runs(vectors: Sequence[VectorLike], coeffs: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_h c_h τ_h over runs of consecutive deltas, a few MiB per call, into one output the deltas are views of."""
+    runs = vectors[0].runs()
+    out = torch.empty(sum((run[-1][1] - run[0][0]) // 4 for run in runs))
+    deltas, pos = {}, 0
+    for run in runs:
+        start, n = run[0][0], (run[-1][1] - run[0][0]) // 4
+        for c in range(0, n, RUN_CHUNK):
+            dst = out[pos + c : pos + min(n, c + RUN_CHUNK)]
+            for i, (v, coeff) in enumerate(zip(vectors, coeffs)):
+                v.add_range(start + 4 * c, dst, coeff, first=i == 0)
+        for lo, hi, key, shape in run:
+            deltas[key] = out[pos + (lo - start) // 4 : pos + (hi - start) // 4].view(shape)
+        pos += n
+    return deltas
 
 
 def _stream_tensor(vectors: Sequence[VectorLike], method, coeffs: list[float], key: str) -> torch.Tensor:

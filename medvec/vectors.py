@@ -375,6 +375,7 @@ class VectorFile:
             for name, info in header.items()
             if name != "__metadata__"
         }
+        self._data_start = data_start
         self._shapes = shapes
         self._delta_keys = sorted(shapes)
         self._extra_keys = extra_keys
@@ -464,6 +465,49 @@ class VectorFile:
         else:
             src = decode(key, self._stored, self._shapes[key], self.encoding).reshape(-1)
         out.add_(src if out.ndim == 1 else src.view(out.shape), alpha=alpha)
+        self._release_pages()
+
+    # ---------------------------------------------------------------- runs of fp32 deltas
+    def fp32_layout(self) -> tuple | None:
+        """The deltas' places relative to the tensor data, when every delta is stored as plain fp32 (else None).
+
+        Two files with equal layouts hold the same tensors at the same offsets: a merge can then add whole
+        runs of consecutive deltas at once (:meth:`runs`, :meth:`add_range`).
+        """
+        if self.encoding.name != "fp32":
+            return None
+        out = []
+        for k in self._delta_keys:
+            lo, hi, dtype, shape = self._spans[k]
+            if dtype != torch.float32:
+                return None
+            out.append((lo - self._data_start, hi - self._data_start, k, tuple(shape)))
+        return tuple(sorted(out))
+
+    def runs(self) -> list[list[tuple[int, int, str, tuple[int, ...]]]]:
+        """The fp32 deltas in file order, grouped into runs that follow each other without a gap."""
+        groups: list[list] = []
+        for entry in self.fp32_layout() or ():
+            if groups and groups[-1][-1][1] == entry[0]:
+                groups[-1].append(entry)
+            else:
+                groups.append([entry])
+        return groups
+
+    def add_range(self, offset: int, out: torch.Tensor, alpha: float, first: bool = False) -> None:
+        """``out (+)= alpha ·`` the ``out.numel()`` fp32 values at ``offset`` bytes into the tensor data
+        (``first``: write instead of add)."""
+        lo = self._data_start + offset
+        hi = lo + 4 * out.numel()
+        m = self._map if self._map is not None else self._open()
+        touched = self._touched
+        self._touched = (lo, hi) if touched is None else (min(lo, touched[0]), max(hi, touched[1]))
+        src = torch.frombuffer(m, dtype=torch.float32, count=out.numel(), offset=lo)
+        if first:
+            torch.mul(src, alpha, out=out)
+        else:
+            out.add_(src, alpha=alpha)
+        del src
         self._release_pages()
 
     def iter_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,12 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medvec.batchnorm import RunningStats
 from medvec.config import ConfigError, IntakeConfig, VectorsConfig, load_params
 from medvec.encoding import Encoding, EncodingError, decode, encode
 from medvec.hospital import for_upload
 from medvec.merge import get_method, merge_delta
 from medvec.signing import Keyring, keygen, sign_file
-from medvec.vectors import InvalidVectorError, VectorMeta, content_sha256, load_vector
+from medvec.vectors import DataVector, InvalidVectorError, VectorMeta, content_sha256, load_vector
 
 ALL = [
     Encoding(),
@@ -323,3 +324,43 @@ def test_intake_admits_an_int4_vector_and_hands_the_merge_floats(tmp_path, make_
     assert [v.meta.encoding.label for v in admitted] == ["int4/g8"]
     for k in sent.keys():
         assert torch.equal(admitted[0].tensor(k), sent.tensor(k))
+
+
+def _toy_vector(seed: int, n_train: int) -> DataVector:
+    """Deltas ``bn.bias``, ``bn.weight``, ``conv.weight`` with BN statistics ``bn:bn.*``, which a file stores
+    between ``bn.weight`` and ``conv.weight`` (safetensors sorts by name)."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = {"bn.bias": torch.randn(3, generator=g), "bn.weight": torch.randn(3, generator=g)}
+    deltas["conv.weight"] = torch.randn(3, 2, 3, 3, generator=g)
+    meta = VectorMeta(
+        vector_id=f"toy-{seed}",
+        hospital=f"h{seed}",
+        base_sha256="a" * 64,
+        base_model="toy",
+        num_classes=2,
+        n_train=n_train,
+        label_counts=[1, n_train - 1],
+        created_at="2026-12-01T00:00:00+00:00",
+    )
+    return DataVector(deltas, meta, RunningStats({"bn": torch.zeros(3)}, {"bn": torch.ones(3)}, n_train))
+
+
+def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp_path):
+    from medvec.merge import _same_fp32_layout, _stream_tensor
+
+    vectors = [_toy_vector(i, 3 * i) for i in range(1, 4)]
+    files = [load_vector(v.save(tmp_path / f"v{i}.safetensors")) for i, v in enumerate(vectors)]
+    runs = files[0].runs()
+    assert [[k for _, _, k, _ in run] for run in runs] == [["bn.bias", "bn.weight"], ["conv.weight"]]
+    method = get_method("weighted")
+    coeffs = method.coefficients([float(v.meta.n_train) for v in vectors])
+    fast = merge_delta(files, method)
+    for k in files[0].keys():
+        assert torch.equal(fast.tensor(k), _stream_tensor(files, method, coeffs, k)), k
+        want = sum(v.tensor(k) * (v.meta.n_train / 18) for v in vectors)
+        assert torch.allclose(fast.tensor(k), want, atol=1e-6) and fast.tensor(k).shape == want.shape
+    fp16 = load_vector(vectors[2].encoded(Encoding(name="fp16")).save(tmp_path / "fp16.safetensors"))
+    assert _same_fp32_layout(files) and not _same_fp32_layout([*files[:2], fp16])
+    mixed = merge_delta([*files[:2], fp16], method)  # tensor by tensor, fp16 decoded
+    for k in files[0].keys():
+        assert torch.allclose(mixed.tensor(k), fast.tensor(k), atol=1e-3)
