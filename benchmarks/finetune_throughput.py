@@ -16,7 +16,7 @@ LR schedule, progress bookkeeping), without the local validation and the BN
 recalibration pass that follow training.  The loops alternate ``--repeats`` times,
 so that drift hits all of them.
 
-    python benchmarks/finetune_throughput.py [--images 640] [--epochs 1] [--repeats 7]
+    python benchmarks/finetune_throughput.py [--images 1280] [--epochs 1] [--repeats 5]
 
 Writes ``benchmarks/results/finetune_throughput.json`` (headline ``ratio``: medvec's
 images per second ÷ the bare loop's) and ``.md``.
@@ -74,9 +74,9 @@ def main() -> None:
     from medvec.train import set_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=640)
+    ap.add_argument("--images", type=int, default=1280)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = ap.parse_args()

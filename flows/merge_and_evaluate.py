@@ -12,7 +12,6 @@ newer than the last merge and merges them.
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
 import time
 from pathlib import Path
@@ -155,8 +154,14 @@ def _finish(
     return record
 
 
-def _supersede(listed_at: dt.datetime, reason: str) -> None:
-    n = supersede_queued(listed_at, reason)
+def _supersede(admission, reason: str) -> None:
+    """Cancel the queued runs this run answers; a failure costs only those runs' time, never this merge."""
+    listed = [v.meta.vector_id for v in admission.admitted] + [s.vector_id for s in admission.screened]
+    try:
+        n = supersede_queued(listed, reason)
+    except Exception as exc:  # the merge is stored; queued runs will find nothing new on their own
+        get_run_logger().warning("could not cancel queued runs (%s): %s", type(exc).__name__, exc)
+        return
     if n:
         get_run_logger().info("cancelled %d queued run(s) this run answers (%s)", n, reason)
 
@@ -204,7 +209,6 @@ def merge_and_evaluate(
     p = params or Params()
     set_threads(p.finetune.threads)
     started_at, clock = utcnow(), time.perf_counter()
-    listed_at = dt.datetime.now(dt.timezone.utc)  # every run created before this is answered by this listing
     store = open_store(store_url)
     base_sha = store.current_base()
     label_run(tags=["medvec", "coordinator", f"mode:{p.refine.mode}", base_tag(base_sha)])
@@ -219,7 +223,7 @@ def merge_and_evaluate(
     last = last_merge(store_url, base_sha)
     if not force and last is not None and last.input_ids() == sorted(v.meta.vector_id for v in vectors):
         logger.info("nothing new since merge %s", last.merge_id)
-        _supersede(listed_at, f"merge {last.merge_id} already holds every vector listed")
+        _supersede(admission, f"merge {last.merge_id} already holds every vector listed")
         return _summary(last, skipped=True, reason="no new vectors")
     evalsets = core.EvalSets.load(eval_data, spec=DataSpec.of(p))
     calibration = load_split(calibration_data, "train") if calibration_data else None
@@ -242,7 +246,7 @@ def merge_and_evaluate(
     label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"
     record = publish_merge(store_url, record, outcome, base)
     record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
-    _supersede(listed_at, f"merge {record.merge_id} holds every vector listed")
+    _supersede(admission, f"merge {record.merge_id} holds every vector listed")
     _artifact(record, [*single_rows(base, vectors, evalsets, p, store_url), _merged_row(record, outcome)])
     logger.info(
         "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))

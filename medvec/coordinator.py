@@ -183,7 +183,15 @@ def single_rows(base: Base, vectors: Sequence, evalsets: EvalSets, params: Param
 
 def _single_row_key(base: Base, vector, evalsets: EvalSets, params: Params) -> str:
     test = EvalSetRef.of(evalsets.test, evalsets.source, "test").sha256 if evalsets.test is not None else None
-    what = [vector.content_sha256, base.sha256, evalsets.ref().sha256, test, list(op_rule(params))]
+    what = [  # a clipped input (intake.defence: clip) is θ_pre + s·τ: its scale is part of what was evaluated
+        vector.content_sha256,
+        vector.meta.vector_id,
+        float(getattr(vector, "scale", 1.0)),
+        base.sha256,
+        evalsets.ref().sha256,
+        test,
+        list(op_rule(params)),
+    ]
     return f"evals/{base.sha256}/{hashlib.sha256(json.dumps(what).encode()).hexdigest()}.json"
 
 

@@ -38,7 +38,8 @@ from medvec.errors import UserError
 NAMES = ("fp32", "fp16", "bf16", "int8", "int8_channel", "int4", "topk")
 COMPANIONS = ("scale", "index", "shape")  # tensor name prefixes: "scale:<key>" and so on
 FP16_MAX = float(torch.finfo(torch.float16).max)
-QMAX = {"int8": 127, "int8_channel": 127, "int4": 8}  # the largest |q| a stored value can hold
+MAX_NUMEL = 1 << 29  # a decoded delta of at most 2 GiB in float32, the largest a vector file may be
+QMAX = {"int8": 128, "int8_channel": 128, "int4": 8}  # the largest |q| a stored value can hold (int8: −128)
 
 
 class EncodingError(UserError, ValueError):
@@ -123,7 +124,7 @@ def encode(key: str, t: torch.Tensor, enc: Encoding) -> dict[str, torch.Tensor]:
 
 def channel_scaled(shape: torch.Size | tuple[int, ...], per_channel: bool) -> bool:
     """Whether an int8 tensor of ``shape`` has one scale per output channel (dim 0) rather than one in all."""
-    return per_channel and len(shape) >= 2 and shape[0] > 0
+    return per_channel and len(shape) >= 2 and math.prod(shape) > 0
 
 
 def _encode_int8(key: str, t: torch.Tensor, per_channel: bool) -> dict[str, torch.Tensor]:
@@ -194,7 +195,7 @@ def logical_shape(key: str, get: Callable[[str], torch.Tensor], payload_shape: t
     if s.dtype != torch.int64 or s.ndim != 1 or s.numel() > 8:
         raise EncodingError(f"{companion('shape', key)} must be a 1-D int64 of at most 8 dimensions")
     shape = tuple(int(d) for d in s.tolist())
-    if any(d < 0 for d in shape) or math.prod(shape) > 1 << 34:
+    if any(d < 0 for d in shape) or math.prod(shape) > MAX_NUMEL:
         raise EncodingError(f"{companion('shape', key)} holds an impossible shape {shape}")
     return shape
 
@@ -252,7 +253,7 @@ def decode(key: str, get: Callable[[str], torch.Tensor], shape: tuple[int, ...],
         scale = get(companion("scale", key))
         if channel_scaled(shape, enc.name == "int8_channel"):
             scale = scale.view(-1, *([1] * (len(shape) - 1)))
-        return payload.float().mul_(scale)
+        return (payload.float() * scale).reshape(shape)
     n = math.prod(shape)
     if enc.name == "int4":
         b = payload.to(torch.int16)

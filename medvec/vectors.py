@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -376,6 +375,7 @@ class VectorFile:
             if name != "__metadata__"
         }
         self._data_start = data_start
+        self._identity: tuple | None = None  # (inode, size, mtime) when validated: a replaced file is refused
         self._shapes = shapes
         self._delta_keys = sorted(shapes)
         self._extra_keys = extra_keys
@@ -397,6 +397,8 @@ class VectorFile:
     def _open(self) -> mmap.mmap:
         if self._map is None:
             with open(self.path, "rb") as f:  # the map keeps its own handle
+                if self._identity is not None and _identity(os.fstat(f.fileno())) != self._identity:
+                    raise InvalidVectorError(self.path, "changed on disk after it was validated", "integrity")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
@@ -435,10 +437,7 @@ class VectorFile:
         self._touched = None if force or end >= hi else (max(end, lo), hi)
 
     def close(self) -> None:
-        """Unmap the file (reads reopen it)."""
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a caller still holds a view: the map goes with the view
-                self._map.close()
+        """Drop this file's map (reads map it again). Views handed out keep it alive; it goes with the last one."""
         self._map, self._touched = None, None
 
     # ---------------------------------------------------------------- decoded deltas
@@ -535,6 +534,10 @@ class VectorFile:
     def to_vector(self) -> DataVector:
         deltas = {k: self.tensor(k) for k in self._delta_keys}
         vector = DataVector(deltas, self.meta, self.running, self.moments)
+        if self.encoding.name != "fp32":  # the stored bytes as they are: encoding again need not reproduce them
+            vector._stored = {
+                k: self._stored(k).clone() for k in self._spans if k.split(":", 1)[0] not in ("bn", "moments")
+            }
         self.close()
         return vector
 
@@ -576,7 +579,7 @@ def _read_header(path: Path, max_bytes: int, max_header_bytes: int) -> tuple[dic
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidVectorError(path, f"corrupt safetensors header ({exc.__class__.__name__})", "corrupt") from exc
     if not isinstance(header, dict):
         raise InvalidVectorError(path, "corrupt safetensors header (not a JSON object)", "corrupt")
@@ -627,6 +630,7 @@ def load_vector(
     from safetensors import safe_open
 
     path = Path(path)
+    identity = _identity(path.stat()) if path.is_file() else None
     header, data_start = _read_header(path, max_bytes, max_header_bytes)
     meta, expected_content = _read_meta(path, header, max_metadata_bytes)
     if base_sha256 is not None and meta.base_sha256 != base_sha256:
@@ -660,11 +664,19 @@ def load_vector(
             f"content sha256 {content[:12]}… does not match header {str(expected_content)[:12]}… (modified or corrupt)",
             "integrity",
         )
-    return VectorFile(path, meta, content, header, data_start, shapes, extra_keys)
+    vf = VectorFile(path, meta, content, header, data_start, shapes, extra_keys)
+    vf._identity = identity
+    return vf
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _read_meta(path: Path, header: dict, max_metadata_bytes: int) -> tuple[VectorMeta, str]:
     meta_raw = header.get("__metadata__") or {}
+    if not isinstance(meta_raw, dict):
+        meta_raw = {}
     if meta_raw.get("format") != FORMAT or "medvec" not in meta_raw:
         raise InvalidVectorError(
             path, f"not a medvec vector (header format is {meta_raw.get('format')!r}, expected {FORMAT!r})", "metadata"
@@ -748,6 +760,8 @@ def _check_values(path: Path, names: list[str], get, cache: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(names):
         t = get(k)
+        if t.dtype not in _DTYPES.values():
+            raise InvalidVectorError(path, f"{k} has dtype {t.dtype}, which no vector stores", "dtype")
         if ":" in k and k.split(":", 1)[0] in ("bn", "moments") and not t.is_floating_point():
             raise InvalidVectorError(path, f"{k} has dtype {t.dtype}; BN aggregates are floating point", "dtype")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):

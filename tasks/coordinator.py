@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 from prefect import task
@@ -68,13 +67,14 @@ def evaluate_merges(
 
 
 @task(**IO_RETRIES)
-def supersede_queued(listed_at: dt.datetime, reason: str) -> int:
-    """Cancel this deployment's queued, event-triggered runs created before ``listed_at``; returns how many.
+def supersede_queued(listed: list[str], reason: str) -> int:
+    """Cancel this deployment's queued runs fired by a vector this run listed (``listed``: vector ids); returns
+    how many.
 
-    Each was fired by a vector that landed before this run listed the store, so this run's merge (or its
-    "nothing new") already answers it, and running it would only start a process to find nothing new.
-    Runs on the reconciling schedule, running ones and ones created later are left alone.  Called once
-    the merge is stored: a crash before that leaves the queue as it was.
+    Each would only start a process to find nothing new: this run's stored merge (or its "nothing new")
+    already answers its vector.  Runs on the reconciling schedule, running ones, and ones fired by a vector
+    this run did not list are left alone.  Called once the merge is stored: a crash before that leaves the
+    queue as it was.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -88,7 +88,7 @@ def supersede_queued(listed_at: dt.datetime, reason: str) -> int:
     from prefect.runtime import deployment, flow_run
     from prefect.states import Cancelled
 
-    me, dep = flow_run.id, deployment.id
+    me, dep, ids = flow_run.id, deployment.id, set(listed)
     if not me or not dep:  # not a deployment run (medvec demo, tests calling the flow directly)
         return 0
     queued = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
@@ -98,8 +98,8 @@ def supersede_queued(listed_at: dt.datetime, reason: str) -> int:
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep])), flow_run_filter=queued
         )
         for run in runs:
-            triggered = bool((run.parameters or {}).get("trigger"))
-            if str(run.id) != str(me) and triggered and run.created is not None and run.created < listed_at:
+            vector = str(((run.parameters or {}).get("trigger") or {}).get("vector", "")).removeprefix("medvec.vector.")
+            if str(run.id) != str(me) and vector in ids:
                 result = client.set_flow_run_state(run.id, Cancelled(message=f"superseded by run {me}: {reason}"))
                 cancelled += result.status.value == "ACCEPT"
     return cancelled

@@ -364,3 +364,29 @@ def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp
     mixed = merge_delta([*files[:2], fp16], method)  # tensor by tensor, fp16 decoded
     for k in files[0].keys():
         assert torch.allclose(mixed.tensor(k), fast.tensor(k), atol=1e-3)
+
+
+def test_an_int8_scale_that_would_decode_minus_128_to_infinity_is_refused(tmp_path, make_vector, tiny_base):
+    def huge(t):
+        t["fc.bias"] = torch.tensor([-128, 1], dtype=torch.int8)
+        t["scale:fc.bias"] = torch.tensor([float(torch.finfo(torch.float32).max) / 127.5])
+
+    path = _rewrite(tmp_path, make_vector, INT8, huge)
+    with pytest.raises(InvalidVectorError) as info:
+        load_vector(path, base=tiny_base.model.state_dict(), base_sha256=tiny_base.sha256)
+    assert info.value.check == "encoding" and "too large" in str(info.value)
+
+
+def test_a_scalar_delta_round_trips_in_every_encoding():
+    for enc in ALL:
+        back = _roundtrip(torch.tensor(0.25), enc)
+        assert back.shape == () and abs(float(back) - 0.25) < 0.04, enc.label
+    assert _roundtrip(torch.zeros(3, 0), Encoding(name="int8_channel")).shape == (3, 0)
+
+
+def test_a_file_replaced_after_validation_is_not_read(tmp_path, make_vector):
+    vf = load_vector(make_vector("h1").save(tmp_path / "v.safetensors"))
+    make_vector("h1", seed=7).save(tmp_path / "v.safetensors")  # atomically replaced: another inode
+    with pytest.raises(InvalidVectorError) as info:
+        vf.tensor(vf.keys()[0])
+    assert info.value.check == "integrity" and "changed on disk" in str(info.value)
