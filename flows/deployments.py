@@ -197,13 +197,13 @@ def start_worker(pool: str) -> NoReturn:
     os.execve(cmd[0], cmd, worker_env(pool))
 
 
-def worker_env(pool: str, environ: dict | None = None) -> dict:
+def worker_env(pool: str) -> dict:
     """The worker's environment: the coordinator's worker polls every second unless the operator chose otherwise.
 
     A landed vector's merge run waits for the coordinator's next poll (Prefect's default: every 10 s, about
     5 s on average); hospitals' runs are scheduled, so their workers keep Prefect's default.
     """
-    env = dict(os.environ if environ is None else environ)
+    env = os.environ.copy()
     if pool == COORDINATOR_POOL:
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
     return env

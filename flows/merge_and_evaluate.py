@@ -6,7 +6,8 @@ concurrency limit (one at a time, the rest queued), and a run whose inputs equal
 the last merge's does nothing, so N vectors landing at once end in one merge that
 contains all N.  A run that has stored its merge cancels the queued runs fired by
 vectors it already listed (``supersede_queued``), so a burst of landings does not
-leave a queue of runs that would each start a process to find nothing new.  A lost event only delays a merge: the schedule finds vectors
+leave a queue of runs that would each start a process to find nothing new.  A lost
+event only delays a merge: the schedule finds vectors
 newer than the last merge and merges them.
 """
 

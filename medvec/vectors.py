@@ -409,6 +409,10 @@ class VectorFile:
     def _flat(self, name: str) -> torch.Tensor:
         """:meth:`_stored` as one flat run of values."""
         lo, hi, dtype, _ = self._spans[name]
+        return self._view(lo, hi, dtype)
+
+    def _view(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """The file's bytes [lo, hi) as a flat tensor where they lie, recorded as read (for :meth:`_release_pages`)."""
         m = self._map if self._map is not None else self._open()
         touched = self._touched
         self._touched = (lo, hi) if touched is None else (min(lo, touched[0]), max(hi, touched[1]))
@@ -441,16 +445,20 @@ class VectorFile:
         self._map, self._touched = None, None
 
     # ---------------------------------------------------------------- decoded deltas
+    def _decoded(self, key: str) -> torch.Tensor:
+        """The float32 delta ``key``; for fp32, a view of the mapped file."""
+        return decode(key, self._stored, self._shapes[key], self.encoding)
+
     def tensor(self, key: str) -> torch.Tensor:
         """The float32 delta ``key`` (a copy the caller owns)."""
-        t = decode(key, self._stored, self._shapes[key], self.encoding)
+        t = self._decoded(key)
         t = t.clone() if self.encoding.name == "fp32" else t
         self._release_pages()
         return t
 
     def scaled(self, key: str, alpha: float) -> torch.Tensor:
         """A new tensor ``alpha · τ[key]``, computed from the stored tensor where it lies (one pass)."""
-        out = torch.mul(decode(key, self._stored, self._shapes[key], self.encoding), alpha)
+        out = torch.mul(self._decoded(key), alpha)
         self._release_pages()
         return out
 
@@ -462,7 +470,7 @@ class VectorFile:
         if self.encoding.name == "fp32":  # the common case, without decode's indirection
             src = self._flat(key)
         else:
-            src = decode(key, self._stored, self._shapes[key], self.encoding).reshape(-1)
+            src = self._decoded(key).reshape(-1)
         out.add_(src if out.ndim == 1 else src.view(out.shape), alpha=alpha)
         self._release_pages()
 
@@ -497,11 +505,7 @@ class VectorFile:
         """``out (+)= alpha ·`` the ``out.numel()`` fp32 values at ``offset`` bytes into the tensor data
         (``first``: write instead of add)."""
         lo = self._data_start + offset
-        hi = lo + 4 * out.numel()
-        m = self._map if self._map is not None else self._open()
-        touched = self._touched
-        self._touched = (lo, hi) if touched is None else (min(lo, touched[0]), max(hi, touched[1]))
-        src = torch.frombuffer(m, dtype=torch.float32, count=out.numel(), offset=lo)
+        src = self._view(lo, lo + 4 * out.numel(), torch.float32)
         if first:
             torch.mul(src, alpha, out=out)
         else:
