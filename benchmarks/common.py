@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import platform
 import resource
 import sys
@@ -71,3 +72,23 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def pmd_share(path: str) -> float | None:
+    """The share of ``path``'s bytes that a read-only map of it maps with 2 MiB entries (None off Linux)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    path = str(Path(path).resolve())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        for i in range(0, len(m), mmap.PAGESIZE):
+            m[i]  # fault every page in
+        fields, inside = {}, False
+        for line in smaps.read_text().splitlines():
+            if line.endswith(path):
+                inside = True
+            elif inside and ":" in line and line.split(":")[0] in ("Rss", "FilePmdMapped"):
+                fields[line.split(":")[0]] = int(line.split()[1])
+            elif inside and "-" in line.split()[0]:
+                break
+    return fields.get("FilePmdMapped", 0) / fields["Rss"] if fields.get("Rss") else None

@@ -12,12 +12,15 @@ For each K, a fresh process validates them (``load_vector``), then times
 * peak RSS of the merging process (file-backed pages included), from a fresh
   high-water mark after validation to the end of the weighted merges; the RSS before
   validation (Python, torch, medvec) and validation's own peak beside it;
-* the median merge (TIES-like methods hold one tensor's K slices) at the smaller Ks.
+* the median merge (TIES-like methods hold one tensor's K slices) at the smaller Ks;
+* K = 8 again from copies written 1 MiB at a time.  medvec writes vector files in large
+  writes, which Linux caches as 2 MiB folios that a map maps with one entry each; the
+  copies stay 4 KiB pages, as a file another tool wrote may (``pmd_share`` per row).
 
     python benchmarks/merge_bandwidth.py [--ks 2,4,8,16,32] [--threads 2]
 
 Writes ``benchmarks/results/merge_bandwidth.json`` (headline ``ratio_k8``,
-``peak_rss_ratio_k32_k2``) and ``.md``.
+``peak_rss_ratio_k32_k2``, ``ratio_k8_small_pages``) and ``.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, peak_rss_mb, reset_peak_rss, table, write
+from common import RESULTS, ROOT, peak_rss_mb, pmd_share, reset_peak_rss, table, write
 
 
 def shapes(model: str) -> dict:
@@ -71,6 +74,19 @@ def make_vectors(folder: Path, k: int, model: str, encoding: str = "fp32") -> li
         paths.append(DataVector(deltas, meta).save(folder / f"v{i}.safetensors"))
         print(f"  wrote {paths[-1].name}", flush=True)
     return paths
+
+
+def small_page_copies(paths: list[str], folder: Path) -> list[str]:
+    """Copies written 1 MiB at a time, which this kernel caches as 4 KiB pages (as files other tools wrote may be)."""
+    folder.mkdir()
+    copies = []
+    for p in paths:
+        dst = folder / Path(p).name
+        with open(p, "rb") as f, open(dst, "wb") as out:
+            while block := f.read(1 << 20):
+                out.write(block)
+        copies.append(str(dst))
+    return copies
 
 
 def child(paths: list[str], repeats: int, threads: int, median: bool) -> dict:
@@ -137,6 +153,22 @@ def _baseline(vectors) -> dict:
     return sums
 
 
+def _run(k: int, paths: list[str], written_by: str, args) -> dict:
+    """One K in a fresh process; the row notes who wrote the files and how much of them maps as 2 MiB folios."""
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    cmd += ["--median"] if k <= 8 and written_by == "medvec" else []
+    out = subprocess.run([*cmd, "--child", *paths[:k]], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(f"K={k} failed:\n{out.stderr[-3000:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row.update(written_by=written_by, pmd_share=pmd_share(paths[0]))
+    print(
+        f"K={k} ({written_by}): {row['merge_gbps']:.2f} GB/s vs baseline {row['baseline_gbps']:.2f}, "
+        f"rss {row['peak_rss_mb']:.0f} MB, 2 MiB-mapped {row['pmd_share']}"
+    )
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="2,4,8,16,32")
@@ -156,33 +188,27 @@ def main() -> None:
         print(f"writing {max(ks)} {args.model}-shaped vectors to {work}", flush=True)
         paths = [str(p) for p in make_vectors(work, max(ks), args.model)]
         os.sync()  # written back before timing: no writeback competes with the merges
-        rows = []
-        for k in ks:
-            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats)]
-            cmd += ["--median"] if k <= 8 else []
-            out = subprocess.run([*cmd, "--child", *paths[:k]], capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                sys.exit(f"K={k} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(
-                f"K={k}: {r['merge_gbps']:.2f} GB/s vs baseline {r['baseline_gbps']:.2f}, rss {r['peak_rss_mb']:.0f} MB"
-            )
+        rows = [_run(k, paths, "medvec", args) for k in ks]
+        if 8 in ks:  # the same merge from files cached as 4 KiB pages: what the 2 MiB folios are worth
+            rows.append(_run(8, small_page_copies(paths[:8], work / "small"), "1 MiB writes", args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    by_k = {r["k"]: r for r in rows}
+    by_k = {r["k"]: r for r in rows if r["written_by"] == "medvec"}
+    small = [r for r in rows if r["written_by"] != "medvec"]
     headline = {
         "ratio_k8": by_k[8]["ratio"] if 8 in by_k else None,
         "peak_rss_ratio_k32_k2": by_k[32]["peak_rss_mb"] / by_k[2]["peak_rss_mb"] if {2, 32} <= set(by_k) else None,
+        "ratio_k8_small_pages": small[0]["ratio"] if small else None,
     }
-    columns = ["k", "gb_read", "merge_gbps", "baseline_gbps", "ratio", "rss_before_mb", "peak_rss_mb"]
-    columns += ["validate_s", "validate_peak_rss_mb", "median_merge_s"]
+    columns = ["k", "written_by", "pmd_share", "gb_read", "merge_gbps", "baseline_gbps", "ratio", "rss_before_mb"]
+    columns += ["peak_rss_mb", "validate_s", "validate_peak_rss_mb", "median_merge_s"]
     md = "\n".join(
         [
             f"# Merge bandwidth ({args.model} shapes, {args.threads} threads)",
             "",
             "`python benchmarks/merge_bandwidth.py` — streaming weighted merge from vector files (page cache) vs "
-            "`torch.add` over the same bytes in memory.",
+            "`torch.add` over the same bytes in memory. `written_by`: medvec's writer, or 1 MiB writes (a copy "
+            "another tool made); `pmd_share`: the share of a file that its map maps with 2 MiB entries.",
             "",
             table(rows, columns),
             "",

@@ -291,7 +291,7 @@ def merge_delta(vectors: Sequence[VectorLike], method: MergeMethod | str):
                 v.release()
 
 
-RUN_CHUNK = 1 << 20  # values added per call (4 MiB) when whole runs of fp32 deltas are merged
+RUN_CHUNK = 1 << 20  # values read per call (4 MiB) when whole runs of fp32 deltas are merged
 
 
 def _same_fp32_layout(vectors: Sequence[VectorLike]) -> bool:
@@ -300,21 +300,36 @@ def _same_fp32_layout(vectors: Sequence[VectorLike]) -> bool:
     return layouts[0] is not None and all(lay == layouts[0] for lay in layouts[1:])
 
 
-def _stream_runs(vectors: Sequence[VectorLike], coeffs: list[float]) -> dict[str, torch.Tensor]:
-    """Σ_h c_h τ_h over runs of consecutive deltas, a few MiB per call, into one output the deltas are views of."""
-    runs = vectors[0].runs()
-    out = torch.empty(sum((run[-1][1] - run[0][0]) // 4 for run in runs))
-    deltas, pos = {}, 0
+def _chunks(runs: list[list[tuple]], outs: dict[str, torch.Tensor]) -> list[tuple[int, int, list[tuple]]]:
+    """Each run cut into reads of at most :data:`RUN_CHUNK` values: (first byte, values, pieces), where a
+    piece (output slice, first value, end value) is the part of one delta that the read covers."""
+    chunks = []
     for run in runs:
-        start, n = run[0][0], (run[-1][1] - run[0][0]) // 4
-        for c in range(0, n, RUN_CHUNK):
-            dst = out[pos + c : pos + min(n, c + RUN_CHUNK)]
-            for i, (v, coeff) in enumerate(zip(vectors, coeffs)):
-                v.add_range(start + 4 * c, dst, coeff, first=i == 0)
-        for lo, hi, key, shape in run:
-            deltas[key] = out[pos + (lo - start) // 4 : pos + (hi - start) // 4].view(shape)
-        pos += n
-    return deltas
+        start, end = run[0][0], run[-1][1]
+        for lo in range(start, end, 4 * RUN_CHUNK):
+            hi = min(end, lo + 4 * RUN_CHUNK)
+            pieces = [
+                (
+                    outs[key].view(-1)[(max(a, lo) - a) // 4 : (min(b, hi) - a) // 4],
+                    (max(a, lo) - lo) // 4,
+                    (min(b, hi) - lo) // 4,
+                )
+                for a, b, key, _ in run
+                if a < hi and b > lo
+            ]
+            chunks.append((lo, (hi - lo) // 4, pieces))
+    return chunks
+
+
+def _stream_runs(vectors: Sequence[VectorLike], coeffs: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_h c_h τ_h read over runs of consecutive deltas, a few MiB per call, into one new tensor per delta
+    (allocated as a state dict's are, so that memory an earlier merge freed is reused)."""
+    runs = vectors[0].runs()
+    outs = {key: torch.empty(shape) for run in runs for _, _, key, shape in run}
+    for lo, n, pieces in _chunks(runs, outs):
+        for i, (v, coeff) in enumerate(zip(vectors, coeffs)):
+            v.add_range(lo, n, pieces, coeff, first=i == 0)
+    return outs
 
 
 def _stream_tensor(vectors: Sequence[VectorLike], method, coeffs: list[float], key: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
-from medvec.vectors import FORMAT, InvalidVectorError, VectorMeta, load_vector
+from medvec.vectors import FORMAT, InvalidVectorError, VectorMeta, load_vector, write_safetensors
 
 DOMAIN = b"medvec-vector-signature/1\n"
 
@@ -59,7 +59,6 @@ def payload(content_sha256: str, meta_json: str, nonce: str) -> bytes:
 def sign_file(path: str | Path, key_path: str | Path, signer: str | None = None) -> dict:
     """Sign a vector file in place (atomically rewritten); returns the signature block."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = Path(path)
     vf = load_vector(path)  # validate before signing
@@ -76,9 +75,7 @@ def sign_file(path: str | Path, key_path: str | Path, signer: str | None = None)
         "sig": base64.b64encode(sig).decode(),
     }
     header["signature"] = json.dumps(block)
-    tmp = path.with_name(f".{path.name}.sign.tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, header)
     return block
 
 

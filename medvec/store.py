@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -35,7 +34,7 @@ from medvec.errors import UserError
 from medvec.faults import failpoint
 from medvec.models import Base, load_base, save_base
 from medvec.record import MergeRecord, Rejection, StartPoint
-from medvec.vectors import DataVector, VectorFile, load_vector, utcnow
+from medvec.vectors import LARGE_WRITE, DataVector, VectorFile, load_vector, utcnow, write_large
 
 
 class StoreError(UserError, RuntimeError):
@@ -347,7 +346,7 @@ class LocalStore(VectorStore):
         os.replace(tmp, dst)
 
     def _write_file(self, key: str, src: Path) -> None:
-        self._commit(key, lambda tmp: shutil.copyfile(src, tmp))
+        self._commit(key, lambda tmp: write_large(tmp, Path(src)))
 
     def _write_bytes(self, key: str, data: bytes) -> None:
         self._commit(key, lambda tmp: tmp.write_bytes(data))
@@ -480,10 +479,14 @@ class S3Store(VectorStore):
         return resp["Body"].read()
 
     def local_file(self, key: str) -> Path:
+        from boto3.s3.transfer import TransferConfig
+
         dst = self.cache / key
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
-        self._call(f"download {key}", self.client.download_file, self.bucket, self._key(key), str(tmp))
+        # whole-part writes, so that the page cache holds the file as large folios (see write_large)
+        config = TransferConfig(io_chunksize=LARGE_WRITE, multipart_chunksize=LARGE_WRITE)
+        self._call(f"download {key}", self.client.download_file, self.bucket, self._key(key), str(tmp), Config=config)
         os.replace(tmp, dst)
         return dst
 

@@ -284,8 +284,6 @@ class DataVector:
     # ---------------------------------------------------------------- I/O
     def save(self, path: str | Path) -> Path:
         """Write safetensors atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
-
         if self.meta is None:
             raise ValueError("a vector needs metadata to be saved (derived vectors have none)")
         path = Path(path)
@@ -296,9 +294,7 @@ class DataVector:
             "medvec": self.meta.model_dump_json(),
             "content_sha256": content_sha256(tensors),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        write_safetensors(path, tensors, header)
         return path
 
     def to_vector(self) -> "DataVector":
@@ -337,6 +333,37 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+LARGE_WRITE = 8 * 1024**2  # bytes per write() of a vector file, at offsets that are multiples of it
+
+
+def write_large(dst: str | Path, src: bytes | memoryview | Path) -> None:
+    """Write ``src`` (bytes, or a file to copy) to ``dst`` in writes of :data:`LARGE_WRITE` bytes.
+
+    Linux caches what one large, aligned write filled as 2 MiB folios (ext4 and xfs on recent
+    kernels), and a merge's memory map then maps each with one page-table entry instead of
+    512 (``docs/performance.md`` measures the difference).  Small writes, ``sendfile`` and
+    ``copy_file_range`` (``shutil.copyfile``) leave 4 KiB pages.
+    """
+    with open(dst, "wb") as out:
+        if isinstance(src, Path):
+            with open(src, "rb") as f:
+                while block := f.read(LARGE_WRITE):
+                    out.write(block)
+            return
+        view = memoryview(src)
+        for i in range(0, len(view), LARGE_WRITE):
+            out.write(view[i : i + LARGE_WRITE])
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` as a safetensors file at ``path``, atomically (temporary file, then rename), in large writes."""
+    from safetensors.torch import save
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_large(tmp, save(tensors, metadata=metadata))
+    os.replace(tmp, path)
+
+
 MERGE_WINDOW_BYTES = 64 * 1024**2  # mapped file pages a merge may hold across all its vectors
 HUGE_PAGE = 2 * 1024**2  # file pages may be mapped as 2 MiB folios: release whole ones
 # reads view the read-only map in place and never write to it; torch warns about every such view
@@ -501,15 +528,18 @@ class VectorFile:
                 groups.append([entry])
         return groups
 
-    def add_range(self, offset: int, out: torch.Tensor, alpha: float, first: bool = False) -> None:
-        """``out (+)= alpha ·`` the ``out.numel()`` fp32 values at ``offset`` bytes into the tensor data
-        (``first``: write instead of add)."""
+    def add_range(
+        self, offset: int, n: int, pieces: list[tuple[torch.Tensor, int, int]], alpha: float, first: bool = False
+    ) -> None:
+        """For each piece ``(out, a, b)``: ``out (+)= alpha ·`` values ``a:b`` of the ``n`` fp32 values at
+        ``offset`` bytes into the tensor data (``first``: write instead of add)."""
         lo = self._data_start + offset
-        src = self._view(lo, lo + 4 * out.numel(), torch.float32)
-        if first:
-            torch.mul(src, alpha, out=out)
-        else:
-            out.add_(src, alpha=alpha)
+        src = self._view(lo, lo + 4 * n, torch.float32)
+        for out, a, b in pieces:
+            if first:
+                torch.mul(src[a:b], alpha, out=out)
+            else:
+                out.add_(src[a:b], alpha=alpha)
         del src
         self._release_pages()
 

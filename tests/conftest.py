@@ -87,3 +87,25 @@ def make_vector(tiny_base):
         )
 
     return make
+
+
+@pytest.fixture()
+def folio_share(tmp_path):
+    """``share(path)``: how much of a file a read-only map maps with 2 MiB entries (benchmarks/common.py).
+
+    Skips where this kernel and filesystem cache no 2 MiB folios even for one large write,
+    and checks the contrast first: 1 MiB writes leave 4 KiB pages."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import pmd_share
+
+    reference, small = tmp_path / "one-write.bin", tmp_path / "small-writes.bin"
+    reference.write_bytes(b"\1" * (12 << 20))
+    with open(small, "wb") as f:
+        for _ in range(12):
+            f.write(b"\1" * (1 << 20))
+    if not pmd_share(str(reference)):
+        pytest.skip("this kernel and filesystem cache no 2 MiB folios for a single large write")
+    assert pmd_share(str(small)) == 0
+    return lambda path: pmd_share(str(path))

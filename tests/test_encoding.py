@@ -345,9 +345,12 @@ def _toy_vector(seed: int, n_train: int) -> DataVector:
     return DataVector(deltas, meta, RunningStats({"bn": torch.zeros(3)}, {"bn": torch.ones(3)}, n_train))
 
 
-def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp_path):
+@pytest.mark.parametrize("chunk", [1 << 20, 4, 5])  # 4 and 5 values: reads that end inside a delta
+def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp_path, monkeypatch, chunk):
+    import medvec.merge
     from medvec.merge import _same_fp32_layout, _stream_tensor
 
+    monkeypatch.setattr(medvec.merge, "RUN_CHUNK", chunk)
     vectors = [_toy_vector(i, 3 * i) for i in range(1, 4)]
     files = [load_vector(v.save(tmp_path / f"v{i}.safetensors")) for i, v in enumerate(vectors)]
     runs = files[0].runs()
@@ -359,6 +362,8 @@ def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp
         assert torch.equal(fast.tensor(k), _stream_tensor(files, method, coeffs, k)), k
         want = sum(v.tensor(k) * (v.meta.n_train / 18) for v in vectors)
         assert torch.allclose(fast.tensor(k), want, atol=1e-6) and fast.tensor(k).shape == want.shape
+    storages = {fast.deltas[k].untyped_storage().data_ptr() for k in files[0].keys()}
+    assert len(storages) == 3 and all(fast.deltas[k].is_contiguous() for k in files[0].keys())  # one tensor each
     fp16 = load_vector(vectors[2].encoded(Encoding(name="fp16")).save(tmp_path / "fp16.safetensors"))
     assert _same_fp32_layout(files) and not _same_fp32_layout([*files[:2], fp16])
     mixed = merge_delta([*files[:2], fp16], method)  # tensor by tensor, fp16 decoded

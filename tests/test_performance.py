@@ -100,3 +100,29 @@ def test_a_phase_that_raises_is_still_counted(monkeypatch):
         raise RuntimeError("boom")
     assert timing.snapshot() == {"merge": {"seconds": 3.0, "calls": 1}}
     timing.reset()
+
+
+def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_makes_them(tmp_path, folio_share):
+    """medvec's writers (save, sign, the local store's copy) write in large pieces; a merge then maps each
+    2 MiB of a file with one entry.  1 MiB writes and shutil.copyfile (sendfile) leave 4 KiB pages."""
+    from medvec.signing import keygen
+    from medvec.store import LocalStore
+    from medvec.vectors import DataVector, VectorMeta
+
+    meta = VectorMeta(
+        vector_id="big",
+        hospital="h1",
+        base_sha256="a" * 64,
+        base_model="toy",
+        num_classes=2,
+        n_train=4,
+        label_counts=[2, 2],
+        created_at="2026-12-01T00:00:00+00:00",
+    )
+    vector = DataVector({"w": torch.randn(3 << 20)}, meta)  # 12 MiB of deltas
+    saved = vector.save(tmp_path / "v.safetensors")
+    assert folio_share(saved) > 0.5
+    key_path, _ = keygen("h1", tmp_path / "keys")
+    store = LocalStore(tmp_path / "store")
+    key = store.put(vector, key_path)  # saved, signed, then copied into the store
+    assert folio_share(store.local_file(key)) > 0.5

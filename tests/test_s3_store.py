@@ -108,3 +108,26 @@ def test_s3_unreachable_endpoint_retries_then_fails_clearly(monkeypatch):
         store.ensure_bucket()
     assert len(attempts) == 3  # max_attempts: the first try and two retries
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.integration
+def test_a_downloaded_vector_lands_in_the_page_cache_as_2_mib_folios(s3, monkeypatch, tmp_path, folio_share):
+    """Whole-part writes on download (TransferConfig io_chunksize), so the merge maps the cached copy cheaply."""
+    from medvec.vectors import DataVector, VectorMeta
+
+    meta = VectorMeta(
+        vector_id="big",
+        hospital="h1",
+        base_sha256="a" * 64,
+        base_model="toy",
+        num_classes=2,
+        n_train=4,
+        label_counts=[2, 2],
+        created_at="2026-12-01T00:00:00+00:00",
+    )
+    vector = DataVector({"w": torch.randn(5 << 20)}, meta)  # 20 MiB: a multipart download
+    store = _s3_store(s3, monkeypatch, prefix="folios")
+    store.cache = tmp_path / "cache"
+    local = store.local_file(store.put(vector))
+    assert torch.equal(store.open_vector(store.vector_key("a" * 64, "h1", "big")).tensor("w"), vector.deltas["w"])
+    assert folio_share(local) > 0.5
