@@ -75,20 +75,31 @@ def reset_peak_rss() -> bool:
 
 
 def pmd_share(path: str) -> float | None:
-    """The share of ``path``'s bytes that a read-only map of it maps with 2 MiB entries (None off Linux)."""
+    """The share of ``path``'s bytes that a read-only map of it maps with 2 MiB entries (None off Linux, or empty)."""
+    import numpy as np
+
     smaps = Path("/proc/self/smaps")
-    if not smaps.exists():
+    if not smaps.exists() or Path(path).stat().st_size == 0:
         return None
-    path = str(Path(path).resolve())
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         for i in range(0, len(m), mmap.PAGESIZE):
             m[i]  # fault every page in
-        fields, inside = {}, False
-        for line in smaps.read_text().splitlines():
-            if line.endswith(path):
-                inside = True
-            elif inside and ":" in line and line.split(":")[0] in ("Rss", "FilePmdMapped"):
-                fields[line.split(":")[0]] = int(line.split()[1])
-            elif inside and "-" in line.split()[0]:
-                break
+        view = np.frombuffer(m, dtype=np.uint8)
+        fields = _smaps_fields(smaps.read_text(), view.ctypes.data)
+        del view
     return fields.get("FilePmdMapped", 0) / fields["Rss"] if fields.get("Rss") else None
+
+
+def _smaps_fields(text: str, address: int) -> dict[str, int]:
+    """The kB fields of the smaps entry whose address range holds ``address``."""
+    fields: dict[str, int] | None = None
+    for line in text.splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms offset dev inode path
+            if fields is not None:
+                break
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            fields = {} if lo <= address < hi else None
+        elif fields is not None and line.split()[-1] == "kB":
+            fields[head.rstrip(":")] = int(line.split()[1])
+    return fields or {}

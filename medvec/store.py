@@ -484,8 +484,14 @@ class S3Store(VectorStore):
         dst = self.cache / key
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
-        # whole-part writes, so that the page cache holds the file as large folios (see write_large)
-        config = TransferConfig(io_chunksize=LARGE_WRITE, multipart_chunksize=LARGE_WRITE)
+        # whole-part writes, so that the page cache holds the file as large folios (see write_large), from the
+        # classic client (the CRT one ignores io_chunksize), with at most 8 parts (64 MiB) queued for the disk
+        config = TransferConfig(
+            io_chunksize=LARGE_WRITE,
+            multipart_chunksize=LARGE_WRITE,
+            max_io_queue=8,
+            preferred_transfer_client="classic",
+        )
         self._call(f"download {key}", self.client.download_file, self.bucket, self._key(key), str(tmp), Config=config)
         os.replace(tmp, dst)
         return dst

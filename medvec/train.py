@@ -124,7 +124,6 @@ def prepare_training(model: nn.Module, train: ImageSet, cfg: FinetuneConfig) -> 
     return device, loss_function(train, cfg, device)
 
 
-@timed("finetune")
 def adamw(params, cfg: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where it has one for these tensors (a step about 3× faster on CPU), else
     the default implementation (same update, other rounding)."""
@@ -135,6 +134,7 @@ def adamw(params, cfg: FinetuneConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@timed("finetune")
 def finetune(
     model: nn.Module,
     train: ImageSet,

