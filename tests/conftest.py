@@ -89,6 +89,22 @@ def make_vector(tiny_base):
     return make
 
 
+def toy_meta(vector_id: str = "v", hospital: str = "h1"):
+    """Metadata for a vector whose deltas a test writes by hand (no base model behind them)."""
+    from medvec.vectors import VectorMeta
+
+    return VectorMeta(
+        vector_id=vector_id,
+        hospital=hospital,
+        base_sha256="a" * 64,
+        base_model="toy",
+        num_classes=2,
+        n_train=4,
+        label_counts=[2, 2],
+        created_at="2026-12-01T00:00:00+00:00",
+    )
+
+
 @pytest.fixture()
 def folio_share(tmp_path):
     """``share(path)``: how much of a file a read-only map maps with 2 MiB entries (benchmarks/common.py).

@@ -133,6 +133,20 @@ def read_deployment(env: dict, name: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_a_make_bench_script_runs_alone_on_a_fresh_clone(clone, tmp_path):
+    """``python benchmarks/merge_bandwidth.py`` as docs/performance.md shows it, on a small model and two Ks (what it
+    measures is for ``make bench``; here: it runs from a clone and writes its headline)."""
+    out = tmp_path / "results"
+    cmd = [str(VENV / "bin" / "python"), "benchmarks/merge_bandwidth.py", "--ks", "2,8", "--repeats", "1"]
+    cmd += ["--model", "mobilenet_v3_small", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=clone, env=fresh_env(tmp_path / "home"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "merge_bandwidth.json").read_text())
+    assert doc["headline"]["ratio_k8"] > 0 and doc["headline"]["ratio_k8_small_pages"] > 0
+    assert [(r["k"], r["written_by"]) for r in doc["rows"]] == [(2, "medvec"), (8, "medvec"), (8, "1 MiB writes")]
+    assert (out / "merge_bandwidth.md").read_text().startswith("# Merge bandwidth (mobilenet_v3_small shapes")
+
+
 def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     env = fresh_env(tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone))
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import toy_meta
 from medvec import timing
 from medvec.data import ImageSet, batches, predecode, to_tensor
 from medvec.models import create_base
@@ -107,18 +108,9 @@ def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_ma
     2 MiB of a file with one entry.  1 MiB writes and shutil.copyfile (sendfile) leave 4 KiB pages."""
     from medvec.signing import keygen
     from medvec.store import LocalStore
-    from medvec.vectors import DataVector, VectorMeta
+    from medvec.vectors import DataVector
 
-    meta = VectorMeta(
-        vector_id="big",
-        hospital="h1",
-        base_sha256="a" * 64,
-        base_model="toy",
-        num_classes=2,
-        n_train=4,
-        label_counts=[2, 2],
-        created_at="2026-12-01T00:00:00+00:00",
-    )
+    meta = toy_meta("big")
     vector = DataVector({"w": torch.randn(3 << 20)}, meta)  # 12 MiB of deltas
     saved = vector.save(tmp_path / "v.safetensors")
     assert folio_share(saved) > 0.5
@@ -130,18 +122,9 @@ def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_ma
 
 def test_a_vector_above_the_in_memory_limit_is_streamed_then_copied_to_the_same_bytes(tmp_path, monkeypatch):
     import medvec.vectors
-    from medvec.vectors import DataVector, VectorMeta, load_vector
+    from medvec.vectors import DataVector, load_vector
 
-    meta = VectorMeta(
-        vector_id="v",
-        hospital="h1",
-        base_sha256="a" * 64,
-        base_model="toy",
-        num_classes=2,
-        n_train=4,
-        label_counts=[2, 2],
-        created_at="2026-12-01T00:00:00+00:00",
-    )
+    meta = toy_meta("v")
     vector = DataVector({"w": torch.randn(1000), "b": torch.randn(3)}, meta)
     in_memory = vector.save(tmp_path / "memory.safetensors")
     monkeypatch.setattr(medvec.vectors, "IN_MEMORY_SAVE", 0)

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from conftest import toy_meta
 from medvec.config import IntakeConfig
 from medvec.intake import admit
 from medvec.store import LocalStore, S3Store, StoreError, open_store
@@ -113,18 +114,9 @@ def test_s3_unreachable_endpoint_retries_then_fails_clearly(monkeypatch):
 @pytest.mark.integration
 def test_a_downloaded_vector_lands_in_the_page_cache_as_2_mib_folios(s3, monkeypatch, tmp_path, folio_share):
     """Whole-part writes on download (TransferConfig io_chunksize), so the merge maps the cached copy cheaply."""
-    from medvec.vectors import DataVector, VectorMeta
+    from medvec.vectors import DataVector
 
-    meta = VectorMeta(
-        vector_id="big",
-        hospital="h1",
-        base_sha256="a" * 64,
-        base_model="toy",
-        num_classes=2,
-        n_train=4,
-        label_counts=[2, 2],
-        created_at="2026-12-01T00:00:00+00:00",
-    )
+    meta = toy_meta("big")
     vector = DataVector({"w": torch.randn(5 << 20)}, meta)  # 20 MiB: a multipart download
     store = _s3_store(s3, monkeypatch, prefix="folios")
     store.cache = tmp_path / "cache"
