@@ -85,8 +85,10 @@ def pmd_share(path: str) -> float | None:
         for i in range(0, len(m), mmap.PAGESIZE):
             m[i]  # fault every page in
         view = np.frombuffer(m, dtype=np.uint8)
-        fields = _smaps_fields(smaps.read_text(), view.ctypes.data)
-        del view
+        try:
+            fields = _smaps_fields(smaps.read_text(), view.ctypes.data)
+        finally:
+            del view  # before the map closes
     return fields.get("FilePmdMapped", 0) / fields["Rss"] if fields.get("Rss") else None
 
 
@@ -94,6 +96,8 @@ def _smaps_fields(text: str, address: int) -> dict[str, int]:
     """The kB fields of the smaps entry whose address range holds ``address``."""
     fields: dict[str, int] | None = None
     for line in text.splitlines():
+        if not line.split():
+            continue
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms offset dev inode path
             if fields is not None:

@@ -179,7 +179,7 @@ def moment_sums(
             # than torch.var_mean's Welford kernel), accumulated as float64 sums
             x = x.float()
             mean = x.mean(dim=dims)
-            var = (x - mean.view([1, -1] + [1] * (x.ndim - 2))).square().mean(dim=dims)
+            var = (x - mean.view([1, -1] + [1] * (x.ndim - 2))).square_().mean(dim=dims)
             mean, var = mean.double().cpu(), var.double().cpu()
             s, q = n * mean, n * (var + mean * mean)
             sums.count[name] = sums.count.get(name, 0.0) + float(n)

@@ -485,7 +485,8 @@ class S3Store(VectorStore):
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
         # whole-part writes, so that the page cache holds the file as large folios (see write_large), from the
-        # classic client (the CRT one ignores io_chunksize), with at most 8 parts (64 MiB) queued for the disk
+        # classic client (the CRT one ignores io_chunksize); at most 8 parts wait for the disk, besides the
+        # parts the download threads hold (about 144 MiB in all at worst)
         config = TransferConfig(
             io_chunksize=LARGE_WRITE,
             multipart_chunksize=LARGE_WRITE,

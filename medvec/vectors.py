@@ -362,7 +362,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """``tensors`` as a safetensors file at ``path``, atomically (temporary file, then rename), in large writes.
 
     Up to :data:`IN_MEMORY_SAVE` bytes the file is built in memory (about its size again);
-    a larger one is streamed to a scratch file first and copied, so memory stays flat.
+    a larger one is written to a scratch file by safetensors' ``save_file`` (which writes
+    from the tensors' own memory in safetensors 0.8) and copied.
     """
     from safetensors.torch import save, save_file
 

@@ -62,6 +62,18 @@ class FakeClock:
         return self.now
 
 
+def test_fine_tuning_counts_as_the_finetune_phase():
+    """The whole training loop, not a helper inside it, is ``finetune`` (the demo's phase split depends on it)."""
+    from medvec.config import FinetuneConfig
+    from medvec.train import finetune
+
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
+    timing.reset()
+    result = finetune(base.fresh(), _images(96), base.spec, FinetuneConfig(epochs=2, batch_size=16), progress=False)
+    counted = timing.snapshot()["finetune"]
+    assert counted["calls"] == 1 and counted["seconds"] >= result.seconds > 0
+
+
 def test_nested_phases_count_once_in_the_innermost(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(timing.time, "perf_counter", clock)
@@ -120,7 +132,7 @@ def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_ma
     assert folio_share(store.local_file(key)) > 0.5
 
 
-def test_a_vector_above_the_in_memory_limit_is_streamed_then_copied_to_the_same_bytes(tmp_path, monkeypatch):
+def test_a_vector_above_the_in_memory_limit_is_streamed_then_copied_to_the_same_content(tmp_path, monkeypatch):
     import medvec.vectors
     from medvec.vectors import DataVector, load_vector
 
