@@ -83,8 +83,7 @@ def small_page_copies(paths: list[str], folder: Path) -> list[str]:
     for p in paths:
         dst = folder / Path(p).name
         with open(p, "rb") as f, open(dst, "wb") as out:
-            while block := f.read(1 << 20):
-                out.write(block)
+            shutil.copyfileobj(f, out, 1 << 20)
         copies.append(str(dst))
     return copies
 

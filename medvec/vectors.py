@@ -24,6 +24,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -347,8 +348,7 @@ def write_large(dst: str | Path, src: bytes | memoryview | Path) -> None:
     with open(dst, "wb") as out:
         if isinstance(src, Path):
             with open(src, "rb") as f:
-                while block := f.read(LARGE_WRITE):
-                    out.write(block)
+                shutil.copyfileobj(f, out, LARGE_WRITE)
             return
         view = memoryview(src)
         for i in range(0, len(view), LARGE_WRITE):
@@ -404,6 +404,7 @@ class VectorFile:
         data_start: int,
         shapes: dict[str, tuple[int, ...]],
         extra_keys: list[str],
+        identity: tuple | None = None,
     ):
         self.path = path
         self.meta = meta
@@ -419,7 +420,7 @@ class VectorFile:
             if name != "__metadata__"
         }
         self._data_start = data_start
-        self._identity: tuple | None = None  # (inode, size, mtime) when validated: a replaced file is refused
+        self._identity = identity  # (inode, size, mtime) when validated: a replaced file is refused
         self._shapes = shapes
         self._delta_keys = sorted(shapes)
         self._extra_keys = extra_keys
@@ -715,9 +716,7 @@ def load_vector(
             f"content sha256 {content[:12]}… does not match header {str(expected_content)[:12]}… (modified or corrupt)",
             "integrity",
         )
-    vf = VectorFile(path, meta, content, header, data_start, shapes, extra_keys)
-    vf._identity = identity
-    return vf
+    return VectorFile(path, meta, content, header, data_start, shapes, extra_keys, identity)
 
 
 def _identity(st: os.stat_result) -> tuple:
