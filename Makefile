@@ -44,8 +44,9 @@ ui-check: $(STAMP) dirs
 	$(PIP) install -q 'selenium>=4.20'
 	$(PY) scripts/ui.py check
 
+# ruff (style, imports, docstrings of the core) and mypy over medvec/, flows/, tasks/ and pipelines/ (pyproject.toml)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 # two xdist workers, whole files each (tests/conftest.py gives each one torch thread and its own Prefect/MLflow files)
 test: $(STAMP) dirs lint

@@ -10,7 +10,7 @@ training), with the same split, θ_pre, training loop and evaluation:
 * synchronous FedAvg: R rounds × 1 local epoch, every state entry averaged by
   sample count with Flower's own ``aggregate`` (``pip install flwr``: the peer's
   arithmetic is the peer's);
-* asynchronous refinement: C contributions × 1 epoch per hospital in a seeded
+* asynchronous refinement: C landings × 1 epoch per hospital in a seeded
   random order on a simulated clock (:mod:`medvec.simulate`), B = ``refine.buffer``;
 * the same with the last hospital a 4× straggler, and the simulated time each
   protocol needs to reach the one-shot merge's test AUC (a sync round ends when
@@ -43,20 +43,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medvec import coordinator as core  # noqa: E402
 from medvec.config import Params, load_params  # noqa: E402
-from medvec.data import ImageSet, split_from_config  # noqa: E402
+from medvec.coordinator import compare, scoring  # noqa: E402
+from medvec.data.images import ImageSet  # noqa: E402
+from medvec.data.split import split_from_config  # noqa: E402
+from medvec.demo.simulate import Clock, simulate  # noqa: E402
 from medvec.evaluate import metrics, operating_point, predict  # noqa: E402
-from medvec.hospital import LocalData, finetune_vector, live_moments  # noqa: E402
+from medvec.hospital.finetune import finetune_vector, live_moments  # noqa: E402
+from medvec.hospital.local import LocalData  # noqa: E402
+from medvec.hospital.train import finetune  # noqa: E402
 from medvec.models import Base, base_from_config, state_sha256  # noqa: E402
-from medvec.simulate import Clock, simulate  # noqa: E402
+from medvec.runtime import set_threads  # noqa: E402
 from medvec.store import LocalStore  # noqa: E402
-from medvec.train import finetune, set_threads  # noqa: E402
 
 DATA = ROOT / "data" / "pneumoniamnist.npz"
 
 
-def score(model: torch.nn.Module, base: Base, evalsets: core.EvalSets, bs: int) -> dict:
+def score(model: torch.nn.Module, base: Base, evalsets: scoring.EvalSets, bs: int) -> dict:
     """Test AUC, argmax balanced accuracy, and the validation-chosen operating point on test."""
     pv, pt = predict(model, evalsets.val, base.spec, bs), predict(model, evalsets.test, base.spec, bs)
     val, test = metrics(evalsets.val.labels, pv), metrics(evalsets.test.labels, pt)
@@ -87,13 +90,13 @@ def fedavg(base: Base, data: dict[str, LocalData], p: Params, rounds: int, evals
     return out
 
 
-def async_run(base, folders, p, evalsets, contributions, clock, store_dir: Path, bs: int) -> list[dict]:
+def async_run(base, local, p, evalsets, landings, clock, store_dir: Path, bs: int) -> list[dict]:
     """Asynchronous refinement on the simulated clock; the champion's score after every landing."""
     shutil.rmtree(store_dir, ignore_errors=True)
     store = LocalStore(store_dir)
     store.put_base(base)
-    moments = live_moments(base, list(folders.values()), p.batchnorm) if p.batchnorm.strategy == "recompute" else None
-    rows = simulate(store, base, folders, p, evalsets, contributions, clock, 1, progress=False, moments_fn=moments)
+    moments = live_moments(base, local, p.batchnorm) if p.batchnorm.strategy == "recompute" else None
+    rows = simulate(store, base, local, p, evalsets, landings, clock, 1, progress=False, moments_fn=moments)
     out, cache = [], {}
     for row in rows:
         v = row["version"]
@@ -128,23 +131,24 @@ def run_seed(seed: int, rounds: int, overrides: list[str]) -> dict:
     split = split_from_config(DATA, work / "hospitals", p.split)
     folders = {h: str(work / "hospitals" / h) for h in split["hospitals"]}
     data = {h: LocalData.load(f) for h, f in folders.items()}
-    evalsets = core.EvalSets.load(DATA)
+    evalsets = scoring.EvalSets.load(DATA)
     base = base_from_config(p.model, 2)
     t0 = time.perf_counter()
     vectors = [finetune_vector(base, h, d, p.finetune, progress=False)[0] for h, d in data.items()]
-    singles = [{"hospital": h, **score(m, base, evalsets, bs)} for h, m, _ in core.single_models(base, vectors)]
-    moments = live_moments(base, list(folders.values()), p.batchnorm)
-    candidates = core.evaluate_merges(base, vectors, evalsets, p, moments, progress=False)
-    best = next(c for c in candidates if c.selected)
-    plan = core.BnPlan.from_hospitals(best.bn)
-    oneshot = score(core.outcome_of(base, vectors, best, plan, p, moments, evalsets).model, base, evalsets, bs)
+    singles = [
+        {"hospital": h, **score(m, base, evalsets, bs)} for h, m, _ in (compare.single_model(base, v) for v in vectors)
+    ]
+    moments = live_moments(base, data, p.batchnorm)
+    comparison = compare.evaluate_merges(base, vectors, evalsets, p, moments, progress=False)
+    best = comparison.selected
+    oneshot = score(best.model, base, evalsets, bs)
     print(f"seed {seed}: one-shot test AUC {oneshot['auc']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     sync = fedavg(base, data, p, rounds, evalsets, bs)
     refine = p.model_copy(update={"refine": p.refine.model_copy(update={"mode": "async"})})
     hospitals = list(folders)
-    plain = async_run(base, folders, refine, evalsets, rounds, Clock.seeded(hospitals, seed), work / "async", bs)
+    plain = async_run(base, data, refine, evalsets, rounds, Clock.seeded(hospitals, seed), work / "async", bs)
     slow = Clock.seeded(hospitals, seed, straggler=4.0)
-    straggled = async_run(base, folders, refine, evalsets, rounds, slow, work / "async-straggler", bs)
+    straggled = async_run(base, data, refine, evalsets, rounds, slow, work / "async-straggler", bs)
     pooled = base.fresh()
     finetune(pooled, ImageSet.concat([d.train for d in data.values()]), base.spec, p.finetune, progress=False)
     central = score(pooled, base, evalsets, bs)
@@ -156,7 +160,7 @@ def run_seed(seed: int, rounds: int, overrides: list[str]) -> dict:
         "hospitals": {h: n[h] for h in hospitals},
         "base_sha256": state_sha256(base.model.state_dict()),
         "singles": singles,
-        "oneshot": oneshot | {"method": best.method, "lambda": best.lam, "bn": best.bn},
+        "oneshot": oneshot | {"method": best.method, "lambda": best.lam, "bn": best.bn.strategy},
         "fedavg": sync,
         "async": plain,
         "async_at": {str(c): plain[c * k - 1] for c in range(1, rounds + 1)},
@@ -201,7 +205,7 @@ def headline(seeds: list[dict], rounds: int) -> dict:
                 "sync": sum(r["straggler"]["sync_time_to_oneshot"] is not None for r in seeds),
                 "async": sum(r["straggler"]["async_time_to_oneshot"] is not None for r in seeds),
             },
-            "per_seed": {  # None: not reached within R rounds / C contributions
+            "per_seed": {  # None: not reached within R rounds / C landings
                 "sync": [r["straggler"]["sync_time_to_oneshot"] for r in seeds],
                 "async": [r["straggler"]["async_time_to_oneshot"] for r in seeds],
             },
@@ -243,7 +247,7 @@ def _mean_single(r: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rounds", type=int, default=3, help="R = C: FedAvg rounds and async contributions per hospital")
+    ap.add_argument("--rounds", type=int, default=3, help="R = C: FedAvg rounds and async landings per hospital")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medvec.examples import EXAMPLES, export_manifest, write_manifest  # noqa: E402
+from medvec.data.examples import EXAMPLES, export_manifest, write_manifest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASK_ARGS = {"multilabel": ["-S", "model.task=multilabel"], "multiclass": []}
@@ -52,7 +52,7 @@ def make_data(work: Path) -> dict[str, Path]:
 def run_demo(out: Path, data: Path, seed: int, extra: list[str], reuse: bool, env: dict) -> dict:
     """One ``medvec demo`` run; its results.json with the wall time."""
     if not (reuse and (out / "results.json").is_file()):
-        cmd = [sys.executable, "-m", "medvec.cli", "demo", "--data", str(data), "--out", str(out), "--no-progress"]
+        cmd = [sys.executable, "-m", "flows.cli", "demo", "--data", str(data), "--out", str(out), "--no-progress"]
         if seed:  # seed 0 is params.yaml's own: the default demo
             cmd += ["--seed", str(seed), "-S", f"split.seed={seed}"]
         cmd += extra

@@ -53,7 +53,7 @@ def main() -> None:
             "PREFECT_HOME": f"{tmp}/prefect",
             "PYTHONPATH": str(ROOT),
         }
-        cmd = [sys.executable, "-m", "medvec.cli", "demo", "--no-progress", "--out", f"{tmp}/demo"]
+        cmd = [sys.executable, "-m", "flows.cli", "demo", "--no-progress", "--out", f"{tmp}/demo"]
         cmd += ["--seed", str(args.seed)] if args.seed is not None else []
         cmd += [x for o in args.overrides for x in ("-S", o)]
         t0 = time.perf_counter()

@@ -64,16 +64,17 @@ def bare_loop(
 
 
 def medvec_loop(model: nn.Module, data, spec, cfg) -> float:
-    from medvec.train import finetune
+    from medvec.hospital.train import finetune
 
     return finetune(model, data, spec, cfg, val=None, progress=False).samples_per_second
 
 
 def main() -> None:
     from medvec.config import load_params
-    from medvec.data import load_split, to_tensor
+    from medvec.data.sources import load_split
     from medvec.models import base_from_config
-    from medvec.train import set_threads
+    from medvec.preprocess import to_tensor
+    from medvec.runtime import set_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1280)

@@ -34,7 +34,7 @@ class CoordinatorWorker(_Proc):
 
     def __init__(self, env: dict, log_dir: Path, extra: dict):
         env = {**{k: v for k, v in env.items() if k != "PREFECT_WORKER_QUERY_SECONDS"}, **extra}
-        self._start([sys.executable, "-m", "medvec.cli", "coordinator", "worker"], env, log_dir / "worker.log")
+        self._start([sys.executable, "-m", "flows.cli", "coordinator", "worker"], env, log_dir / "worker.log")
 
 
 BREAST = ROOT / "data" / "breastmnist.npz"
@@ -58,11 +58,13 @@ CHILD = r"""
 import datetime, json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from medvec.config import load_params
-from medvec.data import write_hospital_shards
-from medvec.hospital import LocalData, finetune_vector
+from medvec.data.split import write_hospital_shards
+from medvec.hospital.local import LocalData
+from medvec.hospital.finetune import finetune_vector
 from medvec.store import open_store
-from medvec.coordinator import EvalSets, merge_once
-from medvec.intake import admit
+from medvec.coordinator.scoring import EvalSets
+from medvec.coordinator.engine import merge_once
+from medvec.coordinator.intake import admit
 from flows.events import emit_vector_landed
 from prefect.client.orchestration import get_client
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sets = [x for o in overrides + [f"store.url={store_url}"] for x in ("-S", o)]
         subprocess.run(
-            [sys.executable, "-m", "medvec.cli", "coordinator", "up", *sets],
+            [sys.executable, "-m", "flows.cli", "coordinator", "up", *sets],
             cwd=ROOT,
             env=env,
             check=True,

@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from medvec.batchnorm import RunningStats
 from medvec.store import open_store
-from medvec.vectors import DataVector
+from medvec.vectors.vector import DataVector
 from flows.events import emit_vector_landed
 
 store_url, keys, n, window, seed, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
@@ -193,7 +193,7 @@ def run_load(n: int, window: float, seed: int, timeout: float) -> dict:
         store_url = f"s3://medvec/load{n}?endpoint_url={s3.endpoint}"
         keys, ring = tmp / "keys", tmp / "keyring.json"
         code = (
-            "import sys\nfrom medvec.signing import Keyring, keygen\nring = Keyring()\n"
+            "import sys\nfrom medvec.vectors.signing import Keyring, keygen\nring = Keyring()\n"
             f"for i in range(1, {n} + 1):\n    name = f'h{{i:03d}}'\n    keygen(name, {str(keys)!r})\n"
             f"    ring.add(name, {str(keys)!r} + f'/{{name}}.pub')\nring.save({str(ring)!r})\n"
         )

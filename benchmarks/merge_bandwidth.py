@@ -45,7 +45,7 @@ from common import RESULTS, ROOT, peak_rss_mb, pmd_share, reset_peak_rss, table,
 def shapes(model: str) -> dict:
     import torchvision
 
-    from medvec.vectors import vector_keys
+    from medvec.vectors.vector import vector_keys
 
     state = getattr(torchvision.models, model)(weights=None).state_dict()
     return {k: tuple(state[k].shape) for k in vector_keys(state)}
@@ -53,8 +53,9 @@ def shapes(model: str) -> dict:
 
 def make_vectors(folder: Path, k: int, model: str, encoding: str = "fp32") -> list[Path]:
     """K vector files with random N(0, 1e-3) deltas in ``model``'s shapes."""
-    from medvec.encoding import Encoding
-    from medvec.vectors import DataVector, VectorMeta, utcnow
+    from medvec.timing import utcnow
+    from medvec.vectors.encoding import Encoding
+    from medvec.vectors.vector import DataVector, VectorMeta
 
     paths, layout = [], shapes(model)
     for i in range(k):
@@ -90,8 +91,8 @@ def small_page_copies(paths: list[str], folder: Path) -> list[str]:
 
 def child(paths: list[str], repeats: int, threads: int, median: bool) -> dict:
     """One K in its own process (so that its peak RSS is its own)."""
-    from medvec.merge import get_method, merge_delta
-    from medvec.vectors import load_vector
+    from medvec.coordinator.methods import get_method, merge_delta
+    from medvec.vectors.checks import load_vector
 
     torch.set_num_threads(threads)
     idle = peak_rss_mb()

@@ -37,13 +37,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medvec import coordinator as core  # noqa: E402
 from medvec.config import Params, PrivacyConfig, load_params  # noqa: E402
-from medvec.data import ImageSet, write_hospital_shards  # noqa: E402
+from medvec.coordinator import compare, engine, scoring  # noqa: E402
+from medvec.data.images import ImageSet  # noqa: E402
+from medvec.data.split import write_hospital_shards  # noqa: E402
 from medvec.evaluate import evaluate_model, predict  # noqa: E402
-from medvec.hospital import LocalData, finetune_vector  # noqa: E402
+from medvec.hospital.finetune import finetune_vector  # noqa: E402
+from medvec.hospital.local import LocalData  # noqa: E402
 from medvec.models import create_base  # noqa: E402
-from medvec.train import set_threads  # noqa: E402
+from medvec.runtime import set_threads  # noqa: E402
 
 INF = math.inf
 
@@ -75,7 +77,7 @@ def attack_aucs(model, base, members: ImageSet, outsiders: ImageSet) -> dict:
     return {"loss": float(roc_auc_score(y, -loss)), "reference": float(roc_auc_score(y, ref - loss))}
 
 
-def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, evalsets: core.EvalSets) -> dict:
+def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, evalsets: scoring.EvalSets) -> dict:
     """One (seed, ε): four hospitals fine-tune, then singles, the merge and the attack are scored."""
     started = time.perf_counter()
     folder = work / f"seed{seed}"
@@ -89,9 +91,9 @@ def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, ev
     cfg = params.finetune.model_copy(update={"seed": seed})
     local = {h: LocalData.load(folder / h) for h in hospitals}
     vectors = [finetune_vector(base, h, local[h], cfg, progress=False, privacy=dp)[0] for h in hospitals]
-    singles = core.single_models(base, vectors)
+    singles = [compare.single_model(base, v) for v in vectors]
     single_auc = [evaluate_model(m, evalsets.test, base.spec)["auc"] for _, m, _ in singles]
-    merged = core.merge_once(base, vectors, params, evalsets)
+    merged = engine.merge_once(base, vectors, params, evalsets)
     first = local[hospitals[0]].train
     outsiders = non_members(first, [local[h].train for h in hospitals[1:]], seed)
     spent = [v.meta.privacy.epsilon if v.meta.privacy else None for v in vectors]
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"finetune.epochs={args.epochs}", f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
     params = load_params(ROOT / "params.yaml", overrides + args.overrides)
     data = str(ROOT / params.demo.data)
-    evalsets = core.EvalSets.load(data)
+    evalsets = scoring.EvalSets.load(data)
     started, runs = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(s, e) for s in args.seeds for e in args.epsilons]

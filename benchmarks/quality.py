@@ -25,7 +25,7 @@ METRICS = ("auc", "balanced_accuracy", "accuracy")
 
 
 def run_seed(seed: int, out: Path, overrides: list[str], data: str | None) -> dict:
-    cmd = [sys.executable, "-m", "medvec.cli", "demo", "--seed", str(seed), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "flows.cli", "demo", "--seed", str(seed), "--out", str(out), "--no-progress"]
     if data:
         cmd += ["--data", data]
     for o in overrides:

@@ -33,14 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medvec.config import load_params  # noqa: E402
-from medvec.contribution import scored_merge_once  # noqa: E402
-from medvec.coordinator import EvalSets  # noqa: E402
-from medvec.data import ImageSet, write_hospital_shards  # noqa: E402
-from medvec.defence import screen  # noqa: E402
-from medvec.hospital import LocalData, finetune_vector  # noqa: E402
+from medvec.coordinator.contribution import scored_merge_once  # noqa: E402
+from medvec.coordinator.defence import screen  # noqa: E402
+from medvec.coordinator.scoring import EvalSets  # noqa: E402
+from medvec.data.images import ImageSet  # noqa: E402
+from medvec.data.split import write_hospital_shards  # noqa: E402
+from medvec.hospital.finetune import finetune_vector  # noqa: E402
+from medvec.hospital.local import LocalData  # noqa: E402
 from medvec.models import base_from_config  # noqa: E402
-from medvec.train import set_threads  # noqa: E402
-from medvec.vectors import DataVector  # noqa: E402
+from medvec.runtime import set_threads  # noqa: E402
+from medvec.vectors.vector import DataVector  # noqa: E402
 
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
 DEFENCES = ("none", "mad", "contribution", "both")

@@ -51,13 +51,15 @@ SIZE_TARGET, AUC_TARGET = 0.25, 0.005
 def run_seed(seed: int, method_name: str, overrides: list[str], work: Path, encodings: list) -> list[dict]:
     """Fine-tune the demo's hospitals once, then merge and score every encoding of their vectors."""
     from medvec.config import VectorsConfig, load_params
-    from medvec.coordinator import EvalSets, choose_scale, lambda_grid
-    from medvec.data import write_hospital_shards
-    from medvec.hospital import LiveMoments, LocalData, finetune_vector, for_upload
-    from medvec.merge import merge_delta, method_from_config
+    from medvec.coordinator.engine import choose_scale, lambda_grid
+    from medvec.coordinator.methods import get_method, merge_delta
+    from medvec.coordinator.scoring import EvalSets
+    from medvec.data.split import write_hospital_shards
+    from medvec.hospital.finetune import LiveMoments, finetune_vector, for_upload
+    from medvec.hospital.local import LocalData
     from medvec.models import base_from_config
-    from medvec.train import set_threads
-    from medvec.vectors import load_vector
+    from medvec.runtime import set_threads
+    from medvec.vectors.checks import load_vector
 
     seeds = [f"split.seed={seed}", f"finetune.seed={seed}", f"merge.seed={seed}"]
     p = load_params(ROOT / "params.yaml", [*seeds, "batchnorm.strategy=recompute", *overrides])
@@ -73,7 +75,7 @@ def run_seed(seed: int, method_name: str, overrides: list[str], work: Path, enco
     print(f"seed {seed}: fine-tuned {len(vectors)} hospitals in {time.perf_counter() - t0:.0f} s", flush=True)
     moments = LiveMoments(base, p.batchnorm, [(h, d.train, i) for i, (h, d) in enumerate(local.items())])
     evalsets = EvalSets.load(DATA)
-    method = method_from_config(method_name, p.merge)
+    method = get_method(method_name, p.merge)
     state, rows, reference = base.model.state_dict(), [], None
     for label, settings in encodings:
         t0 = time.perf_counter()

@@ -9,14 +9,16 @@ Runs in Prefect's local ephemeral mode (no server needed):
    choosing λ and the model to promote on the validation split;
 5. train the centralized upper bound (all hospitals pooled, same epochs) and a
    random-vector control of matching norms;
-6. evaluate everything on the official test split, write the report, and record
-   and register the selected merge through the same champion gate as the flows.
+6. evaluate everything on the official test split, score what each vector contributed to
+   the selected merge, finish it as the flows do (store, registry through the champion gate),
+   and write the report once.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -24,54 +26,202 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.hospital_finetune import hospital_finetune
 from flows.ui import base_tag, demo_run_name, embedded_image, label_run
-from medvec import coordinator as core
 from medvec import timing
-from medvec.config import Params, load_params
-from medvec.data import DataSpec, dataset_name
-from medvec.hospital import live_moments
+from medvec.config import Params
+from medvec.coordinator.compare import Comparison
+from medvec.coordinator.engine import BnPlan, MomentsFn
+from medvec.coordinator.scoring import EvalSets
+from medvec.data.images import DataSpec
+from medvec.data.sources import dataset_name
+from medvec.demo.report import DemoReport, draw_plots, render_table, write_report
+from medvec.demo.simulate import Clock
+from medvec.hospital.finetune import live_moments
+from medvec.hospital.local import LocalData
+from medvec.models import Base
 from medvec.record import MergeRecord
-from medvec.report import render_table, write_report
-from medvec.store import open_store
-from medvec.train import set_threads
-from medvec.vectors import utcnow
+from medvec.runtime import set_threads
+from medvec.store import VectorStore, open_store
+from medvec.timing import Started
+from medvec.vectors.file import VectorFile
 from tasks.coordinator import (
     admit_vectors,
+    compare_merges,
     contribution_scores,
-    evaluate_merges,
+    finish,
+    hospital_rows,
     publish_base,
-    publish_merge,
-    register_merge,
-    single_rows,
     split_hospitals,
 )
-from tasks.demo import centralized_row, control_row, simulate_async
+from tasks.demo import centralized, control, simulate_async
 
 
-def demo_params(
-    params_file: str | None, overrides: list[str] | None, hospitals: int | None, seed: int | None
-) -> Params:
-    """``params.yaml`` with the command line's overrides and the demo's shortcuts applied."""
-    extra = list(overrides or [])
-    if hospitals is not None:
-        extra += [f"split.hospitals={hospitals}", "split.names=null"]
-    if seed is not None:
-        extra += [f"finetune.seed={seed}", f"merge.seed={seed}"]
-    return load_params(params_file, extra)
+@dataclass
+class Network:
+    """The simulated network: its hospitals' local data, θ_pre, the coordinator's held-out sets and the store."""
+
+    params: Params
+    data: str
+    out: Path
+    store: VectorStore
+    base: Base
+    evalsets: EvalSets
+    split: dict
+    local: dict[str, LocalData]
+    progress: bool
 
 
-def registry_lines(doc: dict, params: Params) -> list[str]:
+def _network(params: Params, data: str, out: Path, progress: bool) -> Network:
+    """Split the data into hospitals, load the coordinator's held-out sets, publish θ_pre."""
+    for sub in ("hospitals", "vectors", "bases", "quarantine"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    store = open_store(str(out))
+    split = split_hospitals(data, str(out / "hospitals"), params)
+    evalsets = EvalSets.load(data, spec=DataSpec.of(params))
+    classes = max(split["classes"], evalsets.test.classes if evalsets.test else [], key=len)
+    base = publish_base(store, params, len(classes), classes)
+    get_run_logger().info("base %s (%s, %d px) published", base.sha256[:12], base.spec.name, base.spec.image_size)
+    label_run(tags=[base_tag(base.sha256)])
+    local = {h: LocalData.load(out / "hospitals" / h) for h in split["hospitals"]}
+    return Network(params, data, out, store, base, evalsets, split, local, progress)
+
+
+def _rows(net: Network, vectors: list[VectorFile], moments_fn: MomentsFn) -> tuple[list[dict], Comparison]:
+    """Each hospital's own model, every merge candidate, and the baselines, as report rows."""
+    p, base, evalsets = net.params, net.base, net.evalsets
+    rows = hospital_rows(base, vectors, evalsets, p)
+    comparison = compare_merges(base, vectors, evalsets, p, moments_fn, net.progress)
+    rows += [c.row() for c in comparison.candidates]
+    if p.demo.control:
+        bn = BnPlan.from_hospitals(p.batchnorm.strategy)
+        rows.append(control(base, vectors, evalsets, p, bn, moments_fn))
+    if p.demo.centralized:
+        rows.append(centralized(base, list(net.local.values()), evalsets, p, net.progress))
+    return rows, comparison
+
+
+def _simulate_async(net: Network, landings: int, straggler: float | None, moments_fn: MomentsFn) -> list[dict]:
+    """Every hospital lands ``landings`` more vectors into an asynchronous champion on a simulated clock."""
+    shutil.rmtree(net.out / "async", ignore_errors=True)
+    p = net.params
+    refine = p.model_copy(update={"refine": p.refine.model_copy(update={"mode": "async"})})
+    store = open_store(str(net.out / "async"))
+    store.put_base(net.base)
+    clock = Clock.seeded(list(net.local), p.split.seed + p.finetune.seed, straggler)
+    return simulate_async(store, net.base, net.local, refine, net.evalsets, landings, clock, net.progress, moments_fn)
+
+
+def _report(net: Network, vectors: list[VectorFile], rows: list[dict], seconds: float, asynchrony: dict | None):
+    """The report's contents before the selected merge is finished (no registry decision yet)."""
+    split = {k: net.split[k] for k in ("scheme", "alpha", "seed")} | {"hospitals": net.split["hospitals"]}
+    inputs = [
+        {"vector_id": v.meta.vector_id, "hospital": v.meta.hospital, "content_sha256": v.content_sha256, "path": str(v.path)}
+        for v in vectors
+    ]  # fmt: skip
+    return DemoReport(
+        dataset=dataset_name(net.data),
+        data=str(net.data),
+        model=net.base.spec.name,
+        base_sha256=net.base.sha256,
+        image_size=net.base.spec.image_size,
+        split=split,
+        params=net.params.model_dump(mode="json"),
+        vectors=inputs,
+        seconds=seconds,
+        async_=asynchrony,
+        results=rows,
+    )
+
+
+def _finish_selected(
+    net: Network,
+    vectors: list[VectorFile],
+    comparison: Comparison,
+    started: Started,
+    moments_fn: MomentsFn,
+    report: DemoReport,
+    curves: dict,
+) -> tuple[DemoReport, dict[str, Path]]:
+    """Score and finish the selected merge as the flows do; returns the report with the registry's decision."""
+    p, outcome = net.params, comparison.selected
+    outcome.scores = contribution_scores(net.base, vectors, outcome, p, net.evalsets, moments_fn, net.progress)
+    report.contribution = outcome.scores.to_json() if outcome.scores else None
+    plots = draw_plots(net.out, report, curves, net.split["classes"])
+    record = MergeRecord.build(outcome, vectors, net.base.sha256, p, net.evalsets.ref(), net.store.url, started,
+                               data=str(net.data))  # fmt: skip
+    shown: dict[str, Path] = {k: plots[k] for k in ("bars", "lambda", "confusion", "contribution") if k in plots}
+    record = finish(net.store, record, outcome, net.base, vectors, net.evalsets, shown)
+    label_run(tags=[f"merge:{record.merge_id}"])
+    report.merge_id = record.merge_id
+    report.registry = record.registry.to_json() if record.registry else None
+    return report, plots
+
+
+@flow(name="medvec-demo", flow_run_name=demo_run_name, log_prints=True)
+def demo(
+    params: Params | None = None,
+    data: str | None = None,
+    out: str | None = None,
+    progress: bool = True,
+    landings_per_hospital: int | None = None,
+    straggler: float | None = None,
+) -> dict:
+    """Run the multi-hospital comparison and write ``out/results.{json,md,png}``.
+
+    With ``landings_per_hospital`` C, every hospital then lands C more vectors into an
+    asynchronous champion on a simulated clock (``straggler``: the last hospital that
+    many times slower), one ``async`` row per landing.
+    """
+    logger, started = get_run_logger(), time.perf_counter()
+    p = params or Params()
+    data = data or p.demo.data
+    set_threads(p.finetune.threads)
+    timing.reset()
+    label_run(f"demo {dataset_name(data)} seed {p.finetune.seed}", ["medvec", "demo", f"data:{dataset_name(data)}"])
+    net = _network(p, data, Path(out or p.demo.out).resolve(), progress)
+    for hospital in net.local:
+        folder = str(net.out / "hospitals" / hospital)
+        hospital_finetune(hospital, folder, net.store.url, net.base.sha256, p, emit=True, progress=progress)
+    # the demo is a comparison: every hospital is merged, no outlier screen
+    vectors = admit_vectors(net.store, net.base, p.intake.model_copy(update={"defence": "off"})).admitted
+    moments_fn = live_moments(net.base, net.local, p.batchnorm)
+    merge_started = Started.now()
+    rows, comparison = _rows(net, vectors, moments_fn)
+    asynchrony = None
+    if landings_per_hospital:
+        rows += _simulate_async(net, landings_per_hospital, straggler, moments_fn)
+        refine = p.refine.model_dump(mode="json")
+        asynchrony = {"landings_per_hospital": landings_per_hospital, "straggler": straggler, "refine": refine}
+    report = _report(net, vectors, rows, round(time.perf_counter() - started, 1), asynchrony)
+    # every method under the configured BN strategy, and the selected candidate whatever its strategy
+    curves = {c.name: c.curve for c in comparison.candidates if c.bn == p.batchnorm.strategy or c.selected}
+    if p.registry.enabled:  # the selected merge, scored and finished as the flows finish theirs
+        report, plots = _finish_selected(net, vectors, comparison, merge_started, moments_fn, report, curves)
+    else:
+        plots = draw_plots(net.out, report, curves, net.split["classes"])
+    report.phases = timing.snapshot()
+    paths = write_report(net.out, report, plots)
+    text = render_table(report.to_json())
+    logger.info("\n%s", text)
+    create_markdown_artifact(
+        key="medvec-demo", markdown=artifact_markdown(report, paths, p), description="per-hospital vs merged metrics"
+    )
+    logger.info("report written to %s in %.0f s", net.out, report.seconds)
+    return {"results": str(paths["json"]), "table": text}
+
+
+def registry_lines(report: DemoReport, params: Params) -> list[str]:
     """What the registry did with the selected merge, with links to its MLflow pages."""
-    decision = doc.get("registry")
+    decision = report.registry
     if not decision:
         return ["Registry: off (`registry.enabled=false`); nothing was registered."]
-    from medvec import tracking
+    from medvec.tracking.server import run_url, version_url
 
     name, version = params.registry.model_name, decision["version"]
     verdict = "promoted to **champion**" if decision["champion"] else "registered, **not promoted**"
-    run = tracking.run_url(decision["run_id"], params.registry.ui_url)
-    page = tracking.version_url(name, version, params.registry.ui_url)
+    run = run_url(decision["run_id"], params.registry.ui_url)
+    page = version_url(name, version, params.registry.ui_url)
     return [
-        f"Registry: merge `{doc['merge_id']}` became [`{name}` version {version}]({page}), {verdict}: "
+        f"Registry: merge `{report.merge_id}` became [`{name}` version {version}]({page}), {verdict}: "
         f"{decision['reason']}.",
         "",
         f"[Its merge run in MLflow]({run}) links every hospital's fine-tune run and vector. "
@@ -79,143 +229,15 @@ def registry_lines(doc: dict, params: Params) -> list[str]:
     ]
 
 
-def artifact_markdown(doc: dict, paths: dict[str, Path], params: Params) -> str:
+def artifact_markdown(report: DemoReport, paths: dict[str, Path], params: Params) -> str:
     """The demo's Prefect artifact: the registry's decision with MLflow links, the charts inline, then the report."""
-    report = [line for line in paths["md"].read_text().splitlines() if not line.startswith("![")]
+    text = [line for line in paths["md"].read_text().splitlines() if not line.startswith("![")]
     charts = {
         "bars": "AUC by model (test split)",
         "lambda": "validation AUC against λ",
         "async": "async champion",
         "contribution": "what each hospital contributed",
     }
-    lines = [report[0], "", "## Registry", ""] + registry_lines(doc, params) + ["", "## Charts", ""]
+    lines = [text[0], "", "## Registry", ""] + registry_lines(report, params) + ["", "## Charts", ""]
     lines += [embedded_image(paths[key], alt) for key, alt in charts.items() if key in paths]
-    return "\n".join(lines + ["", "## All models", ""] + report[1:])
-
-
-@flow(name="medvec-demo", flow_run_name=demo_run_name, log_prints=True)
-def demo(
-    data: str | None = None,
-    out: str | None = None,
-    hospitals: int | None = None,
-    seed: int | None = None,
-    overrides: list[str] | None = None,
-    params_file: str | None = "params.yaml",
-    progress: bool = True,
-    contributions: int | None = None,
-    straggler: float | None = None,
-) -> dict:
-    """Run the multi-hospital comparison and write ``out/results.{json,md,png}``.
-
-    With ``contributions`` C, every hospital then contributes C more times to an
-    asynchronous champion on a simulated clock (``straggler``: the last hospital
-    that many times slower), one ``async`` row per landing.
-    """
-    logger = get_run_logger()
-    params = demo_params(params_file, overrides, hospitals, seed)
-    data = data or params.demo.data
-    out_dir = Path(out or params.demo.out).resolve()
-    set_threads(params.finetune.threads)
-    started = time.perf_counter()
-    timing.reset()
-    name = dataset_name(data)
-    label_run(f"demo {name} seed {params.finetune.seed}", ["medvec", "demo", f"data:{name}"])
-    for sub in ("hospitals", "vectors", "bases", "quarantine"):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-    store_url = str(out_dir)
-
-    split = split_hospitals(data, str(out_dir / "hospitals"), params)
-    evalsets = core.EvalSets.load(data, spec=DataSpec.of(params))
-    classes = max(split["classes"], evalsets.test.classes, key=len)
-    base = publish_base(store_url, params, len(classes), classes)
-    logger.info("base %s (%s, %d px) published", base.sha256[:12], base.spec.name, base.spec.image_size)
-    label_run(tags=[base_tag(base.sha256)])
-
-    dirs = [str(out_dir / "hospitals" / h) for h in split["hospitals"]]
-    for hospital, folder in zip(split["hospitals"], dirs):
-        hospital_finetune(hospital, folder, store_url, base.sha256, params, emit=True, progress=progress)
-
-    # the demo is a comparison: every hospital is merged, no outlier screen
-    admission = admit_vectors(store_url, base, params.intake.model_copy(update={"defence": "off"}))
-    vectors = admission.admitted
-    moments_fn = live_moments(base, dirs, params.batchnorm)
-    rows = single_rows(base, vectors, evalsets, params)
-    merge_started, merge_clock = utcnow(), time.perf_counter()
-    candidates = evaluate_merges(base, vectors, evalsets, params, moments_fn, progress)
-    rows += [c.row() for c in candidates]
-    if params.demo.control:
-        rows.append(
-            control_row(
-                base, vectors, evalsets, params, core.BnPlan.from_hospitals(params.batchnorm.strategy), moments_fn
-            )
-        )
-    if params.demo.centralized:
-        rows.append(centralized_row(base, dirs, evalsets, params, progress))
-    if contributions:
-        shutil.rmtree(out_dir / "async", ignore_errors=True)
-        refine = params.model_copy(update={"refine": params.refine.model_copy(update={"mode": "async"})})
-        folders = dict(zip(split["hospitals"], dirs))
-        rows += simulate_async(
-            str(out_dir / "async"), base, folders, refine, evalsets, contributions, straggler, progress, moments_fn
-        )
-
-    doc = {
-        "dataset": name,
-        "data": str(data),
-        "model": base.spec.name,
-        "base_sha256": base.sha256,
-        "image_size": base.spec.image_size,
-        "split": {k: split[k] for k in ("scheme", "alpha", "seed")} | {"hospitals": split["hospitals"]},
-        "params": params.model_dump(mode="json"),
-        "vectors": [
-            {
-                "vector_id": v.meta.vector_id,
-                "hospital": v.meta.hospital,
-                "content_sha256": v.content_sha256,
-                "path": str(v.path),
-            }
-            for v in vectors
-        ],
-        "seconds": round(time.perf_counter() - started, 1),
-        "async": {
-            "contributions": contributions,
-            "straggler": straggler,
-            "refine": params.refine.model_dump(mode="json"),
-        }
-        if contributions
-        else None,
-        "results": rows,
-    }
-    # every method under the configured BN strategy, and the selected candidate whatever its strategy
-    curves = {c.name: c.curve for c in candidates if c.bn == params.batchnorm.strategy or c.selected}
-    classes = split["classes"]
-    record = None
-    if params.registry.enabled:  # the selected merge, scored and stored, for the registry
-        selected = next(c for c in candidates if c.selected)
-        outcome = core.outcome_of(
-            base, vectors, selected, core.BnPlan.from_hospitals(selected.bn), params, moments_fn, evalsets
-        )
-        outcome.scores = contribution_scores(base, vectors, outcome, params, evalsets, moments_fn, progress)
-        record = MergeRecord.build(
-            outcome, vectors, base.sha256, params, evalsets.ref(), store_url, merge_started, merge_clock, data=str(data)
-        )
-        record = publish_merge(store_url, record, outcome, base)
-        doc["contribution"] = outcome.scores.to_json() if outcome.scores else None
-    doc["phases"] = timing.snapshot()
-    paths = write_report(out_dir, doc, curves, classes)
-    if record is not None:
-        plots = {k: paths[k] for k in ("bars", "lambda", "confusion", "contribution") if k in paths}
-        decision = register_merge(record, outcome.model, base, evalsets, plots)
-        open_store(store_url).put_merge(record.model_copy(update={"registry": decision}))  # with the gate's verdict
-        doc["merge_id"] = record.merge_id
-        label_run(tags=[f"merge:{record.merge_id}"])
-        doc["registry"] = decision.to_json()
-        doc["phases"] = timing.snapshot()  # the registry's own model scoring included
-        paths = write_report(out_dir, doc, curves, classes)  # again, now naming the registered version
-    text = render_table(doc)
-    logger.info("\n%s", text)
-    create_markdown_artifact(
-        key="medvec-demo", markdown=artifact_markdown(doc, paths, params), description="per-hospital vs merged metrics"
-    )
-    logger.info("report written to %s in %.0f s", out_dir, doc["seconds"])
-    return {"results": str(paths["json"]), "table": text}
+    return "\n".join(lines + ["", "## All models", ""] + text[1:])

@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from flows.events import VECTOR_LANDED
 from flows.hospital_finetune import HOSPITAL_FLOW
@@ -111,7 +111,7 @@ def deploy_hospital(
     if cron and interval:
         raise ValueError("give --cron or --interval, not both")
     ensure_pool(hospital_pool(name))
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if cron:
         kwargs["cron"] = cron
     if interval:
@@ -155,18 +155,19 @@ def _hospital_deployment(name: str) -> Iterator[str]:
 def set_hospital_schedule(name: str, cron: str | None = None, interval: float | None = None) -> None:
     """Replace the schedules of ``hospital-finetune/<name>``."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, NoSchedule, RRuleSchedule
 
     with get_client(sync_client=True) as client, _hospital_deployment(name) as full:
         dep = client.read_deployment_by_name(full)
         for s in client.read_deployment_schedules(dep.id):
             client.delete_deployment_schedule(dep.id, s.id)
+        schedule: IntervalSchedule | CronSchedule | RRuleSchedule | NoSchedule | None = None
         if cron:
-            client.create_deployment_schedules(dep.id, [(CronSchedule(cron=cron), True)])
+            schedule = CronSchedule(cron=cron)
         elif interval:
-            client.create_deployment_schedules(
-                dep.id, [(IntervalSchedule(interval=dt.timedelta(seconds=interval)), True)]
-            )
+            schedule = IntervalSchedule(interval=dt.timedelta(seconds=interval))
+        if schedule is not None:
+            client.create_deployment_schedules(dep.id, [(schedule, True)])
 
 
 def run_hospital(name: str, timeout: float | None = None):

@@ -10,17 +10,19 @@ model when one exists), publishes it atomically and emits
 
 from __future__ import annotations
 
+import tempfile
+
 from prefect import flow, get_run_logger
 
 from flows.events import emit_vector_landed
 from flows.ui import base_tag, hospital_run_name, label_run
 from medvec.config import Params
-from medvec.hospital import for_upload
+from medvec.hospital.finetune import for_upload
+from medvec.runtime import set_threads
 from medvec.store import open_store
-from medvec.train import set_threads
+from tasks.common import fetch_base
 from tasks.hospital import (
     attach_moments,
-    fetch_base,
     fetch_start,
     finetune_hospital,
     load_local_data,
@@ -53,32 +55,35 @@ def hospital_finetune(
     logger = get_run_logger()
     p = params or Params()
     set_threads(p.finetune.threads)
-    base_sha256 = base_sha256 or open_store(store_url).current_base()
+    store = open_store(store_url)  # once for the run: every task below takes it
+    base_sha256 = base_sha256 or store.current_base()
     label_run(tags=["medvec", "hospital", f"hospital:{hospital}", base_tag(base_sha256)])
-    base = fetch_base(store_url, base_sha256)
-    start, version = fetch_start(store_url, base, p.hospital.start_from)
+    base = fetch_base(store, base_sha256)
+    start, version = fetch_start(store, base, p.hospital.start_from)
     data = load_local_data(data_dir, p)
     vector, training = finetune_hospital(base, hospital, data, p.finetune, progress, start, version, p.privacy)
     if p.batchnorm.strategy == "recompute" and not p.privacy.enabled:  # under DP no moment sums leave
-        vector = attach_moments(store_url, base, vector, data, p.batchnorm)
+        vector = attach_moments(store, base, vector, data, p.batchnorm)
     if p.privacy.enabled:
         spend_privacy_budget(vector, p.privacy, data_dir)
     vector = for_upload(vector, p.vectors)
-    summary = publish_vector(store_url, vector, base, key_file)
-    if p.privacy.enabled:
-        spent = vector.meta.privacy
+    with tempfile.TemporaryDirectory(prefix="medvec-published-") as folder:
+        published = publish_vector(store, vector, base, folder, key_file)
+        if vector.meta.privacy is not None:
+            spent = vector.meta.privacy
+            logger.info(
+                "DP-SGD: ε=%.3f at δ=%.2g (%s, σ=%.3f)",
+                spent.epsilon,
+                spent.delta,
+                spent.accountant,
+                spent.noise_multiplier,
+            )
         logger.info(
-            "DP-SGD: ε=%.3f at δ=%.2g (%s, σ=%.3f)",
-            spent.epsilon,
-            spent.delta,
-            spent.accountant,
-            spent.noise_multiplier,
+            "published %s (content %s…, n=%d)", published.vector_id, published.content_sha256[:12], published.n_train
         )
-    logger.info(
-        "published %s (content %s…, n=%d)", summary["vector_id"], summary["content_sha256"][:12], summary["n_train"]
-    )
-    if p.registry.enabled:
-        summary["mlflow_run_id"] = track_hospital_run(summary, vector.meta.finetune, training)
+        summary = published.summary()
+        if p.registry.enabled:  # the file as published, not read back from the store
+            summary["mlflow_run_id"] = track_hospital_run(published, vector.meta.finetune, training)
     if emit:
         emit_vector_landed(summary)
     return summary

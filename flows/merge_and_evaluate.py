@@ -14,35 +14,37 @@ newer than the last merge and merges them.
 from __future__ import annotations
 
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.ui import base_tag, embedded_image, label_run, merge_run_name
-from medvec import contribution
-from medvec import coordinator as core
 from medvec.config import Params
-from medvec.data import DataSpec, load_split
-from medvec.evaluate import bar_chart, confusion_figure, contribution_plot, lambda_curve, results_frame
+from medvec.coordinator.compare import Candidate
+from medvec.coordinator.contribution import markdown
+from medvec.coordinator.intake import Admission
+from medvec.coordinator.scoring import EvalSets
+from medvec.data.images import DataSpec, ImageSet
+from medvec.data.sources import load_split
+from medvec.evaluate import bar_chart, contribution_plot, results_frame
+from medvec.models import Base
 from medvec.record import MergeRecord
-from medvec.store import open_store
-from medvec.train import set_threads
-from medvec.vectors import utcnow
+from medvec.runtime import set_threads
+from medvec.store import VectorStore, open_store
+from medvec.timing import Started
+from tasks.common import fetch_base
 from tasks.coordinator import (
     admit_vectors,
+    async_step,
+    finish,
+    hospital_rows,
     last_merge,
     merge_task,
-    publish_merge,
     quarantine_excluded,
-    record_in_dvc,
-    refine_task,
-    register_merge,
-    single_rows,
     supersede_queued,
 )
-from tasks.hospital import fetch_base
 
 MERGE_FLOW = "merge-and-evaluate"
 
@@ -59,30 +61,19 @@ def _summary(record: MergeRecord, skipped: bool = False, reason: str | None = No
     }
 
 
-def _plots(record: MergeRecord, outcome: core.MergeOutcome, evalsets: core.EvalSets, folder: Path) -> dict[str, Path]:
-    """λ curve and confusion matrix of one merge, as PNG files in ``folder``."""
-    title = f"merge {record.merge_id}: validation AUC against λ (validation split)"
-    curve = {outcome.method: outcome.curve}
-    chosen = {outcome.method: outcome.lam}
-    plots = {"lambda": lambda_curve(curve, folder / "lambda.png", chosen=chosen, selected=outcome.method, title=title)}
-    if outcome.scores is not None:
-        title = f"merge {record.merge_id}: each input's contribution (validation split)"
-        plots["contribution"] = contribution_plot(outcome.scores, folder / "contributions.png", title)
-    split, metrics = ("test", outcome.test) if outcome.test else ("validation", outcome.val)
-    conf = confusion_figure(
-        metrics, evalsets.val.classes, folder / "confusion.png", f"merge {record.merge_id}: {split} split"
-    )
-    if conf is not None:
-        plots["confusion"] = conf
-    return plots
-
-
 def _merged_row(record: MergeRecord, outcome, name: str | None = None) -> dict:
     """The report row of the merged model (a one-shot merge or an async step)."""
     name = name or f"merged ({outcome.method}, λ={outcome.lam:g})"
     test = outcome.test or {}
-    return core.Candidate(
-        name, "merged", outcome.method, outcome.lam, outcome.bn.strategy, outcome.val, test, record.n_train
+    return Candidate(
+        name=name,
+        kind="merged",
+        method=outcome.method,
+        lam=outcome.lam,
+        bn=outcome.bn.strategy,
+        val=outcome.val,
+        test=test,
+        n_train=record.n_train,
     ).row()
 
 
@@ -111,7 +102,7 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
             f"| {r['name']} | {r['kind']} | {r['val'].get('auc', float('nan')):.3f} | {r['test'].get('auc', float('nan')):.3f} | {r['test'].get('balanced_accuracy', float('nan')):.3f} |"
         )
     if record.contribution is not None:
-        lines += ["", "**What each input contributed**", "", *contribution.markdown(record.contribution)]
+        lines += ["", "**What each input contributed**", "", *markdown(record.contribution)]
     if record.screened:
         lines += ["", "**Outlier defence**", ""] + [
             f"- {s.hospital} `{s.vector_id}`: {s.action} — {s.reason}" for s in record.screened
@@ -138,24 +129,7 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
     create_markdown_artifact(key="merge-report", markdown="\n".join(lines), description=f"merge {record.merge_id}")
 
 
-def _finish(
-    store_url: str, record: MergeRecord, outcome, base, evalsets, vectors, p: Params, decided=None
-) -> MergeRecord:
-    """DVC registry commit, MLflow registration and gate, then ``latest.json`` moves (last)."""
-    if p.registry.dvc_repo:
-        if not p.registry.dvc_remote:
-            raise ValueError("registry.dvc_repo is set but registry.dvc_remote is not")
-        record = record.model_copy(update={"dvc_commit": record_in_dvc(record, vectors, p)})
-    if p.registry.enabled:
-        with tempfile.TemporaryDirectory() as tmp:
-            plots = _plots(record, outcome, evalsets, Path(tmp))
-            decision = register_merge(record, outcome.model, base, evalsets, plots, decided)
-            record = record.model_copy(update={"registry": decision})
-    open_store(store_url).put_merge(record)  # a crash before here leaves the merge to be redone
-    return record
-
-
-def _supersede(admission, reason: str) -> None:
+def _supersede(admission: Admission, reason: str) -> None:
     """Cancel the queued runs this run answers; a failure costs only those runs' time, never this merge."""
     listed = [v.meta.vector_id for v in admission.admitted] + [s.vector_id for s in admission.screened]
     try:
@@ -167,12 +141,29 @@ def _supersede(admission, reason: str) -> None:
         get_run_logger().info("cancelled %d queued run(s) this run answers (%s)", n, reason)
 
 
-def _step(
-    store_url: str, base, admission, p: Params, eval_data: str, calibration_data: str | None, trigger: dict
-) -> dict:
+@dataclass
+class Run:
+    """What one run of the flow works with: its settings, its one open store, the base, and when it began."""
+
+    params: Params
+    store: VectorStore
+    base: Base
+    eval_data: str
+    calibration_data: str | None
+    trigger: dict[str, str]
+    started: Started
+
+    def evalsets(self) -> EvalSets:
+        return EvalSets.load(self.eval_data, spec=DataSpec.of(self.params))
+
+    def calibration(self) -> ImageSet | None:
+        return load_split(self.calibration_data, "train") if self.calibration_data else None
+
+
+def _step(run: Run, admission: Admission) -> dict:
     """Async mode: once the buffer holds B vectors, one step into the champion (promoted if better)."""
     logger = get_run_logger()
-    n, need = len(admission.admitted), p.refine.buffer
+    n, need = len(admission.admitted), run.params.refine.buffer
     if n < need:
         logger.info("buffer holds %d of %d vectors: no step yet", n, need)
         return {
@@ -180,17 +171,53 @@ def _step(
             "reason": f"buffer holds {n} of {need}",
             "inputs": [v.meta.vector_id for v in admission.admitted],
         }
-    evalsets = core.EvalSets.load(eval_data, spec=DataSpec.of(p))
-    calibration = load_split(calibration_data, "train") if calibration_data else None
-    step = refine_task(store_url, base, admission, p, evalsets, calibration, trigger)
-    label_run(f"{step.record.merge_id} (async step)", [f"merge:{step.record.merge_id}"])
-    record = _finish(
-        store_url, step.record, step.outcome, base, evalsets, step.vectors, p, (step.promoted, step.reason)
+    done = async_step(
+        run.store, run.base, admission, run.params, run.evalsets(), run.calibration(), run.trigger, run.started
     )
+    record = done.record
+    label_run(f"{record.merge_id} (async step)", [f"merge:{record.merge_id}"])
     name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"
-    _artifact(record, [_merged_row(record, step.outcome, name)])
-    logger.info("step %s: %s", record.merge_id, step.reason)
-    return _summary(record) | {"promoted": step.promoted, "version": record.version, "reason": step.reason}
+    _artifact(record, [_merged_row(record, done.step.outcome, name)])
+    logger.info("step %s: %s", record.merge_id, done.verdict)
+    return _summary(record) | {"promoted": done.promoted, "version": record.version, "reason": done.verdict}
+
+
+def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
+    """One-shot mode: merge every hospital's newest admitted vector, unless the last merge holds them all."""
+    logger, vectors = get_run_logger(), admission.admitted
+    if not vectors:
+        logger.info("no vectors for base %s yet", run.base.sha256[:12])
+        return {"skipped": True, "reason": "no vectors", "inputs": []}
+    last = last_merge(run.store, run.base.sha256)
+    if not force and last is not None and last.input_ids() == sorted(v.meta.vector_id for v in vectors):
+        logger.info("nothing new since merge %s", last.merge_id)
+        _supersede(admission, f"merge {last.merge_id} already holds every vector listed")
+        return _summary(last, skipped=True, reason="no new vectors")
+    evalsets = run.evalsets()
+    guarded = merge_task(run.base, vectors, run.params, evalsets, run.calibration())
+    outcome, vectors = guarded.outcome, guarded.vectors
+    harmful = quarantine_excluded(run.store, guarded.excluded) if guarded.excluded else []
+    record = MergeRecord.build(
+        outcome,
+        vectors,
+        run.base.sha256,
+        run.params,
+        evalsets.ref(),
+        run.store.url,
+        run.started,
+        screened=tuple(admission.screened),
+        quarantined=(*admission.rejected, *harmful),
+        trigger=run.trigger,
+    )
+    label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"
+    record = finish(run.store, record, outcome, run.base, vectors, evalsets)
+    _supersede(admission, f"merge {record.merge_id} holds every vector listed")
+    rows = hospital_rows(run.base, vectors, evalsets, run.params, run.store)
+    _artifact(record, [*rows, _merged_row(record, outcome)])
+    logger.info(
+        "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))
+    )
+    return _summary(record)
 
 
 @flow(name=MERGE_FLOW, flow_run_name=merge_run_name, log_prints=True)
@@ -206,50 +233,14 @@ def merge_and_evaluate(
 
     ``trigger`` carries the landed event (id, vector) when an automation started the run.
     """
-    logger = get_run_logger()
     p = params or Params()
     set_threads(p.finetune.threads)
-    started_at, clock = utcnow(), time.perf_counter()
-    store = open_store(store_url)
+    started = Started.now()
+    store = open_store(store_url)  # once for the run: every task below takes it
     base_sha = store.current_base()
     label_run(tags=["medvec", "coordinator", f"mode:{p.refine.mode}", base_tag(base_sha)])
-    base = fetch_base(store_url, base_sha)
-    admission = admit_vectors(store_url, base, p.intake, p.refine)
-    vectors = admission.admitted
+    run = Run(p, store, fetch_base(store, base_sha), eval_data, calibration_data, trigger or {}, started)
+    admission = admit_vectors(store, run.base, p.intake, p.refine)
     if p.refine.mode == "async":
-        return _step(store_url, base, admission, p, eval_data, calibration_data, trigger or {})
-    if not vectors:
-        logger.info("no vectors for base %s yet", base_sha[:12])
-        return {"skipped": True, "reason": "no vectors", "inputs": []}
-    last = last_merge(store_url, base_sha)
-    if not force and last is not None and last.input_ids() == sorted(v.meta.vector_id for v in vectors):
-        logger.info("nothing new since merge %s", last.merge_id)
-        _supersede(admission, f"merge {last.merge_id} already holds every vector listed")
-        return _summary(last, skipped=True, reason="no new vectors")
-    evalsets = core.EvalSets.load(eval_data, spec=DataSpec.of(p))
-    calibration = load_split(calibration_data, "train") if calibration_data else None
-    guarded = merge_task(base, vectors, p, evalsets, calibration)
-    outcome, vectors = guarded.outcome, guarded.vectors
-    harmful = quarantine_excluded(store_url, guarded.excluded) if guarded.excluded else []
-    record = MergeRecord.build(
-        outcome,
-        vectors,
-        base_sha,
-        p,
-        evalsets.ref(),
-        store_url,
-        started_at,
-        clock,
-        screened=tuple(admission.screened),
-        quarantined=(*admission.rejected, *harmful),
-        trigger=trigger or {},
-    )
-    label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"
-    record = publish_merge(store_url, record, outcome, base)
-    record = _finish(store_url, record, outcome, base, evalsets, vectors, p)
-    _supersede(admission, f"merge {record.merge_id} holds every vector listed")
-    _artifact(record, [*single_rows(base, vectors, evalsets, p, store_url), _merged_row(record, outcome)])
-    logger.info(
-        "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))
-    )
-    return _summary(record)
+        return _step(run, admission)
+    return _oneshot(run, admission, force)

@@ -54,14 +54,16 @@ class RunningStats:
 
     @classmethod
     def of(cls, model: nn.Module, count: int) -> "RunningStats":
+        """``model``'s BN running means and variances (float32 copies), credited to ``count`` samples."""
         layers = bn_layers(model)
         return cls(
-            {k: m.running_mean.detach().clone().float() for k, m in layers.items()},
-            {k: m.running_var.detach().clone().float() for k, m in layers.items()},
+            {k: _stat(m, "running_mean").detach().clone().float() for k, m in layers.items()},
+            {k: _stat(m, "running_var").detach().clone().float() for k, m in layers.items()},
             int(count),
         )
 
     def to_tensors(self, prefix: str = "bn:") -> dict[str, torch.Tensor]:
+        """The statistics as flat tensors for a vector file: ``<prefix><layer>.running_mean`` and ``.running_var``."""
         out: dict[str, torch.Tensor] = {}
         for k in self.mean:
             out[f"{prefix}{k}.running_mean"] = self.mean[k].contiguous()
@@ -70,7 +72,10 @@ class RunningStats:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], count: int, prefix: str = "bn:") -> "RunningStats":
-        mean, var = {}, {}
+        """The inverse of :meth:`to_tensors`: the statistics under ``prefix`` in ``tensors`` (other keys ignored),
+        credited to ``count`` samples."""
+        mean: dict[str, torch.Tensor] = {}
+        var: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
             if not key.startswith(prefix):
                 continue
@@ -104,6 +109,7 @@ class MomentSums:
 
     @staticmethod
     def combine(parts: Iterable["MomentSums"]) -> "MomentSums":
+        """The sum of ``parts``; empty sums when there are none."""
         total = MomentSums()
         for p in parts:
             total = total + p
@@ -118,6 +124,7 @@ class MomentSums:
         return mean, var
 
     def to_tensors(self, prefix: str = "moments:") -> dict[str, torch.Tensor]:
+        """The sums as flat tensors for a file: ``<prefix><layer>.count`` (one float64), ``.sum`` and ``.sumsq``."""
         out: dict[str, torch.Tensor] = {}
         for k in self.count:
             out[f"{prefix}{k}.count"] = torch.tensor([self.count[k]], dtype=torch.float64)
@@ -134,12 +141,14 @@ class MomentSums:
 
     @classmethod
     def load(cls, path: str | Path) -> "MomentSums":
+        """Read sums that :meth:`save` wrote."""
         from safetensors.torch import load_file
 
         return cls.from_tensors(load_file(str(path)))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "moments:") -> "MomentSums":
+        """The inverse of :meth:`to_tensors`: the sums under ``prefix`` in ``tensors`` (other keys ignored), float64."""
         m = cls()
         for key, t in tensors.items():
             if not key.startswith(prefix):
@@ -222,13 +231,16 @@ def moment_sums(
 
 
 def set_running(model: nn.Module, mean: dict[str, torch.Tensor], var: dict[str, torch.Tensor]) -> None:
+    """Copy ``mean`` and ``var`` into every BN layer's running statistics, in place; ValueError naming the layers
+    ``mean`` has no statistics for."""
     layers = bn_layers(model)
     missing = set(layers) - set(mean)
     if missing:
         raise ValueError(f"no statistics for batch-norm layers {sorted(missing)[:5]}")
     for k, m in layers.items():
-        m.running_mean.copy_(mean[k].to(m.running_mean))
-        m.running_var.copy_(var[k].to(m.running_var))
+        for stat, value in (("running_mean", mean[k]), ("running_var", var[k])):
+            target = _stat(m, stat)
+            target.copy_(value.to(target))
 
 
 def average_running(stats: list[RunningStats]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -236,9 +248,27 @@ def average_running(stats: list[RunningStats]) -> tuple[dict[str, torch.Tensor],
     total = float(sum(s.count for s in stats))
     if total <= 0:
         raise ValueError("average needs hospitals with a positive sample count")
-    mean = {k: sum(s.mean[k].double() * (s.count / total) for s in stats) for k in stats[0].mean}
-    var = {k: sum(s.var[k].double() * (s.count / total) for s in stats) for k in stats[0].var}
+    shares = [s.count / total for s in stats]
+    mean = {k: _weighted_sum([s.mean[k] for s in stats], shares) for k in stats[0].mean}
+    var = {k: _weighted_sum([s.var[k] for s in stats], shares) for k in stats[0].var}
     return mean, var
+
+
+def _weighted_sum(tensors: list[torch.Tensor], shares: list[float]) -> torch.Tensor:
+    """Σ_i share_i · t_i in float64, summed left to right from 0 as Python's ``sum`` does."""
+    total: torch.Tensor | int = 0
+    for t, share in zip(tensors, shares):
+        total = total + t.double() * share
+    assert isinstance(total, torch.Tensor), "no statistics to average"
+    return total
+
+
+def _stat(layer: nn.Module, name: str) -> torch.Tensor:
+    """A BN layer's running statistic; a layer built without running statistics has none to use."""
+    value = getattr(layer, name)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"a batch-norm layer without {name} (track_running_stats=False) cannot be merged")
+    return value
 
 
 def restore_batchnorm(

@@ -9,7 +9,7 @@ be overridden with ``-S section.key=value``; values are parsed as YAML, so
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,11 @@ from medvec.errors import UserError
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def hospital_names(n: int) -> list[str]:
+    """The default names of ``n`` simulated hospitals: ``h1`` … ``hn``."""
+    return [f"h{i + 1}" for i in range(n)]
 
 
 class SplitConfig(_Frozen):
@@ -39,7 +44,8 @@ class SplitConfig(_Frozen):
         return self
 
     def hospital_names(self) -> list[str]:
-        return list(self.names) if self.names else [f"h{i + 1}" for i in range(self.hospitals)]
+        """The hospitals' names: ``names`` when given, else ``h1`` … ``hn``."""
+        return list(self.names) if self.names else hospital_names(self.hospitals)
 
 
 class ModelConfig(_Frozen):
@@ -70,7 +76,7 @@ class DataConfig(_Frozen):
 
 
 class VectorsConfig(_Frozen):
-    """How a hospital stores the vector it uploads (:mod:`medvec.encoding`); intake decodes any of them."""
+    """How a hospital stores the vector it uploads (:mod:`medvec.vectors.encoding`); intake decodes any of them."""
 
     encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_channel", "int4", "topk"] = Field(
         "fp32", description="fp32 | fp16 | bf16 | int8 (one scale per tensor) | int8_channel | int4 | topk"
@@ -85,15 +91,10 @@ class VectorsConfig(_Frozen):
             raise ValueError(f"group_size must be even (two 4-bit values per byte), not {value}")
         return value
 
-    def spec(self):
-        """The :class:`medvec.encoding.Encoding` these settings name."""
-        from medvec.encoding import Encoding
-
-        extra = {"int4": {"group_size": self.group_size}, "topk": {"density": self.density}}.get(self.encoding, {})
-        return Encoding(name=self.encoding, **extra)
-
 
 class FinetuneConfig(_Frozen):
+    """How a hospital fine-tunes its start point: AdamW with warm-up and cosine decay, class weights, augmentation."""
+
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -128,9 +129,15 @@ class PrivacyConfig(_Frozen):
     )
 
 
+MethodName = Literal["sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)  # the registry in medvec.coordinator.methods, in its order
+
+
 class MergeConfig(_Frozen):
-    methods: tuple[str, ...] = ("sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median")
-    method: str = "task_arithmetic"
+    """Which merge methods the coordinator tries and promotes, and their settings (medvec.coordinator.methods)."""
+
+    methods: tuple[MethodName, ...] = METHOD_NAMES  # type: ignore[assignment]
+    method: MethodName = "task_arithmetic"
     lam: float | None = Field(None, description="fixed lambda; None selects it on the validation split")
     lambdas: tuple[float, ...] | None = Field(
         None, description="λ grid for every method; None uses each method's own grid"
@@ -139,8 +146,21 @@ class MergeConfig(_Frozen):
     dare_drop: float = Field(0.5, ge=0, lt=1)
     seed: int = 0
 
+    @field_validator("methods", "method", mode="before")
+    @classmethod
+    def _known(cls, value: Any) -> Any:
+        """An unknown name is refused with the list of valid ones (as the registry says it)."""
+        names = [value] if isinstance(value, str) else list(value or [])
+        unknown = [n for n in names if n not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown merge method {unknown[0]!r}: valid methods are {', '.join(METHOD_NAMES)}")
+        return value
+
 
 class BatchNormConfig(_Frozen):
+    """BN statistics of merged models (:mod:`medvec.batchnorm`): ``strategy`` for production merges and steps,
+    ``strategies`` for the comparison, and how many local samples feed a hospital's moment sums."""
+
     strategy: Literal["none", "average", "recompute"] = "recompute"
     strategies: tuple[Literal["none", "average", "recompute"], ...] = ("none", "average", "recompute")
     max_samples: int = Field(256, ge=1, description="samples per hospital for moment sums")
@@ -148,6 +168,8 @@ class BatchNormConfig(_Frozen):
 
 
 class EvaluateConfig(_Frozen):
+    """How models are scored on the held-out set: batch size, the metric that selects, and the threshold rule."""
+
     batch_size: int = Field(64, ge=1, description="64 is ~3x faster than 256 on CPU (cache)")
     select_metric: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
     threshold: Literal["youden", "sensitivity"] = Field(
@@ -157,10 +179,14 @@ class EvaluateConfig(_Frozen):
 
 
 class StoreConfig(_Frozen):
+    """Where the vector store is (:func:`medvec.store.open_store`): a local folder or an S3 URL."""
+
     url: str = Field(".medvec/store", description="local folder or s3://bucket/prefix[?endpoint_url=...]")
 
 
 class CoordinatorConfig(_Frozen):
+    """The coordinator's held-out evaluation data, optional BN calibration images, and its reconcile interval."""
+
     eval_data: str = Field(
         "data/pneumoniamnist.npz", description="the coordinator's held-out set (val chooses, test reports)"
     )
@@ -181,6 +207,16 @@ class IntakeConfig(_Frozen):
     )
     harm_z: float = Field(2.0, ge=0, description="harmful: LOO below −harm_z × its paired-bootstrap standard error")
     harm_min: float = Field(0.01, ge=0, description="harmful: and LOO below −harm_min (the metric's units)")
+
+    @property
+    def max_bytes(self) -> int:
+        """``max_vector_mb`` in bytes: the largest vector file intake reads."""
+        return int(self.max_vector_mb * 1024 * 1024)
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        """``max_metadata_kb`` in bytes: the largest metadata a vector may carry."""
+        return int(self.max_metadata_kb * 1024)
 
     @field_validator("defence", "harmful", mode="before")
     @classmethod
@@ -208,6 +244,8 @@ class ContributionConfig(_Frozen):
 
 
 class RegistryConfig(_Frozen):
+    """MLflow tracking and the registry's champion gate, and the optional git+DVC registry of merged vectors."""
+
     enabled: bool = Field(True, description="log runs and register merged models in MLflow")
     model_name: str = "medvec"
     champion_margin: float = Field(
@@ -250,6 +288,9 @@ class RefineConfig(_Frozen):
 
 
 class DemoConfig(_Frozen):
+    """``medvec demo``: its data, its output folder, and whether it adds the random-vector control and the
+    centralized upper bound."""
+
     data: str = "data/pneumoniamnist.npz"
     out: str = "reports/demo"
     control: bool = True
@@ -257,6 +298,8 @@ class DemoConfig(_Frozen):
 
 
 class Params(_Frozen):
+    """All of ``params.yaml``, one section per stage; a section left out takes its defaults."""
+
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -274,18 +317,6 @@ class Params(_Frozen):
     hospital: HospitalConfig = HospitalConfig()
     refine: RefineConfig = RefineConfig()
     demo: DemoConfig = DemoConfig()
-
-    @field_validator("merge")
-    @classmethod
-    def _known_methods(cls, value: MergeConfig) -> MergeConfig:
-        from medvec.merge import UnknownMethodError, get_method
-
-        for name in (*value.methods, value.method):
-            try:
-                get_method(name)
-            except UnknownMethodError as exc:
-                raise ValueError(str(exc)) from None
-        return value
 
 
 class ConfigError(UserError, ValueError):

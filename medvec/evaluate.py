@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from medvec.data import ImageSet, batches
+from medvec.data.images import ImageSet
 from medvec.models import ModelSpec
+from medvec.preprocess import batches
 from medvec.timing import timed
 
 
@@ -62,6 +63,7 @@ def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict:
 
 
 def per_label_auc(y_true: np.ndarray, proba: np.ndarray) -> list[float]:
+    """The ROC-AUC of each label column; NaN for a label with one class in ``y_true`` or non-finite probabilities."""
     return [_binary_or_nan(y_true[:, c], proba[:, c]) for c in range(y_true.shape[1])]
 
 
@@ -226,6 +228,7 @@ def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals; an en dash for None or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:.{digits}f}"
@@ -240,6 +243,9 @@ def md_inert(text: object) -> str:
 
 
 def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str] | None = None) -> str:
+    """``df``'s ``columns`` as a markdown table under ``headers`` (default: the column names).
+
+    Floats are written by :func:`fmt`, None as an empty cell; cells are not escaped (see :func:`md_inert`)."""
     headers = headers or columns
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for _, row in df.iterrows():

@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def failpoint(name: str) -> None:
+    """At the failpoint ``name``, when ``MEDVEC_FAILPOINT`` names it: write ``name`` to ``MEDVEC_FAILPOINT_MARKER``
+    (if set) and sleep ``MEDVEC_FAILPOINT_SECONDS`` (default 120); otherwise return at once."""
     if os.environ.get("MEDVEC_FAILPOINT") != name:
         return
     marker = os.environ.get("MEDVEC_FAILPOINT_MARKER")

@@ -62,12 +62,8 @@ class ModelSpec:
     pretrained: bool = False
     source: str = ""
 
-    def with_image_size(self, size: int | None) -> "ModelSpec":
-        if size is None:
-            return self
-        return ModelSpec(self.name, size, self.in_chans, self.mean, self.std, self.pretrained, self.source)
-
     def to_dict(self) -> dict:
+        """The spec as JSON-ready data (tuples as lists), as base files and ``bases/current.json`` record it."""
         return {
             "name": self.name,
             "image_size": self.image_size,
@@ -79,7 +75,7 @@ class ModelSpec:
         }
 
 
-Builder = Callable[[int, bool, int, int], tuple[nn.Module, ModelSpec]]
+Builder = Callable[[int, bool, int | None, int], tuple[nn.Module, ModelSpec]]
 _REGISTRY: dict[str, Builder] = {}
 
 
@@ -268,16 +264,15 @@ class Base:
 
     @property
     def classes_sha256(self) -> str | None:
-        from medvec.data import classes_sha256
+        """The class list's hash that vectors must carry (:func:`~medvec.data.images.classes_sha256`); None when
+        no class list is recorded."""
+        from medvec.data.images import classes_sha256
 
         return classes_sha256(self.classes) if self.classes else None
 
     def with_model(self, model: nn.Module, sha256: str) -> "Base":
         """Other weights (a merge, a champion) of the same architecture, spec, classes and task."""
         return Base(model, self.spec, self.num_classes, sha256, self.classes, self.task)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def fresh(self) -> nn.Module:
         """A new model instance holding θ_pre (the original is never trained in place)."""
@@ -289,6 +284,7 @@ class Base:
 def create_base(
     name: str, num_classes: int, pretrained: bool = True, image_size: int | None = None, seed: int = 0
 ) -> Base:
+    """θ_pre built by :func:`build_model`, in eval mode, identified by its state's sha256 (no class list recorded)."""
     model, spec = build_model(name, num_classes, pretrained=pretrained, image_size=image_size, seed=seed)
     model.eval()
     return Base(model, spec, num_classes, state_sha256(model.state_dict()))
@@ -300,7 +296,7 @@ def base_from_config(cfg, num_classes: int, classes: list[str] | None = None) ->
     base = create_base(cfg.name, num_classes, cfg.pretrained, cfg.image_size, cfg.seed)
     base.classes = list(classes or cfg.classes or []) or None
     if base.classes is not None and len(base.classes) != num_classes:
-        from medvec.data import DataError
+        from medvec.data.images import DataError
 
         raise DataError(f"{len(base.classes)} class names ({base.classes}) for a {num_classes}-class head")
     base.task = cfg.task

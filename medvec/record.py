@@ -11,17 +11,16 @@ MLflow tracking, the DVC registry and the rebuild.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from medvec.config import Params
-from medvec.vectors import utcnow
+from medvec.timing import Started, utcnow
 
 if TYPE_CHECKING:
-    from medvec.data import ImageSet
+    from medvec.data.images import ImageSet
 
 BnStrategy = Literal["none", "average", "recompute"]
 BnSource = Literal["base", "running", "hospitals", "calibration"]
@@ -51,6 +50,8 @@ class VectorRef(_Record):
 
     @classmethod
     def of(cls, vector, contribution=None) -> "VectorRef":
+        """The reference to ``vector``; an async step's ``contribution`` (a
+        :class:`~medvec.coordinator.weights.StepWeight`) adds its staleness and weight, and a DP vector its ε."""
         extra = {}
         if contribution is not None:
             extra = {"staleness": contribution.staleness, "weight": contribution.weight}
@@ -86,14 +87,12 @@ class EvalSetRef(_Record):
     sha256: str
 
     @classmethod
-    def of(cls, data: "ImageSet", source: str, split: str) -> "EvalSetRef":
-        h = hashlib.sha256()
-        for array in (data.images, data.labels):
-            h.update(str((array.dtype.str, array.shape)).encode())
-            h.update(array.tobytes())
-        return cls(source=str(source), split=split, size=len(data), sha256=h.hexdigest())
+    def of(cls, data: ImageSet, source: str, split: str) -> EvalSetRef:
+        """The identity of ``data``, the ``split`` read from ``source``."""
+        return cls(source=str(source), split=split, size=len(data), sha256=data.sha256())
 
     def describe(self) -> str:
+        """One line for reports: source, split, size and the first 12 hex digits of the hash."""
         return f"{self.source} {self.split} ({self.size} images, sha256 {self.sha256[:12]}…)"
 
 
@@ -151,6 +150,7 @@ class Contributions(_Record):
     )
 
     def of(self, vector_id: str) -> ContributionScore | None:
+        """The score of ``vector_id``, among the scores or the excluded; None when it was not scored."""
         return next((s for s in (*self.scores, *self.excluded) if s.vector_id == vector_id), None)
 
 
@@ -164,6 +164,7 @@ class GateDecision(_Record):
 
 
 def new_merge_id() -> str:
+    """A new merge id: ``merge-<UTC time to the second>Z-<6 random hex digits>``."""
     stamp = utcnow().replace(":", "").replace("-", "").split(".")[0]
     return f"merge-{stamp}Z-{uuid.uuid4().hex[:6]}"
 
@@ -214,27 +215,24 @@ class MergeRecord(_Record):
         params: Params,
         eval_set: EvalSetRef,
         store_url: str,
-        started_at: str,
-        started_clock: float,
+        started: Started,
         **extra,
-    ) -> "MergeRecord":
-        """The one constructor: a record from a merge outcome (:class:`medvec.coordinator.MergeOutcome`)."""
-        import time
-
+    ) -> MergeRecord:
+        """The one constructor: a record from a merge outcome (:class:`medvec.coordinator.engine.MergeOutcome`)."""
         from medvec.models import state_sha256
 
         return cls(
             merge_id=extra.pop("merge_id", None) or new_merge_id(),
-            started_at=started_at,
+            started_at=started.at,
             finished_at=utcnow(),
-            seconds=round(time.perf_counter() - started_clock, 2),
+            seconds=started.seconds(),
             store_url=store_url,
             base_sha256=base_sha256,
             method=outcome.method,
             lam=outcome.lam,
             bn_strategy=outcome.bn.strategy,
             bn_source=outcome.bn.source,
-            inputs=tuple(VectorRef.of(v, c) for v, c in zip(vectors, outcome.contributions or [None] * len(vectors))),
+            inputs=tuple(VectorRef.of(v, w) for v, w in zip(vectors, outcome.step_weights or [None] * len(vectors))),
             val=_floats(outcome.val),
             test=_floats(outcome.test or {}),
             operating_point=_operating_point(outcome, params),
@@ -248,9 +246,11 @@ class MergeRecord(_Record):
 
     @property
     def n_train(self) -> int:
+        """The training images behind the merge: the inputs' sample counts, summed."""
         return sum(i.n_train for i in self.inputs)
 
     def input_ids(self) -> list[str]:
+        """The input vectors' ids, sorted."""
         return sorted(i.vector_id for i in self.inputs)
 
     def scales(self) -> dict[str, float]:

@@ -28,13 +28,19 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from medvec.batchnorm import MomentSums
 from medvec.errors import UserError
 from medvec.faults import failpoint
 from medvec.models import Base, load_base, save_base
 from medvec.record import MergeRecord, Rejection, StartPoint
-from medvec.vectors import LARGE_WRITE, DataVector, VectorFile, load_vector, utcnow, write_large
+from medvec.timing import utcnow
+from medvec.vectors.checks import load_vector
+from medvec.vectors.file import VectorFile
+from medvec.vectors.format import LARGE_WRITE, write_large
+from medvec.vectors.signing import sign_file
+from medvec.vectors.vector import DataVector
 
 
 class StoreError(UserError, RuntimeError):
@@ -69,12 +75,14 @@ class VectorStore:
     def _move(self, src: str, dst: str) -> None:
         raise NotImplementedError
 
-    def read_json(self, key: str) -> dict | None:
+    def read_json(self, key: str) -> Any:
+        """The JSON document at ``key``; None when there is no such object."""
         if not self._exists(key):
             return None
         return json.loads(self._read_bytes(key))
 
-    def write_json(self, key: str, doc: dict) -> None:
+    def write_json(self, key: str, doc: dict | list) -> None:
+        """Write ``doc`` at ``key`` as indented JSON, atomically (values JSON cannot hold written as ``str``)."""
         self._write_bytes(key, json.dumps(doc, indent=2, default=str).encode())
 
     # ------------------------------------------------------------ bases
@@ -113,12 +121,15 @@ class VectorStore:
         return self.read_json(f"bases/{doc['sha256']}.json") if doc else None
 
     def current_base(self) -> str:
+        """The sha256 of the current base (``bases/current.json``); StoreError when none is published."""
         doc = self.read_json("bases/current.json")
         if not doc:
             raise StoreError(f"{self.url}: no current base model (run `medvec coordinator up` first)")
         return doc["sha256"]
 
     def get_base(self, sha256: str) -> Base:
+        """θ_pre ``sha256``, hash-checked, with the task and class list of its ``bases/<sha>.json``; StoreError when the
+        store does not hold it."""
         key = f"bases/{sha256}.safetensors"
         if not self._exists(key):
             raise StoreError(f"{self.url}: no base model {sha256[:12]}…")
@@ -136,21 +147,23 @@ class VectorStore:
 
     @staticmethod
     def sidecar_key(key: str) -> str:
+        """The key of a vector's sidecar: its ``.safetensors`` key with ``.json`` instead."""
         return key[: -len(".safetensors")] + ".json"
 
-    def put(self, vector: DataVector, key_file: str | Path | None = None) -> str:
-        """Publish a vector atomically (signed first with ``key_file`` when given); returns its key."""
-        meta = vector.meta
-        if meta is None:
+    def put(self, vector: DataVector, key_file: str | Path | None = None, keep: Path | None = None) -> str:
+        """Publish a vector atomically (signed first with ``key_file`` when given); returns its key.
+
+        ``keep``: leave the file as published (signed) there too, so the publisher need not read it back.
+        """
+        if not vector.has_meta:
             raise ValueError("only vectors with metadata can be published")
+        meta = vector.meta
         key = self.vector_key(meta.base_sha256, meta.hospital, meta.vector_id)
         if self._exists(key):
             raise StoreError(f"vector id {meta.vector_id} already exists in {self.url}")
         with tempfile.TemporaryDirectory() as tmp:
-            path = vector.save(Path(tmp) / "v.safetensors")
+            path = vector.save(keep or Path(tmp) / "v.safetensors")
             if key_file is not None:
-                from medvec.signing import sign_file
-
                 sign_file(path, key_file, meta.hospital)
             size = path.stat().st_size
             self._write_file(key, path)
@@ -197,9 +210,11 @@ class VectorStore:
         return dict(sorted(by_hospital.items()))
 
     def open_vector(self, key: str, base: dict | None = None, base_sha256: str | None = None) -> VectorFile:
+        """The vector at ``key``, validated (:func:`~medvec.vectors.checks.load_vector`; against ``base`` if given)."""
         return load_vector(self.local_file(key), base=base, base_sha256=base_sha256)
 
     def get(self, vector_id: str, base: dict | None = None, base_sha256: str | None = None) -> VectorFile:
+        """The vector ``vector_id`` (under any base), validated; StoreError when no readable sidecar names it."""
         for side in self.sidecars():
             if side["meta"]["vector_id"] == vector_id:
                 return self.open_vector(side["key"], base, base_sha256)
@@ -220,6 +235,7 @@ class VectorStore:
         return reason
 
     def quarantined(self) -> list[Rejection]:
+        """Every rejection recorded under ``quarantine/``."""
         keys = [k for k in self._list("quarantine/") if k.endswith(".reason.json")]
         return [Rejection.model_validate(json.loads(self._read_bytes(k))) for k in keys]
 
@@ -302,10 +318,12 @@ class VectorStore:
             return self.put_merge(record, path, moments, latest=False)
 
     def latest_merge(self, base_sha256: str) -> MergeRecord | None:
+        """The newest merge record for ``base_sha256`` (``latest.json``); None before the first merge."""
         doc = self.read_json(self.merge_key(base_sha256, "latest"))
         return MergeRecord.model_validate(doc) if doc else None
 
     def merges(self, base_sha256: str) -> list[MergeRecord]:
+        """Every merge record for ``base_sha256``, oldest first (by ``finished_at``)."""
         keys = [
             k for k in self._list(f"merges/{base_sha256}/") if k.endswith(".json") and not k.endswith("latest.json")
         ]
@@ -317,6 +335,10 @@ class VectorStore:
         if not record.weights_key or not self._exists(record.weights_key):
             raise StoreError(f"{self.url}: no stored weights for merge {record.merge_id}")
         return self.local_file(record.weights_key)
+
+    def merged_model(self, record: MergeRecord) -> Base:
+        """A merge's stored model (θ with restored BN), its sha256 checked against the record."""
+        return load_base(self.merge_weights(record), expected_sha256=record.merged_sha256)
 
     def get_moments(self, key: str) -> MomentSums:
         """The BN moment sums stored with a merge."""
@@ -355,6 +377,7 @@ class LocalStore(VectorStore):
         return self._path(key).read_bytes()
 
     def local_file(self, key: str) -> Path:
+        """The object's own file under the root (no copy is made)."""
         return self._path(key)
 
     def _list(self, prefix: str) -> list[str]:
@@ -479,6 +502,7 @@ class S3Store(VectorStore):
         return resp["Body"].read()
 
     def local_file(self, key: str) -> Path:
+        """Download the object into the local cache (again at every call, over any earlier copy); returns its path."""
         from boto3.s3.transfer import TransferConfig
 
         dst = self.cache / key
@@ -554,7 +578,7 @@ def open_store(url: str | Path, endpoint_url: str | None = None) -> VectorStore:
 
         parts = urlsplit(url)
         query = parse_qs(parts.query)
-        endpoint_url = (query.get("endpoint_url") or [endpoint_url])[0]
+        endpoint_url = query["endpoint_url"][0] if query.get("endpoint_url") else endpoint_url
         store = S3Store(f"s3://{parts.netloc}{parts.path}", endpoint_url=endpoint_url)
         store.ensure_bucket()
         return store

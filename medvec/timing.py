@@ -1,4 +1,5 @@
-"""Where a run's wall time goes: seconds per phase, without double counting nested phases.
+"""Wall-clock time: UTC timestamps for records (:func:`utcnow`), and where a run's wall time goes: seconds per
+phase, without double counting nested phases.
 
 ``with phase("merge"): ...`` adds the block's time to ``merge``, minus the time of any
 phase nested inside it (an evaluation inside contribution scoring counts as
@@ -9,11 +10,13 @@ reads them and :func:`reset` starts over.  ``medvec demo`` writes them to
 
 from __future__ import annotations
 
+import datetime as _dt
 import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 PHASES = ("finetune", "merge", "bn_restore", "evaluate", "contribution", "tracking")
@@ -28,8 +31,8 @@ F = TypeVar("F", bound=Callable)
 @contextmanager
 def phase(name: str) -> Iterator[None]:
     """Count the block's exclusive wall time (nested phases subtracted) towards ``name``."""
-    stack = _local.__dict__.setdefault("stack", [])
-    frame = [name, 0.0]  # [name, seconds spent in nested phases]
+    stack: list[list] = _local.__dict__.setdefault("stack", [])
+    frame: list = [name, 0.0]  # [name, seconds spent in nested phases]
     stack.append(frame)
     start = time.perf_counter()
     try:
@@ -58,6 +61,28 @@ def timed(name: str) -> Callable[[F], F]:
     return wrap
 
 
+def utcnow() -> str:
+    """The current UTC time in ISO 8601 with microseconds: the timestamp every record and vector carries."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class Started:
+    """When something began: the UTC timestamp a record shows, and the monotonic clock its duration is taken on."""
+
+    at: str
+    clock: float
+
+    @classmethod
+    def now(cls) -> Started:
+        """Now: the UTC timestamp and the monotonic clock's reading."""
+        return cls(utcnow(), time.perf_counter())
+
+    def seconds(self) -> float:
+        """Seconds since it began, rounded to 10 ms."""
+        return round(time.perf_counter() - self.clock, 2)
+
+
 def snapshot() -> dict[str, dict[str, float]]:
     """``{phase: {"seconds": s, "calls": n}}`` so far."""
     with _lock:
@@ -65,6 +90,7 @@ def snapshot() -> dict[str, dict[str, float]]:
 
 
 def reset() -> None:
+    """Start the totals over: every phase's seconds and calls, process-wide."""
     with _lock:
         _totals.clear()
         _counts.clear()

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import DataSpec, load_split
+from medvec.data.images import DataSpec
+from medvec.data.sources import load_split
 from medvec.models import Base, base_from_config, save_base
 
 

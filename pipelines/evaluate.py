@@ -7,17 +7,21 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import DataSpec, load_split
+from medvec.data.images import DataSpec
+from medvec.data.sources import load_split
 from medvec.evaluate import confusion_figure, evaluate_model
-from medvec.models import load_base
+from medvec.record import MergeRecord
+from medvec.store import open_store
 
 
 def test_split(params: Params):
     return load_split(params.coordinator.eval_data, "test", DataSpec.of(params))
 
 
-def evaluate(params: Params, merged_path: str | Path) -> dict:
-    merged = load_base(merged_path)
+def evaluate(params: Params, record_path: str | Path) -> dict:
+    """The merge the ``merge`` stage recorded (its stored weights, hash-checked) on the test split."""
+    record = MergeRecord.model_validate_json(Path(record_path).read_text())
+    merged = open_store(record.store_url).merged_model(record)
     return evaluate_model(merged.model, test_split(params), merged.spec, params.evaluate.batch_size)
 
 
@@ -26,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    m = evaluate(params, "work/merged.safetensors")
+    m = evaluate(params, "work/merge.json")
     keys = ("auc", "balanced_accuracy", "accuracy", "recall", "auc_by_label")
     Path("work/metrics.json").write_text(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     Path("work/plots").mkdir(parents=True, exist_ok=True)

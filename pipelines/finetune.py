@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.hospital import LocalData, finetune_vector, for_upload
+from medvec.hospital.finetune import finetune_vector, for_upload
+from medvec.hospital.local import LocalData
 from medvec.models import load_base
-from medvec.train import set_threads
-from medvec.vectors import DataVector
+from medvec.runtime import set_threads
+from medvec.vectors.vector import DataVector
 
 
 def finetune(

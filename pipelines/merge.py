@@ -1,21 +1,30 @@
 """DVC stage ``merge``: merge the hospitals' vectors (``merge``, ``batchnorm``), λ chosen on validation,
-each vector's contribution scored (``contribution``, ``intake.harmful``)."""
+each vector's contribution scored (``contribution``, ``intake.harmful``), then finished as the merge flow
+finishes its merges (:func:`medvec.tracking.finish.finish_merge`): stored in ``work/store``, registered in
+MLflow through the champion gate when ``registry.enabled``, committed to the DVC registry with ``registry.dvc_repo``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.contribution import scored_merge_once
-from medvec.coordinator import EvalSets, MergeOutcome
-from medvec.data import DataSpec, load_split
-from medvec.models import Base, load_base, save_base
+from medvec.coordinator.contribution import scored_merge_once
+from medvec.coordinator.engine import MergeOutcome
+from medvec.coordinator.scoring import EvalSets
+from medvec.data.images import DataSpec
+from medvec.data.sources import load_split
+from medvec.models import Base, load_base
 from medvec.record import MergeRecord
-from medvec.train import set_threads
-from medvec.vectors import load_vector, utcnow
+from medvec.runtime import set_threads
+from medvec.store import LocalStore
+from medvec.timing import Started
+from medvec.tracking.finish import finish_merge
+from medvec.vectors.checks import load_vector
+
+STORE = "work/store"  # the stage's own store of the merge: its weights, moment sums and record
 
 
 def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tuple[Base, list, EvalSets, MergeOutcome]:
@@ -40,10 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params(args.params)
     paths = [Path(f"work/vectors/{h}.safetensors") for h in params.split.hospital_names()]
-    started_at, clock = utcnow(), time.perf_counter()
+    started = Started.now()
     base, vectors, evalsets, outcome = merge(params, "work/base.safetensors", paths)
-    record = MergeRecord.build(outcome, vectors, base.sha256, params, evalsets.ref(), "work", started_at, clock)
-    save_base(base.with_model(outcome.model, record.merged_sha256), "work/merged.safetensors")
+    store = LocalStore(STORE)
+    record = MergeRecord.build(outcome, vectors, base.sha256, params, evalsets.ref(), store.url, started)
+    record = finish_merge(store, record, outcome, base, vectors, evalsets)  # as the merge flow finishes its merges
     Path("work/merge.json").write_text(json.dumps(record.to_json(), indent=2))
     Path("work/plots").mkdir(parents=True, exist_ok=True)
     curve = [{"lambda": lam, "val_auc": auc} for lam, auc in outcome.curve]

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from medvec.config import Params, load_params
-from medvec.data import DataSpec, split_from_config
+from medvec.data.images import DataSpec
+from medvec.data.split import split_from_config
 
 
 def split(params: Params, source: str, out: str | Path) -> dict:

@@ -157,18 +157,18 @@ def mlflow_pages(ui: str, name: str, champion, merge) -> dict[str, Page]:
     """The champion's model pages, its merge run and one contributing hospital's fine-tune run."""
     from mlflow import MlflowClient
 
-    from medvec import tracking
+    from medvec.tracking import runs, server
 
     vector = merge_inputs(merge)[1][0]
-    hospital = tracking.find_hospital_run(vector)
+    hospital = runs.find_hospital_run(vector)
     if hospital is None:
         raise SystemExit(f"no hospital run found for vector {vector}")
-    merge_url = tracking.run_link(merge.info.experiment_id, merge.info.run_id)
-    hospital_url = tracking.run_link(MlflowClient().get_run(hospital).info.experiment_id, hospital)
+    merge_url = server.run_link(merge.info.experiment_id, merge.info.run_id)
+    hospital_url = server.run_link(MlflowClient().get_run(hospital).info.experiment_id, hospital)
     return {
         "1-registered-model": Page(f"{ui}/#/models/{name}", "champion", dismiss=MLFLOW_DISMISS),
         "2-champion-version": Page(
-            f"{ui}/{tracking.version_link(name, champion.version)}", "Merged by run", dismiss=MLFLOW_DISMISS
+            f"{ui}/{server.version_link(name, champion.version)}", "Merged by run", dismiss=MLFLOW_DISMISS
         ),
         "3-merge-run": Page(f"{ui}/{merge_url}", "fine-tune run", "Description", MLFLOW_DISMISS),
         "4-hospital-run": Page(f"{ui}/{hospital_url}", "Fine-tune at hospital", "Description", MLFLOW_DISMISS),

@@ -1,24 +1,30 @@
-"""Tasks that run on the coordinator's worker."""
+"""Tasks that run on the coordinator's worker: thin wrappers over :mod:`medvec.coordinator` and
+:mod:`medvec.tracking` with retries on I/O.  Each takes the run's one open store."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from medvec import coordinator as core
 from medvec.config import IntakeConfig, Params, RefineConfig
-from medvec.contribution import Guarded, score_merge, scored_merge_once
-from medvec.data import DataSpec, split_from_config, to_tensor
-from medvec.evaluate import evaluate_model
-from medvec.intake import Admission, admit, quarantine_harmful
-from medvec.models import Base, base_from_config, load_base
-from medvec.record import Contributions, GateDecision, MergeRecord, Rejection
-from medvec.refine import Step, run_step
-from medvec.store import open_store
-
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
+from medvec.coordinator.compare import Comparison, evaluate_merges, single_rows
+from medvec.coordinator.contribution import Guarded, score_merge, scored_merge_once
+from medvec.coordinator.engine import MergeOutcome, MomentsFn
+from medvec.coordinator.intake import Admission, admit, quarantine_harmful
+from medvec.coordinator.scoring import EvalSets
+from medvec.data.images import DataSpec, ImageSet
+from medvec.data.split import split_from_config
+from medvec.models import Base, base_from_config
+from medvec.record import Contributions, ContributionScore, MergeRecord, Rejection
+from medvec.store import VectorStore
+from medvec.timing import Started
+from medvec.tracking.finish import FinishedStep, finish_merge, finish_step
+from medvec.vectors.vector import VectorLike
+from tasks.common import IO_RETRIES
 
 
 @task(cache_policy=NO_CACHE)
@@ -28,42 +34,109 @@ def split_hospitals(source: str, out_dir: str, params: Params) -> dict:
 
 
 @task(**IO_RETRIES)
-def publish_base(store_url: str, params: Params, num_classes: int, classes: list[str] | None = None) -> Base:
+def publish_base(store: VectorStore, params: Params, num_classes: int, classes: list[str] | None = None) -> Base:
     """Build θ_pre from the model section (recording the class list) and publish it to the store."""
     base = base_from_config(params.model, num_classes, classes)
-    open_store(store_url).put_base(base)
+    store.put_base(base)
     return base
 
 
 @task(**IO_RETRIES)
-def admit_vectors(store_url: str, base: Base, intake: IntakeConfig, refine: RefineConfig | None = None) -> Admission:
+def admit_vectors(
+    store: VectorStore, base: Base, intake: IntakeConfig, refine: RefineConfig | None = None
+) -> Admission:
     """Intake: the vectors to merge (newest per hospital, or every unconsumed one in async mode), screened."""
-    return admit(open_store(store_url), base, intake, refine)
+    return admit(store, base, intake, refine)
+
+
+@task(**IO_RETRIES)
+def last_merge(store: VectorStore, base_sha256: str) -> MergeRecord | None:
+    """The newest merge record for this base."""
+    return store.latest_merge(base_sha256)
 
 
 @task(cache_policy=NO_CACHE)
-def refine_task(
-    store_url: str, base: Base, admission: Admission, params: Params, evalsets: core.EvalSets, calibration, trigger
-) -> Step:
-    """One async step into the champion: merged, gated on validation, stored, promoted if better."""
-    return run_step(open_store(store_url), base, admission, params, evalsets, calibration, trigger)
+def merge_task(
+    base: Base, vectors: Sequence[VectorLike], params: Params, evalsets: EvalSets, calibration: ImageSet | None
+) -> Guarded:
+    """Merge with the configured method and λ, restore BN, evaluate, and score each input's contribution
+    (merged again without the harmful ones under ``intake.harmful: exclude``)."""
+    return scored_merge_once(base, vectors, params, evalsets, calibration)
 
 
 @task(cache_policy=NO_CACHE)
-def single_rows(
-    base: Base, vectors: list, evalsets: core.EvalSets, params: Params, store_url: str | None = None
+def async_step(
+    store: VectorStore,
+    root: Base,
+    admission: Admission,
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None,
+    trigger: dict[str, str],
+    started: Started,
+) -> FinishedStep:
+    """One async step into the champion: merged, scored, gated on validation, and finished (:func:`finish_step`;
+    its steps retry on their own)."""
+    return finish_step(store, root, admission, params, evalsets, calibration, trigger=trigger, started=started)
+
+
+@task(**IO_RETRIES)
+def quarantine_excluded(
+    store: VectorStore, excluded: Sequence[tuple[VectorLike, ContributionScore]]
+) -> list[Rejection]:
+    """Keep the vectors the harmful rule excluded in quarantine, with the reason."""
+    return quarantine_harmful(store, excluded)
+
+
+@task(cache_policy=NO_CACHE)
+def finish(
+    store: VectorStore,
+    record: MergeRecord,
+    outcome: MergeOutcome,
+    root: Base,
+    vectors: Sequence[VectorLike],
+    evalsets: EvalSets,
+    plots: dict[str, Path] | None = None,
+) -> MergeRecord:
+    """Store, version in DVC, register through the gate and publish the merge (:func:`finish_merge`; its steps
+    retry on their own: a retry of the whole would register the merge twice)."""
+    return finish_merge(store, record, outcome, root, vectors, evalsets, plots)
+
+
+@task(cache_policy=NO_CACHE)
+def hospital_rows(
+    base: Base, vectors: Sequence[VectorLike], evalsets: EvalSets, params: Params, store: VectorStore | None = None
 ) -> list[dict]:
     """Each hospital's own model θ_pre + τ_h (its BN statistics) on the coordinator's held-out set (with a store:
     evaluated once per vector, then read from the store's ``evals/``)."""
-    return core.single_rows(base, vectors, evalsets, params, open_store(store_url) if store_url else None)
+    return single_rows(base, vectors, evalsets, params, store)
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_merges(
-    base: Base, vectors: list, evalsets: core.EvalSets, params: Params, moments_fn=None, progress: bool = True
-) -> list[core.Candidate]:
-    """Every merge method × BN strategy, λ chosen on validation, scored on test."""
-    return core.evaluate_merges(base, vectors, evalsets, params, moments_fn, progress=progress)
+def compare_merges(
+    base: Base,
+    vectors: Sequence[VectorLike],
+    evalsets: EvalSets,
+    params: Params,
+    moments_fn: MomentsFn | None = None,
+    progress: bool = True,
+) -> Comparison:
+    """Every merge method × BN strategy, λ chosen on validation, scored on test; the selected one kept."""
+    return evaluate_merges(base, vectors, evalsets, params, moments_fn, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
+def contribution_scores(
+    base: Base,
+    vectors: Sequence[VectorLike],
+    outcome: MergeOutcome,
+    params: Params,
+    evalsets: EvalSets,
+    moments_fn: MomentsFn | None,
+    progress: bool,
+) -> Contributions | None:
+    """What each input contributed to ``outcome`` (leave-one-out, Shapley) on the validation split."""
+    return score_merge(base, vectors, outcome, params, evalsets, None, moments_fn, progress)
 
 
 @task(**IO_RETRIES)
@@ -100,76 +173,6 @@ def supersede_queued(listed: list[str], reason: str) -> int:
         for run in runs:
             vector = str(((run.parameters or {}).get("trigger") or {}).get("vector", "")).removeprefix("medvec.vector.")
             if str(run.id) != str(me) and vector in ids:
-                result = client.set_flow_run_state(run.id, Cancelled(message=f"superseded by run {me}: {reason}"))
+                result: Any = client.set_flow_run_state(run.id, Cancelled(message=f"superseded by run {me}: {reason}"))
                 cancelled += result.status.value == "ACCEPT"
     return cancelled
-
-
-@task(**IO_RETRIES)
-def last_merge(store_url: str, base_sha256: str) -> MergeRecord | None:
-    """The newest merge record for this base."""
-    return open_store(store_url).latest_merge(base_sha256)
-
-
-@task(cache_policy=NO_CACHE)
-def merge_task(base: Base, vectors: list, params: Params, evalsets: core.EvalSets, calibration) -> Guarded:
-    """Merge with the configured method and λ, restore BN, evaluate, and score each input's contribution
-    (merged again without the harmful ones under ``intake.harmful: exclude``)."""
-    return scored_merge_once(base, vectors, params, evalsets, calibration)
-
-
-@task(cache_policy=NO_CACHE)
-def contribution_scores(
-    base: Base, vectors: list, outcome: core.MergeOutcome, params: Params, evalsets: core.EvalSets, moments_fn, progress
-) -> Contributions | None:
-    """What each input contributed to ``outcome`` (leave-one-out, Shapley) on the validation split."""
-    return score_merge(base, vectors, outcome, params, evalsets, None, moments_fn, progress)
-
-
-@task(**IO_RETRIES)
-def quarantine_excluded(store_url: str, excluded: list) -> list[Rejection]:
-    """Keep the vectors the harmful rule excluded in quarantine, with the reason."""
-    return quarantine_harmful(open_store(store_url), excluded)
-
-
-@task(**IO_RETRIES)
-def publish_merge(store_url: str, record: MergeRecord, outcome: core.MergeOutcome, base: Base) -> MergeRecord:
-    """Write the merged weights, the BN moment sums used and the record (``latest.json`` is moved later)."""
-    merged = base.with_model(outcome.model, record.merged_sha256)
-    return open_store(store_url).put_merged_model(record, merged, outcome.moments)
-
-
-@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
-def record_in_dvc(record: MergeRecord, vectors: list, params: Params) -> str:
-    """Commit the merge's input vectors to the DVC registry and push; returns the commit."""
-    from medvec.dvc_registry import record_merge
-
-    r = params.registry
-    files = {v.meta.vector_id: v.path for v in vectors}
-    return record_merge(r.dvc_repo, r.dvc_remote, record, files, r.dvc_endpoint_url)
-
-
-@task(retries=2, retry_delay_seconds=[2, 8], cache_policy=NO_CACHE)
-def register_merge(
-    record: MergeRecord,
-    model,
-    base: Base,
-    evalsets: core.EvalSets,
-    plots: dict[str, Path] | None = None,
-    decided: tuple[bool, str] | None = None,
-) -> GateDecision:
-    """Log the merge run to MLflow, register the model and apply the champion gate on the same validation set."""
-    from medvec import tracking
-
-    p = record.params
-    example = to_tensor(evalsets.val.images[:2], base.spec).contiguous().numpy()  # plain NCHW for the signature
-    tracking.register_base(p.registry.model_name, base, example)
-
-    def rescore(champion: MergeRecord) -> dict:
-        """The champion's stored merged weights, scored on this merge's validation set."""
-        store = open_store(champion.store_url)
-        merged = load_base(store.merge_weights(champion), expected_sha256=champion.merged_sha256)
-        return evaluate_model(merged.model, evalsets.val, merged.spec, p.evaluate.batch_size)
-
-    merged = base.with_model(model, record.merged_sha256)
-    return tracking.log_merge(record, merged, example, rescore, plots, decided)

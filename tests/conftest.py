@@ -65,7 +65,7 @@ def perturbed_state(state: dict[str, torch.Tensor], seed: int, scale: float = 0.
 @pytest.fixture()
 def make_vector(tiny_base):
     from medvec.batchnorm import RunningStats
-    from medvec.vectors import DataVector
+    from medvec.vectors.vector import DataVector
 
     def make(hospital: str = "h1", seed: int = 1, n_train: int = 10, scale: float = 0.01):
         base_state = tiny_base.model.state_dict()
@@ -91,7 +91,7 @@ def make_vector(tiny_base):
 
 def toy_meta(vector_id: str = "v", hospital: str = "h1"):
     """Metadata for a vector whose deltas a test writes by hand (no base model behind them)."""
-    from medvec.vectors import VectorMeta
+    from medvec.vectors.vector import VectorMeta
 
     return VectorMeta(
         vector_id=vector_id,

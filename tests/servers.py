@@ -66,7 +66,7 @@ def wait_until(
 def medvec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``medvec ARGS`` as a user would (a subprocess in the checkout); fail with its output unless it succeeds."""
     proc = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc

@@ -58,7 +58,7 @@ print(json.dumps({{
 
 
 def test_three_hospitals_twice_each_in_shuffled_order_climb_a_version_chain(tmp_path):
-    from medvec.data import write_hospital_shards
+    from medvec.data.split import write_hospital_shards
 
     server = PrefectServer(tmp_path / "prefect")
     env = server.client_env()

@@ -23,7 +23,7 @@ from servers import free_port
 
 def medvec(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``medvec ARGS`` from the project root."""
-    cmd = [sys.executable, "-m", "medvec.cli", *args]
+    cmd = [sys.executable, "-m", "flows.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -73,7 +73,8 @@ def spoil(files: list[Path]) -> None:
 
 
 def test_loader_skips_an_unreadable_image_with_a_warning(tmp_path):
-    from medvec.data import DataWarning, load_image_folder
+    from medvec.data.images import DataWarning
+    from medvec.data.sources import load_image_folder
 
     files = write_png_folder(tmp_path, per_class=10)
     spoil(files[3:4])
@@ -87,7 +88,8 @@ def test_loader_skips_an_unreadable_image_with_a_warning(tmp_path):
 
 
 def test_loader_fails_past_the_bad_fraction(tmp_path):
-    from medvec.data import DataError, DataSpec, load_image_folder
+    from medvec.data.images import DataError, DataSpec
+    from medvec.data.sources import load_image_folder
 
     files = write_png_folder(tmp_path, per_class=10)
     spoil(files[:3])  # 3 of 20 = 15 % > 10 %
@@ -100,7 +102,8 @@ def test_loader_fails_past_the_bad_fraction(tmp_path):
 
 
 def test_check_source_names_the_problem(tmp_path):
-    from medvec.data import DataError, check_source
+    from medvec.data.images import DataError
+    from medvec.data.sources import check_source
 
     check_source(BREAST, ("train", "val", "test"))
     with pytest.raises(DataError, match="no such file or folder"):
@@ -223,7 +226,7 @@ def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
     read, write = os.pipe()
     os.close(read)  # every write to stdout now fails with EPIPE
     try:
-        cmd = [sys.executable, "-m", "medvec.cli", "methods"]
+        cmd = [sys.executable, "-m", "flows.cli", "methods"]
         proc = subprocess.run(cmd, cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write)
@@ -231,7 +234,7 @@ def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
 
 
 def test_medvec_demo_keeps_its_run_history_where_make_demo_does(tmp_path, monkeypatch):
-    from medvec.cli import _demo_prefect_home, build_parser
+    from flows.cli import _demo_prefect_home, build_parser
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PREFECT_HOME", "unset")  # recorded, so the test's own setting is undone afterwards

@@ -18,6 +18,16 @@ def test_params_yaml_loads_and_overrides(root):
         p.finetune.epochs = 3  # frozen
 
 
+def test_the_method_names_config_accepts_are_the_registry_s(root):
+    """config.py names the merge methods without importing the registry; the two lists agree, in order."""
+    from medvec.config import METHOD_NAMES, MergeConfig
+    from medvec.coordinator.methods import method_names
+
+    assert METHOD_NAMES == tuple(method_names()) == MergeConfig().methods
+    with pytest.raises(ConfigError, match="unknown merge method 'fedprox': valid methods are sum, task_arithmetic"):
+        load_params(None, ["merge.methods=[mean, fedprox]"])
+
+
 def test_bad_overrides_name_the_problem(root):
     with pytest.raises(ConfigError, match="valid methods are sum"):
         load_params(root / "params.yaml", ["merge.method=fedavgx"])

@@ -6,30 +6,31 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import BREAST
-from medvec import coordinator as core
+from flows.cli import main
 from medvec.batchnorm import moment_sums
-from medvec.cli import main
 from medvec.config import load_params
-from medvec.contribution import harmful_reason, markdown, paired_se, score_merge, scored_merge_once
-from medvec.data import batches, load_split
+from medvec.coordinator import engine, scoring
+from medvec.coordinator.contribution import harmful_reason, markdown, paired_se, score_merge, scored_merge_once
+from medvec.coordinator.intake import quarantine_harmful
+from medvec.data.sources import load_split
 from medvec.evaluate import evaluate_model
-from medvec.intake import quarantine_harmful
+from medvec.preprocess import batches
 from medvec.record import ContributionScore, MergeRecord
 from medvec.store import LocalStore
-from medvec.vectors import DataVector, utcnow
+from medvec.timing import Started
+from medvec.vectors.vector import DataVector
 
 TINY = ["model.name=tiny_cnn", "model.pretrained=false"]
 
 
 @pytest.fixture(scope="module")
 def evalsets():
-    return core.EvalSets.load(BREAST)
+    return scoring.EvalSets.load(BREAST)
 
 
 def with_moments(tiny_base, v: DataVector, part: int) -> DataVector:
@@ -49,13 +50,13 @@ def value(base, vectors, params, evalsets, lam: float) -> float:
     if not vectors:
         return evaluate_model(base.model, evalsets.val, base.spec)["auc"]
     fixed = params.model_copy(update={"merge": params.merge.model_copy(update={"lam": lam})})
-    return core.merge_once(base, vectors, fixed, evalsets).val["auc"]
+    return engine.merge_once(base, vectors, fixed, evalsets).val["auc"]
 
 
 @pytest.mark.parametrize("strategy", ["average", "recompute", "none"])
 def test_leave_one_out_equals_the_difference_of_two_merges(tiny_base, vectors, evalsets, strategy):
     params = load_params(None, [*TINY, "merge.lambdas=[0.5,1.0]", f"batchnorm.strategy={strategy}"])
-    outcome = core.merge_once(tiny_base, vectors, params, evalsets)
+    outcome = engine.merge_once(tiny_base, vectors, params, evalsets)
     scores = score_merge(tiny_base, vectors, outcome, params, evalsets)
     assert scores.method == "loo" and scores.metric == "auc" and scores.merges == 3
     assert scores.value_all == outcome.val["auc"]
@@ -70,7 +71,7 @@ def test_leave_one_out_equals_the_difference_of_two_merges(tiny_base, vectors, e
 
 def test_shapley_from_every_join_order_equals_the_exact_shapley_value(tiny_base, vectors, evalsets):
     params = load_params(None, [*TINY, "merge.lam=0.5", "batchnorm.strategy=average", "contribution.method=shapley"])
-    outcome = core.merge_once(tiny_base, vectors, params, evalsets)
+    outcome = engine.merge_once(tiny_base, vectors, params, evalsets)
     scores = score_merge(tiny_base, vectors, outcome, params, evalsets)
     assert scores.method == "shapley" and scores.exact and scores.permutations == 6 and scores.merges == 6
     v = {
@@ -99,7 +100,7 @@ def test_sampled_shapley_stays_within_its_budget(tiny_base, make_vector, evalset
         None,
         [*TINY, "merge.lam=0.5", "batchnorm.strategy=average", "contribution.method=shapley", "contribution.budget=6"],
     )
-    outcome = core.merge_once(tiny_base, vs, params, evalsets)
+    outcome = engine.merge_once(tiny_base, vs, params, evalsets)
     scores = score_merge(tiny_base, vs, outcome, params, evalsets)
     assert not scores.exact and scores.permutations >= 1
     # 5 leave-one-out merges, then orders until 6 more subsets, the last order adding at most 2 beyond
@@ -118,7 +119,7 @@ def test_the_vectorized_bootstrap_auc_equals_scikit_learn_on_every_resample():
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from medvec.contribution import _binary_auc
+    from medvec.coordinator.contribution import _binary_auc
 
     rng = np.random.default_rng(0)
     y, scores = rng.integers(0, 2, 80), np.round(rng.random(80), 1)  # rounded: many ties
@@ -154,8 +155,8 @@ def test_harmful_vectors_are_flagged_or_excluded_and_kept_with_their_reason(tmp_
     # a zero floor and zero standard errors: every vector with a negative LOO is harmful
     over = [*TINY, "merge.lam=1.0", "batchnorm.strategy=average", f"intake.harmful={mode}", "intake.harm_min=0"]
     params = load_params(None, [*over, "intake.harm_z=0"])
-    evalsets = core.EvalSets.load(BREAST)
-    first = score_merge(tiny_base, vectors, core.merge_once(tiny_base, vectors, params, evalsets), params, evalsets)
+    evalsets = scoring.EvalSets.load(BREAST)
+    first = score_merge(tiny_base, vectors, engine.merge_once(tiny_base, vectors, params, evalsets), params, evalsets)
     bad = {s.vector_id for s in first.scores if s.loo < 0}
     assert bad and len(bad) < 4, "the fixture needs some, not all, vectors that lower the merge"
     guarded = scored_merge_once(tiny_base, vectors, params, evalsets)
@@ -168,7 +169,7 @@ def test_harmful_vectors_are_flagged_or_excluded_and_kept_with_their_reason(tmp_
     assert {s.vector_id: s.loo for s in guarded.outcome.scores.excluded} == {
         s.vector_id: s.loo for s in first.scores if s.vector_id in bad
     }
-    direct = core.merge_once(tiny_base, guarded.vectors, params, evalsets)
+    direct = engine.merge_once(tiny_base, guarded.vectors, params, evalsets)
     assert guarded.outcome.val["auc"] == direct.val["auc"]  # merged again without them
     rejections = quarantine_harmful(store, guarded.excluded)
     assert {r.check for r in rejections} == {"harmful"}
@@ -179,12 +180,14 @@ def test_harmful_vectors_are_flagged_or_excluded_and_kept_with_their_reason(tmp_
 
 
 def test_the_demo_bn_answers_come_from_the_subsets_hospitals_only(tmp_path, tiny_base):
-    from medvec.data import write_hospital_shards
-    from medvec.hospital import live_moments
+    from medvec.data.split import write_hospital_shards
+    from medvec.hospital.finetune import live_moments
+    from medvec.hospital.local import LocalData
 
     write_hospital_shards(BREAST, tmp_path, hospitals=3, alpha=1.0, seed=0)
     params = load_params(None, TINY)
-    live = live_moments(tiny_base, [tmp_path / h for h in ("h1", "h2", "h3")], params.batchnorm)
+    local = {h: LocalData.load(tmp_path / h) for h in ("h1", "h2", "h3")}
+    live = live_moments(tiny_base, local, params.batchnorm)
     model = tiny_base.fresh()
     two = live.only(["h1", "h3"])
     assert [h for h, _, _ in two.local] == ["h1", "h3"] and [s for _, _, s in two.local] == [0, 2]
@@ -194,13 +197,13 @@ def test_the_demo_bn_answers_come_from_the_subsets_hospitals_only(tmp_path, tiny
 
 def stored_merge(store, base, params, evalsets) -> MergeRecord:
     """What merge-and-evaluate does with the store: admit, merge and score, record."""
-    from medvec.intake import admit
+    from medvec.coordinator.intake import admit
 
-    started, clock = utcnow(), time.perf_counter()
+    started = Started.now()
     admission = admit(store, base, params.intake)
     guarded = scored_merge_once(base, admission.admitted, params, evalsets)
     record = MergeRecord.build(
-        guarded.outcome, guarded.vectors, base.sha256, params, evalsets.ref(), store.url, started, clock
+        guarded.outcome, guarded.vectors, base.sha256, params, evalsets.ref(), store.url, started
     )
     return store.put_merge(record)
 
@@ -210,7 +213,7 @@ def test_hospital_report_of_a_hospital_that_contributed_twice(tmp_path, tiny_bas
     store = LocalStore(tmp_path / "store")
     store.put_base(tiny_base)
     params = load_params(None, [*TINY, "merge.lam=0.5", "batchnorm.strategy=average", f"contribution.share={share}"])
-    evalsets = core.EvalSets.load(BREAST, with_test=False)
+    evalsets = scoring.EvalSets.load(BREAST, with_test=False)
     first = [make_vector("h1", seed=1, n_train=30, scale=0.05), make_vector("h2", seed=2, n_train=50, scale=0.05)]
     for v in first:
         store.put(v)

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from conftest import BREAST, PNEUMONIA
-from medvec.data import DataError, load_split, split_indices, to_tensor, write_hospital_shards
+from medvec.data.images import DataError
+from medvec.data.sources import load_split
+from medvec.data.split import split_indices, write_hospital_shards
 from medvec.models import ModelSpec
+from medvec.preprocess import to_tensor
 
 
 def test_real_npz_splits_and_counts():

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 
-from medvec.dicom import DicomReadError, dicom_summary, is_dicom, read_dicom, write_dicom
+from medvec.data.dicom import DicomReadError, dicom_summary, is_dicom, read_dicom, write_dicom
 
 PNEUMONIA = Path(__file__).resolve().parents[1] / "data" / "pneumoniamnist.npz"
 
@@ -293,6 +293,6 @@ def test_summary_has_no_identifying_values(images, tmp_path):
 
 
 def test_import_is_cheap():
-    code = "import sys, medvec.dicom; print('pydicom' in sys.modules)"
+    code = "import sys, medvec.data.dicom; print('pydicom' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

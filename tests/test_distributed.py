@@ -130,12 +130,12 @@ print(json.dumps({{"table": table, "plots": files, "metrics": run.data.metrics}}
 
 def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
     env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
-    from medvec.data import write_hospital_shards
+    from medvec.data.split import write_hospital_shards
 
     write_hospital_shards(BREAST, tmp / "hospitals", hospitals=2, alpha=1.0, seed=0)
     # h2's data as a PACS export: DICOM files (MONOCHROME1, rescale + window, RLE among them) and a CSV manifest
-    from medvec.data import load_split
-    from medvec.examples import write_manifest
+    from medvec.data.examples import write_manifest
+    from medvec.data.sources import load_split
 
     h2 = {s: load_split(tmp / "hospitals" / "h2", s) for s in ("train", "val")}
     data = {"h1": tmp / "hospitals" / "h1", "h2": write_manifest(h2, tmp / "h2-export", "dicom", progress=False)}
@@ -232,8 +232,9 @@ def test_six_vectors_landing_within_a_second_end_in_one_merge_of_all(cluster, ti
     code = f"""
 import json, time
 from medvec.config import load_params
-from medvec.data import write_hospital_shards
-from medvec.hospital import LocalData, finetune_vector
+from medvec.data.split import write_hospital_shards
+from medvec.hospital.local import LocalData
+from medvec.hospital.finetune import finetune_vector
 from medvec.store import open_store
 from flows.events import emit_vector_landed
 p = load_params("params.yaml", {json.dumps(OVERRIDES)} + ["finetune.epochs=1"])

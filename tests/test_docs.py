@@ -159,7 +159,7 @@ def links(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def parser() -> argparse.ArgumentParser:
-    from medvec.cli import build_parser
+    from flows.cli import build_parser
 
     return build_parser()
 
@@ -186,9 +186,7 @@ def test_checker_rejects_an_unknown_subcommand(parser):
             subcommand_path(argv, parser)
     assert subcommand_path(found[2][1], parser) == ([], ["lineage"])
     assert parses(["hospital", "join", "x", "--data", "d", "--nosuchflag"], parser) is not None
-    proc = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", "nosuchcommand", "--help"], cwd=ROOT, capture_output=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "nosuchcommand", "--help"], cwd=ROOT, capture_output=True)
     assert proc.returncode != 0
 
 
@@ -231,7 +229,7 @@ def test_every_shown_subcommand_exists_and_its_help_runs(shown, parser):
         paths.setdefault((*options, *path), f"{s.page}:{s.line}")
     for argv, where in sorted(paths.items()):
         proc = subprocess.run(
-            [sys.executable, "-m", "medvec.cli", *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "flows.cli", *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         if proc.returncode != 0 or "usage: medvec" not in proc.stdout:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -293,7 +291,7 @@ def test_module_map_lists_every_module():
     missing = [
         str(p.relative_to(ROOT))
         for folder in ("medvec", "tasks", "flows", "pipelines", "benchmarks")
-        for p in sorted((ROOT / folder).glob("*.py"))
+        for p in sorted((ROOT / folder).rglob("*.py"))
         if p.name != "__init__.py" and p.name not in text
     ]
     assert not missing, f"docs/architecture.md does not mention {missing}"

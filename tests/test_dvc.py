@@ -4,7 +4,9 @@ and an S3 remote (SeaweedFS ``weed mini`` started here) into fresh clones."""
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_layers import graph
 
 from conftest import ROOT
 from servers import SeaweedS3
 
-pytestmark = pytest.mark.integration
+STAGE_MODULE = re.compile(r"python -m (pipelines\.\w+)")
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -26,11 +29,57 @@ def sh(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 600)
     return proc.stdout
 
 
+def imported_files(module: str, edges: dict[str, set[str]]) -> set[str]:
+    """Every project file that importing ``module`` runs: the modules it reaches and their packages' __init__."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += [d for d in edges.get(m, ()) if d in edges]
+    packages = {".".join(m.split(".")[:i]) for m in seen for i in range(1, m.count(".") + 1)}
+    return {str(Path(*m.split(".")).with_suffix(".py")) for m in seen - packages} | {
+        str(Path(*p.split(".")) / "__init__.py") for p in packages | (seen & packages)
+    }
+
+
+def stage_deps() -> dict[str, tuple[str, list[str]]]:
+    """Each dvc.yaml stage: the pipelines module its cmd runs, and its deps."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        out[name] = (STAGE_MODULE.search(body["cmd"]).group(1), [str(d) for d in body["deps"]])
+    return out
+
+
+def test_every_module_a_stage_imports_is_in_its_deps():
+    """An edit to any module a stage's code imports reruns the stage: deps cover it by file or by package."""
+    edges = graph()
+    assert [type(n) for n in ast.parse((ROOT / "pipelines" / "__init__.py").read_text()).body] == [ast.Expr]
+    for name, (module, deps) in stage_deps().items():
+        files = imported_files(module, edges) - {"pipelines/__init__.py"}  # a docstring only (checked above)
+        assert any(f.startswith("medvec/") for f in files), (name, files)
+        uncovered = sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+        assert uncovered == [], f"dvc.yaml stage {name!r} imports {uncovered} without depending on them"
+
+
+def test_the_coverage_check_notices_a_missing_package(monkeypatch):
+    """Taking medvec/coordinator out of the merge stage's deps is caught."""
+    edges = graph()
+    module, deps = stage_deps()["merge"]
+    files = imported_files(module, edges)
+    kept = [d for d in deps if d != "medvec/coordinator"]
+    assert any(f.startswith("medvec/coordinator/") and not any(f.startswith(d + "/") for d in kept) for f in files)
+
+
 @pytest.fixture(scope="module")
-def env():
+def env(tmp_path_factory):
     e = os.environ.copy()
     e["PATH"] = VENV_BIN + os.pathsep + e.get("PATH", "")  # stages run `python` from the venv
     e["DVC_NO_ANALYTICS"] = "1"
+    # the merge stage registers its merge: in a tracking store of this module's own
+    e["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     e["MEDVEC_THREADS"] = "2"
     e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "medvec-test"
     e["GIT_AUTHOR_EMAIL"] = e["GIT_COMMITTER_EMAIL"] = "medvec-test@example.org"
@@ -71,6 +120,7 @@ def repo(tmp_path_factory, env):
     return {"repo": repo, "tmp": tmp, "remote": remote}
 
 
+@pytest.mark.integration
 def test_repro_builds_every_stage(repo):
     r = repo["repo"]
     lock = yaml.safe_load((r / "dvc.lock").read_text())
@@ -79,9 +129,13 @@ def test_repro_builds_every_stage(repo):
         assert (r / "work" / "vectors" / f"{h}.safetensors").stat().st_size > 0
     merge = yaml.safe_load((r / "work" / "merge.json").read_text())
     assert merge["method"] == "weighted" and len(merge["inputs"]) == 2
+    # finished as the flows finish a merge: stored in the stage's store, registered through the gate
+    assert (r / "work" / "store" / merge["weights_key"]).is_file()
+    assert merge["registry"]["champion"] is True and merge["registry"]["reason"] == "first version"
     assert 0.0 <= yaml.safe_load((r / "work" / "metrics.json").read_text())["auc"] <= 1.0
 
 
+@pytest.mark.integration
 def test_repro_is_up_to_date_and_exp_run_changes_the_method(repo, env):
     r = repo["repo"]
     status = sh([f"{VENV_BIN}/dvc", "status"], r, env)
@@ -106,6 +160,7 @@ def _same_vectors(a: Path, b: Path) -> None:
         ).read_bytes()
 
 
+@pytest.mark.integration
 def test_push_pull_local_remote(repo, env):
     r = repo["repo"]
     sh([f"{VENV_BIN}/dvc", "push"], r, env, timeout=300)
@@ -114,6 +169,7 @@ def test_push_pull_local_remote(repo, env):
     _same_vectors(r, clone)
 
 
+@pytest.mark.integration
 def test_push_pull_s3_remote(repo, env):
     s3 = SeaweedS3(repo["tmp"] / "s3")
     try:

@@ -13,11 +13,13 @@ from safetensors.torch import save_file
 
 from medvec.batchnorm import RunningStats
 from medvec.config import ConfigError, IntakeConfig, VectorsConfig, load_params
-from medvec.encoding import Encoding, EncodingError, decode, encode
-from medvec.hospital import for_upload
-from medvec.merge import get_method, merge_delta
-from medvec.signing import Keyring, keygen, sign_file
-from medvec.vectors import DataVector, InvalidVectorError, VectorMeta, content_sha256, load_vector
+from medvec.coordinator.methods import get_method, merge_delta
+from medvec.hospital.finetune import for_upload
+from medvec.vectors.checks import load_vector
+from medvec.vectors.encoding import Encoding, EncodingError, decode, encode, encoding_of
+from medvec.vectors.format import InvalidVectorError, content_sha256
+from medvec.vectors.signing import Keyring, keygen, sign_file
+from medvec.vectors.vector import DataVector, VectorMeta
 
 ALL = [
     Encoding(),
@@ -112,7 +114,7 @@ def test_encoding_settings_are_checked():
         load_params(None, ["vectors.encoding=int4", "vectors.group_size=7"])
     with pytest.raises(ConfigError, match=r"vectors\.encoding"):
         load_params(None, ["vectors.encoding=int3"])
-    assert load_params(None, ["vectors.encoding=int4"]).vectors.spec() == Encoding(name="int4", group_size=64)
+    assert encoding_of(load_params(None, ["vectors.encoding=int4"]).vectors) == Encoding(name="int4", group_size=64)
 
 
 # ------------------------------------------------------------------------ files
@@ -313,7 +315,7 @@ def test_a_vector_file_survives_pickling_and_closing(tmp_path, make_vector):
 
 
 def test_intake_admits_an_int4_vector_and_hands_the_merge_floats(tmp_path, make_vector, tiny_base):
-    from medvec.intake import admit
+    from medvec.coordinator.intake import admit
     from medvec.store import open_store
 
     store = open_store(str(tmp_path / "store"))
@@ -347,10 +349,10 @@ def _toy_vector(seed: int, n_train: int) -> DataVector:
 
 @pytest.mark.parametrize("chunk", [1 << 20, 4, 5])  # 4 and 5 values: reads that end inside a delta
 def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp_path, monkeypatch, chunk):
-    import medvec.merge
-    from medvec.merge import _same_fp32_layout, _stream_tensor
+    import medvec.vectors.file
+    from medvec.vectors.file import _sum_tensor, same_fp32_layout
 
-    monkeypatch.setattr(medvec.merge, "RUN_CHUNK", chunk)
+    monkeypatch.setattr(medvec.vectors.file, "RUN_CHUNK", chunk)
     vectors = [_toy_vector(i, 3 * i) for i in range(1, 4)]
     files = [load_vector(v.save(tmp_path / f"v{i}.safetensors")) for i, v in enumerate(vectors)]
     runs = files[0].runs()
@@ -359,22 +361,24 @@ def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp
     coeffs = method.coefficients([float(v.meta.n_train) for v in vectors])
     fast = merge_delta(files, method)
     for k in files[0].keys():
-        assert torch.equal(fast.tensor(k), _stream_tensor(files, method, coeffs, k)), k
+        assert torch.equal(fast.tensor(k), _sum_tensor(files, coeffs, k)), k
         want = sum(v.tensor(k) * (v.meta.n_train / 18) for v in vectors)
         assert torch.allclose(fast.tensor(k), want, atol=1e-6) and fast.tensor(k).shape == want.shape
     storages = {fast.deltas[k].untyped_storage().data_ptr() for k in files[0].keys()}
     assert len(storages) == 3 and all(fast.deltas[k].is_contiguous() for k in files[0].keys())  # one tensor each
     fp16 = load_vector(vectors[2].encoded(Encoding(name="fp16")).save(tmp_path / "fp16.safetensors"))
-    assert _same_fp32_layout(files) and not _same_fp32_layout([*files[:2], fp16])
+    assert same_fp32_layout(files) is not None and same_fp32_layout([*files[:2], fp16]) is None
     mixed = merge_delta([*files[:2], fp16], method)  # tensor by tensor, fp16 decoded
     for k in files[0].keys():
         assert torch.allclose(mixed.tensor(k), fast.tensor(k), atol=1e-3)
 
 
 def test_scalar_and_empty_deltas_merge_through_whole_runs(tmp_path, monkeypatch):
-    import medvec.merge
+    import medvec.vectors.file
 
-    monkeypatch.setattr(medvec.merge, "RUN_CHUNK", 3)  # reads of 3 values: every delta's edge is a read's edge or not
+    monkeypatch.setattr(
+        medvec.vectors.file, "RUN_CHUNK", 3
+    )  # reads of 3 values: every delta's edge is a read's edge or not
     vectors = []
     for seed in (1, 2):
         g = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory):
     cmd = [
         sys.executable,
         "-m",
-        "medvec.cli",
+        "flows.cli",
         "demo",
         "--data",
         str(BREAST),
@@ -60,7 +60,7 @@ def test_the_demo_champion_rebuilds_bit_identically_from_its_lineage(demo_run):
     out, _, env = demo_run
     doc = json.loads((out / "results.json").read_text())
     selected = next(r for r in doc["results"] if r["selected"])
-    cmd = [sys.executable, "-m", "medvec.cli", "lineage", "medvec@champion", "--rebuild"]
+    cmd = [sys.executable, "-m", "flows.cli", "lineage", "medvec@champion", "--rebuild"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== registered (identical)" in proc.stdout and f"bn={selected['bn']} from" in proc.stdout
@@ -120,7 +120,7 @@ def test_the_demo_prefect_runs_are_named_tagged_and_logged(demo_run):
 
 
 def test_demo_writes_schema_and_files(demo_run):
-    from medvec.report import validate_results
+    from medvec.demo.report import validate_results
 
     out, stdout, _ = demo_run
     doc = json.loads((out / "results.json").read_text())
@@ -197,7 +197,7 @@ def test_cli_verify_accepts_and_rejects(demo_run, tmp_path):
     vec = next((out / "vectors").rglob("*.safetensors"))
     base = next((out / "bases").glob("*.safetensors"))
     ok = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec), "--base", str(base)],
+        [sys.executable, "-m", "flows.cli", "vectors", "verify", str(vec), "--base", str(base)],
         capture_output=True,
         text=True,
     )
@@ -205,13 +205,13 @@ def test_cli_verify_accepts_and_rejects(demo_run, tmp_path):
     assert json.loads(ok.stdout[3:])["hospital"].startswith("h")
     # without --base the base is rebuilt from the model name: tiny_cnn seed 0 is the demo's base
     rebuilt = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", "vectors", "verify", str(vec)], capture_output=True, text=True
+        [sys.executable, "-m", "flows.cli", "vectors", "verify", str(vec)], capture_output=True, text=True
     )
     assert rebuilt.returncode == 0, rebuilt.stderr
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(vec.read_bytes()[:-10])
     rej = subprocess.run(
-        [sys.executable, "-m", "medvec.cli", "vectors", "verify", str(bad), "--base", str(base)],
+        [sys.executable, "-m", "flows.cli", "vectors", "verify", str(bad), "--base", str(base)],
         capture_output=True,
         text=True,
     )

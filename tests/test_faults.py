@@ -81,7 +81,7 @@ def kill_at_failpoint(proc: subprocess.Popen, marker, timeout: float = 240) -> N
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from medvec.data import write_hospital_shards
+    from medvec.data.split import write_hospital_shards
 
     d = tmp_path_factory.mktemp("shards")
     write_hospital_shards(BREAST, d, hospitals=2, alpha=1.0, seed=0)

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medvec.config import IntakeConfig
-from medvec.encoding import Encoding
-from medvec.intake import admit
-from medvec.signing import Keyring, keygen, sign_file
+from medvec.coordinator.intake import admit
 from medvec.store import LocalStore
-from medvec.vectors import InvalidVectorError, content_sha256, load_vector
+from medvec.vectors.checks import load_vector
+from medvec.vectors.encoding import Encoding
+from medvec.vectors.format import InvalidVectorError, content_sha256
+from medvec.vectors.signing import Keyring, keygen, sign_file
 
 
 @pytest.fixture()
@@ -257,7 +258,7 @@ def test_norm_and_direction_outliers_are_quarantined(store, tiny_base, make_vect
 
 
 def test_clipping_keeps_the_outlier_scaled_to_the_median_norm(store, tiny_base, make_vector):
-    from medvec.defence import Scaled
+    from medvec.coordinator.defence import Scaled
 
     common = make_vector("c", seed=99).deltas
     vectors = [make_vector(f"h{i}", seed=i) for i in range(1, 5)]
@@ -274,7 +275,7 @@ def test_clipping_keeps_the_outlier_scaled_to_the_median_norm(store, tiny_base, 
 
 
 def test_twenty_concurrent_vectors_from_four_hospitals_merge_the_latest_valid_of_each(store, tiny_base, make_vector):
-    from medvec.merge import merge_delta
+    from medvec.coordinator.methods import merge_delta
 
     vectors = []
     for i in range(5):

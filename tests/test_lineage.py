@@ -31,7 +31,7 @@ OVERRIDES = [
 SCRIPT = """
 import json, sys
 from medvec.config import load_params
-from medvec.data import write_hospital_shards
+from medvec.data.split import write_hospital_shards
 from medvec.models import create_base
 from medvec.store import open_store
 from flows.hospital_finetune import hospital_finetune
@@ -66,10 +66,10 @@ def tracked(tmp_path_factory):
 
 def test_lineage_names_exactly_the_two_vectors_and_their_runs(tracked, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
-    from medvec import tracking
+    from medvec.tracking import lineage
 
     hospitals = tracked["out"]["hospitals"]
-    tree = tracking.lineage("medvec@champion")
+    tree = lineage.lineage("medvec@champion")
     assert tree["model"]["version"] == tracked["out"]["good"]["registry"]["version"]
     got = sorted(
         (v["vector_id"], v["hospital"], v["content_sha256"], v["finetune_run"]["run_id"]) for v in tree["vectors"]
@@ -99,8 +99,9 @@ def test_champion_pyfunc_returns_probabilities_and_the_label_at_its_registered_t
     import mlflow
     from mlflow import MlflowClient
 
-    from medvec.data import load_split, to_tensor
+    from medvec.data.sources import load_split
     from medvec.models import get_spec
+    from medvec.preprocess import to_tensor
 
     mlflow.set_tracking_uri(tracked["url"])
     model = mlflow.pyfunc.load_model("models:/medvec@champion")
@@ -115,7 +116,7 @@ def test_champion_pyfunc_returns_probabilities_and_the_label_at_its_registered_t
 
 
 def rebuild(tracked, ref: str) -> str:
-    cmd = [sys.executable, "-m", "medvec.cli", "lineage", ref, "--rebuild"]
+    cmd = [sys.executable, "-m", "flows.cli", "lineage", ref, "--rebuild"]
     proc = subprocess.run(cmd, cwd=ROOT, env=tracked["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== registered (identical)" in proc.stdout
@@ -138,23 +139,23 @@ def test_the_gate_rescores_a_champion_scored_on_another_validation_set(tracked, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
     from mlflow import MlflowClient
 
-    from medvec import tracking
+    from medvec.tracking import lineage
 
     decision = tracked["out"]["other_set"]["registry"]
     assert "re-scored on the current validation set" in decision["reason"], decision
     assert "pneumoniamnist.npz val (524 images" in decision["reason"] and "(78 images)" in decision["reason"]
     mv = MlflowClient(tracked["url"]).get_model_version("medvec", decision["version"])
     assert mv.tags["medvec.gate_reason"] == decision["reason"] and mv.tags["medvec.eval_size"] == "524"
-    record = tracking.merge_record(f"medvec/{decision['version']}")
+    record = lineage.merge_record(f"medvec/{decision['version']}")
     assert record.eval_set.size == 524 and record.eval_set.source.endswith("pneumoniamnist.npz")
 
 
 def test_dvc_registry_commit_restores_exactly_the_merged_vectors(tracked, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["url"])
-    from medvec import tracking
     from medvec.store import open_store
+    from medvec.tracking import lineage
 
-    tree = tracking.lineage("medvec@champion")
+    tree = lineage.lineage("medvec@champion")
     commit = tree["merge_run"]["dvc_commit"]
     assert commit and len(commit) == 40
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -200,15 +201,15 @@ def test_the_merge_run_description_links_each_input_vector_to_its_fine_tune_run(
 
 def test_the_merge_run_logs_its_evaluation_set_and_the_lambda_sweep(tracked, monkeypatch):
     client = _client(tracked, monkeypatch)
-    from medvec import tracking
+    from medvec.tracking import lineage, server
 
     decision = tracked["out"]["other_set"]["registry"]
-    record = tracking.merge_record(f"medvec/{decision['version']}")
+    record = lineage.merge_record(f"medvec/{decision['version']}")
     run = client.get_run(decision["run_id"])
     (inp,) = run.inputs.dataset_inputs
     tags = {t.key: t.value for t in inp.tags}
     # MLflow keeps at most 36 characters of a digest: the first 32 of the sha256, the whole in tag and profile
-    assert inp.dataset.digest == record.eval_set.sha256[: tracking.DIGEST_CHARS]
+    assert inp.dataset.digest == record.eval_set.sha256[: server.DIGEST_CHARS]
     assert tags["medvec.sha256"] == record.eval_set.sha256 and tags["mlflow.data.context"] == "validation"
     profile = json.loads(inp.dataset.profile)
     assert profile["sha256"] == record.eval_set.sha256 and profile["num_rows"] == record.eval_set.size == 524
@@ -252,16 +253,16 @@ def test_the_champion_version_description_links_its_merge_run(tracked, monkeypat
 
 def test_an_async_step_description_names_its_parent_champion_version(tracked, monkeypatch):
     client = _client(tracked, monkeypatch)
-    from medvec import tracking
+    from medvec.tracking import lineage, registry
 
     good = tracked["out"]["good"]["registry"]
     client.set_model_version_tag("medvec", good["version"], "medvec.version", "7")  # as if it were step v7
     try:
-        record = tracking.merge_record(f"medvec/{good['version']}")
+        record = lineage.merge_record(f"medvec/{good['version']}")
         step = record.model_copy(update={"mode": "async", "parent_version": 7, "version": 8})
-        note = tracking._version_note(client, step, "#/experiments/1/runs/abc", "champion", "first version")
+        note = registry._version_note(client, step, "#/experiments/1/runs/abc", "champion", "first version")
         assert f"parent champion v7 ([`medvec` v{good['version']}](#/models/medvec/versions/{good['version']}))" in note
         assert "became v8" in note and "η = 1" in note
-        assert "parent version v7, became v8" in tracking._merge_note(step, {}, "auc", None)
+        assert "parent version v7, became v8" in registry._merge_note(step, {}, "auc", None)
     finally:
         client.delete_model_version_tag("medvec", good["version"], "medvec.version")

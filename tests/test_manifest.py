@@ -16,17 +16,10 @@ import pytest
 import torch
 
 from conftest import BREAST, PNEUMONIA, ROOT
-from medvec.data import (
-    DataError,
-    DataSpec,
-    DataWarning,
-    ImageSet,
-    classes_sha256,
-    draw_local_val,
-    load_npz,
-    load_split,
-)
-from medvec.examples import combined_multiclass, composite_multilabel, write_manifest
+from medvec.data.examples import combined_multiclass, composite_multilabel, write_manifest
+from medvec.data.images import DataError, DataSpec, DataWarning, ImageSet, classes_sha256
+from medvec.data.sources import load_npz, load_split
+from medvec.data.split import draw_local_val
 
 
 def subset(source: Path, n: dict[str, int]) -> dict[str, ImageSet]:
@@ -78,7 +71,7 @@ def test_a_manifest_loads_the_same_pixels_labels_and_splits_as_the_npz(manifest,
 
 
 def test_dicom_files_are_found_by_content_not_by_extension(small, tmp_path):
-    from medvec.dicom import write_dicom
+    from medvec.data.dicom import write_dicom
 
     rows = []
     for i in range(20):
@@ -135,7 +128,7 @@ def test_a_spreadsheet_export_with_a_bom_crlf_extra_columns_and_a_multiline_cell
 
 
 def test_unreadable_files_are_skipped_with_a_warning_and_too_many_are_an_error(small, tmp_path):
-    from medvec.dicom import write_dicom
+    from medvec.data.dicom import write_dicom
 
     rows = []
     for i in range(30):
@@ -159,7 +152,7 @@ def test_unreadable_files_are_skipped_with_a_warning_and_too_many_are_an_error(s
 
 
 def test_without_a_split_column_the_local_val_split_is_drawn_by_the_seeded_rule(manifest, small):
-    from medvec.hospital import LocalData
+    from medvec.hospital.local import LocalData
 
     rows = [r for r in rows_of(manifest) if r["split"] == "train"]
     path = write_csv(manifest.parent / "nosplit.csv", rows, ("path", "label"))
@@ -193,10 +186,10 @@ def test_a_multilabel_manifest_reads_into_a_label_matrix(tmp_path, small):
 
 def test_intake_refuses_a_vector_whose_class_list_differs(tmp_path):
     from medvec.config import IntakeConfig
-    from medvec.intake import admit
+    from medvec.coordinator.intake import admit
     from medvec.models import create_base
     from medvec.store import LocalStore
-    from medvec.vectors import DataVector
+    from medvec.vectors.vector import DataVector
 
     base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
     base.classes = ["normal", "pneumonia"]
@@ -228,7 +221,8 @@ def test_intake_refuses_a_vector_whose_class_list_differs(tmp_path):
 
 def test_a_hospital_with_another_class_list_is_refused_before_training(small, tmp_path):
     from medvec.config import FinetuneConfig
-    from medvec.hospital import LocalData, finetune_vector
+    from medvec.hospital.finetune import finetune_vector
+    from medvec.hospital.local import LocalData
     from medvec.models import create_base
 
     base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
@@ -267,7 +261,7 @@ def test_the_store_keeps_a_bases_class_list_and_refuses_the_same_weights_with_an
 
 
 def test_pos_weight_is_negatives_per_positive():
-    from medvec.train import positive_weights
+    from medvec.hospital.train import positive_weights
 
     torch.testing.assert_close(positive_weights([1, 3, 0], 4), torch.tensor([3.0, 1 / 3, 1.0]))
 
@@ -297,8 +291,10 @@ def test_multilabel_metrics_are_per_label_aucs_and_their_macro_mean():
 def multilabel_run():
     """A tiny model fine-tuned on the real two-label composite (chest|breast), two hospitals, merged."""
     from medvec.config import FinetuneConfig, load_params
-    from medvec.coordinator import EvalSets, merge_once
-    from medvec.hospital import LocalData, finetune_vector
+    from medvec.coordinator.engine import merge_once
+    from medvec.coordinator.scoring import EvalSets
+    from medvec.hospital.finetune import finetune_vector
+    from medvec.hospital.local import LocalData
     from medvec.models import create_base
 
     sets = composite_multilabel(ROOT / "data")
@@ -337,8 +333,8 @@ def test_a_multilabel_merge_reports_per_label_auc_above_chance(multilabel_run):
 
 
 def test_the_mlflow_pyfunc_frame_of_a_multilabel_model_has_a_label_per_class(multilabel_run):
-    from medvec.data import to_tensor
-    from medvec.tracking import label_frame
+    from medvec.preprocess import to_tensor
+    from medvec.tracking.registry import label_frame
 
     x = to_tensor(multilabel_run["evalsets"].test.images[:5], multilabel_run["base"].spec).numpy()
     frame = label_frame(multilabel_run["outcome"].model, x, None, "multilabel")
@@ -352,8 +348,8 @@ def test_a_four_class_task_on_real_images_scores_macro_one_vs_rest_auc():
 
     from medvec.config import FinetuneConfig
     from medvec.evaluate import evaluate_model
+    from medvec.hospital.train import finetune
     from medvec.models import create_base
-    from medvec.train import finetune
 
     sets = combined_multiclass(ROOT / "data")
     assert sets["test"].classes[2:] == ["breast malignant", "breast normal or benign"]
@@ -371,8 +367,8 @@ def test_a_four_class_task_on_real_images_scores_macro_one_vs_rest_auc():
 
 
 def test_hospital_check_reports_reads_failures_counts_duplicates_and_the_published_fields(manifest, small, tmp_path):
-    from medvec.datacheck import check_data
-    from medvec.hospital import published_data_fields
+    from medvec.hospital.datacheck import check_data
+    from medvec.hospital.finetune import published_data_fields
 
     rows = rows_of(manifest)
     first = manifest.parent / rows[0]["path"]
@@ -401,7 +397,7 @@ def test_hospital_check_reports_reads_failures_counts_duplicates_and_the_publish
 
 
 def test_hospital_check_finds_a_class_list_mismatch_and_unreadable_data(manifest, tmp_path):
-    from medvec.datacheck import check_data
+    from medvec.hospital.datacheck import check_data
 
     r = check_data(manifest, DataSpec("multiclass", ("normal", "effusion")))
     assert not r.usable and "not in model.classes" in r.problems[0]
@@ -413,7 +409,7 @@ def test_hospital_check_finds_a_class_list_mismatch_and_unreadable_data(manifest
 def _medvec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # join must refuse before any server call
     return subprocess.run(
-        [sys.executable, "-m", "medvec.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
 
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvec.merge import UnknownMethodError, get_method, merge_delta, merge_vectors, method_names, trim_top_k
-from medvec.vectors import DataVector, load_vector
+from medvec.config import MergeConfig
+from medvec.coordinator.methods import (
+    UnknownMethodError,
+    get_method,
+    merge_delta,
+    merge_vectors,
+    method_names,
+    trim_top_k,
+)
+from medvec.vectors.checks import load_vector
+from medvec.vectors.vector import DataVector
 
 
 class Meta:
@@ -26,7 +35,7 @@ def merged(name, lam=1.0, rows=(T1, T2, T3), ns=(1, 2, 1), **kw):
     vs = [DataVector({"w": torch.tensor(r)}) for r in rows]
     for v, n in zip(vs, ns):
         v.meta = Meta(n)
-    return merge_vectors(BASE, vs, get_method(name, **kw), lam)["w"]
+    return merge_vectors(BASE, vs, get_method(name, MergeConfig(**kw)), lam)["w"]
 
 
 def test_sum_is_the_paper():
@@ -54,12 +63,12 @@ def test_median_even_and_odd():
 def test_ties_trim_elect_disjoint_mean():
     # trim to top 2 of 4: τ1→[0,-2,3,0], τ2→[3,2,0,0], τ3→[0,4,2,0]; γ = sign([3,4,5,0]) = [1,1,1,0]
     # disjoint means: [3/1, (2+4)/2, (3+2)/2, 0]
-    assert torch.equal(merged("ties", density=0.5), torch.tensor([13.0, 13.0, 12.5, 10.0]))
+    assert torch.equal(merged("ties", ties_density=0.5), torch.tensor([13.0, 13.0, 12.5, 10.0]))
 
 
 def test_dare_drops_and_rescales_seeded():
-    a = merged("dare", drop=0.5, seed=7)
-    b = merged("dare", drop=0.5, seed=7)
+    a = merged("dare", dare_drop=0.5, seed=7)
+    b = merged("dare", dare_drop=0.5, seed=7)
     assert torch.equal(a, b)
     # each vector's entry is either dropped (0) or doubled (1/(1-p)); check every coordinate is such a sum
     options = []
@@ -70,12 +79,12 @@ def test_dare_drops_and_rescales_seeded():
         options.append(vals)
     for i in range(4):
         assert float(a[i]) - 10.0 in options[i]
-    assert torch.equal(merged("dare", drop=0.0), merged("sum"))
+    assert torch.equal(merged("dare", dare_drop=0.0), merged("sum"))
 
 
 def test_dare_keeps_expected_fraction_on_a_large_tensor():
     v = DataVector({"w": torch.ones(10_000)})
-    out = merge_delta([v], get_method("dare", drop=0.3, seed=1)).deltas["w"]
+    out = merge_delta([v], get_method("dare", MergeConfig(dare_drop=0.3, seed=1))).deltas["w"]
     kept = int((out != 0).sum())
     assert 6_800 < kept < 7_200  # Binomial(10000, 0.7): ±4.4σ
     assert torch.allclose(out[out != 0], torch.full((kept,), 1 / 0.7))

@@ -22,7 +22,7 @@ from medvec.models import (
 )
 def test_efficientnet_lite0_offline_weights_are_imagenet(photo, cls, prob):
     skimage_data = pytest.importorskip("skimage.data")
-    from medvec.data import to_tensor
+    from medvec.preprocess import to_tensor
 
     model, spec = build_model("efficientnet_lite0", num_classes=1000, pretrained=True)
     assert (spec.image_size, spec.mean, spec.std) == (224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -40,7 +40,7 @@ def _png_folders(data: Path) -> tuple[Path, list[str]]:
     """``<split>/<class>/patient_…_scan.png``: the file names carry identifiers."""
     from PIL import Image
 
-    from medvec.data import load_split
+    from medvec.data.sources import load_split
 
     s, names = load_split(BREAST, "train"), []
     for split, n in (("train", 120), ("val", 24)):
@@ -58,9 +58,9 @@ def _dicom_manifest(data: Path) -> tuple[Path, list[str]]:
     """DICOM files with identifying patient tags set (synthetic values), listed in a CSV manifest."""
     import csv
 
-    from medvec.data import load_split
-    from medvec.dicom import write_dicom
-    from medvec.examples import DICOM_VARIANTS, fake_patient
+    from medvec.data.dicom import write_dicom
+    from medvec.data.examples import DICOM_VARIANTS, fake_patient
+    from medvec.data.sources import load_split
 
     s, names, rows = load_split(BREAST, "train"), [], []
     for split, n in (("train", 120), ("val", 24)):

@@ -9,8 +9,9 @@ import torch
 
 from conftest import toy_meta
 from medvec import timing
-from medvec.data import ImageSet, batches, predecode, to_tensor
+from medvec.data.images import ImageSet
 from medvec.models import create_base
+from medvec.preprocess import batches, predecode, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ class FakeClock:
 def test_fine_tuning_counts_as_the_finetune_phase():
     """The whole training loop, not a helper inside it, is ``finetune`` (the demo's phase split depends on it)."""
     from medvec.config import FinetuneConfig
-    from medvec.train import finetune
+    from medvec.hospital.train import finetune
 
     base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
     timing.reset()
@@ -118,9 +119,9 @@ def test_a_phase_that_raises_is_still_counted(monkeypatch):
 def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_makes_them(tmp_path, folio_share):
     """medvec's writers (save, sign, the local store's copy) write in large pieces; a merge then maps each
     2 MiB of a file with one entry.  1 MiB writes and shutil.copyfile (sendfile) leave 4 KiB pages."""
-    from medvec.signing import keygen
     from medvec.store import LocalStore
-    from medvec.vectors import DataVector
+    from medvec.vectors.signing import keygen
+    from medvec.vectors.vector import DataVector
 
     meta = toy_meta("big")
     vector = DataVector({"w": torch.randn(3 << 20)}, meta)  # 12 MiB of deltas
@@ -133,13 +134,14 @@ def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_ma
 
 
 def test_a_vector_above_the_in_memory_limit_is_streamed_then_copied_to_the_same_content(tmp_path, monkeypatch):
-    import medvec.vectors
-    from medvec.vectors import DataVector, load_vector
+    import medvec.vectors.format
+    from medvec.vectors.checks import load_vector
+    from medvec.vectors.vector import DataVector
 
     meta = toy_meta("v")
     vector = DataVector({"w": torch.randn(1000), "b": torch.randn(3)}, meta)
     in_memory = vector.save(tmp_path / "memory.safetensors")
-    monkeypatch.setattr(medvec.vectors, "IN_MEMORY_SAVE", 0)
+    monkeypatch.setattr(medvec.vectors.format, "IN_MEMORY_SAVE", 0)
     streamed = vector.save(tmp_path / "streamed.safetensors")
     a, b = load_vector(in_memory), load_vector(streamed)
     assert a.content_sha256 == b.content_sha256 and in_memory.stat().st_size == streamed.stat().st_size

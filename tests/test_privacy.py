@@ -15,8 +15,9 @@ from servers import MlflowServer, run_driver
 def dp_vector(tiny_base):
     """A DP-SGD fine-tune of the tiny CNN on 200 real breastmnist images (σ solved for ε = 3)."""
     from medvec.config import FinetuneConfig, PrivacyConfig
-    from medvec.data import load_split
-    from medvec.hospital import LocalData, finetune_vector
+    from medvec.data.sources import load_split
+    from medvec.hospital.finetune import finetune_vector
+    from medvec.hospital.local import LocalData
 
     train = load_split(BREAST, "train").subset(torch.arange(200).numpy())
     cfg = FinetuneConfig(epochs=2, batch_size=32, lr=0.003, threads=1)
@@ -55,8 +56,9 @@ def test_the_epsilon_is_signed_tampering_fails_verification(dp_vector, tmp_path)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from medvec.signing import Keyring, keygen, read_header, sign_file
-    from medvec.vectors import InvalidVectorError, load_vector
+    from medvec.vectors.checks import load_vector
+    from medvec.vectors.format import InvalidVectorError
+    from medvec.vectors.signing import Keyring, keygen, read_header, sign_file
 
     path = dp_vector[0].save(tmp_path / "v.safetensors")
     key, pub = keygen("h1", tmp_path / "keys")
@@ -80,7 +82,7 @@ def test_the_epsilon_is_signed_tampering_fails_verification(dp_vector, tmp_path)
 
 
 def test_publishing_past_the_lifetime_budget_is_refused_and_the_vector_kept(dp_vector, tmp_path):
-    from medvec.privacy import Ledger, PrivacyBudgetError
+    from medvec.hospital.privacy import Ledger, PrivacyBudgetError
 
     vector = dp_vector[0]
     eps = vector.meta.privacy.epsilon
@@ -98,11 +100,11 @@ def test_publishing_past_the_lifetime_budget_is_refused_and_the_vector_kept(dp_v
 SCRIPT = """
 import json, sys
 from medvec.config import load_params
-from medvec.data import write_hospital_shards
+from medvec.data.split import write_hospital_shards
 from medvec.models import create_base
-from medvec.privacy import PrivacyBudgetError
+from medvec.hospital.privacy import PrivacyBudgetError
 from medvec.store import open_store
-from medvec import tracking
+from medvec.tracking import lineage
 from flows.hospital_finetune import hospital_finetune
 from flows.merge_and_evaluate import merge_and_evaluate
 tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
@@ -118,8 +120,8 @@ try:  # a second DP vector from h1 would take it past its lifetime budget
 except PrivacyBudgetError as exc:
     out["refused"] = str(exc)
 out["merge"] = merge_and_evaluate(tmp + "/store", %(data)r, params=p)
-out["lineage"] = tracking.lineage("medvec@champion")
-out["text"] = tracking.lineage_text(out["lineage"])
+out["lineage"] = lineage.lineage("medvec@champion")
+out["text"] = lineage.lineage_text(out["lineage"])
 out["vectors"] = [s["meta"]["vector_id"] for s in open_store(tmp + "/store").sidecars()]
 print(json.dumps(out, default=str))
 """ % {"data": str(BREAST)}
@@ -158,9 +160,10 @@ def test_a_dp_and_a_non_dp_hospital_merge_through_the_flow_and_lineage_shows_eac
 
 def test_the_prv_accountant_and_a_fixed_noise_multiplier(tiny_base):
     from medvec.config import FinetuneConfig, PrivacyConfig
-    from medvec.data import load_split
-    from medvec.hospital import LocalData, finetune_vector
-    from medvec.privacy import epsilon_of
+    from medvec.data.sources import load_split
+    from medvec.hospital.finetune import finetune_vector
+    from medvec.hospital.local import LocalData
+    from medvec.hospital.privacy import epsilon_of
 
     train = load_split(BREAST, "train").subset(torch.arange(120).numpy())
     cfg = FinetuneConfig(epochs=1, batch_size=30, threads=1, augment=False)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from pydantic import ValidationError
 
 from conftest import BREAST
-from medvec import coordinator as core
 from medvec.batchnorm import MomentSums, moment_sums
 from medvec.config import load_params
-from medvec.data import batches, load_split
+from medvec.coordinator import engine, lineage, scoring
+from medvec.data.sources import load_split
+from medvec.preprocess import batches
 from medvec.record import EvalSetRef, MergeRecord
 from medvec.store import LocalStore
-from medvec.vectors import DataVector, utcnow
+from medvec.timing import Started, utcnow
+from medvec.vectors.vector import DataVector
 
 
 @pytest.fixture()
@@ -38,10 +38,10 @@ def stored(tmp_path, tiny_base, make_vector):
 
 def merged_record(store, tiny_base, vectors, overrides, calibration=None) -> MergeRecord:
     params = load_params(None, ["model.name=tiny_cnn", "model.pretrained=false", "merge.lambdas=[0.5,1.0]", *overrides])
-    evalsets = core.EvalSets.load(BREAST)
-    started, clock = utcnow(), time.perf_counter()
-    outcome = core.merge_once(tiny_base, vectors, params, evalsets, calibration)
-    record = MergeRecord.build(outcome, vectors, tiny_base.sha256, params, evalsets.ref(), store.url, started, clock)
+    evalsets = scoring.EvalSets.load(BREAST)
+    started = Started.now()
+    outcome = engine.merge_once(tiny_base, vectors, params, evalsets, calibration)
+    record = MergeRecord.build(outcome, vectors, tiny_base.sha256, params, evalsets.ref(), store.url, started)
     return store.put_merge(record, moments=outcome.moments)
 
 
@@ -62,7 +62,7 @@ def test_rebuild_from_the_record_is_bit_identical(stored, tiny_base, overrides, 
     assert (record.moments_key is not None) == (strategy == "recompute")
     again = store.latest_merge(tiny_base.sha256)
     assert again == record  # what the store kept is the record, field for field
-    _, sha = core.rebuild_merge(store, again)
+    _, sha = lineage.rebuild_merge(store, again)
     assert sha == record.merged_sha256
 
 
@@ -80,16 +80,18 @@ def test_recompute_from_a_calibration_set_keeps_its_sums(stored, tiny_base):
     kept = store.get_moments(record.moments_key)
     # the kept sums are those of the calibration images under the merged weights (BN in batch mode)
     inputs = [store.get(i.vector_id) for i in record.inputs]
-    merged, _ = core.realize(tiny_base, inputs, record.method, record.lam, core.BnPlan("none", "base"), record.params)
+    merged, _ = engine.realize(
+        tiny_base, inputs, record.method, record.lam, engine.BnPlan("none", "base"), record.params
+    )
     fresh = moment_sums(merged, batches(calibration, tiny_base.spec, record.params.batchnorm.batch_size))
     assert kept.count == fresh.count and all(kept.sum[k].equal(fresh.sum[k]) for k in kept.sum)
-    _, sha = core.rebuild_merge(store, record)
+    _, sha = lineage.rebuild_merge(store, record)
     assert sha == record.merged_sha256
 
 
 def _republished(store, vector):
     """A copy of ``vector`` under a new id (no moment sums), as a hospital without them would send."""
-    from medvec.vectors import new_vector_id
+    from medvec.vectors.vector import new_vector_id
 
     meta = vector.meta.model_copy(
         update={"vector_id": new_vector_id(vector.meta.hospital, "c0ffee00"), "created_at": utcnow()}
@@ -133,9 +135,9 @@ def test_without_a_test_split_the_record_still_keeps_the_threshold_chosen_on_val
 
     store, vectors = stored
     params = load_params(None, ["model.name=tiny_cnn", "model.pretrained=false", "batchnorm.strategy=average"])
-    evalsets = core.EvalSets.load(BREAST, with_test=False)
-    outcome = core.merge_once(tiny_base, vectors, params, evalsets)
-    record = MergeRecord.build(outcome, vectors, tiny_base.sha256, params, evalsets.ref(), store.url, utcnow(), 0.0)
+    evalsets = scoring.EvalSets.load(BREAST, with_test=False)
+    outcome = engine.merge_once(tiny_base, vectors, params, evalsets)
+    record = MergeRecord.build(outcome, vectors, tiny_base.sha256, params, evalsets.ref(), store.url, Started.now())
     val = evaluate_model(outcome.model, evalsets.val, tiny_base.spec, params.evaluate.batch_size)
     assert record.test == {} and record.operating_point == {
         "threshold": pytest.approx(choose_threshold(val["labels"], val["scores"]))

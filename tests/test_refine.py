@@ -9,13 +9,17 @@ import torch
 
 from conftest import BREAST
 from medvec.config import load_params
-from medvec.coordinator import EvalSets
-from medvec.data import write_hospital_shards
-from medvec.hospital import LocalData, finetune_vector
-from medvec.intake import admit, consumed
-from medvec.refine import contributions, replay_chain, run_step, staleness_discount, step_delta
+from medvec.coordinator.intake import admit, consumed
+from medvec.coordinator.lineage import replay_chain
+from medvec.coordinator.scoring import EvalSets
+from medvec.coordinator.weights import staleness_discount, step_weights
+from medvec.data.split import write_hospital_shards
+from medvec.hospital.finetune import finetune_vector
+from medvec.hospital.local import LocalData
 from medvec.store import LocalStore
-from medvec.vectors import DataVector
+from medvec.tracking.finish import finish_step
+from medvec.vectors.file import weighted_sum
+from medvec.vectors.vector import DataVector
 
 
 def test_staleness_discounts_by_hand():
@@ -33,12 +37,12 @@ def test_staleness_discounts_by_hand():
 def test_step_weights_and_delta_by_hand(make_vector):
     a, b = make_vector("h1", seed=1, n_train=1), make_vector("h2", seed=2, n_train=3)
     b.meta = b.meta.model_copy(update={"start_version": 1})
-    parts = contributions([a, b], champion_version=4, kind="polynomial", a=0.5, b=4)
+    parts = step_weights([a, b], champion_version=4, kind="polynomial", a=0.5, b=4)
     assert [(c.staleness, c.discount) for c in parts] == [(4, 5**-0.5), (3, 0.5)]
     assert math.isclose(parts[0].weight, 1 * 5**-0.5 / 4) and parts[1].weight == 3 * 0.5 / 4
     x = DataVector({"w": torch.tensor([1.0, 2.0])})
     y = DataVector({"w": torch.tensor([4.0, -8.0])})
-    assert torch.equal(step_delta([x, y], [0.25, 0.5]).deltas["w"], torch.tensor([2.25, -3.5]))
+    assert torch.equal(weighted_sum([x, y], [0.25, 0.5]).deltas["w"], torch.tensor([2.25, -3.5]))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,7 @@ def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_
             "refine.max_staleness=1",
             "batchnorm.strategy=average",
             "intake.defence=off",
+            "registry.enabled=false",
         ],
     )
     base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
@@ -85,9 +90,9 @@ def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_
         vector = contribute(store, base, shards, hospital, params, seed=n)
         adm = admit(store, base, params.intake, params.refine)
         assert [v.meta.vector_id for v in adm.admitted] == [vector.meta.vector_id]  # B = 1: one per step
-        steps.append(run_step(store, base, adm, params, evalsets))
+        steps.append(finish_step(store, base, adm, params, evalsets))
     promoted = [s.record for s in steps if s.promoted]
-    assert promoted, [s.reason for s in steps]
+    assert promoted, [s.verdict for s in steps]
     chain = store.start_points(base.sha256)
     assert [p.version for p in chain] == list(range(len(promoted) + 1))
     assert [p.merge_id for p in chain[1:]] == [r.merge_id for r in promoted]
@@ -99,7 +104,7 @@ def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_
     # the late vector lands now, two versions stale with max_staleness 1 (when two steps were promoted)
     store.put(late)
     adm = admit(store, base, params.intake, params.refine)
-    assert len(promoted) >= 2, [s.reason for s in steps]  # seeded: the first two steps each beat their champion
+    assert len(promoted) >= 2, [s.verdict for s in steps]  # seeded: the first two steps each beat their champion
     (stale,) = [r for r in adm.rejected if r.check == "stale"]
     assert stale.problem.startswith(f"stale: started from version 0, champion is {len(promoted)}")
     assert any(q.check == "stale" for q in store.quarantined()) and adm.admitted == []

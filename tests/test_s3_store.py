@@ -9,7 +9,7 @@ import torch
 
 from conftest import toy_meta
 from medvec.config import IntakeConfig
-from medvec.intake import admit
+from medvec.coordinator.intake import admit
 from medvec.store import LocalStore, S3Store, StoreError, open_store
 from servers import SeaweedS3, free_port
 
@@ -114,7 +114,7 @@ def test_s3_unreachable_endpoint_retries_then_fails_clearly(monkeypatch):
 @pytest.mark.integration
 def test_a_downloaded_vector_lands_in_the_page_cache_as_2_mib_folios(s3, monkeypatch, tmp_path, folio_share):
     """Whole-part writes on download (TransferConfig io_chunksize), so the merge maps the cached copy cheaply."""
-    from medvec.vectors import DataVector
+    from medvec.vectors.vector import DataVector
 
     meta = toy_meta("big")
     vector = DataVector({"w": torch.randn(5 << 20)}, meta)  # 20 MiB: a multipart download

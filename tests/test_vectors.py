@@ -8,7 +8,9 @@ import struct
 import pytest
 import torch
 
-from medvec.vectors import DataVector, InvalidVectorError, load_vector, vector_keys
+from medvec.vectors.checks import load_vector
+from medvec.vectors.format import InvalidVectorError
+from medvec.vectors.vector import DataVector, vector_keys
 
 BASE = {
     "conv.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
@@ -105,7 +107,7 @@ def _tamper(tmp_path, make_vector, fn, name="bad.safetensors"):
     """Save a valid vector, change its tensors with ``fn`` and re-sign the content hash honestly."""
     from safetensors import safe_open
 
-    from medvec.vectors import content_sha256
+    from medvec.vectors.format import content_sha256
 
     good = make_vector().save(tmp_path / "good.safetensors")
     with safe_open(str(good), framework="pt") as f:

@@ -1,0 +1,640 @@
+"""The ``medvec`` command (the console script ``medvec = flows.cli:main``).
+
+Every command shares ``--params FILE`` and ``-S key=value`` (any ``params.yaml``
+key, dotted).  Commands import what they need when they run, so ``medvec methods``
+or ``medvec vectors verify`` start without loading Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from medvec.config import Params, load_params
+from medvec.errors import ServerUnreachableError, UserError
+
+DEMO_PREFECT_HOME = ".medvec/prefect"  # the Makefile's PREFECT_HOME, relative to the working directory
+PREFECT_HINT = "start a server (`prefect server start`) or set PREFECT_API_URL to a running one"
+
+
+def _shared(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; missing: defaults)")
+    p.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml key, e.g. -S merge.method=ties",
+    )
+    return p
+
+
+def _offline_prefect_env() -> None:
+    """Prefect settings for local runs: no analytics, ephemeral API allowed.
+
+    Prefect gives its ephemeral server 20 s to start (counting only its sleeps); on a busy
+    2-core machine startup took longer, and the run failed with a 404 from ``/api/health``.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end has closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is not a file
+        return False
+
+
+def _demo_prefect_home(args: argparse.Namespace) -> None:
+    """``medvec demo`` keeps its run history where ``make demo`` does, so ``make ui`` shows either's runs."""
+    if getattr(args, "command", None) == "demo":
+        os.environ.setdefault("PREFECT_HOME", str(Path(DEMO_PREFECT_HOME).resolve()))
+
+
+def _make_dirs() -> None:
+    """Create PREFECT_HOME with its parents before Prefect needs it (Prefect creates only the leaf)."""
+    home = os.environ.get("PREFECT_HOME")
+    if not home:
+        return
+    try:
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"PREFECT_HOME={home}: cannot create it ({exc.strerror})") from exc
+
+
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """medvec's own warnings (a skipped file, ...) on one line; others as Python prints them."""
+    if category.__module__.startswith("medvec."):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Keep records that carry a UserError off the console: main prints its one line (the API log keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+def _quiet_prefect_console(level: int = logging.WARNING) -> None:
+    """Quiet Prefect's console handlers: records below ``level`` and UserError tracebacks stay off the terminal.
+
+    Only the console: the run's logs still reach the Prefect API, so the UI's run page shows them.
+    """
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(max(handler.level, level))
+            handler.addFilter(_NoUserErrorTraceback())
+
+
+def require_prefect_api() -> str:
+    """Return the Prefect API URL, or raise ServerUnreachableError naming it when it does not answer."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.api.url
+    if not url:
+        raise ServerUnreachableError(f"PREFECT_API_URL is not set: {PREFECT_HINT}, e.g. http://127.0.0.1:4200/api")
+    key = settings.api.key.get_secret_value() if settings.api.key else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", headers=headers, timeout=5)
+    except httpx.HTTPError as exc:
+        raise ServerUnreachableError(
+            f"Prefect API {url} does not answer ({type(exc).__name__}): {PREFECT_HINT}"
+        ) from exc
+    if response.status_code == 404 or response.status_code >= 500:
+        raise ServerUnreachableError(f"Prefect API {url}: /health gave HTTP {response.status_code}: {PREFECT_HINT}")
+    return url
+
+
+def _demo_params(args: argparse.Namespace) -> Params:
+    """The demo's parameters, read once: ``params.yaml``, the ``-S`` overrides, then ``--hospitals`` and ``--seed``."""
+    extra = list(args.overrides)
+    if args.hospitals is not None:
+        extra += [f"split.hospitals={args.hospitals}", "split.names=null"]
+    if args.seed is not None:
+        extra += [f"finetune.seed={args.seed}", f"merge.seed={args.seed}"]
+    return load_params(args.params, extra)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medvec.data.sources import check_source
+
+    params = _demo_params(args)  # a bad -S or params file fails here, before the flow starts
+    check_source(args.data or params.demo.data, ("train", "val", "test"))
+    from flows.demo import demo  # lazy: Prefect loads only for the commands that run a flow
+
+    if not args.debug:
+        _quiet_prefect_console()  # the table is the console's; the run's logs go to the Prefect API
+    result = demo(
+        params=params,
+        data=args.data,
+        out=args.out,
+        progress=not args.no_progress,
+        landings_per_hospital=args.landings,
+        straggler=args.straggler,
+    )
+    print(result["table"])
+    print(f"results: {result['results']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from medvec.models import BaseMismatchError, create_base, load_base
+    from medvec.vectors.checks import load_vector
+    from medvec.vectors.format import InvalidVectorError
+
+    try:
+        first = load_vector(args.file)  # integrity, format, values
+        if args.base and Path(args.base).is_file():
+            base = load_base(args.base)
+        else:
+            name = args.base or first.meta.base_model
+            base = create_base(name, first.meta.num_classes, pretrained=True, image_size=None, seed=0)
+        vf = load_vector(args.file, base=base.model.state_dict(), base_sha256=base.sha256)
+        if args.keyring:
+            from medvec.vectors.signing import Keyring, read_header
+
+            Keyring.load(args.keyring).verify(args.file, vf.meta, vf.content_sha256, read_header(args.file))
+    except InvalidVectorError as exc:
+        print(f"rejected: {exc}", file=sys.stderr)
+        return 2
+    except BaseMismatchError as exc:
+        print(f"rejected: base: {exc}", file=sys.stderr)
+        return 2
+    print("ok")
+    print(json.dumps({"content_sha256": vf.content_sha256, **vf.meta.model_dump()}, indent=2))
+    return 0
+
+
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from medvec.data.examples import export_manifest
+    from medvec.data.sources import check_source
+
+    check_source(args.data, ("train", "val", "test"))
+    print(f"manifest: {export_manifest(args.data, args.out, args.format)}")
+    return 0
+
+
+def cmd_data_example(args: argparse.Namespace) -> int:
+    from medvec.data.examples import EXAMPLES, write_manifest
+
+    print(f"manifest: {write_manifest(EXAMPLES[args.task](args.data_dir), args.out, args.format)}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from medvec.data.split import split_from_config
+
+    summary = split_from_config(args.data, args.out, _params(args).split)
+    for name, meta in summary["hospitals"].items():
+        print(f"{name}: n_train={meta['n_train']} labels={meta['train_label_counts']} -> {Path(args.out) / name}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> Params:
+    return load_params(args.params, args.overrides)
+
+
+def cmd_coordinator_up(args: argparse.Namespace) -> int:
+    from medvec.data.sources import check_source
+    from medvec.models import base_from_config
+    from medvec.store import open_store
+
+    p = _params(args)
+    if args.num_classes is None:
+        check_source(p.coordinator.eval_data, ("val",))
+    require_prefect_api()
+    from flows.deployments import deploy_coordinator, worker_command  # lazy: front door
+
+    store = open_store(p.store.url)
+    num_classes, classes = args.num_classes, None
+    if num_classes is None:
+        from medvec.data.images import DataSpec
+        from medvec.data.sources import load_split
+
+        classes = load_split(p.coordinator.eval_data, "val", DataSpec.of(p)).classes
+        num_classes = len(classes)
+    base = base_from_config(p.model, num_classes, classes)
+    store.put_base(base)
+    dep = deploy_coordinator(
+        p.store.url,
+        p.coordinator.eval_data,
+        p.model_dump(mode="json"),
+        p.coordinator.calibration_data,
+        p.coordinator.reconcile_seconds,
+    )
+    print(f"base {base.sha256} ({base.spec.name}, {base.spec.image_size}px) is current in {store.url}")
+    print(f"deployment merge-and-evaluate/coordinator ({dep}) on pool 'coordinator', triggered by medvec.vector.landed")
+    print("start its worker with: medvec coordinator worker   (or: " + " ".join(worker_command("coordinator")) + ")")
+    return 0
+
+
+def cmd_coordinator_worker(args: argparse.Namespace) -> int:
+    require_prefect_api()
+    from flows.deployments import COORDINATOR_POOL, start_worker
+
+    start_worker(COORDINATOR_POOL)  # exec: this process becomes the worker
+
+
+def _data_report(data: str, params):
+    from medvec.data.images import DataSpec
+    from medvec.hospital.datacheck import check_data
+
+    return check_data(data, DataSpec.of(params), params.split.local_val_fraction, params.split.seed)
+
+
+def cmd_hospital_check(args: argparse.Namespace) -> int:
+    report = _data_report(args.data, _params(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.usable else 2
+
+
+def cmd_hospital_join(args: argparse.Namespace) -> int:
+    from medvec.data.images import DataError
+    from medvec.hospital.datacheck import against_base
+    from medvec.store import current_labels
+
+    p = _params(args)
+    report = _data_report(args.data, p)  # the same check as `medvec hospital check`, before anything is created
+    report = against_base(report, current_labels(p.store.url))
+    if not report.usable:
+        print(report.text(), file=sys.stderr)  # the whole check, line by line, then one error line
+        raise DataError(f"{args.data}: not usable for joining (the data check above says why)")
+    print(f"data check: {sum(s.read for s in report.splits.values())} images read, usable")
+    require_prefect_api()
+    from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
+
+    dep = deploy_hospital(
+        args.name,
+        args.data,
+        p.store.url,
+        p.model_dump(mode="json"),
+        cron=args.cron,
+        interval=args.interval,
+        key_file=args.key,
+    )
+    pool = hospital_pool(args.name)
+    print(f"deployment hospital-finetune/{args.name} ({dep}) on pool '{pool}', data {Path(args.data).resolve()}")
+    if args.no_worker:
+        print("start its worker with: " + " ".join(worker_command(pool)))
+        return 0
+    start_worker(pool)  # exec: this process becomes the worker
+
+
+def cmd_hospital_run(args: argparse.Namespace) -> int:
+    require_prefect_api()
+    from flows.deployments import run_hospital
+
+    run = run_hospital(args.name, timeout=args.timeout)
+    state = run.state
+    print(f"{run.name}: {state.type.value if state else 'unknown'}")
+    return 0 if state is not None and state.is_completed() else 1
+
+
+def cmd_hospital_schedule(args: argparse.Namespace) -> int:
+    require_prefect_api()
+    from flows.deployments import set_hospital_schedule
+
+    set_hospital_schedule(args.name, cron=args.cron, interval=args.interval)
+    print(
+        f"hospital-finetune/{args.name}: schedule set to "
+        + (f"cron {args.cron!r}" if args.cron else f"every {args.interval} s" if args.interval else "none")
+    )
+    return 0
+
+
+def cmd_hospital_report(args: argparse.Namespace) -> int:
+    from medvec.coordinator.hospital_report import hospital_report, report_text
+    from medvec.store import open_store
+
+    doc = hospital_report(open_store(args.store or _params(args).store.url), args.name)
+    print(json.dumps(doc, indent=2) if args.json else report_text(doc))
+    return 0
+
+
+def cmd_vectors_list(args: argparse.Namespace) -> int:
+    from medvec.store import open_store, vector_rows
+
+    p = _params(args)
+    rows = vector_rows(open_store(args.store or p.store.url), include_quarantined=args.all)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no vectors")
+        return 0
+    cols = ["status", "hospital", "vector_id", "n_train", "content", "created_at"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print(
+            "  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + (f"  {r['reason']}" if "reason" in r else "")
+        )
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from medvec.store import open_store
+    from medvec.tracking import lineage
+
+    record = lineage.merge_record(args.ref)
+    tree = lineage.add_contributions(lineage.lineage(args.ref), record)
+    store = open_store(record.store_url)
+    if record.mode == "async":
+        from medvec.coordinator.lineage import chain_rows
+
+        tree["chain"] = chain_rows(store, record)
+    if args.rebuild:
+        tree["rebuild"] = _rebuild(store, record)
+    if args.json:
+        print(json.dumps(tree, indent=2, default=str))
+    else:
+        print(lineage.lineage_text(tree))
+        for r in tree.get("rebuild", []):
+            same = "== registered (identical)" if r["identical"] else f"!= registered {r['registered_sha256']}"
+            print(f"rebuilt v{r['version']} from lineage: sha256 {r['sha256']} {same}")
+    return 0 if all(r["identical"] for r in tree.get("rebuild", [])) else 1
+
+
+def _rebuild(store, record) -> list[dict]:
+    """Replay a merge (an async champion: its whole chain from θ_pre) and compare each sha256."""
+    from medvec.coordinator.lineage import chain, replay_chain
+
+    steps = {r.version or 0: r for r in chain(store, record)}
+    return [
+        {"version": v, "sha256": sha, "registered_sha256": steps[v].merged_sha256, "identical": same}
+        for v, sha, same in replay_chain(store, record)
+    ]
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from medvec.vectors.signing import keygen
+
+    key, pub = keygen(args.name, args.out)
+    print(
+        f"private key {key} (mode 600, keep it inside the hospital)\npublic key  {pub} (give it to the coordinator: medvec keyring add)"
+    )
+    return 0
+
+
+def cmd_keyring_add(args: argparse.Namespace) -> int:
+    from medvec.vectors.signing import Keyring
+
+    ring = Keyring.load(args.keyring)
+    ring.add(args.name, args.pubfile)
+    ring.save(args.keyring)
+    print(f"{args.keyring}: {len(ring.keys)} hospital(s): {', '.join(sorted(ring.keys))}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from medvec.vectors.format import InvalidVectorError
+    from medvec.vectors.signing import sign_file
+
+    try:
+        block = sign_file(args.file, args.key)
+    except InvalidVectorError as exc:
+        print(f"rejected: {exc}", file=sys.stderr)
+        return 2
+    print(f"signed {args.file} as {block['signer']} (nonce {block['nonce']})")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from medvec.coordinator.methods import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        print(f"{name:16s} {m.formula}   [{m.paper}]  λ grid {list(m.lambdas)}")
+    return 0
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name kept for one release: it works as the new one and says so on stderr."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and goes in the next release; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _demo_parser(sub) -> None:
+    d = _shared(sub.add_parser("demo", help="run the multi-hospital comparison (embedded Prefect, no server)"))
+    d.add_argument("--data", default=None, help=".npz, image-folder root or CSV manifest (default: params demo.data)")
+    d.add_argument("--hospitals", type=int, default=None, help="number of simulated hospitals")
+    d.add_argument("--out", default=None, help="output folder (default: params demo.out)")
+    d.add_argument("--seed", type=int, default=None, help="training seed (fine-tune and DARE)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.add_argument(
+        "--landings-per-hospital",
+        dest="landings",
+        type=int,
+        default=None,
+        metavar="C",
+        help="then simulate asynchronous refinement: every hospital lands C more vectors (refine.* settings)",
+    )
+    d.add_argument(
+        "--contributions",
+        dest="landings",
+        type=int,
+        metavar="C",
+        action=_Deprecated,
+        new="--landings-per-hospital",
+        help="deprecated name of --landings-per-hospital",
+    )
+    d.add_argument(
+        "--straggler",
+        type=float,
+        default=None,
+        metavar="X",
+        help="with --landings-per-hospital: one hospital X× slower",
+    )
+    d.set_defaults(func=cmd_demo)
+
+
+def _data_parser(sub) -> None:
+    da = sub.add_parser("data", help="hospital-style data from the shipped MedMNIST files (PNG/DICOM + CSV manifest)")
+    dasub = da.add_subparsers(dest="data_command", required=True)
+    ex = dasub.add_parser("export", help="every image of an .npz as PNG or DICOM files, with manifest.csv")
+    ex.add_argument("--data", required=True, help="a MedMNIST-layout .npz")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--format", choices=("png", "dicom"), default="png")
+    ex.set_defaults(func=cmd_data_export)
+    eg = dasub.add_parser("example", help="a multi-label or 4-class task built from both shipped files")
+    eg.add_argument("task", choices=("multilabel", "multiclass"))
+    eg.add_argument("--out", required=True)
+    eg.add_argument("--format", choices=("png", "dicom"), default="png")
+    eg.add_argument("--data-dir", default="data", help="folder holding pneumoniamnist.npz and breastmnist.npz")
+    eg.set_defaults(func=cmd_data_example)
+    s = _shared(sub.add_parser("split", help="simulate hospitals: one folder per hospital"))
+    s.add_argument("data")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_split)
+
+
+def _vectors_parser(sub) -> None:
+    v = sub.add_parser("vectors", help="inspect data vectors")
+    vsub = v.add_subparsers(dest="vectors_command", required=True)
+    ver = vsub.add_parser("verify", help="validate a vector file; exit 2 on rejection")
+    ver.add_argument("file")
+    ver.add_argument(
+        "--base", default=None, help="base model file (.safetensors) or model name (default: the name in the vector)"
+    )
+    ver.add_argument("--keyring", default=None, help="require a valid signature by a hospital in this keyring")
+    ver.set_defaults(func=cmd_verify)
+    sg = vsub.add_parser("sign", help="sign a vector file in place with a hospital's key")
+    sg.add_argument("file")
+    sg.add_argument("--key", required=True)
+    sg.set_defaults(func=cmd_sign)
+    vl = _shared(vsub.add_parser("list", help="what has landed in the store"))
+    vl.add_argument("--store", default=None, help="store URL (default: params store.url)")
+    vl.add_argument("--all", action="store_true", help="include quarantined vectors with their reasons")
+    vl.add_argument("--json", action="store_true")
+    vl.set_defaults(func=cmd_vectors_list)
+
+
+def _coordinator_parser(sub) -> None:
+    co = sub.add_parser("coordinator", help="the coordinator side of the distributed path (PREFECT_API_URL)")
+    cosub = co.add_subparsers(dest="coordinator_command", required=True)
+    what = "publish the base, create pool 'coordinator', deploy merge-and-evaluate with its trigger"
+    up = _shared(cosub.add_parser("up", help=what))
+    up.add_argument("--num-classes", type=int, default=None, help="default: from the evaluation data")
+    up.set_defaults(func=cmd_coordinator_up)
+    cw = cosub.add_parser("worker", help="start the coordinator's worker in the foreground")
+    cw.set_defaults(func=cmd_coordinator_worker)
+
+
+def _hospital_parser(sub) -> None:
+    ho = sub.add_parser("hospital", help="a hospital's side of the distributed path (PREFECT_API_URL)")
+    hosub = ho.add_subparsers(dest="hospital_command", required=True)
+    what = "create pool hospital-NAME and deployment hospital-finetune/NAME, then start the worker"
+    j = _shared(hosub.add_parser("join", help=what))
+    j.add_argument("name")
+    j.add_argument(
+        "--data", required=True, help="this hospital's own data: .npz, image folders or a CSV manifest (PNG/JPEG/DICOM)"
+    )
+    j.add_argument("--no-worker", action="store_true", help="only print the worker command")
+    j.add_argument(
+        "--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed"
+    )
+    _schedule_options(j, required=False)
+    j.set_defaults(func=cmd_hospital_join)
+    hc = _shared(hosub.add_parser("check", help="read the local data and report what joining would use and publish"))
+    hc.add_argument("--data", required=True, help="the data to check: .npz, image folders or a CSV manifest")
+    hc.add_argument("--json", action="store_true")
+    hc.set_defaults(func=cmd_hospital_check)
+    r = hosub.add_parser("run", help="start the hospital's deployment now and wait for it")
+    r.add_argument("name")
+    r.add_argument("--timeout", type=float, default=None)
+    r.set_defaults(func=cmd_hospital_run)
+    kg = hosub.add_parser("keygen", help="write NAME.key (mode 600) and NAME.pub")
+    kg.add_argument("name")
+    kg.add_argument("--out", required=True)
+    kg.set_defaults(func=cmd_keygen)
+    sc = hosub.add_parser("schedule", help="change the retraining schedule")
+    sc.add_argument("name")
+    _schedule_options(sc, required=True)
+    sc.set_defaults(func=cmd_hospital_schedule)
+    hr = _shared(hosub.add_parser("report", help="its vectors, the merges they went into and its contribution to each"))
+    hr.add_argument("name")
+    hr.add_argument("--store", default=None, help="store URL (default: params store.url)")
+    hr.add_argument("--json", action="store_true")
+    hr.set_defaults(func=cmd_hospital_report)
+
+
+def _schedule_options(p: argparse.ArgumentParser, required: bool) -> None:
+    when = p.add_mutually_exclusive_group(required=required)
+    when.add_argument("--cron", default=None, help="retraining schedule, e.g. '0 2 * * 0'")
+    when.add_argument("--interval", type=float, default=None, help="retraining every N seconds")
+
+
+def _registry_parsers(sub) -> None:
+    li = sub.add_parser("lineage", help="model version → merge run → vectors → fine-tune runs → base (MLflow)")
+    li.add_argument("ref", help="NAME@ALIAS (e.g. medvec@champion) or NAME/VERSION")
+    li.add_argument("--json", action="store_true")
+    li.add_argument("--rebuild", action="store_true", help="re-run the merge from its lineage and compare sha256")
+    li.set_defaults(func=cmd_lineage)
+    kr = sub.add_parser("keyring", help="the coordinator's keyring of allowed hospitals")
+    krsub = kr.add_subparsers(dest="keyring_command", required=True)
+    ka = krsub.add_parser("add", help="allow a hospital: add its public key")
+    ka.add_argument("name")
+    ka.add_argument("pubfile")
+    ka.add_argument("--keyring", required=True)
+    ka.set_defaults(func=cmd_keyring_add)
+    m = sub.add_parser("methods", help="list merge methods with their formulas")
+    m.set_defaults(func=cmd_methods)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medvec`` command line: every command and its options."""
+    parser = argparse.ArgumentParser(
+        prog="medvec", description="Multi-hospital data-vector merging (arXiv 2408.13038)."
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors (default: one line, exit 2)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_demo_parser, _data_parser, _vectors_parser, _coordinator_parser, _hospital_parser, _registry_parsers):
+        add(sub)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (KeyError's quotes removed)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``medvec`` command; errors a user can fix end in one line and exit status 2."""
+    _offline_prefect_env()
+    warnings.formatwarning = _format_warning
+    args = build_parser().parse_args(argv)
+    _demo_prefect_home(args)
+    try:
+        _make_dirs()
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here
+        return code
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        if args.debug or not _stdout_reader_gone():
+            raise  # a pipe of ours (a socket, a subprocess) broke: that is an error
+        # `medvec methods | head`: the reader of our output left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

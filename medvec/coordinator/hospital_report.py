@@ -1,0 +1,110 @@
+"""``medvec hospital report``: a hospital's view of what the coordinator published about its vectors."""
+
+from __future__ import annotations
+
+import contextlib
+
+from medvec.coordinator.contribution import score_text
+from medvec.record import ContributionScore
+from medvec.store import StoreError
+
+
+def _score_json(s: ContributionScore) -> dict:
+    return s.model_dump(mode="json", exclude={"hospital"})
+
+
+def hospital_report(store, hospital: str) -> dict:
+    """A hospital's view of what the coordinator published: its vectors, the merges they went into, and its
+    contribution to each.  Other hospitals' scores appear only where that merge's ``contribution.share`` was
+    set; nothing else about another hospital (its sample counts, its data) is shown."""
+    own = [s for s in store.sidecars() if s["meta"]["hospital"] == hospital]
+    bases = {s["meta"]["base_sha256"] for s in own}
+    with contextlib.suppress(StoreError):  # a store without a current base still has records to read
+        bases.add(store.current_base())
+    vectors = [
+        {
+            "vector_id": s["meta"]["vector_id"],
+            "status": "landed",
+            "n_train": s["meta"]["n_train"],
+            "created_at": s["meta"]["created_at"],
+            "start_version": s["meta"].get("start_version", 0),
+        }
+        for s in own
+    ]
+    vectors += [
+        {
+            "vector_id": q.object.rsplit("/", 1)[-1].split(".")[0],
+            "status": f"quarantined ({q.check})",
+            "reason": q.problem,
+        }
+        for q in store.quarantined()
+        if q.hospital_claimed == hospital
+    ]
+    entries = [_merge_entry(r, hospital) for b in sorted(bases) for r in store.merges(b)]
+    merges = sorted((m for m in entries if m is not None), key=lambda m: m["finished_at"], reverse=True)
+    return {"hospital": hospital, "store": store.url, "vectors": vectors, "merges": merges}
+
+
+def _merge_entry(record, hospital: str) -> dict | None:
+    """One merge as ``hospital`` may see it, or None when none of its vectors was in it (or excluded from it)."""
+    scores = record.contribution
+    mine = [i.vector_id for i in record.inputs if i.hospital == hospital]
+    excluded = [s for s in (scores.excluded if scores else ()) if s.hospital == hospital]
+    if not mine and not excluded:
+        return None
+    yours = []
+    for vid in mine:
+        s = scores.of(vid) if scores else None
+        yours.append({"vector_id": vid, "in_merge": True} | (_score_json(s) if s else {}))
+    yours += [{"in_merge": False} | _score_json(s) for s in excluded]
+    share = record.params.contribution.share and scores is not None
+    entry = {
+        "merge_id": record.merge_id,
+        "finished_at": record.finished_at,
+        "mode": record.mode,
+        "method": record.method,
+        "lambda": record.lam,
+        "inputs": len(record.inputs),
+        "metric": scores.metric if scores else record.params.evaluate.select_metric,
+        "val": record.val.get(record.params.evaluate.select_metric),
+        "promoted": _promoted(record),
+        "yours": yours,
+        "scored": scores is not None,
+        "others": [
+            {"hospital": s.hospital} | _score_json(s)
+            for s in (*scores.scores, *scores.excluded)
+            if s.hospital != hospital
+        ]
+        if share
+        else None,
+    }
+    return entry
+
+
+def _promoted(record) -> str:
+    """The merge's fate: an async step's start-point version, else the MLflow gate's verdict."""
+    if record.mode == "async":
+        return f"v{record.version}" if record.version is not None else "not promoted"
+    if record.registry is None:
+        return "not registered"
+    return f"version {record.registry.version}: {'champion' if record.registry.champion else 'not promoted'}"
+
+
+def report_text(doc: dict) -> str:
+    """``medvec hospital report`` as text."""
+    lines = [f"hospital {doc['hospital']} in {doc['store']}", "", f"vectors ({len(doc['vectors'])}):"]
+    for v in doc["vectors"]:
+        extra = f"n_train {v['n_train']}  {v['created_at']}" if v["status"] == "landed" else v.get("reason", "")
+        lines.append(f"  {v['vector_id']}  {v['status']}  {extra}")
+    lines += ["", f"merges with its vectors ({len(doc['merges'])}), newest first:"]
+    for m in doc["merges"]:
+        val = "–" if m["val"] is None else f"{m['val']:.4f}"
+        lines.append(
+            f"  {m['merge_id']}  {m['finished_at'][:19]}  {m['mode']} {m['method']} λ={m['lambda']:g}"
+            f"  {m['inputs']} inputs  val {m['metric']} {val}  {m['promoted']}"
+        )
+        for y in m["yours"]:
+            lines.append(f"    {y['vector_id']}: {score_text(y) if 'loo' in y else 'not scored'}")
+        if m["others"] is not None:
+            lines += [f"    other: {o['hospital']} {o['vector_id']}: {score_text(o)}" for o in m["others"]]
+    return "\n".join(lines)

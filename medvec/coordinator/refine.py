@@ -1,0 +1,130 @@
+"""Asynchronous refinement: every landed vector moves the champion, weighted by its staleness.
+
+Start points are the models hospitals fine-tune from: version 0 is θ_pre, and
+every promoted champion is the next version.  A vector names the version it
+started from; its staleness is the champion's version minus that one.  A step
+merges a buffer of B vectors into the champion (FedBuff, Nguyen et al. 2022,
+arXiv 2106.06639; B = 1 is FedAsync, Xie et al. 2019, arXiv 1903.03934)::
+
+    θ ← θ_champion + η · Σ_i w_i · s(staleness_i) · τ_i / Σ_i w_i
+
+with w_i the vector's sample count and s a staleness discount, polynomial
+``(1 + staleness)^−a`` by default or the hinge ``1`` up to ``b`` and
+``1 / (a·(staleness − b) + 1)`` beyond.  η is fixed or chosen on the
+coordinator's validation split.  One-shot merging (the paper) is the case where
+every vector starts from version 0 and one step merges them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from medvec.config import Params
+from medvec.coordinator.contribution import guarded_merge, score_merge
+from medvec.coordinator.engine import MergeOutcome, MomentsFn, choose_scale
+from medvec.coordinator.intake import Admission
+from medvec.coordinator.scoring import EvalSets, beats, score
+from medvec.coordinator.weights import weighted_step
+from medvec.data.images import ImageSet
+from medvec.evaluate import evaluate_model
+from medvec.models import Base
+from medvec.record import ContributionScore, MergeRecord, Rejection, StartPoint
+from medvec.timing import Started
+from medvec.vectors.vector import VectorLike
+
+
+def refine_step(
+    champion: Base,
+    version: int,
+    vectors: Sequence[VectorLike],
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None = None,
+    moments_fn: MomentsFn | None = None,
+) -> MergeOutcome:
+    """One step: θ_champion + η·Σ w_i·s(staleness_i)·τ_i/Σ w_i, η chosen on validation, BN restored."""
+    r = params.refine
+    weights, tau = weighted_step(vectors, version, r)
+    grid = [r.eta] if r.eta is not None else list(r.etas)
+    outcome = choose_scale(champion, tau, grid, "async", vectors, params, evalsets, calibration, moments_fn)
+    outcome.step_weights = weights
+    return outcome
+
+
+@dataclass
+class Step:
+    """A computed step: its outcome, the vectors in it, those the harmful rule excluded (with their scores), and
+    the gate's verdict against the champion it started from.  Nothing is stored yet: the flow records it
+    (:func:`step_record`) and finishes it (:func:`medvec.tracking.finish.finish_merge`)."""
+
+    outcome: MergeOutcome
+    vectors: list[VectorLike]
+    parent: StartPoint
+    promoted: bool
+    reason: str
+    excluded: list[tuple[VectorLike, ContributionScore]] = field(default_factory=list)
+
+
+def compute_step(
+    champion: Base,
+    parent: StartPoint,
+    admitted: Sequence[VectorLike],
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None = None,
+    moments_fn: MomentsFn | None = None,
+) -> Step:
+    """Merge the admitted buffer into the champion (start point ``parent``), score each input under
+    ``intake.harmful``, and gate the result against the champion on validation.
+
+    ``moments_fn`` (hospitals answering moment sums under each candidate, as in the demo) makes
+    ``recompute`` exact; without it the BN plan follows what the vectors carry
+    (:func:`medvec.coordinator.engine.plan_bn`).
+    """
+    champion_val = evaluate_model(champion.model, evalsets.val, champion.spec, params.evaluate.batch_size)
+    guarded = guarded_merge(
+        lambda vs: refine_step(champion, parent.version, vs, params, evalsets, calibration, moments_fn),
+        lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn, start_val=champion_val),
+        admitted,
+        params.intake,
+    )
+    metric = params.evaluate.select_metric
+    promoted, reason = beats(score(guarded.outcome.val, metric), score(champion_val, metric), params)
+    return Step(guarded.outcome, guarded.vectors, parent, promoted, reason, guarded.excluded)
+
+
+def step_record(
+    step: Step,
+    admission: Admission,
+    harmful: Sequence[Rejection],
+    root_sha256: str,
+    params: Params,
+    evalsets: EvalSets,
+    store_url: str,
+    started: Started,
+    trigger: dict[str, str] | None = None,
+) -> MergeRecord:
+    """The record of a computed step (``version`` is set when :func:`~medvec.tracking.finish.finish_merge`
+    promotes it); ``harmful``: the rejections of the vectors the harmful rule excluded."""
+    return MergeRecord.build(
+        step.outcome,
+        step.vectors,
+        root_sha256,
+        params,
+        evalsets.ref(),
+        store_url,
+        started,
+        mode="async",
+        parent_version=step.parent.version,
+        parent_sha256=step.parent.sha256,
+        screened=tuple(admission.screened),
+        quarantined=(*admission.rejected, *harmful),
+        trigger=trigger or {},
+    )
+
+
+def step_verdict(record: MergeRecord, reason: str) -> str:
+    """``v3 → v4: <the gate's reason>``, or ``v3 → kept: …`` for a step that was not promoted."""
+    became = f"v{record.version}" if record.version is not None else "kept"
+    return f"v{record.parent_version} → {became}: {reason}"

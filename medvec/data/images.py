@@ -1,0 +1,249 @@
+"""Image sets and how files become them: ImageSet (multi-class or multi-label), DataSpec (the task and the shared class list), decoding PNG, JPEG and DICOM by content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medvec.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+
+MAX_BAD_FRACTION = 0.1  # an image folder may hold this share of unreadable files; they are skipped with a warning
+
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(UserError, ValueError):
+    """A data source that cannot be read as medvec expects."""
+
+
+class DataWarning(UserWarning):
+    """A part of a data source that was skipped (the rest is used)."""
+
+
+TASKS = ("multiclass", "multilabel")
+
+
+def classes_sha256(classes: list[str]) -> str:
+    """The hash of a class list that vectors record and intake compares (order matters: it is the label index)."""
+    return hashlib.sha256(json.dumps(list(classes)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How data is read: the task and, when configured, the shared class list (``model.task``, ``model.classes``),
+    and the share of unreadable files a split may hold (``data.max_bad_fraction``).
+
+    ``DataSpec()`` expects nothing: self-describing sources (``.npz``, folders) load as they are, and a
+    manifest reads as multiclass with its own sorted class names.
+    """
+
+    task: str | None = None
+    classes: tuple[str, ...] | None = None
+    max_bad_fraction: float = MAX_BAD_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise DataError(f"unknown task {self.task!r}: valid are {', '.join(TASKS)}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise DataError(f"the class list {list(self.classes)} names a class twice")
+
+    @classmethod
+    def of(cls, params) -> "DataSpec":
+        """What :class:`medvec.config.Params` say: ``model.task``, ``model.classes``, ``data.max_bad_fraction``."""
+        model = params.model
+        return cls(model.task, tuple(model.classes) if model.classes else None, params.data.max_bad_fraction)
+
+    def check(self, data: "ImageSet", where: object) -> "ImageSet":
+        """``data`` when it has this task and class list; a DataError naming ``where`` when not."""
+        if self.task is not None and data.task != self.task:
+            raise DataError(f"{where}: holds {data.task} labels but model.task is {self.task}")
+        if self.classes is not None and list(self.classes) != data.classes:
+            raise DataError(f"{where}: classes {data.classes} differ from model.classes {list(self.classes)}")
+        return data
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, N×H×W or N×H×W×C) with labels and class names.
+
+    Multi-class labels are integers (N); multi-label labels are a 0/1 matrix (N×L, L ≥ 2 names in ``classes``).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels)
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            if not np.isin(labels, (0, 1)).all():
+                raise DataError("multi-label labels must be 0 or 1")
+            self.labels = labels.astype(np.uint8)
+        else:
+            self.labels = labels.reshape(-1).astype(np.int64)
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if not self.classes:
+            n = self.labels.shape[1] if self.multilabel else int(self.labels.max()) + 1 if len(self.labels) else 0
+            self.classes = [str(i) for i in range(n)]
+        if self.multilabel and self.labels.shape[1] != len(self.classes):
+            raise DataError(f"{self.labels.shape[1]} label columns but {len(self.classes)} class names")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the labels are a 0/1 matrix (N×L) rather than one class index per image."""
+        return self.labels.ndim == 2
+
+    @property
+    def task(self) -> str:
+        """``multilabel`` or ``multiclass``, by the labels' shape."""
+        return "multilabel" if self.multilabel else "multiclass"
+
+    @property
+    def num_classes(self) -> int:
+        """The number of class names (label columns, for multi-label)."""
+        return len(self.classes)
+
+    def label_counts(self) -> list[int]:
+        """Images per class; for multi-label, images with each label (a row may count towards several)."""
+        if self.multilabel:
+            return self.labels.sum(0).astype(int).tolist()
+        return np.bincount(self.labels, minlength=self.num_classes).astype(int).tolist()
+
+    def strata(self) -> np.ndarray:
+        """One integer per image to stratify splits by: the class, or for multi-label the label combination."""
+        if not self.multilabel:
+            return self.labels
+        return np.unique(self.labels, axis=0, return_inverse=True)[1].reshape(-1)
+
+    def sha256(self) -> str:
+        """A hash of the pixels and labels (with their dtypes and shapes): the set's identity, which records and
+        MLflow carry instead of the data."""
+        h = hashlib.sha256()
+        for array in (self.images, self.labels):
+            h.update(str((array.dtype.str, array.shape)).encode())
+            h.update(array.tobytes())
+        return h.hexdigest()
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        """The images and labels at ``index`` (indices or a boolean mask), with the same class names."""
+        return ImageSet(self.images[index], self.labels[index], list(self.classes))
+
+    @staticmethod
+    def concat(sets: list["ImageSet"]) -> "ImageSet":
+        """The sets one after another, with the longest class list among them (the others are not compared with it)."""
+        classes = max((s.classes for s in sets), key=len)
+        return ImageSet(
+            np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes)
+        )
+
+
+def _read_image(path: Path) -> tuple[Image.Image, str]:
+    """The decoded image at ``path`` and its kind (``PNG``, ``JPEG``, ``DICOM CT``...), detected by content.
+
+    Raises OSError or ValueError when it is not a readable image.
+    """
+    from PIL import Image
+
+    from medvec.data.dicom import is_dicom, read_dicom_image
+
+    if is_dicom(path):
+        pixels, modality = read_dicom_image(path)
+        return Image.fromarray(pixels), f"DICOM {modality}"
+    with Image.open(path) as im:
+        im.load()
+        return im, im.format or "image"
+
+
+@dataclass
+class Decoded:
+    """What reading a list of files gave: the images kept (by index into the list) and each failure's reason."""
+
+    images: list = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def decode_files(files: list[Path]) -> Decoded:
+    """Decode every file (PNG, JPEG or DICOM, by content); unreadable ones are recorded, not raised."""
+    from PIL import Image
+
+    out = Decoded()
+    for i, f in enumerate(files):
+        try:
+            image, kind = _read_image(f)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
+            out.failed.append((f, str(exc) or type(exc).__name__))
+            continue
+        out.images.append(image)
+        out.kept.append(i)
+        out.kinds.append(kind)
+    return out
+
+
+def too_many_failed(decoded: Decoded, limit: float) -> bool:
+    """The rule for a split: unusable when nothing decoded, or more than ``limit`` of its files failed."""
+    total = len(decoded.kept) + len(decoded.failed)
+    return bool(decoded.failed) and (not decoded.kept or len(decoded.failed) > limit * total)
+
+
+def failed_share(decoded: Decoded, limit: float) -> str:
+    """How many files failed, for an error (no file name: names can identify patients)."""
+    total = len(decoded.kept) + len(decoded.failed)
+    return f"{len(decoded.failed)} of {total} images could not be read (more than {limit:.0%})"
+
+
+def stack_images(images: list[Image.Image]) -> np.ndarray:
+    """One uint8 array of decoded images: grayscale unless any is colour, at the most common size."""
+    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    sizes = [im.size for im in images]
+    size = max(set(sizes), key=sizes.count)
+    return np.stack([np.asarray(_fit(im, mode, size), dtype=np.uint8) for im in images])
+
+
+@dataclass
+class Listing:
+    """The image files of one split with their labels (indices or 0/1 rows) and the class list."""
+
+    files: list[Path]
+    labels: np.ndarray
+    classes: list[str]
+
+    def assemble(self, decoded: Decoded) -> ImageSet:
+        """The :class:`ImageSet` of the files that decoded."""
+        return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes)
+
+    def load(self, max_bad_fraction: float, where: Path) -> ImageSet:
+        """Decode the files, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
+        decoded = decode_files(self.files)
+        for f, reason in decoded.failed:
+            warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
+        if too_many_failed(decoded, max_bad_fraction):
+            # no file name here: a failed flow run's message reaches the Prefect server
+            share = failed_share(decoded, max_bad_fraction)
+            raise DataError(f"{where}: {share}; the warnings name each file (medvec hospital check lists them)")
+        return self.assemble(decoded)
+
+
+def _fit(im: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
+    """``im`` in ``mode`` at ``size``."""
+    im = im.convert(mode)
+    return im.resize(size) if im.size != size else im

@@ -1,0 +1,152 @@
+"""The one way a merge is finished, whoever made it: the merge flow (one-shot merges and asynchronous steps),
+the demo and its simulation, and the DVC ``merge`` stage all call :func:`finish_merge`."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medvec.config import ConfigError, Params
+from medvec.coordinator.defence import Scaled
+from medvec.coordinator.engine import MergeOutcome, MomentsFn
+from medvec.coordinator.intake import Admission, quarantine_harmful
+from medvec.coordinator.refine import Step, compute_step, step_record, step_verdict
+from medvec.coordinator.scoring import EvalSets
+from medvec.data.images import ImageSet
+from medvec.models import Base
+from medvec.record import MergeRecord
+from medvec.retry import SERVICE_DELAYS, retry
+from medvec.store import VectorStore
+from medvec.timing import Started
+from medvec.tracking.dvc import record_merge
+from medvec.vectors.file import VectorFile
+from medvec.vectors.vector import VectorLike
+
+
+def finish_merge(
+    store: VectorStore,
+    record: MergeRecord,
+    outcome: MergeOutcome,
+    root: Base,
+    vectors: Sequence[VectorLike],
+    evalsets: EvalSets,
+    plots: dict[str, Path] | None = None,
+    promoted: tuple[bool, str] | None = None,
+) -> MergeRecord:
+    """Store, version, register and publish a computed merge, in this order, and return its final record:
+
+    1. the merged weights and the BN moment sums used, then the record (its vectors now count as consumed,
+       so a vector is never applied twice, even if a later step fails);
+    2. an asynchronous step whose gate ``promoted`` it becomes the next start point (``record.version``);
+    3. with ``registry.dvc_repo``: one commit of the input vectors in the git+DVC registry;
+    4. with ``registry.enabled``: the MLflow run and model version, through the champion gate (an
+       asynchronous step's own verdict, ``promoted``, is its gate), with ``plots`` or else the merge's own;
+    5. the record again, with what 3 and 4 added, and ``latest.json`` moves: last, so a crash before here
+       leaves the merge to be redone.
+
+    ``root`` is θ_pre, the base the merge's vectors were made against.  Each step retries on its own
+    (:mod:`medvec.retry`); retrying the whole would register the merge twice.
+    """
+    params = record.params
+    merged = root.with_model(outcome.model, record.merged_sha256)
+    record = retry(lambda: store.put_merged_model(record, merged, outcome.moments), f"store merge {record.merge_id}")
+    if promoted is not None and promoted[0]:
+        record = _promote(store, record, merged, root)
+    if params.registry.dvc_repo:
+        if not params.registry.dvc_remote:
+            raise ConfigError("registry.dvc_repo is set but registry.dvc_remote is not: the DVC registry needs one")
+        commit = retry(lambda: _commit(record, vectors, params), "commit it to DVC", SERVICE_DELAYS)
+        record = record.model_copy(update={"dvc_commit": commit})
+    if params.registry.enabled:
+        decision = _register(store, record, outcome, merged, root, evalsets, plots, promoted)
+        record = record.model_copy(update={"registry": decision})
+    final = record
+    return retry(lambda: store.put_merge(final), f"publish merge {record.merge_id}")
+
+
+def _promote(store: VectorStore, record: MergeRecord, merged: Base, root: Base) -> MergeRecord:
+    """The next start point (its weights, then the index that names it); the record, stored again, names it."""
+    point = retry(lambda: store.put_start(root.sha256, merged, record.merge_id, record.val), "promote the step")
+    promoted = record.model_copy(update={"version": point.version})
+    return retry(lambda: store.put_merge(promoted, latest=False), f"store merge {record.merge_id}")
+
+
+def _register(
+    store: VectorStore,
+    record: MergeRecord,
+    outcome: MergeOutcome,
+    merged: Base,
+    root: Base,
+    evalsets: EvalSets,
+    plots: dict[str, Path] | None,
+    decided: tuple[bool, str] | None,
+):
+    """The MLflow run, model version and gate (MLflow is imported only here, when the registry is on)."""
+    from medvec.tracking.registry import merge_plots, register_merge
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shown = plots if plots is not None else merge_plots(record, outcome, evalsets.val.classes, Path(tmp))
+        return retry(
+            lambda: register_merge(record, merged, root, evalsets, store, shown, decided),
+            f"register merge {record.merge_id}",
+            SERVICE_DELAYS,
+        )
+
+
+def _commit(record: MergeRecord, vectors: Sequence[VectorLike], params: Params) -> str:
+    """Commit the merge's input vectors (their files, as intake read them) to the git+DVC registry and push;
+    returns the commit."""
+    r = params.registry
+    assert r.dvc_repo and r.dvc_remote  # checked by finish_merge
+    files = {v.meta.vector_id: _file(v) for v in vectors}
+    return record_merge(r.dvc_repo, r.dvc_remote, record, files, r.dvc_endpoint_url)
+
+
+def _file(vector: VectorLike) -> Path:
+    """The file a merge input was read from (a vector in memory has none: it cannot be committed)."""
+    if isinstance(vector, (VectorFile, Scaled)):
+        return vector.path
+    raise TypeError(f"vector {vector.meta.vector_id} is not a stored file; only stored vectors go to the DVC registry")
+
+
+@dataclass
+class FinishedStep:
+    """An asynchronous step once finished: its final record, what was computed, and the verdict
+    (``v3 → v4: …`` or ``v3 → kept: …``)."""
+
+    record: MergeRecord
+    step: Step
+    verdict: str
+
+    @property
+    def promoted(self) -> bool:
+        """Whether the step became the new champion start point."""
+        return self.step.promoted
+
+
+def finish_step(
+    store: VectorStore,
+    root: Base,
+    admission: Admission,
+    params: Params,
+    evalsets: EvalSets,
+    calibration: ImageSet | None = None,
+    moments_fn: MomentsFn | None = None,
+    trigger: dict[str, str] | None = None,
+    started: Started | None = None,
+) -> FinishedStep:
+    """One asynchronous step as the merge flow runs it: merge the admitted buffer into the champion, score and
+    gate it (:func:`~medvec.coordinator.refine.compute_step`), keep the vectors the harmful rule excluded in
+    quarantine, then finish it (:func:`finish_merge`), promoted if it beat the champion."""
+    started = started or Started.now()
+    point = retry(lambda: store.champion(root.sha256), "read the champion")
+    champion = retry(lambda: store.get_start(root.sha256, point.version), f"read start point v{point.version}")
+    step = compute_step(champion, point, admission.admitted, params, evalsets, calibration, moments_fn)
+    harmful = retry(lambda: quarantine_harmful(store, step.excluded), "quarantine the harmful vectors")
+    record = step_record(step, admission, harmful, root.sha256, params, evalsets, store.url, started, trigger)
+    record = finish_merge(
+        store, record, step.outcome, root, step.vectors, evalsets, promoted=(step.promoted, step.reason)
+    )
+    return FinishedStep(record, step, step_verdict(record, step.reason))

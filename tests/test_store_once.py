@@ -1,0 +1,79 @@
+"""Each flow run opens the store once and hands it to every task: a hospital's run (which logs the vector it
+published to MLflow without reading it back from the store) and a merge run (admit, merge, finish, rows).
+
+The flows run for real in a child process (Prefect's ephemeral mode, a local store, MLflow on SQLite);
+the child counts every store it opens, per flow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BREAST, ROOT
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = """
+import json, sys
+from collections import Counter
+import medvec.store
+from medvec.config import load_params
+from medvec.data.split import write_hospital_shards
+from medvec.models import create_base
+
+opened = Counter()
+phase = ["setup"]
+init = medvec.store.LocalStore.__init__
+
+def counting(self, root):
+    opened[phase[0]] += 1
+    init(self, root)
+
+medvec.store.LocalStore.__init__ = counting
+from flows.hospital_finetune import hospital_finetune
+from flows.merge_and_evaluate import merge_and_evaluate
+
+tmp, data = sys.argv[1], sys.argv[2]
+p = load_params(None, json.loads(sys.argv[3]))
+write_hospital_shards(data, tmp + "/h", hospitals=2, alpha=1.0, seed=0)
+store = medvec.store.open_store(tmp + "/store")
+store.put_base(create_base("tiny_cnn", 2, pretrained=False, seed=0))
+for h in ("h1", "h2"):
+    phase[0] = "hospital-" + h
+    hospital_finetune(h, tmp + "/h/" + h, tmp + "/store", params=p, emit=False, progress=False)
+phase[0] = "merge"
+out = merge_and_evaluate(tmp + "/store", data, p)
+print(json.dumps({"opened": opened, "merge_id": out.get("merge_id"), "registry": out.get("registry")}))
+"""
+
+OVERRIDES = [
+    "model.name=tiny_cnn",
+    "model.pretrained=false",
+    "finetune.epochs=1",
+    "finetune.threads=1",
+    "merge.method=mean",
+    "merge.lam=1.0",
+    "batchnorm.strategy=recompute",
+    "contribution.method=loo",
+]
+
+
+def test_a_hospital_run_and_a_merge_run_each_open_the_store_once(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path), str(BREAST), json.dumps(OVERRIDES)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["registry"]["champion"] is True and out["merge_id"]  # the whole path ran: registered
+    assert out["opened"] == {"setup": 1, "hospital-h1": 1, "hospital-h2": 1, "merge": 1}
