@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import BREAST, ROOT
+from conftest import BREAST, ROOT, TINY_FLOW
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +51,8 @@ print(json.dumps({"opened": opened, "merge_id": out.get("merge_id"), "registry":
 """
 
 OVERRIDES = [
-    "model.name=tiny_cnn",
-    "model.pretrained=false",
+    *TINY_FLOW,
     "finetune.epochs=1",
-    "finetune.threads=1",
     "merge.method=mean",
     "merge.lam=1.0",
     "batchnorm.strategy=recompute",
