@@ -11,7 +11,7 @@ training), with the same split, θ_pre, training loop and evaluation:
   sample count with Flower's own ``aggregate`` (``pip install flwr``: the peer's
   arithmetic is the peer's);
 * asynchronous refinement: C landings × 1 epoch per hospital in a seeded
-  random order on a simulated clock (:mod:`medvec.simulate`), B = ``refine.buffer``;
+  random order on a simulated clock (:mod:`medvec.demo.simulate`), B = ``refine.buffer``;
 * the same with the last hospital a 4× straggler, and the simulated time each
   protocol needs to reach the one-shot merge's test AUC (a sync round ends when
   its slowest hospital ends);
@@ -61,6 +61,7 @@ DATA = ROOT / "data" / "pneumoniamnist.npz"
 
 def score(model: torch.nn.Module, base: Base, evalsets: scoring.EvalSets, bs: int) -> dict:
     """Test AUC, argmax balanced accuracy, and the validation-chosen operating point on test."""
+    assert evalsets.test is not None, "the benchmark's data has a test split"
     pv, pt = predict(model, evalsets.val, base.spec, bs), predict(model, evalsets.test, base.spec, bs)
     val, test = metrics(evalsets.val.labels, pv), metrics(evalsets.test.labels, pt)
     op = operating_point((evalsets.val.labels, pv[:, 1]), (evalsets.test.labels, pt[:, 1]))
@@ -177,8 +178,8 @@ def run_seed(seed: int, rounds: int, overrides: list[str]) -> dict:
 
 
 def mean(xs: list[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.fmean(xs) if xs else None
+    kept = [x for x in xs if x is not None]
+    return statistics.fmean(kept) if kept else None
 
 
 def headline(seeds: list[dict], rounds: int) -> dict:

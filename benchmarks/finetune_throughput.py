@@ -12,7 +12,7 @@ kernel (as medvec uses); the NCHW loop, the slowest and context only, runs in th
 first repeat alone.  The headline ``ratio`` compares medvec's fastest run with
 the fastest run of the fastest bare loop (interference on a shared machine only ever
 slows a run); ``median_ratio`` compares the medians.  medvec's loop is
-:func:`medvec.train.finetune` as a hospital runs it (augmentation, class weights,
+:func:`medvec.hospital.train.finetune` as a hospital runs it (augmentation, class weights,
 LR schedule, progress bookkeeping), without the local validation and the BN
 recalibration pass that follow training.  The loops alternate ``--repeats`` times,
 so that drift hits all of them.
@@ -30,7 +30,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +49,7 @@ def bare_loop(
 ):
     """The plainest training loop over pre-decoded tensors; returns images per second."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **({"fused": True} if fused else {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True if fused else None)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(seed)
     seen, start = 0, time.perf_counter()
@@ -87,7 +89,7 @@ def main() -> None:
     cfg = p.finetune.model_copy(update={"epochs": args.epochs, "bn_recalibrate": False})
     set_threads(cfg.threads)
     train = load_split(DATA, "train")
-    data = train.subset(list(range(min(args.images, len(train)))))
+    data = train.subset(np.arange(min(args.images, len(train))))
     base = base_from_config(p.model, 2)
     y_all = torch.as_tensor(data.labels)
     nchw = to_tensor(data.images, base.spec).contiguous()
@@ -107,7 +109,7 @@ def main() -> None:
             runs[name].append(bare_loop(base.fresh(), x_all, y_all, cfg.batch_size, args.epochs, r, fused))
         runs["medvec"].append(medvec_loop(base.fresh(), data, base.spec, cfg))
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in runs.items() if v), flush=True)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "loop": name,
             "images_per_second": statistics.median(v),

@@ -150,7 +150,7 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def flow_run_states(env: dict) -> dict[str, int]:
+def flow_run_states(env: dict) -> dict:
     """merge-and-evaluate runs by state name (Completed, Cancelled, AwaitingConcurrencySlot, ...), leaving out the
     reconciling schedule's runs due later."""
     code = (

@@ -92,8 +92,10 @@ def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, ev
     local = {h: LocalData.load(folder / h) for h in hospitals}
     vectors = [finetune_vector(base, h, local[h], cfg, progress=False, privacy=dp)[0] for h in hospitals]
     singles = [compare.single_model(base, v) for v in vectors]
+    assert evalsets.test is not None, "the benchmark's data has a test split"
     single_auc = [evaluate_model(m, evalsets.test, base.spec)["auc"] for _, m, _ in singles]
     merged = engine.merge_once(base, vectors, params, evalsets)
+    merged_test = merged.test or {}
     first = local[hospitals[0]].train
     outsiders = non_members(first, [local[h].train for h in hospitals[1:]], seed)
     spent = [v.meta.privacy.epsilon if v.meta.privacy else None for v in vectors]
@@ -107,8 +109,8 @@ def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, ev
         "merged": {
             "lambda": merged.lam,
             "val_auc": merged.val["auc"],
-            "test_auc": merged.test["auc"],
-            "test_balanced_accuracy": merged.test["balanced_accuracy"],
+            "test_auc": merged_test["auc"],
+            "test_balanced_accuracy": merged_test["balanced_accuracy"],
         },
         "attack": attack_aucs(singles[0][1], base, first, outsiders)
         | {"members": len(first), "non_members": len(outsiders)},

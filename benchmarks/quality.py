@@ -64,7 +64,7 @@ def summarise(docs: list[dict]) -> dict:
         row["val_auc_mean"], _ = mean_std([(r.get("val") or {}).get("auc", float("nan")) for r in hits])
         rows.append(row)
     # per-seed aggregates: the selected merge, the mean single hospital, centralized
-    agg = {"selected_merge": [], "mean_single": [], "centralized": [], "control": []}
+    agg: dict[str, list[float]] = {"selected_merge": [], "mean_single": [], "centralized": [], "control": []}
     for d in docs:
         res = d["results"]
         agg["selected_merge"].append(next(r["test"]["auc"] for r in res if r.get("selected")))

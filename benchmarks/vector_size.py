@@ -88,8 +88,9 @@ def run_seed(seed: int, method_name: str, overrides: list[str], work: Path, enco
         tau = merge_delta(files, method)
         if reference is None:
             reference = tau
-        grid = lambda_grid(method_name, method, p)
+        grid = lambda_grid(method, p)
         out = choose_scale(base, tau, grid, method_name, files, p, evalsets, None, moments_fn=moments)
+        test = out.test or {}  # the data has a test split
         rows.append(
             {
                 "seed": seed,
@@ -98,11 +99,11 @@ def run_seed(seed: int, method_name: str, overrides: list[str], work: Path, enco
                 "relative_error": relative_error(tau, reference),
                 "lambda": out.lam,
                 "val_auc": out.val["auc"],
-                "test_auc": out.test["auc"],
+                "test_auc": test["auc"],
                 "seconds": time.perf_counter() - t0,
             }
         )
-        print(f"  {label:13s} {rows[-1]['bytes'] / 1e6:7.2f} MB  test AUC {out.test['auc']:.4f}", flush=True)
+        print(f"  {label:13s} {rows[-1]['bytes'] / 1e6:7.2f} MB  test AUC {test['auc']:.4f}", flush=True)
     return rows
 
 

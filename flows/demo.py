@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.hospital_finetune import hospital_finetune
 from flows.ui import base_tag, demo_run_name, embedded_image, label_run
 from medvec import timing
-from medvec.config import Params
+from medvec.config import Params, load_params
 from medvec.coordinator.compare import Comparison
 from medvec.coordinator.engine import BnPlan, MomentsFn
 from medvec.coordinator.scoring import EvalSets
@@ -85,10 +85,12 @@ def _network(params: Params, data: str, out: Path, progress: bool) -> Network:
     return Network(params, data, out, store, base, evalsets, split, local, progress)
 
 
-def _rows(net: Network, vectors: list[VectorFile], moments_fn: MomentsFn) -> tuple[list[dict], Comparison]:
-    """Each hospital's own model, every merge candidate, and the baselines, as report rows."""
+def _rows(net: Network, vectors: list[VectorFile], moments_fn: MomentsFn) -> tuple[list[dict], Comparison, Started]:
+    """Each hospital's own model, every merge candidate, and the baselines, as report rows; also when the
+    comparison of merges began (the selected merge's record starts there)."""
     p, base, evalsets = net.params, net.base, net.evalsets
     rows = hospital_rows(base, vectors, evalsets, p)
+    merge_started = Started.now()
     comparison = compare_merges(base, vectors, evalsets, p, moments_fn, net.progress)
     rows += [c.row() for c in comparison.candidates]
     if p.demo.control:
@@ -96,7 +98,7 @@ def _rows(net: Network, vectors: list[VectorFile], moments_fn: MomentsFn) -> tup
         rows.append(control(base, vectors, evalsets, p, bn, moments_fn))
     if p.demo.centralized:
         rows.append(centralized(base, list(net.local.values()), evalsets, p, net.progress))
-    return rows, comparison
+    return rows, comparison, merge_started
 
 
 def _simulate_async(net: Network, landings: int, straggler: float | None, moments_fn: MomentsFn) -> list[dict]:
@@ -141,8 +143,12 @@ def _finish_selected(
     report: DemoReport,
     curves: dict,
 ) -> tuple[DemoReport, dict[str, Path]]:
-    """Score and finish the selected merge as the flows do; returns the report with the registry's decision."""
+    """Score and finish the selected merge as the flows do; returns the report with the registry's decision.
+
+    The demo's vectors are simulated: its merge goes to no DVC registry of the network (``registry.dvc_repo``).
+    """
     p, outcome = net.params, comparison.selected
+    p = p.model_copy(update={"registry": p.registry.model_copy(update={"dvc_repo": None})})
     outcome.scores = contribution_scores(net.base, vectors, outcome, p, net.evalsets, moments_fn, net.progress)
     report.contribution = outcome.scores.to_json() if outcome.scores else None
     plots = draw_plots(net.out, report, curves, net.split["classes"])
@@ -172,7 +178,7 @@ def demo(
     many times slower), one ``async`` row per landing.
     """
     logger, started = get_run_logger(), time.perf_counter()
-    p = params or Params()
+    p = params or load_params("params.yaml")  # the command line passes the params it read
     data = data or p.demo.data
     set_threads(p.finetune.threads)
     timing.reset()
@@ -184,8 +190,7 @@ def demo(
     # the demo is a comparison: every hospital is merged, no outlier screen
     vectors = admit_vectors(net.store, net.base, p.intake.model_copy(update={"defence": "off"})).admitted
     moments_fn = live_moments(net.base, net.local, p.batchnorm)
-    merge_started = Started.now()
-    rows, comparison = _rows(net, vectors, moments_fn)
+    rows, comparison, merge_started = _rows(net, vectors, moments_fn)
     asynchrony = None
     if landings_per_hospital:
         rows += _simulate_async(net, landings_per_hospital, straggler, moments_fn)

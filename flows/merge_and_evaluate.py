@@ -171,9 +171,7 @@ def _step(run: Run, admission: Admission) -> dict:
             "reason": f"buffer holds {n} of {need}",
             "inputs": [v.meta.vector_id for v in admission.admitted],
         }
-    done = async_step(
-        run.store, run.base, admission, run.params, run.evalsets(), run.calibration(), run.trigger, run.started
-    )
+    done = async_step(run.store, run.base, admission, run.params, run.evalsets(), run.calibration(), run.trigger)
     record = done.record
     label_run(f"{record.merge_id} (async step)", [f"merge:{record.merge_id}"])
     name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,9 +10,6 @@ import torch.nn.functional as F
 
 from medvec.data.images import DataError, ImageSet
 from medvec.models import ModelSpec
-
-if TYPE_CHECKING:
-    pass
 
 
 def to_tensor(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:

@@ -250,9 +250,14 @@ class VectorStore:
         return self.start_points(root)[-1]
 
     def put_start(self, root: str, model: Base, merge_id: str, val: dict[str, float]) -> StartPoint:
-        """Promote ``model`` to the next start point: its weights first, then the index that names it."""
+        """Promote ``model`` to the next start point: its weights first, then the index that names it.
+
+        Promoting the same merge again (a retried write) returns the point it already became.
+        """
         points = self.start_points(root)
         parent = points[-1]
+        if parent.merge_id == merge_id:
+            return parent
         point = StartPoint(
             version=parent.version + 1,
             sha256=model.sha256,

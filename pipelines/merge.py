@@ -1,7 +1,10 @@
 """DVC stage ``merge``: merge the hospitals' vectors (``merge``, ``batchnorm``), λ chosen on validation,
 each vector's contribution scored (``contribution``, ``intake.harmful``), then finished as the merge flow
-finishes its merges (:func:`medvec.tracking.finish.finish_merge`): stored in ``work/store``, registered in
-MLflow through the champion gate when ``registry.enabled``, committed to the DVC registry with ``registry.dvc_repo``.
+finishes its merges (:func:`medvec.tracking.finish.finish_merge`) into the stage's own store ``work/store``.
+
+The pipeline is an experiment on simulated hospitals, versioned by DVC itself: its merges go to no MLflow
+registry and no DVC registry of the network (the stage finishes with ``registry.enabled`` off and no
+``registry.dvc_repo``), so a ``dvc exp run`` can never become the network's champion.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     started = Started.now()
     base, vectors, evalsets, outcome = merge(params, "work/base.safetensors", paths)
     store = LocalStore(STORE)
+    unregistered = params.registry.model_copy(update={"enabled": False, "dvc_repo": None})
+    params = params.model_copy(update={"registry": unregistered})
     record = MergeRecord.build(outcome, vectors, base.sha256, params, evalsets.ref(), store.url, started)
     record = finish_merge(store, record, outcome, base, vectors, evalsets)  # as the merge flow finishes its merges
     Path("work/merge.json").write_text(json.dumps(record.to_json(), indent=2))

@@ -21,7 +21,6 @@ from medvec.data.split import split_from_config
 from medvec.models import Base, base_from_config
 from medvec.record import Contributions, ContributionScore, MergeRecord, Rejection
 from medvec.store import VectorStore
-from medvec.timing import Started
 from medvec.tracking.finish import FinishedStep, finish_merge, finish_step
 from medvec.vectors.vector import VectorLike
 from tasks.common import IO_RETRIES
@@ -73,11 +72,10 @@ def async_step(
     evalsets: EvalSets,
     calibration: ImageSet | None,
     trigger: dict[str, str],
-    started: Started,
 ) -> FinishedStep:
     """One async step into the champion: merged, scored, gated on validation, and finished (:func:`finish_step`;
     its steps retry on their own)."""
-    return finish_step(store, root, admission, params, evalsets, calibration, trigger=trigger, started=started)
+    return finish_step(store, root, admission, params, evalsets, calibration, trigger=trigger)
 
 
 @task(**IO_RETRIES)

@@ -246,3 +246,19 @@ def test_medvec_demo_keeps_its_run_history_where_make_demo_does(tmp_path, monkey
     monkeypatch.setenv("PREFECT_HOME", "/elsewhere")
     _demo_prefect_home(build_parser().parse_args(["demo"]))
     assert os.environ["PREFECT_HOME"] == "/elsewhere"  # a home the user set wins
+
+
+def test_the_demo_s_landings_flag_and_its_deprecated_name(capsys, tmp_path):
+    """``--landings-per-hospital C``; the old ``--contributions C`` still works for a release, and says so; the
+    demo's params are read once, with ``--hospitals`` and ``--seed`` as overrides."""
+    from flows.cli import _demo_params, build_parser
+
+    args = build_parser().parse_args(["demo", "--landings-per-hospital", "3"])
+    assert args.landings == 3 and capsys.readouterr().err == ""
+    old = build_parser().parse_args(["demo", "--contributions", "2", "--hospitals", "5", "--seed", "7"])
+    assert old.landings == 2
+    assert "--contributions is deprecated" in capsys.readouterr().err
+    assert build_parser().parse_args(["demo"]).landings is None
+    old.params = str(tmp_path / "none.yaml")  # no file: the defaults
+    p = _demo_params(old)
+    assert (p.split.hospitals, p.split.names, p.finetune.seed, p.merge.seed) == (5, None, 7, 7)

@@ -53,6 +53,11 @@ def stage_deps() -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def uncovered(files: set[str], deps: list[str]) -> list[str]:
+    """The files that no dep names, itself or as a folder above it."""
+    return sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+
+
 def test_every_module_a_stage_imports_is_in_its_deps():
     """An edit to any module a stage's code imports reruns the stage: deps cover it by file or by package."""
     edges = graph()
@@ -60,26 +65,24 @@ def test_every_module_a_stage_imports_is_in_its_deps():
     for name, (module, deps) in stage_deps().items():
         files = imported_files(module, edges) - {"pipelines/__init__.py"}  # a docstring only (checked above)
         assert any(f.startswith("medvec/") for f in files), (name, files)
-        uncovered = sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
-        assert uncovered == [], f"dvc.yaml stage {name!r} imports {uncovered} without depending on them"
+        missing = uncovered(files, deps)
+        assert missing == [], f"dvc.yaml stage {name!r} imports {missing} without depending on them"
 
 
-def test_the_coverage_check_notices_a_missing_package(monkeypatch):
-    """Taking medvec/coordinator out of the merge stage's deps is caught."""
-    edges = graph()
+def test_the_coverage_check_notices_a_missing_package_or_module():
+    """Taking medvec/coordinator or medvec/store.py out of the merge stage's deps is caught."""
     module, deps = stage_deps()["merge"]
-    files = imported_files(module, edges)
-    kept = [d for d in deps if d != "medvec/coordinator"]
-    assert any(f.startswith("medvec/coordinator/") and not any(f.startswith(d + "/") for d in kept) for f in files)
+    files = imported_files(module, graph()) - {"pipelines/__init__.py"}
+    assert uncovered(files, deps) == []
+    assert "medvec/coordinator/engine.py" in uncovered(files, [d for d in deps if d != "medvec/coordinator"])
+    assert uncovered(files, [d for d in deps if d != "medvec/store.py"]) == ["medvec/store.py"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
     e = os.environ.copy()
     e["PATH"] = VENV_BIN + os.pathsep + e.get("PATH", "")  # stages run `python` from the venv
     e["DVC_NO_ANALYTICS"] = "1"
-    # the merge stage registers its merge: in a tracking store of this module's own
-    e["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     e["MEDVEC_THREADS"] = "2"
     e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "medvec-test"
     e["GIT_AUTHOR_EMAIL"] = e["GIT_COMMITTER_EMAIL"] = "medvec-test@example.org"
@@ -129,9 +132,9 @@ def test_repro_builds_every_stage(repo):
         assert (r / "work" / "vectors" / f"{h}.safetensors").stat().st_size > 0
     merge = yaml.safe_load((r / "work" / "merge.json").read_text())
     assert merge["method"] == "weighted" and len(merge["inputs"]) == 2
-    # finished as the flows finish a merge: stored in the stage's store, registered through the gate
-    assert (r / "work" / "store" / merge["weights_key"]).is_file()
-    assert merge["registry"]["champion"] is True and merge["registry"]["reason"] == "first version"
+    # finished as the flows finish a merge, into the stage's own store; an experiment registers nowhere
+    assert (r / "work" / "store" / merge["weights_key"]).is_file() and merge["registry"] is None
+    assert merge["params"]["registry"]["enabled"] is False and merge["params"]["registry"]["dvc_repo"] is None
     assert 0.0 <= yaml.safe_load((r / "work" / "metrics.json").read_text())["auc"] <= 1.0
 
 

@@ -1,4 +1,4 @@
-"""Compact vector encodings (medvec.encoding): exact formulas, the file layout intake checks, signing, merging,
+"""Compact vector encodings (medvec.vectors.encoding): exact formulas, the file layout intake checks, signing, merging,
 and the streaming reader."""
 
 from __future__ import annotations
@@ -350,12 +350,12 @@ def _toy_vector(seed: int, n_train: int) -> DataVector:
 @pytest.mark.parametrize("chunk", [1 << 20, 4, 5])  # 4 and 5 values: reads that end inside a delta
 def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp_path, monkeypatch, chunk):
     import medvec.vectors.file
-    from medvec.vectors.file import _sum_tensor, same_fp32_layout
+    from medvec.vectors.file import _sum_tensor, group_runs, same_fp32_layout
 
     monkeypatch.setattr(medvec.vectors.file, "RUN_CHUNK", chunk)
     vectors = [_toy_vector(i, 3 * i) for i in range(1, 4)]
     files = [load_vector(v.save(tmp_path / f"v{i}.safetensors")) for i, v in enumerate(vectors)]
-    runs = files[0].runs()
+    runs = group_runs(files[0].fp32_layout() or ())
     assert [[k for _, _, k, _ in run] for run in runs] == [["bn.bias", "bn.weight"], ["conv.weight"]]
     method = get_method("weighted")
     coeffs = method.coefficients([float(v.meta.n_train) for v in vectors])
@@ -375,6 +375,7 @@ def test_whole_runs_of_fp32_deltas_merge_at_once_exactly_as_tensor_by_tensor(tmp
 
 def test_scalar_and_empty_deltas_merge_through_whole_runs(tmp_path, monkeypatch):
     import medvec.vectors.file
+    from medvec.vectors.file import group_runs
 
     monkeypatch.setattr(
         medvec.vectors.file, "RUN_CHUNK", 3
@@ -386,7 +387,7 @@ def test_scalar_and_empty_deltas_merge_through_whole_runs(tmp_path, monkeypatch)
         meta = _toy_vector(seed, 4).meta.model_copy(update={"n_train": 2 * seed, "label_counts": [1, 2 * seed - 1]})
         vectors.append(DataVector(deltas, meta))
     files = [load_vector(v.save(tmp_path / f"s{i}.safetensors")) for i, v in enumerate(vectors)]
-    assert len(files[0].runs()) == 1  # a, b and c follow each other in the file
+    assert len(group_runs(files[0].fp32_layout() or ())) == 1  # a, b and c follow each other in the file
     merged = merge_delta(files, get_method("weighted"))  # weights 2/6 and 4/6
     assert merged.tensor("a").shape == () and float(merged.tensor("a")) == pytest.approx(0.5 * 2 / 6 + 1.0 * 4 / 6)
     assert merged.tensor("b").shape == (0, 3)

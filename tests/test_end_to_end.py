@@ -42,6 +42,8 @@ def demo_run(tmp_path_factory):
         "--out",
         str(out),
         "--no-progress",
+        "--landings-per-hospital",  # then one more landing per hospital into an async champion
+        "1",
     ]
     for o in TINY:
         cmd += ["-S", o]
@@ -148,10 +150,33 @@ def test_the_demo_counts_each_phase_where_its_work_is_done(demo_run):
     """results.json → phases, which benchmarks/end_to_end.py splits the demo's time by."""
     out, _, _ = demo_run
     phases = json.loads((out / "results.json").read_text())["phases"]
-    assert phases["finetune"]["calls"] == 3 + 1  # three hospitals and the centralized baseline
+    assert phases["finetune"]["calls"] == 3 + 1 + 3  # three hospitals, the centralized baseline, three landings
     for name in ("finetune", "merge", "bn_restore", "evaluate", "tracking"):
         assert phases[name]["seconds"] > 0, name
     assert phases["finetune"]["seconds"] > phases["merge"]["seconds"]
+
+
+def test_the_async_simulation_lands_every_hospital_once_through_finish_step(demo_run):
+    """``--landings-per-hospital 1``: a row per landing, each step stored as the flow stores it (registered nowhere:
+    the simulation's store is its own), every promoted step a start point that rebuilds bit for bit."""
+    from medvec.coordinator.lineage import replay_chain
+    from medvec.store import open_store
+
+    out, _, _ = demo_run
+    doc = json.loads((out / "results.json").read_text())
+    steps = [r for r in doc["results"] if r["kind"] == "async"]
+    assert [r["landings"] for r in steps] == [1, 2, 3] and [r["final"] for r in steps] == [False, False, True]
+    assert doc["async"]["landings_per_hospital"] == 1
+    store = open_store(out / "async")
+    records = store.merges(doc["base_sha256"])
+    assert len(records) == 3 and all(r.mode == "async" and r.registry is None for r in records)
+    assert all(r.params.registry.enabled is False for r in records)
+    assert {i.hospital for r in records for i in r.inputs} == set(doc["split"]["hospitals"])
+    promoted = [r for r in records if r.version is not None]
+    assert [p.version for p in store.start_points(doc["base_sha256"])] == list(range(len(promoted) + 1))
+    assert steps[-1]["version"] == len(promoted)
+    if promoted:
+        assert all(same for _, _, same in replay_chain(store, promoted[-1]))
 
 
 def test_selection_uses_validation_not_test(demo_run):

@@ -1,8 +1,8 @@
 """The layers and sides of DESIGN.md, read from the source (every import, function-level ones included).
 
 - No import cycle between modules, and no import that climbs back up a layer (:data:`LAYERS`).
-- ``medvec.hospital`` and ``medvec.coordinator`` import nothing from each other: only the demo's simulation
-  (``medvec.demo``) and the front doors use both.
+- ``medvec.hospital`` and ``medvec.coordinator`` import nothing from each other: only the layers above them
+  (``medvec.demo``, ``medvec.tracking`` and the front doors) use both.
 - The core (``medvec`` without ``medvec.tracking``) imports no Prefect, MLflow or DVC module, and nothing from
   ``flows``, ``tasks`` or ``pipelines``; importing every core module loads none of them either.
 - Only ``medvec.tracking`` imports MLflow; only ``flows`` and ``tasks`` import Prefect.

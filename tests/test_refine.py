@@ -45,6 +45,22 @@ def test_step_weights_and_delta_by_hand(make_vector):
     assert torch.equal(weighted_sum([x, y], [0.25, 0.5]).deltas["w"], torch.tensor([2.25, -3.5]))
 
 
+def test_a_step_sums_each_rounded_product_as_steps_always_have(tmp_path, make_vector):
+    """An asynchronous step's Σ w_i·τ_i rounds each product before adding it (the arithmetic its records
+    rebuild with); read from files in place, it equals that sum bit for bit."""
+    from medvec.vectors.checks import load_vector
+
+    vectors = [make_vector(f"h{i}", seed=i, scale=0.3) for i in range(1, 4)]
+    files = [load_vector(v.save(tmp_path / f"v{i}.safetensors")) for i, v in enumerate(vectors)]
+    weights = [0.1234567, 0.7654321, 0.3333333]
+    got = weighted_sum(files, weights, fused=False)
+    for key in vectors[0].keys():
+        want = vectors[0].deltas[key] * weights[0]
+        for v, w in zip(vectors[1:], weights[1:]):
+            want = want.add_(v.deltas[key].float() * w)
+        assert torch.equal(got.deltas[key], want), key
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("refine")

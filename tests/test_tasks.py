@@ -63,7 +63,7 @@ def test_hospital_attach_moments_needs_a_stored_merge(store, tiny_base, make_vec
     assert attach_moments.fn(store, tiny_base, vector, data, params.batchnorm) is vector  # no merge yet
 
 
-def test_coordinator_tasks_admit_merge_and_finish_into_the_store(store, tiny_base, make_vector):
+def test_coordinator_tasks_admit_merge_and_finish_into_the_store(store, tiny_base, make_vector, shards):
     from medvec.record import MergeRecord
     from medvec.timing import Started
     from tasks.coordinator import admit_vectors, finish, last_merge, merge_task, quarantine_excluded, supersede_queued
@@ -84,6 +84,13 @@ def test_coordinator_tasks_admit_merge_and_finish_into_the_store(store, tiny_bas
     assert last_merge.fn(store, tiny_base.sha256) == final and final.registry is None  # registry off
     assert store.merged_model(final).sha256 == final.merged_sha256
     assert supersede_queued.fn([v.meta.vector_id for v in admission.admitted], "test") == 0  # no deployment run
+    # a hospital's next run now answers moment sums under the stored merge (recompute)
+    from tasks.hospital import attach_moments, load_local_data
+
+    data = load_local_data.fn(str(shards / "h1"), params)
+    answered = attach_moments.fn(store, tiny_base, make_vector("h4", seed=4), data, params.batchnorm)
+    assert answered.meta.moments_model_sha256 == final.merged_sha256
+    assert answered.moments is not None and set(answered.moments.count) == set(answered.running.mean)
 
 
 def test_demo_tasks_give_the_control_and_centralized_rows(tiny_base, make_vector, shards):

@@ -317,7 +317,7 @@ def scored_merge_once(
     evalsets: EvalSets,
     calibration: ImageSet | None = None,
 ) -> Guarded:
-    """One production merge (:func:`medvec.coordinator.merge_once`), scored, under ``intake.harmful``."""
+    """One production merge (:func:`medvec.coordinator.engine.merge_once`), scored, under ``intake.harmful``."""
     return guarded_merge(
         lambda vs: merge_once(base, vs, params, evalsets, calibration),
         lambda vs, o: score_merge(base, vs, o, params, evalsets, calibration),

@@ -127,7 +127,7 @@ def plan_bn(vectors: Sequence[VectorLike], strategy: str, calibration: ImageSet 
         return BnPlan("average", "running")
     moments_models = {v.meta.moments_model_sha256 for v in vectors}
     consistent = len(moments_models) == 1 and None not in moments_models
-    if vectors and consistent and all(v.moments is not None and v.moments.count for v in vectors):
+    if vectors and consistent and all((m := v.moments) is not None and m.count for v in vectors):
         return BnPlan("recompute", "hospitals")
     if calibration is not None:
         return BnPlan("recompute", "calibration")

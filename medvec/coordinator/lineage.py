@@ -39,11 +39,19 @@ def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module,
         moments_fn = lambda model: stored  # noqa: E731
     if record.mode == "async":
         start = parent or store.get_start(root.sha256, record.parent_version)
-        tau = weighted_sum(vectors, [float(i.weight or 0.0) for i in record.inputs])
+        tau = weighted_sum(vectors, step_weights_of(record), fused=False)
     else:
         start, tau = root, merge_delta(vectors, get_method(record.method, record.params.merge))
     model, _ = apply_delta(start, tau, record.lam, record.bn_strategy, vectors, moments_fn)
     return model, state_sha256(model.state_dict())
+
+
+def step_weights_of(record: MergeRecord) -> list[float]:
+    """The weight of each input of a recorded asynchronous step, as the step applied it."""
+    missing = [i.vector_id for i in record.inputs if i.weight is None]
+    if missing:
+        raise ValueError(f"async step {record.merge_id}: inputs {missing} have no recorded weight")
+    return [float(i.weight) for i in record.inputs if i.weight is not None]
 
 
 def chain(store, record: MergeRecord) -> list[MergeRecord]:

@@ -57,4 +57,4 @@ def step_weights(vectors: Sequence[VectorLike], champion_version: int, kind: str
 def weighted_step(vectors: Sequence[VectorLike], version: int, r: RefineConfig) -> tuple[list[StepWeight], DataVector]:
     """Each vector's place in a step from champion ``version`` (``refine.*``), and the step's Σ weight_i·τ_i."""
     weights = step_weights(vectors, version, r.staleness, r.staleness_a, r.staleness_b)
-    return weights, weighted_sum(vectors, [w.weight for w in weights])
+    return weights, weighted_sum(vectors, [w.weight for w in weights], fused=False)

@@ -9,7 +9,7 @@
                   "test": {"auc": float, "balanced_accuracy": float, "accuracy": float}}]}
 
 Exactly one merged row has ``selected: true``: the one the validation split chose.
-``async`` rows (``medvec demo --contributions C``) describe the asynchronous
+``async`` rows (``medvec demo --landings-per-hospital C``) describe the asynchronous
 champion after each landing, with ``landings``, ``sim_time`` and ``version``;
 the last one has ``final: true``.
 """

@@ -55,12 +55,11 @@ def finish_merge(
     if promoted is not None and promoted[0]:
         record = _promote(store, record, merged, root)
     if params.registry.dvc_repo:
-        if not params.registry.dvc_remote:
-            raise ConfigError("registry.dvc_repo is set but registry.dvc_remote is not: the DVC registry needs one")
-        commit = retry(lambda: _commit(record, vectors, params), "commit it to DVC", SERVICE_DELAYS)
+        commit = _commit(record, vectors, params)
         record = record.model_copy(update={"dvc_commit": commit})
-    if params.registry.enabled:
-        decision = _register(store, record, outcome, merged, root, evalsets, plots, promoted)
+    if params.registry.enabled:  # an async step's gate is its own verdict, "v3 → v4: …" or "v3 → kept: …"
+        decided = (promoted[0], step_verdict(record, promoted[1])) if promoted is not None else None
+        decision = _register(store, record, outcome, merged, root, evalsets, plots, decided)
         record = record.model_copy(update={"registry": decision})
     final = record
     return retry(lambda: store.put_merge(final), f"publish merge {record.merge_id}")
@@ -96,12 +95,14 @@ def _register(
 
 
 def _commit(record: MergeRecord, vectors: Sequence[VectorLike], params: Params) -> str:
-    """Commit the merge's input vectors (their files, as intake read them) to the git+DVC registry and push;
-    returns the commit."""
-    r = params.registry
-    assert r.dvc_repo and r.dvc_remote  # checked by finish_merge
+    """Commit the merge's input vectors (their files, as intake read them) to the git+DVC registry and push
+    (retried); returns the commit."""
+    repo, remote = params.registry.dvc_repo, params.registry.dvc_remote
+    if not repo or not remote:
+        raise ConfigError("registry.dvc_repo is set but registry.dvc_remote is not: the DVC registry needs one")
     files = {v.meta.vector_id: _file(v) for v in vectors}
-    return record_merge(r.dvc_repo, r.dvc_remote, record, files, r.dvc_endpoint_url)
+    push = lambda: record_merge(repo, remote, record, files, params.registry.dvc_endpoint_url)  # noqa: E731
+    return retry(push, f"commit merge {record.merge_id} to the DVC registry", SERVICE_DELAYS)
 
 
 def _file(vector: VectorLike) -> Path:

@@ -52,7 +52,6 @@ class Classifier(PythonModel):
 
     def load_context(self, context) -> None:
         """Load the logged weights (artifact ``weights``) with their task, and the threshold from the model config."""
-        from medvec.models import load_base
 
         self.threshold = (context.model_config or {}).get("threshold")
         base = load_base(context.artifacts["weights"])
@@ -168,7 +167,7 @@ def register_merge(
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
         where = store if champion.store_url == store.url else open_store(champion.store_url)
-        weights = load_base(where.merge_weights(champion), expected_sha256=champion.merged_sha256)
+        weights = where.merged_model(champion)
         return evaluate_model(weights.model, evalsets.val, weights.spec, batch_size)
 
     return log_merge(record, merged, example, rescore, plots, decided)

@@ -174,10 +174,6 @@ class VectorFile:
             out.append((lo - self._data_start, hi - self._data_start, k, tuple(shape)))
         return tuple(sorted(out))
 
-    def runs(self) -> list[list[tuple[int, int, str, tuple[int, ...]]]]:
-        """The fp32 deltas in file order, grouped into runs that follow each other without a gap."""
-        return group_runs(self.fp32_layout() or ())
-
     def add_range(
         self, offset: int, n: int, pieces: list[tuple[torch.Tensor, int, int]], alpha: float, first: bool = False
     ) -> None:
@@ -281,20 +277,24 @@ def reading(vectors: Sequence[VectorLike]) -> Iterator[None]:
             f.release()
 
 
-def weighted_sum(vectors: Sequence[VectorLike], coefficients: Sequence[float]) -> DataVector:
+def weighted_sum(vectors: Sequence[VectorLike], coefficients: Sequence[float], fused: bool = True) -> DataVector:
     """Σ_h c_h τ_h, each vector read where it lies, one tensor (or a few MiB) at a time.
 
     Files that store plain fp32 deltas at the same offsets are added whole runs of consecutive
     tensors at a time; otherwise tensor by tensor.  Memory does not grow with the number of vectors.
+
+    ``fused``: each c_h·τ_h is added with one rounding (torch's add with ``alpha``, a fused multiply-add
+    on most CPUs), as merges sum.  ``fused=False`` rounds each product before adding it, as asynchronous
+    steps sum: the arithmetic a recorded step is rebuilt with must not change.
     """
     keys = common_keys(vectors)
     if len(coefficients) != len(vectors):
         raise ValueError(f"{len(coefficients)} coefficients for {len(vectors)} vectors")
     with reading(vectors):
-        layout = same_fp32_layout(vectors)
+        layout = same_fp32_layout(vectors) if fused else None
         if layout is not None:
             return DataVector(_sum_runs([v for v in vectors if isinstance(v, VectorFile)], coefficients, layout))
-        return DataVector({k: _sum_tensor(vectors, coefficients, k) for k in keys})
+        return DataVector({k: _sum_tensor(vectors, coefficients, k, fused) for k in keys})
 
 
 def same_fp32_layout(vectors: Sequence[VectorLike]) -> tuple | None:
@@ -304,11 +304,16 @@ def same_fp32_layout(vectors: Sequence[VectorLike]) -> tuple | None:
     return layouts[0] if same else None
 
 
-def _sum_tensor(vectors: Sequence[VectorLike], coefficients: Sequence[float], key: str) -> torch.Tensor:
-    """Σ_h c_h τ_h[key], one vector at a time, each read where it lies."""
+def _sum_tensor(
+    vectors: Sequence[VectorLike], coefficients: Sequence[float], key: str, fused: bool = True
+) -> torch.Tensor:
+    """Σ_h c_h τ_h[key], one vector at a time, each read where it lies (``fused``: see :func:`weighted_sum`)."""
     out = vectors[0].scaled(key, coefficients[0])
     for v, c in zip(vectors[1:], coefficients[1:]):
-        v.accumulate(key, out, c)
+        if fused:
+            v.accumulate(key, out, c)
+        else:
+            out.add_(v.scaled(key, c).reshape(out.shape))
     return out
 
 
