@@ -421,7 +421,10 @@ def test_the_check_and_join_commands_exit_2_with_the_report_on_unusable_data(tmp
     store = ["-S", f"store.url={tmp_path / 'store'}"]
     join = _medvec("hospital", "join", "h1", "--data", str(bad), "--no-worker", *store, cwd=ROOT)
     assert join.returncode == 2, join.stderr
-    assert "not usable for joining" in join.stderr and "usable: NO" in join.stderr
+    lines = join.stderr.strip().splitlines()  # the data check line by line, then one error line
+    assert lines[-1] == f"error: {bad}: not usable for joining (the data check above says why)"
+    assert "usable: NO" in lines[:-1] and not any(line.startswith("error:") for line in lines[:-1])
+    assert any(line.startswith("train: 5 found, 0 read, 5 failed") for line in lines), lines
     assert "Prefect" not in join.stderr  # refused before any server was asked
 
 
