@@ -392,23 +392,60 @@ def _rebuild(store, record) -> list[dict]:
     ]
 
 
-def cmd_keygen(args: argparse.Namespace) -> int:
-    from medvec.vectors.signing import keygen
+def _new_passphrase() -> bytes:
+    """A passphrase for a new key: ``$MEDVEC_KEY_PASSPHRASE`` when set, else typed twice at the terminal."""
+    import getpass
 
-    key, pub = keygen(args.name, args.out)
-    print(
-        f"private key {key} (mode 600, keep it inside the hospital)\npublic key  {pub} (give it to the coordinator: medvec keyring add)"
-    )
+    from medvec.vectors.signing import PASSPHRASE_ENV
+
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    first = getpass.getpass("passphrase for the new key: ")
+    if not first or first != getpass.getpass("again: "):
+        raise UserError("the two passphrases differ or are empty: no key written")
+    return first.encode()
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from medvec.vectors.signing import PASSPHRASE_ENV, fingerprint, keygen
+
+    passphrase = _new_passphrase() if args.passphrase else None
+    key, pub = keygen(args.name, args.out, passphrase)
+    print(f"private key {key} (mode 600, keep it inside the hospital)")
+    if passphrase:
+        print(f"  passphrase-protected: its worker needs {PASSPHRASE_ENV} to sign")
+    print(f"public key  {pub} (give it to the coordinator: medvec keyring add)")
+    print(f"fingerprint {fingerprint(json.loads(pub.read_text())['public_key'])} (compare it with the coordinator's)")
     return 0
 
 
 def cmd_keyring_add(args: argparse.Namespace) -> int:
     from medvec.vectors.signing import Keyring
 
-    ring = Keyring.load(args.keyring)
-    ring.add(args.name, args.pubfile)
+    ring = Keyring.load(args.keyring, missing_ok=True)
+    print(f"{args.name}: key {ring.add(args.name, args.pubfile, replace=args.replace)}")
     ring.save(args.keyring)
     print(f"{args.keyring}: {len(ring.keys)} hospital(s): {', '.join(sorted(ring.keys))}")
+    return 0
+
+
+def cmd_keyring_remove(args: argparse.Namespace) -> int:
+    from medvec.vectors.signing import Keyring
+
+    ring = Keyring.load(args.keyring)
+    print(f"{args.name}: key {ring.remove(args.name, args.reason)} revoked; its vectors are refused from now on")
+    ring.save(args.keyring)
+    return 0
+
+
+def cmd_keyring_list(args: argparse.Namespace) -> int:
+    from medvec.vectors.signing import Keyring, fingerprint
+
+    ring = Keyring.load(args.keyring)
+    for name, key in sorted(ring.keys.items()):
+        print(f"{name}  {fingerprint(key)}")
+    for r in ring.revoked:
+        print(f"{r['hospital']}  {fingerprint(r['public_key'])}  revoked {r['revoked_at'][:19]}: {r['reason']}")
     return 0
 
 
@@ -555,9 +592,14 @@ def _hospital_parser(sub) -> None:
     r.add_argument("name")
     r.add_argument("--timeout", type=float, default=None)
     r.set_defaults(func=cmd_hospital_run)
-    kg = hosub.add_parser("keygen", help="write NAME.key (mode 600) and NAME.pub")
+    kg = hosub.add_parser("keygen", help="write NAME.key (mode 600) and NAME.pub; never overwrites a key")
     kg.add_argument("name")
     kg.add_argument("--out", required=True)
+    kg.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="encrypt the private key (passphrase from MEDVEC_KEY_PASSPHRASE, else asked twice)",
+    )
     kg.set_defaults(func=cmd_keygen)
     sc = hosub.add_parser("schedule", help="change the retraining schedule")
     sc.add_argument("name")
@@ -588,7 +630,16 @@ def _registry_parsers(sub) -> None:
     ka.add_argument("name")
     ka.add_argument("pubfile")
     ka.add_argument("--keyring", required=True)
+    ka.add_argument("--replace", action="store_true", help="replace the hospital's key (the old one is revoked)")
     ka.set_defaults(func=cmd_keyring_add)
+    kx = krsub.add_parser("remove", help="revoke a hospital's key: its vectors are refused, with the reason")
+    kx.add_argument("name")
+    kx.add_argument("--keyring", required=True)
+    kx.add_argument("--reason", default="removed", help="recorded with the revocation and shown on refusals")
+    kx.set_defaults(func=cmd_keyring_remove)
+    kl = krsub.add_parser("list", help="the hospitals' key fingerprints, and the revoked keys")
+    kl.add_argument("--keyring", required=True)
+    kl.set_defaults(func=cmd_keyring_list)
     m = sub.add_parser("methods", help="list merge methods with their formulas")
     m.set_defaults(func=cmd_methods)
 

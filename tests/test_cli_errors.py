@@ -262,3 +262,21 @@ def test_the_demo_s_landings_flag_and_its_deprecated_name(capsys, tmp_path):
     old.params = str(tmp_path / "none.yaml")  # no file: the defaults
     p = _demo_params(old)
     assert (p.split.hospitals, p.split.names, p.finetune.seed, p.merge.seed) == (5, None, 7, 7)
+
+
+def test_key_commands_never_overwrite_replace_or_trust_silently(tmp_path):
+    """keygen twice, a second key for a hospital without --replace, a missing keyring: each one error line.
+    keyring remove revokes; keyring list shows every fingerprint and each revocation with its reason."""
+    keys, ring = tmp_path / "keys", str(tmp_path / "keyring.json")
+    made = medvec("hospital", "keygen", "h1", "--out", str(keys))
+    assert made.returncode == 0 and "fingerprint SHA256:" in made.stdout, made.stderr
+    assert_one_line_error(medvec("hospital", "keygen", "h1", "--out", str(keys)), "never overwrites", "h1.key")
+    assert medvec("keyring", "add", "h1", str(keys / "h1.pub"), "--keyring", ring).returncode == 0
+    assert medvec("hospital", "keygen", "h1", "--out", str(tmp_path / "new")).returncode == 0
+    again = medvec("keyring", "add", "h1", str(tmp_path / "new" / "h1.pub"), "--keyring", ring)
+    assert_one_line_error(again, "already has key", "--replace")
+    assert_one_line_error(medvec("keyring", "list", "--keyring", str(tmp_path / "none.json")), "no keyring there")
+    removed = medvec("keyring", "remove", "h1", "--keyring", ring, "--reason", "left the network")
+    assert removed.returncode == 0 and "revoked" in removed.stdout, removed.stderr
+    listed = medvec("keyring", "list", "--keyring", ring).stdout
+    assert "revoked" in listed and "left the network" in listed

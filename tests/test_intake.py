@@ -21,7 +21,7 @@ from medvec.store import LocalStore
 from medvec.vectors.checks import load_vector
 from medvec.vectors.encoding import Encoding
 from medvec.vectors.format import InvalidVectorError, content_sha256
-from medvec.vectors.signing import Keyring, keygen, sign_file
+from medvec.vectors.signing import Keyring, KeyringError, SigningKeyError, keygen, read_header, sign_file
 
 
 @pytest.fixture()
@@ -411,3 +411,80 @@ def test_quarantined_vectors_are_listed_with_their_reasons(store, tiny_base, mak
     assert [r["status"] for r in rows] == ["landed", "quarantined: truncated"]
     assert rows[1]["hospital"] == "h2" and "truncated" in rows[1]["reason"]
     assert [r["status"] for r in vector_rows(store)] == ["landed"]
+
+
+# ---------------------------------------------------------------------------- keys: revocation, replacement, keygen
+
+
+def _ring(tmp_path: Path, *hospitals: str) -> tuple[Path, Keyring]:
+    """Fresh keys for ``hospitals`` in tmp_path/keys and a keyring of them at tmp_path/keyring.json."""
+    ring = Keyring()
+    for h in hospitals:
+        keygen(h, tmp_path / "keys")
+        ring.add(h, tmp_path / "keys" / f"{h}.pub")
+    ring.save(tmp_path / "keyring.json")
+    return tmp_path / "keyring.json", ring
+
+
+def test_a_revoked_hospital_s_vectors_are_refused_with_the_reason(store, tiny_base, make_vector, tmp_path):
+    """Attack: a hospital's key is stolen after it was removed; what the thief signs is refused, saying why."""
+    path, ring = _ring(tmp_path, "h1", "h2")
+    cfg = IntakeConfig(defence="off", keyring=str(path))
+    stolen = make_vector("h1")
+    store.put(stolen, key_file=tmp_path / "keys" / "h1.key")
+    honest = make_vector("h2", seed=2)
+    store.put(honest, key_file=tmp_path / "keys" / "h2.key")
+    ring.remove("h1", "laptop stolen 2026-12-05")
+    ring.save(path)
+    r = rejected(store, tiny_base, "revoked", "h1", cfg, fragment="laptop stolen 2026-12-05")
+    assert "h1" in r.problem and "revoked" in r.problem
+    assert admitted(store, tiny_base, cfg) == [honest.meta.vector_id]  # the other hospital is unaffected
+
+
+def test_a_replaced_key_is_revoked_and_its_signatures_refused(store, tiny_base, make_vector, tmp_path):
+    path, ring = _ring(tmp_path, "h1")
+    cfg = IntakeConfig(defence="off", keyring=str(path))
+    keygen("h1", tmp_path / "new")
+    with pytest.raises(KeyringError, match=r"already has key SHA256:.*--replace"):
+        ring.add("h1", tmp_path / "new" / "h1.pub")  # a key is never replaced by mistake
+    ring.add("h1", tmp_path / "new" / "h1.pub", replace=True)
+    ring.save(path)
+    store.put(make_vector("h1", seed=1), key_file=tmp_path / "keys" / "h1.key")  # signed with the old key
+    rejected(store, tiny_base, "revoked", "h1", cfg, fragment="replaced by SHA256:")
+    fresh = make_vector("h1", seed=2)
+    store.put(fresh, key_file=tmp_path / "new" / "h1.key")
+    assert admitted(store, tiny_base, cfg) == [fresh.meta.vector_id]
+    with pytest.raises(KeyringError, match="revoked"):  # and the old key cannot come back
+        ring.add("h1", tmp_path / "keys" / "h1.pub", replace=True)
+
+
+def test_the_keyring_refuses_another_hospital_s_public_key_and_a_missing_file(tmp_path, tiny_base, store):
+    _, ring = _ring(tmp_path, "h1")
+    with pytest.raises(KeyringError, match="hospital 'h1''s public key, not 'h2''s"):
+        ring.add("h2", tmp_path / "keys" / "h1.pub")
+    with pytest.raises(KeyringError, match="no keyring there"):  # a wrong intake.keyring is an error, not "nobody"
+        admit(store, tiny_base, IntakeConfig(defence="off", keyring=str(tmp_path / "typo.json")))
+    with pytest.raises(KeyringError, match="not in the keyring"):
+        ring.remove("h7")
+
+
+def test_keygen_never_overwrites_and_a_protected_key_needs_its_passphrase(tmp_path, make_vector, monkeypatch):
+    key, pub = keygen("h1", tmp_path, passphrase=b"correct horse")
+    assert key.stat().st_mode & 0o777 == 0o600 and b"ENCRYPTED" in key.read_bytes()
+    before = key.read_bytes()
+    with pytest.raises(SigningKeyError, match="never overwrites"):
+        keygen("h1", tmp_path)
+    assert key.read_bytes() == before
+    vector = make_vector("h1").save(tmp_path / "v.safetensors")
+    monkeypatch.delenv("MEDVEC_KEY_PASSPHRASE", raising=False)
+    with pytest.raises(SigningKeyError, match="passphrase-protected: set MEDVEC_KEY_PASSPHRASE"):
+        sign_file(vector, key)
+    monkeypatch.setenv("MEDVEC_KEY_PASSPHRASE", "wrong")
+    with pytest.raises(SigningKeyError, match="passphrase does not open"):
+        sign_file(vector, key)
+    monkeypatch.setenv("MEDVEC_KEY_PASSPHRASE", "correct horse")
+    sign_file(vector, key)
+    ring = Keyring()
+    ring.add("h1", pub)
+    vf = load_vector(vector)
+    assert ring.verify(vector, vf.meta, vf.content_sha256, read_header(vector))["signer"] == "h1"

@@ -12,11 +12,14 @@ signature.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
 
+from medvec.errors import UserError
+from medvec.timing import utcnow
 from medvec.vectors.checks import load_vector
 from medvec.vectors.format import FORMAT, InvalidVectorError, write_safetensors
 from medvec.vectors.vector import VectorMeta
@@ -24,20 +27,37 @@ from medvec.vectors.vector import VectorMeta
 DOMAIN = b"medvec-vector-signature/1\n"
 
 
-def keygen(name: str, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``out_dir/NAME.key`` (PKCS#8 PEM, mode 600) and ``out_dir/NAME.pub`` (raw base64)."""
+PASSPHRASE_ENV = "MEDVEC_KEY_PASSPHRASE"  # where a worker finds the passphrase of a protected key
+
+
+class SigningKeyError(UserError):
+    """A key file that cannot be written or read as asked: it exists, it is protected, the passphrase is wrong."""
+
+
+def fingerprint(public_key_b64: str) -> str:
+    """A public key's fingerprint to compare out of band: ``SHA256:`` and the first 128 bits of its sha256, in
+    groups of four hex digits."""
+    digest = hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest()[:32]
+    return "SHA256:" + ":".join(digest[i : i + 4] for i in range(0, 32, 4))
+
+
+def keygen(name: str, out_dir: str | Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """Write ``out_dir/NAME.key`` (PKCS#8 PEM, mode 600; encrypted with ``passphrase`` when given) and
+    ``out_dir/NAME.pub`` (raw base64 with the hospital's name).  Never overwrites: a key that exists is an error."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     out = Path(out_dir)
+    key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
+    for existing in (key_path, pub_path):
+        if existing.exists():
+            raise SigningKeyError(f"{existing} exists: keygen never overwrites a key (move it away to make a new one)")
     out.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    protection = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, protection)
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(private)
     os.chmod(key_path, 0o600)
@@ -47,10 +67,23 @@ def keygen(name: str, out_dir: str | Path) -> tuple[Path, Path]:
     return key_path, pub_path
 
 
-def _load_private(path: str | Path):
+def _load_private(path: str | Path, passphrase: bytes | None = None):
+    """The private key at ``path``; a protected one takes ``passphrase``, else ``$MEDVEC_KEY_PASSPHRASE``."""
     from cryptography.hazmat.primitives import serialization
 
-    return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if passphrase is None and os.environ.get(PASSPHRASE_ENV):
+        passphrase = os.environ[PASSPHRASE_ENV].encode()
+    data = Path(path).read_bytes()
+    try:
+        return serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:  # protected without a passphrase, or a passphrase for an open key
+        if passphrase is None:
+            raise SigningKeyError(
+                f"{path} is passphrase-protected: set {PASSPHRASE_ENV} where the worker runs"
+            ) from exc
+        raise SigningKeyError(f"{path} is not passphrase-protected: unset {PASSPHRASE_ENV}") from exc
+    except ValueError as exc:
+        raise SigningKeyError(f"{path}: the passphrase does not open this key, or it is not a PEM private key") from exc
 
 
 def payload(content_sha256: str, meta_json: str, nonce: str) -> bytes:
@@ -60,8 +93,12 @@ def payload(content_sha256: str, meta_json: str, nonce: str) -> bytes:
     return DOMAIN + content_sha256.encode() + b"\n" + meta.encode() + b"\n" + nonce.encode()
 
 
-def sign_file(path: str | Path, key_path: str | Path, signer: str | None = None) -> dict:
-    """Sign a vector file in place (atomically rewritten); returns the signature block."""
+def sign_file(
+    path: str | Path, key_path: str | Path, signer: str | None = None, passphrase: bytes | None = None
+) -> dict:
+    """Sign a vector file in place (atomically rewritten); returns the signature block.
+
+    A passphrase-protected key takes ``passphrase``, else ``$MEDVEC_KEY_PASSPHRASE``."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -70,7 +107,7 @@ def sign_file(path: str | Path, key_path: str | Path, signer: str | None = None)
         header = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     nonce = secrets.token_hex(16)
-    key = _load_private(key_path)
+    key = _load_private(key_path, passphrase)
     sig = key.sign(payload(vf.content_sha256, header["medvec"], nonce))
     block = {
         "alg": "ed25519",
@@ -83,38 +120,91 @@ def sign_file(path: str | Path, key_path: str | Path, signer: str | None = None)
     return block
 
 
-class Keyring:
-    """Allowed hospitals and their public keys (a JSON file ``{"hospitals": {name: base64}}``)."""
+class KeyringError(UserError, ValueError):
+    """A keyring change that is refused: a hospital's key replaced without ``--replace``, a public key file of
+    another hospital, a hospital that is not in the keyring."""
 
-    def __init__(self, keys: dict[str, str] | None = None):
+
+class Keyring:
+    """Allowed hospitals and their public keys, and the keys revoked (a JSON file
+    ``{"hospitals": {name: base64}, "revoked": [{"hospital", "public_key", "revoked_at", "reason"}]}``)."""
+
+    def __init__(self, keys: dict[str, str] | None = None, revoked: list[dict] | None = None):
         self.keys = dict(keys or {})
+        self.revoked = list(revoked or [])
 
     @classmethod
-    def load(cls, path: str | Path) -> "Keyring":
-        """The keyring in the JSON file at ``path``; an empty one (no hospital allowed) when there is no such file."""
+    def load(cls, path: str | Path, missing_ok: bool = False) -> Keyring:
+        """The keyring in the JSON file at ``path``.  A missing file is an error (a wrong ``intake.keyring`` must
+        not read as "no hospital allowed"), unless ``missing_ok`` (a keyring being created)."""
         p = Path(path)
         if not p.exists():
-            return cls()
-        return cls(json.loads(p.read_text()).get("hospitals", {}))
+            if missing_ok:
+                return cls()
+            raise KeyringError(f"{path}: no keyring there (create it with medvec keyring add)")
+        doc = json.loads(p.read_text())
+        return cls(doc.get("hospitals", {}), doc.get("revoked", []))
 
     def save(self, path: str | Path) -> None:
         """Write the keyring to ``path`` atomically (temporary file, then rename)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps({"hospitals": self.keys}, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps({"hospitals": self.keys, "revoked": self.revoked}, indent=2, sort_keys=True))
         os.replace(tmp, p)
 
-    def add(self, name: str, pub_file: str | Path) -> None:
-        """Allow hospital ``name`` with the key in ``pub_file`` (as :func:`keygen` writes it), replacing any it had."""
+    def add(self, name: str, pub_file: str | Path, replace: bool = False) -> str:
+        """Allow hospital ``name`` with the key in ``pub_file`` (as :func:`keygen` writes it); returns its
+        fingerprint.  A hospital's other key is replaced only with ``replace``, and is then revoked."""
         doc = json.loads(Path(pub_file).read_text())
-        if doc.get("alg") != "ed25519":
-            raise ValueError(f"{pub_file}: not an ed25519 public key file")
-        self.keys[name] = doc["public_key"]
+        if doc.get("alg") != "ed25519" or "public_key" not in doc:
+            raise KeyringError(f"{pub_file}: not an ed25519 public key file")
+        if doc.get("hospital") not in (None, name):
+            raise KeyringError(f"{pub_file} is hospital {doc['hospital']!r}'s public key, not {name!r}'s")
+        key = doc["public_key"]
+        if any(r["public_key"] == key for r in self.revoked):
+            raise KeyringError(f"{pub_file}: this key ({fingerprint(key)}) was revoked; a revoked key stays revoked")
+        old = self.keys.get(name)
+        if old is not None and old != key:
+            if not replace:
+                raise KeyringError(
+                    f"hospital {name!r} already has key {fingerprint(old)}; add --replace to replace it "
+                    "(the old key is revoked)"
+                )
+            self._revoke(name, old, f"replaced by {fingerprint(key)}")
+        self.keys[name] = key
+        return fingerprint(key)
+
+    def remove(self, name: str, reason: str = "removed") -> str:
+        """Revoke hospital ``name``'s key: its vectors are refused from now on, with the reason; returns the
+        revoked key's fingerprint."""
+        if name not in self.keys:
+            raise KeyringError(f"hospital {name!r} is not in the keyring ({', '.join(sorted(self.keys)) or 'empty'})")
+        key = self.keys.pop(name)
+        self._revoke(name, key, reason)
+        return fingerprint(key)
+
+    def _revoke(self, name: str, key: str, reason: str) -> None:
+        self.revoked.append({"hospital": name, "public_key": key, "revoked_at": utcnow(), "reason": reason})
+
+    def _revoked_signature(self, hospital: str, sig: bytes, message: bytes) -> dict | None:
+        """The revocation of the hospital's key that made ``sig``, if one did."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        for r in self.revoked:
+            if r["hospital"] != hospital:
+                continue
+            try:
+                Ed25519PublicKey.from_public_bytes(base64.b64decode(r["public_key"])).verify(sig, message)
+                return r
+            except InvalidSignature:
+                continue
+        return None
 
     def verify(self, path: str | Path, meta: VectorMeta, content_sha256: str, header: dict) -> dict:
-        """Check the signature block; raises :class:`InvalidVectorError` (checks: unsigned,
-        unknown_hospital, impersonation, bad_signature)."""
+        """Check the signature block; raises :class:`InvalidVectorError` (checks: unsigned, unknown_hospital,
+        impersonation, revoked, bad_signature)."""
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -131,26 +221,33 @@ class Keyring:
             raise InvalidVectorError(
                 path, f"malformed signature block ({exc.__class__.__name__})", "bad_signature"
             ) from exc
-        if meta.hospital not in self.keys:
+        if signer != meta.hospital:
+            raise InvalidVectorError(
+                path, f"signed by {signer!r} but claims hospital {meta.hospital!r}", "impersonation"
+            )
+        message = payload(content_sha256, header["medvec"], nonce)
+        key = self.keys.get(meta.hospital)
+        if key is not None:
+            try:
+                Ed25519PublicKey.from_public_bytes(base64.b64decode(key)).verify(sig, message)
+                return {"signer": signer, "nonce": nonce}
+            except InvalidSignature:
+                pass
+        revoked = self._revoked_signature(meta.hospital, sig, message)
+        if revoked is not None:
+            what = f"{fingerprint(revoked['public_key'])}, revoked {revoked['revoked_at'][:19]}: {revoked['reason']}"
+            raise InvalidVectorError(path, f"signed with hospital {meta.hospital!r}'s revoked key ({what})", "revoked")
+        if key is None:
             raise InvalidVectorError(
                 path,
                 f"unknown hospital {meta.hospital!r}: not in the keyring ({', '.join(sorted(self.keys)) or 'empty'})",
                 "unknown_hospital",
             )
-        if signer != meta.hospital:
-            raise InvalidVectorError(
-                path, f"signed by {signer!r} but claims hospital {meta.hospital!r}", "impersonation"
-            )
-        pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(self.keys[meta.hospital]))
-        try:
-            pub.verify(sig, payload(content_sha256, header["medvec"], nonce))
-        except InvalidSignature as exc:
-            raise InvalidVectorError(
-                path,
-                f"signature does not verify with {meta.hospital!r}'s key (forged, or tensors/metadata changed)",
-                "bad_signature",
-            ) from exc
-        return {"signer": signer, "nonce": nonce}
+        raise InvalidVectorError(
+            path,
+            f"signature does not verify with {meta.hospital!r}'s key (forged, or tensors/metadata changed)",
+            "bad_signature",
+        )
 
 
 def read_header(path: str | Path) -> dict:
