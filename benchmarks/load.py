@@ -193,7 +193,7 @@ def run_load(n: int, window: float, seed: int, timeout: float) -> dict:
         store_url = f"s3://medvec/load{n}?endpoint_url={s3.endpoint}"
         keys, ring = tmp / "keys", tmp / "keyring.json"
         code = (
-            "import sys\nfrom medvec.vectors.signing import Keyring, keygen\nring = Keyring()\n"
+            "import sys\nfrom medvec.keys import keygen\nfrom medvec.vectors.signing import Keyring\nring = Keyring()\n"
             f"for i in range(1, {n} + 1):\n    name = f'h{{i:03d}}'\n    keygen(name, {str(keys)!r})\n"
             f"    ring.add(name, {str(keys)!r} + f'/{{name}}.pub')\nring.save({str(ring)!r})\n"
         )

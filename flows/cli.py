@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medvec.config import Params, load_params
 from medvec.errors import ServerUnreachableError, UserError
+from medvec.keys import coordinator_keys, pinned_key
 
 DEMO_PREFECT_HOME = ".medvec/prefect"  # the Makefile's PREFECT_HOME, relative to the working directory
 PREFECT_HINT = "start a server (`prefect server start`) or set PREFECT_API_URL to a running one"
@@ -231,7 +232,8 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
     require_prefect_api()
     from flows.deployments import deploy_coordinator, worker_command  # lazy: front door
 
-    store = open_store(p.store.url)
+    signer, verifier = coordinator_keys(p.coordinator.key)
+    store = open_store(p.store.url).trusting(signer, verifier)
     num_classes, classes = args.num_classes, None
     if num_classes is None:
         from medvec.data.images import DataSpec
@@ -249,6 +251,10 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
         p.coordinator.reconcile_seconds,
     )
     print(f"base {base.sha256} ({base.spec.name}, {base.spec.image_size}px) is current in {store.url}")
+    if verifier is not None:
+        print(f"signed by the coordinator's key {verifier.fingerprint}: hospitals pin it with --coordinator-key")
+    else:
+        print("unsigned: set coordinator.key (medvec coordinator keygen) so hospitals can check what they train")
     print(f"deployment merge-and-evaluate/coordinator ({dep}) on pool 'coordinator', triggered by medvec.vector.landed")
     print("start its worker with: medvec coordinator worker   (or: " + " ".join(worker_command("coordinator")) + ")")
     return 0
@@ -279,13 +285,18 @@ def cmd_hospital_join(args: argparse.Namespace) -> int:
     from medvec.hospital.datacheck import against_base
     from medvec.store import current_labels
 
+    if args.coordinator_key:  # pinned: the deployment trains only from what this key signed
+        args.overrides = [*args.overrides, f"hospital.coordinator_key={Path(args.coordinator_key).resolve()}"]
     p = _params(args)
+    pinned = pinned_key(p.hospital.coordinator_key)
     report = _data_report(args.data, p)  # the same check as `medvec hospital check`, before anything is created
-    report = against_base(report, current_labels(p.store.url))
+    report = against_base(report, current_labels(p.store.url, pinned))
     if not report.usable:
         print(report.text(), file=sys.stderr)  # the whole check, line by line, then one error line
         raise DataError(f"{args.data}: not usable for joining (the data check above says why)")
     print(f"data check: {sum(s.read for s in report.splits.values())} images read, usable")
+    if pinned is not None:
+        print(f"coordinator key {pinned.fingerprint}: check it with your operator out of band")
     require_prefect_api()
     from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
 
@@ -332,7 +343,9 @@ def cmd_hospital_report(args: argparse.Namespace) -> int:
     from medvec.coordinator.hospital_report import hospital_report, report_text
     from medvec.store import open_store
 
-    doc = hospital_report(open_store(args.store or _params(args).store.url), args.name)
+    p = _params(args)
+    store = open_store(args.store or p.store.url).trusting(verifier=pinned_key(p.hospital.coordinator_key))
+    doc = hospital_report(store, args.name)
     print(json.dumps(doc, indent=2) if args.json else report_text(doc))
     return 0
 
@@ -396,7 +409,7 @@ def _new_passphrase() -> bytes:
     """A passphrase for a new key: ``$MEDVEC_KEY_PASSPHRASE`` when set, else typed twice at the terminal."""
     import getpass
 
-    from medvec.vectors.signing import PASSPHRASE_ENV
+    from medvec.keys import PASSPHRASE_ENV
 
     if os.environ.get(PASSPHRASE_ENV):
         return os.environ[PASSPHRASE_ENV].encode()
@@ -407,15 +420,22 @@ def _new_passphrase() -> bytes:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from medvec.vectors.signing import PASSPHRASE_ENV, fingerprint, keygen
+    from medvec.keys import PASSPHRASE_ENV, fingerprint, keygen
 
+    coordinator = args.command == "coordinator"
     passphrase = _new_passphrase() if args.passphrase else None
     key, pub = keygen(args.name, args.out, passphrase)
-    print(f"private key {key} (mode 600, keep it inside the hospital)")
+    where = "at the coordinator: -S coordinator.key=" + str(key) if coordinator else "inside the hospital"
+    print(f"private key {key} (mode 600, keep it {where})")
     if passphrase:
-        print(f"  passphrase-protected: its worker needs {PASSPHRASE_ENV} to sign")
-    print(f"public key  {pub} (give it to the coordinator: medvec keyring add)")
-    print(f"fingerprint {fingerprint(json.loads(pub.read_text())['public_key'])} (compare it with the coordinator's)")
+        print(f"  passphrase-protected: the worker that signs needs {PASSPHRASE_ENV}")
+    to = (
+        "every hospital: medvec hospital join --coordinator-key"
+        if coordinator
+        else "the coordinator: medvec keyring add"
+    )
+    print(f"public key  {pub} (give it to {to})")
+    print(f"fingerprint {fingerprint(json.loads(pub.read_text())['public_key'])} (compare it out of band)")
     return 0
 
 
@@ -439,7 +459,8 @@ def cmd_keyring_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_keyring_list(args: argparse.Namespace) -> int:
-    from medvec.vectors.signing import Keyring, fingerprint
+    from medvec.keys import fingerprint
+    from medvec.vectors.signing import Keyring
 
     ring = Keyring.load(args.keyring)
     for name, key in sorted(ring.keys.items()):
@@ -567,6 +588,10 @@ def _coordinator_parser(sub) -> None:
     up.set_defaults(func=cmd_coordinator_up)
     cw = cosub.add_parser("worker", help="start the coordinator's worker in the foreground")
     cw.set_defaults(func=cmd_coordinator_worker)
+    ck = cosub.add_parser("keygen", help="write coordinator.key (mode 600) and coordinator.pub; never overwrites")
+    ck.add_argument("--out", required=True)
+    ck.add_argument("--passphrase", action="store_true", help="encrypt the private key (as hospital keygen does)")
+    ck.set_defaults(func=cmd_keygen, name="coordinator")
 
 
 def _hospital_parser(sub) -> None:
@@ -581,6 +606,12 @@ def _hospital_parser(sub) -> None:
     j.add_argument("--no-worker", action="store_true", help="only print the worker command")
     j.add_argument(
         "--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed"
+    )
+    j.add_argument(
+        "--coordinator-key",
+        default=None,
+        metavar="PUB",
+        help="the coordinator's public key (its .pub), pinned: train only from a base and start point it signed",
     )
     _schedule_options(j, required=False)
     j.set_defaults(func=cmd_hospital_join)

@@ -18,6 +18,7 @@ from flows.events import emit_vector_landed
 from flows.ui import base_tag, hospital_run_name, label_run
 from medvec.config import Params
 from medvec.hospital.finetune import for_upload
+from medvec.keys import pinned_key
 from medvec.runtime import set_threads
 from medvec.store import open_store
 from tasks.common import fetch_base
@@ -55,7 +56,8 @@ def hospital_finetune(
     logger = get_run_logger()
     p = params or Params()
     set_threads(p.finetune.threads)
-    store = open_store(store_url)  # once for the run: every task below takes it
+    # once for the run: every task below takes it; with a pinned coordinator key, only what it signed is trusted
+    store = open_store(store_url).trusting(verifier=pinned_key(p.hospital.coordinator_key))
     base_sha256 = base_sha256 or store.current_base()
     label_run(tags=["medvec", "hospital", f"hospital:{hospital}", base_tag(base_sha256)])
     base = fetch_base(store, base_sha256)

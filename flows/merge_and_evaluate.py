@@ -29,6 +29,7 @@ from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import DataSpec, ImageSet
 from medvec.data.sources import load_split
 from medvec.evaluate import bar_chart, contribution_plot, results_frame
+from medvec.keys import coordinator_keys
 from medvec.models import Base
 from medvec.record import MergeRecord
 from medvec.runtime import set_threads
@@ -234,7 +235,9 @@ def merge_and_evaluate(
     p = params or Params()
     set_threads(p.finetune.threads)
     started = Started.now()
-    store = open_store(store_url)  # once for the run: every task below takes it
+    # once for the run: every task below takes it; with a coordinator key it signs what it publishes and
+    # trusts only what it signed (a current-base pointer it did not sign stops the run with the reason)
+    store = open_store(store_url).trusting(*coordinator_keys(p.coordinator.key))
     base_sha = store.current_base()
     label_run(tags=["medvec", "coordinator", f"mode:{p.refine.mode}", base_tag(base_sha)])
     run = Run(p, store, fetch_base(store, base_sha), eval_data, calibration_data, trigger or {}, started)

@@ -192,6 +192,11 @@ class CoordinatorConfig(_Frozen):
     )
     calibration_data: str | None = Field(None, description="optional BN calibration images (train split) for recompute")
     reconcile_seconds: float = Field(3600, gt=0, description="reconciling schedule of merge-and-evaluate")
+    key: str | None = Field(
+        None,
+        description="the coordinator's private key (medvec coordinator keygen): every base, start point and merge "
+        "record it publishes is signed, and it trusts only what it signed; None: nothing is signed",
+    )
 
 
 class IntakeConfig(_Frozen):
@@ -268,6 +273,11 @@ class HospitalConfig(_Frozen):
 
     start_from: Literal["champion", "base"] = Field(
         "champion", description="fine-tune the current champion start point (async refinement) or θ_pre"
+    )
+    coordinator_key: str | None = Field(
+        None,
+        description="the coordinator's public key, pinned at join: the hospital trains only from a base and start "
+        "point it signed; None: unsigned documents are trusted",
     )
 
 

@@ -17,3 +17,8 @@ class LineageError(UserError, LookupError):
 
 class ServerUnreachableError(UserError, ConnectionError):
     """A server (Prefect API, MLflow, S3) that does not answer at its URL."""
+
+
+class Refusal(UserError):
+    """A refusal that retrying cannot change (a document the pinned key did not sign, a revoked key): retries
+    stop at once."""

@@ -33,6 +33,7 @@ from typing import Any
 from medvec.batchnorm import MomentSums
 from medvec.errors import UserError
 from medvec.faults import failpoint
+from medvec.keys import DocumentSigner, DocumentVerifier, unwrap
 from medvec.models import Base, load_base, save_base
 from medvec.record import MergeRecord, Rejection, StartPoint
 from medvec.timing import utcnow
@@ -47,10 +48,25 @@ class StoreError(UserError, RuntimeError):
     """A store that cannot be reached, read or written; the message says which and why."""
 
 
+COORDINATOR_DOCUMENTS = ("bases/", "starts/", "merges/")  # the JSON the coordinator publishes (signed with a key)
+
+
 class VectorStore:
-    """Shared logic over a few blob primitives that each backend implements."""
+    """Shared logic over a few blob primitives that each backend implements.
+
+    ``signer``: the coordinator's key; every document it writes under :data:`COORDINATOR_DOCUMENTS` goes out
+    signed.  ``verifier``: the coordinator's pinned public key; every such document read must be signed by it
+    (:class:`~medvec.keys.UntrustedDocument` otherwise).  Both None: documents are read and written as they are.
+    """
 
     url: str
+    signer: DocumentSigner | None = None
+    verifier: DocumentVerifier | None = None
+
+    def trusting(self, signer: DocumentSigner | None = None, verifier: DocumentVerifier | None = None) -> VectorStore:
+        """This store, signing what it publishes with ``signer`` and trusting only what ``verifier`` verifies."""
+        self.signer, self.verifier = signer, verifier
+        return self
 
     # ------------------------------------------------------------ primitives
     def _write_file(self, key: str, src: Path) -> None:  # atomic
@@ -76,13 +92,19 @@ class VectorStore:
         raise NotImplementedError
 
     def read_json(self, key: str) -> Any:
-        """The JSON document at ``key``; None when there is no such object."""
+        """The JSON document at ``key``; None when there is no such object.  A coordinator's document is checked
+        against the pinned key when the store has one, and comes back without its signature."""
         if not self._exists(key):
             return None
-        return json.loads(self._read_bytes(key))
+        stored = json.loads(self._read_bytes(key))
+        if self.verifier is not None and key.startswith(COORDINATOR_DOCUMENTS):
+            return self.verifier.open(key, stored)
+        return unwrap(stored)
 
     def write_json(self, key: str, doc: dict | list) -> None:
-        """Write ``doc`` at ``key`` as indented JSON, atomically (values JSON cannot hold written as ``str``)."""
+        """Write a JSON document atomically; a coordinator's document is signed when the store has a signer."""
+        if self.signer is not None and key.startswith(COORDINATOR_DOCUMENTS):
+            doc = self.signer.sign(key, doc)
         self._write_bytes(key, json.dumps(doc, indent=2, default=str).encode())
 
     # ------------------------------------------------------------ bases
@@ -332,7 +354,7 @@ class VectorStore:
         keys = [
             k for k in self._list(f"merges/{base_sha256}/") if k.endswith(".json") and not k.endswith("latest.json")
         ]
-        records = (MergeRecord.model_validate(json.loads(self._read_bytes(k))) for k in keys)
+        records = (MergeRecord.model_validate(self.read_json(k)) for k in keys)
         return sorted(records, key=lambda r: r.finished_at)
 
     def merge_weights(self, record: MergeRecord) -> Path:
@@ -564,11 +586,12 @@ class S3Store(VectorStore):
         self._call(f"move {src}", self.client.delete_object, Bucket=self.bucket, Key=self._key(src))
 
 
-def current_labels(url: str | Path) -> dict | None:
-    """The current base's task and class list at ``url``, creating nothing (None where no store or base is)."""
+def current_labels(url: str | Path, verifier: DocumentVerifier | None = None) -> dict | None:
+    """The current base's task and class list at ``url`` (signed by ``verifier``'s key, when given), creating
+    nothing (None where no store or base is)."""
     if not str(url).startswith("s3://") and not Path(url).is_dir():
         return None
-    return open_store(url).current_labels()
+    return open_store(url).trusting(verifier=verifier).current_labels()
 
 
 def open_store(url: str | Path, endpoint_url: str | None = None) -> VectorStore:

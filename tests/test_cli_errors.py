@@ -280,3 +280,19 @@ def test_key_commands_never_overwrite_replace_or_trust_silently(tmp_path):
     assert removed.returncode == 0 and "revoked" in removed.stdout, removed.stderr
     listed = medvec("keyring", "list", "--keyring", ring).stdout
     assert "revoked" in listed and "left the network" in listed
+
+
+def test_join_with_a_pinned_coordinator_key_refuses_an_unsigned_base_before_any_server(tmp_path, tiny_base):
+    """A hospital that pins the coordinator's key does not join a network whose current base that key did not
+    sign (here: nobody signed it); one error line, and no server is asked."""
+    from medvec.store import LocalStore
+
+    LocalStore(tmp_path / "store").put_base(tiny_base)
+    assert medvec("coordinator", "keygen", "--out", str(tmp_path / "keys")).returncode == 0
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    join = medvec(
+        "hospital", "join", "h1", "--data", str(BREAST), "--no-worker", "--coordinator-key",
+        str(tmp_path / "keys" / "coordinator.pub"), "-S", f"store.url={tmp_path / 'store'}", env=env,
+    )  # fmt: skip
+    assert_one_line_error(join, "bases/current.json is not signed by the coordinator", "SHA256:")
+    assert "Prefect" not in join.stderr

@@ -15,10 +15,11 @@ from medvec.batchnorm import RunningStats
 from medvec.config import ConfigError, IntakeConfig, VectorsConfig, load_params
 from medvec.coordinator.methods import get_method, merge_delta
 from medvec.hospital.finetune import for_upload
+from medvec.keys import keygen
 from medvec.vectors.checks import load_vector
 from medvec.vectors.encoding import Encoding, EncodingError, decode, encode, encoding_of
 from medvec.vectors.format import InvalidVectorError, content_sha256
-from medvec.vectors.signing import Keyring, keygen, sign_file
+from medvec.vectors.signing import Keyring, sign_file
 from medvec.vectors.vector import DataVector, VectorMeta
 
 ALL = [

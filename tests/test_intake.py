@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 from medvec.config import IntakeConfig
 from medvec.coordinator.intake import admit
+from medvec.keys import SigningKeyError, keygen
 from medvec.store import LocalStore
 from medvec.vectors.checks import load_vector
 from medvec.vectors.encoding import Encoding
 from medvec.vectors.format import InvalidVectorError, content_sha256
-from medvec.vectors.signing import Keyring, KeyringError, SigningKeyError, keygen, read_header, sign_file
+from medvec.vectors.signing import Keyring, KeyringError, read_header, sign_file
 
 
 @pytest.fixture()

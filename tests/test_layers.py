@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("medvec", "medvec.errors", "medvec.faults", "medvec.timing", "medvec.retry"),
     ("medvec.config",),
     ("medvec.data.",),
-    ("medvec.models", "medvec.batchnorm", "medvec.runtime"),
+    ("medvec.models", "medvec.batchnorm", "medvec.runtime", "medvec.keys"),
     ("medvec.preprocess", "medvec.vectors."),
     ("medvec.evaluate",),
     ("medvec.record",),

@@ -119,8 +119,8 @@ def test_a_phase_that_raises_is_still_counted(monkeypatch):
 def test_vector_files_land_in_the_page_cache_as_2_mib_folios_where_the_kernel_makes_them(tmp_path, folio_share):
     """medvec's writers (save, sign, the local store's copy) write in large pieces; a merge then maps each
     2 MiB of a file with one entry.  1 MiB writes and shutil.copyfile (sendfile) leave 4 KiB pages."""
+    from medvec.keys import keygen
     from medvec.store import LocalStore
-    from medvec.vectors.signing import keygen
     from medvec.vectors.vector import DataVector
 
     meta = toy_meta("big")

@@ -56,9 +56,10 @@ def test_the_epsilon_is_signed_tampering_fails_verification(dp_vector, tmp_path)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from medvec.keys import keygen
     from medvec.vectors.checks import load_vector
     from medvec.vectors.format import InvalidVectorError
-    from medvec.vectors.signing import Keyring, keygen, read_header, sign_file
+    from medvec.vectors.signing import Keyring, read_header, sign_file
 
     path = dp_vector[0].save(tmp_path / "v.safetensors")
     key, pub = keygen("h1", tmp_path / "keys")

@@ -15,6 +15,7 @@ from medvec.coordinator.scoring import EvalSets, beats, score
 from medvec.errors import UserError
 from medvec.evaluate import confusion_figure, contribution_plot, evaluate_model, lambda_curve, md_inert
 from medvec.faults import failpoint
+from medvec.keys import DocumentSigner
 from medvec.models import Base, load_base
 from medvec.preprocess import to_tensor
 from medvec.record import GateDecision, MergeRecord
@@ -170,7 +171,14 @@ def register_merge(
         weights = where.merged_model(champion)
         return evaluate_model(weights.model, evalsets.val, weights.spec, batch_size)
 
-    return log_merge(record, merged, example, rescore, plots, decided)
+    signature = weights_statement(store.signer, record) if store.signer is not None else None
+    return log_merge(record, merged, example, rescore, plots, decided, signature)
+
+
+def weights_statement(signer: DocumentSigner, record: MergeRecord) -> dict:
+    """The coordinator's signed statement that its registered model holds the weights of ``record``
+    (by their sha256); verify it with :meth:`~medvec.keys.DocumentVerifier.open` at ``models/<sha256>``."""
+    return signer.sign(f"models/{record.merged_sha256}", {"merge_id": record.merge_id, "sha256": record.merged_sha256})
 
 
 @timed("tracking")
@@ -206,8 +214,12 @@ def log_merge(
     rescore: Callable[[MergeRecord], dict],
     plots: dict[str, Path] | None = None,
     decided: tuple[bool, str] | None = None,
+    signature: dict | None = None,
 ) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
+
+    ``signature``: the coordinator's signed statement of the merged weights' sha256
+    (:func:`weights_statement`), kept as the version's ``medvec.signature`` tag with its key's fingerprint.
 
     ``merged`` is the merged model as a :class:`medvec.models.Base` (weights, spec and
     sha256); it is registered as a :class:`Classifier` pyfunc with the record's threshold.
@@ -243,6 +255,11 @@ def log_merge(
         "medvec.parent_version": str(record.parent_version),
         "medvec.task": merged.task,
         "medvec.classes_sha256": merged.classes_sha256 or "",
+        **(
+            {"medvec.signed_by": signature["medvec_signed"]["key"], "medvec.signature": json.dumps(signature)}
+            if signature
+            else {}
+        ),
     }
     if record.version is not None:
         tags["medvec.version"] = str(record.version)

@@ -12,78 +12,19 @@ signature.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
 
 from medvec.errors import UserError
+from medvec.keys import fingerprint, load_private
 from medvec.timing import utcnow
 from medvec.vectors.checks import load_vector
 from medvec.vectors.format import FORMAT, InvalidVectorError, write_safetensors
 from medvec.vectors.vector import VectorMeta
 
 DOMAIN = b"medvec-vector-signature/1\n"
-
-
-PASSPHRASE_ENV = "MEDVEC_KEY_PASSPHRASE"  # where a worker finds the passphrase of a protected key
-
-
-class SigningKeyError(UserError):
-    """A key file that cannot be written or read as asked: it exists, it is protected, the passphrase is wrong."""
-
-
-def fingerprint(public_key_b64: str) -> str:
-    """A public key's fingerprint to compare out of band: ``SHA256:`` and the first 128 bits of its sha256, in
-    groups of four hex digits."""
-    digest = hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest()[:32]
-    return "SHA256:" + ":".join(digest[i : i + 4] for i in range(0, 32, 4))
-
-
-def keygen(name: str, out_dir: str | Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
-    """Write ``out_dir/NAME.key`` (PKCS#8 PEM, mode 600; encrypted with ``passphrase`` when given) and
-    ``out_dir/NAME.pub`` (raw base64 with the hospital's name).  Never overwrites: a key that exists is an error."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    out = Path(out_dir)
-    key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
-    for existing in (key_path, pub_path):
-        if existing.exists():
-            raise SigningKeyError(f"{existing} exists: keygen never overwrites a key (move it away to make a new one)")
-    out.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    protection = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, protection)
-    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    os.chmod(key_path, 0o600)
-    pub_path.write_text(
-        json.dumps({"hospital": name, "alg": "ed25519", "public_key": base64.b64encode(pub).decode()}) + "\n"
-    )
-    return key_path, pub_path
-
-
-def _load_private(path: str | Path, passphrase: bytes | None = None):
-    """The private key at ``path``; a protected one takes ``passphrase``, else ``$MEDVEC_KEY_PASSPHRASE``."""
-    from cryptography.hazmat.primitives import serialization
-
-    if passphrase is None and os.environ.get(PASSPHRASE_ENV):
-        passphrase = os.environ[PASSPHRASE_ENV].encode()
-    data = Path(path).read_bytes()
-    try:
-        return serialization.load_pem_private_key(data, password=passphrase)
-    except TypeError as exc:  # protected without a passphrase, or a passphrase for an open key
-        if passphrase is None:
-            raise SigningKeyError(
-                f"{path} is passphrase-protected: set {PASSPHRASE_ENV} where the worker runs"
-            ) from exc
-        raise SigningKeyError(f"{path} is not passphrase-protected: unset {PASSPHRASE_ENV}") from exc
-    except ValueError as exc:
-        raise SigningKeyError(f"{path}: the passphrase does not open this key, or it is not a PEM private key") from exc
 
 
 def payload(content_sha256: str, meta_json: str, nonce: str) -> bytes:
@@ -107,7 +48,7 @@ def sign_file(
         header = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     nonce = secrets.token_hex(16)
-    key = _load_private(key_path, passphrase)
+    key = load_private(key_path, passphrase)
     sig = key.sign(payload(vf.content_sha256, header["medvec"], nonce))
     block = {
         "alg": "ed25519",
@@ -154,7 +95,7 @@ class Keyring:
         os.replace(tmp, p)
 
     def add(self, name: str, pub_file: str | Path, replace: bool = False) -> str:
-        """Allow hospital ``name`` with the key in ``pub_file`` (as :func:`keygen` writes it); returns its
+        """Allow hospital ``name`` with the key in ``pub_file`` (as :func:`medvec.keys.keygen` writes it); returns its
         fingerprint.  A hospital's other key is replaced only with ``replace``, and is then revoked."""
         doc = json.loads(Path(pub_file).read_text())
         if doc.get("alg") != "ed25519" or "public_key" not in doc:
