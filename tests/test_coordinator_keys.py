@@ -116,17 +116,27 @@ store = open_store(tmp + "/store").trusting(*coordinator_keys(p.coordinator.key)
 base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
 store.put_base(base)
 out = {"signed": hospital_finetune("h1", tmp + "/h/h1", tmp + "/store", params=p, emit=False, progress=False)["vector_id"]}
+store.put_start(base.sha256, base, "m1", {})  # a signed champion v1 (θ_pre's weights will do)
+pointer = open(tmp + "/store/bases/current.json").read()
 evil = create_base("tiny_cnn", 2, pretrained=False, seed=666)
-open_store(tmp + "/store").put_base(evil)  # the member repoints the current base (unsigned)
-for name, run in (
-    ("hospital", lambda: hospital_finetune("h2", tmp + "/h/h2", tmp + "/store", params=p, emit=False, progress=False)),
-    ("coordinator", lambda: merge_and_evaluate(tmp + "/store", data, p)),
-):
+member = open_store(tmp + "/store")  # what the member holds: the store, no key
+member.put_base(evil)  # it repoints the current base (unsigned)
+
+def attempt(run):
     try:
         run()
-        out[name] = "ran"
+        return "ran"
     except Exception as exc:
-        out[name] = f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}"
+
+h2 = lambda: hospital_finetune("h2", tmp + "/h/h2", tmp + "/store", params=p, emit=False, progress=False)
+out["hospital"] = attempt(h2)
+out["coordinator"] = attempt(lambda: merge_and_evaluate(tmp + "/store", data, p))
+open(tmp + "/store/bases/current.json", "w").write(pointer)  # the pointer restored; now a forged champion
+index = json.load(open(tmp + f"/store/starts/{base.sha256}/index.json"))
+forged = {**index["doc"][0], "version": 2, "sha256": evil.sha256, "merge_id": "forged"}
+member.write_json(f"starts/{base.sha256}/index.json", {**index, "doc": [*index["doc"], forged]})
+out["forged_start"] = attempt(h2)
 out["h2_vectors"] = [s["key"] for s in open_store(tmp + "/store").sidecars() if s["meta"]["hospital"] == "h2"]
 print(json.dumps(out))
 """
@@ -135,7 +145,8 @@ print(json.dumps(out))
 @pytest.mark.integration
 def test_real_flows_refuse_a_repointed_base_and_publish_nothing(tmp_path):
     """The hospital's flow (its key pinned) and the coordinator's flow (its key configured) run for real and
-    refuse, in one line, a current base the coordinator did not sign; the hospital publishes nothing."""
+    refuse, in one line, a current base the coordinator did not sign; the hospital also refuses a forged
+    champion in the start index, and publishes nothing."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     overrides = [*TINY_FLOW, "finetune.epochs=1", "registry.enabled=false", "batchnorm.strategy=average"]
     proc = subprocess.run(
@@ -154,6 +165,9 @@ def test_real_flows_refuse_a_repointed_base_and_publish_nothing(tmp_path):
             "UntrustedDocument: bases/current.json is not signed by the coordinator (its key is SHA256:"
             + out[side].split("SHA256:", 1)[-1]
         ), out[side]
+    start = out["forged_start"]
+    assert start.startswith("UntrustedDocument: starts/") and "index.json is not signed by the coordinator" in start
+    assert "\n" not in start  # one line
     assert out["h2_vectors"] == []  # nothing published
 
 
