@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import BREAST, ROOT, TINY_FLOW
+from conftest import TINY_FLOW
 from medvec.keys import DocumentSigner, DocumentVerifier, UntrustedDocument, keygen
 from medvec.models import create_base
 from medvec.store import LocalStore
+from servers import run_driver
 
 
 @pytest.fixture()
@@ -107,7 +106,8 @@ from medvec.store import open_store
 from flows.hospital_finetune import hospital_finetune
 from flows.merge_and_evaluate import merge_and_evaluate
 
-tmp, data, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
+data = "data/breastmnist.npz"
 keygen("coordinator", tmp + "/keys")
 p = load_params(None, [*overrides, f"coordinator.key={tmp}/keys/coordinator.key",
                        f"hospital.coordinator_key={tmp}/keys/coordinator.pub"])
@@ -149,16 +149,7 @@ def test_real_flows_refuse_a_repointed_base_and_publish_nothing(tmp_path):
     champion in the start index, and publishes nothing."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     overrides = [*TINY_FLOW, "finetune.epochs=1", "registry.enabled=false", "batchnorm.strategy=average"]
-    proc = subprocess.run(
-        [sys.executable, "-c", FLOW, str(tmp_path), str(BREAST), json.dumps(overrides)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_driver(FLOW, tmp_path, overrides, env)
     assert out["signed"].startswith("h1-")  # an honest, signed network trains and publishes
     for side in ("hospital", "coordinator"):
         assert out[side] == (

@@ -6,14 +6,12 @@ the child counts every store it opens, per flow run."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import BREAST, ROOT, TINY_FLOW
+from conftest import TINY_FLOW
+from servers import run_driver
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +35,9 @@ medvec.store.LocalStore.__init__ = counting
 from flows.hospital_finetune import hospital_finetune
 from flows.merge_and_evaluate import merge_and_evaluate
 
-tmp, data = sys.argv[1], sys.argv[2]
-p = load_params(None, json.loads(sys.argv[3]))
+tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
+data = "data/breastmnist.npz"
+p = load_params(None, overrides)
 write_hospital_shards(data, tmp + "/h", hospitals=2, alpha=1.0, seed=0)
 store = medvec.store.open_store(tmp + "/store")
 store.put_base(create_base("tiny_cnn", 2, pretrained=False, seed=0))
@@ -63,15 +62,6 @@ OVERRIDES = [
 def test_a_hospital_run_and_a_merge_run_each_open_the_store_once(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), str(BREAST), json.dumps(OVERRIDES)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_driver(SCRIPT, tmp_path, OVERRIDES, env)
     assert out["registry"]["champion"] is True and out["merge_id"]  # the whole path ran: registered
     assert out["opened"] == {"setup": 1, "hospital-h1": 1, "hospital-h2": 1, "merge": 1}
