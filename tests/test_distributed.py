@@ -265,18 +265,25 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
     )
     assert six <= set(final)
     # through the Prefect API: a completed, trigger-created merge run whose artifact lists all six
-    info, run = wait_until(lambda: final_merge_run(env, sorted(six)), 120, "the API showing a merge of all six")
+    _, run = wait_until(lambda: final_merge_run(env, sorted(six)), 120, "the API showing a merge of all six")
     assert run["params"]["trigger"]["vector"].split(".", 2)[-1] in six
     merges = merged_ids(store_url, env)
     assert len({tuple(sorted(m)) for m in merges}) == len(merges), "the same inputs were merged twice"
-    info = api(env, MERGE_RUNS)
-    auto = info["automations"][0]
-    triggered = [
-        r
-        for r in info["runs"]
-        if (r["key"] or "").startswith(f"automation {auto}")
-        and r["params"]["trigger"]["vector"].split(".", 2)[-1] in six
-    ]
+
+    def triggered_runs() -> list[dict] | None:
+        """The merge runs the automation created for the six events, once there are six (the automation may
+        create the last ones after the first run has already merged all six)."""
+        info = api(env, MERGE_RUNS)
+        auto = info["automations"][0]
+        runs = [
+            r
+            for r in info["runs"]
+            if (r["key"] or "").startswith(f"automation {auto}")
+            and r["params"]["trigger"]["vector"].split(".", 2)[-1] in six
+        ]
+        return runs if len(runs) == 6 else None
+
+    triggered = wait_until(triggered_runs, 120, "every landed event creating a merge run")
     assert len(triggered) == 6, "every landed event created a merge run"
     ended = wait_until(
         lambda: (lambda runs: runs if all(r["state"] in ("COMPLETED", "CANCELLED") for r in runs) else None)(
