@@ -34,7 +34,8 @@ dirs:
 demo: $(STAMP) dirs
 	$(VENV)/bin/medvec demo $(ARGS)
 
-# the MLflow UI (http://127.0.0.1:5000) and the Prefect UI (http://127.0.0.1:4200) on the demo's stores, until Ctrl-C
+# the MLflow UI (http://127.0.0.1:5000) and the Prefect UI (http://127.0.0.1:4200) on the demo's stores, until Ctrl-C;
+# the Prefect server requires an auth string (PREFECT_SERVER_API_AUTH_STRING, random unless set; printed, asked once)
 ui: $(STAMP) dirs
 	$(PY) scripts/ui.py serve
 

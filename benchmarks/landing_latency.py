@@ -1,7 +1,7 @@
 """Seconds from ``medvec.vector.landed`` to a finished merge-and-evaluate (tiny CNN), and
 the Prefect overhead relative to bare function calls.
 
-Starts a real Prefect server and a coordinator process worker on 127.0.0.1 (the
+Starts a real Prefect server and the coordinator's medvec worker on 127.0.0.1 (the
 same helpers as the integration tests), deploys ``merge-and-evaluate`` with its
 trigger, then ``--trials`` times: waits until no merge run is running (so a landing
 never queues behind the last run's tail; bursts are ``benchmarks/load.py``'s),

@@ -1,8 +1,8 @@
 """N hospitals landing signed vectors within a minute, against the real distributed path.
 
 Starts, on 127.0.0.1: a Prefect server (``prefect server start``), an S3 server
-(SeaweedFS ``weed mini``), and the coordinator's process worker (``prefect worker
-start --pool coordinator``); ``medvec coordinator up`` publishes a tiny-CNN base
+(SeaweedFS ``weed mini``), and the coordinator's medvec worker (``python -m
+flows.worker``, the site file ``coordinator up`` wrote); ``medvec coordinator up`` publishes a tiny-CNN base
 and deploys ``merge-and-evaluate`` with its ``medvec.vector.landed`` trigger, with
 a keyring that holds every hospital's Ed25519 key.
 
@@ -272,7 +272,7 @@ def main() -> None:
             f"# Load: hospitals landing signed vectors within {args.window:g} s (tiny CNN, real servers)",
             "",
             f"`python benchmarks/load.py --hospitals {' '.join(map(str, args.hospitals))} --window {args.window:g}` "
-            "— Prefect server, SeaweedFS S3 and the coordinator's process worker on 127.0.0.1.",
+            "— Prefect server, SeaweedFS S3 and the coordinator's medvec worker on 127.0.0.1.",
             "",
             table(rows, columns),
             "",

@@ -243,7 +243,7 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
         num_classes = len(classes)
     base = base_from_config(p.model, num_classes, classes)
     store.put_base(base)
-    dep = deploy_coordinator(
+    dep, site = deploy_coordinator(
         p.store.url,
         p.coordinator.eval_data,
         p.model_dump(mode="json"),
@@ -256,6 +256,7 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
     else:
         print("unsigned: set coordinator.key (medvec coordinator keygen) so hospitals can check what they train")
     print(f"deployment merge-and-evaluate/coordinator ({dep}) on pool 'coordinator', triggered by medvec.vector.landed")
+    print(f"site file {site}: the merge's parameters, pinned on this machine")
     print("start its worker with: medvec coordinator worker   (or: " + " ".join(worker_command("coordinator")) + ")")
     return 0
 
@@ -300,7 +301,7 @@ def cmd_hospital_join(args: argparse.Namespace) -> int:
     require_prefect_api()
     from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
 
-    dep = deploy_hospital(
+    dep, site = deploy_hospital(
         args.name,
         args.data,
         p.store.url,
@@ -308,13 +309,22 @@ def cmd_hospital_join(args: argparse.Namespace) -> int:
         cron=args.cron,
         interval=args.interval,
         key_file=args.key,
+        replace=args.replace,
     )
     pool = hospital_pool(args.name)
-    print(f"deployment hospital-finetune/{args.name} ({dep}) on pool '{pool}', data {Path(args.data).resolve()}")
+    print(f"deployment hospital-finetune/{args.name} ({dep}) on pool '{pool}': a trigger, with no parameters")
+    print(f"site file {site}: data {Path(args.data).resolve()} and every parameter, pinned on this machine")
     if args.no_worker:
-        print("start its worker with: " + " ".join(worker_command(pool)))
+        print(f"start its worker with: medvec hospital worker {args.name}   (or: {' '.join(worker_command(pool))})")
         return 0
     start_worker(pool)  # exec: this process becomes the worker
+
+
+def cmd_hospital_worker(args: argparse.Namespace) -> int:
+    require_prefect_api()
+    from flows.deployments import hospital_pool, start_worker
+
+    start_worker(hospital_pool(args.name))  # exec: this process becomes the worker
 
 
 def cmd_hospital_run(args: argparse.Namespace) -> int:
@@ -605,6 +615,11 @@ def _hospital_parser(sub) -> None:
     )
     j.add_argument("--no-worker", action="store_true", help="only print the worker command")
     j.add_argument(
+        "--replace",
+        action="store_true",
+        help="take over hospital-finetune/NAME although another machine created it (this machine is NAME)",
+    )
+    j.add_argument(
         "--key", default=None, help="this hospital's Ed25519 key (medvec hospital keygen): vectors are signed"
     )
     j.add_argument(
@@ -619,6 +634,9 @@ def _hospital_parser(sub) -> None:
     hc.add_argument("--data", required=True, help="the data to check: .npz, image folders or a CSV manifest")
     hc.add_argument("--json", action="store_true")
     hc.set_defaults(func=cmd_hospital_check)
+    hw = hosub.add_parser("worker", help="start the hospital's medvec worker in the foreground (after join)")
+    hw.add_argument("name")
+    hw.set_defaults(func=cmd_hospital_worker)
     r = hosub.add_parser("run", help="start the hospital's deployment now and wait for it")
     r.add_argument("name")
     r.add_argument("--timeout", type=float, default=None)

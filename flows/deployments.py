@@ -1,14 +1,16 @@
 """Work pools and deployments for the distributed path (all against ``PREFECT_API_URL``).
 
-* ``coordinator`` pool (process type): deployment ``merge-and-evaluate/coordinator``,
-  triggered by ``medvec.vector.landed``, reconciled on a schedule (hourly by
-  default), one run at a time (others queue).
-* ``hospital-<name>`` pool per hospital: deployment ``hospital-finetune/<name>``
-  whose parameters point at that hospital's own data folder; optional cron or
-  interval schedule for retraining.
+* ``coordinator`` pool: deployment ``merge-and-evaluate/coordinator``, triggered by
+  ``medvec.vector.landed``, reconciled on a schedule (hourly by default), one run at a
+  time (others queue).
+* ``hospital-<name>`` pool per hospital: deployment ``hospital-finetune/<name>``, with
+  an optional cron or interval schedule for retraining.
 
-Code is deployed from this project directory (``flow.from_source``), so a process
-worker started in a checkout with medvec installed runs it.
+Every pool is of type ``medvec`` and is served by a medvec worker (:mod:`flows.worker`).
+A deployment on the server is only a trigger: it holds no parameter, path, pull step or
+job variable.  What its runs do (the flow of this checkout and every parameter) is
+pinned in the site file that deploying writes on this machine (:mod:`flows.site`); the
+worker refuses runs of any other deployment, and of this one once it is changed.
 """
 
 from __future__ import annotations
@@ -25,44 +27,129 @@ from typing import Any, NoReturn
 from flows.events import VECTOR_LANDED
 from flows.hospital_finetune import HOSPITAL_FLOW
 from flows.merge_and_evaluate import MERGE_FLOW
+from flows.site import Site, site_file
 from medvec.errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COORDINATOR_POOL = "coordinator"
 COORDINATOR_DEPLOYMENT = "coordinator"
+HOSPITAL_ENTRYPOINT = "flows/hospital_finetune.py:hospital_finetune"
+MERGE_ENTRYPOINT = "flows/merge_and_evaluate.py:merge_and_evaluate"
 
 
 def hospital_pool(name: str) -> str:
     return f"hospital-{name}"
 
 
+class DeploymentTakenError(UserError, PermissionError):
+    """A deployment on the server that another machine created (this one's site file does not pin it)."""
+
+
 def ensure_pool(name: str) -> None:
-    """Create a process work pool (with the process worker's default job template) if missing."""
+    """Create work pool ``name`` of type ``medvec`` with the medvec worker's job template.
+
+    A pool of another type (a process pool from an earlier medvec) is deleted and created again.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.workers.process import ProcessWorker
+    from prefect.exceptions import ObjectNotFound
 
-    template = ProcessWorker.get_default_base_job_template()
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+    from flows.worker import WORKER_TYPE, MedvecWorker
+
+    template = MedvecWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            pool = None
+        if pool is not None and pool.type == WORKER_TYPE:
+            return
+        if pool is not None:
+            client.delete_work_pool(name)
+        client.create_work_pool(WorkPoolCreate(name=name, type=WORKER_TYPE, base_job_template=template))
 
 
-def _deploy(flow, entrypoint: str, name: str, pool: str, **kwargs):
-    remote = flow.from_source(source=str(PROJECT_DIR), entrypoint=entrypoint)
-    return remote.deploy(
-        name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True, **kwargs
+def _existing_id(flow_name: str, name: str) -> str | None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return str(client.read_deployment_by_name(f"{flow_name}/{name}").id)
+        except ObjectNotFound:
+            return None
+
+
+def _pinned_id(pool: str) -> str | None:
+    path = site_file(pool)
+    return Site.load(path).deployment_id if path.exists() else None
+
+
+def check_not_taken(flow_name: str, name: str, pool: str, replace: bool) -> None:
+    """Refuse to overwrite a deployment this machine did not create, unless ``replace``."""
+    existing = _existing_id(flow_name, name)
+    if existing is None or replace or existing == _pinned_id(pool):
+        return
+    raise DeploymentTakenError(
+        f"{flow_name}/{name} already exists on the Prefect server and this machine did not create it "
+        f"(no site file {site_file(pool)} pins it): if this machine is {name}, pass --replace"
     )
+
+
+def _apply(flow_name: str, name: str, pool: str, entrypoint: str, **fields: Any) -> str:
+    """Create or update deployment ``flow_name/name`` on ``pool`` as a bare trigger; returns its id."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(flow_name)
+        dep_id = client.create_deployment(
+            flow_id=flow_id,
+            name=name,
+            work_pool_name=pool,
+            entrypoint=entrypoint,
+            parameters={},
+            job_variables={},
+            pull_steps=[],
+            path=None,
+            enforce_parameter_schema=False,
+            **fields,
+        )
+    return str(dep_id)
+
+
+def _schedules(cron: str | None, interval: float | None) -> list:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+
+    if cron and interval:
+        raise ValueError("give --cron or --interval, not both")
+    if cron:
+        return [DeploymentScheduleCreate(schedule=CronSchedule(cron=cron), active=True)]
+    if interval:
+        return [DeploymentScheduleCreate(schedule=IntervalSchedule(interval=dt.timedelta(seconds=interval)))]
+    return []
+
+
+def _set_triggers(dep_id: str, triggers: list) -> None:
+    """Replace the automations that start deployment ``dep_id``."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.delete_resource_owned_automations(f"prefect.deployment.{dep_id}")
+        for trigger in triggers:
+            trigger.set_deployment_id(UUID(dep_id))
+            client.create_automation(trigger.as_automation())
 
 
 def deploy_coordinator(
     store_url: str, eval_data: str, params: dict, calibration_data: str | None = None, reconcile_seconds: float = 3600
-) -> str:
-    """Create the ``coordinator`` pool and deploy ``merge-and-evaluate`` with its trigger."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+) -> tuple[str, Path]:
+    """Create pool ``coordinator`` and deployment ``merge-and-evaluate/coordinator`` with its trigger; pin the
+    merge's parameters in this machine's site file. Returns the deployment id and the site file."""
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
     from prefect.events import DeploymentEventTrigger
-
-    from flows.merge_and_evaluate import merge_and_evaluate
 
     ensure_pool(COORDINATOR_POOL)
     trigger = DeploymentEventTrigger(
@@ -77,23 +164,29 @@ def deploy_coordinator(
             }
         },
     )
-    dep_id = _deploy(
-        merge_and_evaluate,
-        "flows/merge_and_evaluate.py:merge_and_evaluate",
+    interval = dt.timedelta(seconds=reconcile_seconds)
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    dep_id = _apply(
+        MERGE_FLOW,
         COORDINATOR_DEPLOYMENT,
         COORDINATOR_POOL,
-        parameters={
-            "store_url": store_url,
-            "eval_data": str(Path(eval_data).resolve()),
-            "params": params,
-            "calibration_data": calibration_data,
-        },
-        triggers=[trigger],
-        interval=dt.timedelta(seconds=reconcile_seconds),
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        MERGE_ENTRYPOINT,
+        schedules=[DeploymentScheduleCreate(schedule=IntervalSchedule(interval=interval), active=True)],
+        concurrency_limit=1,
+        concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         tags=["medvec", "coordinator"],
     )
-    return str(dep_id)
+    _set_triggers(dep_id, [trigger])
+    parameters = {
+        "store_url": store_url,
+        "eval_data": str(Path(eval_data).resolve()),
+        "params": params,
+        "calibration_data": calibration_data,
+    }
+    site = Site("coordinator", COORDINATOR_POOL, MERGE_FLOW, MERGE_ENTRYPOINT, dep_id, parameters, ("trigger",))
+    return dep_id, site.save(site_file(COORDINATOR_POOL))
 
 
 def deploy_hospital(
@@ -104,35 +197,32 @@ def deploy_hospital(
     cron: str | None = None,
     interval: float | None = None,
     key_file: str | None = None,
-) -> str:
-    """Create pool ``hospital-<name>`` and deployment ``hospital-finetune/<name>``."""
-    from flows.hospital_finetune import hospital_finetune
-
-    if cron and interval:
-        raise ValueError("give --cron or --interval, not both")
-    ensure_pool(hospital_pool(name))
-    kwargs: dict[str, Any] = {}
-    if cron:
-        kwargs["cron"] = cron
-    if interval:
-        kwargs["interval"] = dt.timedelta(seconds=interval)
-    dep_id = _deploy(
-        hospital_finetune,
-        "flows/hospital_finetune.py:hospital_finetune",
+    replace: bool = False,
+) -> tuple[str, Path]:
+    """Create pool ``hospital-<name>`` and deployment ``hospital-finetune/<name>``, and pin its parameters
+    in this machine's site file.  Returns the deployment id and the site file."""
+    pool = hospital_pool(name)
+    schedules = _schedules(cron, interval)
+    check_not_taken(HOSPITAL_FLOW, name, pool, replace)
+    ensure_pool(pool)
+    dep_id = _apply(
+        HOSPITAL_FLOW,
         name,
-        hospital_pool(name),
-        parameters={
-            "hospital": name,
-            "data_dir": str(Path(data_dir).resolve()),
-            "store_url": store_url,
-            "params": params,
-            "progress": False,
-            "key_file": str(Path(key_file).resolve()) if key_file else None,
-        },
+        pool,
+        HOSPITAL_ENTRYPOINT,
+        schedules=schedules,
         tags=["medvec", "hospital", f"hospital:{name}"],
-        **kwargs,
     )
-    return str(dep_id)
+    parameters = {
+        "hospital": name,
+        "data_dir": str(Path(data_dir).resolve()),
+        "store_url": store_url,
+        "params": params,
+        "progress": False,
+        "key_file": str(Path(key_file).resolve()) if key_file else None,
+    }
+    site = Site("hospital", pool, HOSPITAL_FLOW, HOSPITAL_ENTRYPOINT, dep_id, parameters)
+    return dep_id, site.save(site_file(pool))
 
 
 class DeploymentNotFoundError(UserError, LookupError):
@@ -179,18 +269,19 @@ def run_hospital(name: str, timeout: float | None = None):
 
 
 def worker_command(pool: str) -> list[str]:
-    """The command line of a process worker for ``pool``."""
-    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+    """The command line of the medvec worker for ``pool`` (its site file on this machine)."""
+    return [sys.executable, "-m", "flows.worker", str(site_file(pool))]
 
 
 def start_worker(pool: str) -> NoReturn:
-    """Become a process worker for ``pool`` (exec in place: signals to this PID reach the worker itself).
+    """Become the medvec worker for ``pool`` (exec in place: signals to this PID reach the worker itself).
 
     SIGINT gets its default action first: a shell starts background jobs (``nohup medvec … &``) with
-    SIGINT ignored, the ignore survives exec, and Prefect's worker stops its child worker with SIGINT,
-    so without this a SIGTERM would never stop a worker started that way.
+    SIGINT ignored, the ignore survives exec, and Prefect's worker stops on SIGINT, so without this a
+    SIGTERM would never stop a worker started that way.
     """
     cmd = worker_command(pool)
+    Site.load(Path(cmd[-1]))  # a missing site file: one line here, not a traceback from the worker
     sys.stdout.flush()
     sys.stderr.flush()
     os.chdir(PROJECT_DIR)

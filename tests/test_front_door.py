@@ -126,7 +126,8 @@ def read_deployment(env: dict, name: str) -> dict:
         "with get_client(sync_client=True) as c:\n"
         "    d = c.read_deployment_by_name(sys.argv[1])\n"
         "    auto = [a for a in c.read_automations() if any(getattr(x, 'deployment_id', None) == d.id for x in a.actions)]\n"
-        "    print(json.dumps({'pool': d.work_pool_name, 'pull_steps': d.pull_steps, 'triggers': len(auto)}))"
+        "    print(json.dumps({'id': str(d.id), 'pool': d.work_pool_name, 'pull_steps': d.pull_steps,\n"
+        "                      'parameters': d.parameters, 'path': d.path, 'triggers': len(auto)}))"
     )
     proc = subprocess.run([sys.executable, "-c", code, name], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -177,7 +178,12 @@ def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     hospital = read_deployment(env, "hospital-finetune/h1")
     assert coordinator["pool"] == "coordinator" and coordinator["triggers"] == 1
     assert hospital["pool"] == "hospital-h1"
-    assert str(clone) in json.dumps(coordinator["pull_steps"])  # code deployed from the clone, not from ROOT
+    # the server holds triggers only; what runs is pinned in the clone's own site files (.medvec/sites)
+    assert coordinator["pull_steps"] == hospital["pull_steps"] == [] and str(clone) not in json.dumps(hospital)
+    sites = {p.name: json.loads(p.read_text()) for p in (clone / ".medvec" / "sites").glob("*.json")}
+    assert sorted(sites) == ["coordinator.json", "hospital-h1.json", "hospital-h2.json"]
+    assert sites["hospital-h1.json"]["parameters"]["data_dir"] == str(tmp_path / "hospitals" / "h1")
+    assert sites["hospital-h2.json"]["deployment_id"] == read_deployment(env, "hospital-finetune/h2")["id"]
     for args in (["run", "h9"], ["schedule", "h9", "--interval", "60"]):
         cmd = [str(VENV / "bin" / "medvec"), "hospital", *args]
         proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=120)
@@ -195,7 +201,7 @@ def pool_workers(url: str, pool: str) -> list[str]:
 
 
 def worker_pids(session: int, pool: str) -> list[int]:
-    """Live processes in ``session`` whose command line is a ``prefect worker`` for ``pool``."""
+    """Live processes in ``session`` whose command line is a medvec worker (``flows.worker``) for ``pool``."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
@@ -203,7 +209,7 @@ def worker_pids(session: int, pool: str) -> list[int]:
             cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if int(stat.rsplit(")", 1)[1].split()[3]) == session and "prefect worker" in cmdline and pool in cmdline:
+        if int(stat.rsplit(")", 1)[1].split()[3]) == session and "flows.worker" in cmdline and pool in cmdline:
             pids.append(int(d.name))
     return pids
 
@@ -212,6 +218,8 @@ def test_sigterm_stops_a_worker_started_in_the_background_with_sigint_ignored(cl
     env = fresh_env(
         tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone), PREFECT_WORKER_QUERY_SECONDS="1"
     )
+    sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
+    medvec(clone, env, "coordinator", "up", *sets, "-S", "coordinator.eval_data=data/breastmnist.npz")
     with open(tmp_path / "worker.log", "w") as log:
         proc = subprocess.Popen(  # started as `nohup medvec coordinator worker &` would be: SIGINT ignored
             [str(VENV / "bin" / "medvec"), "coordinator", "worker"],
@@ -224,13 +232,13 @@ def test_sigterm_stops_a_worker_started_in_the_background_with_sigint_ignored(cl
         )
     try:
         wait_until(lambda: pool_workers(server.url, "coordinator"), 90, "worker polling", proc, tmp_path / "worker.log")
-        assert worker_pids(proc.pid, "coordinator"), "no prefect worker process for pool 'coordinator'"
+        assert worker_pids(proc.pid, "coordinator"), "no medvec worker process for pool 'coordinator'"
         os.kill(proc.pid, signal.SIGTERM)
         started = time.monotonic()
         proc.wait(timeout=20)
         assert time.monotonic() - started < 20
         time.sleep(1)
-        assert worker_pids(proc.pid, "coordinator") == [], "a prefect worker outlived SIGTERM to the medvec PID"
+        assert worker_pids(proc.pid, "coordinator") == [], "a medvec worker outlived SIGTERM to the medvec PID"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

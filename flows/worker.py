@@ -1,0 +1,215 @@
+"""The medvec worker: a Prefect worker (type ``medvec``) that runs only its own site's flow, as the site pinned it.
+
+``medvec hospital join`` and ``medvec coordinator worker`` start it; ``python -m flows.worker SITE_FILE``
+is the same thing.  It polls its pool like any Prefect worker, and for each run:
+
+1. reads what the server says of the run (deployment, flow, pull steps, job variables, parameters, the
+   pool's job template) and asks :func:`flows.site.refusal` whether to run it;
+2. a refused run is marked Failed (named ``Refused``) with the reason, which the worker also logs; nothing
+   of it runs: no pull step, no command, no code;
+3. otherwise it starts ``python -m flows.worker SITE_FILE --execute RUN_ID`` in this checkout, with this
+   worker's own environment.  That process imports the flow from this checkout and runs it under the
+   existing flow run with the site's pinned parameters (:func:`execute`); it never loads the deployment's
+   code, so Prefect's pull steps, the deployment's command and the pool's job template play no part.
+
+A process worker (``prefect worker start --type process``) would run whatever the server asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import anyio
+import anyio.abc
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.states import Failed
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+
+from flows.site import RunView, Site, refusal
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+WORKER_TYPE = "medvec"
+
+
+class MedvecJobConfiguration(BaseJobConfiguration):
+    """Prefect's job configuration, resolved as usual and then ignored: the site decides what runs."""
+
+
+class MedvecVariables(BaseVariables):
+    """The pool's variables; a run or deployment that sets any of them is refused."""
+
+
+class MedvecWorkerResult(BaseWorkerResult):
+    """The exit status of one run's process (0 for a refused run: its state is already final)."""
+
+
+def refused(site: Site, reason: str) -> State:
+    """The final state of a refused run: Failed, named ``Refused``, with the reason."""
+    return Failed(name="Refused", message=f"refused by {site.pool}'s medvec worker: {reason}")
+
+
+def execute_command(site_path: Path, flow_run_id: UUID) -> list[str]:
+    return [sys.executable, "-m", "flows.worker", str(site_path), "--execute", str(flow_run_id)]
+
+
+class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWorkerResult]):
+    """A worker for one site's pool that runs that site's flow and refuses every other run."""
+
+    type = WORKER_TYPE
+    job_configuration = MedvecJobConfiguration
+    job_configuration_variables = MedvecVariables
+    _description = "Runs only its site's own medvec flow, with the parameters pinned in its site file."
+    _display_name = "medvec"
+
+    def __init__(self, site_path: Path, **kwargs: Any):
+        self.site_path = Path(site_path).resolve()
+        self.site = Site.load(self.site_path)
+        super().__init__(work_pool_name=self.site.pool, create_pool_if_not_found=False, **kwargs)
+
+    async def _refuse(self, flow_run: FlowRun, reason: str) -> None:
+        state = refused(self.site, reason)
+        self._logger.warning("flow run %s (%s): %s", flow_run.name, flow_run.id, state.message)
+        self.get_flow_run_logger(flow_run).error(state.message)
+        await self.client.set_flow_run_state(flow_run.id, state, force=True)
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: MedvecJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> MedvecWorkerResult:
+        """Refuse the run, or run the site's flow for it in a child process of this checkout."""
+        status = task_status or anyio.TASK_STATUS_IGNORED
+        reason = refusal(self.site, await run_view(self.client, self.site, flow_run))
+        if reason is not None:
+            await self._refuse(flow_run, reason)
+            status.started(0)
+            return MedvecWorkerResult(identifier="refused", status_code=0)
+        proc = await anyio.open_process(
+            execute_command(self.site_path, flow_run.id),
+            cwd=PROJECT_DIR,
+            env=dict(os.environ),
+            stdout=None,
+            stderr=None,
+        )
+        status.started(proc.pid)
+        code = await proc.wait()
+        return MedvecWorkerResult(identifier=str(proc.pid), status_code=code)
+
+    async def kill_infrastructure(
+        self, infrastructure_pid: str, configuration: MedvecJobConfiguration, grace_seconds: int = 30
+    ) -> None:
+        """Stop a run's process (a cancelled run): SIGTERM, then SIGKILL after ``grace_seconds``."""
+        pid = int(infrastructure_pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(grace_seconds * 10):
+            await anyio.sleep(0.1)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        os.kill(pid, signal.SIGKILL)
+
+
+async def run_view(client: PrefectClient, site: Site, flow_run: FlowRun) -> RunView:
+    """What the server says of ``flow_run``, as :func:`flows.site.refusal` reads it."""
+    deployment = await client.read_deployment(flow_run.deployment_id) if flow_run.deployment_id else None
+    flow = await client.read_flow(flow_run.flow_id)
+    pool = await client.read_work_pool(site.pool)
+    job_variables = dict(deployment.job_variables or {}) if deployment else {}
+    return RunView(
+        deployment_id=str(deployment.id) if deployment else None,
+        flow=flow.name,
+        entrypoint=deployment.entrypoint if deployment else None,
+        pull_steps=list(deployment.pull_steps or []) if deployment else [],
+        job_variables={**job_variables, **(flow_run.job_variables or {})},
+        parameters=dict(flow_run.parameters or {}),
+        pool_template_changed=pool.base_job_template != MedvecWorker.get_default_base_job_template(),
+    )
+
+
+def _load_flow(site: Site):
+    """The site's flow, imported from this checkout (``path/to/module.py:function``)."""
+    path, _, name = site.entrypoint.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+def execute(site_path: Path, flow_run_id: UUID) -> None:
+    """Run the site's flow under the existing flow run ``flow_run_id``, with the site's parameters.
+
+    Re-checks the run first (the server may have changed it since the worker looked).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.engine import handle_engine_signals
+    from prefect.flow_engine import flow_run_logger, load_flow_run, run_flow
+
+    site = Site.load(site_path)
+    with handle_engine_signals(flow_run_id):
+        flow_run = load_flow_run(flow_run_id=flow_run_id)
+        view = asyncio.run(_view_now(site, flow_run))
+        reason = refusal(site, view)
+        if reason is not None:  # changed on the server since the worker looked
+            state = refused(site, reason)
+            flow_run_logger(flow_run=flow_run).error(state.message)
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run.id, state, force=True)
+            return
+        flow = _load_flow(site)
+        run_flow(
+            flow,
+            flow_run=flow_run,
+            parameters=site.run_arguments(flow_run.parameters or {}),
+            error_logger=flow_run_logger(flow_run=flow_run),  # type: ignore[arg-type]  # an adapter, as Prefect passes
+        )
+
+
+async def _view_now(site: Site, flow_run: FlowRun) -> RunView:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await run_view(client, site, flow_run)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(site_path: Path) -> None:
+    """Poll the site's pool until stopped: SIGINT or SIGTERM stop it cleanly (a run in progress goes on)."""
+    worker = MedvecWorker(site_path)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(worker.start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("site", type=Path, help="the site file that join wrote (.medvec/sites/<pool>.json)")
+    parser.add_argument("--execute", type=UUID, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.execute is not None:
+        execute(args.site, args.execute)
+    else:
+        serve(args.site)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["MedvecWorker", "execute", "main", "serve"]

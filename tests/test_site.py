@@ -1,0 +1,103 @@
+"""The worker's whole decision (``flows.site.refusal``) and the site file, without servers.
+
+``test_tenancy.py`` makes the same runs on a real Prefect server; here each rule is checked on its own, with the
+exact reason a hospital reads in its log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+
+import pytest
+
+from flows.site import RunView, Site, SiteError, refusal
+
+HOSPITAL = Site(
+    "hospital",
+    "hospital-b",
+    "hospital-finetune",
+    "flows/hospital_finetune.py:hospital_finetune",
+    "dep-b",
+    {"hospital": "b", "data_dir": "/data/b", "store_url": "s3://medvec/run"},
+)
+COORDINATOR = dataclasses.replace(
+    HOSPITAL,
+    role="coordinator",
+    pool="coordinator",
+    flow="merge-and-evaluate",
+    entrypoint="flows/merge_and_evaluate.py:merge_and_evaluate",
+    deployment_id="dep-c",
+    run_parameters=("trigger",),
+)
+
+
+def view(site: Site = HOSPITAL, **changes) -> RunView:
+    clean = RunView(site.deployment_id, site.flow, site.entrypoint, [], {}, {}, False)
+    return dataclasses.replace(clean, **changes)
+
+
+def test_the_site_s_own_untouched_run_is_run():
+    assert refusal(HOSPITAL, view()) is None
+    trigger = {"event_id": "e1", "vector": "medvec.vector.a", "occurred": "2026-12-05T00:00:00Z"}
+    assert refusal(COORDINATOR, view(COORDINATOR, parameters={"trigger": trigger})) is None
+    assert refusal(COORDINATOR, view(COORDINATOR)) is None  # the reconciling schedule's run carries none
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"deployment_id": None}, "not started from a deployment"),
+        ({"deployment_id": "dep-x"}, "deployment dep-x is not the one this site created (dep-b)"),
+        ({"flow": "evil"}, "flow 'evil' is not 'hospital-finetune'"),
+        (
+            {"entrypoint": "evil.py:evil"},
+            "entrypoint 'evil.py:evil' was changed on the server (this site runs "
+            "'flows/hospital_finetune.py:hospital_finetune')",
+        ),
+        (
+            {"pull_steps": [{"prefect.deployments.steps.run_shell_script": {"script": "id"}}]},
+            "the deployment has pull steps on the server (run_shell_script); this worker runs none",
+        ),
+        ({"job_variables": {"command": "sh -c id", "env": {}}}, "job variables were set on the server (command, env)"),
+        ({"pool_template_changed": True}, "pool hospital-b's base job template was changed on the server"),
+        (
+            {"parameters": {"store_url": "s3://evil", "data_dir": "/tmp/x"}},
+            "parameters set on the server (data_dir, store_url); this site pins its own",
+        ),
+        ({"parameters": {"trigger": {"event_id": "e"}}}, "parameters set on the server (trigger)"),
+    ],
+)
+def test_a_hospital_worker_refuses_anything_the_server_changed(changes, reason):
+    assert refusal(HOSPITAL, view(**changes)).startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "reason"),
+    [
+        ("medvec.vector.a", "parameter trigger is not a mapping of strings"),
+        ({"vector": 3}, "parameter trigger is not a mapping of strings"),
+        ({"vector": "v", "store_url": "s3://evil"}, "parameter trigger has unexpected keys: store_url"),
+    ],
+)
+def test_the_coordinator_takes_only_a_well_formed_trigger(trigger, reason):
+    assert refusal(COORDINATOR, view(COORDINATOR, parameters={"trigger": trigger})) == reason
+    extra = view(COORDINATOR, parameters={"force": True})
+    assert refusal(COORDINATOR, extra) == "parameters set on the server (force); this site pins its own"
+
+
+def test_a_run_gets_the_pinned_parameters_and_only_the_allowed_ones_from_the_server():
+    server = {"trigger": {"vector": "v"}, "store_url": "s3://evil"}
+    assert HOSPITAL.run_arguments(server) == HOSPITAL.parameters
+    assert COORDINATOR.run_arguments(server) == {**COORDINATOR.parameters, "trigger": {"vector": "v"}}
+
+
+def test_the_site_file_round_trips_is_private_and_a_bad_one_is_one_line(tmp_path):
+    path = COORDINATOR.save(tmp_path / "sites" / "coordinator.json")
+    assert Site.load(path) == COORDINATOR
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(SiteError, match="no site file here: join first"):
+        Site.load(tmp_path / "sites" / "hospital-x.json")
+    (tmp_path / "bad.json").write_text('{"role": "hospital"}')
+    with pytest.raises(SiteError, match="not a medvec site file"):
+        Site.load(tmp_path / "bad.json")
