@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from medvec.config import Params, load_params
 from medvec.errors import ServerUnreachableError, UserError
 from medvec.keys import coordinator_keys, pinned_key
+from medvec.names import hospital_name
 
 DEMO_PREFECT_HOME = ".medvec/prefect"  # the Makefile's PREFECT_HOME, relative to the working directory
 PREFECT_HINT = "start a server (`prefect server start`) or set PREFECT_API_URL to a running one"
@@ -243,12 +245,13 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
         num_classes = len(classes)
     base = base_from_config(p.model, num_classes, classes)
     store.put_base(base)
+    pinned = p.with_absolute_paths()  # the worker runs in the checkout, not here
     dep, site = deploy_coordinator(
-        p.store.url,
-        p.coordinator.eval_data,
-        p.model_dump(mode="json"),
-        p.coordinator.calibration_data,
-        p.coordinator.reconcile_seconds,
+        pinned.store.url,
+        pinned.coordinator.eval_data,
+        pinned.model_dump(mode="json"),
+        pinned.coordinator.calibration_data,
+        pinned.coordinator.reconcile_seconds,
     )
     print(f"base {base.sha256} ({base.spec.name}, {base.spec.image_size}px) is current in {store.url}")
     if verifier is not None:
@@ -258,6 +261,61 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
     print(f"deployment merge-and-evaluate/coordinator ({dep}) on pool 'coordinator', triggered by medvec.vector.landed")
     print(f"site file {site}: the merge's parameters, pinned on this machine")
     print("start its worker with: medvec coordinator worker   (or: " + " ".join(worker_command("coordinator")) + ")")
+    return 0
+
+
+def _kit_store(kit, p, name: str, master: str | None) -> None:
+    """The hospital's store identity: scoped S3 keys applied on SeaweedFS (``--seaweedfs-master``), and the
+    scope as an AWS IAM policy either way."""
+    from medvec.coordinator.access import StoreScope, apply_seaweedfs, aws_policy, hospital_grants, seaweedfs_actions
+
+    if not p.store.url.startswith("s3://"):
+        kit.notes.append(f"- the store is a folder ({p.store.url}): it has no identities; share it read-only")
+        return
+    scope, grants = StoreScope.of(p.store.url), hospital_grants(name)
+    policy = json.dumps(aws_policy(scope, grants), indent=2) + "\n"
+    kit.add_file("store-policy.json", policy, "what your store identity may read, list and write (AWS IAM form)")
+    if master is None:
+        kit.notes.append("- store keys: the operator creates an IAM identity with store-policy.json and sends its keys")
+        return
+    access_key, secret = f"medvec-{name}-{secrets.token_hex(4)}", secrets.token_urlsafe(30)
+    apply_seaweedfs(master, f"medvec-{name}", access_key, secret, seaweedfs_actions(scope, grants))
+    env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret}
+    env["AWS_DEFAULT_REGION"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    kit.add_env("store.env", env, "your own store identity (S3 keys), scoped to store-policy.json")
+
+
+def cmd_coordinator_add_hospital(args: argparse.Namespace) -> int:
+    from medvec.coordinator.onboard import Kit, hospital_params, public_key_file, readme
+
+    p = _params(args)
+    name = hospital_name(args.name)
+    kit = Kit(name)
+    kit.add_file("params.yaml", hospital_params(p), "the coordinator's settings: join with --params params.yaml")
+    _, verifier = coordinator_keys(p.coordinator.key)
+    if verifier is not None:
+        kit.add_file(
+            "coordinator.pub", public_key_file(verifier), "the coordinator's key: pin it with --coordinator-key"
+        )
+    _kit_store(kit, p, name, args.seaweedfs_master)
+    prefect = {k: os.environ[k] for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING") if os.environ.get(k)}
+    if prefect:
+        kit.add_env("prefect.env", prefect, "the shared Prefect server and its auth string")
+    if args.mlflow:
+        from medvec.tracking.access import add_hospital_user
+
+        password = secrets.token_urlsafe(24)
+        experiment = add_hospital_user(name, password, p.registry.model_name)
+        env = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_USERNAME": name}
+        kit.add_env("mlflow.env", {**env, "MLFLOW_TRACKING_PASSWORD": password}, "your own MLflow user")
+        print(
+            f"MLflow user {name}: EDIT on experiment {experiment} (its fine-tune runs), READ on {p.registry.model_name}"
+        )
+    fingerprint = verifier.fingerprint if verifier is not None else None
+    folder = kit.write(Path(args.kit), readme(kit, fingerprint, p.store.url))
+    print(f"kit for {name}: {folder} ({', '.join(sorted(kit.files))}, README.md); hand it over privately")
+    if fingerprint:
+        print(f"tell {name} the coordinator's fingerprint by another channel: {fingerprint}")
     return 0
 
 
@@ -286,6 +344,7 @@ def cmd_hospital_join(args: argparse.Namespace) -> int:
     from medvec.hospital.datacheck import against_base
     from medvec.store import current_labels
 
+    hospital_name(args.name)
     if args.coordinator_key:  # pinned: the deployment trains only from what this key signed
         args.overrides = [*args.overrides, f"hospital.coordinator_key={Path(args.coordinator_key).resolve()}"]
     p = _params(args)
@@ -301,11 +360,12 @@ def cmd_hospital_join(args: argparse.Namespace) -> int:
     require_prefect_api()
     from flows.deployments import deploy_hospital, hospital_pool, start_worker, worker_command
 
+    local = p.with_absolute_paths()  # the worker runs in the checkout, not here
     dep, site = deploy_hospital(
         args.name,
         args.data,
-        p.store.url,
-        p.model_dump(mode="json"),
+        local.store.url,
+        local.model_dump(mode="json"),
         cron=args.cron,
         interval=args.interval,
         key_file=args.key,
@@ -433,6 +493,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from medvec.keys import PASSPHRASE_ENV, fingerprint, keygen
 
     coordinator = args.command == "coordinator"
+    if not coordinator:
+        hospital_name(args.name)
     passphrase = _new_passphrase() if args.passphrase else None
     key, pub = keygen(args.name, args.out, passphrase)
     where = "at the coordinator: -S coordinator.key=" + str(key) if coordinator else "inside the hospital"
@@ -598,6 +660,24 @@ def _coordinator_parser(sub) -> None:
     up.set_defaults(func=cmd_coordinator_up)
     cw = cosub.add_parser("worker", help="start the coordinator's worker in the foreground")
     cw.set_defaults(func=cmd_coordinator_worker)
+    ah = _shared(
+        cosub.add_parser(
+            "add-hospital",
+            help="a hospital's store identity, MLflow user and hand-out kit (credentials it alone holds)",
+        )
+    )
+    ah.add_argument("name")
+    ah.add_argument("--kit", required=True, metavar="DIR", help="write the kit to DIR/NAME/ (never overwritten)")
+    ah.add_argument(
+        "--seaweedfs-master",
+        default=None,
+        metavar="HOST:PORT",
+        help="create the store identity on SeaweedFS (weed shell s3.configure); else only its AWS IAM policy",
+    )
+    ah.add_argument(
+        "--mlflow", action="store_true", help="create its MLflow user (a basic-auth server; run as its admin)"
+    )
+    ah.set_defaults(func=cmd_coordinator_add_hospital)
     ck = cosub.add_parser("keygen", help="write coordinator.key (mode 600) and coordinator.pub; never overwrites")
     ck.add_argument("--out", required=True)
     ck.add_argument("--passphrase", action="store_true", help="encrypt the private key (as hospital keygen does)")

@@ -76,6 +76,13 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
         self.site = Site.load(self.site_path)
         super().__init__(work_pool_name=self.site.pool, create_pool_if_not_found=False, **kwargs)
 
+    def _reload(self) -> Site:
+        """The site file as it is now (``join --replace`` rewrites it while the worker runs); the pool stays."""
+        site = Site.load(self.site_path)
+        if site.pool != self.site.pool:
+            raise ValueError(f"{self.site_path} now names pool {site.pool}, not {self.site.pool}: restart the worker")
+        return site
+
     async def _refuse(self, flow_run: FlowRun, reason: str) -> None:
         state = refused(self.site, reason)
         self._logger.warning("flow run %s (%s): %s", flow_run.name, flow_run.id, state.message)
@@ -90,6 +97,7 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
     ) -> MedvecWorkerResult:
         """Refuse the run, or run the site's flow for it in a child process of this checkout."""
         status = task_status or anyio.TASK_STATUS_IGNORED
+        self.site = self._reload()
         reason = refusal(self.site, await run_view(self.client, self.site, flow_run))
         if reason is not None:
             await self._refuse(flow_run, reason)

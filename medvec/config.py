@@ -328,6 +328,33 @@ class Params(_Frozen):
     refine: RefineConfig = RefineConfig()
     demo: DemoConfig = DemoConfig()
 
+    def with_absolute_paths(self, base: Path | None = None) -> Params:
+        """These params with every local file or folder they name made absolute against ``base`` (the working
+        directory): what a worker that runs elsewhere (in the checkout) must be handed.  URLs stay as they are."""
+        here = Path(base or Path.cwd())
+
+        def absolute(value: str | None) -> str | None:
+            return value if value is None or "://" in value else str((here / value).resolve())
+
+        changes = {
+            "store": {"url": absolute(self.store.url)},
+            "coordinator": {
+                "eval_data": absolute(self.coordinator.eval_data),
+                "calibration_data": absolute(self.coordinator.calibration_data),
+                "key": absolute(self.coordinator.key),
+            },
+            "intake": {"keyring": absolute(self.intake.keyring)},
+            "privacy": {"ledger": absolute(self.privacy.ledger)},
+            "registry": {
+                "dvc_repo": absolute(self.registry.dvc_repo),
+                "dvc_remote": absolute(self.registry.dvc_remote),
+            },
+            "hospital": {"coordinator_key": absolute(self.hospital.coordinator_key)},
+        }
+        return self.model_copy(
+            update={name: getattr(self, name).model_copy(update=fields) for name, fields in changes.items()}
+        )
+
 
 class ConfigError(UserError, ValueError):
     """A params file or an override that does not fit the schema."""

@@ -78,6 +78,29 @@ class StartPoint(_Record):
     val: dict[str, float] = Field(default_factory=dict)
 
 
+class ModelPointer(_Record):
+    """The newest merged model of a base as hospitals see it: which merge, its weights and their sha256
+    (``models/<base>/latest.json``), so that a hospital computes its BN moment sums under it without
+    reading ``merges/``."""
+
+    merge_id: str
+    merged_sha256: str
+    weights_key: str
+    finished_at: str
+
+    @classmethod
+    def of(cls, record: MergeRecord) -> ModelPointer:
+        """The pointer to ``record``'s stored weights."""
+        if record.weights_key is None:
+            raise ValueError(f"merge {record.merge_id} has no stored weights to point at")
+        return cls(
+            merge_id=record.merge_id,
+            merged_sha256=record.merged_sha256,
+            weights_key=record.weights_key,
+            finished_at=record.finished_at,
+        )
+
+
 class EvalSetRef(_Record):
     """The identity of an evaluation set: where it came from, its size and a hash of its pixels and labels."""
 

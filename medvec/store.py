@@ -9,10 +9,21 @@ or an ``s3://bucket/prefix``::
     bases/current.json                                    which base hospitals should fine-tune
     vectors/<base-sha>/<hospital>/<vector-id>.safetensors  a data vector
     vectors/<base-sha>/<hospital>/<vector-id>.json         its sidecar (metadata, content sha256, size)
-    merges/<base-sha>/<merge-id>.safetensors              a merged model (θ with restored BN)
-    merges/<base-sha>/<merge-id>.json                     its record (inputs, method, λ, metrics)
+    models/<base-sha>/<merge-id>.safetensors              a merged model (θ with restored BN)
+    models/<base-sha>/latest.json                         the newest merged model (for hospitals' moment sums)
+    merges/<base-sha>/<merge-id>.json                     its record (inputs, method, λ, every input's scores)
+    merges/<base-sha>/<merge-id>.moments.safetensors      the BN moment sums it used
     merges/<base-sha>/latest.json                         the newest merge record
+    starts/<base-sha>/index.json, v<n>.safetensors        the champion start points (asynchronous refinement)
+    reports/<hospital>/<base-sha>/<merge-id>.json         what one hospital may see of a merge with its vectors
     quarantine/<hospital>/<name>                          a rejected file and <stem>.reason.json
+
+Who may read and write what (``medvec coordinator add-hospital`` scopes a hospital's store identity to it):
+a hospital reads ``bases/``, ``starts/``, ``models/`` and its own ``vectors/*/<hospital>/``,
+``reports/<hospital>/`` and ``quarantine/<hospital>/``, and writes only its own ``vectors/*/<hospital>/``
+(and, on S3, the temporary keys ``tmp/vectors/*/<hospital>/``); ``merges/`` (every input's scores and
+the moment sums) is the coordinator's alone.  Merged weights written before ``models/`` existed stay
+where their record's ``weights_key`` says.
 
 Publishing is atomic: a vector is written under a temporary name (a temporary
 key on S3) and committed by rename (copy), and its sidecar — which makes it
@@ -35,7 +46,7 @@ from medvec.errors import UserError
 from medvec.faults import failpoint
 from medvec.keys import DocumentSigner, DocumentVerifier, unwrap
 from medvec.models import Base, load_base, save_base
-from medvec.record import MergeRecord, Rejection, StartPoint
+from medvec.record import MergeRecord, ModelPointer, Rejection, StartPoint
 from medvec.timing import utcnow
 from medvec.vectors.checks import load_vector
 from medvec.vectors.file import VectorFile
@@ -48,7 +59,8 @@ class StoreError(UserError, RuntimeError):
     """A store that cannot be reached, read or written; the message says which and why."""
 
 
-COORDINATOR_DOCUMENTS = ("bases/", "starts/", "merges/")  # the JSON the coordinator publishes (signed with a key)
+# the JSON the coordinator publishes (signed with a key)
+COORDINATOR_DOCUMENTS = ("bases/", "starts/", "merges/", "models/", "reports/")
 
 
 class VectorStore:
@@ -149,6 +161,11 @@ class VectorStore:
             raise StoreError(f"{self.url}: no current base model (run `medvec coordinator up` first)")
         return doc["sha256"]
 
+    def bases(self) -> list[str]:
+        """The sha256 of every base published to this store."""
+        names = (k.rsplit("/", 1)[-1] for k in self._list("bases/"))
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json") and n != "current.json")
+
     def get_base(self, sha256: str) -> Base:
         """θ_pre ``sha256``, hash-checked, with the task and class list of its ``bases/<sha>.json``; StoreError when the
         store does not hold it."""
@@ -205,11 +222,22 @@ class VectorStore:
         for intake to quarantine.
         """
         prefix = f"vectors/{base_sha}/" if base_sha else "vectors/"
+        return self._scan(self._list(prefix))
+
+    def own_sidecars(self, hospital: str) -> list[dict]:
+        """One hospital's readable sidecars under every base, listing only its own folders (all that a
+        hospital's store identity may list)."""
+        return self._scan([k for b in self.bases() for k in self._list(f"vectors/{b}/{hospital}/")])[0]
+
+    def _scan(self, keys: list[str]) -> tuple[list[dict], list[tuple[str, str, str]]]:
         out, unreadable = [], []
-        for key in self._list(prefix):
+        for key in keys:
             if not key.endswith(".json"):
                 continue
             target = key[: -len(".json")] + ".safetensors"
+            if key.count("/") != 3:  # vectors/<base>/<hospital>/<file>: nothing deeper is a hospital's vector
+                unreadable.append((target, key.split("/")[2], f"not a vector key: {key}"))
+                continue
             try:
                 doc = json.loads(self._read_bytes(key))
                 doc["meta"]["created_at"], doc["meta"]["vector_id"], doc["meta"]["hospital"]
@@ -256,9 +284,13 @@ class VectorStore:
         self.write_json(f"quarantine/{hospital}/{stem}.reason.json", reason.to_json())
         return reason
 
-    def quarantined(self) -> list[Rejection]:
-        """Every rejection recorded under ``quarantine/``."""
-        keys = [k for k in self._list("quarantine/") if k.endswith(".reason.json")]
+    def quarantined(self, hospital: str | None = None) -> list[Rejection]:
+        """Every rejection recorded under ``quarantine/`` (or only in ``hospital``'s folder)."""
+        keys = [
+            k
+            for k in self._list(f"quarantine/{hospital}/" if hospital else "quarantine/")
+            if k.endswith(".reason.json")
+        ]
         return [Rejection.model_validate(json.loads(self._read_bytes(k))) for k in keys]
 
     # ------------------------------------------------------------ start points
@@ -308,8 +340,13 @@ class VectorStore:
     # ------------------------------------------------------------ merges
     @staticmethod
     def merge_key(base_sha256: str, merge_id: str, suffix: str = ".json") -> str:
-        """``merges/<base>/<merge-id><suffix>``: the record, ``.safetensors`` weights, ``.moments.safetensors``."""
+        """``merges/<base>/<merge-id><suffix>``: the record, or ``.moments.safetensors``."""
         return f"merges/{base_sha256}/{merge_id}{suffix}"
+
+    @staticmethod
+    def model_key(base_sha256: str, merge_id: str) -> str:
+        """``models/<base>/<merge-id>.safetensors``: a merge's weights, readable by hospitals."""
+        return f"models/{base_sha256}/{merge_id}.safetensors"
 
     def put_merge(
         self,
@@ -325,7 +362,7 @@ class VectorStore:
         base, merge_id = record.base_sha256, record.merge_id
         update: dict = {}
         if weights is not None:
-            update["weights_key"] = self.merge_key(base, merge_id, ".safetensors")
+            update["weights_key"] = self.model_key(base, merge_id)
             self._write_file(update["weights_key"], weights)
         if moments is not None:
             update["moments_key"] = self.merge_key(base, merge_id, ".moments.safetensors")
@@ -334,6 +371,8 @@ class VectorStore:
         record = record.model_copy(update=update)
         self.write_json(self.merge_key(base, merge_id), record.to_json())
         if latest:
+            if record.weights_key is not None:  # the hospitals' pointer first: merges/ is not theirs to read
+                self.write_json(f"models/{base}/latest.json", ModelPointer.of(record).to_json())
             self.write_json(self.merge_key(base, "latest"), record.to_json())
         return record
 
@@ -349,6 +388,15 @@ class VectorStore:
         doc = self.read_json(self.merge_key(base_sha256, "latest"))
         return MergeRecord.model_validate(doc) if doc else None
 
+    def latest_model(self, base_sha256: str) -> ModelPointer | None:
+        """The newest merged model for ``base_sha256`` as hospitals see it (``models/<base>/latest.json``)."""
+        doc = self.read_json(f"models/{base_sha256}/latest.json")
+        return ModelPointer.model_validate(doc) if doc else None
+
+    def pointed_model(self, pointer: ModelPointer) -> Base:
+        """The merged model a pointer names, its sha256 checked."""
+        return load_base(self.local_file(pointer.weights_key), expected_sha256=pointer.merged_sha256)
+
     def merges(self, base_sha256: str) -> list[MergeRecord]:
         """Every merge record for ``base_sha256``, oldest first (by ``finished_at``)."""
         keys = [
@@ -356,6 +404,20 @@ class VectorStore:
         ]
         records = (MergeRecord.model_validate(self.read_json(k)) for k in keys)
         return sorted(records, key=lambda r: r.finished_at)
+
+    # ------------------------------------------------------------ per-hospital reports
+    @staticmethod
+    def report_key(hospital: str, base_sha256: str, merge_id: str) -> str:
+        """``reports/<hospital>/<base>/<merge-id>.json``: what ``hospital`` may see of one merge."""
+        return f"reports/{hospital}/{base_sha256}/{merge_id}.json"
+
+    def put_report(self, hospital: str, base_sha256: str, merge_id: str, entry: dict) -> None:
+        """Publish one hospital's view of one merge (signed, as the coordinator's documents are)."""
+        self.write_json(self.report_key(hospital, base_sha256, merge_id), entry)
+
+    def reports(self, hospital: str) -> list[dict]:
+        """Every merge view published for ``hospital``."""
+        return [self.read_json(k) for k in self._list(f"reports/{hospital}/") if k.endswith(".json")]
 
     def merge_weights(self, record: MergeRecord) -> Path:
         """A local file holding a merge's stored weights (θ with restored BN)."""
@@ -494,8 +556,9 @@ class S3Store(VectorStore):
         """Check the endpoint, the credentials and the bucket (created when missing)."""
         from botocore.exceptions import ClientError
 
-        try:  # an authenticated read: some servers answer HEAD bucket anonymously
-            self._call("list the bucket", self.client.list_objects_v2, Bucket=self.bucket, MaxKeys=1)
+        try:  # an authenticated read (some servers answer HEAD bucket anonymously) that a hospital may make
+            listing = {"Bucket": self.bucket, "Prefix": self._key("bases/"), "MaxKeys": 1}
+            self._call("list the bucket", self.client.list_objects_v2, **listing)
         except StoreError as exc:
             cause = exc.__cause__
             if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
@@ -509,7 +572,8 @@ class S3Store(VectorStore):
 
     def _write_file(self, key: str, src: Path) -> None:
         # temporary key, then commit by server-side copy: a reader never sees a partial object
-        tmp = self._key(f"tmp/{uuid.uuid4().hex}")
+        # under the destination's own folder, so an identity scoped to its folder may write it
+        tmp = self._key(f"tmp/{key.rsplit('/', 1)[0]}/{uuid.uuid4().hex}")
         self._call(f"upload {key}", self.client.upload_file, str(src), self.bucket, tmp)
         failpoint("store-before-commit")
         self._call(

@@ -173,8 +173,8 @@ def mlflow_pages(ui: str, name: str, champion, merge) -> dict[str, Page]:
 
     from medvec.tracking import runs, server
 
-    vector = merge_inputs(merge)[1][0]
-    hospital = runs.find_hospital_run(vector)
+    vector, owner = json.loads(merge.data.tags["medvec.inputs"])[0][:2]
+    hospital = runs.find_hospital_run(vector, owner)
     if hospital is None:
         raise SystemExit(f"no hospital run found for vector {vector}")
     merge_url = server.run_link(merge.info.experiment_id, merge.info.run_id)

@@ -51,11 +51,12 @@ def finetune_hospital(
 def attach_moments(
     store: VectorStore, base: Base, vector: DataVector, data: LocalData, cfg: BatchNormConfig
 ) -> DataVector:
-    """Add moment sums of the local data under the current merged model, when one exists."""
-    last = store.latest_merge(base.sha256)
-    if last is None or last.weights_key is None:
+    """Add moment sums of the local data under the current merged model, when one exists (read from
+    ``models/``, what the coordinator publishes for hospitals: ``merges/`` is not theirs to read)."""
+    last = store.latest_model(base.sha256)
+    if last is None:
         return vector
-    return with_moments(vector, store.merged_model(last), base, data, cfg)
+    return with_moments(vector, store.pointed_model(last), base, data, cfg)
 
 
 @task(cache_policy=NO_CACHE)

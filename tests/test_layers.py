@@ -25,7 +25,7 @@ PACKAGES = ("medvec", "flows", "tasks", "pipelines")
 FRAMEWORKS = ("prefect", "mlflow", "dvc")
 # lowest first; a module may import its own layer or a lower one (a name ending in "." is a package prefix)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("medvec", "medvec.errors", "medvec.faults", "medvec.timing", "medvec.retry"),
+    ("medvec", "medvec.errors", "medvec.faults", "medvec.timing", "medvec.retry", "medvec.names"),
     ("medvec.config",),
     ("medvec.data.",),
     ("medvec.models", "medvec.batchnorm", "medvec.runtime", "medvec.keys"),

@@ -1,40 +1,81 @@
-"""Attack 1 of issue 24 on real servers: a member of the network tries to run its code on hospital b's worker.
+"""Issue 24 on real servers: every attack a member could make on another, on a network set up the way
+``docs/operators.md``'s checklist sets it up, from a fresh clone with empty HOMEs.
 
-Started here: a real ``prefect server start`` (``servers.PrefectServer``), hospital b joined with ``medvec hospital
-join b`` and its medvec worker (``python -m flows.worker``), the coordinator's worker, and, as the control, a plain
-``prefect worker start --type process`` worker (what medvec started before) on a pool of its own.  The store is a
-local folder.  No mocks.
+Started here, all on 127.0.0.1: ``prefect server start`` with an auth string (``servers.PrefectServer``),
+SeaweedFS ``weed mini`` with only the coordinator's admin identity in its ``-s3.config`` (hospitals' identities
+are added by ``medvec coordinator add-hospital`` through ``weed shell``), ``mlflow server --app-name
+basic-auth`` with ``default_permission = NO_PERMISSIONS``, the coordinator's medvec worker, hospitals ``a`` and
+``b``, each joined from its own folder with its own kit and its own medvec worker, and, as the control of the
+worker attacks, Prefect's own process worker (what medvec started before) on a pool of its own.  No mocks.
 
-The server requires Prefect's shared auth string (``PREFECT_SERVER_API_AUTH_STRING``), as ``docs/operators.md``
-starts it; an outsider without it gets 401.  The attacker holds exactly what every member holds: the API URL and
-that string.  It speaks to the API over HTTP, as ``curl`` would.  Each attack is first shown to work against the process worker (the marker file appears), then
-made against b's medvec worker, where the run is refused with its reason in b's log and the marker never appears.
+The attacker is hospital ``a``: it holds exactly its kit (the Prefect URL and auth string, its own store keys,
+its own MLflow user) and speaks HTTP to the Prefect API as ``curl`` would.  Each worker attack is first shown
+to run on the process worker (the marker file appears), then refused by b's medvec worker with its reason in
+b's log.  Each store and MLflow attack is AccessDenied; a's own reads and writes, made alongside, succeed.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import secrets
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
+import boto3
 import httpx
 import pytest
+from botocore.exceptions import ClientError
+from test_docs import medvec_commands
 
 from conftest import BREAST, TINY_FLOW
-from servers import ROOT, PrefectServer, ProcessWorker, Worker, medvec, wait_until
+from servers import (
+    MlflowServer,
+    PrefectServer,
+    ProcessWorker,
+    SeaweedS3,
+    Worker,
+    fresh_clone,
+    fresh_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-OVERRIDES = [*TINY_FLOW, "batchnorm.strategy=average", f"coordinator.eval_data={BREAST}"]
+VENV = Path(sys.prefix)
 
 
-def sets(store_url: str) -> list[str]:
-    return [arg for o in [*OVERRIDES, f"store.url={store_url}"] for arg in ("-S", o)]
+class Party:
+    """One machine of the network: its own working folder and environment, running the installed ``medvec``."""
+
+    calls: ClassVar[list[list[str]]] = []  # every medvec command any party ran, for the checklist test
+
+    def __init__(self, name: str, cwd: Path, env: dict):
+        self.name, self.cwd, self.env = name, cwd, env
+        cwd.mkdir(parents=True, exist_ok=True)
+
+    def medvec(self, *args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        cmd = [str(VENV / "bin" / "medvec"), *args]
+        Party.calls.append(list(args))
+        proc = subprocess.run(cmd, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if ok:
+            assert proc.returncode == 0, (
+                f"{self.name}: medvec {' '.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def with_kit(self, kit: Path) -> None:
+        """Add the ``*.env`` files of a hand-out kit to this party's environment (as ``set -a; . x.env``)."""
+        for env_file in sorted(kit.glob("*.env")):
+            for line in env_file.read_text().splitlines():
+                key, _, value = line.partition("=")
+                self.env[key] = shlex.split(value)[0] if value else ""
 
 
 class Attacker:
@@ -79,38 +120,94 @@ def shell_step(marker: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tenancy")
-    server = PrefectServer(tmp / "prefect", auth=f"medvec:{secrets.token_urlsafe(16)}")  # as operators.md starts it
-    env = server.client_env()
-    store_url = str(tmp / "store")
+    clone = fresh_clone(tmp / "medvec")
+    prefect = PrefectServer(tmp / "prefect", auth=f"medvec:{secrets.token_urlsafe(16)}")
+    s3 = SeaweedS3(tmp / "s3", identities=True)
+    mlflow = MlflowServer(tmp / "mlflow", admin_password=secrets.token_urlsafe(16))
     workers: list[Worker] = []
     try:
-        medvec(env, "coordinator", "up", *sets(store_url))
-        workers.append(Worker("coordinator", env, tmp))
+        store = f"s3://medvec/net?endpoint_url={s3.endpoint}"
+        coordinator = Party(
+            "coordinator",
+            tmp / "coordinator",
+            fresh_env(
+                tmp / "home-coordinator",
+                PYTHONPATH=str(clone),
+                MEDVEC_THREADS="1",
+                PREFECT_API_URL=prefect.url,
+                PREFECT_API_AUTH_STRING=prefect.auth,
+                MLFLOW_TRACKING_URI=mlflow.url,
+                MLFLOW_TRACKING_USERNAME=MlflowServer.ADMIN,
+                MLFLOW_TRACKING_PASSWORD=mlflow.admin_password,
+                **s3.env(),
+            ),
+        )
+        sets = [*(a for o in TINY_FLOW for a in ("-S", o)), "-S", "batchnorm.strategy=average"]
+        sets += ["-S", f"store.url={store}", "-S", f"coordinator.eval_data={BREAST}"]
+        sets += ["-S", "coordinator.key=keys/coordinator.key", "-S", "intake.keyring=keys/keyring.json"]
+        coordinator.medvec("coordinator", "keygen", "--out", "keys")
+        coordinator.medvec("coordinator", "up", *sets)
+        workers.append(
+            Worker("coordinator", coordinator.env, tmp, coordinator.cwd / ".medvec/sites/coordinator.json", clone)
+        )
         from medvec.data.split import write_hospital_shards
 
-        write_hospital_shards(BREAST, tmp / "hospitals", hospitals=2, alpha=1.0, seed=0)
-        medvec(env, "hospital", "join", "b", "--data", str(tmp / "hospitals" / "h2"), "--no-worker", *sets(store_url))
-        workers.append(Worker("hospital-b", env, tmp))
-        attacker = Attacker(server.url, server.auth)
+        write_hospital_shards(BREAST, tmp / "data", hospitals=2, alpha=1.0, seed=0)
+        hospitals = {}
+        for name, shard in (("a", "h1"), ("b", "h2")):
+            coordinator.medvec(
+                "coordinator", "add-hospital", name, "--kit", "kits", "--seaweedfs-master", s3.master, "--mlflow", *sets
+            )
+            kit = coordinator.cwd / "kits" / name
+            home = fresh_env(tmp / f"home-{name}", PYTHONPATH=str(clone), MEDVEC_THREADS="1")
+            hospital = hospitals[name] = Party(name, tmp / name, home)
+            hospital.with_kit(kit)
+            hospital.kit = kit  # type: ignore[attr-defined]
+            hospital.medvec("hospital", "keygen", name, "--out", "keys")
+            coordinator.medvec(
+                "keyring", "add", name, str(hospital.cwd / "keys" / f"{name}.pub"), "--keyring", "keys/keyring.json"
+            )
+            hospital.medvec(
+                "hospital",
+                "join",
+                name,
+                "--data",
+                str(tmp / "data" / shard),
+                "--params",
+                str(kit / "params.yaml"),
+                "--coordinator-key",
+                str(kit / "coordinator.pub"),
+                "--key",
+                f"keys/{name}.key",
+                "--no-worker",
+            )
+            site = hospital.cwd / ".medvec" / "sites" / f"hospital-{name}.json"
+            workers.append(Worker(f"hospital-{name}", hospital.env, tmp, site, clone))
+        attacker = Attacker(prefect.url, hospitals["a"].env["PREFECT_API_AUTH_STRING"])
         # the control: Prefect's process worker, as `medvec hospital join` started it before
-        workers.append(ProcessWorker("process-control", env, tmp))
+        workers.append(ProcessWorker("process-control", hospitals["a"].env, tmp))
         wait_until(lambda: attacker.call("GET", "work_pools/process-control"), 60, "the process worker's pool")
         yield {
             "tmp": tmp,
-            "env": env,
-            "server": server,
-            "store": Path(store_url),
+            "clone": clone,
+            "prefect": prefect,
+            "s3": s3,
+            "mlflow": mlflow,
+            "store": store,
+            "coordinator": coordinator,
+            "hospitals": hospitals,
             "attacker": attacker,
-            "workers": workers,
+            "sets": sets,
         }
     finally:
         for w in workers:
             w.stop()
-        server.stop()
+        for server in (prefect, s3, mlflow):
+            server.stop()
 
 
 def test_without_the_auth_string_the_api_answers_nothing_but_its_health(network):
-    outsider = httpx.Client(base_url=network["server"].url + "/", timeout=30)
+    outsider = httpx.Client(base_url=network["prefect"].url + "/", timeout=30)
     assert outsider.get("health").status_code == 200
     for method, path in (("POST", "flows/filter"), ("POST", "deployments/filter"), ("GET", "work_pools/hospital-b")):
         assert outsider.request(method, path, json={} if method == "POST" else None).status_code == 401
@@ -127,14 +224,51 @@ def refused(run: dict) -> str:
     return run["state"]["message"]
 
 
-def test_b_s_own_run_completes_on_its_medvec_worker_with_its_pinned_data(network):
-    attacker, store = network["attacker"], network["store"]
-    run = attacker.run(attacker.deployment_id("hospital-finetune/b"))
-    assert run["state"]["type"] == "COMPLETED", run["state"]
+def admin_s3(network):
+    """The coordinator's own S3 client (the admin identity): what the checks below read the store with."""
+    return network["s3"].client()
+
+
+def published(network, hospital: str) -> list[dict]:
+    s3 = admin_s3(network)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="medvec", Prefix="net/vectors/").get("Contents", [])]
+    own = [k for k in keys if k.split("/")[3] == hospital and k.endswith(".json")]
+    return [json.loads(s3.get_object(Bucket="medvec", Key=k)["Body"].read())["meta"] for k in own]
+
+
+def registered_inputs(network) -> list[list[str]]:
+    """The hospitals of each registered version's inputs, read as the MLflow admin."""
+    code = (
+        "import json; from mlflow import MlflowClient; c = MlflowClient(); "
+        "vs = c.search_model_versions(\"name='medvec'\"); "
+        "print(json.dumps([sorted(i[1] for i in json.loads(c.get_run(v.run_id).data.tags['medvec.inputs'])) "
+        "for v in vs]))"
+    )
+    coordinator = network["coordinator"]
+    proc = subprocess.run([sys.executable, "-c", code], env=coordinator.env, capture_output=True, text=True, timeout=60)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else []
+
+
+def test_two_hospitals_join_fine_tune_land_and_a_merge_is_registered_on_the_hardened_network(network):
+    coordinator, tmp = network["coordinator"], network["tmp"]
+    for name in ("a", "b"):
+        out = coordinator.medvec("hospital", "run", name, "--timeout", "240", timeout=300).stdout
+        assert "COMPLETED" in out, out
+    run = network["attacker"].call("GET", "deployments/name/hospital-finetune/b")
     assert run["parameters"] == {}  # the server holds no path of b's: the site file on b's machine does
-    (published,) = [json.loads(p.read_text())["meta"] for p in (store / "vectors").rglob("b/*.json")]
-    local = json.loads((network["tmp"] / "hospitals" / "h2" / "meta.json").read_text())
-    assert published["hospital"] == "b" and published["n_train"] == local["n_train"]  # b's own data, as pinned
+    for name, shard in (("a", "h1"), ("b", "h2")):
+        (meta,) = published(network, name)
+        local = json.loads((tmp / "data" / shard / "meta.json").read_text())
+        assert meta["n_train"] == local["n_train"]  # each hospital's own data, as its site file pins it
+    wait_until(lambda: ["a", "b"] in registered_inputs(network), 240, "a registered merge of a and b")
+    # each hospital logged its fine-tune into its own experiment, under its own user
+    report = network["hospitals"]["a"].medvec(
+        "hospital", "report", "a", "--params", str(network["hospitals"]["a"].kit / "params.yaml"), "--json"
+    )
+    doc = json.loads(report.stdout)
+    assert [v["status"] for v in doc["vectors"]] == ["landed"] and len(doc["merges"]) >= 1
+    assert all(m["others"] is None for m in doc["merges"])  # contribution.share is off: nothing of b's
+    assert unrun_checklist_commands() == []  # the network above is the one docs/operators.md sets up
 
 
 def test_a_shell_pull_step_runs_on_a_process_worker_and_nothing_on_b_s_medvec_worker(network):
@@ -201,7 +335,7 @@ def test_a_patched_data_dir_store_or_pull_step_on_b_s_deployment_has_no_effect(n
     attacker, tmp = network["attacker"], network["tmp"]
     b = attacker.deployment_id("hospital-finetune/b")
     evil_store = tmp_path / "evil-store"
-    before = sorted((network["store"] / "vectors").rglob("*"))
+    before = published(network, "b")
     attacker.call(
         "PATCH", f"deployments/{b}", {"parameters": {"data_dir": str(tmp_path), "store_url": str(evil_store)}}
     )
@@ -210,7 +344,7 @@ def test_a_patched_data_dir_store_or_pull_step_on_b_s_deployment_has_no_effect(n
     finally:
         attacker.call("PATCH", f"deployments/{b}", {"parameters": {}})
     assert reason.endswith("parameters set on the server (data_dir, store_url); this site pins its own")
-    assert not evil_store.exists() and sorted((network["store"] / "vectors").rglob("*")) == before
+    assert not evil_store.exists() and published(network, "b") == before
     marker = tmp / "patched-marker"
     attacker.call("PATCH", f"deployments/{b}", {"pull_steps": shell_step(marker)})
     try:
@@ -232,39 +366,215 @@ def test_the_coordinator_s_worker_refuses_a_shell_pull_step_too(network):
 
 
 def test_a_replaced_deployment_is_refused_and_join_will_not_take_another_hospital_s_name(network):
-    attacker, env, tmp = network["attacker"], network["env"], network["tmp"]
+    attacker, tmp, hospitals = network["attacker"], network["tmp"], network["hospitals"]
     b = attacker.call("GET", "deployments/name/hospital-finetune/b")
     attacker.call("DELETE", f"deployments/{b['id']}")
     flow_id = b["flow_id"]
     fields = {k: b[k] for k in ("name", "work_pool_name", "entrypoint", "parameters", "pull_steps", "job_variables")}
     new = attacker.call("POST", "deployments/", {**fields, "flow_id": flow_id, "enforce_parameter_schema": False})["id"]
     assert "is not the one this site created" in refused(attacker.run(new))
-    # another machine (its own site folder) joining as b is refused, with how b itself takes the name back
-    other = {**env, "MEDVEC_SITE_DIR": str(tmp / "attacker-sites")}
-    cmd = [sys.executable, "-m", "flows.cli", "hospital", "join", "b", "--data", str(BREAST), "--no-worker"]
-    proc = subprocess.run(
-        [*cmd, *sets(str(network["store"]))], cwd=ROOT, env=other, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2 and not (tmp / "attacker-sites").exists()
+    # a, from its own machine, joining as b is refused, with how b itself takes the name back
+    a, b_ = hospitals["a"], hospitals["b"]
+    join = ["hospital", "join", "b", "--data", str(tmp / "data" / "h1"), "--params", str(a.kit / "params.yaml")]
+    proc = a.medvec(*join, "--no-worker", ok=False)
+    assert proc.returncode == 2 and not (a.cwd / ".medvec" / "sites" / "hospital-b.json").exists()
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
         .endswith(
             "hospital-finetune/b already exists on the Prefect server and this machine did not create it "
-            f"(no site file {tmp / 'attacker-sites' / 'hospital-b.json'} pins it): if this machine is b, pass --replace"
+            f"(no site file {a.cwd / '.medvec' / 'sites' / 'hospital-b.json'} pins it): if this machine is b, pass --replace"
         )
     )
     # b takes it back: its site file pins the deployment again, stripped of anything the attacker set
-    medvec(
-        env,
+    b_.medvec(
         "hospital",
         "join",
         "b",
         "--data",
-        str(tmp / "hospitals" / "h2"),
+        str(tmp / "data" / "h2"),
+        "--params",
+        str(b_.kit / "params.yaml"),
+        "--coordinator-key",
+        str(b_.kit / "coordinator.pub"),
+        "--key",
+        "keys/b.key",
         "--no-worker",
         "--replace",
-        *sets(str(network["store"])),
     )
-    site = json.loads((Path(env["MEDVEC_SITE_DIR"]) / "hospital-b.json").read_text())
+    site = json.loads((b_.cwd / ".medvec" / "sites" / "hospital-b.json").read_text())
     assert site["deployment_id"] == new
+
+
+REPOINT = """
+import sys
+from medvec.models import create_base
+from medvec.store import open_store
+store = open_store(sys.argv[1])  # the admin identity: what a leaked write credential, or the store's operator, has
+evil = create_base("tiny_cnn", 2, pretrained=False, seed=666)
+store.put_base(evil)  # and bases/current.json now points at it, unsigned
+print(evil.sha256)
+"""
+
+
+def test_a_repointed_current_base_is_refused_by_b_s_next_fine_tune_and_nothing_is_published(network):
+    """a's own keys cannot write ``bases/`` (the store test below); whoever can (a leaked admin credential, the
+    store's operator) still cannot make b train a base the coordinator did not sign."""
+    coordinator, admin = network["coordinator"], admin_s3(network)
+    pointer = "net/bases/current.json"
+    honest = admin.get_object(Bucket="medvec", Key=pointer)["Body"].read()
+    before = published(network, "b")
+    proc = subprocess.run(
+        [sys.executable, "-c", REPOINT, network["store"]], env=coordinator.env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        run = coordinator.medvec("hospital", "run", "b", "--timeout", "240", ok=False, timeout=300)
+        assert run.returncode == 1 and "FAILED" in run.stdout, run.stdout
+    finally:
+        admin.put_object(Bucket="medvec", Key=pointer, Body=honest)
+    attacker = network["attacker"]
+    b = attacker.deployment_id("hospital-finetune/b")
+    body = {"deployments": {"id": {"any_": [b]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 1}
+    (last,) = attacker.call("POST", "flow_runs/filter", body)
+    assert last["state"]["type"] == "FAILED"
+    assert "bases/current.json is not signed by the coordinator" in last["state"]["message"], last["state"]
+    assert published(network, "b") == before  # nothing published
+
+
+def a_s3(network):
+    """Hospital a's S3 client: the keys of its own kit."""
+    env = network["hospitals"]["a"].env
+    return boto3.client(
+        "s3",
+        endpoint_url=network["s3"].endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def denied(call) -> bool:
+    try:
+        call()
+    except ClientError as exc:
+        return exc.response["Error"]["Code"] in ("AccessDenied", "403")
+    return False
+
+
+def test_with_its_own_store_keys_a_reaches_nothing_of_b_s_nor_what_the_coordinator_alone_writes(network):
+    s3, admin = a_s3(network), admin_s3(network)
+    keys = [o["Key"] for o in admin.list_objects_v2(Bucket="medvec", Prefix="net/").get("Contents", [])]
+    b_vector = next(k for k in keys if k.startswith("net/vectors/") and "/b/" in k and k.endswith(".safetensors"))
+    base = b_vector.split("/")[2]
+    record = next(k for k in keys if k.startswith(f"net/merges/{base}/") and k.endswith(".json"))
+    b_report = next(k for k in keys if k.startswith("net/reports/b/"))
+    body = b"forged"
+    attacks = {
+        "read b's vector": lambda: s3.get_object(Bucket="medvec", Key=b_vector),
+        "overwrite b's vector": lambda: s3.put_object(Bucket="medvec", Key=b_vector, Body=body),
+        "delete b's vector": lambda: s3.delete_object(Bucket="medvec", Key=b_vector),
+        "write under b's folder": lambda: s3.put_object(Bucket="medvec", Key=f"net/vectors/{base}/b/x.json", Body=body),
+        "list every vector": lambda: s3.list_objects_v2(Bucket="medvec", Prefix="net/vectors/"),
+        "read a merge record": lambda: s3.get_object(Bucket="medvec", Key=record),
+        "read b's report": lambda: s3.get_object(Bucket="medvec", Key=b_report),
+        "repoint the current base": lambda: s3.put_object(Bucket="medvec", Key="net/bases/current.json", Body=body),
+        "forge a start point": lambda: s3.put_object(Bucket="medvec", Key=f"net/starts/{base}/index.json", Body=body),
+        "write a merge record": lambda: s3.put_object(Bucket="medvec", Key=f"net/merges/{base}/latest.json", Body=body),
+        "write a merged model": lambda: s3.put_object(Bucket="medvec", Key=f"net/models/{base}/latest.json", Body=body),
+        "quarantine b": lambda: s3.put_object(Bucket="medvec", Key="net/quarantine/b/x.reason.json", Body=body),
+        "empty the seen list": lambda: s3.put_object(Bucket="medvec", Key="net/intake/seen.json", Body=body),
+    }
+    assert [name for name, call in attacks.items() if not denied(call)] == []
+    after = [o["Key"] for o in admin.list_objects_v2(Bucket="medvec", Prefix="net/").get("Contents", [])]
+    assert after == keys  # nothing written, nothing deleted
+    # what a may do, with the same keys: read what everyone shares and its own folders, write its own vectors
+    s3.get_object(Bucket="medvec", Key="net/bases/current.json")
+    s3.get_object(Bucket="medvec", Key=f"net/models/{base}/latest.json")
+    own = s3.list_objects_v2(Bucket="medvec", Prefix=f"net/vectors/{base}/a/")["Contents"]
+    assert own and all("/a/" in o["Key"] for o in own)
+    assert s3.list_objects_v2(Bucket="medvec", Prefix="net/reports/a/")["KeyCount"] >= 1
+
+
+def mlflow_as(network, hospital: str, code: str) -> str:
+    """Run ``code`` with MLflow as ``hospital``'s user (its kit) and return the last line it prints."""
+    env = network["hospitals"][hospital].env
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+MLFLOW_ATTACKS = """
+import json
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+c = MlflowClient()
+champion = c.get_model_version_by_alias("medvec", "champion")  # READ on the registered model
+def denied(call):
+    try:
+        call()
+    except MlflowException as exc:
+        return "PERMISSION_DENIED" in str(exc) or "403" in str(exc)
+    return False
+b_exp = c.get_experiment_by_name  # a's user cannot even look b's experiment up
+own = c.get_experiment_by_name("medvec-hospitals/a")
+own_runs = c.search_runs([own.experiment_id])
+print(json.dumps({
+    "champion": champion.version,
+    "own_runs": len(own_runs),
+    "move the alias": denied(lambda: c.set_registered_model_alias("medvec", "champion", "1")),
+    "delete the alias": denied(lambda: c.delete_registered_model_alias("medvec", "champion")),
+    "read b's experiment": denied(lambda: b_exp("medvec-hospitals/b")),
+    "read b's run": denied(lambda: c.get_run(B_RUN)),
+    "edit b's run": denied(lambda: c.set_tag(B_RUN, "medvec.vector_id", "forged")),
+    "log into b's experiment": denied(lambda: c.create_run(B_EXP)),
+    "read the merge run": denied(lambda: c.get_run(champion.run_id)),
+}))
+"""
+
+
+def test_a_s_mlflow_user_cannot_move_the_alias_nor_read_or_edit_b_s_runs(network):
+    coordinator = network["coordinator"]
+    code = (
+        "import json; from mlflow import MlflowClient; c = MlflowClient(); "
+        "e = c.get_experiment_by_name('medvec-hospitals/b'); r = c.search_runs([e.experiment_id])[0]; "
+        "print(json.dumps([e.experiment_id, r.info.run_id]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=coordinator.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    b_exp, b_run = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(
+        mlflow_as(network, "a", MLFLOW_ATTACKS.replace("B_RUN", repr(b_run)).replace("B_EXP", repr(b_exp)))
+    )
+    assert result.pop("own_runs") >= 1 and result.pop("champion")  # what a may: read its runs and the champion
+    assert [attack for attack, was_denied in result.items() if not was_denied] == []
+
+
+def checklist_commands() -> list[list[str]]:
+    """The ``medvec`` commands (argv after ``medvec``) of ``docs/operators.md``'s checklist."""
+    text = (Path(__file__).parents[1] / "docs" / "operators.md").read_text()
+    checklist = text.split("## Checklist", 1)[1].split("\n## ", 1)[0]
+    return [argv for _, argv in medvec_commands(checklist)]
+
+
+def options(argv: list[str]) -> set[str]:
+    """The options of a command line, and each ``-S`` setting's key (``-S store.url``)."""
+    settings = {f"-S {value.split('=', 1)[0]}" for flag, value in itertools.pairwise(argv) if flag == "-S"}
+    return {w for w in argv if w.startswith("-")} | settings
+
+
+def unrun_checklist_commands() -> list[str]:
+    """The checklist's ``medvec`` commands that no party ran with at least the options the checklist gives
+    (``coordinator worker`` and ``hospital worker`` exec the ``python -m flows.worker SITE`` that
+    ``servers.Worker`` starts, so they are not counted)."""
+    commands = checklist_commands()
+    verbs = [c[:2] for c in commands]
+    for verb in (["coordinator", "up"], ["coordinator", "add-hospital"], ["hospital", "join"], ["keyring", "add"]):
+        assert verb in verbs, f"the checklist lost medvec {' '.join(verb)}"
+    missing = []
+    for words in commands:
+        if words[1] == "worker":
+            continue
+        if not [c for c in Party.calls if c[:2] == words[:2] and options(words) <= options(c)]:
+            missing.append(" ".join(words))
+    return missing

@@ -1,12 +1,13 @@
-"""``medvec hospital report``: a hospital's view of what the coordinator published about its vectors."""
+"""``medvec hospital report``: a hospital's view of what the coordinator published about its vectors.
+
+The coordinator writes, at the end of every merge, one entry per hospital whose vectors were in it
+(:func:`merge_entries`, stored under ``reports/<hospital>/``); a hospital reads its own entries, its own
+vectors and its own quarantine, all that its store identity may read (:func:`hospital_report`)."""
 
 from __future__ import annotations
 
-import contextlib
-
 from medvec.coordinator.contribution import score_text
 from medvec.record import ContributionScore
-from medvec.store import StoreError
 
 
 def _score_json(s: ContributionScore) -> dict:
@@ -16,11 +17,9 @@ def _score_json(s: ContributionScore) -> dict:
 def hospital_report(store, hospital: str) -> dict:
     """A hospital's view of what the coordinator published: its vectors, the merges they went into, and its
     contribution to each.  Other hospitals' scores appear only where that merge's ``contribution.share`` was
-    set; nothing else about another hospital (its sample counts, its data) is shown."""
-    own = [s for s in store.sidecars() if s["meta"]["hospital"] == hospital]
-    bases = {s["meta"]["base_sha256"] for s in own}
-    with contextlib.suppress(StoreError):  # a store without a current base still has records to read
-        bases.add(store.current_base())
+    set; nothing else about another hospital (its sample counts, its data) is shown.  Reads only what a
+    hospital's store identity may: its own folders, and the entries published for it."""
+    own = [s for s in store.own_sidecars(hospital) if s["meta"]["hospital"] == hospital]
     vectors = [
         {
             "vector_id": s["meta"]["vector_id"],
@@ -37,12 +36,19 @@ def hospital_report(store, hospital: str) -> dict:
             "status": f"quarantined ({q.check})",
             "reason": q.problem,
         }
-        for q in store.quarantined()
+        for q in store.quarantined(hospital)
         if q.hospital_claimed == hospital
     ]
-    entries = [_merge_entry(r, hospital) for b in sorted(bases) for r in store.merges(b)]
-    merges = sorted((m for m in entries if m is not None), key=lambda m: m["finished_at"], reverse=True)
+    merges = sorted(store.reports(hospital), key=lambda m: m["finished_at"], reverse=True)
     return {"hospital": hospital, "store": store.url, "vectors": vectors, "merges": merges}
+
+
+def merge_entries(record) -> dict[str, dict]:
+    """What each hospital with vectors in (or excluded from) ``record`` may see of it, by hospital."""
+    scores = record.contribution
+    hospitals = {i.hospital for i in record.inputs} | {s.hospital for s in (scores.excluded if scores else ())}
+    entries = {h: _merge_entry(record, h) for h in sorted(hospitals)}
+    return {h: e for h, e in entries.items() if e is not None}
 
 
 def _merge_entry(record, hospital: str) -> dict | None:
@@ -60,6 +66,7 @@ def _merge_entry(record, hospital: str) -> dict | None:
     share = record.params.contribution.share and scores is not None
     entry = {
         "merge_id": record.merge_id,
+        "base_sha256": record.base_sha256,
         "finished_at": record.finished_at,
         "mode": record.mode,
         "method": record.method,

@@ -11,6 +11,7 @@ from pathlib import Path
 from medvec.config import ConfigError, Params
 from medvec.coordinator.defence import Scaled
 from medvec.coordinator.engine import MergeOutcome, MomentsFn
+from medvec.coordinator.hospital_report import merge_entries
 from medvec.coordinator.intake import Admission, quarantine_harmful
 from medvec.coordinator.refine import Step, compute_step, step_record, step_verdict
 from medvec.coordinator.scoring import EvalSets
@@ -43,7 +44,9 @@ def finish_merge(
     3. with ``registry.dvc_repo``: one commit of the input vectors in the git+DVC registry;
     4. with ``registry.enabled``: the MLflow run and model version, through the champion gate (an
        asynchronous step's own verdict, ``promoted``, is its gate), with ``plots`` or else the merge's own;
-    5. the record again, with what 3 and 4 added, and ``latest.json`` moves: last, so a crash before here
+    5. each contributing hospital's view of the merge (``reports/<hospital>/``, what ``medvec hospital
+       report`` reads: ``merges/`` is the coordinator's alone);
+    6. the record again, with what 3 and 4 added, and ``latest.json`` moves: last, so a crash before here
        leaves the merge to be redone.
 
     ``root`` is θ_pre, the base the merge's vectors were made against.  Each step retries on its own
@@ -62,7 +65,14 @@ def finish_merge(
         decision = _register(store, record, outcome, merged, root, evalsets, plots, decided)
         record = record.model_copy(update={"registry": decision})
     final = record
+    retry(lambda: publish_views(store, final), f"publish the hospitals' views of {record.merge_id}")
     return retry(lambda: store.put_merge(final), f"publish merge {record.merge_id}")
+
+
+def publish_views(store: VectorStore, record: MergeRecord) -> None:
+    """Write each contributing hospital's view of ``record`` where that hospital may read it."""
+    for hospital, entry in merge_entries(record).items():
+        store.put_report(hospital, record.base_sha256, record.merge_id, entry)
 
 
 def _promote(store: VectorStore, record: MergeRecord, merged: Base, root: Base) -> MergeRecord:

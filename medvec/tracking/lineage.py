@@ -58,7 +58,7 @@ def lineage(ref: str) -> dict:
     vectors = []
     for i in json.loads(tags.get("medvec.inputs", "[]")):
         vid, hospital, content = i
-        run_id = find_hospital_run(vid)
+        run_id = find_hospital_run(vid, hospital)
         entry: dict[str, Any] = {
             "vector_id": vid,
             "hospital": hospital,

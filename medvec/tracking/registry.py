@@ -23,7 +23,6 @@ from medvec.store import VectorStore, open_store
 from medvec.timing import timed
 from medvec.tracking.runs import find_hospital_run, log_eval_set, update_hospital_note
 from medvec.tracking.server import (
-    HOSPITAL_EXPERIMENT,
     MERGE_EXPERIMENT,
     NOTE,
     RUN_NOTE_LIMIT,
@@ -235,9 +234,8 @@ def log_merge(
     client = MlflowClient()
     reg, metric = record.params.registry, record.params.evaluate.select_metric
     exp = experiment_id(MERGE_EXPERIMENT)
-    runs = {i.vector_id: find_hospital_run(i.vector_id) for i in record.inputs}
-    hospital_exp = mlflow.get_experiment_by_name(HOSPITAL_EXPERIMENT)
-    links = {vid: run_link(hospital_exp.experiment_id, r) for vid, r in runs.items() if r and hospital_exp}
+    runs = {i.vector_id: find_hospital_run(i.vector_id, i.hospital) for i in record.inputs}
+    links = {vid: run_link(client.get_run(r).info.experiment_id, r) for vid, r in runs.items() if r}
     with mlflow.start_run(experiment_id=exp, run_name=record.merge_id) as run:
         _log_merge_run(mlflow, record, runs, metric, plots or {})
         mlflow.set_tag(NOTE, fit_note(_merge_note(record, links, metric, None), RUN_NOTE_LIMIT))

@@ -16,13 +16,13 @@ from medvec.record import MergeRecord
 from medvec.timing import timed
 from medvec.tracking.server import (
     DIGEST_CHARS,
-    HOSPITAL_EXPERIMENT,
     NOTE,
     RUN_NOTE_LIMIT,
     connect,
     experiment_id,
     fit_note,
     flat_params,
+    hospital_experiment,
     run_link,
     version_link,
 )
@@ -37,7 +37,7 @@ def log_hospital_run(published: Published, settings: dict, training: Training) -
     no per-image value), lineage tags, and the vector file exactly as it was published.
     """
     mlflow = connect()
-    exp = experiment_id(HOSPITAL_EXPERIMENT)
+    exp = experiment_id(hospital_experiment(published.hospital))
     with mlflow.start_run(experiment_id=exp, run_name=f"{published.hospital}-finetune") as run:
         mlflow.log_params(flat_params("finetune.", settings))
         for entry in training.history:
@@ -183,10 +183,10 @@ def _hospital_note(tags: dict[str, str], metrics: dict[str, float], merges: list
     return "\n".join(lines)
 
 
-def find_hospital_run(vector_id: str) -> str | None:
-    """The fine-tune run that logged vector ``vector_id`` (the first found); None when there is none."""
+def find_hospital_run(vector_id: str, hospital: str) -> str | None:
+    """The fine-tune run of ``hospital`` that logged vector ``vector_id`` (the first found); None when there is none."""
     mlflow = connect()
-    exp = mlflow.get_experiment_by_name(HOSPITAL_EXPERIMENT)
+    exp = mlflow.get_experiment_by_name(hospital_experiment(hospital))
     if exp is None:
         return None
     runs = mlflow.search_runs(

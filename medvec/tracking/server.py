@@ -6,7 +6,13 @@ import json
 import os
 from pathlib import Path
 
-HOSPITAL_EXPERIMENT = "medvec-hospitals"
+HOSPITAL_EXPERIMENT = "medvec-hospitals"  # each hospital logs into its own: medvec-hospitals/<name>
+
+
+def hospital_experiment(hospital: str) -> str:
+    """The experiment of one hospital's fine-tune runs (one per hospital, so MLflow permissions can keep
+    each hospital to its own runs): ``medvec-hospitals/<name>``."""
+    return f"{HOSPITAL_EXPERIMENT}/{hospital}"
 
 
 MERGE_EXPERIMENT = "medvec-merges"
