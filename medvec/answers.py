@@ -1,0 +1,98 @@
+"""A hospital's answer to an evaluation request: for each candidate model, aggregates of its scores on the
+hospital's own validation split, and nothing per image (issue 25).
+
+An answer holds, per candidate, the number of images, the summed loss and the score histograms
+(:mod:`medvec.histograms`), coarsened so that every reported cell counts at least ``min_count`` images. It
+names the request it answers (id and sha256) and the hospital's validation split by count and hash, and the
+hospital signs it like its vectors. :func:`answer_problems` lists what makes an answer unusable, each as one
+line; the coordinator keeps a rejected answer with those reasons.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from medvec.histograms import Grid, ScoreReport
+from medvec.timing import utcnow
+
+ANSWER_KIND = "medvec.eval-answer"
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CandidateAnswer(_Answer):
+    """One candidate's aggregates at one hospital."""
+
+    n: int = Field(ge=0)
+    loss_sum: float
+    histograms: dict = Field(description="ScoreReport.to_json(): the grid, each row's groups, withheld columns")
+
+    def report(self) -> ScoreReport:
+        """The histograms as a :class:`~medvec.histograms.ScoreReport` (a ValueError when malformed)."""
+        return ScoreReport.from_json(self.histograms)
+
+
+class EvalAnswer(_Answer):
+    """One hospital's answer to one evaluation request."""
+
+    kind: str = ANSWER_KIND
+    request_id: str
+    request_sha256: str
+    hospital: str
+    task: str
+    split_n: int = Field(ge=0, description="images in the hospital's validation split")
+    split_sha256: str = Field(description="the split's identity (its images' hashes, as LocalData describes it)")
+    min_count: int = Field(ge=1)
+    candidates: dict[str, CandidateAnswer]
+    created_at: str = Field(default_factory=utcnow)
+
+    def to_json(self) -> dict:
+        """The answer as JSON-ready data (what the hospital signs and stores)."""
+        return self.model_dump(mode="json")
+
+
+def answer_problems(
+    answer: EvalAnswer, request_id: str, request_sha256: str, candidates: list[str], grid: Grid, min_count: int
+) -> list[str]:
+    """Why ``answer`` cannot be used for this request (empty when it can)."""
+    problems = []
+    if answer.request_id != request_id or answer.request_sha256 != request_sha256:
+        problems.append(f"answers request {answer.request_id} ({answer.request_sha256[:12]}), not {request_id}")
+    missing = sorted(set(candidates) - set(answer.candidates))
+    extra = sorted(set(answer.candidates) - set(candidates))
+    if missing or extra:
+        problems.append(f"candidates differ from the request's: missing {missing}, not asked {extra}")
+    if answer.min_count < min_count:
+        problems.append(f"min_count {answer.min_count} is below the request's {min_count}")
+    for name in sorted(set(candidates) & set(answer.candidates)):
+        problems += [
+            f"candidate {name}: {p}" for p in _candidate_problems(answer.candidates[name], answer, grid, min_count)
+        ]
+    return problems
+
+
+def _candidate_problems(c: CandidateAnswer, answer: EvalAnswer, grid: Grid, min_count: int) -> list[str]:
+    try:
+        report = c.report()
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"histograms unreadable: {exc}"]
+    problems = []
+    if report.grid != grid:
+        problems.append(f"grid {report.grid} is not the request's {grid}")
+    smallest = report.smallest_group()
+    if smallest is not None and smallest < min_count:
+        problems.append(f"a group counts {smallest} images, fewer than min_count {min_count}")
+    kept = [col for col in range(len(report.rows)) if col not in report.withheld]
+    if c.n != answer.split_n:
+        problems.append(f"n {c.n} differs from the split's {answer.split_n}")
+    elif answer.task != "multilabel" and kept and report.images(kept[0]) != c.n:
+        problems.append(f"histograms count {report.images(kept[0])} images, not n {c.n}")
+    if not np.isfinite(c.loss_sum) or c.loss_sum < 0:
+        problems.append(f"summed loss {c.loss_sum} is not a finite, non-negative number")
+    return problems
+
+
+__all__ = ["ANSWER_KIND", "CandidateAnswer", "EvalAnswer", "answer_problems"]

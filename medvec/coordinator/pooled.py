@@ -1,0 +1,96 @@
+"""The coordinator's metrics from the hospitals' answers (issue 25): pooled over the sites that answered,
+per site, and the champion gate on the sites that scored both models.
+
+Pooling adds the sites' histograms, so the pooled AUC is the AUC of the union of their validation images (up
+to ties within a bin and the ``min_count`` coarsening), not a mean of site AUCs. The operating point is chosen
+on the pooled ROC. The gate promotes a candidate only when its pooled AUC beats the champion's, on the same
+sites, by more than ``z`` Hanley–McNeil standard errors of the champion's pooled AUC: a margin that shrinks as
+the hospitals' validation data grows, instead of a fixed one that a small set overfits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from medvec.answers import EvalAnswer
+from medvec.histograms import ScoreHistograms
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """One candidate's metrics over ``sites``."""
+
+    candidate: str
+    sites: tuple[str, ...]
+    n: int
+    auc: float
+    auc_se: float
+    loss: float  # mean loss per image
+    threshold: float | None = None  # binary tasks: the pooled operating point
+    op: dict | None = None
+    per_site_auc: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The metrics as JSON-ready data (for the merge record)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def pool(
+    answers: list[EvalAnswer],
+    candidate: str,
+    rule: str = "youden",
+    target: float = 0.9,
+    sites: list[str] | None = None,
+) -> Pooled:
+    """``candidate``'s metrics over the answers of ``sites`` (default: every answer that scored it)."""
+    chosen = [a for a in answers if candidate in a.candidates and (sites is None or a.hospital in sites)]
+    if not chosen:
+        raise ValueError(f"no answer scored candidate {candidate}")
+    task = chosen[0].task
+    histograms = [a.candidates[candidate].report().histograms() for a in chosen]
+    total: ScoreHistograms = sum(histograms[1:], histograms[0])
+    n = sum(a.candidates[candidate].n for a in chosen)
+    loss = sum(a.candidates[candidate].loss_sum for a in chosen) / n if n else math.nan
+    threshold = op = None
+    if total.counts.shape[0] == 1 and task != "multilabel":
+        threshold = total.threshold(rule, target)
+        op = total.at_threshold(threshold)
+    per_site = {a.hospital: h.auc(task) for a, h in zip(chosen, histograms, strict=True)}
+    return Pooled(
+        candidate,
+        tuple(a.hospital for a in chosen),
+        n,
+        total.auc(task),
+        total.auc_se(task),
+        loss,
+        threshold,
+        op,
+        per_site,
+    )
+
+
+def both_scored(answers: list[EvalAnswer], a: str, b: str) -> list[str]:
+    """The sites whose answers scored both ``a`` and ``b``."""
+    return sorted(x.hospital for x in answers if a in x.candidates and b in x.candidates)
+
+
+def gate(answers: list[EvalAnswer], candidate: str, champion: str, z: float = 1.0) -> tuple[bool, str]:
+    """Whether ``candidate`` beats ``champion`` on the sites that scored both, by more than ``z`` Hanley–McNeil
+    standard errors of the champion's pooled AUC; and the reason."""
+    sites = both_scored(answers, candidate, champion)
+    if not sites:
+        return False, f"no site scored both {candidate} and {champion}"
+    new, old = pool(answers, candidate, sites=sites), pool(answers, champion, sites=sites)
+    margin = z * old.auc_se
+    if math.isnan(new.auc) or math.isnan(margin):
+        return False, f"pooled AUC undefined on {', '.join(sites)} (a class without images)"
+    verdict = "beats" if new.auc > old.auc + margin else "does not beat"
+    reason = (
+        f"pooled val auc {new.auc:.4f} {verdict} the champion's {old.auc:.4f} + {z:g} SE ({margin:.4f}) "
+        f"on {len(sites)} sites ({', '.join(sites)}; {new.n} images)"
+    )
+    return new.auc > old.auc + margin, reason
+
+
+__all__ = ["Pooled", "both_scored", "gate", "pool"]
