@@ -1,7 +1,9 @@
 """A hospital's answer to an evaluation request: for each candidate model, aggregates of its scores on the
 hospital's own validation split, and nothing per image (issue 25).
 
-An answer holds, per candidate, the number of images, the summed loss and the score histograms
+The coordinator's :class:`EvalRequest` names the candidates (their weights in the store, by sha256), the grid
+and the minimum count; it is signed like everything the coordinator publishes, and the hospital verifies it
+before it loads anything.  An answer holds, per candidate, the number of images, the summed loss and the score histograms
 (:mod:`medvec.histograms`), coarsened so that every reported cell counts at least ``min_count`` images. It
 names the request it answers (id and sha256) and the hospital's validation split by count and hash, and the
 hospital signs it like its vectors. :func:`answer_problems` lists what makes an answer unusable, each as one
@@ -10,17 +12,55 @@ line; the coordinator keeps a rejected answer with those reasons.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from medvec.histograms import Grid, ScoreReport
+from medvec.keys import canonical
 from medvec.timing import utcnow
 
 ANSWER_KIND = "medvec.eval-answer"
+REQUEST_KIND = "medvec.eval-request"
 
 
 class _Answer(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CandidateRef(_Answer):
+    """One candidate model of a request: its weights in the store and their sha256."""
+
+    key: str
+    sha256: str
+
+
+class EvalRequest(_Answer):
+    """The coordinator's request: score these candidates (models of base ``base_sha256``) on your validation split."""
+
+    kind: str = REQUEST_KIND
+    request_id: str = Field(default_factory=lambda: f"eval-{utcnow()[:19].replace(':', '')}-{uuid.uuid4().hex[:6]}")
+    base_sha256: str
+    candidates: dict[str, CandidateRef]
+    bins: int = 10000
+    limit: float = 16.0
+    min_count: int = Field(5, ge=1)
+    created_at: str = Field(default_factory=utcnow)
+
+    @property
+    def grid(self) -> Grid:
+        """The score grid every answer must use."""
+        return Grid(self.bins, self.limit)
+
+    def sha256(self) -> str:
+        """The request's content hash, which every answer names."""
+        return hashlib.sha256(canonical(self.model_dump(mode="json"))).hexdigest()
+
+    def to_json(self) -> dict:
+        """The request as JSON-ready data (what the coordinator signs and stores)."""
+        return self.model_dump(mode="json")
 
 
 class CandidateAnswer(_Answer):
@@ -54,23 +94,20 @@ class EvalAnswer(_Answer):
         return self.model_dump(mode="json")
 
 
-def answer_problems(
-    answer: EvalAnswer, request_id: str, request_sha256: str, candidates: list[str], grid: Grid, min_count: int
-) -> list[str]:
-    """Why ``answer`` cannot be used for this request (empty when it can)."""
+def answer_problems(answer: EvalAnswer, request: EvalRequest) -> list[str]:
+    """Why ``answer`` cannot be used for ``request`` (empty when it can)."""
     problems = []
-    if answer.request_id != request_id or answer.request_sha256 != request_sha256:
-        problems.append(f"answers request {answer.request_id} ({answer.request_sha256[:12]}), not {request_id}")
-    missing = sorted(set(candidates) - set(answer.candidates))
-    extra = sorted(set(answer.candidates) - set(candidates))
+    if answer.request_id != request.request_id or answer.request_sha256 != request.sha256():
+        problems.append(f"answers request {answer.request_id} ({answer.request_sha256[:12]}), not {request.request_id}")
+    missing = sorted(set(request.candidates) - set(answer.candidates))
+    extra = sorted(set(answer.candidates) - set(request.candidates))
     if missing or extra:
         problems.append(f"candidates differ from the request's: missing {missing}, not asked {extra}")
-    if answer.min_count < min_count:
-        problems.append(f"min_count {answer.min_count} is below the request's {min_count}")
-    for name in sorted(set(candidates) & set(answer.candidates)):
-        problems += [
-            f"candidate {name}: {p}" for p in _candidate_problems(answer.candidates[name], answer, grid, min_count)
-        ]
+    if answer.min_count < request.min_count:
+        problems.append(f"min_count {answer.min_count} is below the request's {request.min_count}")
+    for name in sorted(set(request.candidates) & set(answer.candidates)):
+        found = _candidate_problems(answer.candidates[name], answer, request.grid, request.min_count)
+        problems += [f"candidate {name}: {p}" for p in found]
     return problems
 
 
@@ -95,4 +132,12 @@ def _candidate_problems(c: CandidateAnswer, answer: EvalAnswer, grid: Grid, min_
     return problems
 
 
-__all__ = ["ANSWER_KIND", "CandidateAnswer", "EvalAnswer", "answer_problems"]
+__all__ = [
+    "ANSWER_KIND",
+    "REQUEST_KIND",
+    "CandidateAnswer",
+    "CandidateRef",
+    "EvalAnswer",
+    "EvalRequest",
+    "answer_problems",
+]

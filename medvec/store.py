@@ -16,11 +16,15 @@ or an ``s3://bucket/prefix``::
     merges/<base-sha>/latest.json                         the newest merge record
     starts/<base-sha>/index.json, v<n>.safetensors        the champion start points (asynchronous refinement)
     reports/<hospital>/<base-sha>/<merge-id>.json         what one hospital may see of a merge with its vectors
+    requests/<request-id>.json                            an evaluation request (the candidates, by key and sha256)
+    candidates/<request-id>/<name>.safetensors            a candidate's weights
+    answers/<request-id>/<hospital>.json                  a hospital's answer, signed with its own key
     quarantine/<hospital>/<name>                          a rejected file and <stem>.reason.json
 
 Who may read and write what (``medvec coordinator add-hospital`` scopes a hospital's store identity to it):
-a hospital reads ``bases/``, ``starts/``, ``models/`` and its own ``vectors/*/<hospital>/``,
-``reports/<hospital>/`` and ``quarantine/<hospital>/``, and writes only its own ``vectors/*/<hospital>/``
+a hospital reads ``bases/``, ``starts/``, ``models/``, ``requests/``, ``candidates/`` and its own ``vectors/*/<hospital>/``,
+``reports/<hospital>/`` and ``quarantine/<hospital>/``, and writes only its own ``vectors/*/<hospital>/`` and
+``answers/*/<hospital>.json``
 (and, on S3, the temporary keys ``tmp/vectors/*/<hospital>/``); ``merges/`` (every input's scores and
 the moment sums) is the coordinator's alone.  Merged weights written before ``models/`` existed stay
 where their record's ``weights_key`` says.
@@ -41,6 +45,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from medvec.answers import CandidateRef, EvalRequest
 from medvec.batchnorm import MomentSums
 from medvec.errors import UserError
 from medvec.faults import failpoint
@@ -60,7 +65,7 @@ class StoreError(UserError, RuntimeError):
 
 
 # the JSON the coordinator publishes (signed with a key)
-COORDINATOR_DOCUMENTS = ("bases/", "starts/", "merges/", "models/", "reports/")
+COORDINATOR_DOCUMENTS = ("bases/", "starts/", "merges/", "models/", "reports/", "requests/")
 
 
 class VectorStore:
@@ -270,9 +275,14 @@ class VectorStore:
                 return self.open_vector(side["key"], base, base_sha256)
         raise StoreError(f"{self.url}: no vector {vector_id}")
 
-    def quarantine(self, key: str, check: str, problem: str, hospital: str = "unknown") -> Rejection:
-        """Move a rejected object (and its sidecar) under ``quarantine/`` with a JSON reason."""
+    def quarantine(
+        self, key: str, check: str, problem: str, hospital: str = "unknown", stem: str | None = None
+    ) -> Rejection:
+        """Move a rejected object (and its sidecar) under ``quarantine/`` with a JSON reason (``stem``: the name
+        it is kept under, default its own)."""
         name = key.rsplit("/", 1)[-1]
+        if stem is not None:
+            name = stem + "." + name.rsplit(".", 1)[-1]
         stem = name.rsplit(".", 1)[0]
         target = f"quarantine/{hospital}/{name}"
         if self._exists(key):
@@ -418,6 +428,55 @@ class VectorStore:
     def reports(self, hospital: str) -> list[dict]:
         """Every merge view published for ``hospital``."""
         return [self.read_json(k) for k in self._list(f"reports/{hospital}/") if k.endswith(".json")]
+
+    # ------------------------------------------------------------ evaluation at the hospitals
+    @staticmethod
+    def answer_key(request_id: str, hospital: str) -> str:
+        """``answers/<request-id>/<hospital>.json``: one hospital's signed answer."""
+        return f"answers/{request_id}/{hospital}.json"
+
+    def put_request(self, base_sha256: str, candidates: dict[str, Base], min_count: int = 5) -> EvalRequest:
+        """Publish the candidates' weights, then the (signed) request that names them by sha256."""
+        request = EvalRequest(base_sha256=base_sha256, candidates={}, min_count=min_count)
+        refs = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, model in candidates.items():
+                key = f"candidates/{request.request_id}/{name}.safetensors"
+                path = Path(tmp) / f"{name}.safetensors"
+                save_base(model, path)
+                self._write_file(key, path)
+                refs[name] = CandidateRef(key=key, sha256=model.sha256)
+        request = request.model_copy(update={"candidates": refs})
+        self.write_json(f"requests/{request.request_id}.json", request.to_json())
+        return request
+
+    def get_request(self, request_id: str) -> EvalRequest:
+        """The request ``request_id``, its signature checked when the store pins the coordinator's key."""
+        doc = self.read_json(f"requests/{request_id}.json")
+        if doc is None:
+            raise StoreError(f"{self.url}: no evaluation request {request_id}")
+        return EvalRequest.model_validate(doc)
+
+    def candidate(self, request: EvalRequest, name: str) -> Base:
+        """A candidate's weights, their sha256 checked against the request."""
+        ref = request.candidates[name]
+        return load_base(self.local_file(ref.key), expected_sha256=ref.sha256)
+
+    def put_answer(self, request_id: str, hospital: str, envelope: dict) -> str:
+        """Store a hospital's signed answer; its key."""
+        key = self.answer_key(request_id, hospital)
+        self._write_bytes(key, json.dumps(envelope, indent=2).encode())
+        return key
+
+    def answer_envelopes(self, request_id: str) -> dict[str, Any]:
+        """Every answer stored for ``request_id``, as stored (signed envelopes), by the hospital its key names."""
+        keys = [k for k in self._list(f"answers/{request_id}/") if k.endswith(".json")]
+        return {k.rsplit("/", 1)[-1][: -len(".json")]: json.loads(self._read_bytes(k)) for k in keys}
+
+    def quarantine_answer(self, request_id: str, hospital: str, check: str, problem: str) -> Rejection:
+        """Move a rejected answer to ``quarantine/<hospital>/answer-<request-id>.json`` with its reason."""
+        key = self.answer_key(request_id, hospital)
+        return self.quarantine(key, check, problem, hospital, f"answer-{request_id}")
 
     def merge_weights(self, record: MergeRecord) -> Path:
         """A local file holding a merge's stored weights (θ with restored BN)."""

@@ -261,6 +261,10 @@ def test_two_hospitals_join_fine_tune_land_and_a_merge_is_registered_on_the_hard
         local = json.loads((tmp / "data" / shard / "meta.json").read_text())
         assert meta["n_train"] == local["n_train"]  # each hospital's own data, as its site file pins it
     wait_until(lambda: ["a", "b"] in registered_inputs(network), 240, "a registered merge of a and b")
+    admin = admin_s3(network)  # each hospital's view is written after registration, before latest.json moves
+    for name in ("a", "b"):
+        prefix = f"net/reports/{name}/"
+        wait_until(lambda p=prefix: admin.list_objects_v2(Bucket="medvec", Prefix=p)["KeyCount"], 120, prefix)
     # each hospital logged its fine-tune into its own experiment, under its own user
     report = network["hospitals"]["a"].medvec(
         "hospital", "report", "a", "--params", str(network["hospitals"]["a"].kit / "params.yaml"), "--json"
@@ -484,6 +488,9 @@ def test_with_its_own_store_keys_a_reaches_nothing_of_b_s_nor_what_the_coordinat
         "write a merged model": lambda: s3.put_object(Bucket="medvec", Key=f"net/models/{base}/latest.json", Body=body),
         "quarantine b": lambda: s3.put_object(Bucket="medvec", Key="net/quarantine/b/x.reason.json", Body=body),
         "empty the seen list": lambda: s3.put_object(Bucket="medvec", Key="net/intake/seen.json", Body=body),
+        "answer as b": lambda: s3.put_object(Bucket="medvec", Key="net/answers/r1/b.json", Body=body),
+        "publish an evaluation request": lambda: s3.put_object(Bucket="medvec", Key="net/requests/r1.json", Body=body),
+        "publish a candidate": lambda: s3.put_object(Bucket="medvec", Key="net/candidates/r1/x.safetensors", Body=body),
     }
     assert [name for name, call in attacks.items() if not denied(call)] == []
     after = [o["Key"] for o in admin.list_objects_v2(Bucket="medvec", Prefix="net/").get("Contents", [])]
@@ -494,6 +501,7 @@ def test_with_its_own_store_keys_a_reaches_nothing_of_b_s_nor_what_the_coordinat
     own = s3.list_objects_v2(Bucket="medvec", Prefix=f"net/vectors/{base}/a/")["Contents"]
     assert own and all("/a/" in o["Key"] for o in own)
     assert s3.list_objects_v2(Bucket="medvec", Prefix="net/reports/a/")["KeyCount"] >= 1
+    s3.put_object(Bucket="medvec", Key="net/answers/r1/a.json", Body=b"{}")  # its own answer to a request
 
 
 def mlflow_as(network, hospital: str, code: str) -> str:

@@ -60,10 +60,11 @@ def hospital_grants(hospital: str) -> Grants:
     h = hospital_name(hospital)
     own = (f"vectors/*/{h}/*", f"reports/{h}/*", f"quarantine/{h}/*")
     uploads = f"tmp/vectors/*/{h}/*"
+    answers = f"answers/*/{h}.json"
     return Grants(
-        read=("bases/*", "starts/*", "models/*", *own, uploads),
+        read=("bases/*", "starts/*", "models/*", "requests/*", "candidates/*", *own, uploads, answers),
         list=("bases/*", *own),
-        write=(f"vectors/*/{h}/*", uploads),
+        write=(f"vectors/*/{h}/*", uploads, answers),
     )
 
 

@@ -13,8 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from medvec.answers import EvalAnswer
+from pydantic import ValidationError
+
+from medvec.answers import EvalAnswer, EvalRequest, answer_problems
 from medvec.histograms import ScoreHistograms
+from medvec.record import Rejection
+from medvec.store import VectorStore
+from medvec.vectors.signing import DocumentRejected, Keyring
 
 
 @dataclass(frozen=True)
@@ -93,4 +98,42 @@ def gate(answers: list[EvalAnswer], candidate: str, champion: str, z: float = 1.
     return new.auc > old.auc + margin, reason
 
 
-__all__ = ["Pooled", "both_scored", "gate", "pool"]
+@dataclass(frozen=True)
+class Collected:
+    """The answers to one request that verified and fit it, and those rejected (kept in quarantine)."""
+
+    answers: list[EvalAnswer]
+    rejected: list[Rejection]
+
+    @property
+    def sites(self) -> list[str]:
+        """The hospitals whose answers count."""
+        return sorted(a.hospital for a in self.answers)
+
+
+def collect(store: VectorStore, request: EvalRequest, keyring: Keyring) -> Collected:
+    """Every answer stored for ``request``: verified with the keyring's key of the hospital its store key names,
+    then checked against the request. A rejected answer moves to quarantine with its reason."""
+    answers, rejected = [], []
+    for hospital, stored in sorted(store.answer_envelopes(request.request_id).items()):
+        problem = None
+        try:
+            doc = keyring.open_document(hospital, store.answer_key(request.request_id, hospital), stored)
+            answer = EvalAnswer.model_validate(doc)
+        except DocumentRejected as exc:
+            problem = (exc.check, str(exc))
+        except ValidationError as exc:
+            problem = ("format", f"not an evaluation answer: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}")
+        else:
+            if answer.hospital != hospital:
+                problem = ("impersonation", f"stored as {hospital}'s answer but names hospital {answer.hospital!r}")
+            elif found := answer_problems(answer, request):
+                problem = ("answer", "; ".join(found))
+        if problem is None:
+            answers.append(answer)
+        else:
+            rejected.append(store.quarantine_answer(request.request_id, hospital, *problem))
+    return Collected(answers, rejected)
+
+
+__all__ = ["Collected", "Pooled", "both_scored", "collect", "gate", "pool"]

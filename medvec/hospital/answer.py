@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from medvec.answers import CandidateAnswer, EvalAnswer
+from medvec.answers import CandidateAnswer, EvalAnswer, EvalRequest
 from medvec.data.images import ImageSet
 from medvec.evaluate import predict
 from medvec.histograms import Grid, ScoreReport, summed_loss
+from medvec.keys import DocumentSigner
 from medvec.models import ModelSpec
+from medvec.store import VectorStore
 
 
 def score_candidate(
@@ -49,4 +51,44 @@ def answer(
     )
 
 
-__all__ = ["answer", "score_candidate"]
+def answer_request(
+    store: VectorStore,
+    request_id: str,
+    hospital: str,
+    val: ImageSet,
+    split_sha256: str,
+    signer: DocumentSigner,
+    batch_size: int = 256,
+) -> str:
+    """Answer the request ``request_id`` in ``store`` and publish the answer signed with the hospital's key.
+
+    The request is read through the store, so a hospital that pinned the coordinator's key
+    (``store.trusting(verifier=…)``) refuses one the coordinator did not sign before it loads any candidate;
+    each candidate's weights are checked against the sha256 the request names. Candidates are loaded and
+    scored one at a time. Returns the answer's store key."""
+    request = store.get_request(request_id)
+    scored = {}
+    for name in request.candidates:
+        model = store.candidate(request, name)
+        scored[name] = score_candidate(model.model, val, model.spec, request.grid, request.min_count, batch_size)
+    reply = _answer_of(request, hospital, val, split_sha256, scored)
+    key = store.answer_key(request.request_id, hospital)
+    return store.put_answer(request.request_id, hospital, signer.sign(key, reply.to_json()))
+
+
+def _answer_of(
+    request: EvalRequest, hospital: str, val: ImageSet, split_sha256: str, scored: dict[str, CandidateAnswer]
+) -> EvalAnswer:
+    return EvalAnswer(
+        request_id=request.request_id,
+        request_sha256=request.sha256(),
+        hospital=hospital,
+        task=val.task,
+        split_n=len(val),
+        split_sha256=split_sha256,
+        min_count=request.min_count,
+        candidates=scored,
+    )
+
+
+__all__ = ["answer", "answer_request", "score_candidate"]

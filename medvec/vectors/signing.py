@@ -16,15 +16,24 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from medvec.errors import UserError
-from medvec.keys import fingerprint, load_private
+from medvec.keys import ENVELOPE, document_payload, fingerprint, is_signed, load_private
 from medvec.timing import utcnow
 from medvec.vectors.checks import load_vector
 from medvec.vectors.format import FORMAT, InvalidVectorError, write_safetensors
 from medvec.vectors.vector import VectorMeta
 
 DOMAIN = b"medvec-vector-signature/1\n"
+
+
+class DocumentRejected(UserError, ValueError):
+    """A hospital's signed document (an evaluation answer) that does not verify; ``check`` names why."""
+
+    def __init__(self, message: str, check: str):
+        super().__init__(message)
+        self.check = check
 
 
 def payload(content_sha256: str, meta_json: str, nonce: str) -> bytes:
@@ -188,6 +197,38 @@ class Keyring:
             path,
             f"signature does not verify with {meta.hospital!r}'s key (forged, or tensors/metadata changed)",
             "bad_signature",
+        )
+
+    def open_document(self, hospital: str, key: str, stored: Any) -> Any:
+        """A document ``hospital`` signed for store key ``key`` (an evaluation answer), once its signature
+        verifies with that hospital's key; :class:`DocumentRejected` (one line, with the check) otherwise."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if not is_signed(stored):
+            raise DocumentRejected(f"{key} is not signed (hospital {hospital!r})", "unsigned")
+        try:
+            sig = base64.b64decode(stored[ENVELOPE]["sig"], validate=True)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = f"{key}: malformed signature block ({exc.__class__.__name__})"
+            raise DocumentRejected(problem, "bad_signature") from exc
+        message = document_payload(key, stored["doc"])
+        public = self.keys.get(hospital)
+        if public is not None:
+            try:
+                Ed25519PublicKey.from_public_bytes(base64.b64decode(public)).verify(sig, message)
+                return stored["doc"]
+            except InvalidSignature:
+                pass
+        revoked = self._revoked_signature(hospital, sig, message)
+        if revoked is not None:
+            what = f"{fingerprint(revoked['public_key'])}, revoked {revoked['revoked_at'][:19]}: {revoked['reason']}"
+            raise DocumentRejected(f"{key} is signed with hospital {hospital!r}'s revoked key ({what})", "revoked")
+        if public is None:
+            raise DocumentRejected(f"{key}: unknown hospital {hospital!r}, not in the keyring", "unknown_hospital")
+        who = stored[ENVELOPE].get("key", "?") if isinstance(stored[ENVELOPE], dict) else "?"
+        raise DocumentRejected(
+            f"{key} does not verify with hospital {hospital!r}'s key (signed by {who}, or changed)", "bad_signature"
         )
 
 

@@ -1,5 +1,7 @@
-"""Score histograms (issue 25): exact values on hand-made rows, and on real images the pooled AUC of three
-hospitals' histograms against scikit-learn's AUC on the union of their validation images."""
+"""Evaluation at the hospitals (issue 25): score histograms with exact values on hand-made rows; on real
+images, the pooled AUC of three hospitals' reports against scikit-learn's AUC on the union of their validation
+images; answers, the pooled gate, and the signed request → signed answers round trip through a store, with the
+attacks on it (a forged request, changed candidate weights, an answer under another hospital's name)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import BREAST, PNEUMONIA
-from medvec.answers import EvalAnswer, answer_problems
+from medvec.answers import CandidateRef, EvalAnswer, EvalRequest, answer_problems
 from medvec.config import FinetuneConfig
-from medvec.coordinator.pooled import both_scored, gate, pool
+from medvec.coordinator.pooled import both_scored, collect, gate, pool
 from medvec.data.sources import load_split
 from medvec.evaluate import choose_threshold, metric_value, predict
 from medvec.histograms import (
@@ -27,9 +29,12 @@ from medvec.histograms import (
     hanley_mcneil_se,
     summed_loss,
 )
-from medvec.hospital.answer import answer
+from medvec.hospital.answer import answer, answer_request
 from medvec.hospital.train import finetune
-from medvec.models import create_base
+from medvec.keys import DocumentSigner, UntrustedDocument, keygen
+from medvec.models import BaseMismatchError, create_base, save_base, state_sha256
+from medvec.store import LocalStore
+from medvec.vectors.signing import Keyring
 
 
 def hand(neg: dict[int, int], pos: dict[int, int], bins: int = 100) -> ScoreHistograms:
@@ -219,13 +224,23 @@ def test_hanley_mcneil_standard_error_by_hand():
     )
 
 
+def request_for(names: tuple[str, ...] = ("candidate", "champion"), min_count: int = 5) -> EvalRequest:
+    """A request for ``names`` (the weights are not read by the tests that use it)."""
+    refs = {n: CandidateRef(key=f"candidates/r1/{n}.safetensors", sha256="0" * 64) for n in names}
+    return EvalRequest(
+        request_id="r1", base_sha256="0" * 64, candidates=refs, min_count=min_count, created_at="2026-12-05T00:00:00"
+    )
+
+
 def site_answers(network, min_count: int = 5) -> list[EvalAnswer]:
     """Three hospitals' answers, each scoring both models on its share of the validation images."""
     base, models, val = network
+    request = request_for()
     out = []
     for name, index in zip(("a", "b", "c"), sites(len(val)), strict=True):
         own = val.subset(index)
-        out.append(answer("r1", "f" * 64, name, models, own, own.sha256(), base.spec, Grid(), min_count))
+        args = (request.request_id, request.sha256(), name, models, own, own.sha256(), base.spec, Grid(), min_count)
+        out.append(answer(*args))
     return out
 
 
@@ -233,7 +248,7 @@ def test_answers_hold_aggregates_only_and_pool_to_the_union(network, trained):
     proba, labels = trained
     answers = site_answers(network)
     for a in answers:
-        assert answer_problems(a, "r1", "f" * 64, ["candidate", "champion"], Grid(), 5) == []
+        assert answer_problems(a, request_for()) == []
         doc = a.to_json()
         # what leaves: counts, a summed loss, cells of at least five images; no score, no index, no image id
         for c in doc["candidates"].values():
@@ -265,10 +280,97 @@ def test_the_gate_compares_like_with_like_and_needs_more_than_a_standard_error(n
 
 def test_an_answer_that_breaks_the_request_s_rules_is_named_with_every_reason(network):
     a = site_answers(network, min_count=1)[0]
-    problems = answer_problems(a, "r2", "f" * 64, ["candidate", "other"], Grid(), 5)
-    assert problems[0] == f"answers request r1 ({'f' * 12}), not r2"
+    other = request_for(("candidate", "other")).model_copy(update={"request_id": "r2"})
+    problems = answer_problems(a, other)
+    assert problems[0] == f"answers request r1 ({a.request_sha256[:12]}), not r2"
     assert problems[1] == "candidates differ from the request's: missing ['other'], not asked ['champion']"
     assert problems[2] == "min_count 1 is below the request's 5"
-    assert problems[3].startswith("candidate candidate: a group counts ") and problems[3].endswith(
-        "fewer than min_count 5"
+    assert problems[3].startswith("candidate candidate: a group counts ")
+    assert problems[3].endswith("fewer than min_count 5")
+
+
+@pytest.fixture()
+def parties(tmp_path):
+    """A coordinator with its key, three hospitals with theirs, and the keyring that holds the hospitals'."""
+    keygen("coordinator", tmp_path / "keys")
+    keyring = Keyring()
+    signers = {}
+    for h in ("a", "b", "c"):
+        keygen(h, tmp_path / "keys")
+        keyring.add(h, tmp_path / "keys" / f"{h}.pub")
+        signers[h] = DocumentSigner.load(tmp_path / "keys" / f"{h}.key")
+    coordinator = DocumentSigner.load(tmp_path / "keys" / "coordinator.key")
+    return coordinator, signers, keyring
+
+
+def publish_request(network, store_root, coordinator) -> tuple[LocalStore, EvalRequest]:
+    base, models, _ = network
+    store = LocalStore(store_root).trusting(coordinator, coordinator.verifier)
+    candidates = {n: base.with_model(m, state_sha256(m.state_dict())) for n, m in models.items()}
+    return store, store.put_request(base.sha256, candidates, min_count=5)
+
+
+def test_a_signed_request_is_answered_by_three_hospitals_and_pooled_by_the_coordinator(network, parties, tmp_path):
+    coordinator, signers, keyring = parties
+    _, _, val = network
+    store, request = publish_request(network, tmp_path / "store", coordinator)
+    hospital_view = LocalStore(tmp_path / "store").trusting(verifier=coordinator.verifier)  # the pinned key
+    for name, index in zip(("a", "b", "c"), sites(len(val)), strict=True):
+        own = val.subset(index)
+        key = answer_request(hospital_view, request.request_id, name, own, own.sha256(), signers[name])
+        assert key == f"answers/{request.request_id}/{name}.json"
+    collected = collect(store, request, keyring)
+    assert collected.sites == ["a", "b", "c"] and collected.rejected == []
+    # the same answers as scoring in process: the store round trip changes nothing
+    direct = site_answers(network)
+    for got, expected in zip(collected.answers, direct, strict=True):
+        assert got.candidates == expected.candidates
+    pooled = pool(collected.answers, "candidate")
+    assert pooled.n == len(val) and pooled.auc == pool(direct, "candidate").auc
+
+
+def test_a_request_the_coordinator_did_not_sign_or_changed_weights_are_refused_before_anything_is_scored(
+    network, parties, tmp_path
+):
+    coordinator, signers, _ = parties
+    _, _, val = network
+    store, request = publish_request(network, tmp_path / "store", coordinator)
+    hospital_view = LocalStore(tmp_path / "store").trusting(verifier=coordinator.verifier)
+    member = LocalStore(tmp_path / "store")  # whoever can write requests/ without the coordinator's key
+    member.write_json(f"requests/{request.request_id}.json", request.to_json())  # unsigned, same content
+    with pytest.raises(UntrustedDocument, match=f"requests/{request.request_id}.json is not signed by the coordinator"):
+        answer_request(hospital_view, request.request_id, "a", val, val.sha256(), signers["a"])
+    store.write_json(f"requests/{request.request_id}.json", request.to_json())  # signed again
+    # changed weights under a candidate's key: the sha256 the signed request names no longer matches
+    other = create_base("tiny_cnn", 2, pretrained=False, seed=9)
+    save_base(other, tmp_path / "store" / request.candidates["candidate"].key)
+    with pytest.raises(BaseMismatchError, match=f"base sha256 is {other.sha256}, expected "):
+        answer_request(hospital_view, request.request_id, "a", val, val.sha256(), signers["a"])
+    assert store.answer_envelopes(request.request_id) == {}  # nothing answered
+
+
+def test_an_answer_under_another_hospital_s_name_or_unsigned_is_rejected_and_kept_with_its_reason(
+    network, parties, tmp_path
+):
+    coordinator, signers, keyring = parties
+    _, _, val = network
+    store, request = publish_request(network, tmp_path / "store", coordinator)
+    own = val.subset(sites(len(val))[0])
+    answer_request(store, request.request_id, "a", own, own.sha256(), signers["a"])
+    genuine = store.answer_envelopes(request.request_id)["a"]
+    # a signs an answer and stores it as b's (with a write credential a should not hold, or as the store's operator)
+    doc = {**genuine["doc"], "hospital": "b"}
+    store.put_answer(request.request_id, "b", signers["a"].sign(store.answer_key(request.request_id, "b"), doc))
+    # an unsigned answer as c's
+    store.put_answer(request.request_id, "c", {**genuine["doc"], "hospital": "c"})
+    collected = collect(store, request, keyring)
+    assert collected.sites == ["a"]
+    reasons = {r.hospital_claimed: (r.check, r.problem) for r in collected.rejected}
+    assert reasons["b"][0] == "bad_signature"
+    assert reasons["b"][1].endswith(
+        f"does not verify with hospital 'b''s key (signed by {signers['a'].verifier.fingerprint}, or changed)"
     )
+    assert reasons["c"] == ("unsigned", f"answers/{request.request_id}/c.json is not signed (hospital 'c')")
+    kept = {r.object for r in store.quarantined()}
+    assert kept == {f"quarantine/b/answer-{request.request_id}.json", f"quarantine/c/answer-{request.request_id}.json"}
+    assert sorted(store.answer_envelopes(request.request_id)) == ["a"]

@@ -1,0 +1,117 @@
+"""How far the AUC pooled from hospitals' score reports is from the exact AUC on the union of their images,
+by ``min_count`` (issue 25).
+
+For each data set and seed, a tiny CNN is fine-tuned on the training split (seeded), the validation split is
+divided among three hospitals (20 / 35 / 45 %, a seeded permutation: the seed moves the split too), each
+hospital reports its scores with ``min_count`` k (``medvec.histograms.ScoreReport``), and the coordinator pools
+the reports. The error is pooled AUC − scikit-learn's AUC on the union.
+
+    python benchmarks/pooled_auc.py [--seeds 0 1 2] [--min-counts 1 5 10]
+
+Writes ``benchmarks/results/pooled_auc.json`` (headline: the mean and largest absolute error per data set and
+k) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, table, write
+
+from medvec.config import FinetuneConfig
+from medvec.data.sources import load_split
+from medvec.evaluate import predict
+from medvec.histograms import Grid, ScoreReport
+from medvec.hospital.train import finetune
+from medvec.models import create_base
+
+DATASETS = {"pneumoniamnist": ROOT / "data" / "pneumoniamnist.npz", "breastmnist": ROOT / "data" / "breastmnist.npz"}
+SHARES = (0.2, 0.35)  # cut points of the three hospitals' shares: 20 %, 35 %, 45 %
+
+
+def one_seed(path: Path, seed: int, min_counts: list[int]) -> list[dict]:
+    """The rows of one data set and seed: the exact AUC, and each k's pooled AUC and its error."""
+    base = create_base("tiny_cnn", 2, pretrained=False, seed=seed)
+    model = base.fresh()
+    cfg = FinetuneConfig(epochs=3, lr=0.003, threads=torch.get_num_threads(), seed=seed)
+    finetune(model, load_split(path, "train"), base.spec, cfg, progress=False)
+    val = load_split(path, "val")
+    proba, labels = predict(model, val, base.spec), np.asarray(val.labels).reshape(-1)
+    exact = float(roc_auc_score(labels, proba[:, 1]))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    sites = np.split(order, [int(SHARES[0] * len(labels)), int((SHARES[0] + SHARES[1]) * len(labels))])
+    rows = []
+    for k in min_counts:
+        reports = [ScoreReport.of(proba[i], labels[i], "multiclass", Grid(), k) for i in sites]
+        first, *rest = [r.histograms() for r in reports]
+        pooled = sum(rest, first).auc("multiclass")
+        rows.append(
+            {
+                "data": path.stem,
+                "seed": seed,
+                "min_count": k,
+                "images": len(labels),
+                "sites": "/".join(str(len(i)) for i in sites),
+                "exact_auc": exact,
+                "pooled_auc": pooled,
+                "error": pooled - exact,
+                "withheld_columns": sum(len(r.withheld) for r in reports),
+            }
+        )
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean and largest absolute error per data set and k."""
+    out = []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        for k in dict.fromkeys(r["min_count"] for r in rows):
+            errors = [abs(r["error"]) for r in rows if r["data"] == data and r["min_count"] == k]
+            defined = [e for e in errors if not np.isnan(e)]
+            out.append(
+                {
+                    "data": data,
+                    "min_count": k,
+                    "mean_abs_error": statistics.mean(defined) if defined else float("nan"),
+                    "max_abs_error": max(defined) if defined else float("nan"),
+                    "undefined": len(errors) - len(defined),
+                }
+            )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--min-counts", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r for path in DATASETS.values() for seed in args.seeds for r in one_seed(path, seed, args.min_counts)]
+    summed = summary(rows)
+    command = "python benchmarks/pooled_auc.py " + " ".join(sys.argv[1:])
+    headline = {
+        f"{s['data']}/k={s['min_count']}": {"mean": s["mean_abs_error"], "max": s["max_abs_error"]} for s in summed
+    }
+    markdown = "\n\n".join(
+        [
+            f"Pooled AUC from three hospitals' score reports against the exact AUC on the union (`{command.strip()}`):",
+            table(summed, ["data", "min_count", "mean_abs_error", "max_abs_error", "undefined"]),
+            "Every seed:",
+            table(rows, ["data", "seed", "min_count", "sites", "exact_auc", "pooled_auc", "error", "withheld_columns"]),
+        ]
+    )
+    write("pooled_auc", {"command": command.strip(), "headline": headline, "rows": rows, "summary": summed}, markdown)
+
+
+if __name__ == "__main__":
+    main()
