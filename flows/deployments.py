@@ -4,7 +4,8 @@
   ``medvec.vector.landed``, reconciled on a schedule (hourly by default), one run at a
   time (others queue).
 * ``hospital-<name>`` pool per hospital: deployment ``hospital-finetune/<name>``, with
-  an optional cron or interval schedule for retraining.
+  an optional cron or interval schedule for retraining, and ``hospital-evaluate/<name>``, which the
+  coordinator starts with the id of an evaluation request.
 
 Every pool is of type ``medvec`` and is served by a medvec worker (:mod:`flows.worker`).
 A deployment on the server is only a trigger: it holds no parameter, path, pull step or
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from flows.events import VECTOR_LANDED
+from flows.hospital_evaluate import EVALUATE_FLOW
 from flows.hospital_finetune import HOSPITAL_FLOW
 from flows.merge_and_evaluate import MERGE_FLOW
 from flows.site import Site, site_file
@@ -34,6 +36,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 COORDINATOR_POOL = "coordinator"
 COORDINATOR_DEPLOYMENT = "coordinator"
 HOSPITAL_ENTRYPOINT = "flows/hospital_finetune.py:hospital_finetune"
+EVALUATE_ENTRYPOINT = "flows/hospital_evaluate.py:hospital_evaluate"
 MERGE_ENTRYPOINT = "flows/merge_and_evaluate.py:merge_and_evaluate"
 
 
@@ -80,19 +83,19 @@ def _existing_id(flow_name: str, name: str) -> str | None:
             return None
 
 
-def _pinned_id(pool: str) -> str | None:
-    path = site_file(pool)
+def _pinned_id(pool: str, kind: str | None = None) -> str | None:
+    path = site_file(pool, kind)
     return Site.load(path).deployment_id if path.exists() else None
 
 
-def check_not_taken(flow_name: str, name: str, pool: str, replace: bool) -> None:
+def check_not_taken(flow_name: str, name: str, pool: str, replace: bool, kind: str | None = None) -> None:
     """Refuse to overwrite a deployment this machine did not create, unless ``replace``."""
     existing = _existing_id(flow_name, name)
-    if existing is None or replace or existing == _pinned_id(pool):
+    if existing is None or replace or existing == _pinned_id(pool, kind):
         return
     raise DeploymentTakenError(
         f"{flow_name}/{name} already exists on the Prefect server and this machine did not create it "
-        f"(no site file {site_file(pool)} pins it): if this machine is {name}, pass --replace"
+        f"(no site file {site_file(pool, kind)} pins it): if this machine is {name}, pass --replace"
     )
 
 
@@ -204,6 +207,7 @@ def deploy_hospital(
     pool = hospital_pool(name)
     schedules = _schedules(cron, interval)
     check_not_taken(HOSPITAL_FLOW, name, pool, replace)
+    check_not_taken(EVALUATE_FLOW, name, pool, replace, "evaluate")
     ensure_pool(pool)
     dep_id = _apply(
         HOSPITAL_FLOW,
@@ -222,7 +226,35 @@ def deploy_hospital(
         "key_file": str(Path(key_file).resolve()) if key_file else None,
     }
     site = Site("hospital", pool, HOSPITAL_FLOW, HOSPITAL_ENTRYPOINT, dep_id, parameters)
+    _deploy_evaluate(name, pool, parameters)
     return dep_id, site.save(site_file(pool))
+
+
+def _deploy_evaluate(name: str, pool: str, finetune: dict) -> Path:
+    """Deployment ``hospital-evaluate/<name>`` (no schedule: the coordinator starts it with a request id) and
+    its site file, with the fine-tune's pinned parameters less those only training reads."""
+    dep_id = _apply(EVALUATE_FLOW, name, pool, EVALUATE_ENTRYPOINT, tags=["medvec", "hospital", f"hospital:{name}"])
+    keep = ("hospital", "data_dir", "store_url", "params", "key_file", "progress")
+    parameters = {k: finetune[k] for k in keep}
+    site = Site("hospital", pool, EVALUATE_FLOW, EVALUATE_ENTRYPOINT, dep_id, parameters, ("request",))
+    return site.save(site_file(pool, "evaluate"))
+
+
+def run_hospital_evaluate(name: str, request_id: str, timeout: float | None = None):
+    """Start ``hospital-evaluate/<name>`` for evaluation request ``request_id`` and wait; returns the flow run."""
+    from prefect.deployments import run_deployment
+
+    try:
+        return run_deployment(f"{EVALUATE_FLOW}/{name}", parameters={"request": request_id}, timeout=timeout)
+    except Exception as exc:
+        from prefect.exceptions import ObjectNotFound
+
+        if isinstance(exc, ObjectNotFound):
+            hint = f"hospital {name} joins again with this version (`medvec hospital join {name} ...`)"
+            raise DeploymentNotFoundError(
+                f"no deployment {EVALUATE_FLOW}/{name} on the Prefect server: {hint}"
+            ) from exc
+        raise
 
 
 class DeploymentNotFoundError(UserError, LookupError):
@@ -309,6 +341,7 @@ __all__ = [
     "ensure_pool",
     "hospital_pool",
     "run_hospital",
+    "run_hospital_evaluate",
     "set_hospital_schedule",
     "start_worker",
     "worker_command",

@@ -6,11 +6,13 @@ a medvec worker (``flows.worker``) takes nothing from the server but the fact th
 
 * the flow, its entrypoint in this checkout and every parameter (data folder, store, key, privacy
   settings, hospital name) come from the site file that ``medvec hospital join`` (or ``medvec coordinator
-  up``) wrote here, ``.medvec/sites/<pool>.json`` (``MEDVEC_SITE_DIR`` moves the folder);
+  up``) wrote here, ``.medvec/sites/<pool>.json`` (``MEDVEC_SITE_DIR`` moves the folder); a pool with a
+  second flow (a hospital's ``hospital-evaluate``) has one more file, ``<pool>.<flow-kind>.json``;
 * a run is refused, before any code of it runs, unless it comes from the deployment that file pins (by
   id), with the pinned entrypoint, no pull steps, no job variables, the pool's job template as medvec
   made it, and no parameters beyond the few a site takes from the server (the coordinator: the landed
-  event that triggered it, which its merge re-reads from the store anyway).
+  event that triggered it, which its merge re-reads from the store anyway; a hospital's evaluation: the id
+  of the coordinator's request, whose signature the flow checks before it loads anything).
 
 :func:`refusal` is the whole decision, a pure function over :class:`RunView`; the worker only builds the
 view from the server's answers.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +32,7 @@ from medvec.errors import UserError
 SITE_DIR_ENV = "MEDVEC_SITE_DIR"
 DEFAULT_SITE_DIR = ".medvec/sites"
 TRIGGER_KEYS = frozenset({"event_id", "vector", "occurred"})
+REQUEST_ID = re.compile(r"eval-[0-9A-Za-z-]{1,80}")  # medvec.answers.EvalRequest's ids
 Role = Literal["hospital", "coordinator"]
 
 
@@ -80,8 +84,20 @@ def site_dir() -> Path:
     return Path(os.environ.get(SITE_DIR_ENV) or DEFAULT_SITE_DIR).resolve()
 
 
-def site_file(pool: str) -> Path:
-    return site_dir() / f"{pool}.json"
+def site_file(pool: str, kind: str | None = None) -> Path:
+    """The site file of ``pool``'s main flow, or of its flow ``kind`` (``evaluate``)."""
+    return site_dir() / (f"{pool}.{kind}.json" if kind else f"{pool}.json")
+
+
+def pool_site_files(main: Path) -> list[Path]:
+    """The main site file of a pool and the files of its other flows (``<pool>.<kind>.json``) beside it."""
+    main = Path(main)
+    return [main, *sorted(main.parent.glob(main.stem + ".*.json"))]
+
+
+def for_run(sites: list[tuple[Path, Site]], deployment_id: str | None) -> tuple[Path, Site]:
+    """The site file whose deployment started the run; the pool's main one when none did (it refuses)."""
+    return next(((p, s) for p, s in sites if s.deployment_id == deployment_id), sites[0])
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,15 @@ def refusal(site: Site, run: RunView) -> str | None:
     extra = sorted(set(run.parameters) - set(site.run_parameters))
     if extra:
         return f"parameters set on the server ({', '.join(extra)}); this site pins its own"
+    if "request" in site.run_parameters:
+        return _request_problem(run.parameters.get("request"))
     return _trigger_problem(run.parameters.get("trigger")) if "trigger" in site.run_parameters else None
 
 
-__all__ = ["RunView", "Site", "SiteError", "refusal", "site_dir", "site_file"]
+def _request_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
+        return f"parameter request {value!r} is not an evaluation request id"
+    return None
+
+
+__all__ = ["RunView", "Site", "SiteError", "for_run", "pool_site_files", "refusal", "site_dir", "site_file"]

@@ -35,7 +35,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Failed
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
-from flows.site import RunView, Site, refusal
+from flows.site import RunView, Site, for_run, pool_site_files, refusal
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 WORKER_TYPE = "medvec"
@@ -76,12 +76,14 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
         self.site = Site.load(self.site_path)
         super().__init__(work_pool_name=self.site.pool, create_pool_if_not_found=False, **kwargs)
 
-    def _reload(self) -> Site:
-        """The site file as it is now (``join --replace`` rewrites it while the worker runs); the pool stays."""
-        site = Site.load(self.site_path)
-        if site.pool != self.site.pool:
-            raise ValueError(f"{self.site_path} now names pool {site.pool}, not {self.site.pool}: restart the worker")
-        return site
+    def _reload(self) -> list[tuple[Path, Site]]:
+        """The pool's site files as they are now (``join --replace`` rewrites them while the worker runs); the
+        main one first. The pool stays the one this worker polls."""
+        sites = [(path, Site.load(path)) for path in pool_site_files(self.site_path)]
+        for path, site in sites:
+            if site.pool != self.site.pool:
+                raise ValueError(f"{path} names pool {site.pool}, not {self.site.pool}: restart the worker")
+        return sites
 
     async def _refuse(self, flow_run: FlowRun, reason: str) -> None:
         state = refused(self.site, reason)
@@ -97,14 +99,14 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
     ) -> MedvecWorkerResult:
         """Refuse the run, or run the site's flow for it in a child process of this checkout."""
         status = task_status or anyio.TASK_STATUS_IGNORED
-        self.site = self._reload()
+        path, self.site = for_run(self._reload(), str(flow_run.deployment_id) if flow_run.deployment_id else None)
         reason = refusal(self.site, await run_view(self.client, self.site, flow_run))
         if reason is not None:
             await self._refuse(flow_run, reason)
             status.started(0)
             return MedvecWorkerResult(identifier="refused", status_code=0)
         proc = await anyio.open_process(
-            execute_command(self.site_path, flow_run.id),
+            execute_command(path, flow_run.id),
             cwd=PROJECT_DIR,
             env=dict(os.environ),
             stdout=None,

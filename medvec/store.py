@@ -47,7 +47,7 @@ from typing import Any
 
 from medvec.answers import CandidateRef, EvalRequest
 from medvec.batchnorm import MomentSums
-from medvec.errors import UserError
+from medvec.errors import Refusal, UserError
 from medvec.faults import failpoint
 from medvec.keys import DocumentSigner, DocumentVerifier, unwrap
 from medvec.models import Base, load_base, save_base
@@ -58,6 +58,10 @@ from medvec.vectors.file import VectorFile
 from medvec.vectors.format import LARGE_WRITE, write_large
 from medvec.vectors.signing import sign_file
 from medvec.vectors.vector import DataVector
+
+
+class UnknownRequest(Refusal, LookupError):
+    """An evaluation request id the store does not hold (a hospital answers only what the coordinator published)."""
 
 
 class StoreError(UserError, RuntimeError):
@@ -454,7 +458,7 @@ class VectorStore:
         """The request ``request_id``, its signature checked when the store pins the coordinator's key."""
         doc = self.read_json(f"requests/{request_id}.json")
         if doc is None:
-            raise StoreError(f"{self.url}: no evaluation request {request_id}")
+            raise UnknownRequest(f"{self.url}: no evaluation request {request_id}")
         return EvalRequest.model_validate(doc)
 
     def candidate(self, request: EvalRequest, name: str) -> Base:

@@ -8,10 +8,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medvec.config import BatchNormConfig, FinetuneConfig, Params, PrivacyConfig
+from medvec.hospital.answer import answer_request
 from medvec.hospital.finetune import Training, finetune_vector, with_moments
 from medvec.hospital.local import LocalData
 from medvec.hospital.privacy import Ledger
 from medvec.hospital.publish import Published, publish
+from medvec.keys import DocumentSigner
 from medvec.models import Base
 from medvec.store import VectorStore
 from medvec.vectors.vector import DataVector
@@ -64,6 +66,16 @@ def spend_privacy_budget(vector: DataVector, privacy: PrivacyConfig, data_dir: s
     """Before publishing a DP vector: refuse it past ``privacy.lifetime_epsilon`` (kept at the hospital), else
     add its ε to the local ledger. Written first, so a crash before the publish over-counts, never under-counts."""
     Ledger.for_hospital(privacy, data_dir).spend(vector, privacy.lifetime_epsilon)
+
+
+@task(**IO_RETRIES)
+def answer_evaluation(
+    store: VectorStore, request_id: str, hospital: str, data: LocalData, key_file: str, batch_size: int
+) -> str:
+    """Score the request's candidates on the local validation split and publish the signed answer; its key."""
+    assert data.val is not None  # the flow checks first
+    signer = DocumentSigner.load(key_file)
+    return answer_request(store, request_id, hospital, data.val, data.val.sha256(), signer, batch_size)
 
 
 @task(**IO_RETRIES)

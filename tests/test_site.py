@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from flows.site import RunView, Site, SiteError, refusal
+from flows.site import RunView, Site, SiteError, for_run, pool_site_files, refusal
 
 HOSPITAL = Site(
     "hospital",
@@ -101,3 +101,38 @@ def test_the_site_file_round_trips_is_private_and_a_bad_one_is_one_line(tmp_path
     (tmp_path / "bad.json").write_text('{"role": "hospital"}')
     with pytest.raises(SiteError, match="not a medvec site file"):
         Site.load(tmp_path / "bad.json")
+
+
+EVALUATE = dataclasses.replace(
+    HOSPITAL,
+    flow="hospital-evaluate",
+    entrypoint="flows/hospital_evaluate.py:hospital_evaluate",
+    deployment_id="dep-b-eval",
+    run_parameters=("request",),
+)
+
+
+@pytest.mark.parametrize(
+    ("request_id", "reason"),
+    [
+        ("eval-20261205T164500-ab12cd", None),
+        (None, "parameter request None is not an evaluation request id"),
+        ("../../etc/passwd", "parameter request '../../etc/passwd' is not an evaluation request id"),
+        ("eval-x/../y", "parameter request 'eval-x/../y' is not an evaluation request id"),
+        (["eval-x"], "parameter request ['eval-x'] is not an evaluation request id"),
+    ],
+)
+def test_an_evaluation_run_takes_one_request_id_from_the_server_and_nothing_else(request_id, reason):
+    assert refusal(EVALUATE, view(EVALUATE, parameters={"request": request_id})) == reason
+
+
+def test_a_pool_s_runs_go_to_the_site_file_of_their_own_deployment(tmp_path):
+    main = HOSPITAL.save(tmp_path / "hospital-b.json")
+    second = EVALUATE.save(tmp_path / "hospital-b.evaluate.json")
+    HOSPITAL.save(tmp_path / "hospital-bb.json")  # another pool's file is not this pool's
+    assert pool_site_files(main) == [main, second]
+    sites = [(p, Site.load(p)) for p in pool_site_files(main)]
+    assert for_run(sites, "dep-b-eval") == (second, EVALUATE)
+    assert for_run(sites, "dep-b") == (main, HOSPITAL)
+    path, site = for_run(sites, "dep-x")  # unknown: the main site, whose refusal names the mismatch
+    assert path == main and refusal(site, view(deployment_id="dep-x")).startswith("deployment dep-x is not")

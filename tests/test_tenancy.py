@@ -446,6 +446,63 @@ def test_a_repointed_current_base_is_refused_by_b_s_next_fine_tune_and_nothing_i
     assert published(network, "b") == before  # nothing published
 
 
+EVALUATE = """
+import json, sys
+from flows.deployments import run_hospital_evaluate
+from medvec.coordinator.pooled import collect, pool
+from medvec.keys import DocumentSigner
+from medvec.store import open_store
+from medvec.vectors.signing import Keyring
+store_url, key, keyring = sys.argv[1:4]
+signer = DocumentSigner.load(key)
+store = open_store(store_url).trusting(signer, signer.verifier)
+base = store.get_base(store.current_base())
+request = store.put_request(base.sha256, {"base": base}, min_count=5)
+runs = {h: run_hospital_evaluate(h, request.request_id, timeout=240) for h in ("a", "b")}
+got = collect(store, request, Keyring.load(keyring))
+print(json.dumps({
+    "request": request.request_id,
+    "states": {h: r.state.type.value for h, r in runs.items()},
+    "sites": got.sites,
+    "rejected": [r.problem for r in got.rejected],
+    "n": pool(got.answers, "base").n if got.answers else 0,
+}))
+"""
+
+
+def test_the_coordinator_asks_both_hospitals_to_evaluate_and_collects_their_signed_answers(network):
+    """Issue 25 on the hardened network: the coordinator publishes a signed request, starts each hospital's
+    ``hospital-evaluate`` with its id, and collects answers each hospital signed and stored with its own keys."""
+    coordinator, tmp = network["coordinator"], network["tmp"]
+    args = [network["store"], "keys/coordinator.key", "keys/keyring.json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", EVALUATE, *args],
+        cwd=coordinator.cwd,
+        env=coordinator.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["states"] == {"a": "COMPLETED", "b": "COMPLETED"} and out["rejected"] == []
+    assert out["sites"] == ["a", "b"]
+    n_val = sum(json.loads((tmp / "data" / s / "meta.json").read_text())["n_val"] for s in ("h1", "h2"))
+    assert out["n"] == n_val  # every local validation image counted once, none sent
+
+
+def test_a_cannot_make_b_evaluate_anything_but_a_request_the_coordinator_signed(network):
+    attacker = network["attacker"]
+    b = attacker.deployment_id("hospital-evaluate/b")
+    # a request id the coordinator never published (a cannot write requests/: AccessDenied below)
+    run = attacker.run(b, parameters={"request": "eval-forged"})
+    assert run["state"]["type"] == "FAILED" and "no evaluation request eval-forged" in run["state"]["message"]
+    # anything but a request id, or another parameter, is refused before the flow runs
+    assert "is not an evaluation request id" in refused(attacker.run(b, parameters={"request": "../../etc"}))
+    reason = refused(attacker.run(b, parameters={"request": "eval-x", "data_dir": "/tmp"}))
+    assert reason.endswith("parameters set on the server (data_dir); this site pins its own")
+
+
 def a_s3(network):
     """Hospital a's S3 client: the keys of its own kit."""
     env = network["hospitals"]["a"].env
