@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness privacy data-bench async-bench bench load peers install dirs clean
+.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness federated-eval privacy data-bench async-bench bench load peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ load: $(STAMP) dirs
 
 robustness: $(STAMP) dirs
 	$(PY) benchmarks/robustness.py $(ARGS)
+
+# central selection (coordinator.eval_data) against the hospitals' answers (evaluate.where: hospitals), 3 seeds
+federated-eval: $(STAMP) dirs
+	$(PY) benchmarks/federated_eval.py $(ARGS)
 
 # the demo on PNG and DICOM manifests vs the .npz, and a multi-label and a 4-class task over 3 seeds (about 50 min)
 data-bench: $(STAMP) dirs

@@ -61,7 +61,7 @@ DATA = ROOT / "data" / "pneumoniamnist.npz"
 
 def score(model: torch.nn.Module, base: Base, evalsets: scoring.EvalSets, bs: int) -> dict:
     """Test AUC, argmax balanced accuracy, and the validation-chosen operating point on test."""
-    assert evalsets.test is not None, "the benchmark's data has a test split"
+    assert evalsets.val is not None and evalsets.test is not None, "the benchmark's data has val and test splits"
     pv, pt = predict(model, evalsets.val, base.spec, bs), predict(model, evalsets.test, base.spec, bs)
     val, test = metrics(evalsets.val.labels, pv), metrics(evalsets.test.labels, pt)
     op = operating_point((evalsets.val.labels, pv[:, 1]), (evalsets.test.labels, pt[:, 1]))

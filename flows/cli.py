@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from medvec.config import Params, load_params
+from medvec.config import ConfigError, Params, load_params
 from medvec.errors import ServerUnreachableError, UserError
 from medvec.keys import coordinator_keys, pinned_key
 from medvec.names import hospital_name
@@ -229,20 +229,27 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
     from medvec.store import open_store
 
     p = _params(args)
-    if args.num_classes is None:
+    if p.coordinator.eval_data:
         check_source(p.coordinator.eval_data, ("val",))
+    elif p.evaluate.where == "coordinator":
+        raise ConfigError("no coordinator.eval_data: give one, or let the hospitals score (evaluate.where: hospitals)")
+    elif args.num_classes is None and not p.model.classes:
+        raise ConfigError("no coordinator.eval_data to read the classes from: set model.classes or --num-classes")
     require_prefect_api()
     from flows.deployments import deploy_coordinator, worker_command  # lazy: front door
 
     signer, verifier = coordinator_keys(p.coordinator.key)
     store = open_store(p.store.url).trusting(signer, verifier)
-    num_classes, classes = args.num_classes, None
-    if num_classes is None:
+    num_classes, classes = args.num_classes, p.model.classes
+    if num_classes is None and classes:
+        num_classes = len(classes)
+    elif num_classes is None and p.coordinator.eval_data:
         from medvec.data.images import DataSpec
         from medvec.data.sources import load_split
 
         classes = load_split(p.coordinator.eval_data, "val", DataSpec.of(p)).classes
         num_classes = len(classes)
+    assert num_classes is not None  # checked above
     base = base_from_config(p.model, num_classes, classes)
     store.put_base(base)
     pinned = p.with_absolute_paths()  # the worker runs in the checkout, not here

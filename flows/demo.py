@@ -33,6 +33,7 @@ from medvec.coordinator.engine import BnPlan, MomentsFn
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import DataSpec
 from medvec.data.sources import dataset_name
+from medvec.demo.answering import simulated_judge
 from medvec.demo.report import DemoReport, draw_plots, render_table, write_report
 from medvec.demo.simulate import Clock
 from medvec.hospital.finetune import live_moments
@@ -82,6 +83,8 @@ def _network(params: Params, data: str, out: Path, progress: bool) -> Network:
     get_run_logger().info("base %s (%s, %d px) published", base.sha256[:12], base.spec.name, base.spec.image_size)
     label_run(tags=[base_tag(base.sha256)])
     local = {h: LocalData.load(out / "hospitals" / h) for h in split["hospitals"]}
+    if params.evaluate.where == "hospitals":  # every choice from the hospitals' answers; test still reports
+        evalsets.judge = simulated_judge(base, local, params)
     return Network(params, data, out, store, base, evalsets, split, local, progress)
 
 
@@ -153,7 +156,7 @@ def _finish_selected(
     report.contribution = outcome.scores.to_json() if outcome.scores else None
     plots = draw_plots(net.out, report, curves, net.split["classes"])
     record = MergeRecord.build(outcome, vectors, net.base.sha256, p, net.evalsets.ref(), net.store.url, started,
-                               data=str(net.data))  # fmt: skip
+                               data=str(net.data), evaluation=net.evalsets.evaluation())  # fmt: skip
     shown: dict[str, Path] = {k: plots[k] for k in ("bars", "lambda", "confusion", "contribution") if k in plots}
     record = finish(net.store, record, outcome, net.base, vectors, net.evalsets, shown)
     label_run(tags=[f"merge:{record.merge_id}"])

@@ -147,7 +147,11 @@ def _set_triggers(dep_id: str, triggers: list) -> None:
 
 
 def deploy_coordinator(
-    store_url: str, eval_data: str, params: dict, calibration_data: str | None = None, reconcile_seconds: float = 3600
+    store_url: str,
+    eval_data: str | None,
+    params: dict,
+    calibration_data: str | None = None,
+    reconcile_seconds: float = 3600,
 ) -> tuple[str, Path]:
     """Create pool ``coordinator`` and deployment ``merge-and-evaluate/coordinator`` with its trigger; pin the
     merge's parameters in this machine's site file. Returns the deployment id and the site file."""
@@ -184,7 +188,7 @@ def deploy_coordinator(
     _set_triggers(dep_id, [trigger])
     parameters = {
         "store_url": store_url,
-        "eval_data": str(Path(eval_data).resolve()),
+        "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
         "params": params,
         "calibration_data": calibration_data,
     }

@@ -20,11 +20,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.hospital_evaluate import EVALUATE_FLOW
 from flows.ui import base_tag, embedded_image, label_run, merge_run_name
-from medvec.config import Params
+from medvec.config import ConfigError, Params
 from medvec.coordinator.compare import Candidate
 from medvec.coordinator.contribution import markdown
 from medvec.coordinator.intake import Admission
+from medvec.coordinator.judge import hospitals_judge
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import DataSpec, ImageSet
 from medvec.data.sources import load_split
@@ -104,6 +106,9 @@ def _artifact(record: MergeRecord, rows: list[dict]) -> None:
         )
     if record.contribution is not None:
         lines += ["", "**What each input contributed**", "", *markdown(record.contribution)]
+    if record.evaluation.flagged:
+        lines += ["", "**Below-chance vote (the hospitals' cross-site scores)**", ""]
+        lines += [f"- {h}: {why}" for h, why in sorted(record.evaluation.flagged.items())]
     if record.screened:
         lines += ["", "**Outlier defence**", ""] + [
             f"- {s.hospital} `{s.vector_id}`: {s.action} — {s.reason}" for s in record.screened
@@ -149,13 +154,23 @@ class Run:
     params: Params
     store: VectorStore
     base: Base
-    eval_data: str
+    eval_data: str | None
     calibration_data: str | None
     trigger: dict[str, str]
     started: Started
 
-    def evalsets(self) -> EvalSets:
-        return EvalSets.load(self.eval_data, spec=DataSpec.of(self.params))
+    def evalsets(self, admission: Admission) -> EvalSets:
+        """The coordinator's set (``eval_data``, where given: with the hospitals scoring, its test split only
+        reports) and, with ``evaluate.where: hospitals``, the hospitals as the judge."""
+        spec = DataSpec.of(self.params)
+        found = EvalSets.load(self.eval_data, spec=spec) if self.eval_data else EvalSets(None, None)
+        if self.params.evaluate.where == "hospitals":
+            found.judge = hospitals_judge(self.store, self.base, self.params, admission, start_evaluations)
+        elif found.val is None:
+            raise ConfigError(
+                "no coordinator.eval_data: give one, or let the hospitals score (evaluate.where: hospitals)"
+            )
+        return found
 
     def calibration(self) -> ImageSet | None:
         return load_split(self.calibration_data, "train") if self.calibration_data else None
@@ -172,7 +187,8 @@ def _step(run: Run, admission: Admission) -> dict:
             "reason": f"buffer holds {n} of {need}",
             "inputs": [v.meta.vector_id for v in admission.admitted],
         }
-    done = async_step(run.store, run.base, admission, run.params, run.evalsets(), run.calibration(), run.trigger)
+    evalsets = run.evalsets(admission)
+    done = async_step(run.store, run.base, admission, run.params, evalsets, run.calibration(), run.trigger)
     record = done.record
     label_run(f"{record.merge_id} (async step)", [f"merge:{record.merge_id}"])
     name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"
@@ -192,10 +208,12 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
         logger.info("nothing new since merge %s", last.merge_id)
         _supersede(admission, f"merge {last.merge_id} already holds every vector listed")
         return _summary(last, skipped=True, reason="no new vectors")
-    evalsets = run.evalsets()
+    evalsets = run.evalsets(admission)
     guarded = merge_task(run.base, vectors, run.params, evalsets, run.calibration())
     outcome, vectors = guarded.outcome, guarded.vectors
     harmful = quarantine_excluded(run.store, guarded.excluded) if guarded.excluded else []
+    # each input's own model, before the record: with the hospitals scoring, its round is the cross-site matrix
+    rows = hospital_rows(run.base, vectors, evalsets, run.params, run.store)
     record = MergeRecord.build(
         outcome,
         vectors,
@@ -207,11 +225,11 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
         screened=tuple(admission.screened),
         quarantined=(*admission.rejected, *harmful),
         trigger=run.trigger,
+        evaluation=evalsets.evaluation(),
     )
     label_run(record.merge_id, [f"merge:{record.merge_id}"])  # merge ids read "merge-<time>-<hex>"
     record = finish(run.store, record, outcome, run.base, vectors, evalsets)
     _supersede(admission, f"merge {record.merge_id} holds every vector listed")
-    rows = hospital_rows(run.base, vectors, evalsets, run.params, run.store)
     _artifact(record, [*rows, _merged_row(record, outcome)])
     logger.info(
         "merge %s: %d vectors, val AUC %.3f", record.merge_id, len(record.inputs), record.val.get("auc", float("nan"))
@@ -219,10 +237,23 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
     return _summary(record)
 
 
+def start_evaluations(request_id: str, hospitals: list[str]) -> None:
+    """Start each hospital's ``hospital-evaluate`` run for ``request_id`` and return at once; a hospital whose
+    deployment cannot be started is logged and counts as absent."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    for hospital in hospitals:
+        try:
+            run_deployment(f"{EVALUATE_FLOW}/{hospital}", parameters={"request": request_id}, timeout=0)
+        except Exception as exc:  # one hospital's deployment never stops the others' requests
+            logger.warning("could not ask hospital %s (%s): %s", hospital, type(exc).__name__, exc)
+
+
 @flow(name=MERGE_FLOW, flow_run_name=merge_run_name, log_prints=True)
 def merge_and_evaluate(
     store_url: str,
-    eval_data: str,
+    eval_data: str | None = None,
     params: Params | None = None,
     calibration_data: str | None = None,
     force: bool = False,

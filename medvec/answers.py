@@ -93,6 +93,10 @@ class EvalAnswer(_Answer):
         """The answer as JSON-ready data (what the hospital signs and stores)."""
         return self.model_dump(mode="json")
 
+    def sha256(self) -> str:
+        """The answer's content hash (a merge record lists it per answering site)."""
+        return hashlib.sha256(canonical(self.to_json())).hexdigest()
+
 
 def answer_problems(answer: EvalAnswer, request: EvalRequest) -> list[str]:
     """Why ``answer`` cannot be used for ``request`` (empty when it can)."""

@@ -176,6 +176,28 @@ class EvaluateConfig(_Frozen):
         "youden", description="operating point chosen on validation: Youden's J, or the target sensitivity"
     )
     target_sensitivity: float = Field(0.9, gt=0, le=1, description="with threshold: sensitivity")
+    where: Literal["coordinator", "hospitals"] = Field(
+        "coordinator",
+        description="who scores candidates: the coordinator's eval_data, or the hospitals' own validation splits",
+    )
+    quorum: float = Field(0.5, gt=0, le=1, description="where: hospitals: the share that must answer")
+    quorum_by: Literal["sites", "samples"] = Field("sites", description="quorum as a share of sites or of images")
+    timeout_s: float = Field(600.0, gt=0, description="where: hospitals: how long a request waits for answers")
+    gate_z: float = Field(
+        1.0, ge=0, description="where: hospitals: promote when pooled AUC beats the champion's by z standard errors"
+    )
+    min_count: int = Field(5, ge=1, description="where: hospitals: the fewest images a reported histogram cell counts")
+    bins: int = Field(
+        100000, ge=100, description="where: hospitals: score-histogram bins over logits in [-16, 16] (sparse JSON)"
+    )
+
+    @model_validator(mode="after")
+    def _hospitals_select_by_auc(self) -> "EvaluateConfig":
+        if self.where == "hospitals" and self.select_metric != "auc":
+            raise ValueError(
+                f"evaluate.where: hospitals selects by auc (histograms of scores), not {self.select_metric}"
+            )
+        return self
 
 
 class StoreConfig(_Frozen):
@@ -187,8 +209,10 @@ class StoreConfig(_Frozen):
 class CoordinatorConfig(_Frozen):
     """The coordinator's held-out evaluation data, optional BN calibration images, and its reconcile interval."""
 
-    eval_data: str = Field(
-        "data/pneumoniamnist.npz", description="the coordinator's held-out set (val chooses, test reports)"
+    eval_data: str | None = Field(
+        "data/pneumoniamnist.npz",
+        description="the coordinator's held-out set (val chooses, test reports); None: the hospitals score "
+        "(evaluate.where: hospitals) and nothing at the coordinator needs patient images",
     )
     calibration_data: str | None = Field(None, description="optional BN calibration images (train split) for recompute")
     reconcile_seconds: float = Field(3600, gt=0, description="reconciling schedule of merge-and-evaluate")
@@ -197,6 +221,12 @@ class CoordinatorConfig(_Frozen):
         description="the coordinator's private key (medvec coordinator keygen): every base, start point and merge "
         "record it publishes is signed, and it trusts only what it signed; None: nothing is signed",
     )
+
+    def held_out(self) -> str:
+        """``eval_data``, for the steps that read the coordinator's own held-out set (the DVC pipeline)."""
+        if not self.eval_data:
+            raise ConfigError("coordinator.eval_data is not set: this step reads the coordinator's held-out set")
+        return self.eval_data
 
 
 class IntakeConfig(_Frozen):

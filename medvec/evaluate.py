@@ -203,7 +203,11 @@ def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
 
 def with_operating_point(val: dict, test: dict | None, rule: str = "youden", target: float = 0.9) -> dict | None:
     """Add ``op`` to the test metrics: the threshold chosen on validation scores, applied to the test scores."""
-    if test is None or "scores" not in val or "scores" not in test:
+    if test is None or "scores" not in test:
+        return test
+    if val.get("threshold") is not None:  # chosen on the hospitals' pooled validation ROC (issue 25)
+        return test | {"op": at_threshold(test["labels"], test["scores"], val["threshold"])}
+    if "scores" not in val:
         return test
     return test | {
         "op": operating_point((val["labels"], val["scores"]), (test["labels"], test["scores"]), rule, target)

@@ -129,6 +129,47 @@ class Rejection(_Record):
     object: str
 
 
+class EvalRound(_Record):
+    """One evaluation request to the hospitals and who answered it (``evaluate.where: hospitals``)."""
+
+    request_id: str
+    purpose: str = Field(description="what it scored: scan (λ, method, BN), gate, contribution")
+    candidates: int
+    answered: tuple[str, ...]
+    absent: tuple[str, ...]
+    rejected: tuple[Rejection, ...] = ()
+    answer_sha256: dict[str, str] = Field(default_factory=dict, description="hospital → its answer's content hash")
+    splits: dict[str, str] = Field(default_factory=dict, description="hospital → its validation split's sha256")
+    n: int = Field(0, description="validation images of the answering sites")
+    quorum_met: bool
+    quorum: str = Field(description="the quorum and whether it was met, in words")
+    waited_s: float = 0.0
+
+
+class Evaluation(_Record):
+    """Who scored a merge's candidates: the coordinator's eval set, or the hospitals, round by round."""
+
+    where: Literal["coordinator", "hospitals"] = "coordinator"
+    rounds: tuple[EvalRound, ...] = ()
+    matrix: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="model → site → AUC on that site's validation split: each input hospital's own model "
+        "(by hospital), the merge (merged) and the champion it was gated against (champion)",
+    )
+    flagged: dict[str, str] = Field(
+        default_factory=dict, description="hospital → why its own model looks poisoned (the below-chance vote)"
+    )
+
+    @property
+    def quorum_met(self) -> bool:
+        """Whether every round reached the quorum (always true on the coordinator's set)."""
+        return all(r.quorum_met for r in self.rounds)
+
+    def sites(self) -> list[str]:
+        """Every hospital that answered some round."""
+        return sorted({s for r in self.rounds for s in r.answered})
+
+
 class Screened(_Record):
     """What the outlier screen found about one vector, and what it did."""
 
@@ -228,6 +269,7 @@ class MergeRecord(_Record):
     trigger: dict[str, str] = Field(default_factory=dict)
     registry: GateDecision | None = None
     contribution: Contributions | None = None
+    evaluation: Evaluation = Field(default_factory=Evaluation)
 
     @classmethod
     def build(
@@ -291,6 +333,8 @@ def _operating_point(outcome, params: Params) -> dict[str, float]:
     if op:
         return _floats(op)
     val = outcome.val or {}
+    if val.get("threshold") is not None:  # chosen on the hospitals' pooled ROC
+        return {"threshold": float(val["threshold"])}
     if "scores" not in val:  # not a binary task: the label is the argmax
         return {}
     from medvec.evaluate import choose_threshold

@@ -439,9 +439,11 @@ class VectorStore:
         """``answers/<request-id>/<hospital>.json``: one hospital's signed answer."""
         return f"answers/{request_id}/{hospital}.json"
 
-    def put_request(self, base_sha256: str, candidates: dict[str, Base], min_count: int = 5) -> EvalRequest:
+    def put_request(
+        self, base_sha256: str, candidates: dict[str, Base], min_count: int = 5, bins: int = 10000
+    ) -> EvalRequest:
         """Publish the candidates' weights, then the (signed) request that names them by sha256."""
-        request = EvalRequest(base_sha256=base_sha256, candidates={}, min_count=min_count)
+        request = EvalRequest(base_sha256=base_sha256, candidates={}, min_count=min_count, bins=bins)
         refs = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name, model in candidates.items():
@@ -476,6 +478,11 @@ class VectorStore:
         """Every answer stored for ``request_id``, as stored (signed envelopes), by the hospital its key names."""
         keys = [k for k in self._list(f"answers/{request_id}/") if k.endswith(".json")]
         return {k.rsplit("/", 1)[-1][: -len(".json")]: json.loads(self._read_bytes(k)) for k in keys}
+
+    def answered(self, request_id: str) -> list[str]:
+        """The hospitals whose answers to ``request_id`` are stored (read by key, not opened)."""
+        keys = [k for k in self._list(f"answers/{request_id}/") if k.endswith(".json")]
+        return sorted(k.rsplit("/", 1)[-1][: -len(".json")] for k in keys)
 
     def quarantine_answer(self, request_id: str, hospital: str, check: str, problem: str) -> Rejection:
         """Move a rejected answer to ``quarantine/<hospital>/answer-<request-id>.json`` with its reason."""

@@ -14,7 +14,7 @@ from medvec.models import Base, base_from_config, save_base
 
 def build_base(params: Params) -> Base:
     """θ_pre with a head sized to the data's classes (seeded by ``model.seed``)."""
-    classes = load_split(params.coordinator.eval_data, "val", DataSpec.of(params)).classes
+    classes = load_split(params.coordinator.held_out(), "val", DataSpec.of(params)).classes
     return base_from_config(params.model, len(classes), classes)
 
 

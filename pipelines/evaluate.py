@@ -15,7 +15,7 @@ from medvec.store import open_store
 
 
 def test_split(params: Params):
-    return load_split(params.coordinator.eval_data, "test", DataSpec.of(params))
+    return load_split(params.coordinator.held_out(), "test", DataSpec.of(params))
 
 
 def evaluate(params: Params, record_path: str | Path) -> dict:

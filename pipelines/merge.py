@@ -38,7 +38,7 @@ def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tu
     set_threads(params.finetune.threads)
     base = load_base(base_path)
     vectors = [load_vector(p, base=base.model.state_dict(), base_sha256=base.sha256) for p in vector_paths]
-    evalsets = EvalSets.load(params.coordinator.eval_data, with_test=False, spec=DataSpec.of(params))
+    evalsets = EvalSets.load(params.coordinator.held_out(), with_test=False, spec=DataSpec.of(params))
     calibration = (
         load_split(params.coordinator.calibration_data, "train") if params.coordinator.calibration_data else None
     )

@@ -138,7 +138,13 @@ def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     # the server holds triggers only; what runs is pinned in the clone's own site files (.medvec/sites)
     assert coordinator["pull_steps"] == hospital["pull_steps"] == [] and str(clone) not in json.dumps(hospital)
     sites = {p.name: json.loads(p.read_text()) for p in (clone / ".medvec" / "sites").glob("*.json")}
-    assert sorted(sites) == ["coordinator.json", "hospital-h1.json", "hospital-h2.json"]
+    assert sorted(sites) == [
+        "coordinator.json",
+        "hospital-h1.evaluate.json",
+        "hospital-h1.json",
+        "hospital-h2.evaluate.json",
+        "hospital-h2.json",
+    ]  # each hospital's hospital-finetune and hospital-evaluate, pinned apart
     assert sites["hospital-h1.json"]["parameters"]["data_dir"] == str(tmp_path / "hospitals" / "h1")
     assert sites["hospital-h2.json"]["deployment_id"] == read_deployment(env, "hospital-finetune/h2")["id"]
     for args in (["run", "h9"], ["schedule", "h9", "--interval", "60"]):

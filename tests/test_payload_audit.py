@@ -23,16 +23,24 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = """
 import json, sys
+from pathlib import Path
 from medvec.config import load_params
+from medvec.keys import keygen
 from medvec.models import create_base
 from medvec.store import open_store
+from flows.hospital_evaluate import hospital_evaluate
 from flows.hospital_finetune import hospital_finetune
 from flows.events import landed_event
 store_url, data, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-open_store(store_url).put_base(create_base("tiny_cnn", 2, False, None, 0))
+base = create_base("tiny_cnn", 2, False, None, 0)
+open_store(store_url).put_base(base)
 p = load_params("params.yaml", overrides)
 summary = hospital_finetune("audit", data, store_url, params=p.model_dump(mode="json"), emit=True, progress=False)
-print(json.dumps({"summary": summary, "event": landed_event(summary)}))
+# then the coordinator asks for scores of θ_pre (its one candidate) and the hospital answers (issue 25)
+key = keygen("audit", Path(store_url).parent / "keys")[0]
+request = open_store(store_url).put_request(base.sha256, {"base": base}, min_count=5)
+answer = hospital_evaluate("audit", data, store_url, request.request_id, p, str(key))
+print(json.dumps({"summary": summary, "event": landed_event(summary), "answer": answer["answer"]}))
 """
 
 
@@ -164,6 +172,21 @@ def test_everything_written_is_vector_tensors_and_aggregates(audit, tiny_base):
     for v in meta["metrics"].values():
         assert isinstance(v, float)
     assert not any(isinstance(v, list) and len(v) >= audit["n_train"] for v in meta.values())
+
+
+def test_the_evaluation_answer_holds_counts_and_histograms_of_five_or_more_images_only(audit):
+    """What answering the coordinator's evaluation request writes (also read for names by the test above)."""
+    doc = json.loads((audit["tmp"] / "store" / audit["answer"]).read_text())["doc"]
+    assert set(doc) == {
+        "kind", "request_id", "request_sha256", "hospital", "task", "split_n", "split_sha256", "min_count",
+        "candidates", "created_at",
+    }  # fmt: skip
+    assert doc["split_n"] == 24 and doc["min_count"] == 5
+    (scored,) = doc["candidates"].values()
+    assert set(scored) == {"n", "loss_sum", "histograms"} and scored["n"] == 24
+    groups = [g for row in scored["histograms"]["columns"] for side in row.values() for g in side]
+    assert groups and all(count >= 5 for _, _, count in groups)  # no figure about fewer than five images
+    assert sum(count for _, _, count in groups) <= 24 and len(groups) <= 24 // 5
 
 
 def test_no_numeric_array_in_metadata_is_sample_sized(audit):

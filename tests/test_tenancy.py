@@ -491,6 +491,77 @@ def test_the_coordinator_asks_both_hospitals_to_evaluate_and_collects_their_sign
     assert out["n"] == n_val  # every local validation image counted once, none sent
 
 
+MERGE = """
+import json, sys
+from flows.merge_and_evaluate import merge_and_evaluate
+from medvec.config import load_params
+p = load_params(None, sys.argv[1:]).with_absolute_paths()
+print(json.dumps(merge_and_evaluate(store_url=p.store.url, eval_data=None, params=p, force=True), default=str))
+"""
+
+
+def join_without_worker(network, name: str, shard: str) -> None:
+    """Hospital ``name`` joins (kit, keys, keyring, deployments) but never starts its worker: a worker that is down."""
+    coordinator, tmp, s3 = network["coordinator"], network["tmp"], network["s3"]
+    sets = network["sets"]
+    coordinator.medvec("coordinator", "add-hospital", name, "--kit", "kits", "--seaweedfs-master", s3.master, *sets)
+    kit = coordinator.cwd / "kits" / name
+    hospital = Party(name, tmp / name, fresh_env(tmp / f"home-{name}", PYTHONPATH=str(network["clone"])))
+    hospital.with_kit(kit)
+    hospital.medvec("hospital", "keygen", name, "--out", "keys")
+    pub = str(hospital.cwd / "keys" / f"{name}.pub")
+    coordinator.medvec("keyring", "add", name, pub, "--keyring", "keys/keyring.json")
+    data, params = str(tmp / "data" / shard), str(kit / "params.yaml")
+    pinned = ("--coordinator-key", str(kit / "coordinator.pub"), "--key", f"keys/{name}.key", "--no-worker")
+    hospital.medvec("hospital", "join", name, "--data", data, "--params", params, *pinned)
+
+
+def test_with_no_eval_data_the_hospitals_answers_choose_and_gate_the_merge_and_a_down_worker_costs_one_timeout(
+    network,
+):
+    """Issue 25's protocol on real servers: the coordinator holds no images (``coordinator.eval_data: null``);
+    its merge asks a and b (workers up) and c (joined, worker down) to score every λ, waits 90 s for c once,
+    proceeds on the quorum of 2 of 3 sites, and gates against the champion on the sites that scored both."""
+    join_without_worker(network, "c", "h1")
+    coordinator = network["coordinator"]
+    overrides = [o for o in network["sets"] if o != "-S"]
+    overrides += ["coordinator.eval_data=null", "evaluate.where=hospitals", "evaluate.timeout_s=90"]
+    proc = subprocess.run(
+        [sys.executable, "-c", MERGE, *overrides],
+        cwd=coordinator.cwd,
+        env=coordinator.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(i["hospital"] for i in out["inputs"]) == ["a", "b"]
+    admin = admin_s3(network)
+    base = admin.get_object(Bucket="medvec", Key="net/bases/current.json")["Body"].read()
+    sha = json.loads(base)["doc"]["sha256"]
+    body = admin.get_object(Bucket="medvec", Key=f"net/merges/{sha}/{out['merge_id']}.json")["Body"].read()
+    record = json.loads(body)["doc"]
+    scan, *later = record["evaluation"]["rounds"]
+    assert record["evaluation"]["where"] == "hospitals" and scan["purpose"] == "scan"
+    assert scan["answered"] == ["a", "b"] and scan["absent"] == ["c"] and scan["quorum_met"]
+    assert scan["quorum"] == "quorum 0.5 by sites met: 2 of 3 sites answered"
+    assert 90 <= scan["waited_s"] < 150  # c cost the timeout once...
+    assert later and all(r["waited_s"] < 90 and r["absent"] == ["c"] for r in later)  # ...and not again
+    assert set(scan["answer_sha256"]) == {"a", "b"} and scan["n"] > 0
+    assert record["eval_set"]["source"] == "hospitals a,b" and 0 < record["operating_point"]["threshold"] < 1
+    gate = record["registry"]["reason"]
+    assert gate.startswith("pooled val auc ") and "on 2 sites (a, b;" in gate, gate
+    # the cross-site matrix: each input's own model and the merge and champion, at each answering site
+    assert set(record["evaluation"]["matrix"]) == {"a", "b", "merged", "champion"}
+    assert set(record["evaluation"]["matrix"]["a"]) == {"a", "b"} and record["evaluation"]["flagged"] == {}
+    # a sees its own column only: its model, the merge and the champion on its own validation split
+    key = f"net/reports/a/{sha}/{out['merge_id']}.json"
+    wait_until(lambda: admin.list_objects_v2(Bucket="medvec", Prefix=key)["KeyCount"], 60, key)
+    view = json.loads(admin.get_object(Bucket="medvec", Key=key)["Body"].read())["doc"]
+    assert set(view["at_your_site"]) == {"yours", "merged", "champion"}
+
+
 def test_a_cannot_make_b_evaluate_anything_but_a_request_the_coordinator_signed(network):
     attacker = network["attacker"]
     b = attacker.deployment_id("hospital-evaluate/b")

@@ -25,6 +25,7 @@ from medvec.coordinator.engine import (
 )
 from medvec.coordinator.methods import get_method, merge_delta
 from medvec.coordinator.scoring import EvalSets, evaluate_on, op_rule, score
+from medvec.evaluate import evaluate_model, with_operating_point
 from medvec.models import Base
 from medvec.record import EvalSetRef
 from medvec.store import VectorStore
@@ -87,6 +88,8 @@ def single_rows(
     With a ``store``, a vector's row is computed once per held-out set and operating-point rule and kept
     under ``evals/`` (a merge of N vectors then evaluates only the vectors new since the last one).
     """
+    if evalsets.judge is not None:
+        return _scored_by_hospitals(base, vectors, evalsets, params)
     rows = []
     for v in vectors:
         key = _single_row_key(base, v, evalsets, params)
@@ -98,6 +101,27 @@ def single_rows(
             if store is not None:
                 store.write_json(key, row)
         rows.append(row)
+    return rows
+
+
+def _scored_by_hospitals(base: Base, vectors: Sequence[VectorLike], evalsets: EvalSets, params: Params) -> list[dict]:
+    """Each input's own model scored by every hospital in one request: the cross-site matrix (named by hospital,
+    or by vector id when a hospital sent more than one); the test split, where the coordinator has one, reports."""
+    hospitals = [v.meta.hospital for v in vectors]
+    singles = {
+        (v.meta.hospital if hospitals.count(v.meta.hospital) == 1 else v.meta.vector_id): single_model(base, v)
+        for v in vectors
+    }
+    bs = params.evaluate.batch_size
+    vals = evalsets.validate({name: model for name, (_, model, _) in singles.items()}, base.spec, bs, "matrix")
+    rows = []
+    for name, (hospital, model, n) in singles.items():
+        test = None
+        if evalsets.test is not None:
+            test = with_operating_point(
+                vals[name], evaluate_model(model, evalsets.test, base.spec, bs), *op_rule(params)
+            )
+        rows.append(Candidate(name=hospital, kind="single", bn="own", val=vals[name], test=test or {}, n_train=n).row())
     return rows
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import nn
 from tqdm.auto import tqdm
 
 from medvec.config import IntakeConfig, Params
@@ -50,7 +51,7 @@ from medvec.coordinator.engine import (
 from medvec.coordinator.methods import get_method, merge_delta
 from medvec.coordinator.scoring import EvalSets, score
 from medvec.data.images import ImageSet
-from medvec.evaluate import evaluate_model, md_inert, metric_value
+from medvec.evaluate import md_inert, metric_value
 from medvec.models import Base
 from medvec.record import Contributions, ContributionScore
 from medvec.timing import timed
@@ -111,16 +112,33 @@ class Game:
         v = score(self.metrics(members), self.metric)
         return v if math.isfinite(v) else 0.0
 
-    def _evaluate(self, members: Members) -> dict:
-        bs = self.params.evaluate.batch_size
+    def prefetch(self, subsets: Sequence[Members]) -> None:
+        """With the hospitals scoring (``evaluate.where: hospitals``), the merges of every uncached subset in one
+        request instead of one each; on the coordinator's set nothing (each is scored when first asked for)."""
+        todo = [m for m in dict.fromkeys(subsets) if m not in self.cache]
+        if self.evalsets.judge is None or not todo:
+            return
+        models = {str(i): self._model(m) for i, m in enumerate(todo)}
+        scored = self.evalsets.validate(models, self.start.spec, self.params.evaluate.batch_size, "contribution")
+        for i, members in enumerate(todo):
+            self.cache[members] = scored[str(i)]
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def _model(self, members: Members) -> nn.Module:
+        """The merge of ``members`` as the outcome's merge made it (the start model for none)."""
         if not members:
-            return evaluate_model(self.start.model, self.evalsets.val, self.start.spec, bs)
+            return self.start.model
         subset = [self.vectors[i] for i in sorted(members)]
         tau = subset_delta(subset, self.outcome, self.params)
         model, _ = apply_delta(
             self.start, tau, self.outcome.lam, self.outcome.bn.strategy, subset, self._moments(subset)
         )
-        return evaluate_model(model, self.evalsets.val, self.start.spec, bs)
+        return model
+
+    def _evaluate(self, members: Members) -> dict:
+        model = self._model(members)
+        return self.evalsets.validate_one(model, self.start.spec, self.params.evaluate.batch_size, "contribution")
 
     def _moments(self, subset: list) -> MomentsFn | None:
         """BN moment sums from the subset's hospitals only (live answers, their stored sums, or the calibration set)."""
@@ -161,15 +179,28 @@ def _binary_auc(y: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarra
     return np.where((pos > 0) & (neg > 0), auc, np.nan)
 
 
+def unpaired_se(a: dict, b: dict) -> float | None:
+    """√(SE_a² + SE_b²) of two pooled AUCs (the hospitals' answers carry no image to resample): larger than the
+    paired bootstrap's, so the harmful rule errs toward keeping a vector. None when either has no SE."""
+    if a.get("auc_se") is None or b.get("auc_se") is None:
+        return None
+    se = math.hypot(a["auc_se"], b["auc_se"])
+    return se if math.isfinite(se) else None
+
+
 def leave_one_out(game: Game) -> list[tuple[float, float | None]]:
-    """(v(all) − v(all without i), its paired-bootstrap standard error) per vector."""
+    """(v(all) − v(all without i), its paired-bootstrap standard error, or with the hospitals scoring the
+    unpaired one of their pooled AUCs) per vector."""
     c = game.params.contribution
     everyone = frozenset(range(game.k))
+    game.prefetch([everyone, frozenset(), *(everyone - {i} for i in range(game.k))])  # v(∅): value_none
     full = game.metrics(everyone)
     out = []
     for i in range(game.k):
         without = game.metrics(everyone - {i})
         se = paired_se(full, without, game.metric, c.bootstrap, c.seed + i)
+        if se is None:  # the hospitals scored: no image to resample
+            se = unpaired_se(full, without)
         out.append((game.value(everyone) - game.value(everyone - {i}), se))
     return out
 
@@ -199,6 +230,8 @@ def shapley(game: Game) -> tuple[list[float], list[float | None], int, bool]:
     c, k = game.params.contribution, game.k
     exact = 2**k - 2 - game.merges <= c.budget
     orders = itertools.permutations(range(k)) if exact else _sampled_orders(game, game.merges + c.budget, c.seed)
+    if exact:  # every subset is needed: one request when the hospitals score
+        game.prefetch([frozenset(s) for r in range(k + 1) for s in itertools.combinations(range(k), r)])
     gains: dict[int, list[float]] = {i: [] for i in range(k)}
     for order in orders:
         for i, g in _marginals(game, order).items():

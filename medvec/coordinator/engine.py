@@ -8,7 +8,7 @@ otherwise by a coordinator calibration set.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -184,22 +184,60 @@ def scan(
     params: Params,
 ) -> dict[str, Scanned]:
     """The one λ scan: θ = base + λ·τ for every λ in ``grid`` (λ or an async step's η) and every BN strategy,
-    each scored on validation.  Per strategy, the best λ with its model; the others are not kept."""
-    metric, bs = params.evaluate.select_metric, params.evaluate.batch_size
+    each scored on validation.  Per strategy, the best λ with its model; the others are not kept.
+
+    On the coordinator's set each model is scored as it is built; with the hospitals (``evalsets.judge``) every
+    model of the scan goes out in one request."""
+    metric = params.evaluate.select_metric
     best: dict[str, Scanned] = {}
     curves: dict[str, list[tuple[float, float]]] = {s: [] for s in strategies}
+    for lam, strategy, model, moments, val in _scored(
+        base, tau, grid, strategies, vectors, moments_fn, evalsets, params
+    ):
+        curves[strategy].append((lam, val[metric]))
+        if strategy not in best or score(val, metric) > score(best[strategy].val, metric):
+            best[strategy] = Scanned(lam, val, model, moments)
+    for strategy, found in best.items():
+        found.curve = curves[strategy]
+    return best
+
+
+def _built(
+    base: Base,
+    tau: DataVector,
+    grid: Sequence[float],
+    strategies: Sequence[str],
+    vectors: Sequence[VectorLike],
+    moments_fn: MomentsFn | None,
+) -> Iterator[tuple[float, str, nn.Module, MomentSums | None]]:
     for lam in grid:
         state = tau.apply_to(base.model.state_dict(), lam)  # once per λ, shared by the BN strategies
         for strategy in strategies:
             model = build_model(base, state)
-            moments = restore(model, strategy, vectors, moments_fn)
-            val = evaluate_model(model, evalsets.val, base.spec, bs)
-            curves[strategy].append((lam, val[metric]))
-            if strategy not in best or score(val, metric) > score(best[strategy].val, metric):
-                best[strategy] = Scanned(lam, val, model, moments)
-    for strategy, found in best.items():
-        found.curve = curves[strategy]
-    return best
+            yield lam, strategy, model, restore(model, strategy, vectors, moments_fn)
+
+
+def _scored(
+    base: Base,
+    tau: DataVector,
+    grid: Sequence[float],
+    strategies: Sequence[str],
+    vectors: Sequence[VectorLike],
+    moments_fn: MomentsFn | None,
+    evalsets: EvalSets,
+    params: Params,
+) -> Iterator[tuple[float, str, nn.Module, MomentSums | None, dict]]:
+    """Every (λ, strategy) model with its validation metrics."""
+    bs = params.evaluate.batch_size
+    built = _built(base, tau, grid, strategies, vectors, moments_fn)
+    if evalsets.judge is None:  # one at a time: only the best model per strategy stays in memory
+        for lam, strategy, model, moments in built:
+            yield lam, strategy, model, moments, evalsets.validate_one(model, base.spec, bs)
+        return
+    every = list(built)
+    scored = evalsets.validate({f"{i}": m for i, (_, _, m, _) in enumerate(every)}, base.spec, bs)
+    for i, (lam, strategy, model, moments) in enumerate(every):
+        yield lam, strategy, model, moments, scored[f"{i}"]
 
 
 def on_test_split(model: nn.Module, val: dict, evalsets: EvalSets, base: Base, params: Params) -> dict | None:

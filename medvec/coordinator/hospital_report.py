@@ -51,6 +51,14 @@ def merge_entries(record) -> dict[str, dict]:
     return {h: e for h, e in entries.items() if e is not None}
 
 
+def _at_site(record, hospital: str) -> dict[str, float] | None:
+    """With the hospitals scoring: the AUC on ``hospital``'s own validation split of its own model, the merge and
+    the champion the merge was gated against (what it may see of the cross-site matrix); None otherwise."""
+    matrix = record.evaluation.matrix
+    found = {name: matrix[key][hospital] for name, key in (("yours", hospital), ("merged", "merged"), ("champion", "champion")) if hospital in matrix.get(key, {})}  # fmt: skip
+    return found or None
+
+
 def _merge_entry(record, hospital: str) -> dict | None:
     """One merge as ``hospital`` may see it, or None when none of its vectors was in it (or excluded from it)."""
     scores = record.contribution
@@ -75,6 +83,7 @@ def _merge_entry(record, hospital: str) -> dict | None:
         "metric": scores.metric if scores else record.params.evaluate.select_metric,
         "val": record.val.get(record.params.evaluate.select_metric),
         "promoted": _promoted(record),
+        "at_your_site": _at_site(record, hospital),
         "yours": yours,
         "scored": scores is not None,
         "others": [
@@ -110,6 +119,9 @@ def report_text(doc: dict) -> str:
             f"  {m['merge_id']}  {m['finished_at'][:19]}  {m['mode']} {m['method']} λ={m['lambda']:g}"
             f"  {m['inputs']} inputs  val {m['metric']} {val}  {m['promoted']}"
         )
+        if m.get("at_your_site"):
+            site = "  ".join(f"{k} {v:.4f}" for k, v in m["at_your_site"].items())
+            lines.append(f"    AUC on your validation split: {site}")
         for y in m["yours"]:
             lines.append(f"    {y['vector_id']}: {score_text(y) if 'loo' in y else 'not scored'}")
         if m["others"] is not None:

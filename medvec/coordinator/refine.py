@@ -27,7 +27,6 @@ from medvec.coordinator.intake import Admission
 from medvec.coordinator.scoring import EvalSets, beats, score
 from medvec.coordinator.weights import weighted_step
 from medvec.data.images import ImageSet
-from medvec.evaluate import evaluate_model
 from medvec.models import Base
 from medvec.record import ContributionScore, MergeRecord, Rejection, StartPoint
 from medvec.timing import Started
@@ -82,7 +81,7 @@ def compute_step(
     ``recompute`` exact; without it the BN plan follows what the vectors carry
     (:func:`medvec.coordinator.engine.plan_bn`).
     """
-    champion_val = evaluate_model(champion.model, evalsets.val, champion.spec, params.evaluate.batch_size)
+    champion_val = evalsets.validate_one(champion.model, champion.spec, params.evaluate.batch_size, "champion")
     guarded = guarded_merge(
         lambda vs: refine_step(champion, parent.version, vs, params, evalsets, calibration, moments_fn),
         lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn, start_val=champion_val),
@@ -90,7 +89,10 @@ def compute_step(
         params.intake,
     )
     metric = params.evaluate.select_metric
-    promoted, reason = beats(score(guarded.outcome.val, metric), score(champion_val, metric), params)
+    if evalsets.judge is not None:  # both scored in one request, by the same sites
+        promoted, reason = evalsets.judge.gate(guarded.outcome.model, champion.model, f"champion v{parent.version}")
+    else:
+        promoted, reason = beats(score(guarded.outcome.val, metric), score(champion_val, metric), params)
     return Step(guarded.outcome, guarded.vectors, parent, promoted, reason, guarded.excluded)
 
 
@@ -121,6 +123,7 @@ def step_record(
         screened=tuple(admission.screened),
         quarantined=(*admission.rejected, *harmful),
         trigger=trigger or {},
+        evaluation=evalsets.evaluation(),
     )
 
 

@@ -3,25 +3,78 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 from torch import nn
 
 from medvec.config import Params
 from medvec.data.images import DataSpec, ImageSet
 from medvec.data.sources import has_split, load_split
 from medvec.evaluate import evaluate_model, with_operating_point
-from medvec.record import EvalSetRef
+from medvec.models import ModelSpec
+from medvec.preprocess import to_tensor
+from medvec.record import EvalSetRef, Evaluation
+
+
+class Judge(Protocol):
+    """Scores candidates without the coordinator's images: the hospitals (:mod:`medvec.coordinator.judge`)."""
+
+    def validate(self, models: Mapping[str, nn.Module], purpose: str = "scan") -> dict[str, dict]:
+        """Each named model's validation metrics, asked for at once."""
+        ...
+
+    def gate(self, candidate: nn.Module, champion: nn.Module, champion_name: str = "the champion") -> tuple[bool, str]:
+        """Whether ``candidate`` beats ``champion`` on the same sites; the reason."""
+        ...
+
+    def evaluation(self) -> Evaluation:
+        """Who answered each round so far."""
+        ...
+
+    def ref(self) -> EvalSetRef:
+        """The identity of what scored the candidates."""
+        ...
 
 
 @dataclass
 class EvalSets:
-    """The coordinator's own held-out data: ``val`` chooses, ``test`` reports."""
+    """What scores the coordinator's candidates: its own held-out ``val`` (and ``test``, which reports), or a
+    ``judge``, the hospitals answering on their own validation splits (``evaluate.where: hospitals``).
 
-    val: ImageSet
+    With a judge, ``val`` is not read (and may be None); ``test``, where given, still reports."""
+
+    val: ImageSet | None
     test: ImageSet | None
     source: str = ""
+    judge: Judge | None = None
+
+    def validate(
+        self, models: Mapping[str, nn.Module], spec: ModelSpec, batch_size: int, purpose: str = "scan"
+    ) -> dict[str, dict]:
+        """Each named model's validation metrics: from the judge (one request for all), or the coordinator's set."""
+        if self.judge is not None:
+            return self.judge.validate(models, purpose)
+        if self.val is None:
+            raise ValueError("no validation data: set coordinator.eval_data, or evaluate.where: hospitals")
+        return {name: evaluate_model(m, self.val, spec, batch_size) for name, m in models.items()}
+
+    def validate_one(self, model: nn.Module, spec: ModelSpec, batch_size: int, purpose: str = "scan") -> dict:
+        """One model's validation metrics."""
+        return self.validate({"model": model}, spec, batch_size, purpose)["model"]
+
+    def evaluation(self) -> Evaluation:
+        """Who scored the candidates (the merge record's ``evaluation``)."""
+        return self.judge.evaluation() if self.judge is not None else Evaluation()
+
+    def example(self, spec: ModelSpec) -> np.ndarray:
+        """Two input images for a model signature: the coordinator's own, or blank ones of the spec's shape."""
+        if self.val is not None:
+            return to_tensor(self.val.images[:2], spec).contiguous().numpy()
+        return np.zeros((2, spec.in_chans, spec.image_size, spec.image_size), dtype=np.float32)
 
     @classmethod
     def load(cls, source: str | Path, with_test: bool = True, spec: DataSpec | None = None) -> "EvalSets":
@@ -31,6 +84,10 @@ class EvalSets:
 
     def ref(self) -> EvalSetRef:
         """The identity of the validation set (the one that chooses λ and gates the champion)."""
+        if self.judge is not None:
+            return self.judge.ref()
+        if self.val is None:
+            raise ValueError("no validation data: set coordinator.eval_data, or evaluate.where: hospitals")
         return EvalSetRef.of(self.val, self.source, "val")
 
 
@@ -38,7 +95,7 @@ def evaluate_on(
     model: nn.Module, evalsets: EvalSets, spec, batch_size: int, rule: str = "youden", target: float = 0.9
 ) -> tuple[dict, dict]:
     """(validation metrics, test metrics with the validation-chosen operating point, or {} without a test split)."""
-    val = evaluate_model(model, evalsets.val, spec, batch_size)
+    val = evalsets.validate_one(model, spec, batch_size, "reference")
     test = evaluate_model(model, evalsets.test, spec, batch_size) if evalsets.test is not None else None
     return val, with_operating_point(val, test, rule, target) or {}
 

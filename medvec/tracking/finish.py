@@ -63,7 +63,7 @@ def finish_merge(
     if params.registry.enabled:  # an async step's gate is its own verdict, "v3 → v4: …" or "v3 → kept: …"
         decided = (promoted[0], step_verdict(record, promoted[1])) if promoted is not None else None
         decision = _register(store, record, outcome, merged, root, evalsets, plots, decided)
-        record = record.model_copy(update={"registry": decision})
+        record = record.model_copy(update={"registry": decision, "evaluation": evalsets.evaluation()})
     final = record
     retry(lambda: publish_views(store, final), f"publish the hospitals' views of {record.merge_id}")
     return retry(lambda: store.put_merge(final), f"publish merge {record.merge_id}")
@@ -96,7 +96,8 @@ def _register(
     from medvec.tracking.registry import merge_plots, register_merge
 
     with tempfile.TemporaryDirectory() as tmp:
-        shown = plots if plots is not None else merge_plots(record, outcome, evalsets.val.classes, Path(tmp))
+        classes = evalsets.val.classes if evalsets.val is not None else root.classes or []
+        shown = plots if plots is not None else merge_plots(record, outcome, classes, Path(tmp))
         return retry(
             lambda: register_merge(record, merged, root, evalsets, store, shown, decided),
             f"register merge {record.merge_id}",

@@ -13,11 +13,10 @@ from mlflow.pyfunc import PythonModel
 from medvec.coordinator.engine import MergeOutcome
 from medvec.coordinator.scoring import EvalSets, beats, score
 from medvec.errors import UserError
-from medvec.evaluate import confusion_figure, contribution_plot, evaluate_model, lambda_curve, md_inert
+from medvec.evaluate import confusion_figure, contribution_plot, lambda_curve, md_inert
 from medvec.faults import failpoint
 from medvec.keys import DocumentSigner
 from medvec.models import Base, load_base
-from medvec.preprocess import to_tensor
 from medvec.record import GateDecision, MergeRecord
 from medvec.store import VectorStore, open_store
 from medvec.timing import timed
@@ -161,17 +160,27 @@ def register_merge(
     """Register θ_pre once, then log the merge run, register the merged model and apply the champion gate on
     the same validation set (a champion scored on another set is re-scored from its stored weights)."""
     batch_size = record.params.evaluate.batch_size
-    example = to_tensor(evalsets.val.images[:2], root.spec).contiguous().numpy()  # plain NCHW for the signature
+    example = evalsets.example(root.spec)  # plain NCHW for the signature
     register_base(record.params.registry.model_name, root, example)
+
+    def weights(champion: MergeRecord) -> Base:
+        where = store if champion.store_url == store.url else open_store(champion.store_url)
+        return where.merged_model(champion)
 
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
-        where = store if champion.store_url == store.url else open_store(champion.store_url)
-        weights = where.merged_model(champion)
-        return evaluate_model(weights.model, evalsets.val, weights.spec, batch_size)
+        found = weights(champion)
+        return evalsets.validate_one(found.model, found.spec, batch_size, "gate")
+
+    judge = evalsets.judge
+    compare = None
+    if judge is not None:  # the hospitals score the merge and the champion in one request
+
+        def compare(champion: MergeRecord, name: str) -> tuple[bool, str]:
+            return judge.gate(merged.model, weights(champion).model, name)
 
     signature = weights_statement(store.signer, record) if store.signer is not None else None
-    return log_merge(record, merged, example, rescore, plots, decided, signature)
+    return log_merge(record, merged, example, rescore, plots, decided, signature, compare)
 
 
 def weights_statement(signer: DocumentSigner, record: MergeRecord) -> dict:
@@ -214,6 +223,7 @@ def log_merge(
     plots: dict[str, Path] | None = None,
     decided: tuple[bool, str] | None = None,
     signature: dict | None = None,
+    compare: Callable[[MergeRecord, str], tuple[bool, str]] | None = None,
 ) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
 
@@ -226,7 +236,9 @@ def log_merge(
     ``rescore(champion_record)`` evaluates the champion's merged weights on the
     current validation set: the gate uses it when the champion was scored on a
     different set.  ``decided`` (promote, reason) is an async step's own gate,
-    taken against the champion start point.  If anything fails before the gate, no alias moves.
+    taken against the champion start point.  ``compare(champion_record, name)``, where the hospitals score
+    (``evaluate.where: hospitals``), is the gate instead: the merge and the champion scored by the same sites.
+    If anything fails before the gate, no alias moves.
     """
     from mlflow import MlflowClient
 
@@ -263,7 +275,7 @@ def log_merge(
         tags["medvec.version"] = str(record.version)
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, value)
-    champion, reason = decided or _gate(client, record, rescore, tags)
+    champion, reason = decided or _gate(client, record, rescore, tags, compare)
     verdict = "champion" if champion else "rejected"
     if champion:
         client.set_registered_model_alias(reg.model_name, "champion", version)
@@ -471,7 +483,13 @@ def _log_contributions(mlflow, record: MergeRecord) -> None:
         mlflow.set_tag("medvec.harmful", "; ".join(harmful))
 
 
-def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict], tags: dict) -> tuple[bool, str]:
+def _gate(
+    client,
+    record: MergeRecord,
+    rescore: Callable[[MergeRecord], dict],
+    tags: dict,
+    compare: Callable[[MergeRecord, str], tuple[bool, str]] | None = None,
+) -> tuple[bool, str]:
     """Does the new version beat the champion on the same validation set?  Returns (promote, reason).
 
     When the champion was scored on another set (by content hash), its merged
@@ -484,6 +502,12 @@ def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict], t
 
     reg, metric = record.params.registry, record.params.evaluate.select_metric
     new = score(record.val, metric)
+    missed = [r for r in record.evaluation.rounds if not r.quorum_met]
+    if missed:
+        return (
+            False,
+            f"not promoted: the hospitals' {missed[0].purpose} round {missed[0].request_id}: {missed[0].quorum}",
+        )
     try:
         champ = client.get_model_version_by_alias(reg.model_name, "champion")
     except MlflowException:  # no champion yet
@@ -493,6 +517,12 @@ def _gate(client, record: MergeRecord, rescore: Callable[[MergeRecord], dict], t
     other = _other_task(champ.tags, tags)
     if other:
         return False, f"champion v{champ.version} {other}: not comparable; use another registry.model_name per task"
+    if compare is not None:
+        champ_record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
+        try:
+            return compare(champ_record, f"champion v{champ.version}")
+        except (UserError, OSError, RuntimeError) as exc:  # its store is gone, or the hospitals could not score it
+            return False, f"champion v{champ.version} could not be scored by the hospitals: {exc}"
     if champ.tags.get("medvec.eval_sha256") != record.eval_set.sha256:
         old = f"{champ_score:.4f} on {champ.tags.get('medvec.eval_source', '?')} ({champ.tags.get('medvec.eval_size', '?')} images)"
         champ_record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
