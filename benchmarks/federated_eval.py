@@ -9,6 +9,7 @@ selection reads. ``merge_seconds`` is the selected one-shot merge's record time 
 registration), with the hospitals answering in process.
 
     python benchmarks/federated_eval.py [--seeds 0 1 2] [--data data/pneumoniamnist.npz] [--landings 2] [-S key=value ...]
+        [--name federated_eval]
 
 Writes ``benchmarks/results/federated_eval.json`` (``headline``: seeds, one-shot and asynchronous test AUC and merge
 seconds per mode, means over the seeds) and ``.md``.
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "data" / "pneumoniamnist.npz"))
     ap.add_argument("--landings", type=int, default=2, help="more vectors per hospital into the async champion")
     ap.add_argument("-S", dest="sets", action="append", default=[])
+    ap.add_argument("--name", default="federated_eval", help="results file name (a variant's settings: another)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +129,12 @@ def main() -> None:
     md.append(
         f"| merge seconds | {headline['merge_seconds']['central']} | {headline['merge_seconds']['hospitals']} | |"
     )
-    write("federated_eval", {"headline": headline, "rows": rows, "settings": SETTINGS + args.sets}, "\n".join(md))
+    command = "python benchmarks/federated_eval.py " + " ".join(
+        ["--seeds", *map(str, args.seeds), "--landings", str(args.landings), *(f"-S {o}" for o in args.sets)]
+    )
+    md[0] = f"# Central selection against hospital selection (`{command}`)"
+    payload = {"command": command, "headline": headline, "rows": rows, "settings": SETTINGS + args.sets}
+    write(args.name, payload, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Attacks (the last hospital turns malicious): ``sign_flip`` (it sends −τ), ``s
 (50·τ) and ``label_flip`` (it fine-tunes on its own images with shuffled labels;
 its label counts are unchanged).  Defences: ``none``, ``mad`` (the norm and
 direction screen, ``intake.defence=quarantine``), ``contribution`` (leave-one-out
-on the coordinator's validation split, ``intake.harmful=exclude``) and ``both``
-(the screen, then the contribution rule on what it kept).
+on the coordinator's validation split, ``intake.harmful=exclude``), ``both``
+(the screen, then the contribution rule on what it kept) and ``vote`` (issue 25: every input's own model
+scored at every hospital's local validation split, from their answers alone; one below chance at most other
+sites is kept out, ``intake.vote=exclude``).
 
 For each dataset and seed (the seed moves the hospital split and the training),
 it reports whether the attacker was caught, the honest vectors excluded, and the
@@ -33,11 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medvec.config import load_params  # noqa: E402
+from medvec.coordinator.compare import single_rows  # noqa: E402
 from medvec.coordinator.contribution import scored_merge_once  # noqa: E402
 from medvec.coordinator.defence import screen  # noqa: E402
+from medvec.coordinator.judge import voted_out  # noqa: E402
 from medvec.coordinator.scoring import EvalSets  # noqa: E402
 from medvec.data.images import ImageSet  # noqa: E402
 from medvec.data.split import write_hospital_shards  # noqa: E402
+from medvec.demo.answering import simulated_judge  # noqa: E402
 from medvec.hospital.finetune import finetune_vector  # noqa: E402
 from medvec.hospital.local import LocalData  # noqa: E402
 from medvec.models import base_from_config  # noqa: E402
@@ -45,12 +50,13 @@ from medvec.runtime import set_threads  # noqa: E402
 from medvec.vectors.vector import DataVector  # noqa: E402
 
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
-DEFENCES = ("none", "mad", "contribution", "both")
-SETTINGS = {  # defence → (intake.defence, intake.harmful)
+DEFENCES = ("none", "mad", "contribution", "both", "vote")
+SETTINGS = {  # defence → (intake.defence, intake.harmful); the vote excludes before the merge
     "none": ("off", "off"),
     "mad": ("quarantine", "off"),
     "contribution": ("off", "exclude"),
     "both": ("quarantine", "exclude"),
+    "vote": ("off", "off"),
 }
 
 
@@ -78,6 +84,14 @@ def defend(base, vectors: list, p, evalsets: EvalSets, defence: str):
     intake = p.intake.model_copy(update={"defence": mad, "harmful": harmful})
     pp = p.model_copy(update={"intake": intake})
     return scored_merge_once(base, screen(vectors, mad, p.intake.mad_k).kept, pp, evalsets)
+
+
+def voted(base, vectors: list, p, local: dict[str, LocalData]) -> list:
+    """The vectors the below-chance vote keeps: each input's own model scored at every hospital's validation
+    split (the cross-site matrix, from the hospitals' answers only), below chance at most other sites: out."""
+    judge = simulated_judge(base, local, p)
+    single_rows(base, vectors, EvalSets(None, None, judge=judge), p)
+    return voted_out(vectors, judge.evaluation().flagged, "exclude")[0]
 
 
 def label_skew(counts: list[int], overall: list[int]) -> float:
@@ -117,8 +131,9 @@ def run_dataset(name: str, seed: int, args, bar) -> tuple[list[dict], list[dict]
         vectors = attacked(honest, attack, flipped)
         attacker = vectors[-1].meta.vector_id if attack != "none" else None
         submitted = vectors[:-1] if attacker else vectors  # the honest ones among them
+        kept = voted(base, vectors, p, local)
         for defence in DEFENCES:
-            g = defend(base, vectors, p, evalsets, defence)
+            g = defend(base, kept if defence == "vote" else vectors, p, evalsets, defence)
             final = {v.meta.vector_id for v in g.vectors}
             first = {s.vector_id: s for s in (*g.outcome.scores.scores, *g.outcome.scores.excluded)}
             rows.append(
@@ -192,10 +207,15 @@ def _order(name: str) -> int:
 
 def headline(summary: list[dict], seeds: list[int]) -> dict:
     both = [s for s in summary if s["defence"] == "both"]
+    vote = [s for s in summary if s["defence"] == "vote"]
     return {
         "caught": {f"{s['attack']}/{s['dataset']}": s["caught"] for s in both if s["attack"] != "none"},
         "seeds": len(seeds),
         "honest_excluded": sum(s["honest_excluded"] for s in both),
+        "vote": {  # the data-free vote on the hospitals' cross-site matrix (issue 25)
+            "caught": {f"{s['attack']}/{s['dataset']}": s["caught"] for s in vote if s["attack"] != "none"},
+            "honest_excluded": sum(s["honest_excluded"] for s in vote),
+        },
     }
 
 

@@ -112,7 +112,8 @@ def _simulate_async(net: Network, landings: int, straggler: float | None, moment
     store = open_store(str(net.out / "async"))
     store.put_base(net.base)
     clock = Clock.seeded(list(net.local), p.split.seed + p.finetune.seed, straggler)
-    return simulate_async(store, net.base, net.local, refine, net.evalsets, landings, clock, net.progress, moments_fn)
+    evalsets = net.evalsets.fresh()  # the one-shot merge's record keeps its own rounds only
+    return simulate_async(store, net.base, net.local, refine, evalsets, landings, clock, net.progress, moments_fn)
 
 
 def _report(net: Network, vectors: list[VectorFile], rows: list[dict], seconds: float, asynchrony: dict | None):

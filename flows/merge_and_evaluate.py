@@ -25,8 +25,8 @@ from flows.ui import base_tag, embedded_image, label_run, merge_run_name
 from medvec.config import ConfigError, Params
 from medvec.coordinator.compare import Candidate
 from medvec.coordinator.contribution import markdown
-from medvec.coordinator.intake import Admission
-from medvec.coordinator.judge import hospitals_judge
+from medvec.coordinator.intake import Admission, quarantine_voted
+from medvec.coordinator.judge import hospitals_judge, voted_out
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import DataSpec, ImageSet
 from medvec.data.sources import load_split
@@ -209,11 +209,19 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
         _supersede(admission, f"merge {last.merge_id} already holds every vector listed")
         return _summary(last, skipped=True, reason="no new vectors")
     evalsets = run.evalsets(admission)
+    rows: list[dict] = []
+    voted: list = []
+    if evalsets.judge is not None:  # the cross-site matrix first: the vote may keep vectors out of the merge
+        rows = hospital_rows(run.base, vectors, evalsets, run.params, run.store)
+        vectors, out = voted_out(vectors, evalsets.evaluation().flagged, run.params.intake.vote)
+        voted = quarantine_voted(run.store, out)
+        if not vectors:
+            return {"skipped": True, "reason": "the below-chance vote excluded every vector", "inputs": []}
     guarded = merge_task(run.base, vectors, run.params, evalsets, run.calibration())
     outcome, vectors = guarded.outcome, guarded.vectors
     harmful = quarantine_excluded(run.store, guarded.excluded) if guarded.excluded else []
-    # each input's own model, before the record: with the hospitals scoring, its round is the cross-site matrix
-    rows = hospital_rows(run.base, vectors, evalsets, run.params, run.store)
+    if evalsets.judge is None:
+        rows = hospital_rows(run.base, vectors, evalsets, run.params, run.store)
     record = MergeRecord.build(
         outcome,
         vectors,
@@ -223,7 +231,7 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
         run.store.url,
         run.started,
         screened=tuple(admission.screened),
-        quarantined=(*admission.rejected, *harmful),
+        quarantined=(*admission.rejected, *voted, *harmful),
         trigger=run.trigger,
         evaluation=evalsets.evaluation(),
     )

@@ -242,6 +242,11 @@ class IntakeConfig(_Frozen):
     )
     harm_z: float = Field(2.0, ge=0, description="harmful: LOO below −harm_z × its paired-bootstrap standard error")
     harm_min: float = Field(0.01, ge=0, description="harmful: and LOO below −harm_min (the metric's units)")
+    vote: Literal["off", "flag", "exclude"] = Field(
+        "flag",
+        description="evaluate.where: hospitals: a vector whose own model scores below chance at most other sites: "
+        "listed in the record (flag) or also kept out of the merge, in quarantine (exclude)",
+    )
 
     @property
     def max_bytes(self) -> int:
@@ -253,7 +258,7 @@ class IntakeConfig(_Frozen):
         """``max_metadata_kb`` in bytes: the largest metadata a vector may carry."""
         return int(self.max_metadata_kb * 1024)
 
-    @field_validator("defence", "harmful", mode="before")
+    @field_validator("defence", "harmful", "vote", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         """YAML reads a bare ``off`` (``-S intake.defence=off``) as false."""

@@ -21,7 +21,7 @@ from medvec.config import FinetuneConfig, Params
 from medvec.coordinator.compare import single_rows
 from medvec.coordinator.contribution import score_merge
 from medvec.coordinator.engine import choose_scale
-from medvec.coordinator.judge import HospitalJudge, StoreAsk, below_chance, quorum
+from medvec.coordinator.judge import HospitalJudge, StoreAsk, below_chance, quorum, voted_out
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.sources import load_split
 from medvec.demo.answering import InProcessAsk
@@ -138,6 +138,9 @@ def test_a_missed_quorum_is_recorded_and_stops_promotion(setting):
     assert promote is False
     assert reason == f"not promoted: scan round {scan.request_id}: quorum 0.75 by sites missed: 2 of 3 sites answered"
     assert judge.evaluation().quorum_met is False and judge.evaluation().sites() == ["a", "b"]
+    # the next merge starts with a fresh judge: same hospitals, no rounds of this one
+    fresh = EvalSets(None, None, judge=judge).fresh().judge
+    assert isinstance(fresh, HospitalJudge) and fresh.rounds == [] and fresh.hospitals == judge.hospitals
 
 
 def test_quorum_by_samples_weighs_each_site_by_its_images():
@@ -289,3 +292,7 @@ def test_a_label_flipped_model_is_flagged_from_the_cross_site_matrix(setting):
     assert list(evaluation.flagged) == ["b"] and evaluation.flagged["b"].startswith(
         "its own model scores below chance at 2 of 2 other sites (a 0."
     )
+    # intake.vote: exclude keeps b out of the merge, with the reason; flag keeps it in
+    kept, out = voted_out(vectors, evaluation.flagged, "exclude")
+    assert kept == vectors[:1] and out == [(vectors[1], f"below-chance vote: {evaluation.flagged['b']}")]
+    assert voted_out(vectors, evaluation.flagged, "flag") == (vectors, [])

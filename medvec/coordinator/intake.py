@@ -219,3 +219,12 @@ def quarantine_harmful(store: VectorStore, excluded: Sequence[tuple[VectorLike, 
         key = store.vector_key(v.meta.base_sha256, v.meta.hospital, v.meta.vector_id)
         out.append(store.quarantine(key, "harmful", score.harmful or "harmful", v.meta.hospital))
     return out
+
+
+def quarantine_voted(store: VectorStore, excluded: Sequence[tuple[VectorLike, str]]) -> list[Rejection]:
+    """Move the vectors the below-chance vote excluded (``intake.vote: exclude``) to quarantine, with the reason."""
+    out = []
+    for v, reason in excluded:
+        key = store.vector_key(v.meta.base_sha256, v.meta.hospital, v.meta.vector_id)
+        out.append(store.quarantine(key, "vote", reason, v.meta.hospital))
+    return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -36,6 +36,7 @@ from medvec.models import Base, state_sha256
 from medvec.record import EvalRound, EvalSetRef, Evaluation, Rejection
 from medvec.store import VectorStore
 from medvec.vectors.signing import Keyring
+from medvec.vectors.vector import VectorLike
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ the listed hospitals (the others may answer, but are not waited for); their answ
 
 
 def metrics_of(p: Pooled) -> dict:
-    """A pooled candidate's metrics in the shape the coordinator's code reads (``auc``, ``threshold``, ...).
-
-    Binary tasks also get balanced accuracy and accuracy at 0.5 (the argmax), as on the coordinator's set."""
+    """A pooled candidate's metrics in the shape the coordinator's code reads (``auc``, ``threshold``, ...): the
+    pooled AUC with its Hanley–McNeil SE, mean loss, images, sites and each site's AUC; binary tasks also get the
+    operating point chosen on the pooled ROC (``threshold``) and its validation figures (``op_val``)."""
     out: dict = {"auc": p.auc, "auc_se": p.auc_se, "loss": p.loss, "n": p.n, "sites": list(p.sites)}
     out["per_site_auc"] = dict(p.per_site_auc)
     if p.threshold is not None:
@@ -77,7 +78,6 @@ class HospitalJudge:
     weights: Mapping[str, int] = field(default_factory=dict)  # quorum_by samples: each site's weight
     rounds: list[EvalRound] = field(default_factory=list)
     matrix: dict[str, dict[str, float]] = field(default_factory=dict)  # model → site → AUC
-    where: str = "hospitals"
 
     def validate(self, models: Mapping[str, nn.Module], purpose: str = "scan") -> dict[str, dict]:
         """Each named model's pooled validation metrics (one request for all of them). A ``matrix`` round
@@ -100,6 +100,10 @@ class HospitalJudge:
             return False, f"not promoted: {missed[0].purpose} round {missed[0].request_id}: {missed[0].quorum}"
         promote, reason = gate(asked.answers, "candidate", "champion", self.config.gate_z)
         return promote, reason.replace("the champion's", f"{champion_name}'s")
+
+    def fresh(self) -> HospitalJudge:
+        """The same hospitals and settings, with no rounds and no matrix yet."""
+        return HospitalJudge(self.ask, self.template, self.hospitals, self.config, self.weights)
 
     def evaluation(self) -> Evaluation:
         """Every round so far, the cross-site matrix and the below-chance vote, for the merge record."""
@@ -160,6 +164,23 @@ def below_chance(matrix: Mapping[str, Mapping[str, float]], inputs: list[str]) -
             figures = ", ".join(f"{s} {others[s]:.3f}" for s in sorted(others))
             flagged[h] = f"its own model scores below chance at {len(below)} of {len(others)} other sites ({figures})"
     return flagged
+
+
+def voted_out(
+    vectors: Sequence[VectorLike], flagged: Mapping[str, str], mode: str
+) -> tuple[list[VectorLike], list[tuple[VectorLike, str]]]:
+    """The vectors to merge and those the vote keeps out (``intake.vote: exclude``), each with its reason; a
+    vector is named in the matrix by its hospital, or by its id when its hospital sent more than one."""
+    if mode != "exclude" or not flagged:
+        return list(vectors), []
+    kept, out = [], []
+    for v in vectors:
+        reason = flagged.get(v.meta.vector_id) or flagged.get(v.meta.hospital)
+        if reason is None:
+            kept.append(v)
+        else:
+            out.append((v, f"below-chance vote: {reason}"))
+    return kept, out
 
 
 def quorum(
@@ -225,4 +246,14 @@ def hospitals_judge(
     return HospitalJudge(ask, base, hospitals, params.evaluate, weights)
 
 
-__all__ = ["Ask", "Asked", "HospitalJudge", "StoreAsk", "below_chance", "hospitals_judge", "metrics_of", "quorum"]
+__all__ = [
+    "Ask",
+    "Asked",
+    "HospitalJudge",
+    "StoreAsk",
+    "below_chance",
+    "hospitals_judge",
+    "metrics_of",
+    "quorum",
+    "voted_out",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -39,6 +39,10 @@ class Judge(Protocol):
         """The identity of what scored the candidates."""
         ...
 
+    def fresh(self) -> "Judge":
+        """The same judge with no rounds yet (one merge's record holds that merge's rounds only)."""
+        ...
+
 
 @dataclass
 class EvalSets:
@@ -65,6 +69,10 @@ class EvalSets:
     def validate_one(self, model: nn.Module, spec: ModelSpec, batch_size: int, purpose: str = "scan") -> dict:
         """One model's validation metrics."""
         return self.validate({"model": model}, spec, batch_size, purpose)["model"]
+
+    def fresh(self) -> "EvalSets":
+        """The same sets, with a judge that has no rounds yet: what the next merge's record will list."""
+        return replace(self, judge=self.judge.fresh()) if self.judge is not None else self
 
     def evaluation(self) -> Evaluation:
         """Who scored the candidates (the merge record's ``evaluation``)."""

@@ -134,7 +134,8 @@ def _land(
     admission = admit(store, base, params.intake, params.refine)
     note = f"buffer {len(admission.admitted)} of {params.refine.buffer}"
     if len(admission.admitted) >= params.refine.buffer:
-        note = finish_step(store, base, admission, params, evalsets, moments_fn=moments_fn).verdict
+        step_sets = evalsets.fresh()  # the step's record lists its own rounds only
+        note = finish_step(store, base, admission, params, step_sets, moments_fn=moments_fn).verdict
     point = store.champion(base.sha256)
     champion = store.get_start(base.sha256, point.version) if point.version else base
     val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
