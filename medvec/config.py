@@ -247,6 +247,9 @@ class IntakeConfig(_Frozen):
         description="evaluate.where: hospitals: a vector whose own model scores below chance at most other sites: "
         "listed in the record (flag) or also kept out of the merge, in quarantine (exclude)",
     )
+    vote_z: float = Field(
+        1.0, ge=0, description="vote: below chance at a site means AUC + vote_z × its Hanley–McNeil SE < 0.5"
+    )
 
     @property
     def max_bytes(self) -> int:

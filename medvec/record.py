@@ -156,6 +156,9 @@ class Evaluation(_Record):
         description="model → site → AUC on that site's validation split: each input hospital's own model "
         "(by hospital), the merge (merged) and the champion it was gated against (champion)",
     )
+    matrix_se: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="the matrix's Hanley–McNeil standard errors, model → site"
+    )
     flagged: dict[str, str] = Field(
         default_factory=dict, description="hospital → why its own model looks poisoned (the below-chance vote)"
     )

@@ -256,6 +256,10 @@ def test_the_below_chance_vote_flags_a_model_that_ranks_most_other_sites_backwar
         "c": "its own model scores below chance at 1 of 1 other sites (a 0.490)",
     }
     assert below_chance({"b": {"a": 0.3, "c": 0.6}}, ["b"]) == {}  # half is not more than half
+    # with standard errors: 0.45 + 1 × 0.06 is not below chance at c, so b is below at 1 of 3 only
+    se = {"b": {"a": 0.05, "c": 0.06, "d": 0.05}}
+    assert below_chance(matrix, ["b"], se, z=1.0) == {}
+    assert "at 2 of 3" in below_chance(matrix, ["b"], se, z=0.5)["b"]  # 0.45 + 0.03 < 0.5
 
 
 def flipped(state: dict) -> dict:

@@ -59,7 +59,7 @@ def metrics_of(p: Pooled) -> dict:
     pooled AUC with its Hanley–McNeil SE, mean loss, images, sites and each site's AUC; binary tasks also get the
     operating point chosen on the pooled ROC (``threshold``) and its validation figures (``op_val``)."""
     out: dict = {"auc": p.auc, "auc_se": p.auc_se, "loss": p.loss, "n": p.n, "sites": list(p.sites)}
-    out["per_site_auc"] = dict(p.per_site_auc)
+    out["per_site_auc"], out["per_site_se"] = dict(p.per_site_auc), dict(p.per_site_se)
     if p.threshold is not None:
         out["threshold"] = p.threshold
     if p.op is not None:
@@ -78,6 +78,8 @@ class HospitalJudge:
     weights: Mapping[str, int] = field(default_factory=dict)  # quorum_by samples: each site's weight
     rounds: list[EvalRound] = field(default_factory=list)
     matrix: dict[str, dict[str, float]] = field(default_factory=dict)  # model → site → AUC
+    matrix_se: dict[str, dict[str, float]] = field(default_factory=dict)  # model → site → its SE
+    vote_z: float = 1.0  # below chance: AUC + vote_z·SE < 0.5 at the site
 
     def validate(self, models: Mapping[str, nn.Module], purpose: str = "scan") -> dict[str, dict]:
         """Each named model's pooled validation metrics (one request for all of them). A ``matrix`` round
@@ -86,7 +88,8 @@ class HospitalJudge:
         asked = self._round({c: models[name] for c, name in names.items()}, purpose)
         out = {name: self._metrics(asked.answers, c) for c, name in names.items()}
         if purpose == "matrix":
-            self.matrix.update({name: dict(m.get("per_site_auc", {})) for name, m in out.items()})
+            for name, m in out.items():
+                self._into_matrix(name, m)
         return out
 
     def gate(self, candidate: nn.Module, champion: nn.Module, champion_name: str = "the champion") -> tuple[bool, str]:
@@ -94,7 +97,7 @@ class HospitalJudge:
         per-site AUCs join the matrix (``merged``, ``champion``)."""
         asked = self._round({"candidate": candidate, "champion": champion}, "gate")
         for name, c in (("merged", "candidate"), ("champion", "champion")):
-            self.matrix[name] = dict(self._metrics(asked.answers, c).get("per_site_auc", {}))
+            self._into_matrix(name, self._metrics(asked.answers, c))
         missed = [r for r in self.rounds if not r.quorum_met]
         if missed:
             return False, f"not promoted: {missed[0].purpose} round {missed[0].request_id}: {missed[0].quorum}"
@@ -103,13 +106,20 @@ class HospitalJudge:
 
     def fresh(self) -> HospitalJudge:
         """The same hospitals and settings, with no rounds and no matrix yet."""
-        return HospitalJudge(self.ask, self.template, self.hospitals, self.config, self.weights)
+        return HospitalJudge(self.ask, self.template, self.hospitals, self.config, self.weights, vote_z=self.vote_z)
 
     def evaluation(self) -> Evaluation:
         """Every round so far, the cross-site matrix and the below-chance vote, for the merge record."""
-        matrix = {m: {s: round(a, 6) for s, a in sites.items()} for m, sites in self.matrix.items()}
-        flagged = below_chance(matrix, [h for h in self.hospitals if h in matrix])
-        return Evaluation(where="hospitals", rounds=tuple(self.rounds), matrix=matrix, flagged=flagged)
+        matrix = _rounded(self.matrix)
+        se = _rounded(self.matrix_se)
+        flagged = below_chance(matrix, [h for h in self.hospitals if h in matrix], se, self.vote_z)
+        return Evaluation(where="hospitals", rounds=tuple(self.rounds), matrix=matrix, matrix_se=se, flagged=flagged)
+
+    def _into_matrix(self, name: str, metrics: dict) -> None:
+        """One model's row of the matrix: the sites where its AUC is defined (a withheld class leaves it out)."""
+        auc, se = metrics.get("per_site_auc", {}), metrics.get("per_site_se", {})
+        self.matrix[name] = {s: a for s, a in auc.items() if math.isfinite(a)}
+        self.matrix_se[name] = {s: se[s] for s in self.matrix[name] if s in se and math.isfinite(se[s])}
 
     def ref(self) -> EvalSetRef:
         """The identity of what scored the merge: the answering sites' validation splits, by hash."""
@@ -152,14 +162,25 @@ class HospitalJudge:
         )
 
 
-def below_chance(matrix: Mapping[str, Mapping[str, float]], inputs: list[str]) -> dict[str, str]:
-    """The data-free poisoning vote: a hospital whose own model scores below chance (AUC < 0.5) at more than
-    half of the other sites that scored it is flagged, with the figures. A label-flipped or sign-flipped vector
-    ranks the others' patients backwards; an honest one, however skewed its data, rarely does."""
+def _rounded(matrix: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    return {m: {s: round(a, 6) for s, a in sites.items()} for m, sites in matrix.items()}
+
+
+def below_chance(
+    matrix: Mapping[str, Mapping[str, float]],
+    inputs: list[str],
+    se: Mapping[str, Mapping[str, float]] | None = None,
+    z: float = 0.0,
+) -> dict[str, str]:
+    """The data-free poisoning vote: a hospital whose own model scores below chance at more than half of the
+    other sites that scored it is flagged, with the figures; below chance at a site means AUC + z·SE < 0.5 (the
+    site's Hanley–McNeil SE), so a near-random model from a tiny honest site is not taken for an attack. A
+    label-flipped vector ranks the others' patients backwards; an honest one, however skewed, rarely does."""
     flagged = {}
     for h in inputs:
         others = {s: a for s, a in matrix.get(h, {}).items() if s != h and math.isfinite(a)}
-        below = sorted(s for s, a in others.items() if a < 0.5)
+        margin = {s: z * (se or {}).get(h, {}).get(s, 0.0) for s in others}
+        below = sorted(s for s, a in others.items() if a + (margin[s] if math.isfinite(margin[s]) else 0.0) < 0.5)
         if others and len(below) > len(others) / 2:
             figures = ", ".join(f"{s} {others[s]:.3f}" for s in sorted(others))
             flagged[h] = f"its own model scores below chance at {len(below)} of {len(others)} other sites ({figures})"
@@ -243,7 +264,7 @@ def hospitals_judge(
     hospitals = sorted(keyring.keys)
     weights = {v.meta.hospital: v.meta.n_train for v in admission.admitted}
     ask = StoreAsk(store, keyring, base.sha256, hospitals, params.evaluate.timeout_s, start)
-    return HospitalJudge(ask, base, hospitals, params.evaluate, weights)
+    return HospitalJudge(ask, base, hospitals, params.evaluate, weights, vote_z=params.intake.vote_z)
 
 
 __all__ = [

@@ -35,6 +35,7 @@ class Pooled:
     threshold: float | None = None  # binary tasks: the pooled operating point
     op: dict | None = None
     per_site_auc: dict[str, float] = field(default_factory=dict)
+    per_site_se: dict[str, float] = field(default_factory=dict)  # each site's Hanley–McNeil SE
 
     def to_json(self) -> dict:
         """The metrics as JSON-ready data (for the merge record)."""
@@ -62,6 +63,7 @@ def pool(
         threshold = total.threshold(rule, target)
         op = total.at_threshold(threshold)
     per_site = {a.hospital: h.auc(task) for a, h in zip(chosen, histograms, strict=True)}
+    per_site_se = {a.hospital: h.auc_se(task) for a, h in zip(chosen, histograms, strict=True)}
     return Pooled(
         candidate,
         tuple(a.hospital for a in chosen),
@@ -72,6 +74,7 @@ def pool(
         threshold,
         op,
         per_site,
+        per_site_se,
     )
 
 

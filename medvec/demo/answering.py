@@ -49,7 +49,7 @@ def simulated_judge(
     splits = {h: d.val for h, d in local.items() if d.val is not None and len(d.val)}
     ask = InProcessAsk(splits, absent or set(), params.evaluate.batch_size)
     weights = {h: len(d.train) for h, d in local.items()}
-    return HospitalJudge(ask, base, sorted(local), params.evaluate, weights)
+    return HospitalJudge(ask, base, sorted(local), params.evaluate, weights, vote_z=params.intake.vote_z)
 
 
 __all__ = ["InProcessAsk", "simulated_judge"]
