@@ -221,6 +221,23 @@ def test_coordinator_up_without_prefect_api_url(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_coordinator_up_without_eval_data_needs_the_hospitals_to_score_and_the_classes(tmp_path):
+    """``coordinator.eval_data: null`` is for a coordinator that holds no images (issue 25): it needs
+    ``evaluate.where: hospitals``, and the classes from ``model.classes`` or ``--num-classes``."""
+    base = ["coordinator", "up", "-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
+    base += ["-S", "coordinator.eval_data=null"]
+    proc = medvec(*base, env=clean_env(tmp_path))
+    assert_one_line_error(proc, "no coordinator.eval_data", "evaluate.where: hospitals")
+    proc = medvec(*base, "-S", "evaluate.where=hospitals", env=clean_env(tmp_path))
+    assert_one_line_error(proc, "model.classes or --num-classes")
+    # with the classes, it gets as far as the Prefect server (none here): nothing about images is asked
+    proc = medvec(
+        *base, "-S", "evaluate.where=hospitals", "-S", "model.classes=[normal,pneumonia]", env=clean_env(tmp_path)
+    )
+    assert_one_line_error(proc, "PREFECT_API_URL is not set")
+    assert not (tmp_path / "store").exists()
+
+
 def test_a_reader_that_closes_the_pipe_early_is_not_an_error(tmp_path):
     """``medvec methods | head``: when the reader has gone, the command ends quietly with status 0."""
     read, write = os.pipe()
