@@ -219,25 +219,28 @@ def test_through_the_store_a_forged_answer_is_rejected_and_an_absent_site_costs_
     assert judge.rounds[1].answered == ("a",) and judge.rounds[1].waited_s < 8.0
 
 
+def vector_to(base, hospital: str, state: dict) -> DataVector:
+    """Hospital ``hospital``'s vector from θ_pre to ``state`` (100 balanced training images, as metadata)."""
+    return DataVector.from_states(
+        base.model.state_dict(),
+        state,
+        hospital=hospital,
+        base_sha256=base.sha256,
+        base_model="tiny_cnn",
+        num_classes=2,
+        n_train=100,
+        label_counts=[50, 50],
+    )
+
+
 def test_contribution_scores_go_out_in_one_request_with_the_pooled_standard_errors(setting):
     base, tau, _, _ = setting
     p = params()
     p = p.model_copy(update={"contribution": p.contribution.model_copy(update={"method": "shapley"})})
-    vectors = []
-    for name, scale in (("a", 0.5), ("b", 1.5)):  # two hospitals' vectors along the trained direction
-        state = tau.apply_to(base.model.state_dict(), scale)
-        vectors.append(
-            DataVector.from_states(
-                base.model.state_dict(),
-                state,
-                hospital=name,
-                base_sha256=base.sha256,
-                base_model="tiny_cnn",
-                num_classes=2,
-                n_train=100,
-                label_counts=[50, 50],
-            )
-        )
+    # two hospitals' vectors along the trained direction
+    vectors = [
+        vector_to(base, name, tau.apply_to(base.model.state_dict(), scale)) for name, scale in (("a", 0.5), ("b", 1.5))
+    ]
     judge = judge_of(setting, p)
     evalsets = EvalSets(None, None, judge=judge)
     outcome = choose_scale(base, tau, [1.0], "mean", vectors, p, evalsets, None)
@@ -273,19 +276,7 @@ def test_a_label_flipped_model_is_flagged_from_the_cross_site_matrix(setting):
     base, tau, _, _ = setting
     p = params()
     honest = tau.apply_to(base.model.state_dict(), 1.0)
-    vectors = [
-        DataVector.from_states(
-            base.model.state_dict(),
-            state,
-            hospital=name,
-            base_sha256=base.sha256,
-            base_model="tiny_cnn",
-            num_classes=2,
-            n_train=100,
-            label_counts=[50, 50],
-        )
-        for name, state in (("a", honest), ("b", flipped(honest)))
-    ]
+    vectors = [vector_to(base, name, state) for name, state in (("a", honest), ("b", flipped(honest)))]
     judge = judge_of(setting, p)
     rows = single_rows(base, vectors, EvalSets(None, None, judge=judge), p)
     assert [r["name"] for r in rows] == ["a", "b"] and [r.purpose for r in judge.rounds] == ["matrix"]
