@@ -128,7 +128,14 @@ def choose_threshold(
         return 0.5
     fpr, tpr, thresholds = roc_curve(y_true, scores)
     finite = np.isfinite(thresholds)
-    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    return pick_threshold(fpr[finite], tpr[finite], thresholds[finite], rule, target_sensitivity)
+
+
+def pick_threshold(
+    fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9
+) -> float:
+    """The operating point on an ROC (highest threshold first) by ``rule``: ``youden`` maximises
+    sensitivity + specificity − 1; ``sensitivity`` is the highest threshold whose sensitivity reaches the target."""
     if rule == "youden":
         return float(thresholds[int(np.argmax(tpr - fpr))])
     if rule == "sensitivity":

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medvec.evaluate import pick_threshold
+
 NEGATIVE, POSITIVE = 0, 1
 
 
@@ -157,13 +159,7 @@ class ScoreHistograms:
         threshold whose sensitivity reaches the target."""
         if self.counts[c, POSITIVE].sum() == 0 or self.counts[c, NEGATIVE].sum() == 0:
             return 0.5
-        fpr, tpr, thresholds = self.roc(c)
-        if rule == "youden":
-            return float(thresholds[int(np.argmax(tpr - fpr))])
-        if rule == "sensitivity":
-            ok = np.nonzero(tpr >= target_sensitivity)[0]
-            return float(thresholds[ok[0]]) if len(ok) else float(thresholds[-1])
-        raise ValueError(f"unknown threshold rule {rule!r}: valid are youden, sensitivity")
+        return pick_threshold(*self.roc(c), rule, target_sensitivity)
 
     def at_threshold(self, threshold: float, c: int = 0) -> dict:
         """Sensitivity, specificity, balanced accuracy and accuracy of ``scores ≥ threshold``, exact when the

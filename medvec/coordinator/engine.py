@@ -191,9 +191,8 @@ def scan(
     metric = params.evaluate.select_metric
     best: dict[str, Scanned] = {}
     curves: dict[str, list[tuple[float, float]]] = {s: [] for s in strategies}
-    for lam, strategy, model, moments, val in _scored(
-        base, tau, grid, strategies, vectors, moments_fn, evalsets, params
-    ):
+    built = _built(base, tau, grid, strategies, vectors, moments_fn)
+    for lam, strategy, model, moments, val in _scored(built, evalsets, base, params.evaluate.batch_size):
         curves[strategy].append((lam, val[metric]))
         if strategy not in best or score(val, metric) > score(best[strategy].val, metric):
             best[strategy] = Scanned(lam, val, model, moments)
@@ -218,18 +217,9 @@ def _built(
 
 
 def _scored(
-    base: Base,
-    tau: DataVector,
-    grid: Sequence[float],
-    strategies: Sequence[str],
-    vectors: Sequence[VectorLike],
-    moments_fn: MomentsFn | None,
-    evalsets: EvalSets,
-    params: Params,
+    built: Iterator[tuple[float, str, nn.Module, MomentSums | None]], evalsets: EvalSets, base: Base, bs: int
 ) -> Iterator[tuple[float, str, nn.Module, MomentSums | None, dict]]:
     """Every (λ, strategy) model with its validation metrics."""
-    bs = params.evaluate.batch_size
-    built = _built(base, tau, grid, strategies, vectors, moments_fn)
     if evalsets.judge is None:  # one at a time: only the best model per strategy stays in memory
         for lam, strategy, model, moments in built:
             yield lam, strategy, model, moments, evalsets.validate_one(model, base.spec, bs)
