@@ -22,6 +22,7 @@ from medvec.coordinator.compare import single_rows
 from medvec.coordinator.contribution import score_merge
 from medvec.coordinator.engine import choose_scale
 from medvec.coordinator.judge import HospitalJudge, StoreAsk, below_chance, quorum, voted_out
+from medvec.coordinator.refine import compute_step
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.sources import load_split
 from medvec.demo.answering import InProcessAsk
@@ -30,6 +31,7 @@ from medvec.hospital.answer import answer_request
 from medvec.hospital.train import finetune
 from medvec.keys import DocumentSigner, keygen
 from medvec.models import create_base
+from medvec.record import StartPoint
 from medvec.store import LocalStore
 from medvec.vectors.signing import Keyring
 from medvec.vectors.vector import DataVector
@@ -291,3 +293,17 @@ def test_a_label_flipped_model_is_flagged_from_the_cross_site_matrix(setting):
     kept, out = voted_out(vectors, evaluation.flagged, "exclude")
     assert kept == vectors[:1] and out == [(vectors[1], f"below-chance vote: {evaluation.flagged['b']}")]
     assert voted_out(vectors, evaluation.flagged, "flag") == (vectors, [])
+
+
+def test_an_async_step_asks_for_its_scan_its_scores_and_its_gate_and_nothing_more(setting):
+    """The champion is scored beside the step in the gate's request and as v(∅) in the scores' request: the
+    hospitals are not asked for it in a round of its own."""
+    base, tau, _, _ = setting
+    p = params()
+    p = p.model_copy(update={"contribution": p.contribution.model_copy(update={"method": "loo"})})
+    parent = StartPoint(version=0, sha256=base.sha256, promoted_at="2026-12-05T00:00:00")
+    judge = judge_of(setting, p)
+    vector = vector_to(base, "a", tau.apply_to(base.model.state_dict(), 1.0))
+    step = compute_step(base, parent, [vector], p, EvalSets(None, None, judge=judge))
+    assert [r.purpose for r in judge.rounds] == ["scan", "contribution", "gate"]
+    assert step.promoted and step.reason.startswith("pooled val auc ") and "champion v0's" in step.reason

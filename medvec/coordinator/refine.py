@@ -81,7 +81,11 @@ def compute_step(
     ``recompute`` exact; without it the BN plan follows what the vectors carry
     (:func:`medvec.coordinator.engine.plan_bn`).
     """
-    champion_val = evalsets.validate_one(champion.model, champion.spec, params.evaluate.batch_size, "champion")
+    # on the coordinator's set the champion is scored once, for the gate and as v(∅) of the contribution scores;
+    # with the hospitals the gate asks for it beside the step, and the scores ask for v(∅) in their own request
+    champion_val = None
+    if evalsets.judge is None:
+        champion_val = evalsets.validate_one(champion.model, champion.spec, params.evaluate.batch_size)
     guarded = guarded_merge(
         lambda vs: refine_step(champion, parent.version, vs, params, evalsets, calibration, moments_fn),
         lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn, start_val=champion_val),
@@ -92,6 +96,7 @@ def compute_step(
     if evalsets.judge is not None:  # both scored in one request, by the same sites
         promoted, reason = evalsets.judge.gate(guarded.outcome.model, champion.model, f"champion v{parent.version}")
     else:
+        assert champion_val is not None
         promoted, reason = beats(score(guarded.outcome.val, metric), score(champion_val, metric), params)
     return Step(guarded.outcome, guarded.vectors, parent, promoted, reason, guarded.excluded)
 
