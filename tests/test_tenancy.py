@@ -70,6 +70,13 @@ class Party:
             )
         return proc
 
+    def python(self, script: str, *args: str, timeout: float = 600) -> dict:
+        """Run a driver script as this party, in its folder and environment; the JSON its last line prints."""
+        cmd = [sys.executable, "-c", script, *args]
+        proc = subprocess.run(cmd, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{self.name}: {proc.stderr[-4000:]}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     def with_kit(self, kit: Path) -> None:
         """Add the ``*.env`` files of a hand-out kit to this party's environment (as ``set -a; . x.env``)."""
         for env_file in sorted(kit.glob("*.env")):
@@ -474,17 +481,7 @@ def test_the_coordinator_asks_both_hospitals_to_evaluate_and_collects_their_sign
     """Issue 25 on the hardened network: the coordinator publishes a signed request, starts each hospital's
     ``hospital-evaluate`` with its id, and collects answers each hospital signed and stored with its own keys."""
     coordinator, tmp = network["coordinator"], network["tmp"]
-    args = [network["store"], "keys/coordinator.key", "keys/keyring.json"]
-    proc = subprocess.run(
-        [sys.executable, "-c", EVALUATE, *args],
-        cwd=coordinator.cwd,
-        env=coordinator.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = coordinator.python(EVALUATE, network["store"], "keys/coordinator.key", "keys/keyring.json")
     assert out["states"] == {"a": "COMPLETED", "b": "COMPLETED"} and out["rejected"] == []
     assert out["sites"] == ["a", "b"]
     n_val = sum(json.loads((tmp / "data" / s / "meta.json").read_text())["n_val"] for s in ("h1", "h2"))
@@ -527,16 +524,7 @@ def test_with_no_eval_data_the_hospitals_answers_choose_and_gate_the_merge_and_a
     overrides = [o for o in network["sets"] if o != "-S"]
     overrides += ["coordinator.eval_data=null", "evaluate.where=hospitals", "evaluate.timeout_s=45"]
     overrides += ["contribution.method=off"]  # one round fewer: contribution rounds are tested in process
-    proc = subprocess.run(
-        [sys.executable, "-c", MERGE, *overrides],
-        cwd=coordinator.cwd,
-        env=coordinator.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = coordinator.python(MERGE, *overrides)
     assert sorted(i["hospital"] for i in out["inputs"]) == ["a", "b"]
     admin = admin_s3(network)
     base = admin.get_object(Bucket="medvec", Key="net/bases/current.json")["Body"].read()
