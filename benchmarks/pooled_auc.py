@@ -1,10 +1,15 @@
 """How far the AUC pooled from hospitals' score reports is from the exact AUC on the union of their images,
-by ``min_count`` (issue 25).
+by ``min_count`` and by how the coordinator reads a group of bins (issue 25).
 
 For each data set and seed, a tiny CNN is fine-tuned on the training split (seeded), the validation split is
 divided among three hospitals (20 / 35 / 45 %, a seeded permutation: the seed moves the split too), each
 hospital reports its scores with ``min_count`` k (``medvec.histograms.ScoreReport``), and the coordinator pools
 the reports. The error is pooled AUC − scikit-learn's AUC on the union.
+
+Two models per seed: the fine-tuned model ``as trained``, and the same model ``sharpened`` (its logit × 8: the
+same ranking, saturated scores, as a merge with a large λ makes them). Two readings of a group: ``ends`` (its
+images at its first and last bin, in the shares of its mean bin: what the coordinator reads) and ``even``
+(spread evenly over its bins).
 
     python benchmarks/pooled_auc.py [--seeds 0 1 2] [--min-counts 1 5 10]
 
@@ -30,7 +35,7 @@ from common import ROOT, table, write
 from medvec.config import FinetuneConfig
 from medvec.data.sources import load_split
 from medvec.evaluate import predict
-from medvec.histograms import Grid, ScoreReport
+from medvec.histograms import Grid, Reading, ScoreReport
 from medvec.hospital.train import finetune
 from medvec.models import create_base
 
@@ -38,54 +43,78 @@ DATASETS = {"pneumoniamnist": ROOT / "data" / "pneumoniamnist.npz", "breastmnist
 SHARES = (0.2, 0.35)  # cut points of the three hospitals' shares: 20 %, 35 %, 45 %
 
 
+MODELS = {"as trained": 1.0, "sharpened": 8.0}  # the factor on the model's logit
+READINGS: tuple[Reading, ...] = ("ends", "even")
+
+
+def sharpened(proba: np.ndarray, factor: float) -> np.ndarray:
+    """Two-class probabilities with the logit multiplied by ``factor`` (float64: the ranking is kept)."""
+    p = np.clip(proba[:, 1].astype(np.float64), 1e-12, 1 - 1e-12)
+    q = 1.0 / (1.0 + np.exp(-factor * np.log(p / (1 - p))))
+    return np.stack([1 - q, q], axis=1)
+
+
 def one_seed(path: Path, seed: int, min_counts: list[int]) -> list[dict]:
-    """The rows of one data set and seed: the exact AUC, and each k's pooled AUC and its error."""
+    """The rows of one data set and seed: per model, the exact AUC, and each k's and reading's pooled AUC and its
+    error."""
     base = create_base("tiny_cnn", 2, pretrained=False, seed=seed)
     model = base.fresh()
     cfg = FinetuneConfig(epochs=3, lr=0.003, threads=torch.get_num_threads(), seed=seed)
     finetune(model, load_split(path, "train"), base.spec, cfg, progress=False)
     val = load_split(path, "val")
-    proba, labels = predict(model, val, base.spec), np.asarray(val.labels).reshape(-1)
-    exact = float(roc_auc_score(labels, proba[:, 1]))
+    trained, labels = predict(model, val, base.spec), np.asarray(val.labels).reshape(-1)
     order = np.random.default_rng(seed).permutation(len(labels))
     sites = np.split(order, [int(SHARES[0] * len(labels)), int((SHARES[0] + SHARES[1]) * len(labels))])
     rows = []
-    for k in min_counts:
-        reports = [ScoreReport.of(proba[i], labels[i], "multiclass", Grid(), k) for i in sites]
-        first, *rest = [r.histograms() for r in reports]
-        pooled = sum(rest, first).auc("multiclass")
-        rows.append(
-            {
-                "data": path.stem,
-                "seed": seed,
-                "min_count": k,
-                "images": len(labels),
-                "sites": "/".join(str(len(i)) for i in sites),
-                "exact_auc": exact,
-                "pooled_auc": pooled,
-                "error": pooled - exact,
-                "withheld_columns": sum(len(r.withheld) for r in reports),
-            }
-        )
+    for name, factor in MODELS.items():
+        proba = sharpened(trained, factor)
+        exact = float(roc_auc_score(labels, proba[:, 1]))
+        for k in min_counts:
+            reports = [ScoreReport.of(proba[i], labels[i], "multiclass", Grid(), k) for i in sites]
+            for reading in READINGS:
+                first, *rest = [r.histograms(reading) for r in reports]
+                pooled = sum(rest, first).auc("multiclass")
+                rows.append(
+                    {
+                        "data": path.stem,
+                        "seed": seed,
+                        "model": name,
+                        "min_count": k,
+                        "reading": reading,
+                        "images": len(labels),
+                        "sites": "/".join(str(len(i)) for i in sites),
+                        "exact_auc": exact,
+                        "pooled_auc": pooled,
+                        "error": pooled - exact,
+                        "withheld_rows": sum(len(r.withheld) for r in reports),
+                    }
+                )
     return rows
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Mean and largest absolute error per data set and k."""
+    """Mean error and mean and largest absolute error per data set, model, k and reading."""
     out = []
-    for data in dict.fromkeys(r["data"] for r in rows):
-        for k in dict.fromkeys(r["min_count"] for r in rows):
-            errors = [abs(r["error"]) for r in rows if r["data"] == data and r["min_count"] == k]
-            defined = [e for e in errors if not np.isnan(e)]
-            out.append(
-                {
-                    "data": data,
-                    "min_count": k,
-                    "mean_abs_error": statistics.mean(defined) if defined else float("nan"),
-                    "max_abs_error": max(defined) if defined else float("nan"),
-                    "undefined": len(errors) - len(defined),
-                }
-            )
+    keys = dict.fromkeys((r["data"], r["model"], r["min_count"], r["reading"]) for r in rows)
+    for data, model, k, reading in keys:
+        errors = [
+            r["error"]
+            for r in rows
+            if (r["data"], r["model"], r["min_count"], r["reading"]) == (data, model, k, reading)
+        ]
+        defined = [e for e in errors if not np.isnan(e)]
+        out.append(
+            {
+                "data": data,
+                "model": model,
+                "min_count": k,
+                "reading": reading,
+                "mean_error": statistics.mean(defined) if defined else float("nan"),
+                "mean_abs_error": statistics.mean(abs(e) for e in defined) if defined else float("nan"),
+                "max_abs_error": max(abs(e) for e in defined) if defined else float("nan"),
+                "undefined": len(errors) - len(defined),
+            }
+        )
     return out
 
 
@@ -100,14 +129,22 @@ def main() -> None:
     summed = summary(rows)
     command = "python benchmarks/pooled_auc.py " + " ".join(sys.argv[1:])
     headline = {
-        f"{s['data']}/k={s['min_count']}": {"mean": s["mean_abs_error"], "max": s["max_abs_error"]} for s in summed
+        f"{s['data']}/{s['model']}/k={s['min_count']}/{s['reading']}": {
+            "mean_error": s["mean_error"],
+            "mean_abs": s["mean_abs_error"],
+            "max_abs": s["max_abs_error"],
+        }
+        for s in summed
     }
     markdown = "\n\n".join(
         [
             f"Pooled AUC from three hospitals' score reports against the exact AUC on the union (`{command.strip()}`):",
-            table(summed, ["data", "min_count", "mean_abs_error", "max_abs_error", "undefined"]),
+            table(summed, ["data", "model", "min_count", "reading", "mean_error", "mean_abs_error", "max_abs_error"]),
             "Every seed:",
-            table(rows, ["data", "seed", "min_count", "sites", "exact_auc", "pooled_auc", "error", "withheld_columns"]),
+            table(
+                rows,
+                ["data", "seed", "model", "min_count", "reading", "sites", "exact_auc", "error", "withheld_rows"],
+            ),
         ]
     )
     write("pooled_auc", {"command": command.strip(), "headline": headline, "rows": rows, "summary": summed}, markdown)

@@ -68,7 +68,7 @@ class CandidateAnswer(_Answer):
 
     n: int = Field(ge=0)
     loss_sum: float
-    histograms: dict = Field(description="ScoreReport.to_json(): the grid, each row's groups, withheld columns")
+    histograms: dict = Field(description="ScoreReport.to_json(): the grid, each row's groups, withheld rows")
 
     def report(self) -> ScoreReport:
         """The histograms as a :class:`~medvec.histograms.ScoreReport` (a ValueError when malformed)."""
@@ -126,14 +126,26 @@ def _candidate_problems(c: CandidateAnswer, answer: EvalAnswer, grid: Grid, min_
     smallest = report.smallest_group()
     if smallest is not None and smallest < min_count:
         problems.append(f"a group counts {smallest} images, fewer than min_count {min_count}")
-    kept = [col for col in range(len(report.rows)) if col not in report.withheld]
     if c.n != answer.split_n:
         problems.append(f"n {c.n} differs from the split's {answer.split_n}")
-    elif answer.task != "multilabel" and kept and report.images(kept[0]) != c.n:
-        problems.append(f"histograms count {report.images(kept[0])} images, not n {c.n}")
+    elif answer.task != "multilabel":
+        problems += _count_problems(report, c.n, min_count)
     if not np.isfinite(c.loss_sum) or c.loss_sum < 0:
         problems.append(f"summed loss {c.loss_sum} is not a finite, non-negative number")
     return problems
+
+
+def _count_problems(report: ScoreReport, n: int, min_count: int) -> list[str]:
+    """Each column of a single-label task counts every image once: all ``n`` of them, or, with rows withheld,
+    fewer by less than ``min_count`` per withheld row."""
+    out = []
+    for col in range(len(report.rows)):
+        held = sum(1 for c, _ in report.withheld if c == col)
+        missing = n - report.images(col)
+        if not (missing == 0 if not held else 0 < missing < held * min_count):
+            why = f"with {held} row(s) withheld" if held else "with none withheld"
+            out.append(f"histograms count {report.images(col)} images in column {col}, not n {n} ({why})")
+    return out
 
 
 __all__ = [

@@ -15,18 +15,27 @@ the bin edges, and the operating point is chosen among those edges by the same r
 :func:`medvec.evaluate.choose_threshold`.
 
 What a site sends is a :class:`ScoreReport`: each row (a column's positives, or its negatives) as groups of
-neighbouring bins ``(first, last, images)``. With ``min_count`` k, neighbouring non-empty bins are merged left to
-right until each group counts at least k images (a short tail joins the last group), so no reported figure
-describes fewer than k patients; a row with fewer than k images in all is withheld (its column is reported
-empty and named in ``withheld``). With k = 1 every group is one bin and the report is the exact histogram.
-The coordinator reads a group as its images spread evenly over its bins (:meth:`ScoreReport.histograms`), which
-biases the AUC less than putting them at one bin (``tests/test_histograms.py`` bounds the cost on real images).
+neighbouring bins ``(first, last, images, bin_sum)``. With ``min_count`` k, neighbouring non-empty bins are merged
+left to right until each group counts at least k images (a short tail joins the last group), so no reported count
+describes fewer than k patients; a row with fewer than k images in all is withheld (reported empty and named
+in ``withheld``), and the column's other row is still reported: its images still pair with the other sites'
+(the withheld row's count follows from the split's size, a count of the site's class, not of a patient's
+score). ``bin_sum`` is the sum of the group's images' bin indices, so the coordinator
+knows each group's mean bin. With k = 1 every group is one bin and the report is the exact histogram.
+The coordinator reads a group as two point masses, at its first and at its last bin, weighted so that their mean
+is the group's (:meth:`ScoreReport.histograms`). A group is most often a cluster and an outlier: a model that
+saturates puts most images at one end of the grid and its few confident mistakes at the other, and a group
+that holds such a mistake reaches across to the cluster. Spread evenly over its bins, the group would carry the
+mistake to the middle, where it ranks right, and inflate the AUC of exactly the models that saturate (up to
++0.1 on simulated sites of 30–180 images); read at its ends with its mean, it stays where it was
+(``tests/test_hospital_eval.py`` bounds the cost on real images).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -83,8 +92,9 @@ def summed_loss(proba: np.ndarray, labels: np.ndarray, task: str, eps: float = 1
     return float(-np.log(p[np.arange(len(y)), y]).sum())
 
 
-Group = tuple[int, int, int]
-"""Neighbouring bins ``first … last`` of one row, and the images that scored in them."""
+Reading = Literal["ends", "even"]
+Group = tuple[int, int, int, int]
+"""Neighbouring bins ``first … last`` of one row, the images that scored in them, and the sum of their bins."""
 
 
 @dataclass(frozen=True)
@@ -186,70 +196,95 @@ class ScoreReport:
 
     grid: Grid
     rows: tuple[tuple[tuple[Group, ...], tuple[Group, ...]], ...]
-    withheld: tuple[int, ...] = ()
+    withheld: tuple[tuple[int, int], ...] = ()  # (column, NEGATIVE | POSITIVE) of each row withheld
 
     @classmethod
     def of(cls, proba: np.ndarray, labels: np.ndarray, task: str, grid: Grid, min_count: int = 1) -> "ScoreReport":
         """The report of one set of predictions, every group counting at least ``min_count`` images."""
         exact = ScoreHistograms.of(proba, labels, task, grid).counts.astype(np.int64)
         rows: list[tuple[tuple[Group, ...], tuple[Group, ...]]] = []
-        withheld: list[int] = []
+        withheld: list[tuple[int, int]] = []
         for c in range(exact.shape[0]):
-            neg, pos = (groups(exact[c, truth], min_count) for truth in (NEGATIVE, POSITIVE))
-            if neg is None or pos is None:
-                withheld.append(c)
-                rows.append(((), ()))
-            else:
-                rows.append((tuple(neg), tuple(pos)))
+            sides = [groups(exact[c, truth], min_count) for truth in (NEGATIVE, POSITIVE)]
+            withheld += [(c, truth) for truth, side in enumerate(sides) if side is None]
+            neg, pos = (tuple(side or ()) for side in sides)
+            rows.append((neg, pos))
         return cls(grid, tuple(rows), tuple(withheld))
 
-    def histograms(self) -> ScoreHistograms:
-        """The report as histograms, each group's images spread evenly over its bins."""
+    def histograms(self, reading: Reading = "ends") -> ScoreHistograms:
+        """The report as histograms: each group's images at its first and its last bin, in the shares that give
+        the group's mean bin (``ends``, what the coordinator reads), or spread evenly over its bins (``even``,
+        the alternative ``benchmarks/pooled_auc.py`` compares)."""
         counts = np.zeros((len(self.rows), 2, self.grid.bins), dtype=np.float64)
         for c, row in enumerate(self.rows):
             for truth in (NEGATIVE, POSITIVE):
-                for first, last, n in row[truth]:
-                    counts[c, truth, first : last + 1] += n / (last - first + 1)
+                for first, last, n, bin_sum in row[truth]:
+                    if reading == "even":
+                        counts[c, truth, first : last + 1] += n / (last - first + 1)
+                        continue
+                    at_last = (bin_sum - n * first) / (last - first) if last > first else 0.0
+                    counts[c, truth, first] += n - at_last
+                    counts[c, truth, last] += at_last
         return ScoreHistograms(self.grid, counts)
 
     def smallest_group(self) -> int | None:
         """The fewest images any reported group counts (None when nothing is reported)."""
-        sizes = [n for row in self.rows for side in row for _, _, n in side]
+        sizes = [g[2] for row in self.rows for side in row for g in side]
         return min(sizes) if sizes else None
 
     def images(self, c: int = 0) -> int:
         """Images reported in column ``c`` (negatives and positives)."""
-        return sum(n for side in self.rows[c] for _, _, n in side)
+        return sum(g[2] for side in self.rows[c] for g in side)
 
     def to_json(self) -> dict:
-        """The report as JSON: the grid, each column's groups ``[first, last, images]``, the withheld columns."""
+        """The report as JSON: the grid, each column's groups ``[first, last, images, bin_sum]``, the withheld
+        rows ``[column, 0 | 1]``."""
         rows = [{"negative": [list(g) for g in neg], "positive": [list(g) for g in pos]} for neg, pos in self.rows]
         return {
             "grid": {"bins": self.grid.bins, "limit": self.grid.limit},
             "columns": rows,
-            "withheld": list(self.withheld),
+            "withheld": [list(w) for w in self.withheld],
         }
 
     @classmethod
     def from_json(cls, doc: dict) -> "ScoreReport":
-        """The inverse of :meth:`to_json`; a group outside the grid, overlapping another or empty is a ValueError."""
+        """The inverse of :meth:`to_json`; a group outside the grid, overlapping another, empty or with a bin sum
+        its bins cannot make is a ValueError."""
         grid = Grid(int(doc["grid"]["bins"]), float(doc["grid"]["limit"]))
         rows = []
         for c, row in enumerate(doc["columns"]):
             sides = []
             for truth in ("negative", "positive"):
-                side = tuple((int(a), int(b), int(n)) for a, b, n in row.get(truth, []))
+                side = tuple(_group(g, f"column {c} {truth}") for g in row.get(truth, []))
                 _check_groups(side, grid, f"column {c} {truth}")
                 sides.append(side)
             rows.append((sides[0], sides[1]))
-        return cls(grid, tuple(rows), tuple(int(c) for c in doc.get("withheld", ())))
+        return cls(grid, tuple(rows), tuple(_withheld(w, len(rows)) for w in doc.get("withheld", ())))
+
+
+def _withheld(doc: list, columns: int) -> tuple[int, int]:
+    column, row = (int(x) for x in doc)
+    if not (0 <= column < columns and row in (NEGATIVE, POSITIVE)):
+        raise ValueError(f"withheld row {doc} is not [column, 0 (negatives) | 1 (positives)]")
+    return column, row
+
+
+def _group(doc: list, where: str) -> Group:
+    if len(doc) != 4:
+        raise ValueError(f"{where}: a group is [first, last, images, bin_sum], not {doc}")
+    first, last, n, bin_sum = (int(x) for x in doc)
+    return first, last, n, bin_sum
 
 
 def _check_groups(side: tuple[Group, ...], grid: Grid, where: str) -> None:
     end = -1
-    for first, last, n in side:
+    for first, last, n, bin_sum in side:
         if not end < first <= last < grid.bins or n < 1:
             raise ValueError(f"{where}: group [{first}, {last}, {n}] is outside the grid, overlaps another or is empty")
+        # the first and the last bin each hold at least one image, the others lie between
+        low, high = (first * (n - 1) + last, first + last * (n - 1)) if last > first else (n * first, n * first)
+        if not low <= bin_sum <= high:
+            raise ValueError(f"{where}: group [{first}, {last}, {n}] cannot sum its bins to {bin_sum}")
         end = last
 
 
@@ -265,7 +300,8 @@ def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
 
 def groups(row: np.ndarray, min_count: int = 1) -> list[Group] | None:
     """``row``'s non-empty bins merged left to right into groups of at least ``min_count`` images (a short tail
-    joins the last group); None when the whole row holds fewer than ``min_count`` images, but some."""
+    joins the last group), each with the sum of its images' bins; None when the whole row holds fewer than
+    ``min_count`` images, but some."""
     total = int(row.sum())
     if total == 0:
         return []
@@ -280,7 +316,17 @@ def groups(row: np.ndarray, min_count: int = 1) -> list[Group] | None:
             current = []
     if current:
         out[-1].extend(current)
-    return [(g[0], g[-1], int(row[g].sum())) for g in out]
+    return [(g[0], g[-1], int(row[g].sum()), int((row[g] * np.asarray(g)).sum())) for g in out]
 
 
-__all__ = ["Grid", "Group", "ScoreHistograms", "ScoreReport", "columns", "groups", "hanley_mcneil_se", "summed_loss"]
+__all__ = [
+    "Grid",
+    "Group",
+    "Reading",
+    "ScoreHistograms",
+    "ScoreReport",
+    "columns",
+    "groups",
+    "hanley_mcneil_se",
+    "summed_loss",
+]

@@ -65,34 +65,59 @@ def test_grouping_merges_neighbours_until_each_group_holds_min_count():
     row = np.zeros(100, dtype=np.int64)
     row[[3, 4, 10, 11, 12, 50, 90]] = [2, 2, 1, 6, 1, 3, 1]
     # left to right: {3,4,10} (5), {11} (6), {12,50,90} (5: the short tail {90} joined the last group)
-    assert groups(row, 5) == [(3, 10, 5), (11, 11, 6), (12, 90, 5)]
-    assert groups(row, 1) == [(b, b, int(row[b])) for b in (3, 4, 10, 11, 12, 50, 90)]
+    # each group with the sum of its images' bins: 3·2 + 4·2 + 10 = 24, 11·6 = 66, 12 + 50·3 + 90 = 252
+    assert groups(row, 5) == [(3, 10, 5, 24), (11, 11, 6, 66), (12, 90, 5, 252)]
+    assert groups(row, 1) == [(b, b, int(row[b]), b * int(row[b])) for b in (3, 4, 10, 11, 12, 50, 90)]
     assert groups(np.array([0, 2, 0, 2]), 5) is None  # four images in all: withheld
     assert groups(np.zeros(100, dtype=np.int64), 5) == []
 
 
-def test_a_group_is_read_as_its_images_spread_over_its_bins():
+def test_a_group_is_read_at_its_two_ends_in_the_shares_of_its_mean_bin():
     report = report_of({3: 2, 4: 2, 10: 1}, {20: 5}, 5)
-    assert report.rows == ((((3, 10, 5),), ((20, 20, 5),)),)
+    assert report.rows == ((((3, 10, 5, 24),), ((20, 20, 5, 100),)),)
     h = report.histograms()
-    assert h.counts[0, NEGATIVE, 3:11].tolist() == [5 / 8] * 8 and h.counts[0, POSITIVE, 20] == 5
-    assert h.column_auc(0) == 1.0
+    # mean bin 24 / 5 = 4.8 over [3, 10]: (4.8 − 3) / 7 of the 5 images at bin 10, the rest at bin 3
+    assert h.counts[0, NEGATIVE, 10] == pytest.approx(9 / 7) and h.counts[0, NEGATIVE, 3] == pytest.approx(26 / 7)
+    assert h.counts[0, NEGATIVE].sum() == pytest.approx(5) and h.counts[0, NEGATIVE, 4:10].sum() == 0
+    assert h.counts[0, POSITIVE, 20] == 5 and h.column_auc(0) == 1.0
 
 
-def test_a_row_below_min_count_withholds_its_column():
-    report = report_of({1: 40}, {7: 3}, 5)
-    assert report.withheld == (0,) and report.rows == (((), ()),) and report.smallest_group() is None
-    assert np.isnan(report.histograms().column_auc(0))
+def test_a_confident_mistake_grouped_with_far_neighbours_is_not_moved_to_where_it_ranks_right():
+    # a saturated model: 40 negatives at bin 0, one positive there too, four more positives at bins 60–63.
+    # Exactly: the positive at bin 0 ties the 40 negatives (½ each), the others beat them: AUC 0.9
+    report = report_of({0: 40}, {0: 1, 60: 1, 61: 1, 62: 1, 63: 1}, 5)
+    assert report.rows[0][1] == ((0, 63, 5, 246),)
+    assert report.histograms().column_auc(0) == pytest.approx(246 / 5 / 63 + (1 - 246 / 5 / 63) * 0.5)
+    assert abs(report.histograms().column_auc(0) - 0.9) < 0.01  # spread evenly over 0…63 it would read 0.99
+
+
+def test_a_row_below_min_count_is_withheld_and_the_other_row_still_pairs_with_the_other_sites():
+    report = report_of({1: 40}, {7: 3}, 5)  # 3 positives: withheld; the 40 negatives are reported
+    assert report.withheld == ((0, POSITIVE),) and report.rows == ((((1, 1, 40, 40),), ()),)
+    assert report.smallest_group() == 40 and np.isnan(report.histograms().column_auc(0))
+    other = report_of({2: 10}, {50: 10}, 5)
+    pooled = report.histograms() + other.histograms()
+    assert pooled.counts[0, NEGATIVE].sum() == 50 and pooled.counts[0, POSITIVE].sum() == 10
+    assert pooled.column_auc(0) == 1.0  # the first site's negatives rank below the second's positives
+    doc = json.loads(json.dumps(report.to_json()))
+    assert doc["withheld"] == [[0, 1]] and ScoreReport.from_json(doc) == report
+    with pytest.raises(ValueError, match=r"is not \[column, 0"):
+        ScoreReport.from_json({**doc, "withheld": [[0, 2]]})
 
 
 def test_json_round_trip_and_refusal_of_groups_outside_the_grid_or_overlapping():
     report = report_of({1: 5, 30: 7}, {60: 9}, 5)
     doc = json.loads(json.dumps(report.to_json()))
-    assert doc["columns"] == [{"negative": [[1, 1, 5], [30, 30, 7]], "positive": [[60, 60, 9]]}]
+    assert doc["columns"] == [{"negative": [[1, 1, 5, 5], [30, 30, 7, 210]], "positive": [[60, 60, 9, 540]]}]
     assert ScoreReport.from_json(doc) == report
-    for bad in ([[99, 100, 1]], [[5, 9, 3], [9, 12, 3]], [[4, 4, 0]]):
+    for bad in ([[99, 100, 1, 99]], [[5, 9, 3, 19], [9, 12, 3, 30]], [[4, 4, 0, 0]]):
         doc["columns"][0]["positive"] = bad
         with pytest.raises(ValueError, match="is outside the grid, overlaps another or is empty"):
+            ScoreReport.from_json(doc)
+    # a group's first and last bins hold an image each: 3 images in [5, 9] sum to 19 … 23
+    for bad, message in (([[5, 9, 3, 18]], "cannot sum its bins to 18"), ([[5, 9, 3]], "is .first, last, images")):
+        doc["columns"][0]["positive"] = bad
+        with pytest.raises(ValueError, match=message):
             ScoreReport.from_json(doc)
 
 

@@ -101,7 +101,7 @@ class HospitalJudge:
         missed = [r for r in self.rounds if not r.quorum_met]
         if missed:
             return False, f"not promoted: {missed[0].purpose} round {missed[0].request_id}: {missed[0].quorum}"
-        promote, reason = gate(asked.answers, "candidate", "champion", self.config.gate_z)
+        promote, reason = gate(asked.answers, "candidate", "champion", self.config.gate_z, self.config.reading)
         return promote, reason.replace("the champion's", f"{champion_name}'s")
 
     def fresh(self) -> HospitalJudge:
@@ -130,7 +130,9 @@ class HospitalJudge:
 
     def _metrics(self, answers: list[EvalAnswer], candidate: str) -> dict:
         try:
-            p = pool(answers, candidate, self.config.threshold, self.config.target_sensitivity)
+            p = pool(
+                answers, candidate, self.config.threshold, self.config.target_sensitivity, None, self.config.reading
+            )
         except ValueError:  # nobody answered
             return {"auc": math.nan, "n": 0, "sites": []}
         return metrics_of(p)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from medvec.answers import EvalAnswer, EvalRequest, answer_problems
-from medvec.histograms import ScoreHistograms
+from medvec.histograms import Reading, ScoreHistograms
 from medvec.record import Rejection
 from medvec.store import VectorStore
 from medvec.vectors.signing import DocumentRejected, Keyring
@@ -48,13 +48,15 @@ def pool(
     rule: str = "youden",
     target: float = 0.9,
     sites: list[str] | None = None,
+    reading: Reading = "ends",
 ) -> Pooled:
-    """``candidate``'s metrics over the answers of ``sites`` (default: every answer that scored it)."""
+    """``candidate``'s metrics over the answers of ``sites`` (default: every answer that scored it), each group of
+    bins read by ``reading`` (:meth:`medvec.histograms.ScoreReport.histograms`)."""
     chosen = [a for a in answers if candidate in a.candidates and (sites is None or a.hospital in sites)]
     if not chosen:
         raise ValueError(f"no answer scored candidate {candidate}")
     task = chosen[0].task
-    histograms = [a.candidates[candidate].report().histograms() for a in chosen]
+    histograms = [a.candidates[candidate].report().histograms(reading) for a in chosen]
     total: ScoreHistograms = sum(histograms[1:], histograms[0])
     n = sum(a.candidates[candidate].n for a in chosen)
     loss = sum(a.candidates[candidate].loss_sum for a in chosen) / n if n else math.nan
@@ -83,13 +85,15 @@ def both_scored(answers: list[EvalAnswer], a: str, b: str) -> list[str]:
     return sorted(x.hospital for x in answers if a in x.candidates and b in x.candidates)
 
 
-def gate(answers: list[EvalAnswer], candidate: str, champion: str, z: float = 1.0) -> tuple[bool, str]:
+def gate(
+    answers: list[EvalAnswer], candidate: str, champion: str, z: float = 1.0, reading: Reading = "ends"
+) -> tuple[bool, str]:
     """Whether ``candidate`` beats ``champion`` on the sites that scored both, by more than ``z`` Hanley–McNeil
     standard errors of the champion's pooled AUC; and the reason."""
     sites = both_scored(answers, candidate, champion)
     if not sites:
         return False, f"no site scored both {candidate} and {champion}"
-    new, old = pool(answers, candidate, sites=sites), pool(answers, champion, sites=sites)
+    new, old = (pool(answers, name, sites=sites, reading=reading) for name in (candidate, champion))
     margin = z * old.auc_se
     if math.isnan(new.auc) or math.isnan(margin):
         return False, f"pooled AUC undefined on {', '.join(sites)} (a class without images)"
