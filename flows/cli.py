@@ -229,6 +229,11 @@ def cmd_coordinator_up(args: argparse.Namespace) -> int:
     from medvec.store import open_store
 
     p = _params(args)
+    if p.evaluate.where == "hospitals" and not p.intake.keyring:
+        raise ConfigError(
+            "evaluate.where: hospitals (the default) needs intake.keyring: the hospitals sign their answers "
+            "(medvec keyring add); or set evaluate.where: coordinator with a coordinator.eval_data"
+        )
     if p.coordinator.eval_data:
         check_source(p.coordinator.eval_data, ("val",))
     elif p.evaluate.where == "coordinator":

@@ -177,8 +177,8 @@ class EvaluateConfig(_Frozen):
     )
     target_sensitivity: float = Field(0.9, gt=0, le=1, description="with threshold: sensitivity")
     where: Literal["coordinator", "hospitals"] = Field(
-        "coordinator",
-        description="who scores candidates: the coordinator's eval_data, or the hospitals' own validation splits",
+        "hospitals",
+        description="who scores candidates: the hospitals' own validation splits, or the coordinator's eval_data",
     )
     quorum: float = Field(0.5, gt=0, le=1, description="where: hospitals: the share that must answer")
     quorum_by: Literal["sites", "samples"] = Field("sites", description="quorum as a share of sites or of images")
@@ -189,6 +189,9 @@ class EvaluateConfig(_Frozen):
     min_count: int = Field(5, ge=1, description="where: hospitals: the fewest images a reported histogram cell counts")
     bins: int = Field(
         100000, ge=100, description="where: hospitals: score-histogram bins over logits in [-16, 16] (sparse JSON)"
+    )
+    reading: Literal["ends", "even"] = Field(
+        "ends", description="where: hospitals: a group of bins read at its two ends by its mean, or spread evenly"
     )
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""DVC stage ``merge``: merge the hospitals' vectors (``merge``, ``batchnorm``), λ chosen on validation,
+"""DVC stage ``merge``: merge the hospitals' vectors (``merge``, ``batchnorm``), λ chosen on validation (the
+simulated hospitals' local splits answering, with ``evaluate.where: hospitals``; else ``coordinator.eval_data``),
 each vector's contribution scored (``contribution``, ``intake.harmful``), then finished as the merge flow
 finishes its merges (:func:`medvec.tracking.finish.finish_merge`) into the stage's own store ``work/store``.
 
@@ -19,6 +20,8 @@ from medvec.coordinator.engine import MergeOutcome
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import DataSpec
 from medvec.data.sources import load_split
+from medvec.demo.answering import simulated_judge
+from medvec.hospital.local import LocalData
 from medvec.models import Base, load_base
 from medvec.record import MergeRecord
 from medvec.runtime import set_threads
@@ -39,6 +42,9 @@ def merge(params: Params, base_path: str | Path, vector_paths: list[Path]) -> tu
     base = load_base(base_path)
     vectors = [load_vector(p, base=base.model.state_dict(), base_sha256=base.sha256) for p in vector_paths]
     evalsets = EvalSets.load(params.coordinator.held_out(), with_test=False, spec=DataSpec.of(params))
+    if params.evaluate.where == "hospitals":  # the simulated hospitals answer from their local validation splits
+        local = {h: LocalData.of(f"work/hospitals/{h}", params) for h in params.split.hospital_names()}
+        evalsets.judge = simulated_judge(base, local, params)
     calibration = (
         load_split(params.coordinator.calibration_data, "train") if params.coordinator.calibration_data else None
     )

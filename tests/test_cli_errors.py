@@ -196,8 +196,9 @@ def test_lineage_of_an_unknown_reference(tmp_path, mlflow_db, ref, names):
     assert_one_line_error(medvec("lineage", ref, env=clean_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_db)), *names)
 
 
+KEYRING = ["-S", "intake.keyring=keyring.json"]  # the hospitals sign their answers (evaluate.where: hospitals)
 DISTRIBUTED = [
-    ["coordinator", "up", "-S", "model.name=tiny_cnn"],
+    ["coordinator", "up", "-S", "model.name=tiny_cnn", *KEYRING],
     ["coordinator", "worker"],
     ["hospital", "join", "h1", "--data", str(BREAST)],
     ["hospital", "run", "h1"],
@@ -216,24 +217,25 @@ def test_distributed_commands_with_the_prefect_api_down(tmp_path, args):
 
 def test_coordinator_up_without_prefect_api_url(tmp_path):
     store = f"store.url={tmp_path / 'store'}"
-    proc = medvec("coordinator", "up", "-S", "model.name=tiny_cnn", "-S", store, env=clean_env(tmp_path))
+    proc = medvec("coordinator", "up", "-S", "model.name=tiny_cnn", "-S", store, *KEYRING, env=clean_env(tmp_path))
     assert_one_line_error(proc, "PREFECT_API_URL is not set", "prefect server start")
     assert not (tmp_path / "store").exists()
 
 
-def test_coordinator_up_without_eval_data_needs_the_hospitals_to_score_and_the_classes(tmp_path):
-    """``coordinator.eval_data: null`` is for a coordinator that holds no images (issue 25): it needs
-    ``evaluate.where: hospitals``, and the classes from ``model.classes`` or ``--num-classes``."""
+def test_coordinator_up_without_eval_data_needs_the_hospitals_keyring_and_the_classes(tmp_path):
+    """``coordinator.eval_data: null`` is for a coordinator that holds no images (issue 25): the hospitals score
+    (``evaluate.where: hospitals``, the default), so it needs their keyring, and the classes from
+    ``model.classes`` or ``--num-classes``."""
     base = ["coordinator", "up", "-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
     base += ["-S", "coordinator.eval_data=null"]
-    proc = medvec(*base, env=clean_env(tmp_path))
+    proc = medvec(*base, "-S", "evaluate.where=coordinator", env=clean_env(tmp_path))
     assert_one_line_error(proc, "no coordinator.eval_data", "evaluate.where: hospitals")
-    proc = medvec(*base, "-S", "evaluate.where=hospitals", env=clean_env(tmp_path))
+    proc = medvec(*base, env=clean_env(tmp_path))
+    assert_one_line_error(proc, "evaluate.where: hospitals (the default) needs intake.keyring", "keyring add")
+    proc = medvec(*base, *KEYRING, env=clean_env(tmp_path))
     assert_one_line_error(proc, "model.classes or --num-classes")
     # with the classes, it gets as far as the Prefect server (none here): nothing about images is asked
-    proc = medvec(
-        *base, "-S", "evaluate.where=hospitals", "-S", "model.classes=[normal,pneumonia]", env=clean_env(tmp_path)
-    )
+    proc = medvec(*base, *KEYRING, "-S", "model.classes=[normal,pneumonia]", env=clean_env(tmp_path))
     assert_one_line_error(proc, "PREFECT_API_URL is not set")
     assert not (tmp_path / "store").exists()
 

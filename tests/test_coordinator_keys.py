@@ -149,6 +149,7 @@ def test_real_flows_refuse_a_repointed_base_and_publish_nothing(tmp_path):
     champion in the start index, and publishes nothing."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     overrides = [*TINY_FLOW, "finetune.epochs=1", "registry.enabled=false", "batchnorm.strategy=average"]
+    overrides += ["evaluate.where=coordinator"]  # a merge from the coordinator's set: no hospitals to ask here
     out = run_driver(FLOW, tmp_path, overrides, env)
     assert out["signed"].startswith("h1-")  # an honest, signed network trains and publishes
     for side in ("hospital", "coordinator"):

@@ -24,6 +24,7 @@ OVERRIDES = [
     "merge.lam=1.0",
     "batchnorm.strategy=average",
     f"coordinator.eval_data={BREAST}",
+    "evaluate.where=coordinator",  # these tests are of the coordinator's own set; hospitals: test_tenancy
 ]
 
 

@@ -109,6 +109,7 @@ def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     env = fresh_env(tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone))
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
     sets += ["-S", "coordinator.eval_data=data/breastmnist.npz"]  # the hospitals' data are breast ultrasound too
+    sets += ["-S", f"intake.keyring={tmp_path / 'keyring.json'}"]  # whose answers the coordinator trusts
     medvec(
         clone,
         env,
@@ -177,12 +178,15 @@ def worker_pids(session: int, pool: str) -> list[int]:
     return pids
 
 
+KEYRING = ["-S", "intake.keyring=keyring.json"]  # evaluate.where: hospitals (the default) asks signed answers
+
+
 def test_sigterm_stops_a_worker_started_in_the_background_with_sigint_ignored(clone, tmp_path, server):
     env = fresh_env(
         tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone), PREFECT_WORKER_QUERY_SECONDS="1"
     )
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
-    medvec(clone, env, "coordinator", "up", *sets, "-S", "coordinator.eval_data=data/breastmnist.npz")
+    medvec(clone, env, "coordinator", "up", *sets, "-S", "coordinator.eval_data=data/breastmnist.npz", *KEYRING)
     with open(tmp_path / "worker.log", "w") as log:
         proc = subprocess.Popen(  # started as `nohup medvec coordinator worker &` would be: SIGINT ignored
             [str(VENV / "bin" / "medvec"), "coordinator", "worker"],

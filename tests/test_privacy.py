@@ -132,6 +132,7 @@ OVERRIDES = [
     "merge.method=weighted",
     "merge.lam=1.0",
     f"coordinator.eval_data={BREAST}",
+    "evaluate.where=coordinator",  # these tests are of the coordinator's own set; hospitals: test_tenancy
 ]
 
 

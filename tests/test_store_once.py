@@ -56,6 +56,7 @@ OVERRIDES = [
     "merge.lam=1.0",
     "batchnorm.strategy=recompute",
     "contribution.method=loo",
+    "evaluate.where=coordinator",  # the merge reads the coordinator's set here (data/breastmnist.npz)
 ]
 
 

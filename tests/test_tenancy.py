@@ -49,6 +49,8 @@ pytestmark = pytest.mark.integration
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 VENV = Path(sys.prefix)
+CLASSES = '[malignant,"normal, benign"]'  # BreastMNIST's, named at the coordinator, which holds none of its images
+SHARDS = {"a": "h1", "b": "h2", "c": "h3"}  # three hospitals, three workers; a and b fine-tune, all three answer
 
 
 class Party:
@@ -150,8 +152,10 @@ def network(tmp_path_factory):
             ),
         )
         sets = [*(a for o in TINY_FLOW for a in ("-S", o)), "-S", "batchnorm.strategy=average"]
-        sets += ["-S", f"store.url={store}", "-S", f"coordinator.eval_data={BREAST}"]
+        # the coordinator holds no images (issue 25): the hospitals score every candidate, so it names the classes
+        sets += ["-S", f"store.url={store}", "-S", "coordinator.eval_data=null", "-S", f"model.classes={CLASSES}"]
         sets += ["-S", "coordinator.key=keys/coordinator.key", "-S", "intake.keyring=keys/keyring.json"]
+        sets += ["-S", "evaluate.timeout_s=45"]
         coordinator.medvec("coordinator", "keygen", "--out", "keys")
         coordinator.medvec("coordinator", "up", *sets)
         workers.append(
@@ -159,9 +163,9 @@ def network(tmp_path_factory):
         )
         from medvec.data.split import write_hospital_shards
 
-        write_hospital_shards(BREAST, tmp / "data", hospitals=2, alpha=1.0, seed=0)
-        hospitals = {}
-        for name, shard in (("a", "h1"), ("b", "h2")):
+        write_hospital_shards(BREAST, tmp / "data", hospitals=3, alpha=1.0, seed=0, local_val_fraction=0.2)
+        hospitals, running = {}, {}
+        for name, shard in SHARDS.items():
             coordinator.medvec(
                 "coordinator", "add-hospital", name, "--kit", "kits", "--seaweedfs-master", s3.master, "--mlflow", *sets
             )
@@ -189,7 +193,8 @@ def network(tmp_path_factory):
                 "--no-worker",
             )
             site = hospital.cwd / ".medvec" / "sites" / f"hospital-{name}.json"
-            workers.append(Worker(f"hospital-{name}", hospital.env, tmp, site, clone))
+            running[name] = Worker(f"hospital-{name}", hospital.env, tmp, site, clone)
+            workers.append(running[name])
         attacker = Attacker(prefect.url, hospitals["a"].env["PREFECT_API_AUTH_STRING"])
         # the control: Prefect's process worker, as `medvec hospital join` started it before
         workers.append(ProcessWorker("process-control", hospitals["a"].env, tmp))
@@ -205,6 +210,7 @@ def network(tmp_path_factory):
             "hospitals": hospitals,
             "attacker": attacker,
             "sets": sets,
+            "workers": running,
         }
     finally:
         for w in workers:
@@ -256,18 +262,40 @@ def registered_inputs(network) -> list[list[str]]:
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else []
 
 
-def test_two_hospitals_join_fine_tune_land_and_a_merge_is_registered_on_the_hardened_network(network):
+def merge_records(network) -> list[dict]:
+    """Every merge record in the store (the documents the coordinator signed), read as the admin."""
+    admin = admin_s3(network)
+    keys = [o["Key"] for o in admin.list_objects_v2(Bucket="medvec", Prefix="net/merges/").get("Contents", [])]
+    docs = [json.loads(admin.get_object(Bucket="medvec", Key=k)["Body"].read()) for k in keys if k.endswith(".json")]
+    return [d["doc"] for d in docs if "merge_id" in d.get("doc", {})]
+
+
+def n_val(network, *hospitals: str) -> int:
+    return sum(json.loads((network["tmp"] / "data" / SHARDS[h] / "meta.json").read_text())["n_val"] for h in hospitals)
+
+
+def test_three_hospitals_join_two_land_and_the_merge_is_chosen_and_registered_from_all_three_s_answers(network):
+    """The hardened network of docs/operators.md, with the coordinator holding no images (issue 25): a and b
+    fine-tune and land; each landing triggers a merge whose λ, threshold and gate come from the answers of a, b
+    and c (c has no vector, but its worker scores every candidate on its validation split)."""
     coordinator, tmp = network["coordinator"], network["tmp"]
     for name in ("a", "b"):
         out = coordinator.medvec("hospital", "run", name, "--timeout", "240", timeout=300).stdout
         assert "COMPLETED" in out, out
     run = network["attacker"].call("GET", "deployments/name/hospital-finetune/b")
     assert run["parameters"] == {}  # the server holds no path of b's: the site file on b's machine does
-    for name, shard in (("a", "h1"), ("b", "h2")):
+    for name in ("a", "b"):
         (meta,) = published(network, name)
-        local = json.loads((tmp / "data" / shard / "meta.json").read_text())
+        local = json.loads((tmp / "data" / SHARDS[name] / "meta.json").read_text())
         assert meta["n_train"] == local["n_train"]  # each hospital's own data, as its site file pins it
-    wait_until(lambda: ["a", "b"] in registered_inputs(network), 240, "a registered merge of a and b")
+    wait_until(lambda: ["a", "b"] in registered_inputs(network), 300, "a registered merge of a and b")
+    (record,) = [r for r in merge_records(network) if sorted(i["hospital"] for i in r["inputs"]) == ["a", "b"]]
+    assert record["evaluation"]["where"] == "hospitals" and record["eval_set"]["source"] == "hospitals a,b,c"
+    scan = next(r for r in record["evaluation"]["rounds"] if r["purpose"] == "scan")
+    assert scan["answered"] == ["a", "b", "c"] and scan["absent"] == [] and scan["rejected"] == []
+    assert scan["n"] == n_val(network, "a", "b", "c")  # every local validation image counted once, none sent
+    assert set(scan["answer_sha256"]) == {"a", "b", "c"} and 0 < record["operating_point"]["threshold"] < 1
+    assert record["registry"]["reason"].startswith("pooled val auc ")
     admin = admin_s3(network)  # each hospital's view is written after registration, before latest.json moves
     for name in ("a", "b"):
         prefix = f"net/reports/{name}/"
@@ -453,41 +481,6 @@ def test_a_repointed_current_base_is_refused_by_b_s_next_fine_tune_and_nothing_i
     assert published(network, "b") == before  # nothing published
 
 
-EVALUATE = """
-import json, sys
-from flows.deployments import run_hospital_evaluate
-from medvec.coordinator.pooled import collect, pool
-from medvec.keys import DocumentSigner
-from medvec.store import open_store
-from medvec.vectors.signing import Keyring
-store_url, key, keyring = sys.argv[1:4]
-signer = DocumentSigner.load(key)
-store = open_store(store_url).trusting(signer, signer.verifier)
-base = store.get_base(store.current_base())
-request = store.put_request(base.sha256, {"base": base}, min_count=5)
-runs = {h: run_hospital_evaluate(h, request.request_id, timeout=240) for h in ("a", "b")}
-got = collect(store, request, Keyring.load(keyring))
-print(json.dumps({
-    "request": request.request_id,
-    "states": {h: r.state.type.value for h, r in runs.items()},
-    "sites": got.sites,
-    "rejected": [r.problem for r in got.rejected],
-    "n": pool(got.answers, "base").n if got.answers else 0,
-}))
-"""
-
-
-def test_the_coordinator_asks_both_hospitals_to_evaluate_and_collects_their_signed_answers(network):
-    """Issue 25 on the hardened network: the coordinator publishes a signed request, starts each hospital's
-    ``hospital-evaluate`` with its id, and collects answers each hospital signed and stored with its own keys."""
-    coordinator, tmp = network["coordinator"], network["tmp"]
-    out = coordinator.python(EVALUATE, network["store"], "keys/coordinator.key", "keys/keyring.json")
-    assert out["states"] == {"a": "COMPLETED", "b": "COMPLETED"} and out["rejected"] == []
-    assert out["sites"] == ["a", "b"]
-    n_val = sum(json.loads((tmp / "data" / s / "meta.json").read_text())["n_val"] for s in ("h1", "h2"))
-    assert out["n"] == n_val  # every local validation image counted once, none sent
-
-
 MERGE = """
 import json, sys
 from flows.merge_and_evaluate import merge_and_evaluate
@@ -497,32 +490,13 @@ print(json.dumps(merge_and_evaluate(store_url=p.store.url, eval_data=None, param
 """
 
 
-def join_without_worker(network, name: str, shard: str) -> None:
-    """Hospital ``name`` joins (kit, keys, keyring, deployments) but never starts its worker: a worker that is down."""
-    coordinator, tmp, s3 = network["coordinator"], network["tmp"], network["s3"]
-    sets = network["sets"]
-    coordinator.medvec("coordinator", "add-hospital", name, "--kit", "kits", "--seaweedfs-master", s3.master, *sets)
-    kit = coordinator.cwd / "kits" / name
-    hospital = Party(name, tmp / name, fresh_env(tmp / f"home-{name}", PYTHONPATH=str(network["clone"])))
-    hospital.with_kit(kit)
-    hospital.medvec("hospital", "keygen", name, "--out", "keys")
-    pub = str(hospital.cwd / "keys" / f"{name}.pub")
-    coordinator.medvec("keyring", "add", name, pub, "--keyring", "keys/keyring.json")
-    data, params = str(tmp / "data" / shard), str(kit / "params.yaml")
-    pinned = ("--coordinator-key", str(kit / "coordinator.pub"), "--key", f"keys/{name}.key", "--no-worker")
-    hospital.medvec("hospital", "join", name, "--data", data, "--params", params, *pinned)
-
-
-def test_with_no_eval_data_the_hospitals_answers_choose_and_gate_the_merge_and_a_down_worker_costs_one_timeout(
-    network,
-):
-    """Issue 25's protocol on real servers: the coordinator holds no images (``coordinator.eval_data: null``);
-    its merge asks a and b (workers up) and c (joined, worker down) to score every λ, waits 45 s for c once,
-    proceeds on the quorum of 2 of 3 sites, and gates against the champion on the sites that scored both."""
-    join_without_worker(network, "c", "h1")
+def test_with_c_s_worker_stopped_the_merge_waits_once_and_proceeds_on_the_quorum_of_a_and_b(network):
+    """Issue 25's quorum on real servers: c's worker is stopped; a merge asks a, b and c to score its candidates,
+    waits 45 s for c once, proceeds on the quorum of 2 of 3 sites, and gates against the champion on the sites
+    that scored both."""
+    network["workers"]["c"].stop()
     coordinator = network["coordinator"]
     overrides = [o for o in network["sets"] if o != "-S"]
-    overrides += ["coordinator.eval_data=null", "evaluate.where=hospitals", "evaluate.timeout_s=45"]
     overrides += ["contribution.method=off"]  # one round fewer: contribution rounds are tested in process
     out = coordinator.python(MERGE, *overrides)
     assert sorted(i["hospital"] for i in out["inputs"]) == ["a", "b"]

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from medvec.config import Params
+from medvec.config import ConfigError, Params
 from medvec.coordinator.judge import Asked, HospitalJudge
 from medvec.data.images import ImageSet
 from medvec.histograms import Grid
@@ -47,6 +47,11 @@ def simulated_judge(
 ) -> HospitalJudge:
     """A judge whose hospitals answer in process from their local validation splits (those that have one)."""
     splits = {h: d.val for h, d in local.items() if d.val is not None and len(d.val)}
+    if not splits:
+        raise ConfigError(
+            "evaluate.where: hospitals needs the hospitals' local validation splits: none has one "
+            "(split.local_val_fraction is 0?); or set evaluate.where: coordinator"
+        )
     ask = InProcessAsk(splits, absent or set(), params.evaluate.batch_size)
     weights = {h: len(d.train) for h, d in local.items()}
     return HospitalJudge(ask, base, sorted(local), params.evaluate, weights, vote_z=params.intake.vote_z)
