@@ -189,6 +189,9 @@ def _step(run: Run, admission: Admission) -> dict:
         }
     evalsets = run.evalsets(admission)
     done = async_step(run.store, run.base, admission, run.params, evalsets, run.calibration(), run.trigger)
+    if done is None:
+        logger.info("no step: the below-chance vote excluded every input")
+        return {"skipped": True, "reason": "the below-chance vote excluded every vector", "inputs": []}
     record = done.record
     label_run(f"{record.merge_id} (async step)", [f"merge:{record.merge_id}"])
     name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"

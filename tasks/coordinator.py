@@ -72,9 +72,9 @@ def async_step(
     evalsets: EvalSets,
     calibration: ImageSet | None,
     trigger: dict[str, str],
-) -> FinishedStep:
+) -> FinishedStep | None:
     """One async step into the champion: merged, scored, gated on validation, and finished (:func:`finish_step`;
-    its steps retry on their own)."""
+    its steps retry on their own). None when the hospitals' vote excluded every input."""
     return finish_step(store, root, admission, params, evalsets, calibration, trigger=trigger)
 
 

@@ -22,7 +22,7 @@ from medvec.coordinator.compare import single_rows
 from medvec.coordinator.contribution import score_merge
 from medvec.coordinator.engine import choose_scale
 from medvec.coordinator.judge import HospitalJudge, StoreAsk, below_chance, quorum, voted_out
-from medvec.coordinator.refine import compute_step
+from medvec.coordinator.refine import compute_step, vote_on_inputs
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.sources import load_split
 from medvec.demo.answering import InProcessAsk
@@ -307,3 +307,26 @@ def test_an_async_step_asks_for_its_scan_its_scores_and_its_gate_and_nothing_mor
     step = compute_step(base, parent, [vector], p, EvalSets(None, None, judge=judge))
     assert [r.purpose for r in judge.rounds] == ["scan", "contribution", "gate"]
     assert step.promoted and step.reason.startswith("pooled val auc ") and "champion v0's" in step.reason
+
+
+def test_an_async_step_asks_each_input_s_own_model_first_and_the_vote_keeps_a_flipped_one_out(setting):
+    """The cross-site matrix and the below-chance vote run before an asynchronous step too: each input's own
+    model (its start point + τ) at every site in one request; with ``intake.vote: exclude`` the label-flipped
+    input is kept out of the step, which then merges the honest one alone."""
+    base, tau, _, _ = setting
+    p = params()
+    p = p.model_copy(update={"intake": p.intake.model_copy(update={"vote": "exclude"})})
+    parent = StartPoint(version=0, sha256=base.sha256, promoted_at="2026-12-05T00:00:00")
+    honest = tau.apply_to(base.model.state_dict(), 1.0)
+    vectors = [vector_to(base, name, state) for name, state in (("a", honest), ("b", flipped(honest)))]
+    judge = judge_of(setting, p)
+    evalsets = EvalSets(None, None, judge=judge)
+    kept, out = vote_on_inputs(base, vectors, {0: base}, p, evalsets)
+    assert [r.purpose for r in judge.rounds] == ["matrix"] and set(judge.matrix) == {"a", "b"}
+    assert kept == vectors[:1] and [v for v, _ in out] == vectors[1:]
+    assert out[0][1].startswith("below-chance vote: its own model scores below chance at 2 of 2 other sites")
+    step = compute_step(base, parent, kept, p, evalsets)
+    assert [i.meta.hospital for i in step.vectors] == ["a"] and step.promoted
+    assert judge.rounds[0].purpose == "matrix" and judge.evaluation().flagged.keys() == {"b"}
+    # on the coordinator's own set nothing is asked and every input is kept
+    assert vote_on_inputs(base, vectors, {0: base}, p, EvalSets(None, None)) == (vectors, [])

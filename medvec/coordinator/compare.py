@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +89,7 @@ def single_rows(
     under ``evals/`` (a merge of N vectors then evaluates only the vectors new since the last one).
     """
     if evalsets.judge is not None:
-        return _scored_by_hospitals(base, vectors, evalsets, params)
+        return scored_by_hospitals(base, vectors, evalsets, params)
     rows = []
     for v in vectors:
         key = _single_row_key(base, v, evalsets, params)
@@ -104,12 +104,23 @@ def single_rows(
     return rows
 
 
-def _scored_by_hospitals(base: Base, vectors: Sequence[VectorLike], evalsets: EvalSets, params: Params) -> list[dict]:
+def scored_by_hospitals(
+    base: Base,
+    vectors: Sequence[VectorLike],
+    evalsets: EvalSets,
+    params: Params,
+    starts: Mapping[int, Base] | None = None,
+) -> list[dict]:
     """Each input's own model scored by every hospital in one request: the cross-site matrix (named by hospital,
-    or by vector id when a hospital sent more than one); the test split, where the coordinator has one, reports."""
+    or by vector id when a hospital sent more than one); the test split, where the coordinator has one, reports.
+
+    An input's own model is its start point + τ with its BN statistics: ``base`` (θ_pre, or the champion of an
+    asynchronous step), or the start point ``starts`` holds for the version the vector names."""
     hospitals = [v.meta.hospital for v in vectors]
     singles = {
-        (v.meta.hospital if hospitals.count(v.meta.hospital) == 1 else v.meta.vector_id): single_model(base, v)
+        (v.meta.hospital if hospitals.count(v.meta.hospital) == 1 else v.meta.vector_id): single_model(
+            (starts or {}).get(v.meta.start_version, base), v
+        )
         for v in vectors
     }
     bs = params.evaluate.batch_size

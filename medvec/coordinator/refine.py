@@ -17,13 +17,15 @@ every vector starts from version 0 and one step merges them all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from medvec.config import Params
+from medvec.coordinator.compare import scored_by_hospitals
 from medvec.coordinator.contribution import guarded_merge, score_merge
 from medvec.coordinator.engine import MergeOutcome, MomentsFn, choose_scale
 from medvec.coordinator.intake import Admission
+from medvec.coordinator.judge import voted_out
 from medvec.coordinator.scoring import EvalSets, beats, score
 from medvec.coordinator.weights import weighted_step
 from medvec.data.images import ImageSet
@@ -104,7 +106,7 @@ def compute_step(
 def step_record(
     step: Step,
     admission: Admission,
-    harmful: Sequence[Rejection],
+    rejected: Sequence[Rejection],
     root_sha256: str,
     params: Params,
     evalsets: EvalSets,
@@ -113,7 +115,7 @@ def step_record(
     trigger: dict[str, str] | None = None,
 ) -> MergeRecord:
     """The record of a computed step (``version`` is set when :func:`~medvec.tracking.finish.finish_merge`
-    promotes it); ``harmful``: the rejections of the vectors the harmful rule excluded."""
+    promotes it); ``rejected``: the rejections of the vectors the vote and the harmful rule excluded."""
     return MergeRecord.build(
         step.outcome,
         step.vectors,
@@ -126,10 +128,23 @@ def step_record(
         parent_version=step.parent.version,
         parent_sha256=step.parent.sha256,
         screened=tuple(admission.screened),
-        quarantined=(*admission.rejected, *harmful),
+        quarantined=(*admission.rejected, *rejected),
         trigger=trigger or {},
         evaluation=evalsets.evaluation(),
     )
+
+
+def vote_on_inputs(
+    champion: Base, admitted: Sequence[VectorLike], starts: Mapping[int, Base], params: Params, evalsets: EvalSets
+) -> tuple[list[VectorLike], list[tuple[VectorLike, str]]]:
+    """With the hospitals scoring, before a step: each input's own model (its start point in ``starts``, else the
+    champion, + τ with its BN statistics) at every site in one request, the cross-site matrix of the step's
+    record, and the below-chance vote (``intake.vote``): the inputs to step with, and those it keeps out with the
+    reason. On the coordinator's set, every input is kept."""
+    if evalsets.judge is None:
+        return list(admitted), []
+    scored_by_hospitals(champion, admitted, evalsets, params, starts)
+    return voted_out(admitted, evalsets.evaluation().flagged, params.intake.vote)
 
 
 def step_verdict(record: MergeRecord, reason: str) -> str:

@@ -135,7 +135,8 @@ def _land(
     note = f"buffer {len(admission.admitted)} of {params.refine.buffer}"
     if len(admission.admitted) >= params.refine.buffer:
         step_sets = evalsets.fresh()  # the step's record lists its own rounds only
-        note = finish_step(store, base, admission, params, step_sets, moments_fn=moments_fn).verdict
+        done = finish_step(store, base, admission, params, step_sets, moments_fn=moments_fn)
+        note = done.verdict if done is not None else "no step: the below-chance vote excluded every input"
     point = store.champion(base.sha256)
     champion = store.get_start(base.sha256, point.version) if point.version else base
     val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))

@@ -12,8 +12,8 @@ from medvec.config import ConfigError, Params
 from medvec.coordinator.defence import Scaled
 from medvec.coordinator.engine import MergeOutcome, MomentsFn
 from medvec.coordinator.hospital_report import merge_entries
-from medvec.coordinator.intake import Admission, quarantine_harmful
-from medvec.coordinator.refine import Step, compute_step, step_record, step_verdict
+from medvec.coordinator.intake import Admission, quarantine_harmful, quarantine_voted
+from medvec.coordinator.refine import Step, compute_step, step_record, step_verdict, vote_on_inputs
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import ImageSet
 from medvec.models import Base
@@ -138,6 +138,21 @@ class FinishedStep:
         return self.step.promoted
 
 
+def _start_points(
+    store: VectorStore, root: Base, admission: Admission, evalsets: EvalSets, known: dict[int, Base]
+) -> dict[int, Base]:
+    """The start points the admitted vectors name (read only when the hospitals score their own models)."""
+    if evalsets.judge is None:
+        return known
+    for version in {v.meta.start_version for v in admission.admitted} - set(known):
+        known[version] = _read_start(store, root, version)
+    return known
+
+
+def _read_start(store: VectorStore, root: Base, version: int) -> Base:
+    return retry(lambda: store.get_start(root.sha256, version), f"read start point v{version}")
+
+
 def finish_step(
     store: VectorStore,
     root: Base,
@@ -148,16 +163,24 @@ def finish_step(
     moments_fn: MomentsFn | None = None,
     trigger: dict[str, str] | None = None,
     started: Started | None = None,
-) -> FinishedStep:
-    """One asynchronous step as the merge flow runs it: merge the admitted buffer into the champion, score and
-    gate it (:func:`~medvec.coordinator.refine.compute_step`), keep the vectors the harmful rule excluded in
-    quarantine, then finish it (:func:`finish_merge`), promoted if it beat the champion."""
+) -> FinishedStep | None:
+    """One asynchronous step as the merge flow runs it: with the hospitals scoring, their below-chance vote on
+    each input's own model first (:func:`~medvec.coordinator.refine.vote_on_inputs`); merge the buffer into the
+    champion, score and gate it (:func:`~medvec.coordinator.refine.compute_step`), keep the vectors the vote and
+    the harmful rule excluded in quarantine, then finish it (:func:`finish_merge`), promoted if it beat the
+    champion. None when the vote excluded every input (they are in quarantine, with the reason): no step."""
     started = started or Started.now()
     point = retry(lambda: store.champion(root.sha256), "read the champion")
     champion = retry(lambda: store.get_start(root.sha256, point.version), f"read start point v{point.version}")
-    step = compute_step(champion, point, admission.admitted, params, evalsets, calibration, moments_fn)
+    starts = _start_points(store, root, admission, evalsets, {point.version: champion})
+    admitted, out = vote_on_inputs(champion, admission.admitted, starts, params, evalsets)
+    voted = retry(lambda: quarantine_voted(store, out), "quarantine the voted-out vectors") if out else []
+    if not admitted:
+        return None
+    step = compute_step(champion, point, admitted, params, evalsets, calibration, moments_fn)
     harmful = retry(lambda: quarantine_harmful(store, step.excluded), "quarantine the harmful vectors")
-    record = step_record(step, admission, harmful, root.sha256, params, evalsets, store.url, started, trigger)
+    rejected = [*voted, *harmful]
+    record = step_record(step, admission, rejected, root.sha256, params, evalsets, store.url, started, trigger)
     record = finish_merge(
         store, record, step.outcome, root, step.vectors, evalsets, promoted=(step.promoted, step.reason)
     )
