@@ -155,7 +155,7 @@ def network(tmp_path_factory):
         # the coordinator holds no images (issue 25): the hospitals score every candidate, so it names the classes
         sets += ["-S", f"store.url={store}", "-S", "coordinator.eval_data=null", "-S", f"model.classes={CLASSES}"]
         sets += ["-S", "coordinator.key=keys/coordinator.key", "-S", "intake.keyring=keys/keyring.json"]
-        sets += ["-S", "evaluate.timeout_s=45"]
+        sets += ["-S", "evaluate.timeout_s=45", "-S", "contribution.method=off"]  # its rounds: test_hospital_judge
         coordinator.medvec("coordinator", "keygen", "--out", "keys")
         coordinator.medvec("coordinator", "up", *sets)
         workers.append(
@@ -497,7 +497,6 @@ def test_with_c_s_worker_stopped_the_merge_waits_once_and_proceeds_on_the_quorum
     network["workers"]["c"].stop()
     coordinator = network["coordinator"]
     overrides = [o for o in network["sets"] if o != "-S"]
-    overrides += ["contribution.method=off"]  # one round fewer: contribution rounds are tested in process
     out = coordinator.python(MERGE, *overrides)
     assert sorted(i["hospital"] for i in out["inputs"]) == ["a", "b"]
     admin = admin_s3(network)
