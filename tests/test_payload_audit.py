@@ -185,8 +185,10 @@ def test_the_evaluation_answer_holds_counts_and_histograms_of_five_or_more_image
     (scored,) = doc["candidates"].values()
     assert set(scored) == {"n", "loss_sum", "histograms"} and scored["n"] == 24
     groups = [g for row in scored["histograms"]["columns"] for side in row.values() for g in side]
-    assert groups and all(count >= 5 for _, _, count in groups)  # no figure about fewer than five images
-    assert sum(count for _, _, count in groups) <= 24 and len(groups) <= 24 // 5
+    # each group: its first and last bin, its images (five or more: no count about fewer), the sum of their bins
+    assert groups and all(len(g) == 4 and g[2] >= 5 for g in groups)
+    assert all(first * (n - 1) + last <= total <= first + last * (n - 1) for first, last, n, total in groups)
+    assert sum(g[2] for g in groups) <= 24 and len(groups) <= 24 // 5
 
 
 def test_no_numeric_array_in_metadata_is_sample_sized(audit):

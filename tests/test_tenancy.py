@@ -270,6 +270,12 @@ def merge_records(network) -> list[dict]:
     return [d["doc"] for d in docs if "merge_id" in d.get("doc", {})]
 
 
+def registered_record(network, hospitals: list[str]) -> dict | None:
+    """The merge record of ``hospitals``' vectors once it names its registration (None before)."""
+    found = [r for r in merge_records(network) if sorted(i["hospital"] for i in r["inputs"]) == hospitals]
+    return next((r for r in found if r.get("registry")), None)
+
+
 def n_val(network, *hospitals: str) -> int:
     return sum(json.loads((network["tmp"] / "data" / SHARDS[h] / "meta.json").read_text())["n_val"] for h in hospitals)
 
@@ -289,7 +295,7 @@ def test_three_hospitals_join_two_land_and_the_merge_is_chosen_and_registered_fr
         local = json.loads((tmp / "data" / SHARDS[name] / "meta.json").read_text())
         assert meta["n_train"] == local["n_train"]  # each hospital's own data, as its site file pins it
     wait_until(lambda: ["a", "b"] in registered_inputs(network), 300, "a registered merge of a and b")
-    (record,) = [r for r in merge_records(network) if sorted(i["hospital"] for i in r["inputs"]) == ["a", "b"]]
+    record = wait_until(lambda: registered_record(network, ["a", "b"]), 60, "the merge record, registered", every=1)
     assert record["evaluation"]["where"] == "hospitals" and record["eval_set"]["source"] == "hospitals a,b,c"
     scan = next(r for r in record["evaluation"]["rounds"] if r["purpose"] == "scan")
     assert scan["answered"] == ["a", "b", "c"] and scan["absent"] == [] and scan["rejected"] == []
