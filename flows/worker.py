@@ -24,6 +24,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -194,7 +195,13 @@ async def _view_now(site: Site, flow_run: FlowRun) -> RunView:
         return await run_view(client, site, flow_run)
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(signum: int, frame: object, grace: float = 10.0) -> None:
+    """SIGTERM stops the worker as Ctrl-C does. A KeyboardInterrupt that lands in a weakref callback or a
+    ``__del__`` is swallowed ("Exception ignored in …", seen once in CI): if the worker still runs ``grace``
+    seconds later, it exits without its clean-up (a run in progress is its own process, and goes on)."""
+    fallback = threading.Timer(grace, os._exit, args=(0,))
+    fallback.daemon = True
+    fallback.start()
     raise KeyboardInterrupt
 
 

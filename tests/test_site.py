@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
+from conftest import ROOT
 from flows.site import RunView, Site, SiteError, for_run, pool_site_files, refusal
 
 HOSPITAL = Site(
@@ -136,3 +140,23 @@ def test_a_pool_s_runs_go_to_the_site_file_of_their_own_deployment(tmp_path):
     assert for_run(sites, "dep-b") == (main, HOSPITAL)
     path, site = for_run(sites, "dep-x")  # unknown: the main site, whose refusal names the mismatch
     assert path == main and refusal(site, view(deployment_id="dep-x")).startswith("deployment dep-x is not")
+
+
+SWALLOWED = """
+import signal, sys, time
+from flows.worker import _interrupt
+signal.signal(signal.SIGTERM, lambda s, f: _interrupt(s, f, grace=1.0))
+try:
+    signal.raise_signal(signal.SIGTERM)
+except KeyboardInterrupt:
+    pass  # swallowed, as when it lands in a weakref callback
+time.sleep(60)
+sys.exit(3)
+"""
+
+
+def test_a_worker_whose_sigterm_interrupt_is_swallowed_still_exits_after_the_grace():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.monotonic() - started < 20  # the 1-second grace, not the 60-second sleep
