@@ -224,16 +224,14 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def cmd_coordinator_up(args: argparse.Namespace) -> int:
+    from medvec.coordinator.judge import keyring_path
     from medvec.data.sources import check_source
     from medvec.models import base_from_config
     from medvec.store import open_store
 
     p = _params(args)
-    if p.evaluate.where == "hospitals" and not p.intake.keyring:
-        raise ConfigError(
-            "evaluate.where: hospitals (the default) needs intake.keyring: the hospitals sign their answers "
-            "(medvec keyring add); or set evaluate.where: coordinator with a coordinator.eval_data"
-        )
+    if p.evaluate.where == "hospitals":
+        keyring_path(p)
     if p.coordinator.eval_data:
         check_source(p.coordinator.eval_data, ("val",))
     elif p.evaluate.where == "coordinator":

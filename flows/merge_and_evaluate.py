@@ -27,6 +27,7 @@ from medvec.coordinator.compare import Candidate
 from medvec.coordinator.contribution import markdown
 from medvec.coordinator.intake import Admission, quarantine_voted
 from medvec.coordinator.judge import hospitals_judge, voted_out
+from medvec.coordinator.refine import ALL_VOTED_OUT
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import DataSpec, ImageSet
 from medvec.data.sources import load_split
@@ -190,8 +191,8 @@ def _step(run: Run, admission: Admission) -> dict:
     evalsets = run.evalsets(admission)
     done = async_step(run.store, run.base, admission, run.params, evalsets, run.calibration(), run.trigger)
     if done is None:
-        logger.info("no step: the below-chance vote excluded every input")
-        return {"skipped": True, "reason": "the below-chance vote excluded every vector", "inputs": []}
+        logger.info("no step: %s", ALL_VOTED_OUT)
+        return {"skipped": True, "reason": ALL_VOTED_OUT, "inputs": []}
     record = done.record
     label_run(f"{record.merge_id} (async step)", [f"merge:{record.merge_id}"])
     name = f"step v{record.parent_version} → {f'v{record.version}' if record.version else 'not promoted'}"
@@ -219,7 +220,7 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
         vectors, out = voted_out(vectors, evalsets.evaluation().flagged, run.params.intake.vote)
         voted = quarantine_voted(run.store, out)
         if not vectors:
-            return {"skipped": True, "reason": "the below-chance vote excluded every vector", "inputs": []}
+            return {"skipped": True, "reason": ALL_VOTED_OUT, "inputs": []}
     guarded = merge_task(run.base, vectors, run.params, evalsets, run.calibration())
     outcome, vectors = guarded.outcome, guarded.vectors
     harmful = quarantine_excluded(run.store, guarded.excluded) if guarded.excluded else []

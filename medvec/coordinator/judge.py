@@ -130,9 +130,8 @@ class HospitalJudge:
 
     def _metrics(self, answers: list[EvalAnswer], candidate: str) -> dict:
         try:
-            p = pool(
-                answers, candidate, self.config.threshold, self.config.target_sensitivity, None, self.config.reading
-            )
+            c = self.config
+            p = pool(answers, candidate, c.threshold, c.target_sensitivity, reading=c.reading)
         except ValueError:  # nobody answered
             return {"auc": math.nan, "n": 0, "sites": []}
         return metrics_of(p)
@@ -250,6 +249,17 @@ class StoreAsk:
         return set(wait_for) <= set(self.store.answered(request.request_id))
 
 
+def keyring_path(params: Params) -> str:
+    """``intake.keyring``, which a network whose hospitals score (``evaluate.where: hospitals``) needs: they sign
+    their answers. A ConfigError in one line without it (``coordinator up`` asks before anything is published)."""
+    if not params.intake.keyring:
+        raise ConfigError(
+            "evaluate.where: hospitals (the default) needs intake.keyring: the hospitals sign their answers "
+            "(medvec keyring add); or set evaluate.where: coordinator with a coordinator.eval_data"
+        )
+    return params.intake.keyring
+
+
 def hospitals_judge(
     store: VectorStore,
     base: Base,
@@ -260,9 +270,7 @@ def hospitals_judge(
     """The judge of a network: the hospitals of ``intake.keyring`` (their answers are signed), asked through
     ``store``; ``start`` runs their ``hospital-evaluate`` flows. Each site weighs (``quorum_by: samples``) as
     many training images as its newest admitted vector reports."""
-    if not params.intake.keyring:
-        raise ConfigError("evaluate.where: hospitals needs intake.keyring: the hospitals sign their answers")
-    keyring = Keyring.load(params.intake.keyring)
+    keyring = Keyring.load(keyring_path(params))
     hospitals = sorted(keyring.keys)
     weights = {v.meta.hospital: v.meta.n_train for v in admission.admitted}
     ask = StoreAsk(store, keyring, base.sha256, hospitals, params.evaluate.timeout_s, start)
@@ -276,6 +284,7 @@ __all__ = [
     "StoreAsk",
     "below_chance",
     "hospitals_judge",
+    "keyring_path",
     "metrics_of",
     "quorum",
     "voted_out",

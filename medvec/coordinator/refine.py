@@ -134,6 +134,9 @@ def step_record(
     )
 
 
+ALL_VOTED_OUT = "the below-chance vote excluded every vector"  # no merge, no step: why, in one place
+
+
 def vote_on_inputs(
     champion: Base, admitted: Sequence[VectorLike], starts: Mapping[int, Base], params: Params, evalsets: EvalSets
 ) -> tuple[list[VectorLike], list[tuple[VectorLike, str]]]:

@@ -24,6 +24,7 @@ from medvec.config import Params
 from medvec.coordinator.compare import Candidate
 from medvec.coordinator.engine import MomentsFn
 from medvec.coordinator.intake import admit
+from medvec.coordinator.refine import ALL_VOTED_OUT
 from medvec.coordinator.scoring import EvalSets, evaluate_on, op_rule
 from medvec.hospital.finetune import finetune_vector, for_upload
 from medvec.hospital.local import LocalData
@@ -136,7 +137,7 @@ def _land(
     if len(admission.admitted) >= params.refine.buffer:
         step_sets = evalsets.fresh()  # the step's record lists its own rounds only
         done = finish_step(store, base, admission, params, step_sets, moments_fn=moments_fn)
-        note = done.verdict if done is not None else "no step: the below-chance vote excluded every input"
+        note = done.verdict if done is not None else f"no step: {ALL_VOTED_OUT}"
     point = store.champion(base.sha256)
     champion = store.get_start(base.sha256, point.version) if point.version else base
     val, test = evaluate_on(champion.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))

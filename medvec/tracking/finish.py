@@ -171,7 +171,7 @@ def finish_step(
     champion. None when the vote excluded every input (they are in quarantine, with the reason): no step."""
     started = started or Started.now()
     point = retry(lambda: store.champion(root.sha256), "read the champion")
-    champion = retry(lambda: store.get_start(root.sha256, point.version), f"read start point v{point.version}")
+    champion = _read_start(store, root, point.version)
     starts = _start_points(store, root, admission, evalsets, {point.version: champion})
     admitted, out = vote_on_inputs(champion, admission.admitted, starts, params, evalsets)
     voted = retry(lambda: quarantine_voted(store, out), "quarantine the voted-out vectors") if out else []
