@@ -1,8 +1,9 @@
 """Defences against one malicious hospital of four, on breastmnist and pneumoniamnist.
 
 Attacks (the last hospital turns malicious): ``sign_flip`` (it sends −τ), ``scale``
-(50·τ) and ``label_flip`` (it fine-tunes on its own images with shuffled labels;
-its label counts are unchanged).  Defences: ``none``, ``mad`` (the norm and
+(50·τ), ``label_shuffle`` (it fine-tunes on its own images with shuffled labels: a model that learns
+nothing, its label counts unchanged) and ``label_flip`` (it fine-tunes with every label swapped for the other
+class: a model that ranks patients backwards).  Defences: ``none``, ``mad`` (the norm and
 direction screen, ``intake.defence=quarantine``), ``contribution`` (leave-one-out
 on the coordinator's validation split, ``intake.harmful=exclude``), ``both``
 (the screen, then the contribution rule on what it kept) and ``vote`` (issue 25: every input's own model
@@ -49,7 +50,7 @@ from medvec.models import base_from_config  # noqa: E402
 from medvec.runtime import set_threads  # noqa: E402
 from medvec.vectors.vector import DataVector  # noqa: E402
 
-ATTACKS = ("none", "sign_flip", "scale", "label_flip")
+ATTACKS = ("none", "sign_flip", "scale", "label_shuffle", "label_flip")
 DEFENCES = ("none", "mad", "contribution", "both", "vote")
 SETTINGS = {  # defence → (intake.defence, intake.harmful); the vote excludes before the merge
     "none": ("off", "off"),
@@ -67,13 +68,20 @@ def shuffled(data: LocalData, seed: int) -> LocalData:
     return LocalData(ImageSet(train.images, rng.permutation(train.labels), train.classes), data.val)
 
 
-def attacked(vectors: list, attack: str, flipped_labels: DataVector) -> list:
-    """The four vectors with the last one replaced by the attacker's."""
+def flipped(data: LocalData) -> LocalData:
+    """The same images with every label swapped for the next class (two classes: the other one)."""
+    train = data.train
+    labels = (np.asarray(train.labels) + 1) % len(train.classes)
+    return LocalData(ImageSet(train.images, labels, train.classes), data.val)
+
+
+def attacked(vectors: list, attack: str, retrained: dict[str, DataVector]) -> list:
+    """The four vectors with the last one replaced by the attacker's (``retrained``: the label attacks' vectors)."""
     if attack == "none":
         return list(vectors)
     v = vectors[-1]
-    if attack == "label_flip":
-        return [*vectors[:-1], flipped_labels]
+    if attack in retrained:
+        return [*vectors[:-1], retrained[attack]]
     fn = {"sign_flip": lambda t: -t, "scale": lambda t: 50 * t}[attack]
     return [*vectors[:-1], DataVector({k: fn(t) for k, t in v.deltas.items()}, v.meta, v.running, v.moments)]
 
@@ -86,12 +94,15 @@ def defend(base, vectors: list, p, evalsets: EvalSets, defence: str):
     return scored_merge_once(base, screen(vectors, mad, p.intake.mad_k).kept, pp, evalsets)
 
 
-def voted(base, vectors: list, p, local: dict[str, LocalData]) -> list:
+def voted(base, vectors: list, p, local: dict[str, LocalData]) -> tuple[list, dict[str, float]]:
     """The vectors the below-chance vote keeps: each input's own model scored at every hospital's validation
-    split (the cross-site matrix, from the hospitals' answers only), below chance at most other sites: out."""
+    split (the cross-site matrix, from the hospitals' answers only), below chance at most other sites: out; and
+    the last hospital's row of the matrix (its own model's AUC at each site)."""
     judge = simulated_judge(base, local, p)
     single_rows(base, vectors, EvalSets(None, None, judge=judge), p)
-    return voted_out(vectors, judge.evaluation().flagged, "exclude")[0]
+    evaluation = judge.evaluation()
+    kept = voted_out(vectors, evaluation.flagged, "exclude")[0]
+    return kept, evaluation.matrix.get(vectors[-1].meta.hospital, {})
 
 
 def label_skew(counts: list[int], overall: list[int]) -> float:
@@ -124,14 +135,16 @@ def run_dataset(name: str, seed: int, args, bar) -> tuple[list[dict], list[dict]
         honest.append(finetune_vector(base, h, local[h], p.finetune, progress=False)[0])
         bar.update(1)
     last = names[-1]
-    flipped = finetune_vector(base, last, shuffled(local[last], seed), p.finetune, progress=False)[0]
-    bar.update(1)
+    retrained = {}
+    for attack, own in (("label_shuffle", shuffled(local[last], seed)), ("label_flip", flipped(local[last]))):
+        retrained[attack] = finetune_vector(base, last, own, p.finetune, progress=False)[0]
+        bar.update(1)
     rows, honest_rows = [], []
     for attack in ATTACKS:
-        vectors = attacked(honest, attack, flipped)
+        vectors = attacked(honest, attack, retrained)
         attacker = vectors[-1].meta.vector_id if attack != "none" else None
         submitted = vectors[:-1] if attacker else vectors  # the honest ones among them
-        kept = voted(base, vectors, p, local)
+        kept, last_row = voted(base, vectors, p, local)
         for defence in DEFENCES:
             g = defend(base, kept if defence == "vote" else vectors, p, evalsets, defence)
             final = {v.meta.vector_id for v in g.vectors}
@@ -148,6 +161,7 @@ def run_dataset(name: str, seed: int, args, bar) -> tuple[list[dict], list[dict]
                     "lambda": g.outcome.lam,
                     "contribution_seconds": g.outcome.scores.seconds,
                     "attacker_loo": first[attacker].loo if attacker in first else None,
+                    "last_hospital_matrix_row": last_row,  # its own model's AUC at each site, as the vote read it
                     "attacker_loo_se": first[attacker].loo_se if attacker in first else None,
                     "scores": [  # what the rule saw: excluded vectors first-pass, kept ones from the final merge
                         {"hospital": s.hospital, "loo": s.loo, "loo_se": s.loo_se, "attacker": k == attacker}
@@ -296,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows, honest = [], []
-    jobs = len(args.datasets) * len(args.seeds) * (5 + len(ATTACKS))
+    jobs = len(args.datasets) * len(args.seeds) * (6 + len(ATTACKS))  # 4 honest, 2 label attacks
     with tqdm(total=jobs, desc="robustness (fine-tunes and attacks)") as bar:
         for name in args.datasets:
             for seed in args.seeds:

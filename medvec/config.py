@@ -190,8 +190,14 @@ class EvaluateConfig(_Frozen):
     bins: int = Field(
         100000, ge=100, description="where: hospitals: score-histogram bins over logits in [-16, 16] (sparse JSON)"
     )
-    reading: Literal["ends", "even"] = Field(
-        "ends", description="where: hospitals: a group of bins read at its two ends by its mean, or spread evenly"
+    reading: Literal["ends", "maxent", "even"] = Field(
+        "ends",
+        description="where: hospitals: the pooled figures (selection, threshold, gate) read a group of bins at its "
+        "two ends by its mean, as the most-entropy spread with its mean bin, or spread evenly",
+    )
+    site_reading: Literal["maxent", "ends", "even"] = Field(
+        "maxent",
+        description="where: hospitals: how each site's own AUC (the matrix, the vote, its report) reads a group",
     )
 
     @model_validator(mode="after")

@@ -92,9 +92,51 @@ def summed_loss(proba: np.ndarray, labels: np.ndarray, task: str, eps: float = 1
     return float(-np.log(p[np.arange(len(y)), y]).sum())
 
 
-Reading = Literal["ends", "even"]
+Reading = Literal["ends", "maxent", "even"]
 Group = tuple[int, int, int, int]
 """Neighbouring bins ``first … last`` of one row, the images that scored in them, and the sum of their bins."""
+
+
+def _spread(width: int, mean: float, reading: Reading) -> np.ndarray:
+    """How a group's images fall over its ``width + 1`` bins (shares summing to 1), given their mean offset from
+    the first bin: see :meth:`ScoreReport.histograms`."""
+    shares = np.zeros(width + 1, dtype=np.float64)
+    if width == 0:
+        shares[0] = 1.0
+    elif reading == "even":
+        shares[:] = 1.0 / (width + 1)
+    elif reading == "ends":
+        shares[-1] = mean / width
+        shares[0] = 1.0 - shares[-1]
+    else:
+        rate = _maxent_rate(width, mean)
+        k = np.arange(width + 1, dtype=np.float64)
+        shares = np.exp(rate * (k - (width if rate > 0 else 0)))
+        shares /= shares.sum()
+    return shares
+
+
+def _geometric_mean_offset(width: int, rate: float) -> float:
+    """The mean of k over 0 … width with weights e^(rate·k)."""
+    if rate > 0:
+        return width - _geometric_mean_offset(width, -rate)
+    if abs(rate) * (width + 1) < 1e-6:  # near uniform: the series, where the closed form cancels
+        return width / 2 + rate * width * (width + 2) / 12
+    tail = -rate * (width + 1)
+    return float(1 / np.expm1(-rate) - ((width + 1) / np.expm1(tail) if tail < 700 else 0.0))
+
+
+def _maxent_rate(width: int, mean: float) -> float:
+    """The rate of the most-entropy spread over 0 … width with this mean (a truncated geometric), by bisection:
+    the mean rises with the rate, from 0 (all at the first bin) to width (all at the last)."""
+    lo, hi = -60.0, 60.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if _geometric_mean_offset(width, mid) < mean:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 @dataclass(frozen=True)
@@ -212,19 +254,16 @@ class ScoreReport:
         return cls(grid, tuple(rows), tuple(withheld))
 
     def histograms(self, reading: Reading = "ends") -> ScoreHistograms:
-        """The report as histograms: each group's images at its first and its last bin, in the shares that give
-        the group's mean bin (``ends``, what the coordinator reads), or spread evenly over its bins (``even``,
-        the alternative ``benchmarks/pooled_auc.py`` compares)."""
+        """The report as histograms, each group of bins read by ``reading``: ``ends`` (its images at its first
+        and last bin, in the shares that give its mean bin: what the pooled figures read), ``maxent`` (over its
+        bins, the spread of most entropy whose mean is the group's mean bin: even when that mean is the middle,
+        leaning to one end as the mean does; what each site's own AUC reads) or ``even`` (spread evenly, the
+        mean unused); ``benchmarks/pooled_auc.py`` compares them."""
         counts = np.zeros((len(self.rows), 2, self.grid.bins), dtype=np.float64)
         for c, row in enumerate(self.rows):
             for truth in (NEGATIVE, POSITIVE):
                 for first, last, n, bin_sum in row[truth]:
-                    if reading == "even":
-                        counts[c, truth, first : last + 1] += n / (last - first + 1)
-                        continue
-                    at_last = (bin_sum - n * first) / (last - first) if last > first else 0.0
-                    counts[c, truth, first] += n - at_last
-                    counts[c, truth, last] += at_last
+                    counts[c, truth, first : last + 1] += n * _spread(last - first, bin_sum / n - first, reading)
         return ScoreHistograms(self.grid, counts)
 
     def smallest_group(self) -> int | None:

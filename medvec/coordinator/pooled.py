@@ -49,9 +49,11 @@ def pool(
     target: float = 0.9,
     sites: list[str] | None = None,
     reading: Reading = "ends",
+    site_reading: Reading = "maxent",
 ) -> Pooled:
     """``candidate``'s metrics over the answers of ``sites`` (default: every answer that scored it), each group of
-    bins read by ``reading`` (:meth:`medvec.histograms.ScoreReport.histograms`)."""
+    bins read by ``reading`` (:meth:`medvec.histograms.ScoreReport.histograms`), and each site's own AUC and SE
+    with its groups read by ``site_reading``."""
     chosen = [a for a in answers if candidate in a.candidates and (sites is None or a.hospital in sites)]
     if not chosen:
         raise ValueError(f"no answer scored candidate {candidate}")
@@ -64,8 +66,13 @@ def pool(
     if total.counts.shape[0] == 1 and task != "multilabel":
         threshold = total.threshold(rule, target)
         op = total.at_threshold(threshold)
-    per_site = {a.hospital: h.auc(task) for a, h in zip(chosen, histograms, strict=True)}
-    per_site_se = {a.hospital: h.auc_se(task) for a, h in zip(chosen, histograms, strict=True)}
+    own = (
+        histograms
+        if site_reading == reading
+        else [a.candidates[candidate].report().histograms(site_reading) for a in chosen]
+    )
+    per_site = {a.hospital: h.auc(task) for a, h in zip(chosen, own, strict=True)}
+    per_site_se = {a.hospital: h.auc_se(task) for a, h in zip(chosen, own, strict=True)}
     return Pooled(
         candidate,
         tuple(a.hospital for a in chosen),
