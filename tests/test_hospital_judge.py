@@ -30,7 +30,7 @@ from medvec.evaluate import choose_threshold, evaluate_model, predict
 from medvec.hospital.answer import answer_request
 from medvec.hospital.train import finetune
 from medvec.keys import DocumentSigner, keygen
-from medvec.models import create_base
+from medvec.models import create_base, state_sha256
 from medvec.record import StartPoint
 from medvec.store import LocalStore
 from medvec.vectors.signing import Keyring
@@ -295,9 +295,9 @@ def test_a_label_flipped_model_is_flagged_from_the_cross_site_matrix(setting):
     assert voted_out(vectors, evaluation.flagged, "flag") == (vectors, [])
 
 
-def test_an_async_step_asks_for_its_scan_its_scores_and_its_gate_and_nothing_more(setting):
-    """The champion is scored beside the step in the gate's request and as v(∅) in the scores' request: the
-    hospitals are not asked for it in a round of its own."""
+def test_an_async_step_asks_for_its_scan_and_its_scores_and_nothing_more(setting):
+    """The champion is scored beside the step's candidates in the scan's request (the gate reads it there) and
+    as v(∅) in the scores' request: the hospitals are not asked for it in a round of its own."""
     base, tau, _, _ = setting
     p = params()
     p = p.model_copy(update={"contribution": p.contribution.model_copy(update={"method": "loo"})})
@@ -305,8 +305,34 @@ def test_an_async_step_asks_for_its_scan_its_scores_and_its_gate_and_nothing_mor
     judge = judge_of(setting, p)
     vector = vector_to(base, "a", tau.apply_to(base.model.state_dict(), 1.0))
     step = compute_step(base, parent, [vector], p, EvalSets(None, None, judge=judge))
-    assert [r.purpose for r in judge.rounds] == ["scan", "contribution", "gate"]
+    assert [r.purpose for r in judge.rounds] == ["scan", "contribution"]
+    assert state_sha256(base.model.state_dict()) in judge.scored[0][0]  # the champion, beside the step's scan
     assert step.promoted and step.reason.startswith("pooled val auc ") and "champion v0's" in step.reason
+    assert step.reason.endswith(f"; round {judge.rounds[0].request_id}")
+
+
+def test_a_champion_beside_the_scan_is_gated_from_the_scan_s_answers_as_a_round_of_its_own_would_gate_it(setting):
+    base, tau, _, _ = setting
+    p = params(gate_z=1.0)
+    champion = base.fresh()
+    champion.load_state_dict(tau.apply_to(base.model.state_dict(), 0.3))
+    champion.eval()
+    judge = judge_of(setting, p)
+    evalsets = EvalSets(None, None, judge=judge)
+    evalsets.beside_scan("champion", champion)
+    outcome = choose_scale(base, tau, GRID, "ta", [tau], p, evalsets, None)
+    (scan,) = judge.rounds
+    assert scan.candidates == len(GRID) + 1
+    promote, reason = judge.gate(outcome.model, champion, "champion v1")
+    assert len(judge.rounds) == 1 and reason.endswith(f"; round {scan.request_id}")  # no round of its own
+    alone = judge_of(setting, p)  # the same verdict and figures from a gate round of its own
+    promote_alone, reason_alone = alone.gate(outcome.model, champion, "champion v1")
+    assert [r.purpose for r in alone.rounds] == ["gate"] and promote_alone == promote
+    assert reason_alone.split("; round ")[0] == reason.split("; round ")[0]
+    assert judge.matrix["champion"] == alone.matrix["champion"] and judge.matrix["merged"] == alone.matrix["merged"]
+    other = base.fresh()  # a model the scan did not score: the gate asks for it
+    judge.gate(other, champion)
+    assert [r.purpose for r in judge.rounds] == ["scan", "gate"]
 
 
 def test_an_async_step_asks_each_input_s_own_model_first_and_the_vote_keeps_a_flipped_one_out(setting):

@@ -302,6 +302,7 @@ def test_three_hospitals_join_two_land_and_the_merge_is_chosen_and_registered_fr
     assert scan["n"] == n_val(network, "a", "b", "c")  # every local validation image counted once, none sent
     assert set(scan["answer_sha256"]) == {"a", "b", "c"} and 0 < record["operating_point"]["threshold"] < 1
     assert record["registry"]["reason"].startswith("pooled val auc ")
+    assert [r["purpose"] for r in record["evaluation"]["rounds"]] == ["matrix", "scan"]  # the gate read the scan
     admin = admin_s3(network)  # each hospital's view is written after registration, before latest.json moves
     for name in ("a", "b"):
         prefix = f"net/reports/{name}/"
@@ -499,7 +500,7 @@ print(json.dumps(merge_and_evaluate(store_url=p.store.url, eval_data=None, param
 def test_with_c_s_worker_stopped_the_merge_waits_once_and_proceeds_on_the_quorum_of_a_and_b(network):
     """Issue 25's quorum on real servers: c's worker is stopped; a merge asks a, b and c to score its candidates,
     waits 45 s for c once, proceeds on the quorum of 2 of 3 sites, and gates against the champion on the sites
-    that scored both."""
+    that scored both, from the scan's answers (the champion is asked beside the scan's candidates)."""
     network["workers"]["c"].stop()
     coordinator = network["coordinator"]
     overrides = [o for o in network["sets"] if o != "-S"]
@@ -519,10 +520,11 @@ def test_with_c_s_worker_stopped_the_merge_waits_once_and_proceeds_on_the_quorum
     assert scan["answered"] == ["a", "b"] and scan["absent"] == ["c"] and scan["quorum_met"]
     assert scan["quorum"] == "quorum 0.5 by sites met: 2 of 3 sites answered"
     assert set(scan["answer_sha256"]) == {"a", "b"} and scan["n"] > 0
-    assert [r["purpose"] for r in rounds][-1] == "gate"
+    assert [r["purpose"] for r in rounds] == ["matrix", "scan"]  # the champion beside the scan: no gate round
     assert record["eval_set"]["source"] == "hospitals a,b" and 0 < record["operating_point"]["threshold"] < 1
     gate = record["registry"]["reason"]
     assert gate.startswith("pooled val auc ") and "on 2 sites (a, b;" in gate, gate
+    assert gate.endswith(f"; round {scan['request_id']}")
     # the cross-site matrix: each input's own model and the merge and champion, at each answering site
     assert set(record["evaluation"]["matrix"]) == {"a", "b", "merged", "champion"}
     assert set(record["evaluation"]["matrix"]["a"]) == {"a", "b"} and record["evaluation"]["flagged"] == {}

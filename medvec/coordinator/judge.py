@@ -9,8 +9,10 @@ on the pooled ROC, the mean loss, and each site's AUC. Every round is kept as an
 :class:`~medvec.record.EvalRound`: who answered, who was absent, which answers were rejected and why, and the
 content hash of each answer, so the merge record shows what its choice rested on.
 
-The gate asks for the candidate and the champion in one request, so both are scored by the same sites, and
+The gate reads the candidate and the champion from one request, so both are scored by the same sites, and
 promotes only when the pooled AUC beats the champion's by ``evaluate.gate_z`` Hanley–McNeil standard errors.
+A caller that knows the champion before the scan puts it ``beside`` the scan's candidates: the gate then reads
+the scan round that scored the chosen candidate, and asks no round of its own.
 A round that misses ``evaluate.quorum`` does not stop the merge: it is stored, not promoted, and the reason
 says which quorum was missed. A site that did not answer one round within the timeout is still asked in the
 merge's later rounds but not waited for, so a worker that is down delays a merge by one timeout, not one per
@@ -80,6 +82,8 @@ class HospitalJudge:
     matrix: dict[str, dict[str, float]] = field(default_factory=dict)  # model → site → AUC
     matrix_se: dict[str, dict[str, float]] = field(default_factory=dict)  # model → site → its SE
     vote_z: float = 1.0  # below chance: AUC + vote_z·SE < 0.5 at the site
+    beside: dict[str, nn.Module] = field(default_factory=dict)  # asked beside every scan round (the champion)
+    scored: list[tuple[dict[str, str], Asked]] = field(default_factory=list)  # per round: model sha256 → its key
 
     def validate(self, models: Mapping[str, nn.Module], purpose: str = "scan") -> dict[str, dict]:
         """Each named model's pooled validation metrics (one request for all of them). A ``matrix`` round
@@ -95,14 +99,25 @@ class HospitalJudge:
     def gate(self, candidate: nn.Module, champion: nn.Module, champion_name: str = "the champion") -> tuple[bool, str]:
         """Whether ``candidate`` beats ``champion`` on the sites that scored both; the reason. Both models'
         per-site AUCs join the matrix (``merged``, ``champion``)."""
-        asked = self._round({"candidate": candidate, "champion": champion}, "gate")
-        for name, c in (("merged", "candidate"), ("champion", "champion")):
+        found = self.answered_together(candidate, champion)
+        if found is None:
+            found = (self._round({"candidate": candidate, "champion": champion}, "gate"), "candidate", "champion")
+        asked, new, old = found
+        for name, c in (("merged", new), ("champion", old)):
             self._into_matrix(name, self._metrics(asked.answers, c))
         missed = [r for r in self.rounds if not r.quorum_met]
         if missed:
             return False, f"not promoted: {missed[0].purpose} round {missed[0].request_id}: {missed[0].quorum}"
-        promote, reason = gate(asked.answers, "candidate", "champion", self.config.gate_z, self.config.reading)
-        return promote, reason.replace("the champion's", f"{champion_name}'s")
+        promote, reason = gate(asked.answers, new, old, self.config.gate_z, self.config.reading)
+        return promote, reason.replace("the champion's", f"{champion_name}'s") + f"; round {asked.request_id}"
+
+    def answered_together(self, a: nn.Module, b: nn.Module) -> tuple[Asked, str, str] | None:
+        """The latest round that scored both models (by their weights' sha256), with their keys in it."""
+        sha_a, sha_b = state_sha256(a.state_dict()), state_sha256(b.state_dict())
+        for keys, asked in reversed(self.scored):
+            if sha_a in keys and sha_b in keys:
+                return asked, keys[sha_a], keys[sha_b]
+        return None
 
     def fresh(self) -> HospitalJudge:
         """The same hospitals and settings, with no rounds and no matrix yet."""
@@ -131,17 +146,24 @@ class HospitalJudge:
     def _metrics(self, answers: list[EvalAnswer], candidate: str) -> dict:
         try:
             c = self.config
-            p = pool(answers, candidate, c.threshold, c.target_sensitivity, reading=c.reading)
+            p = pool(answers, candidate, c.threshold, c.target_sensitivity, None, c.reading, c.site_reading)
         except ValueError:  # nobody answered
             return {"auc": math.nan, "n": 0, "sites": []}
         return metrics_of(p)
 
     def _round(self, models: Mapping[str, nn.Module], purpose: str) -> Asked:
         candidates = {c: self.template.with_model(m, state_sha256(m.state_dict())) for c, m in models.items()}
+        if purpose == "scan":  # the champion beside the candidates: the gate reads this round
+            known = {c.sha256 for c in candidates.values()}
+            for i, m in enumerate(self.beside.values()):
+                found = self.template.with_model(m, state_sha256(m.state_dict()))
+                if found.sha256 not in known:
+                    candidates[f"beside{i}"] = found
         missed = {h for r in self.rounds for h in r.absent}  # a site absent once is not waited for again
         wait_for = [h for h in self.hospitals if h not in missed]
         asked = self.ask(candidates, Grid(self.config.bins), self.config.min_count, wait_for)
         self.rounds.append(self._record(asked, purpose, len(candidates)))
+        self.scored.append(({c.sha256: key for key, c in candidates.items()}, asked))
         return asked
 
     def _record(self, asked: Asked, purpose: str, candidates: int) -> EvalRound:

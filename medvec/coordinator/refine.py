@@ -84,8 +84,10 @@ def compute_step(
     (:func:`medvec.coordinator.engine.plan_bn`).
     """
     # on the coordinator's set the champion is scored once, for the gate and as v(∅) of the contribution scores;
-    # with the hospitals the gate asks for it beside the step, and the scores ask for v(∅) in their own request
+    # with the hospitals it is asked beside the step's scan (the gate reads those answers), and the scores ask
+    # for v(∅) in their own request
     champion_val = None
+    evalsets.beside_scan("champion", champion.model)
     if evalsets.judge is None:
         champion_val = evalsets.validate_one(champion.model, champion.spec, params.evaluate.batch_size)
     guarded = guarded_merge(

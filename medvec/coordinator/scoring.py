@@ -23,6 +23,8 @@ from medvec.record import EvalSetRef, Evaluation
 class Judge(Protocol):
     """Scores candidates without the coordinator's images: the hospitals (:mod:`medvec.coordinator.judge`)."""
 
+    beside: dict[str, nn.Module]  # models asked beside every scan round (the champion, for the gate)
+
     def validate(self, models: Mapping[str, nn.Module], purpose: str = "scan") -> dict[str, dict]:
         """Each named model's validation metrics, asked for at once."""
         ...
@@ -69,6 +71,12 @@ class EvalSets:
     def validate_one(self, model: nn.Module, spec: ModelSpec, batch_size: int, purpose: str = "scan") -> dict:
         """One model's validation metrics."""
         return self.validate({"model": model}, spec, batch_size, purpose)["model"]
+
+    def beside_scan(self, name: str, model: nn.Module) -> None:
+        """Where the hospitals score, ask them for ``model`` beside every scan's candidates (the champion: the
+        gate then reads the scan's answers instead of asking again)."""
+        if self.judge is not None:
+            self.judge.beside[name] = model
 
     def fresh(self) -> "EvalSets":
         """The same sets, with a judge that has no rounds yet: what the next merge's record will list."""

@@ -183,6 +183,26 @@ def register_merge(
     return log_merge(record, merged, example, rescore, plots, decided, signature, compare)
 
 
+def champion_weights(model_name: str, store: VectorStore, like: Base) -> torch.nn.Module | None:
+    """The registered champion's merged weights, read before a merge so the hospitals score them beside the
+    scan's candidates (the gate then needs no request of its own); None without a champion, where its weights
+    cannot be read, or where they do not fit ``like``'s architecture (the gate then asks, or says why not)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow = connect()
+    try:
+        champ = MlflowClient().get_model_version_by_alias(model_name, "champion")
+        record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
+        where = store if record.store_url == store.url else open_store(record.store_url)
+        model = where.merged_model(record).model
+    except (MlflowException, UserError, OSError, RuntimeError, ValueError):
+        return None
+    ours, theirs = like.model.state_dict(), model.state_dict()
+    fits = ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+    return model if fits else None
+
+
 def weights_statement(signer: DocumentSigner, record: MergeRecord) -> dict:
     """The coordinator's signed statement that its registered model holds the weights of ``record``
     (by their sha256); verify it with :meth:`~medvec.keys.DocumentVerifier.open` at ``models/<sha256>``."""
