@@ -38,7 +38,6 @@ from medvec.record import MergeRecord
 from medvec.runtime import set_threads
 from medvec.store import VectorStore, open_store
 from medvec.timing import Started
-from medvec.tracking.registry import champion_weights
 from tasks.common import fetch_base
 from tasks.coordinator import (
     admit_vectors,
@@ -217,6 +216,8 @@ def _oneshot(run: Run, admission: Admission, force: bool) -> dict:
     rows: list[dict] = []
     voted: list = []
     if evalsets.judge is not None:  # the cross-site matrix first: the vote may keep vectors out of the merge
+        from medvec.tracking.registry import champion_weights  # here: its pyfunc class warns on import, per command
+
         champion = champion_weights(run.params.registry.model_name, run.store, run.base)
         if champion is not None:  # scored beside the scan's candidates: the gate reads those answers
             evalsets.beside_scan("champion", champion)
