@@ -8,8 +8,9 @@ the reports. The error is pooled AUC − scikit-learn's AUC on the union.
 
 Two models per seed: the fine-tuned model ``as trained``, and the same model ``sharpened`` (its logit × 8: the
 same ranking, saturated scores, as a merge with a large λ makes them). Three readings of a group: ``maxent`` (the
-spread over its bins of most entropy with its mean bin: what the coordinator reads), ``ends`` (its images at its
-first and last bin, in the shares of its mean bin) and ``even`` (spread evenly over its bins). Beside the pooled
+spread over its bins of most entropy with its mean bin: what each site's own AUC reads), ``ends`` (its images at
+its first and last bin, in the shares of its mean bin: what the pooled figures read) and ``even`` (spread evenly
+over its bins). Beside the pooled
 error, each site's own AUC read from its report against its exact AUC (what the below-chance vote reads).
 
     python benchmarks/pooled_auc.py [--seeds 0 1 2] [--min-counts 1 5 10]

@@ -58,7 +58,8 @@ def pool(
     if not chosen:
         raise ValueError(f"no answer scored candidate {candidate}")
     task = chosen[0].task
-    histograms = [a.candidates[candidate].report().histograms(reading) for a in chosen]
+    reports = [a.candidates[candidate].report() for a in chosen]
+    histograms = [r.histograms(reading) for r in reports]
     total: ScoreHistograms = sum(histograms[1:], histograms[0])
     n = sum(a.candidates[candidate].n for a in chosen)
     loss = sum(a.candidates[candidate].loss_sum for a in chosen) / n if n else math.nan
@@ -66,11 +67,7 @@ def pool(
     if total.counts.shape[0] == 1 and task != "multilabel":
         threshold = total.threshold(rule, target)
         op = total.at_threshold(threshold)
-    own = (
-        histograms
-        if site_reading == reading
-        else [a.candidates[candidate].report().histograms(site_reading) for a in chosen]
-    )
+    own = histograms if site_reading == reading else [r.histograms(site_reading) for r in reports]
     per_site = {a.hospital: h.auc(task) for a, h in zip(chosen, own, strict=True)}
     per_site_se = {a.hospital: h.auc_se(task) for a, h in zip(chosen, own, strict=True)}
     return Pooled(

@@ -163,13 +163,9 @@ def register_merge(
     example = evalsets.example(root.spec)  # plain NCHW for the signature
     register_base(record.params.registry.model_name, root, example)
 
-    def weights(champion: MergeRecord) -> Base:
-        where = store if champion.store_url == store.url else open_store(champion.store_url)
-        return where.merged_model(champion)
-
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
-        found = weights(champion)
+        found = merged_weights(champion, store)
         return evalsets.validate_one(found.model, found.spec, batch_size, "gate")
 
     judge = evalsets.judge
@@ -177,10 +173,21 @@ def register_merge(
     if judge is not None:  # the hospitals score the merge and the champion in one request
 
         def compare(champion: MergeRecord, name: str) -> tuple[bool, str]:
-            return judge.gate(merged.model, weights(champion).model, name)
+            return judge.gate(merged.model, merged_weights(champion, store).model, name)
 
     signature = weights_statement(store.signer, record) if store.signer is not None else None
     return log_merge(record, merged, example, rescore, plots, decided, signature, compare)
+
+
+def run_record(mlflow, run_id: str | None) -> MergeRecord:
+    """The merge record a registered version's run logged (``merge_record.json``)."""
+    return MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{run_id}/merge_record.json"))
+
+
+def merged_weights(record: MergeRecord, store: VectorStore) -> Base:
+    """A merge's stored weights: from ``store``, or from the store it was made in."""
+    where = store if record.store_url == store.url else open_store(record.store_url)
+    return where.merged_model(record)
 
 
 def champion_weights(model_name: str, store: VectorStore, like: Base) -> torch.nn.Module | None:
@@ -193,9 +200,7 @@ def champion_weights(model_name: str, store: VectorStore, like: Base) -> torch.n
     mlflow = connect()
     try:
         champ = MlflowClient().get_model_version_by_alias(model_name, "champion")
-        record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
-        where = store if record.store_url == store.url else open_store(record.store_url)
-        model = where.merged_model(record).model
+        model = merged_weights(run_record(mlflow, champ.run_id), store).model
     except (MlflowException, UserError, OSError, RuntimeError, ValueError):
         return None
     ours, theirs = like.model.state_dict(), model.state_dict()
@@ -538,14 +543,14 @@ def _gate(
     if other:
         return False, f"champion v{champ.version} {other}: not comparable; use another registry.model_name per task"
     if compare is not None:
-        champ_record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
+        champ_record = run_record(mlflow, champ.run_id)
         try:
             return compare(champ_record, f"champion v{champ.version}")
         except (UserError, OSError, RuntimeError) as exc:  # its store is gone, or the hospitals could not score it
             return False, f"champion v{champ.version} could not be scored by the hospitals: {exc}"
     if champ.tags.get("medvec.eval_sha256") != record.eval_set.sha256:
         old = f"{champ_score:.4f} on {champ.tags.get('medvec.eval_source', '?')} ({champ.tags.get('medvec.eval_size', '?')} images)"
-        champ_record = MergeRecord.model_validate(mlflow.artifacts.load_dict(f"runs:/{champ.run_id}/merge_record.json"))
+        champ_record = run_record(mlflow, champ.run_id)
         try:
             champ_score = score(rescore(champ_record), metric)
         except (UserError, OSError, RuntimeError) as exc:  # its store is gone, or its head does not fit this data
