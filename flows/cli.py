@@ -39,17 +39,6 @@ def _shared(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _offline_prefect_env() -> None:
-    """Prefect settings for local runs: no analytics, ephemeral API allowed.
-
-    Prefect gives its ephemeral server 20 s to start (counting only its sleeps); on a busy
-    2-core machine startup took longer, and the run failed with a 404 from ``/api/health``.
-    """
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reading end has closed (poll reports an error on it)."""
     import select
@@ -804,7 +793,6 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``medvec`` command; errors a user can fix end in one line and exit status 2."""
-    _offline_prefect_env()
     warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     _demo_prefect_home(args)

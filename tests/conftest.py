@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+import tasks  # noqa: F401  (Prefect's local defaults, tasks/__init__.py, before anything imports Prefect)
+
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 # `make test` runs two pytest-xdist workers on this 2-core machine: one torch thread each (oversubscribed

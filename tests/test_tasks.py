@@ -108,3 +108,25 @@ def test_demo_tasks_give_the_control_and_centralized_rows(tiny_base, make_vector
     row = centralized.fn(tiny_base, local, evalsets, params, False)
     assert row["kind"] == "centralized" and row["n_train"] == sum(len(d.train) for d in local)
     assert 0.0 <= row["test"]["auc"] <= 1.0
+
+
+@pytest.mark.parametrize("given, expected", [(None, 120.0), ("45", 45.0)])
+def test_importing_a_flow_gives_the_ephemeral_server_time_to_start_unless_the_user_chose(given, expected):
+    """A flow called from Python (the lineage test's driver, a user's notebook) starts Prefect's ephemeral
+    server; Prefect's own 20 s ran out in CI. Prefect reads settings when imported, so the package sets them."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if given:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
+    code = (
+        "import flows.merge_and_evaluate\n"
+        "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as S\nprint(S.value())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == expected
