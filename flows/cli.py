@@ -463,6 +463,39 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0 if all(r["identical"] for r in tree.get("rebuild", [])) else 1
 
 
+def _model_ref(args: argparse.Namespace) -> str:
+    """The MODEL argument, or the registered champion of ``registry.model_name``; a bare NAME is its champion."""
+    ref = args.model or f"{_params(args).registry.model_name}@champion"
+    return ref if "@" in ref or "/" in ref else f"{ref}@champion"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medvec.data.images import DataSpec
+    from medvec.hospital.predict import load_registered, open_source, predict_source
+    from medvec.runtime import pick_device, set_threads
+
+    p = _params(args)
+    set_threads(p.finetune.threads)
+    spec = DataSpec.of(p)
+    model = load_registered(_model_ref(args))
+    source = open_source(args.data, args.split, spec)
+    device = pick_device(args.device)
+    out = predict_source(
+        model, source, Path(args.out), spec.max_bad_fraction, device, args.batch_size, not args.no_progress
+    )
+    skipped = f"; skipped {len(out.failed)} unreadable file(s), named above" if out.failed else ""
+    print(f"{model.name}/{model.version} on {device.type}: {out.rows} image(s) -> {out.out}{skipped}")
+    if out.metrics is not None:
+        m = out.metrics
+        line = f"auc {m['auc']:.4f}  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
+        if "op" in m:
+            op = m["op"]
+            line += f"  at threshold {op['threshold']:.4f}: sensitivity {op['sensitivity']:.4f}"
+            line += f" specificity {op['specificity']:.4f}"
+        print(f"{line}  ({m['n']} labelled) -> {out.metrics_path}")
+    return 0
+
+
 def _rebuild(store, record) -> list[dict]:
     """Replay a merge (an async champion: its whole chain from θ_pre) and compare each sha256."""
     from medvec.coordinator.lineage import chain, replay_chain
@@ -768,6 +801,19 @@ def _registry_parsers(sub) -> None:
     kl = krsub.add_parser("list", help="the hospitals' key fingerprints, and the revoked keys")
     kl.add_argument("--keyring", required=True)
     kl.set_defaults(func=cmd_keyring_list)
+    pr = _shared(sub.add_parser("predict", help="a registered model's probabilities and labels for local images"))
+    pr.add_argument("model", nargs="?", default=None, help="NAME@alias, NAME/version or NAME (default: the champion)")
+    pr.add_argument(
+        "--data",
+        required=True,
+        help=".npz, hospital folder, image-folder root, CSV manifest or a folder of PNG/JPEG/DICOM files",
+    )
+    pr.add_argument("--out", default="predictions.csv", help="the CSV to write (metrics beside it as .metrics.json)")
+    pr.add_argument("--split", default=None, help="the split to score (default: test where the data has one, else all)")
+    pr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 ...")
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     m = sub.add_parser("methods", help="list merge methods with their formulas")
     m.set_defaults(func=cmd_methods)
 

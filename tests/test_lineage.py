@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import BREAST, PNEUMONIA, ROOT
@@ -107,7 +108,7 @@ def test_champion_pyfunc_returns_probabilities_and_the_label_at_its_registered_t
     mlflow.set_tracking_uri(tracked["url"])
     model = mlflow.pyfunc.load_model("models:/medvec@champion")
     x = to_tensor(load_split(BREAST, "test").images[:40], get_spec("tiny_cnn", pretrained=False)).numpy()
-    out = model.predict(x)
+    out = model.predict(pd.DataFrame({"tensor": list(x)}))  # model-ready images, as the merge evaluates them
     assert list(out.columns) == ["p_0", "p_1", "label"] and len(out) == 40
     np.testing.assert_allclose(out["p_0"] + out["p_1"], 1.0, rtol=1e-5)
     mv = MlflowClient().get_model_version_by_alias("medvec", "champion")

@@ -334,7 +334,7 @@ def test_a_multilabel_merge_reports_per_label_auc_above_chance(multilabel_run):
 
 def test_the_mlflow_pyfunc_frame_of_a_multilabel_model_has_a_label_per_class(multilabel_run):
     from medvec.preprocess import to_tensor
-    from medvec.tracking.registry import label_frame
+    from medvec.serving import label_frame
 
     x = to_tensor(multilabel_run["evalsets"].test.images[:5], multilabel_run["base"].spec).numpy()
     frame = label_frame(multilabel_run["outcome"].model, x, None, "multilabel")

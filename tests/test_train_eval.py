@@ -53,7 +53,7 @@ def test_single_class_auc_is_nan_not_an_error():
 
 
 def test_the_registered_label_is_the_positive_probability_at_the_threshold_not_the_argmax():
-    from medvec.tracking.registry import label_frame
+    from medvec.serving import label_frame
 
     logits = torch.tensor([[0.0, -1.0], [0.0, 0.5], [2.0, 0.0]])  # p_1 = 0.269, 0.622, 0.119
     p1 = torch.softmax(logits, 1)[:, 1].numpy()

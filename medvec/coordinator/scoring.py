@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 from torch import nn
 
 from medvec.config import Params
@@ -16,7 +15,6 @@ from medvec.data.images import DataSpec, ImageSet
 from medvec.data.sources import has_split, load_split
 from medvec.evaluate import evaluate_model, with_operating_point
 from medvec.models import ModelSpec
-from medvec.preprocess import to_tensor
 from medvec.record import EvalSetRef, Evaluation
 
 
@@ -85,12 +83,6 @@ class EvalSets:
     def evaluation(self) -> Evaluation:
         """Who scored the candidates (the merge record's ``evaluation``)."""
         return self.judge.evaluation() if self.judge is not None else Evaluation()
-
-    def example(self, spec: ModelSpec) -> np.ndarray:
-        """Two input images for a model signature: the coordinator's own, or blank ones of the spec's shape."""
-        if self.val is not None:
-            return to_tensor(self.val.images[:2], spec).contiguous().numpy()
-        return np.zeros((2, spec.in_chans, spec.image_size, spec.image_size), dtype=np.float32)
 
     @classmethod
     def load(cls, source: str | Path, with_test: bool = True, spec: DataSpec | None = None) -> "EvalSets":

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 PathLike = str | os.PathLike[str]
+Source = PathLike | BinaryIO  # a file, or its bytes in memory (a served request)
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -69,7 +70,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _dcmread(path: PathLike, **kwargs: Any) -> Dataset:
+def _dcmread(path: Source, **kwargs: Any) -> Dataset:
     import pydicom
 
     try:
@@ -195,7 +196,7 @@ def _colour(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     return arr.astype(np.uint8) if arr.dtype == np.uint8 else _to_uint8(_min_max(arr))
 
 
-def read_dicom(path: PathLike) -> np.ndarray:
+def read_dicom(path: Source) -> np.ndarray:
     """uint8 pixels of a single-frame DICOM file: H x W (grayscale) or H x W x 3 (colour); see the module docstring.
 
     Every failure is a :class:`DicomReadError` with a short reason, so a caller skips the file and goes on.
@@ -203,7 +204,7 @@ def read_dicom(path: PathLike) -> np.ndarray:
     return read_dicom_image(path)[0]
 
 
-def read_dicom_image(path: PathLike) -> tuple[np.ndarray, str]:
+def read_dicom_image(path: Source) -> tuple[np.ndarray, str]:
     """:func:`read_dicom`'s pixels and the file's Modality (``unknown`` when absent), from one read of the file."""
     try:
         ds = _dcmread(path)

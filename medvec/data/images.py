@@ -211,9 +211,12 @@ def failed_share(decoded: Decoded, limit: float) -> str:
     return f"{len(decoded.failed)} of {total} images could not be read (more than {limit:.0%})"
 
 
+GRAY_MODES = ("L", "1", "I;16", "I")  # PIL modes read as grayscale; any other image makes a set RGB
+
+
 def stack_images(images: list[Image.Image]) -> np.ndarray:
     """One uint8 array of decoded images: grayscale unless any is colour, at the most common size."""
-    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    mode = "L" if all(im.mode in GRAY_MODES for im in images) else "RGB"
     sizes = [im.size for im in images]
     size = max(set(sizes), key=sizes.count)
     return np.stack([np.asarray(_fit(im, mode, size), dtype=np.uint8) for im in images])

@@ -7,7 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from medvec.coordinator.engine import MergeOutcome
@@ -16,7 +19,7 @@ from medvec.errors import UserError
 from medvec.evaluate import confusion_figure, contribution_plot, lambda_curve, md_inert
 from medvec.faults import failpoint
 from medvec.keys import DocumentSigner
-from medvec.models import Base, load_base
+from medvec.models import Base, ModelSpec, load_base
 from medvec.record import GateDecision, MergeRecord
 from medvec.store import VectorStore, open_store
 from medvec.timing import timed
@@ -38,27 +41,78 @@ from medvec.tracking.server import (
 class Classifier(PythonModel):
     """The registered model's pyfunc: class probabilities and the label at the registered threshold.
 
-    ``predict(x)`` takes model-ready images (N, C, H, W float32, as :func:`medvec.preprocess.to_tensor`
-    makes them) and returns a DataFrame with ``p_0 … p_{k-1}`` and ``label``.  A binary
-    model's label is ``p_1 >= threshold`` (the operating point chosen on validation);
-    without a threshold, and for more classes, it is the argmax.  A multi-label model's
-    ``p_c`` are independent sigmoids and its labels are ``label_c = p_c >= 0.5``.
+    ``predict(frame)`` takes one image per row, as base64 PNG/JPEG/DICOM bytes (``image``), a raw pixel array of
+    any size (``pixels``) or a model-ready array (``tensor``), and applies medvec's own preprocessing for the
+    model's spec (:mod:`medvec.serving`). It returns a DataFrame with ``p_0 … p_{k-1}`` and ``label``: a binary
+    model's label is ``p_1 >= threshold`` (the operating point chosen on validation); without a threshold, and
+    for more classes, it is the argmax. A multi-label model's ``p_c`` are independent sigmoids and its labels
+    are ``label_c = p_c >= 0.5``. A request it cannot read is refused with one line naming the row (HTTP 400).
     """
 
     threshold: float | None = None
     model: torch.nn.Module | None = None
     task: str = "multiclass"
+    spec: ModelSpec | None = None
 
     def load_context(self, context) -> None:
-        """Load the logged weights (artifact ``weights``) with their task, and the threshold from the model config."""
+        """Load the logged weights (artifact ``weights``) with their task and spec, and the threshold from the
+        model config."""
 
         self.threshold = (context.model_config or {}).get("threshold")
         base = load_base(context.artifacts["weights"])
-        self.model, self.task = base.model.eval(), base.task
+        self.model, self.task, self.spec = base.model.eval(), base.task, base.spec
 
-    def predict(self, context, model_input, params=None):
-        """Probabilities and labels of ``model_input`` as a DataFrame (see the class docstring)."""
-        return label_frame(self.model, np.asarray(model_input, dtype=np.float32), self.threshold, self.task)
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Probabilities and labels of the request's images (see the class docstring)."""
+        from medvec.serving import InputError, frame_to_batch, label_frame
+
+        assert self.model is not None and self.spec is not None, "load_context first"
+        try:
+            batch = frame_to_batch(model_input, self.spec)
+        except InputError as exc:
+            raise BadRequest(str(exc)) from None
+        return label_frame(self.model, batch, self.threshold, self.task)
+
+
+class BadRequest(MlflowException):
+    """HTTP 400 with medvec's one-line reason only. MLflow's scoring server rewrites the message of every
+    MlflowException from ``predict`` to start with the repr of the whole request ("Failed to predict data
+    '[[[0, 12, …'"), which for pixel arrays is a dump of the array; this message ignores that rewrite."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        """The one-line reason."""
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        """The scoring server's prefixed message is dropped (see the class docstring)."""
+
+
+def request_schema():
+    """The pyfunc's input schema: one image per row in exactly one of ``image``, ``pixels`` or ``tensor``."""
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    return Schema(
+        [
+            ColSpec("string", "image", required=False),
+            ColSpec(AnyType(), "pixels", required=False),
+            ColSpec(AnyType(), "tensor", required=False),
+        ]
+    )
+
+
+def answer_schema(num_classes: int, task: str):
+    """The pyfunc's output schema: ``p_0 … p_{k-1}`` and ``label`` (multi-label: ``label_0 …``), as
+    :func:`medvec.serving.label_columns` returns them."""
+    from mlflow.types.schema import ColSpec, Schema
+
+    labels = [f"label_{c}" for c in range(num_classes)] if task == "multilabel" else ["label"]
+    return Schema([ColSpec("float", f"p_{c}") for c in range(num_classes)] + [ColSpec("long", name) for name in labels])
 
 
 MODEL_CODE = """from mlflow.models import set_model
@@ -69,25 +123,7 @@ set_model(Classifier())
 """
 
 
-def label_frame(model: torch.nn.Module, x: np.ndarray, threshold: float | None, task: str = "multiclass"):
-    """Probabilities and thresholded labels of ``model`` on ``x`` as a DataFrame (what the pyfunc returns)."""
-    import pandas as pd
-
-    from medvec.evaluate import probabilities
-
-    with torch.no_grad():
-        p = probabilities(model(torch.as_tensor(x)), task).numpy()
-    if task == "multilabel":
-        labels = {f"label_{c}": (p[:, c] >= 0.5).astype(np.int64) for c in range(p.shape[1])}
-        return pd.DataFrame({**{f"p_{c}": p[:, c] for c in range(p.shape[1])}, **labels})
-    if threshold is not None and p.shape[1] == 2:
-        label = (p[:, 1] >= threshold).astype(np.int64)
-    else:
-        label = p.argmax(1).astype(np.int64)
-    return pd.DataFrame({**{f"p_{c}": p[:, c] for c in range(p.shape[1])}, "label": label})
-
-
-def _log_model(weights, example: np.ndarray, registered_name: str, threshold: float | None = None) -> str:
+def _log_model(weights, registered_name: str, threshold: float | None = None) -> str:
     """Log ``weights`` (a :class:`medvec.models.Base`) as a :class:`Classifier` pyfunc, then register it.
 
     The model carries its safetensors weights and spec, the medvec code, a signature and
@@ -99,13 +135,13 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
     import tempfile
 
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
 
     from medvec.models import save_base
-
     model = copy.deepcopy(weights.model).cpu().eval()  # the caller's model stays where it is
     weights = weights.with_model(model, weights.sha256)
-    example = np.zeros_like(example)  # the shape only: no coordinator image is stored with the model
+    # a raw 8 × 8 black image: the request form, with no coordinator image stored with the model
+    request = pd.DataFrame({"pixels": [np.zeros((8, 8), dtype=np.uint8).tolist()]})
     with tempfile.TemporaryDirectory() as tmp:
         path, code = Path(tmp) / "weights.safetensors", Path(tmp) / "classifier.py"
         save_base(weights, path)
@@ -115,8 +151,8 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
             python_model=str(code),
             model_config={"threshold": threshold},
             artifacts={"weights": str(path)},
-            signature=infer_signature(example, label_frame(model, example, threshold, weights.task)),
-            input_example=example,
+            signature=ModelSignature(inputs=request_schema(), outputs=answer_schema(weights.num_classes, weights.task)),
+            input_example=request,
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole medvec package
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
@@ -125,6 +161,10 @@ def _log_model(weights, example: np.ndarray, registered_name: str, threshold: fl
                 "safetensors",
                 "numpy",
                 "pandas",
+                "pillow",
+                "pydicom",
+                "pylibjpeg",
+                "pylibjpeg-openjpeg",
             ],
         )
     failpoint("registry-before-register")
@@ -160,8 +200,7 @@ def register_merge(
     """Register θ_pre once, then log the merge run, register the merged model and apply the champion gate on
     the same validation set (a champion scored on another set is re-scored from its stored weights)."""
     batch_size = record.params.evaluate.batch_size
-    example = evalsets.example(root.spec)  # plain NCHW for the signature
-    register_base(record.params.registry.model_name, root, example)
+    register_base(record.params.registry.model_name, root)
 
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
@@ -176,7 +215,7 @@ def register_merge(
             return judge.gate(merged.model, merged_weights(champion, store).model, name)
 
     signature = weights_statement(store.signer, record) if store.signer is not None else None
-    return log_merge(record, merged, example, rescore, plots, decided, signature, compare)
+    return log_merge(record, merged, rescore, plots, decided, signature, compare)
 
 
 def run_record(mlflow, run_id: str | None) -> MergeRecord:
@@ -215,7 +254,7 @@ def weights_statement(signer: DocumentSigner, record: MergeRecord) -> dict:
 
 
 @timed("tracking")
-def register_base(name: str, base, example: np.ndarray) -> str:
+def register_base(name: str, base) -> str:
     """Register θ_pre (a :class:`medvec.models.Base`) once as ``<name>-base`` (idempotent by sha256).
 
     Returns the version.
@@ -234,7 +273,7 @@ def register_base(name: str, base, example: np.ndarray) -> str:
     with mlflow.start_run(experiment_id=exp, run_name=f"base-{sha256[:12]}"):
         mlflow.set_tags({"medvec.kind": "base", "medvec.base_sha256": sha256})
         mlflow.log_params(flat_params("spec.", base.spec.to_dict()))
-        version = _log_model(base, example, model_name)
+        version = _log_model(base, model_name)
     client.set_model_version_tag(model_name, version, "medvec.base_sha256", sha256)
     return version
 
@@ -243,7 +282,6 @@ def register_base(name: str, base, example: np.ndarray) -> str:
 def log_merge(
     record: MergeRecord,
     merged,
-    example: np.ndarray,
     rescore: Callable[[MergeRecord], dict],
     plots: dict[str, Path] | None = None,
     decided: tuple[bool, str] | None = None,
@@ -276,7 +314,7 @@ def log_merge(
     with mlflow.start_run(experiment_id=exp, run_name=record.merge_id) as run:
         _log_merge_run(mlflow, record, runs, metric, plots or {})
         mlflow.set_tag(NOTE, fit_note(_merge_note(record, links, metric, None), RUN_NOTE_LIMIT))
-        version = _log_model(merged, example, reg.model_name, record.operating_point.get("threshold"))
+        version = _log_model(merged, reg.model_name, record.operating_point.get("threshold"))
         run_id = run.info.run_id
     tags = {
         "medvec.merge_run": run_id,

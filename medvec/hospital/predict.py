@@ -1,0 +1,236 @@
+"""``medvec predict``: a registered model's output for a hospital's own images, one row per image.
+
+The model is read from the MLflow registry (``NAME@alias``, ``NAME/version``; the champion by default): its
+safetensors weights and spec, and the operating point in its model config, so the labels are the served
+model's. The images come from any source training reads (an ``.npz``, a hospital folder, an image-folder root,
+a CSV manifest) or from any folder of PNG, JPEG or DICOM files (unlabelled). They are decoded, preprocessed
+(:mod:`medvec.serving`, the pyfunc's own path) and scored a chunk at a time, so memory does not grow with the
+number of files. Unreadable files are skipped with a warning naming them, by training's rule
+(``data.max_bad_fraction``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvec.data.images import (
+    GRAY_MODES,
+    IMAGE_SUFFIXES,
+    DataError,
+    DataSpec,
+    DataWarning,
+    Decoded,
+    decode_files,
+    failed_share,
+    too_many_failed,
+)
+from medvec.models import ModelSpec, load_base
+from medvec.serving import class_probabilities, images_to_batch, label_columns
+
+CHUNK = 256  # images decoded, preprocessed and scored at a time
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered model version, ready to score: weights, input spec, task and operating point."""
+
+    name: str
+    version: str
+    model: torch.nn.Module
+    spec: ModelSpec
+    task: str
+    threshold: float | None
+
+    @property
+    def uri(self) -> str:
+        """The version's ``models:/NAME/VERSION`` URI."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def load_registered(ref: str) -> Registered:
+    """The registered version ``ref`` names (``NAME@alias`` or ``NAME/version``), read from the tracking server."""
+    import mlflow
+    from mlflow.models import Model
+
+    from medvec.tracking.lineage import resolve
+
+    mv = resolve(ref)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}"))
+    flavor = Model.load(str(local)).flavors["python_function"]
+    base = load_base(local / flavor["artifacts"]["weights"]["path"])
+    threshold = (flavor.get("config") or {}).get("threshold")
+    return Registered(mv.name, str(mv.version), base.model.eval(), base.spec, base.task, threshold)
+
+
+@dataclass
+class Chunk:
+    """Some images of a source, decoded: their row names, uint8 pixels and labels (None: unlabelled)."""
+
+    ids: list[str]
+    images: list[np.ndarray]
+    labels: np.ndarray | None
+    seen: int  # files read, the unreadable ones too (the progress bar counts them)
+
+
+@dataclass
+class Source:
+    """What a data source holds for prediction: its size, its class names and its images, a chunk at a time."""
+
+    total: int
+    classes: list[str]
+    chunks: Iterator[Chunk]
+    id_column: str
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _pixels(im) -> np.ndarray:
+    """A decoded PIL image as uint8 pixels, grayscale or RGB as training reads it."""
+    return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"), dtype=np.uint8)
+
+
+def _file_chunks(files: list[Path], labels: np.ndarray | None, source: Source, chunk: int) -> Iterator[Chunk]:
+    for start in range(0, len(files), chunk):
+        part = files[start : start + chunk]
+        decoded = decode_files(part)
+        for f, reason in decoded.failed:
+            warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=2)
+        source.failed.extend(decoded.failed)
+        kept = [start + i for i in decoded.kept]
+        yield Chunk(
+            [str(files[i]) for i in kept],
+            [_pixels(im) for im in decoded.images],
+            labels[kept] if labels is not None else None,
+            len(part),
+        )
+
+
+def _array_chunks(images: np.ndarray, labels: np.ndarray, chunk: int) -> Iterator[Chunk]:
+    for start in range(0, len(images), chunk):
+        stop = min(start + chunk, len(images))
+        yield Chunk([str(i) for i in range(start, stop)], list(images[start:stop]), labels[start:stop], stop - start)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every PNG, JPEG or DICOM candidate below ``folder`` (DICOM exports often have no suffix), sorted."""
+    wanted = set(IMAGE_SUFFIXES) | {".dicom", ""}
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in wanted
+        and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    )
+
+
+def open_source(path: str | Path, split: str | None, spec: DataSpec, chunk: int = CHUNK) -> Source:
+    """The images of ``path`` to score: ``split`` of a source with splits (default ``test`` where there is one),
+    else every image of a manifest or folder."""
+    from medvec.data.manifest import manifest_listing, manifest_splits
+    from medvec.data.sources import _npz_path, folder_listing, has_split, is_manifest, load_npz
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    chosen = split or ("test" if has_split(path, "test") else None)
+    npz = _npz_path(path)
+    if npz is not None:
+        data = spec.check(load_npz(npz, chosen or "test", spec.classes), path)
+        return Source(len(data), data.classes, _array_chunks(data.images, data.labels, chunk), "index")
+    if is_manifest(path):
+        parts = [manifest_listing(path, one, spec) for one in ([chosen] if chosen else sorted(manifest_splits(path)))]
+        files = [f for part in parts for f in part.files]
+        return _listing_source(files, np.concatenate([part.labels for part in parts]), parts[0].classes, chunk)
+    if path.is_dir() and chosen is not None and (path / chosen).is_dir():
+        listing = folder_listing(path, chosen, spec.classes)
+        return _listing_source(listing.files, listing.labels, listing.classes, chunk)
+    if split is not None:
+        raise DataError(f"{path}: no split {split!r}")
+    files = _image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no PNG, JPEG or DICOM files")
+    return _listing_source(files, None, list(spec.classes or []), chunk)
+
+
+def _listing_source(files: list[Path], labels: np.ndarray | None, classes: list[str], chunk: int) -> Source:
+    source = Source(len(files), classes, iter(()), "path")
+    source.chunks = _file_chunks(files, labels, source, chunk)
+    return source
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict_source` wrote: rows, skipped files and, for labelled data, the metrics."""
+
+    out: Path
+    rows: int
+    failed: list[tuple[Path, str]]
+    metrics: dict | None
+    metrics_path: Path | None
+
+
+def predict_source(
+    model: Registered,
+    source: Source,
+    out: Path,
+    max_bad_fraction: float,
+    device: torch.device,
+    batch_size: int = CHUNK,
+    progress: bool = True,
+) -> Prediction:
+    """Score every image of ``source`` and write one CSV row per image (id, ``p_*``, label(s)); labelled data
+    also gets its metrics beside the CSV (``<out stem>.metrics.json``)."""
+    from tqdm.auto import tqdm
+
+    net = model.model.to(device).eval()
+    probs, labels = [], []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with (
+        out.open("w", newline="") as f,
+        tqdm(total=source.total, desc="predict", unit="image", disable=not progress) as bar,
+    ):
+        writer = None
+        for chunk in source.chunks:
+            for start in range(0, len(chunk.images), batch_size):
+                x = images_to_batch(chunk.images[start : start + batch_size], model.spec).to(device)
+                p = class_probabilities(net, x, model.task)
+                frame = label_columns(p, model.threshold, model.task)
+                frame.insert(0, source.id_column, chunk.ids[start : start + batch_size])
+                if writer is None:
+                    writer = csv.writer(f)
+                    writer.writerow(frame.columns)
+                writer.writerows(frame.itertuples(index=False, name=None))
+                probs.append(p)
+                rows += len(frame)
+            if chunk.labels is not None:
+                labels.append(chunk.labels)
+            bar.update(chunk.seen)
+    decoded = Decoded(kept=list(range(rows)), failed=source.failed)  # training's rule on what was read
+    if too_many_failed(decoded, max_bad_fraction):
+        raise DataError(f"{failed_share(decoded, max_bad_fraction)}; {out} holds the {rows} that could be read")
+    metrics, metrics_path = None, None
+    if labels and rows:
+        metrics = labelled_metrics(np.concatenate(labels), np.concatenate(probs), model.threshold)
+        metrics_path = out.with_suffix(".metrics.json")
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return Prediction(out, rows, source.failed, metrics, metrics_path)
+
+
+def labelled_metrics(labels: np.ndarray, proba: np.ndarray, threshold: float | None) -> dict:
+    """The demo's evaluation of scored, labelled images: :func:`medvec.evaluate.metrics`, and for a binary
+    task the sensitivity and specificity at the registered operating point (``op``)."""
+    from medvec.evaluate import at_threshold, metrics
+
+    out = metrics(labels, proba, proba.shape[1])
+    single = np.ndim(labels) == 1 or np.shape(labels)[1] == 1
+    if threshold is not None and proba.shape[1] == 2 and single:
+        out["op"] = at_threshold(labels, proba[:, 1], threshold)
+    return out
