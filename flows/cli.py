@@ -496,6 +496,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from medvec.tracking import lineage
+    from medvec.tracking.card import Registration, model_card
+
+    ref = _model_ref(args)
+    mv = lineage.resolve(ref)
+    print(model_card(lineage.merge_record(ref), Registration.of(mv.name, mv.version, mv.tags)), end="")
+    return 0
+
+
 def _rebuild(store, record) -> list[dict]:
     """Replay a merge (an async champion: its whole chain from θ_pre) and compare each sha256."""
     from medvec.coordinator.lineage import chain, replay_chain
@@ -814,6 +824,9 @@ def _registry_parsers(sub) -> None:
     pr.add_argument("--batch-size", type=int, default=256)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
+    ca = _shared(sub.add_parser("card", help="a registered version's model card, built from its merge record"))
+    ca.add_argument("model", nargs="?", default=None, help="NAME@alias, NAME/version or NAME (default: the champion)")
+    ca.set_defaults(func=cmd_card)
     m = sub.add_parser("methods", help="list merge methods with their formulas")
     m.set_defaults(func=cmd_methods)
 

@@ -47,6 +47,7 @@ class VectorRef(_Record):
     staleness: int = 0
     weight: float | None = Field(None, description="w·s(staleness)/Σw in an async step; None in a one-shot merge")
     epsilon: float | None = Field(None, description="the DP-SGD ε its hospital spent on it; None: no DP")
+    label_counts: tuple[int, ...] = Field((), description="its training images per class (aggregates only)")
 
     @classmethod
     def of(cls, vector, contribution=None) -> "VectorRef":
@@ -63,6 +64,7 @@ class VectorRef(_Record):
             content_sha256=vector.content_sha256,
             n_train=int(vector.meta.n_train),
             start_version=int(vector.meta.start_version),
+            label_counts=tuple(int(n) for n in vector.meta.label_counts),
             **extra,
         )
 

@@ -339,3 +339,39 @@ class MlflowServer(_Proc):
     def client_env(self) -> dict:
         """This process's environment pointed at the server (and Prefect's analytics off)."""
         return {**os.environ, "MLFLOW_TRACKING_URI": self.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+class ModelServer(_Proc):
+    """``mlflow models serve`` of a registered model (``--env-manager local``: this environment), its
+    model fetched from the tracking server in ``env``; ``post`` sends a JSON request to ``/invocations``."""
+
+    def __init__(self, model_uri: str, env: dict, home: Path):
+        home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # it execs uvicorn from the venv
+        self._start(cmd, {**env, "MEDVEC_THREADS": "1", "PATH": path}, home / "serve.log")
+        wait_until(
+            lambda: urllib.request.urlopen(f"{self.url}/ping", timeout=2).status == 200,
+            180,
+            "mlflow models serve",
+            self.proc,
+            self.log,
+            every=0.5,
+        )
+
+    def post(self, body: dict) -> tuple[int, dict]:
+        """(HTTP status, JSON answer) of a request to ``/invocations``."""
+        import urllib.error
+
+        req = urllib.request.Request(
+            f"{self.url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import BREAST, PNEUMONIA, ROOT
-from servers import MlflowServer, run_driver
+from servers import MlflowServer, ModelServer, run_driver
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +115,52 @@ def test_champion_pyfunc_returns_probabilities_and_the_label_at_its_registered_t
     threshold = float(mv.tags["medvec.threshold"])
     assert threshold == model.model_config["threshold"]
     assert (out["label"] == (out["p_1"] >= threshold).astype(int)).all()
+
+
+def test_the_served_champion_takes_raw_images_and_dicom_bytes_and_answers_as_medvec_predict(tracked, tmp_path):
+    """``mlflow models serve`` on the champion the merge flow registered: 40 × 40 uint8 images (trained at 28 × 28)
+    as raw pixels and as base64 DICOM files give medvec predict's probabilities; a bad request is a one-line 400."""
+    import base64
+
+    from PIL import Image
+
+    from medvec.data.dicom import write_dicom
+    from medvec.data.sources import load_split
+
+    test = load_split(BREAST, "test")
+    images = np.stack([np.asarray(Image.fromarray(im).resize((40, 40), Image.BILINEAR)) for im in test.images[:8]])
+    np.savez(tmp_path / "big.npz", test_images=images, test_labels=test.labels[:8])
+    cmd = [sys.executable, "-m", "flows.cli", "predict", "medvec@champion", "--data", str(tmp_path / "big.npz")]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "p.csv"), "--no-progress"],
+        cwd=ROOT,
+        env=tracked["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = pd.read_csv(tmp_path / "p.csv")
+    dicoms = [
+        base64.b64encode(write_dicom(tmp_path / f"{i}.dcm", im, compress="rle").read_bytes()).decode()
+        for i, im in enumerate(images)
+    ]
+    server = ModelServer("models:/medvec@champion", tracked["env"], tmp_path / "serve")
+    try:
+        raw = server.post({"dataframe_split": {"columns": ["pixels"], "data": [[im.tolist()] for im in images]}})
+        dicom = server.post({"inputs": {"image": dicoms}})
+        bad = server.post({"dataframe_records": [{"pixels": images[0].tolist()}, {"image": "not base64!"}]})
+        ragged = server.post({"inputs": {"pixels": [[[0, 1, 2], [3]]]}})
+    finally:
+        server.stop()
+    for status, answer in (raw, dicom):
+        assert status == 200, answer
+        got = pd.DataFrame(answer["predictions"])
+        np.testing.assert_allclose(got[["p_0", "p_1"]].to_numpy(), want[["p_0", "p_1"]].to_numpy(), atol=1e-5, rtol=0)
+        assert got["label"].tolist() == want["label"].tolist()
+    assert bad[0] == 400 and bad[1]["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert bad[1]["message"] == "row 1 ('image'): 'image' is not valid base64"  # the reason alone, no request dump
+    assert ragged[0] == 400 and ragged[1]["message"] == "row 0 ('pixels'): its rows are not all the same length"
 
 
 def rebuild(tracked, ref: str) -> str:
@@ -248,9 +294,9 @@ def test_the_champion_version_description_links_its_merge_run(tracked, monkeypat
     mv = client.get_model_version_by_alias("medvec", "champion")
     exp = client.get_run(mv.run_id).info.experiment_id
     assert f"](#/experiments/{exp}/runs/{mv.run_id})" in mv.description
-    assert "Gate: **champion**" in mv.description and "Asynchronous step" not in mv.description
+    assert "## Gate\n\n**champion**" in mv.description and "Asynchronous step" not in mv.description
     worse = client.get_model_version("medvec", tracked["out"]["worse"]["registry"]["version"])
-    assert "Gate: **rejected**: val auc" in worse.description
+    assert "## Gate\n\n**rejected**: val auc" in worse.description
 
 
 def test_an_async_step_description_names_its_parent_champion_version(tracked, monkeypatch):
@@ -262,9 +308,51 @@ def test_an_async_step_description_names_its_parent_champion_version(tracked, mo
     try:
         record = lineage.merge_record(f"medvec/{good['version']}")
         step = record.model_copy(update={"mode": "async", "parent_version": 7, "version": 8})
-        note = registry._version_note(client, step, "#/experiments/1/runs/abc", "champion", "first version")
+        note = registry._version_note(client, step, "#/experiments/1/runs/abc")
         assert f"parent champion v7 ([`medvec` v{good['version']}](#/models/medvec/versions/{good['version']}))" in note
         assert "became v8" in note and "η = 1" in note
         assert "parent version v7, became v8" in registry._merge_note(step, {}, "auc", None)
     finally:
         client.delete_model_version_tag("medvec", good["version"], "medvec.version")
+
+
+def test_medvec_card_is_the_champion_description_and_its_figures_are_the_merge_records(tracked, monkeypatch):
+    from medvec.tracking import lineage
+    from medvec.tracking.card import SECTIONS, Registration, model_card
+
+    client = _client(tracked, monkeypatch)
+    mv = client.get_model_version_by_alias("medvec", "champion")
+    record = lineage.merge_record("medvec@champion")
+    cmd = [sys.executable, "-m", "flows.cli", "card", "medvec@champion"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=tracked["env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = proc.stdout
+    assert mv.description.startswith(card.rstrip("\n"))  # the version's description is the same card
+    assert [line[3:] for line in card.splitlines() if line.startswith("## ")] == list(SECTIONS)
+    assert card.startswith(f"# medvec v{mv.version}: model card")
+    assert "0 = malignant, 1 = normal, benign" in card  # the classes, by index
+    total, mix = sum(i.n_train for i in record.inputs), [sum(i.label_counts[c] for i in record.inputs) for c in (0, 1)]
+    assert total == sum(mix) and all(sum(i.label_counts) == i.n_train for i in record.inputs)
+    assert f"{total} training images at 2 sites (label mix: malignant: {mix[0]}, normal, benign: {mix[1]})" in card
+    assert "Per-site counts are not shown" in card and record.inputs[0].vector_id not in card.split("## Privacy")[0]
+    # a network that shares per-site figures (contribution.share) shows each site's count and label mix
+    shared = record.model_copy(
+        update={
+            "params": record.params.model_copy(
+                update={"contribution": record.params.contribution.model_copy(update={"share": True})}
+            )
+        }
+    )
+    open_card = model_card(shared, Registration.of(mv.name, mv.version, mv.tags))
+    for i in record.inputs:
+        row = f"| {i.hospital} | `{i.vector_id}` | {i.n_train} | malignant: {i.label_counts[0]}, normal, benign: {i.label_counts[1]} |"
+        assert row in open_card and row not in card
+    assert f"AUC {record.val['auc']:.4f}" in card and f"AUC {record.test['auc']:.4f}" in card
+    op = record.operating_point
+    assert (
+        f"(threshold {op['threshold']:.4f}): sensitivity {op['sensitivity']:.4f}, specificity {op['specificity']:.4f}"
+        in card
+    )
+    assert f"`p_1` ≥ {op['threshold']:.4f}" in card and "trained without DP" in card
+    assert f"{record.method}, λ = {record.lam:g}, batch norm {record.bn_strategy}" in card
+    assert "resized to 28 × 28" in card or "resized to 64 × 64" in card

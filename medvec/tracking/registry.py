@@ -109,10 +109,11 @@ def request_schema():
 def answer_schema(num_classes: int, task: str):
     """The pyfunc's output schema: ``p_0 … p_{k-1}`` and ``label`` (multi-label: ``label_0 …``), as
     :func:`medvec.serving.label_columns` returns them."""
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     labels = [f"label_{c}" for c in range(num_classes)] if task == "multilabel" else ["label"]
-    return Schema([ColSpec("float", f"p_{c}") for c in range(num_classes)] + [ColSpec("long", name) for name in labels])
+    columns: list[ColSpec | TensorSpec] = [ColSpec("float", f"p_{c}") for c in range(num_classes)]
+    return Schema(columns + [ColSpec("long", name) for name in labels])
 
 
 MODEL_CODE = """from mlflow.models import set_model
@@ -138,6 +139,7 @@ def _log_model(weights, registered_name: str, threshold: float | None = None) ->
     from mlflow.models import ModelSignature
 
     from medvec.models import save_base
+
     model = copy.deepcopy(weights.model).cpu().eval()  # the caller's model stays where it is
     weights = weights.with_model(model, weights.sha256)
     # a raw 8 × 8 black image: the request form, with no coordinator image stored with the model
@@ -215,7 +217,8 @@ def register_merge(
             return judge.gate(merged.model, merged_weights(champion, store).model, name)
 
     signature = weights_statement(store.signer, record) if store.signer is not None else None
-    return log_merge(record, merged, rescore, plots, decided, signature, compare)
+    named = evalsets.val.classes if evalsets.val is not None else None  # the coordinator's set, where it has one
+    return log_merge(record, merged, rescore, plots, decided, signature, compare, named)
 
 
 def run_record(mlflow, run_id: str | None) -> MergeRecord:
@@ -287,8 +290,11 @@ def log_merge(
     decided: tuple[bool, str] | None = None,
     signature: dict | None = None,
     compare: Callable[[MergeRecord, str], tuple[bool, str]] | None = None,
+    classes: list[str] | None = None,
 ) -> GateDecision:
     """Record a merge, register its model and apply the champion gate.
+
+    ``classes``: the class names for the model card where neither the weights nor ``model.classes`` record them.
 
     ``signature``: the coordinator's signed statement of the merged weights' sha256
     (:func:`weights_statement`), kept as the version's ``medvec.signature`` tag with its key's fingerprint.
@@ -327,6 +333,8 @@ def log_merge(
         "medvec.threshold": str(record.operating_point.get("threshold", "")),
         "medvec.parent_version": str(record.parent_version),
         "medvec.task": merged.task,
+        "medvec.classes": json.dumps(list(merged.classes or record.params.model.classes or classes or [])),
+        "medvec.input_shape": f"{merged.spec.in_chans}x{merged.spec.image_size}x{merged.spec.image_size}",
         "medvec.classes_sha256": merged.classes_sha256 or "",
         **(
             {"medvec.signed_by": signature["medvec_signed"]["key"], "medvec.signature": json.dumps(signature)}
@@ -372,7 +380,7 @@ def _describe(
     try:
         gate = (name, version, verdict, reason)
         client.set_tag(run_id, NOTE, fit_note(_merge_note(record, links, metric, gate), RUN_NOTE_LIMIT))
-        note = _version_note(client, record, run_link(exp, run_id), verdict, reason)
+        note = version_description(client, record, name, version, run_link(exp, run_id))
         client.update_model_version(name, version, description=fit_note(note, VERSION_NOTE_LIMIT))
         for hospital_run in {r for r in runs.values() if r}:
             update_hospital_note(client, exp, hospital_run)
@@ -443,8 +451,17 @@ def _merge_note(record: MergeRecord, links: dict[str, str], metric: str, gate: t
     return "\n".join(lines)
 
 
-def _version_note(client, record: MergeRecord, merge_link: str, verdict: str, reason: str) -> str:
-    """A registered version's description: its merge run, its parent champion (async) and the gate."""
+def version_description(client, record: MergeRecord, name: str, version: str, merge_link: str) -> str:
+    """A registered version's description: its model card (:mod:`medvec.tracking.card`, from the record and the
+    version's tags) and its lineage (:func:`_version_note`)."""
+    from medvec.tracking.card import Registration, model_card
+
+    reg = Registration.of(name, version, client.get_model_version(name, version).tags)
+    return model_card(record, reg) + "\n## Lineage\n\n" + _version_note(client, record, merge_link) + "\n"
+
+
+def _version_note(client, record: MergeRecord, merge_link: str) -> str:
+    """A registered version's lineage: its merge run and, for an async step, its parent champion."""
     hospitals = ", ".join(sorted({md_inert(i.hospital) for i in record.inputs}))
     lines = [
         f"Merged by run [`{record.merge_id}`]({merge_link}): {record.method},"
@@ -455,7 +472,6 @@ def _version_note(client, record: MergeRecord, merge_link: str, verdict: str, re
     if record.mode == "async":
         became = f"v{record.version}" if record.version is not None else "not promoted"
         lines += ["", f"Asynchronous step from parent champion {_parent(client, record)}; became {became}."]
-    lines += ["", f"Gate: **{verdict}**: {reason}."]
     return "\n".join(lines)
 
 
