@@ -60,7 +60,9 @@ def test_make_demo_on_a_fresh_clone_with_an_empty_home(clone, tmp_path):
     env = fresh_env(tmp_path / "home")
     card = medvec(clone, env, "card").stdout
     assert card.startswith("# medvec v") and "## Intended use" in card and "## Limits" in card
-    out = medvec(clone, env, "predict", "--data", "data/pneumoniamnist.npz", "--out", "predictions.csv", "--no-progress")
+    out = medvec(
+        clone, env, "predict", "--data", "data/pneumoniamnist.npz", "--out", "predictions.csv", "--no-progress"
+    )
     assert "image(s) -> predictions.csv" in out.stdout and "at threshold" in out.stdout, out.stdout
     assert (clone / "predictions.csv").read_text().startswith("index,p_0,p_1,label\n")
     assert "warning" not in out.stderr.lower(), out.stderr
