@@ -157,7 +157,8 @@ def main() -> None:
     ref = register(home, args.threads)
     registered = load_registered(ref)
     images = load_npz(DATA, "test").images
-    rows = []
+    rows: list[dict] = []
+    speed: dict[str, list[float]] = {"bare": [], "medvec predict": []}
     for r in range(args.repeats):
         rows.append(
             {
@@ -173,7 +174,9 @@ def main() -> None:
                 "images_per_s": medvec_loop(registered, args.batch_size, home / "p.csv"),
             }
         )
-    med = {k: statistics.median(x["images_per_s"] for x in rows if x["loop"] == k) for k in ("bare", "medvec predict")}
+    for row in rows:
+        speed[row["loop"]].append(row["images_per_s"])
+    med = {k: statistics.median(v) for k, v in speed.items()}
     ratio = med["medvec predict"] / med["bare"]
     command = command_seconds(ref, home / "cli.csv", args.threads)
     latencies, startup = served_latencies(ref, home, images[0], args.requests, args.threads)
