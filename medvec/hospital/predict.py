@@ -176,6 +176,45 @@ class Prediction:
     metrics_path: Path | None
 
 
+@dataclass
+class Scored:
+    """One batch of a source, scored: row names, class probabilities, labels (None: unlabelled), the uint8 images."""
+
+    ids: list[str]
+    p: np.ndarray
+    labels: np.ndarray | None
+    images: list[np.ndarray]
+
+
+def score(
+    model: Registered,
+    source: Source,
+    device: torch.device,
+    batch_size: int = CHUNK,
+    progress: bool = True,
+    desc: str = "predict",
+) -> Iterator[Scored]:
+    """Every image of ``source`` scored by ``model``, a batch at a time (a progress bar counts the files read)."""
+    from tqdm.auto import tqdm
+
+    net = model.model.to(device).eval()
+    with tqdm(total=source.total, desc=desc, unit="image", disable=not progress) as bar:
+        for chunk in source.chunks:
+            for start in range(0, len(chunk.images), batch_size):
+                images = chunk.images[start : start + batch_size]
+                p = class_probabilities(net, images_to_batch(images, model.spec).to(device), model.task)
+                labels = chunk.labels[start : start + batch_size] if chunk.labels is not None else None
+                yield Scored(chunk.ids[start : start + batch_size], p, labels, images)
+            bar.update(chunk.seen)
+
+
+def check_unreadable(source: Source, rows: int, max_bad_fraction: float, kept: str) -> None:
+    """Training's rule on what was read: a DataError when more than ``max_bad_fraction`` of the files failed."""
+    decoded = Decoded(kept=list(range(rows)), failed=source.failed)
+    if too_many_failed(decoded, max_bad_fraction):
+        raise DataError(f"{failed_share(decoded, max_bad_fraction)}; {kept}")
+
+
 def predict_source(
     model: Registered,
     source: Source,
@@ -187,35 +226,22 @@ def predict_source(
 ) -> Prediction:
     """Score every image of ``source`` and write one CSV row per image (id, ``p_*``, label(s)); labelled data
     also gets its metrics beside the CSV (``<out stem>.metrics.json``)."""
-    from tqdm.auto import tqdm
-
-    net = model.model.to(device).eval()
     probs, labels = [], []
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with (
-        out.open("w", newline="") as f,
-        tqdm(total=source.total, desc="predict", unit="image", disable=not progress) as bar,
-    ):
-        writer = None
-        for chunk in source.chunks:
-            for start in range(0, len(chunk.images), batch_size):
-                x = images_to_batch(chunk.images[start : start + batch_size], model.spec).to(device)
-                p = class_probabilities(net, x, model.task)
-                frame = label_columns(p, model.threshold, model.task)
-                frame.insert(0, source.id_column, chunk.ids[start : start + batch_size])
-                if writer is None:
-                    writer = csv.writer(f)
-                    writer.writerow(frame.columns)
-                writer.writerows(frame.itertuples(index=False, name=None))
-                probs.append(p)
-                rows += len(frame)
-            if chunk.labels is not None:
-                labels.append(chunk.labels)
-            bar.update(chunk.seen)
-    decoded = Decoded(kept=list(range(rows)), failed=source.failed)  # training's rule on what was read
-    if too_many_failed(decoded, max_bad_fraction):
-        raise DataError(f"{failed_share(decoded, max_bad_fraction)}; {out} holds the {rows} that could be read")
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        for batch in score(model, source, device, batch_size, progress):
+            frame = label_columns(batch.p, model.threshold, model.task)
+            frame.insert(0, source.id_column, batch.ids)
+            if not rows:
+                writer.writerow(frame.columns)
+            writer.writerows(frame.itertuples(index=False, name=None))
+            probs.append(batch.p)
+            if batch.labels is not None:
+                labels.append(batch.labels)
+            rows += len(frame)
+    check_unreadable(source, rows, max_bad_fraction, f"{out} holds the {rows} that could be read")
     metrics, metrics_path = None, None
     if labels and rows:
         metrics = labelled_metrics(np.concatenate(labels), np.concatenate(probs), model.threshold)
