@@ -419,6 +419,41 @@ def cmd_hospital_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _joined_data(name: str) -> str:
+    """The data folder a hospital joined with (its site file), for commands that default to it."""
+    from flows.deployments import hospital_pool
+    from flows.site import Site, site_file
+
+    return str(Site.load(site_file(hospital_pool(name))).parameters["data_dir"])
+
+
+def cmd_hospital_monitor(args: argparse.Namespace) -> int:
+    from medvec.data.images import DataError, DataSpec
+    from medvec.hospital.local import LocalData
+    from medvec.hospital.monitor import compare, log_report, profile, report_text
+    from medvec.hospital.predict import load_registered, open_source, set_source
+    from medvec.runtime import pick_device, set_threads
+
+    p = _params(args)
+    set_threads(p.finetune.threads)
+    spec, device = DataSpec.of(p), pick_device(args.device)
+    reference = args.reference or _joined_data(args.name)
+    val = LocalData.load(reference, spec, p.split.local_val_fraction, p.split.seed).val
+    if val is None:
+        raise DataError(f"{reference}: no validation split to compare with (give --reference)")
+    model = load_registered(_model_ref(args))
+    ref = profile(model, set_source(val), device, spec.max_bad_fraction, not args.no_progress, "reference")
+    new = profile(
+        model, open_source(args.data, args.split, spec), device, spec.max_bad_fraction, not args.no_progress, "new"
+    )
+    report = compare(args.name, f"{model.name}/{model.version}", ref, new)
+    print(report_text(report))
+    if not args.no_log:
+        run_id = log_report(report, Path(args.data).name)
+        print(f"logged to MLflow run {run_id} (experiment medvec-hospitals/{args.name}): PSI and bin counts only")
+    return 0
+
+
 def cmd_vectors_list(args: argparse.Namespace) -> int:
     from medvec.store import open_store, vector_rows
 
@@ -776,6 +811,18 @@ def _hospital_parser(sub) -> None:
     sc.add_argument("name")
     _schedule_options(sc, required=True)
     sc.set_defaults(func=cmd_hospital_schedule)
+    mo = _shared(hosub.add_parser("monitor", help="drift: the champion's scores and image statistics on new images"))
+    mo.add_argument("name")
+    mo.add_argument("--data", required=True, help="the new images: any source medvec predict reads")
+    mo.add_argument("--reference", default=None, help="data whose validation split is the reference (default: joined)")
+    mo.add_argument("--model", default=None, help="NAME@alias or NAME/version (default: the champion)")
+    mo.add_argument(
+        "--split", default=None, help="the split of --data to read (default: test where there is one, else all)"
+    )
+    mo.add_argument("--device", default="auto")
+    mo.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+    mo.add_argument("--no-progress", action="store_true")
+    mo.set_defaults(func=cmd_hospital_monitor)
     hr = _shared(hosub.add_parser("report", help="its vectors, the merges they went into and its contribution to each"))
     hr.add_argument("name")
     hr.add_argument("--store", default=None, help="store URL (default: params store.url)")

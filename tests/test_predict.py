@@ -211,3 +211,58 @@ def test_predict_names_what_is_missing(registered, tmp_path, capsys):
     assert f"{tmp_path / 'absent'}: no such file or folder" in capsys.readouterr().err
     assert predict_cli("medvec-predict", "--data", str(BREAST), "--split", "holdout") == 2
     assert "no split 'holdout'" in capsys.readouterr().err
+
+
+def test_psi_is_the_population_stability_index_over_the_reference_quantile_bins():
+    from medvec.hospital.monitor import psi, verdict
+
+    reference = np.arange(10.0)  # one value per decile bin: p = 0.1 each
+    value, edges, ref_counts, new_counts = psi(reference, reference)
+    assert value == 0.0 and ref_counts == new_counts == [1] * 10
+    np.testing.assert_allclose(edges, np.arange(1, 10) * 0.9)
+    value, _, _, new_counts = psi(reference, np.zeros(10))  # everything in the first bin; empty bins count 1e-4
+    assert new_counts == [10] + [0] * 9
+    assert value == pytest.approx(0.9 * np.log(1 / 0.1) + 9 * (1e-4 - 0.1) * np.log(1e-4 / 0.1), rel=1e-12)
+    assert [verdict(v) for v in (0.05, 0.1, 0.2, 0.25, 3.0)] == [
+        "stable",
+        "moderate shift",
+        "moderate shift",
+        "drift",
+        "drift",
+    ]
+
+
+def test_hospital_monitor_reads_inverted_images_as_drift_and_logs_only_aggregates(registered, tmp_path, capsys):
+    import mlflow
+
+    from flows.cli import main
+
+    test = load_split(BREAST, "test")
+    np.savez(tmp_path / "same.npz", test_images=test.images, test_labels=test.labels)
+    np.savez(tmp_path / "inverted.npz", test_images=255 - test.images, test_labels=test.labels)  # MONOCHROME1 read raw
+    args = [
+        "hospital",
+        "monitor",
+        "h1",
+        "--reference",
+        str(BREAST),
+        "--model",
+        "medvec-predict@champion",
+        "--no-progress",
+    ]
+    assert main([*args, "--data", str(tmp_path / "same.npz")]) == 0
+    same = capsys.readouterr().out
+    assert "h1: 156 new image(s) against 78 reference image(s), model medvec-predict/" in same
+    assert re.search(r"mean intensity +0\.\d{3}  stable", same) and "logged to MLflow run" in same
+    assert main([*args, "--data", str(tmp_path / "inverted.npz")]) == 0
+    inverted = capsys.readouterr().out
+    assert re.search(r"mean intensity +\d+\.\d{3}  drift", inverted), inverted
+    assert "most moved: mean intensity" in inverted or "most moved: score" in inverted
+    run_id = re.search(r"logged to MLflow run (\w+)", inverted).group(1)
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["medvec.kind"] == "monitor" and run.data.tags["medvec.monitored"] == "inverted.npz"
+    assert run.data.metrics["psi.mean_intensity"] > 0.25 and run.data.metrics["n_new"] == 156
+    drift = mlflow.artifacts.load_dict(f"runs:/{run_id}/drift.json")
+    for f in drift["features"]:  # bins and counts only: nothing per image
+        assert len(f["reference_counts"]) == len(f["new_counts"]) == len(f["edges"]) + 1 <= 10
+        assert sum(f["new_counts"]) == 156 and sum(f["reference_counts"]) == 78

@@ -28,6 +28,7 @@ from medvec.data.images import (
     DataSpec,
     DataWarning,
     Decoded,
+    ImageSet,
     decode_files,
     failed_share,
     too_many_failed,
@@ -142,8 +143,7 @@ def open_source(path: str | Path, split: str | None, spec: DataSpec, chunk: int 
     chosen = split or ("test" if has_split(path, "test") else None)
     npz = _npz_path(path)
     if npz is not None:
-        data = spec.check(load_npz(npz, chosen or "test", spec.classes), path)
-        return Source(len(data), data.classes, _array_chunks(data.images, data.labels, chunk), "index")
+        return set_source(spec.check(load_npz(npz, chosen or "test", spec.classes), path), chunk)
     if is_manifest(path):
         parts = [manifest_listing(path, one, spec) for one in ([chosen] if chosen else sorted(manifest_splits(path)))]
         files = [f for part in parts for f in part.files]
@@ -157,6 +157,11 @@ def open_source(path: str | Path, split: str | None, spec: DataSpec, chunk: int 
     if not files:
         raise DataError(f"{path}: no PNG, JPEG or DICOM files")
     return _listing_source(files, None, list(spec.classes or []), chunk)
+
+
+def set_source(data: ImageSet, chunk: int = CHUNK) -> Source:
+    """A split already in memory (a hospital's local validation split) as a :class:`Source`."""
+    return Source(len(data), data.classes, _array_chunks(data.images, data.labels, chunk), "index")
 
 
 def _listing_source(files: list[Path], labels: np.ndarray | None, classes: list[str], chunk: int) -> Source:
