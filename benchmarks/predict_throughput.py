@@ -10,7 +10,7 @@ Both loops score PneumoniaMNIST's test images (624, 28 × 28) on the same thread
   the same preprocessing and forward pass with nothing around them.
 
 They alternate ``--repeats`` times; the headline ``ratio`` is medvec's median images per second over the bare
-loop's (the goal: ≥ 0.9). ``medvec predict`` as a command (process start, MLflow, loading the model) is timed
+loop's (the goal: ≥ 0.9), and ``paired_ratio_median`` the median of each repeat's ratio. ``medvec predict`` as a command (process start, MLflow, loading the model) is timed
 once, end to end. Then ``mlflow models serve`` (``--env-manager local``) serves the registered model and the
 median latency of ``--requests`` requests of one raw 28 × 28 image (``pixels``) is measured from this process.
 
@@ -178,12 +178,14 @@ def main() -> None:
         speed[row["loop"]].append(row["images_per_s"])
     med = {k: statistics.median(v) for k, v in speed.items()}
     ratio = med["medvec predict"] / med["bare"]
+    paired = statistics.median(m / b for m, b in zip(speed["medvec predict"], speed["bare"], strict=True))
     command = command_seconds(ref, home / "cli.csv", args.threads)
     latencies, startup = served_latencies(ref, home, images[0], args.requests, args.threads)
     served = statistics.median(latencies)
     p90 = float(np.percentile(latencies, 90))
     headline = {
         "ratio": round(ratio, 3),
+        "paired_ratio_median": round(paired, 3),
         "goal_ratio": 0.9,
         "met": ratio >= 0.9,
         "medvec_images_per_s": round(med["medvec predict"], 1),
@@ -207,7 +209,8 @@ def main() -> None:
     summary = [
         {"what": "medvec predict (median images/s)", "value": f"{med['medvec predict']:.1f}"},
         {"what": "bare loop (median images/s)", "value": f"{med['bare']:.1f}"},
-        {"what": "ratio (goal ≥ 0.9)", "value": f"{ratio:.3f}"},
+        {"what": "ratio of the medians (goal ≥ 0.9)", "value": f"{ratio:.3f}"},
+        {"what": "median of the per-repeat ratios", "value": f"{paired:.3f}"},
         {"what": f"`medvec predict` command, {len(images)} images, end to end (s)", "value": f"{command:.2f}"},
         {"what": "served: one 28 × 28 image, median latency (ms)", "value": f"{served:.1f}"},
         {"what": "served: 90th percentile (ms)", "value": f"{p90:.1f}"},

@@ -81,6 +81,9 @@ def pixels_to_uint8(value: Any) -> np.ndarray:
 
 def images_to_batch(images: list[np.ndarray], spec: ModelSpec) -> torch.Tensor:
     """uint8 images of any sizes and channels → one model-ready batch, in order (same-shaped ones together)."""
+    flat = [im[..., 0] if im.ndim == 3 and im.shape[2] == 1 else im for im in images]
+    if len({im.shape for im in flat}) == 1:  # the common case: one stack, no copies beyond to_tensor's
+        return to_tensor(np.stack(flat), spec)
     out = torch.empty((len(images), spec.in_chans, spec.image_size, spec.image_size))
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
