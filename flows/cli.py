@@ -899,6 +899,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``medvec`` command; errors a user can fix end in one line and exit status 2."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # medvec prints what it read instead
     warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     _demo_prefect_home(args)

@@ -350,9 +350,9 @@ def test_medvec_card_is_the_champion_description_and_its_figures_are_the_merge_r
     assert f"AUC {record.val['auc']:.4f}" in card and f"AUC {record.test['auc']:.4f}" in card
     op = record.operating_point
     assert (
-        f"(threshold {op['threshold']:.4f}): sensitivity {op['sensitivity']:.4f}, specificity {op['specificity']:.4f}"
+        f"(threshold {op['threshold']:.6g}): sensitivity {op['sensitivity']:.4f}, specificity {op['specificity']:.4f}"
         in card
     )
-    assert f"`p_1` ≥ {op['threshold']:.4f}" in card and "trained without DP" in card
+    assert f"`p_1` ≥ {op['threshold']:.6g}" in card and "trained without DP" in card
     assert f"{record.method}, λ = {record.lam:g}, batch norm {record.bn_strategy}" in card
     assert "resized to 28 × 28" in card or "resized to 64 × 64" in card

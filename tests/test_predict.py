@@ -230,6 +230,10 @@ def test_psi_is_the_population_stability_index_over_the_reference_quantile_bins(
         "drift",
         "drift",
     ]
+    from medvec.hospital.monitor import bins_for, noise_floor
+
+    assert [bins_for(n) for n in (5, 24, 78, 100, 5000)] == [2, 2, 7, 10, 10]
+    assert noise_floor(10, 24, 624) == pytest.approx(9 * (1 / 24 + 1 / 624))  # ≈ 0.39: two samples of one population
 
 
 def test_hospital_monitor_reads_inverted_images_as_drift_and_logs_only_aggregates(registered, tmp_path, capsys):
@@ -253,10 +257,10 @@ def test_hospital_monitor_reads_inverted_images_as_drift_and_logs_only_aggregate
     assert main([*args, "--data", str(tmp_path / "same.npz")]) == 0
     same = capsys.readouterr().out
     assert "h1: 156 new image(s) against 78 reference image(s), model medvec-predict/" in same
-    assert re.search(r"mean intensity +0\.\d{3}  stable", same) and "logged to MLflow run" in same
+    assert re.search(r"mean intensity +0\.\d{3} +0\.\d{3}  stable", same) and "logged to MLflow run" in same
     assert main([*args, "--data", str(tmp_path / "inverted.npz")]) == 0
     inverted = capsys.readouterr().out
-    assert re.search(r"mean intensity +\d+\.\d{3}  drift", inverted), inverted
+    assert re.search(r"mean intensity +\d+\.\d{3} +0\.\d{3}  drift", inverted), inverted
     assert "most moved: mean intensity" in inverted or "most moved: score" in inverted
     run_id = re.search(r"logged to MLflow run (\w+)", inverted).group(1)
     run = mlflow.get_run(run_id)
@@ -264,5 +268,5 @@ def test_hospital_monitor_reads_inverted_images_as_drift_and_logs_only_aggregate
     assert run.data.metrics["psi.mean_intensity"] > 0.25 and run.data.metrics["n_new"] == 156
     drift = mlflow.artifacts.load_dict(f"runs:/{run_id}/drift.json")
     for f in drift["features"]:  # bins and counts only: nothing per image
-        assert len(f["reference_counts"]) == len(f["new_counts"]) == len(f["edges"]) + 1 <= 10
+        assert len(f["reference_counts"]) == len(f["new_counts"]) == len(f["edges"]) + 1 <= 7  # 78 images: 7 bins
         assert sum(f["new_counts"]) == 156 and sum(f["reference_counts"]) == 78

@@ -73,7 +73,7 @@ def _intended_use(record: MergeRecord, reg: Registration) -> list[str]:
     if reg.task == "multilabel":
         rule = "each label is present when its own sigmoid probability `p_c` ≥ 0.5"
     elif threshold is not None and len(classes) == 2:
-        rule = f"the label is 1 when `p_1` ≥ {threshold:.4f}, the operating point chosen on validation"
+        rule = f"the label is 1 when `p_1` ≥ {threshold:.6g}, the operating point chosen on validation"
     else:
         rule = "the label is the most probable class"
     return [
@@ -131,7 +131,7 @@ def _validation(record: MergeRecord) -> list[str]:
     lines = [f"On {where}: {_metrics_line(record.val) or 'no metrics'}."]
     threshold = record.operating_point.get("threshold")
     if threshold is not None:
-        lines.append(f"Operating point: threshold {threshold:.4f} on `p_1` ({record.params.evaluate.threshold} rule).")
+        lines.append(f"Operating point: threshold {threshold:.6g} on `p_1` ({record.params.evaluate.threshold} rule).")
     merged = ev.matrix.get("merged", {})
     if merged and not record.params.contribution.share:
         lines.append(f"Scored at {len(merged)} sites; per-site figures are not shown (`contribution.share` is off).")
@@ -149,7 +149,7 @@ def _test_section(record: MergeRecord) -> list[str]:
     op = record.operating_point
     if "sensitivity" in op:
         lines.append(
-            f"At the operating point (threshold {op['threshold']:.4f}): sensitivity {_num(op['sensitivity'])},"
+            f"At the operating point (threshold {op['threshold']:.6g}): sensitivity {_num(op['sensitivity'])},"
             f" specificity {_num(op.get('specificity'))}."
         )
     return lines
