@@ -149,8 +149,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
     from medvec.data.sources import load_npz
-    from medvec.hospital.predict import load_registered
     from medvec.runtime import set_threads
+    from medvec.tracking.registered import load_registered
 
     set_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="bench-predict-"))

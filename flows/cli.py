@@ -430,9 +430,11 @@ def _joined_data(name: str) -> str:
 def cmd_hospital_monitor(args: argparse.Namespace) -> int:
     from medvec.data.images import DataError, DataSpec
     from medvec.hospital.local import LocalData
-    from medvec.hospital.monitor import compare, log_report, profile, report_text
-    from medvec.hospital.predict import load_registered, open_source, set_source
+    from medvec.hospital.monitor import compare, profile, report_text
+    from medvec.hospital.predict import open_source, set_source
     from medvec.runtime import pick_device, set_threads
+    from medvec.tracking.registered import load_registered
+    from medvec.tracking.runs import log_monitor
 
     p = _params(args)
     set_threads(p.finetune.threads)
@@ -449,7 +451,7 @@ def cmd_hospital_monitor(args: argparse.Namespace) -> int:
     report = compare(args.name, f"{model.name}/{model.version}", ref, new)
     print(report_text(report))
     if not args.no_log:
-        run_id = log_report(report, Path(args.data).name)
+        run_id = log_monitor(report, Path(args.data).name)
         print(f"logged to MLflow run {run_id} (experiment medvec-hospitals/{args.name}): PSI and bin counts only")
     return 0
 
@@ -506,8 +508,9 @@ def _model_ref(args: argparse.Namespace) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from medvec.data.images import DataSpec
-    from medvec.hospital.predict import load_registered, open_source, predict_source
+    from medvec.hospital.predict import open_source, predict_source
     from medvec.runtime import pick_device, set_threads
+    from medvec.tracking.registered import load_registered
 
     p = _params(args)
     set_threads(p.finetune.threads)
@@ -525,7 +528,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         line = f"auc {m['auc']:.4f}  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
         if "op" in m:
             op = m["op"]
-            line += f"  at threshold {op['threshold']:.4f}: sensitivity {op['sensitivity']:.4f}"
+            line += f"  at threshold {op['threshold']:.6g}: sensitivity {op['sensitivity']:.4f}"
             line += f" specificity {op['specificity']:.4f}"
         print(f"{line}  ({m['n']} labelled) -> {out.metrics_path}")
     return 0

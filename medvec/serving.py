@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,23 @@ from medvec.models import ModelSpec
 from medvec.preprocess import to_tensor
 
 COLUMNS = ("image", "pixels", "tensor")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered model version, ready to score: weights, input spec, task and operating point."""
+
+    name: str
+    version: str
+    model: torch.nn.Module
+    spec: ModelSpec
+    task: str
+    threshold: float | None
+
+    @property
+    def uri(self) -> str:
+        """The version's ``models:/NAME/VERSION`` URI."""
+        return f"models:/{self.name}/{self.version}"
 
 
 class InputError(UserError, ValueError):
@@ -126,8 +144,12 @@ def _row_image(row: int, column: str, value: Any) -> np.ndarray:
         data = base64.b64decode(value, validate=True) if isinstance(value, str) else value
     except (binascii.Error, ValueError):
         raise ValueError("'image' is not valid base64") from None
+    from PIL import UnidentifiedImageError
+
     try:
         return decode_image_bytes(data)
+    except UnidentifiedImageError:
+        raise ValueError("not a readable PNG, JPEG or DICOM file (an unknown image format)") from None
     except (OSError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise ValueError(f"not a readable PNG, JPEG or DICOM file ({first})") from None

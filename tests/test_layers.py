@@ -30,13 +30,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("medvec.data.",),
     ("medvec.models", "medvec.batchnorm", "medvec.runtime", "medvec.keys"),
     ("medvec.preprocess", "medvec.vectors."),
-    ("medvec.evaluate", "medvec.histograms"),
+    ("medvec.evaluate", "medvec.histograms", "medvec.serving"),
     ("medvec.record", "medvec.answers"),
     ("medvec.store",),
     ("medvec.hospital.", "medvec.coordinator."),
     ("medvec.demo.", "medvec.tracking."),
-    ("tasks.", "pipelines."),
-    ("flows.",),
+    ("tasks", "tasks.", "pipelines."),
+    ("flows", "flows."),
 )
 SIDES = ("medvec.hospital", "medvec.coordinator")
 

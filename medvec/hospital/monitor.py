@@ -14,7 +14,7 @@ reading is of the PSI above that noise floor. The features are the model's score
 model, P(positive)) and two image statistics, each image's mean intensity and its contrast (the standard
 deviation of its pixels), on the uint8 pixels as decoded. The usual reading: PSI < 0.1 stable, 0.1–0.25 a
 moderate shift, > 0.25 drift. Per-image values stay in memory; only the bin edges, the bin counts and the PSI
-leave this module (to the hospital's own MLflow experiment).
+leave this module (:func:`medvec.tracking.runs.log_monitor` logs them to the hospital's own MLflow experiment).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from medvec.hospital.predict import CHUNK, Registered, Source, check_unreadable, score
+from medvec.hospital.predict import CHUNK, Source, check_unreadable, score
+from medvec.serving import Registered
 
 BINS = 10
 FLOOR = 1e-4  # the share an empty bin counts as
@@ -122,22 +123,6 @@ def compare(hospital: str, model: str, reference: dict[str, np.ndarray], new: di
         noise = noise_floor(len(edges) + 1, n_ref, n_new)
         features.append(Feature(name, value, noise, verdict(value - noise), edges, ref_counts, new_counts))
     return DriftReport(hospital, model, n_ref, n_new, features)
-
-
-def log_report(report: DriftReport, data_name: str) -> str:
-    """Log the report to the hospital's own MLflow experiment as a ``<hospital>-monitor`` run (PSI per feature as
-    metrics, the bins as ``drift.json``); returns the run id. No per-image value is logged."""
-    from medvec.tracking.server import connect, experiment_id, hospital_experiment
-
-    mlflow = connect()
-    with mlflow.start_run(
-        experiment_id=experiment_id(hospital_experiment(report.hospital)), run_name=f"{report.hospital}-monitor"
-    ) as run:
-        mlflow.set_tags({"medvec.kind": "monitor", "medvec.model": report.model, "medvec.monitored": data_name})
-        mlflow.log_metrics({"n_reference": report.n_reference, "n_new": report.n_new})
-        mlflow.log_metrics({f"psi.{f.name.replace(' ', '_')}": f.psi for f in report.features})
-        mlflow.log_dict(report.to_json(), "drift.json")
-        return run.info.run_id
 
 
 def report_text(report: DriftReport) -> str:

@@ -1,8 +1,8 @@
 """``medvec predict``: a registered model's output for a hospital's own images, one row per image.
 
-The model is read from the MLflow registry (``NAME@alias``, ``NAME/version``; the champion by default): its
-safetensors weights and spec, and the operating point in its model config, so the labels are the served
-model's. The images come from any source training reads (an ``.npz``, a hospital folder, an image-folder root,
+The model is a registered version (:class:`~medvec.serving.Registered`, read from MLflow by
+:func:`medvec.tracking.registered.load_registered`): its weights and spec, and the operating point in its
+model config, so the labels are the served model's. The images come from any source training reads (an ``.npz``, a hospital folder, an image-folder root,
 a CSV manifest) or from any folder of PNG, JPEG or DICOM files (unlabelled). They are decoded, preprocessed
 (:mod:`medvec.serving`, the pyfunc's own path) and scored a chunk at a time, so memory does not grow with the
 number of files. Unreadable files are skipped with a warning naming them, by training's rule
@@ -33,42 +33,9 @@ from medvec.data.images import (
     failed_share,
     too_many_failed,
 )
-from medvec.models import ModelSpec, load_base
-from medvec.serving import class_probabilities, images_to_batch, label_columns
+from medvec.serving import Registered, class_probabilities, images_to_batch, label_columns
 
 CHUNK = 256  # images decoded, preprocessed and scored at a time
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A registered model version, ready to score: weights, input spec, task and operating point."""
-
-    name: str
-    version: str
-    model: torch.nn.Module
-    spec: ModelSpec
-    task: str
-    threshold: float | None
-
-    @property
-    def uri(self) -> str:
-        """The version's ``models:/NAME/VERSION`` URI."""
-        return f"models:/{self.name}/{self.version}"
-
-
-def load_registered(ref: str) -> Registered:
-    """The registered version ``ref`` names (``NAME@alias`` or ``NAME/version``), read from the tracking server."""
-    import mlflow
-    from mlflow.models import Model
-
-    from medvec.tracking.lineage import resolve
-
-    mv = resolve(ref)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}"))
-    flavor = Model.load(str(local)).flavors["python_function"]
-    base = load_base(local / flavor["artifacts"]["weights"]["path"])
-    threshold = (flavor.get("config") or {}).get("threshold")
-    return Registered(mv.name, str(mv.version), base.model.eval(), base.spec, base.task, threshold)
 
 
 @dataclass

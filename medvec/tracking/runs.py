@@ -11,6 +11,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from medvec.evaluate import md_inert
 from medvec.hospital.finetune import Training
+from medvec.hospital.monitor import DriftReport
 from medvec.hospital.publish import Published
 from medvec.record import MergeRecord
 from medvec.timing import timed
@@ -223,3 +224,17 @@ def update_hospital_note(client, merge_exp: str, hospital_run: str) -> None:
     client.set_tag(
         hospital_run, NOTE, fit_note(_hospital_note(run.data.tags, run.data.metrics, merges), RUN_NOTE_LIMIT)
     )
+
+
+def log_monitor(report: DriftReport, data_name: str) -> str:
+    """Log the report to the hospital's own MLflow experiment as a ``<hospital>-monitor`` run (PSI per feature as
+    metrics, the bins as ``drift.json``); returns the run id. No per-image value is logged."""
+    mlflow = connect()
+    with mlflow.start_run(
+        experiment_id=experiment_id(hospital_experiment(report.hospital)), run_name=f"{report.hospital}-monitor"
+    ) as run:
+        mlflow.set_tags({"medvec.kind": "monitor", "medvec.model": report.model, "medvec.monitored": data_name})
+        mlflow.log_metrics({"n_reference": report.n_reference, "n_new": report.n_new})
+        mlflow.log_metrics({f"psi.{f.name.replace(' ', '_')}": f.psi for f in report.features})
+        mlflow.log_dict(report.to_json(), "drift.json")
+        return run.info.run_id
