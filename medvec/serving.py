@@ -144,13 +144,13 @@ def _row_image(row: int, column: str, value: Any) -> np.ndarray:
         data = base64.b64decode(value, validate=True) if isinstance(value, str) else value
     except (binascii.Error, ValueError):
         raise ValueError("'image' is not valid base64") from None
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         return decode_image_bytes(data)
     except UnidentifiedImageError:
         raise ValueError("not a readable PNG, JPEG or DICOM file (an unknown image format)") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # truncated, corrupt, too many pixels
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise ValueError(f"not a readable PNG, JPEG or DICOM file ({first})") from None
 
