@@ -451,3 +451,85 @@ def test_data_export_writes_a_manifest_the_check_reads(tmp_path):
     assert {s: v["read"] for s, v in report["splits"].items()} == {"train": 546, "val": 78, "test": 156}
     assert report["kinds"] == {"DICOM OT": 780}
     assert report["classes"] == ["malignant", "normal, benign"]
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def test_one_group_per_image_draws_exactly_the_images_the_rule_without_groups_draws():
+    for n, fraction, seed in [(60, 0.2, 3), (101, 0.1, 0), (7, 0.5, 2)]:
+        plain = draw_local_val(n, fraction, seed)
+        grouped = draw_local_val(n, fraction, seed, np.arange(n).astype(str))
+        for a, b in zip(plain, grouped, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def patient_rows(small, folder: Path, fmt: str) -> list[dict]:
+    """60 training images as 20 patients of 3 images each (ids p0..p19), as PNG with a patient column or as
+    DICOM files carrying PatientID (no column)."""
+    from PIL import Image
+
+    from medvec.data.dicom import write_dicom
+
+    train, rows = small["train"], []
+    for i in range(60):
+        patient = f"p{i // 3}"
+        name = f"{i}.png" if fmt == "png" else f"{i}.dcm"
+        if fmt == "png":
+            Image.fromarray(train.images[i]).save(folder / name)
+        else:
+            write_dicom(folder / name, train.images[i], patient={"PatientID": patient})
+        rows.append({"path": name, "label": train.classes[train.labels[i]], "patient": patient})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["png", "dicom"])
+def test_a_drawn_local_validation_split_never_puts_a_patient_on_both_sides(small, tmp_path, fmt):
+    from medvec.hospital.local import LocalData
+
+    rows = patient_rows(small, tmp_path, fmt)
+    fields = ("path", "label", "patient") if fmt == "png" else ("path", "label")  # DICOM: PatientID says
+    path = write_csv(tmp_path / "m.csv", rows, fields)
+    local = LocalData.load(path, local_val_fraction=0.2, seed=3)
+    assert local.train.patients is not None and local.val.patients is not None
+    train_patients, val_patients = set(local.train.patients), set(local.val.patients)
+    assert not train_patients & val_patients and len(train_patients | val_patients) == 20
+    assert len(local.val) == 12 and len(val_patients) == 4  # 20 % of 60 images: 4 whole patients
+    by_pixels = {local.val.images[i].tobytes(): p for i, p in enumerate(local.val.patients)}
+    for i in range(60):  # each image kept its own patient
+        if small["train"].images[i].tobytes() in by_pixels:
+            assert by_pixels[small["train"].images[i].tobytes()] == f"p{i // 3}"
+
+
+def test_the_simulated_hospitals_keep_each_patient_in_one_hospital_and_one_split(small, tmp_path):
+    from medvec.data.split import write_hospital_shards
+
+    rows = patient_rows(small, tmp_path, "png")
+    path = write_csv(tmp_path / "m.csv", rows, ("path", "label", "patient"))
+    patient_of = {small["train"].images[i].tobytes(): f"p{i // 3}" for i in range(60)}
+    write_hospital_shards(path, tmp_path / "h", hospitals=2, alpha=1.0, seed=0, local_val_fraction=0.2, min_samples=4)
+    seen: dict[str, str] = {}
+    for h in ("h1", "h2"):
+        for split in ("train", "val"):
+            for im in load_npz(tmp_path / "h" / h / "data.npz", split).images:
+                where = seen.setdefault(patient_of[im.tobytes()], f"{h}/{split}")
+                assert where == f"{h}/{split}", "a patient's images in two places"
+    assert len(seen) == 20 and any(w.endswith("/val") for w in seen.values())
+
+
+def test_hospital_check_counts_patients_and_notes_one_on_both_sides_of_explicit_splits(small, tmp_path):
+    from medvec.hospital.datacheck import check_data
+
+    rows = patient_rows(small, tmp_path, "png")
+    for r, split in zip(rows, ["train"] * 45 + ["val"] * 15, strict=True):
+        r["split"] = split
+    rows[44]["split"] = "val"  # p14's third image in val, its first two in train
+    path = write_csv(tmp_path / "m.csv", rows, ("path", "label", "split", "patient"))
+    report = check_data(path, PNEUMONIA_CLASSES)
+    text = report.text()
+    assert (
+        "train: 44 found, 44 read, 0 failed, 15 patients" in text
+        and "val: 16 found, 16 read, 0 failed, 6 patients" in text
+    )
+    assert "note: 1 patient(s) have images in both train and val: val results would overstate accuracy" in text
+    assert "p14" not in text  # counts, never an identifier

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -201,14 +201,22 @@ def read_dicom(path: Source) -> np.ndarray:
 
     Every failure is a :class:`DicomReadError` with a short reason, so a caller skips the file and goes on.
     """
-    return read_dicom_image(path)[0]
+    return read_dicom_file(path).pixels
 
 
-def read_dicom_image(path: Source) -> tuple[np.ndarray, str]:
-    """:func:`read_dicom`'s pixels and the file's Modality (``unknown`` when absent), from one read of the file."""
+class DicomImage(NamedTuple):
+    """What one read of a DICOM file gives: uint8 pixels, its Modality and its PatientID ("" when absent)."""
+
+    pixels: np.ndarray
+    modality: str
+    patient: str
+
+
+def read_dicom_file(path: Source) -> DicomImage:
+    """:func:`read_dicom`'s pixels, the file's Modality (``unknown`` when absent) and PatientID, from one read."""
     try:
         ds = _dcmread(path)
-        return _pixels(ds), str(ds.get("Modality") or "unknown")
+        return DicomImage(_pixels(ds), str(ds.get("Modality") or "unknown"), str(ds.get("PatientID") or "").strip())
     except DicomReadError:
         raise
     except Exception as exc:  # malformed LUTs, odd tag values: pydicom raises many types

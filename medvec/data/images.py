@@ -86,6 +86,9 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray
     classes: list[str] = field(default_factory=list)
+    # the patient of each image, where the source says (a manifest's patient column, DICOM PatientID); None: one
+    # patient per image. It stays at the hospital: splits keep a patient on one side, and nothing logs it.
+    patients: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -102,6 +105,10 @@ class ImageSet:
             self.classes = [str(i) for i in range(n)]
         if self.multilabel and self.labels.shape[1] != len(self.classes):
             raise DataError(f"{self.labels.shape[1]} label columns but {len(self.classes)} class names")
+        if self.patients is not None:
+            self.patients = np.asarray(self.patients, dtype=str)
+            if len(self.patients) != len(self.labels):
+                raise DataError(f"{len(self.labels)} images but {len(self.patients)} patient ids")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -144,32 +151,47 @@ class ImageSet:
 
     def subset(self, index: np.ndarray) -> "ImageSet":
         """The images and labels at ``index`` (indices or a boolean mask), with the same class names."""
-        return ImageSet(self.images[index], self.labels[index], list(self.classes))
+        patients = self.patients[index] if self.patients is not None else None
+        return ImageSet(self.images[index], self.labels[index], list(self.classes), patients)
+
+    def groups(self) -> np.ndarray:
+        """One group per image for splitting: its patient where known, else the image itself (its own group)."""
+        if self.patients is None:
+            return np.arange(len(self)).astype(str)
+        own = np.char.add("image:", np.arange(len(self)).astype(str))
+        return np.where(self.patients == "", own, np.char.add("patient:", self.patients))
 
     @staticmethod
     def concat(sets: list["ImageSet"]) -> "ImageSet":
         """The sets one after another, with the longest class list among them (the others are not compared with it)."""
         classes = max((s.classes for s in sets), key=len)
+        known = any(s.patients is not None for s in sets)
+        patients = (
+            np.concatenate([s.patients if s.patients is not None else np.full(len(s), "") for s in sets])
+            if known
+            else None
+        )
         return ImageSet(
-            np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes)
+            np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes), patients
         )
 
 
-def _read_image(path: Path) -> tuple[Image.Image, str]:
-    """The decoded image at ``path`` and its kind (``PNG``, ``JPEG``, ``DICOM CT``...), detected by content.
+def _read_image(path: Path) -> tuple[Image.Image, str, str]:
+    """The decoded image at ``path``, its kind (``PNG``, ``JPEG``, ``DICOM CT``...), detected by content, and its
+    patient (DICOM PatientID; "" when the file does not say).
 
     Raises OSError or ValueError when it is not a readable image.
     """
     from PIL import Image
 
-    from medvec.data.dicom import is_dicom, read_dicom_image
+    from medvec.data.dicom import is_dicom, read_dicom_file
 
     if is_dicom(path):
-        pixels, modality = read_dicom_image(path)
-        return Image.fromarray(pixels), f"DICOM {modality}"
+        found = read_dicom_file(path)
+        return Image.fromarray(found.pixels), f"DICOM {found.modality}", found.patient
     with Image.open(path) as im:
         im.load()
-        return im, im.format or "image"
+        return im, im.format or "image", ""
 
 
 @dataclass
@@ -180,6 +202,7 @@ class Decoded:
     kept: list[int] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)  # each kept image's DICOM PatientID ("" when none)
 
 
 def decode_files(files: list[Path]) -> Decoded:
@@ -189,13 +212,14 @@ def decode_files(files: list[Path]) -> Decoded:
     out = Decoded()
     for i, f in enumerate(files):
         try:
-            image, kind = _read_image(f)
+            image, kind, patient = _read_image(f)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
             out.failed.append((f, str(exc) or type(exc).__name__))
             continue
         out.images.append(image)
         out.kept.append(i)
         out.kinds.append(kind)
+        out.patients.append(patient)
     return out
 
 
@@ -229,10 +253,15 @@ class Listing:
     files: list[Path]
     labels: np.ndarray
     classes: list[str]
+    patients: list[str] | None = None  # a manifest's patient column ("" where a row leaves it empty)
 
     def assemble(self, decoded: Decoded) -> ImageSet:
-        """The :class:`ImageSet` of the files that decoded."""
-        return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes)
+        """The :class:`ImageSet` of the files that decoded, each with its patient: the listing's, else the file's
+        DICOM PatientID; None when no image names one."""
+        given = [self.patients[i] for i in decoded.kept] if self.patients is not None else [""] * len(decoded.kept)
+        patients = [p or own for p, own in zip(given, decoded.patients, strict=True)]
+        known = np.asarray(patients) if any(patients) else None
+        return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes, known)
 
     def load(self, max_bad_fraction: float, where: Path) -> ImageSet:
         """Decode the files, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""

@@ -5,7 +5,10 @@ Columns (extra ones are ignored):
 * ``path``: the image, relative to the manifest's folder (or absolute); PNG, JPEG or DICOM, told apart by content;
 * ``label``: a class name; for a multi-label task, names joined by ``|`` (empty: no finding);
 * ``split`` (optional): ``train``, ``val`` or ``test``.  Without it every row is ``train``, and a hospital's
-  local validation split is drawn by :func:`medvec.data.split.draw_local_val`.
+  local validation split is drawn by :func:`medvec.data.split.draw_local_val`;
+* ``patient`` (optional): who the image is of. Every split medvec draws keeps a patient's images on one side;
+  without the column (or with an empty cell) a DICOM file's PatientID says, and otherwise each image is its own
+  patient. Patient identifiers stay at the hospital: nothing logs or publishes them.
 
 Class names map to indices through ``model.classes`` when it is set, else through the sorted distinct names of the
 whole manifest; vectors record the list's hash and intake refuses a different one.
@@ -32,6 +35,7 @@ class Row:
     path: Path
     names: tuple[str, ...]
     split: str
+    patient: str = ""
 
 
 def read_manifest(path: str | Path) -> list[tuple[int, dict[str, str]]]:
@@ -93,6 +97,7 @@ def manifest_rows(path: str | Path, task: str = "multiclass") -> list[Row]:
                 file if file.is_absolute() else path.parent / file,
                 _names(rec["label"], task, where),
                 _split(rec, where),
+                rec.get("patient", ""),
             )
         )
     return rows
@@ -148,4 +153,5 @@ def manifest_listing(path: str | Path, split: str, spec: DataSpec | None = None)
     chosen = [r for r in rows if r.split == split]
     if not chosen:
         raise DataError(f"{path}: no rows in split {split!r} (has {', '.join(sorted({r.split for r in rows}))})")
-    return Listing([r.path for r in chosen], encode(chosen, classes, task), classes)
+    patients = [r.patient for r in chosen] if any(r.patient for r in rows) else None
+    return Listing([r.path for r in chosen], encode(chosen, classes, task), classes, patients)

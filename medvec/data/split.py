@@ -13,18 +13,44 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medvec.config import hospital_names
-from medvec.data.images import DataError, DataSpec
+from medvec.data.images import DataError, DataSpec, ImageSet
 from medvec.data.sources import load_split
 
 if TYPE_CHECKING:
     pass
 
 
-def draw_local_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The seeded rule that holds out a hospital's local validation split: (train indices, val indices), sorted."""
-    idx = np.random.default_rng(seed + 1).permutation(n)
-    n_val = round(n * fraction)
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+def draw_local_val(
+    n: int, fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded rule that holds out a hospital's local validation split: (train indices, val indices), sorted.
+
+    With ``groups`` (one per image: its patient, :meth:`~medvec.data.images.ImageSet.groups`), whole groups are
+    held out, in a seeded order, until the split is as close to ``fraction`` of the images as whole groups allow:
+    no patient is on both sides. One group per image draws exactly the images the rule without groups draws.
+    """
+    rng = np.random.default_rng(seed + 1)
+    if groups is None:
+        idx = rng.permutation(n)
+        n_val = round(n * fraction)
+        return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+    return hold_out_groups(np.asarray(groups), round(n * fraction), rng)
+
+
+def hold_out_groups(groups: np.ndarray, target: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held) image indices, sorted: whole groups held out in ``rng``'s order until as close to ``target``
+    images as whole groups allow."""
+    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(names))  # groups numbered by first appearance
+    group = rank[inverse.reshape(-1)]
+    order = rng.permutation(len(names))
+    reached = np.cumsum(np.bincount(group, minlength=len(names))[order])
+    take = int(np.argmin(np.abs(reached - target))) + 1 if target > 0 else 0
+    held_groups = np.zeros(len(names), dtype=bool)
+    held_groups[order[:take]] = True
+    held = held_groups[group]
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def split_indices(
@@ -73,6 +99,18 @@ def split_indices(
     raise DataError(f"no {scheme} split (alpha={alpha}) gave every hospital {min_samples} samples in {max_tries} draws")
 
 
+def _hospital_parts(
+    train: ImageSet, hospitals: int, scheme: str, alpha: float, seed: int, min_samples: int
+) -> list[np.ndarray]:
+    """Each simulated hospital's image indices, sorted: by image, or where patients are known by patient (each
+    patient's images to one hospital, the patient's first image's class standing for it in the label skew)."""
+    if train.patients is None:
+        return split_indices(train.strata(), hospitals, scheme, alpha, seed, min_samples)
+    _, first, inverse = np.unique(train.groups(), return_index=True, return_inverse=True)
+    parts = split_indices(train.strata()[first], hospitals, scheme, alpha, seed, min_samples)
+    return [np.flatnonzero(np.isin(inverse.reshape(-1), part)) for part in parts]
+
+
 def write_hospital_shards(
     source: str | Path,
     out_dir: str | Path,
@@ -91,7 +129,7 @@ def write_hospital_shards(
     hold-out) and ``meta.json`` with counts.  Returns the split summary.
     """
     train = load_split(source, "train", spec)
-    parts = split_indices(train.strata(), hospitals, scheme, alpha, seed, min_samples)
+    parts = _hospital_parts(train, hospitals, scheme, alpha, seed, min_samples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 1)  # one stream for all hospitals; draw_local_val is its first draw
@@ -105,9 +143,13 @@ def write_hospital_shards(
         "hospitals": shares,
     }
     for name, idx in zip(names or hospital_names(hospitals), parts, strict=True):
-        idx = rng.permutation(idx)
-        n_val = round(len(idx) * local_val_fraction)
-        tr, va = train.subset(np.sort(idx[n_val:])), train.subset(np.sort(idx[:n_val]))
+        if train.patients is None:
+            idx = rng.permutation(idx)
+            n_val = round(len(idx) * local_val_fraction)
+            tr, va = train.subset(np.sort(idx[n_val:])), train.subset(np.sort(idx[:n_val]))
+        else:  # whole patients to the local validation split
+            keep, held = hold_out_groups(train.groups()[idx], round(len(idx) * local_val_fraction), rng)
+            tr, va = train.subset(idx[keep]), train.subset(idx[held])
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "data.tmp.npz"

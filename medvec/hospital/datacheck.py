@@ -38,6 +38,7 @@ class SplitReport:
     read: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     label_counts: dict[str, int] = field(default_factory=dict)
+    patients: int | None = None  # distinct patients, where the source names them (a count; no identifier)
 
 
 @dataclass
@@ -156,6 +157,9 @@ def check_data(
     report.classes, report.task = list(train.classes), train.task
     for split, data in sets.items():
         report.splits[split].label_counts = dict(zip(data.classes, data.label_counts(), strict=True))
+        if data.patients is not None:
+            report.splits[split].patients = len(set(data.groups()))
+    _patient_overlaps(report, sets)
     local = LocalData.of_splits(train, sets.get("val"), is_manifest(path), local_val_fraction, seed)
     report.local_val = _local_val_note(local, "val" in sets)
     report.published = published_data_fields(local.train) | {"num_classes": len(local.train.classes)}
@@ -193,10 +197,26 @@ def _read_splits(path: Path, spec: DataSpec, report: DataReport) -> tuple[dict[s
     return sets, hashes
 
 
+def _patient_overlaps(report: DataReport, sets: dict[str, ImageSet]) -> None:
+    """A note for each pair of the source's splits that share a patient: validation or test would overstate."""
+    named = {split: set(data.groups()) for split, data in sets.items() if data.patients is not None}
+    splits = list(named)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            shared = len(named[a] & named[b])
+            if shared:
+                report.notes.append(
+                    f"{shared} patient(s) have images in both {a} and {b}: {b} results would overstate accuracy;"
+                    " put each patient in one split"
+                )
+
+
 def _local_val_note(local, from_source: bool) -> str:
     if local.val is None:
         return "none (no val split)"
     how = "the source's val split" if from_source else "drawn from train by the seeded rule (split.local_val_fraction)"
+    if not from_source and local.val.patients is not None:
+        how += f", whole patients ({len(set(local.val.groups()))})"
     return f"{len(local.val)} images: {how}"
 
 
@@ -215,8 +235,10 @@ def _lines(r: DataReport) -> list[str]:
         out.append(f"classes ({len(r.classes)}, in label order): {', '.join(map(repr, r.classes))}")
     for split, s in r.splits.items():
         counts = ", ".join(f"{c!r}: {n}" for c, n in s.label_counts.items())
+        patients = f", {s.patients} patients" if s.patients is not None else ""
         out.append(
-            f"{split}: {s.found} found, {s.read} read, {len(s.failed)} failed" + (f"; {counts}" if counts else "")
+            f"{split}: {s.found} found, {s.read} read, {len(s.failed)} failed{patients}"
+            + (f"; {counts}" if counts else "")
         )
         out += [f"  failed {name}: {reason}" for name, reason in s.failed[:20]]
         if len(s.failed) > 20:
