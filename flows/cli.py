@@ -428,22 +428,22 @@ def _joined_data(name: str) -> str:
 
 
 def cmd_hospital_monitor(args: argparse.Namespace) -> int:
-    from medvec.data.images import DataError, DataSpec
+    from medvec.data.images import DataError
     from medvec.hospital.local import LocalData
     from medvec.hospital.monitor import compare, profile, report_text
-    from medvec.hospital.predict import open_source, set_source
+    from medvec.hospital.predict import model_data_spec, open_source, set_source
     from medvec.runtime import pick_device, set_threads
     from medvec.tracking.registered import load_registered
     from medvec.tracking.runs import log_monitor
 
     p = _params(args)
     set_threads(p.finetune.threads)
-    spec, device = DataSpec.of(p), pick_device(args.device)
+    model = load_registered(_model_ref(args))
+    spec, device = model_data_spec(p, model), pick_device(args.device)
     reference = args.reference or _joined_data(args.name)
     val = LocalData.load(reference, spec, p.split.local_val_fraction, p.split.seed).val
     if val is None:
         raise DataError(f"{reference}: no validation split to compare with (give --reference)")
-    model = load_registered(_model_ref(args))
     ref = profile(model, set_source(val), device, spec.max_bad_fraction, not args.no_progress, "reference")
     new = profile(
         model, open_source(args.data, args.split, spec), device, spec.max_bad_fraction, not args.no_progress, "new"
@@ -507,15 +507,14 @@ def _model_ref(args: argparse.Namespace) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medvec.data.images import DataSpec
-    from medvec.hospital.predict import open_source, predict_source
+    from medvec.hospital.predict import model_data_spec, open_source, predict_source
     from medvec.runtime import pick_device, set_threads
     from medvec.tracking.registered import load_registered
 
     p = _params(args)
     set_threads(p.finetune.threads)
-    spec = DataSpec.of(p)
     model = load_registered(_model_ref(args))
+    spec = model_data_spec(p, model)
     source = open_source(args.data, args.split, spec)
     device = pick_device(args.device)
     out = predict_source(

@@ -73,6 +73,9 @@ class DataConfig(_Frozen):
     """How image files are read (image folders and CSV manifests)."""
 
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="share of a split's files that may be unreadable")
+    decode_size: int = Field(
+        256, ge=16, description="a decoded file larger than this on its longer side is shrunk to fit, aspect kept"
+    )
 
 
 class VectorsConfig(_Frozen):

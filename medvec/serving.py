@@ -44,6 +44,7 @@ class Registered:
     spec: ModelSpec
     task: str
     threshold: float | None
+    decode_size: int | None = None  # data.decode_size when it was registered: raw images shrunk to fit first
 
     @property
     def uri(self) -> str:
@@ -155,8 +156,22 @@ def _row_image(row: int, column: str, value: Any) -> np.ndarray:
         raise ValueError(f"not a readable PNG, JPEG or DICOM file ({first})") from None
 
 
-def frame_to_batch(frame, spec: ModelSpec) -> torch.Tensor:
-    """The model-ready batch of a request (a DataFrame with one of :data:`COLUMNS` filled per row)."""
+def shrunk(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Raw uint8 pixels shrunk as a decoded file is (:func:`medvec.data.images.shrink`, ``data.decode_size``)."""
+    if max_side is None or max(pixels.shape[:2]) <= max_side:
+        return pixels
+    from PIL import Image
+
+    from medvec.data.images import shrink
+
+    return np.asarray(
+        shrink(Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels), max_side)
+    )
+
+
+def frame_to_batch(frame, spec: ModelSpec, max_side: int | None = None) -> torch.Tensor:
+    """The model-ready batch of a request (a DataFrame with one of :data:`COLUMNS` filled per row); raw images
+    larger than ``max_side`` are shrunk first, as training shrinks decoded files."""
     known = [c for c in COLUMNS if c in frame.columns]
     unknown = [str(c) for c in frame.columns if c not in COLUMNS]
     if unknown or not known:
@@ -180,7 +195,7 @@ def frame_to_batch(frame, spec: ModelSpec) -> torch.Tensor:
                 tensors[row] = _tensor(value, spec)
                 where.append(("tensor", row))
             else:
-                raw.append(_row_image(row, column, value))
+                raw.append(shrunk(_row_image(row, column, value), max_side))
                 where.append(("raw", len(raw) - 1))
         except ValueError as exc:
             raise InputError(f"row {row} ('{column}'): {exc}") from None

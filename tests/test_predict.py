@@ -270,3 +270,28 @@ def test_hospital_monitor_reads_inverted_images_as_drift_and_logs_only_aggregate
     for f in drift["features"]:  # bins and counts only: nothing per image
         assert len(f["reference_counts"]) == len(f["new_counts"]) == len(f["edges"]) + 1 <= 7  # 78 images: 7 bins
         assert sum(f["new_counts"]) == 156 and sum(f["reference_counts"]) == 78
+
+
+def test_a_large_image_is_shrunk_once_at_decode_the_same_way_for_a_file_and_a_served_request(spec, tmp_path):
+    """data.decode_size: a file larger than it keeps only a copy that fits (aspect kept); a served raw image or
+    file is shrunk the same way, so both reach the model as the same tensor."""
+    from PIL import Image
+
+    from medvec.data.dicom import write_dicom
+    from medvec.data.images import decode_files, stack_images
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (300, 600), dtype=np.uint8)  # H × W
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    write_dicom(tmp_path / "big.dcm", np.ascontiguousarray(wide[:, :300]), window=(128, 256))
+    decoded = decode_files([tmp_path / "wide.png", tmp_path / "big.dcm"], max_side=256)
+    assert decoded.native == [(600, 300), (300, 300)] and [im.size for im in decoded.images] == [(256, 128), (256, 256)]
+    full = decode_files([tmp_path / "wide.png"])
+    assert full.images[0].size == (600, 300)  # without a decode size: the file as stored
+    from_file = to_tensor(stack_images(decoded.images[:1]), spec)
+    served = frame_to_batch(pd.DataFrame({"pixels": [wide]}), spec, 256)
+    torch.testing.assert_close(served, from_file, atol=0, rtol=0)
+    as_bytes = frame_to_batch(pd.DataFrame({"image": [png(wide)]}), spec, 256)
+    torch.testing.assert_close(as_bytes, from_file, atol=0, rtol=0)
+    small = load_split(BREAST, "test").images[:2]  # 28 × 28: kept as they are
+    torch.testing.assert_close(frame_to_batch(pd.DataFrame({"pixels": list(small)}), spec, 256), to_tensor(small, spec))

@@ -54,6 +54,7 @@ class DataSpec:
     task: str | None = None
     classes: tuple[str, ...] | None = None
     max_bad_fraction: float = MAX_BAD_FRACTION
+    decode_size: int | None = None  # data.decode_size: decoded files shrunk to fit (None: kept at full size)
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -65,7 +66,12 @@ class DataSpec:
     def of(cls, params) -> "DataSpec":
         """What :class:`medvec.config.Params` say: ``model.task``, ``model.classes``, ``data.max_bad_fraction``."""
         model = params.model
-        return cls(model.task, tuple(model.classes) if model.classes else None, params.data.max_bad_fraction)
+        return cls(
+            model.task,
+            tuple(model.classes) if model.classes else None,
+            params.data.max_bad_fraction,
+            params.data.decode_size,
+        )
 
     def check(self, data: "ImageSet", where: object) -> "ImageSet":
         """``data`` when it has this task and class list; a DataError naming ``where`` when not."""
@@ -203,10 +209,25 @@ class Decoded:
     kinds: list[str] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     patients: list[str] = field(default_factory=list)  # each kept image's DICOM PatientID ("" when none)
+    native: list[tuple[int, int]] = field(default_factory=list)  # each kept image's size as stored (W, H)
 
 
-def decode_files(files: list[Path]) -> Decoded:
-    """Decode every file (PNG, JPEG or DICOM, by content); unreadable ones are recorded, not raised."""
+GRAY_MODES = ("L", "1", "I;16", "I")  # PIL modes read as grayscale; any other image makes a set RGB
+
+
+def shrink(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` in the mode training reads it (grey or RGB), shrunk to fit in ``max_side`` × ``max_side`` with its
+    aspect kept (Pillow's ``thumbnail``) when its longer side is larger; as it is otherwise."""
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    small = image.convert("L" if image.mode in GRAY_MODES else "RGB")
+    small.thumbnail((max_side, max_side))
+    return small
+
+
+def decode_files(files: list[Path], max_side: int | None = None) -> Decoded:
+    """Decode every file (PNG, JPEG or DICOM, by content), one at a time, each shrunk at once to fit in ``max_side``
+    (:func:`shrink`, ``data.decode_size``) so that no full-size image is kept; unreadable ones are recorded."""
     from PIL import Image
 
     out = Decoded()
@@ -216,6 +237,8 @@ def decode_files(files: list[Path]) -> Decoded:
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
             out.failed.append((f, str(exc) or type(exc).__name__))
             continue
+        out.native.append(image.size)
+        image = shrink(image, max_side)
         out.images.append(image)
         out.kept.append(i)
         out.kinds.append(kind)
@@ -233,9 +256,6 @@ def failed_share(decoded: Decoded, limit: float) -> str:
     """How many files failed, for an error (no file name: names can identify patients)."""
     total = len(decoded.kept) + len(decoded.failed)
     return f"{len(decoded.failed)} of {total} images could not be read (more than {limit:.0%})"
-
-
-GRAY_MODES = ("L", "1", "I;16", "I")  # PIL modes read as grayscale; any other image makes a set RGB
 
 
 def stack_images(images: list[Image.Image]) -> np.ndarray:
@@ -263,9 +283,10 @@ class Listing:
         known = np.asarray(patients) if any(patients) else None
         return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes, known)
 
-    def load(self, max_bad_fraction: float, where: Path) -> ImageSet:
-        """Decode the files, skipping unreadable ones with a DataWarning; DataError past ``max_bad_fraction``."""
-        decoded = decode_files(self.files)
+    def load(self, max_bad_fraction: float, where: Path, max_side: int | None = None) -> ImageSet:
+        """Decode the files (each shrunk to fit in ``max_side``), skipping unreadable ones with a DataWarning;
+        DataError past ``max_bad_fraction``."""
+        decoded = decode_files(self.files, max_side)
         for f, reason in decoded.failed:
             warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
         if too_many_failed(decoded, max_bad_fraction):

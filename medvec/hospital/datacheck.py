@@ -96,12 +96,12 @@ def _pixel_hash(image) -> str:
 def _read_split(path: Path, split: str, spec: DataSpec, report: DataReport, hashes: dict) -> ImageSet | None:
     """Decode one split of a file-based source into ``report``; the ImageSet, or None when nothing was read."""
     listing = _listing(path, split, spec)
-    decoded: Decoded = decode_files(listing.files)
+    decoded: Decoded = decode_files(listing.files, spec.decode_size)
     failed = [(_name(f, path), reason) for f, reason in decoded.failed]
     report.splits[split] = SplitReport(len(listing.files), len(decoded.kept), failed)
-    for i, image, kind in zip(decoded.kept, decoded.images, decoded.kinds, strict=True):
+    for i, image, kind, native in zip(decoded.kept, decoded.images, decoded.kinds, decoded.native, strict=True):
         report.kinds[kind] = report.kinds.get(kind, 0) + 1
-        size = f"{image.size[0]}×{image.size[1]}"
+        size = f"{native[0]}×{native[1]}"
         report.sizes[size] = report.sizes.get(size, 0) + 1
         hashes.setdefault(_pixel_hash(image), []).append(f"{split}:{_name(listing.files[i], path)}")
     if too_many_failed(decoded, spec.max_bad_fraction):

@@ -19,5 +19,13 @@ def load_registered(ref: str) -> Registered:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}"))
     flavor = Model.load(str(local)).flavors["python_function"]
     base = load_base(local / flavor["artifacts"]["weights"]["path"])
-    threshold = (flavor.get("config") or {}).get("threshold")
-    return Registered(mv.name, str(mv.version), base.model.eval(), base.spec, base.task, threshold)
+    config = flavor.get("config") or {}
+    return Registered(
+        mv.name,
+        str(mv.version),
+        base.model.eval(),
+        base.spec,
+        base.task,
+        config.get("threshold"),
+        config.get("decode_size"),
+    )

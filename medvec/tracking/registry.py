@@ -53,12 +53,14 @@ class Classifier(PythonModel):
     model: torch.nn.Module | None = None
     task: str = "multiclass"
     spec: ModelSpec | None = None
+    decode_size: int | None = None
 
     def load_context(self, context) -> None:
         """Load the logged weights (artifact ``weights``) with their task and spec, and the threshold from the
         model config."""
 
-        self.threshold = (context.model_config or {}).get("threshold")
+        config = context.model_config or {}
+        self.threshold, self.decode_size = config.get("threshold"), config.get("decode_size")
         base = load_base(context.artifacts["weights"])
         self.model, self.task, self.spec = base.model.eval(), base.task, base.spec
 
@@ -68,7 +70,7 @@ class Classifier(PythonModel):
 
         assert self.model is not None and self.spec is not None, "load_context first"
         try:
-            batch = frame_to_batch(model_input, self.spec)
+            batch = frame_to_batch(model_input, self.spec, self.decode_size)
         except InputError as exc:
             raise BadRequest(str(exc)) from None
         return label_frame(self.model, batch, self.threshold, self.task)
@@ -124,7 +126,7 @@ set_model(Classifier())
 """
 
 
-def _log_model(weights, registered_name: str, threshold: float | None = None) -> str:
+def _log_model(weights, registered_name: str, threshold: float | None = None, decode_size: int | None = None) -> str:
     """Log ``weights`` (a :class:`medvec.models.Base`) as a :class:`Classifier` pyfunc, then register it.
 
     The model carries its safetensors weights and spec, the medvec code, a signature and
@@ -151,7 +153,7 @@ def _log_model(weights, registered_name: str, threshold: float | None = None) ->
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code),
-            model_config={"threshold": threshold},
+            model_config={"threshold": threshold, "decode_size": decode_size},
             artifacts={"weights": str(path)},
             signature=ModelSignature(inputs=request_schema(), outputs=answer_schema(weights.num_classes, weights.task)),
             input_example=request,
@@ -202,7 +204,7 @@ def register_merge(
     """Register θ_pre once, then log the merge run, register the merged model and apply the champion gate on
     the same validation set (a champion scored on another set is re-scored from its stored weights)."""
     batch_size = record.params.evaluate.batch_size
-    register_base(record.params.registry.model_name, root)
+    register_base(record.params.registry.model_name, root, record.params.data.decode_size)
 
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
@@ -257,7 +259,7 @@ def weights_statement(signer: DocumentSigner, record: MergeRecord) -> dict:
 
 
 @timed("tracking")
-def register_base(name: str, base) -> str:
+def register_base(name: str, base, decode_size: int | None = None) -> str:
     """Register θ_pre (a :class:`medvec.models.Base`) once as ``<name>-base`` (idempotent by sha256).
 
     Returns the version.
@@ -276,7 +278,7 @@ def register_base(name: str, base) -> str:
     with mlflow.start_run(experiment_id=exp, run_name=f"base-{sha256[:12]}"):
         mlflow.set_tags({"medvec.kind": "base", "medvec.base_sha256": sha256})
         mlflow.log_params(flat_params("spec.", base.spec.to_dict()))
-        version = _log_model(base, model_name)
+        version = _log_model(base, model_name, None, decode_size)
     client.set_model_version_tag(model_name, version, "medvec.base_sha256", sha256)
     return version
 
@@ -320,7 +322,8 @@ def log_merge(
     with mlflow.start_run(experiment_id=exp, run_name=record.merge_id) as run:
         _log_merge_run(mlflow, record, runs, metric, plots or {})
         mlflow.set_tag(NOTE, fit_note(_merge_note(record, links, metric, None), RUN_NOTE_LIMIT))
-        version = _log_model(merged, reg.model_name, record.operating_point.get("threshold"))
+        threshold = record.operating_point.get("threshold")
+        version = _log_model(merged, reg.model_name, threshold, record.params.data.decode_size)
         run_id = run.info.run_id
     tags = {
         "medvec.merge_run": run_id,
