@@ -45,6 +45,7 @@ class Registered:
     task: str
     threshold: float | None
     decode_size: int | None = None  # data.decode_size when it was registered: raw images shrunk to fit first
+    resize: str | None = None  # data.resize when it was registered: how a raw image is made square first
 
     @property
     def uri(self) -> str:
@@ -156,22 +157,23 @@ def _row_image(row: int, column: str, value: Any) -> np.ndarray:
         raise ValueError(f"not a readable PNG, JPEG or DICOM file ({first})") from None
 
 
-def shrunk(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Raw uint8 pixels shrunk as a decoded file is (:func:`medvec.data.images.shrink`, ``data.decode_size``)."""
-    if max_side is None or max(pixels.shape[:2]) <= max_side:
+def as_decoded(pixels: np.ndarray, max_side: int | None, resize: str | None = None) -> np.ndarray:
+    """Raw uint8 pixels made square and shrunk as a decoded file is (:func:`medvec.data.images.square` by
+    ``data.resize``, then :func:`~medvec.data.images.shrink` to ``data.decode_size``)."""
+    h, w = pixels.shape[:2]
+    if (resize in (None, "stretch") or h == w) and (max_side is None or max(h, w) <= max_side):
         return pixels
     from PIL import Image
 
-    from medvec.data.images import shrink
+    from medvec.data.images import shrink, square
 
-    return np.asarray(
-        shrink(Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels), max_side)
-    )
+    image = Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+    return np.asarray(shrink(square(image, resize or "stretch"), max_side))
 
 
-def frame_to_batch(frame, spec: ModelSpec, max_side: int | None = None) -> torch.Tensor:
-    """The model-ready batch of a request (a DataFrame with one of :data:`COLUMNS` filled per row); raw images
-    larger than ``max_side`` are shrunk first, as training shrinks decoded files."""
+def frame_to_batch(frame, spec: ModelSpec, max_side: int | None = None, resize: str | None = None) -> torch.Tensor:
+    """The model-ready batch of a request (a DataFrame with one of :data:`COLUMNS` filled per row); raw images are
+    made square by ``resize`` and shrunk to fit ``max_side`` first, as training reads decoded files."""
     known = [c for c in COLUMNS if c in frame.columns]
     unknown = [str(c) for c in frame.columns if c not in COLUMNS]
     if unknown or not known:
@@ -195,7 +197,7 @@ def frame_to_batch(frame, spec: ModelSpec, max_side: int | None = None) -> torch
                 tensors[row] = _tensor(value, spec)
                 where.append(("tensor", row))
             else:
-                raw.append(shrunk(_row_image(row, column, value), max_side))
+                raw.append(as_decoded(_row_image(row, column, value), max_side, resize))
                 where.append(("raw", len(raw) - 1))
         except ValueError as exc:
             raise InputError(f"row {row} ('{column}'): {exc}") from None

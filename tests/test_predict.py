@@ -295,3 +295,30 @@ def test_a_large_image_is_shrunk_once_at_decode_the_same_way_for_a_file_and_a_se
     torch.testing.assert_close(as_bytes, from_file, atol=0, rtol=0)
     small = load_split(BREAST, "test").images[:2]  # 28 × 28: kept as they are
     torch.testing.assert_close(frame_to_batch(pd.DataFrame({"pixels": list(small)}), spec, 256), to_tensor(small, spec))
+
+
+def test_pad_and_center_crop_make_a_non_square_file_square_without_stretching_it(spec, tmp_path):
+    """data.resize on a 600 × 300 image (W × H) with decode_size 256: pad centres it on black, center_crop keeps
+    its middle square; a served raw image is read the same way."""
+    from PIL import Image
+
+    from medvec.data.images import decode_files, stack_images
+
+    wide = np.full((300, 600), 200, dtype=np.uint8)
+    wide[:, 150:450] = 50  # the middle square is dark, the sides light
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    (pad,) = decode_files([tmp_path / "wide.png"], 256, "pad").images
+    (crop,) = decode_files([tmp_path / "wide.png"], 256, "center_crop").images
+    (stretch,) = decode_files([tmp_path / "wide.png"], 256, "stretch").images
+    assert pad.size == crop.size == (256, 256) and stretch.size == (256, 128)
+    pad_px, crop_px = np.asarray(pad), np.asarray(crop)
+    assert (pad_px[:60] == 0).all() and (pad_px[-60:] == 0).all()  # the black bands above and below
+    assert pad_px[128, 10] > 150 and pad_px[128, 128] < 100  # the light sides and the dark middle kept
+    assert abs(int(crop_px.mean()) - 50) <= 1  # the middle square only
+    for mode, got in (("pad", pad), ("center_crop", crop)):
+        served = frame_to_batch(pd.DataFrame({"pixels": [wide]}), spec, 256, mode)
+        torch.testing.assert_close(served, to_tensor(stack_images([got]), spec), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"unknown data\.resize 'fit'"):
+        from medvec.data.images import DataSpec
+
+        DataSpec(resize="fit")

@@ -55,12 +55,15 @@ class DataSpec:
     classes: tuple[str, ...] | None = None
     max_bad_fraction: float = MAX_BAD_FRACTION
     decode_size: int | None = None  # data.decode_size: decoded files shrunk to fit (None: kept at full size)
+    resize: str = "stretch"  # data.resize: how a non-square file is made square as it is decoded
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
             raise DataError(f"unknown task {self.task!r}: valid are {', '.join(TASKS)}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise DataError(f"the class list {list(self.classes)} names a class twice")
+        if self.resize not in RESIZE_MODES:
+            raise DataError(f"unknown data.resize {self.resize!r}: valid are {', '.join(RESIZE_MODES)}")
 
     @classmethod
     def of(cls, params) -> "DataSpec":
@@ -71,6 +74,7 @@ class DataSpec:
             tuple(model.classes) if model.classes else None,
             params.data.max_bad_fraction,
             params.data.decode_size,
+            params.data.resize,
         )
 
     def check(self, data: "ImageSet", where: object) -> "ImageSet":
@@ -215,6 +219,30 @@ class Decoded:
 GRAY_MODES = ("L", "1", "I;16", "I")  # PIL modes read as grayscale; any other image makes a set RGB
 
 
+RESIZE_MODES = ("stretch", "pad", "center_crop")
+
+
+def square(image: Image.Image, resize: str) -> Image.Image:
+    """``image`` made square by ``resize`` (``data.resize``): ``stretch`` leaves it (the model's resize stretches it),
+    ``pad`` centres it on a black square of its longer side, ``center_crop`` keeps the centred square of its shorter
+    side; no resampling either way."""
+    from PIL import Image as PILImage
+
+    w, h = image.size
+    if resize == "stretch" or w == h:
+        return image
+    if resize == "pad":
+        side = max(w, h)
+        out = PILImage.new(image.mode, (side, side))
+        out.paste(image, ((side - w) // 2, (side - h) // 2))
+        return out
+    if resize == "center_crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return image.crop((left, top, left + side, top + side))
+    raise DataError(f"unknown data.resize {resize!r}: valid are {', '.join(RESIZE_MODES)}")
+
+
 def shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     """``image`` in the mode training reads it (grey or RGB), shrunk to fit in ``max_side`` × ``max_side`` with its
     aspect kept (Pillow's ``thumbnail``) when its longer side is larger; as it is otherwise."""
@@ -225,9 +253,10 @@ def shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     return small
 
 
-def decode_files(files: list[Path], max_side: int | None = None) -> Decoded:
-    """Decode every file (PNG, JPEG or DICOM, by content), one at a time, each shrunk at once to fit in ``max_side``
-    (:func:`shrink`, ``data.decode_size``) so that no full-size image is kept; unreadable ones are recorded."""
+def decode_files(files: list[Path], max_side: int | None = None, resize: str = "stretch") -> Decoded:
+    """Decode every file (PNG, JPEG or DICOM, by content), one at a time, each made square by ``resize``
+    (:func:`square`) and shrunk at once to fit in ``max_side`` (:func:`shrink`, ``data.decode_size``) so that no
+    full-size image is kept; unreadable ones are recorded."""
     from PIL import Image
 
     out = Decoded()
@@ -238,7 +267,7 @@ def decode_files(files: list[Path], max_side: int | None = None) -> Decoded:
             out.failed.append((f, str(exc) or type(exc).__name__))
             continue
         out.native.append(image.size)
-        image = shrink(image, max_side)
+        image = shrink(square(image, resize), max_side)
         out.images.append(image)
         out.kept.append(i)
         out.kinds.append(kind)
@@ -283,10 +312,11 @@ class Listing:
         known = np.asarray(patients) if any(patients) else None
         return ImageSet(stack_images(decoded.images), self.labels[decoded.kept], self.classes, known)
 
-    def load(self, max_bad_fraction: float, where: Path, max_side: int | None = None) -> ImageSet:
-        """Decode the files (each shrunk to fit in ``max_side``), skipping unreadable ones with a DataWarning;
-        DataError past ``max_bad_fraction``."""
-        decoded = decode_files(self.files, max_side)
+    def load(self, spec: DataSpec, where: Path) -> ImageSet:
+        """Decode the files as ``spec`` says (``decode_size``, ``resize``), skipping unreadable ones with a
+        DataWarning; DataError past ``spec.max_bad_fraction``."""
+        decoded = decode_files(self.files, spec.decode_size, spec.resize)
+        max_bad_fraction = spec.max_bad_fraction
         for f, reason in decoded.failed:
             warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)
         if too_many_failed(decoded, max_bad_fraction):

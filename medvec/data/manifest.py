@@ -139,7 +139,7 @@ def load_manifest(path: str | Path, split: str, spec: DataSpec | None = None) ->
     """One split of a manifest as an :class:`ImageSet`; unreadable images are skipped with a warning, up to
     ``spec.max_bad_fraction`` of them."""
     spec = spec or DataSpec()
-    return manifest_listing(path, split, spec).load(spec.max_bad_fraction, Path(path), spec.decode_size)
+    return manifest_listing(path, split, spec).load(spec, Path(path))
 
 
 def manifest_listing(path: str | Path, split: str, spec: DataSpec | None = None) -> Listing:

@@ -80,7 +80,7 @@ def load_image_folder(root: str | Path, split: str, spec: DataSpec | None = None
     """Load ``<root>/<split>/<class>/*.png|jpg|dcm`` (classes: ``spec.classes`` or the sorted folder names),
     skipping a few unreadable files (``spec.max_bad_fraction``)."""
     spec = spec or DataSpec()
-    return folder_listing(root, split, spec.classes).load(spec.max_bad_fraction, Path(root) / split, spec.decode_size)
+    return folder_listing(root, split, spec.classes).load(spec, Path(root) / split)
 
 
 def folder_listing(root: str | Path, split: str, classes: tuple[str, ...] | list[str] | None = None) -> Listing:

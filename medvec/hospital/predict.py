@@ -58,6 +58,7 @@ class Source:
     id_column: str
     failed: list[tuple[Path, str]] = field(default_factory=list)
     decode_size: int | None = None  # each decoded file shrunk to fit (data.decode_size, the model's own)
+    resize: str = "stretch"  # and made square so (data.resize, the model's own)
 
 
 def _pixels(im) -> np.ndarray:
@@ -68,7 +69,7 @@ def _pixels(im) -> np.ndarray:
 def _file_chunks(files: list[Path], labels: np.ndarray | None, source: Source, chunk: int) -> Iterator[Chunk]:
     for start in range(0, len(files), chunk):
         part = files[start : start + chunk]
-        decoded = decode_files(part, source.decode_size)
+        decoded = decode_files(part, source.decode_size, source.resize)
         for f, reason in decoded.failed:
             warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=2)
         source.failed.extend(decoded.failed)
@@ -100,11 +101,15 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def model_data_spec(params, model: Registered) -> DataSpec:
-    """How to read images for ``model``: ``params``' task and classes, its own ``data.decode_size`` where it was
-    registered with one (so files shrink as the served model shrinks them)."""
+    """How to read images for ``model``: ``params``' task and classes, its own ``data.decode_size`` and
+    ``data.resize`` where it was registered with them (so files are read as the served model reads them)."""
     from dataclasses import replace
 
-    return replace(DataSpec.of(params), decode_size=model.decode_size or params.data.decode_size)
+    return replace(
+        DataSpec.of(params),
+        decode_size=model.decode_size or params.data.decode_size,
+        resize=model.resize or params.data.resize,
+    )
 
 
 def open_source(path: str | Path, split: str | None, spec: DataSpec, chunk: int = CHUNK) -> Source:
@@ -124,16 +129,16 @@ def open_source(path: str | Path, split: str | None, spec: DataSpec, chunk: int 
         parts = [manifest_listing(path, one, spec) for one in ([chosen] if chosen else sorted(manifest_splits(path)))]
         files = [f for part in parts for f in part.files]
         labels = np.concatenate([part.labels for part in parts])
-        return _listing_source(files, labels, parts[0].classes, chunk, spec.decode_size)
+        return _listing_source(files, labels, parts[0].classes, chunk, spec)
     if path.is_dir() and chosen is not None and (path / chosen).is_dir():
         listing = folder_listing(path, chosen, spec.classes)
-        return _listing_source(listing.files, listing.labels, listing.classes, chunk, spec.decode_size)
+        return _listing_source(listing.files, listing.labels, listing.classes, chunk, spec)
     if split is not None:
         raise DataError(f"{path}: no split {split!r}")
     files = _image_files(path) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no PNG, JPEG or DICOM files")
-    return _listing_source(files, None, list(spec.classes or []), chunk, spec.decode_size)
+    return _listing_source(files, None, list(spec.classes or []), chunk, spec)
 
 
 def set_source(data: ImageSet, chunk: int = CHUNK) -> Source:
@@ -142,9 +147,9 @@ def set_source(data: ImageSet, chunk: int = CHUNK) -> Source:
 
 
 def _listing_source(
-    files: list[Path], labels: np.ndarray | None, classes: list[str], chunk: int, decode_size: int | None
+    files: list[Path], labels: np.ndarray | None, classes: list[str], chunk: int, spec: DataSpec
 ) -> Source:
-    source = Source(len(files), classes, iter(()), "path", decode_size=decode_size)
+    source = Source(len(files), classes, iter(()), "path", decode_size=spec.decode_size, resize=spec.resize)
     source.chunks = _file_chunks(files, labels, source, chunk)
     return source
 

@@ -28,4 +28,5 @@ def load_registered(ref: str) -> Registered:
         base.task,
         config.get("threshold"),
         config.get("decode_size"),
+        config.get("resize"),
     )

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from medvec.config import DataConfig
 from medvec.coordinator.engine import MergeOutcome
 from medvec.coordinator.scoring import EvalSets, beats, score
 from medvec.errors import UserError
@@ -54,6 +55,7 @@ class Classifier(PythonModel):
     task: str = "multiclass"
     spec: ModelSpec | None = None
     decode_size: int | None = None
+    resize: str | None = None
 
     def load_context(self, context) -> None:
         """Load the logged weights (artifact ``weights``) with their task and spec, and the threshold from the
@@ -61,6 +63,7 @@ class Classifier(PythonModel):
 
         config = context.model_config or {}
         self.threshold, self.decode_size = config.get("threshold"), config.get("decode_size")
+        self.resize = config.get("resize")
         base = load_base(context.artifacts["weights"])
         self.model, self.task, self.spec = base.model.eval(), base.task, base.spec
 
@@ -70,7 +73,7 @@ class Classifier(PythonModel):
 
         assert self.model is not None and self.spec is not None, "load_context first"
         try:
-            batch = frame_to_batch(model_input, self.spec, self.decode_size)
+            batch = frame_to_batch(model_input, self.spec, self.decode_size, self.resize)
         except InputError as exc:
             raise BadRequest(str(exc)) from None
         return label_frame(self.model, batch, self.threshold, self.task)
@@ -126,7 +129,7 @@ set_model(Classifier())
 """
 
 
-def _log_model(weights, registered_name: str, threshold: float | None = None, decode_size: int | None = None) -> str:
+def _log_model(weights, registered_name: str, threshold: float | None = None, data: DataConfig | None = None) -> str:
     """Log ``weights`` (a :class:`medvec.models.Base`) as a :class:`Classifier` pyfunc, then register it.
 
     The model carries its safetensors weights and spec, the medvec code, a signature and
@@ -153,7 +156,11 @@ def _log_model(weights, registered_name: str, threshold: float | None = None, de
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code),
-            model_config={"threshold": threshold, "decode_size": decode_size},
+            model_config={
+                "threshold": threshold,
+                "decode_size": data.decode_size if data else None,
+                "resize": data.resize if data else None,
+            },
             artifacts={"weights": str(path)},
             signature=ModelSignature(inputs=request_schema(), outputs=answer_schema(weights.num_classes, weights.task)),
             input_example=request,
@@ -204,7 +211,7 @@ def register_merge(
     """Register θ_pre once, then log the merge run, register the merged model and apply the champion gate on
     the same validation set (a champion scored on another set is re-scored from its stored weights)."""
     batch_size = record.params.evaluate.batch_size
-    register_base(record.params.registry.model_name, root, record.params.data.decode_size)
+    register_base(record.params.registry.model_name, root, record.params.data)
 
     def rescore(champion: MergeRecord) -> dict:
         """The champion's stored merged weights, scored on this merge's validation set."""
@@ -259,7 +266,7 @@ def weights_statement(signer: DocumentSigner, record: MergeRecord) -> dict:
 
 
 @timed("tracking")
-def register_base(name: str, base, decode_size: int | None = None) -> str:
+def register_base(name: str, base, data: DataConfig | None = None) -> str:
     """Register θ_pre (a :class:`medvec.models.Base`) once as ``<name>-base`` (idempotent by sha256).
 
     Returns the version.
@@ -278,7 +285,7 @@ def register_base(name: str, base, decode_size: int | None = None) -> str:
     with mlflow.start_run(experiment_id=exp, run_name=f"base-{sha256[:12]}"):
         mlflow.set_tags({"medvec.kind": "base", "medvec.base_sha256": sha256})
         mlflow.log_params(flat_params("spec.", base.spec.to_dict()))
-        version = _log_model(base, model_name, None, decode_size)
+        version = _log_model(base, model_name, None, data)
     client.set_model_version_tag(model_name, version, "medvec.base_sha256", sha256)
     return version
 
@@ -323,7 +330,7 @@ def log_merge(
         _log_merge_run(mlflow, record, runs, metric, plots or {})
         mlflow.set_tag(NOTE, fit_note(_merge_note(record, links, metric, None), RUN_NOTE_LIMIT))
         threshold = record.operating_point.get("threshold")
-        version = _log_model(merged, reg.model_name, threshold, record.params.data.decode_size)
+        version = _log_model(merged, reg.model_name, threshold, record.params.data)
         run_id = run.info.run_id
     tags = {
         "medvec.merge_run": run_id,
