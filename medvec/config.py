@@ -76,6 +76,10 @@ class DataConfig(_Frozen):
     decode_size: int = Field(
         256, ge=16, description="a decoded file larger than this on its longer side is shrunk to fit, aspect kept"
     )
+    cache: str | None = Field(
+        ".medvec/cache/decoded",
+        description="the hospital's cache of decoded files (null: none); patient data, kept local",
+    )
     resize: Literal["stretch", "pad", "center_crop"] = Field(
         "stretch",
         description="a non-square file made square: stretched on the way in, padded, or cropped at the centre",

@@ -533,3 +533,51 @@ def test_hospital_check_counts_patients_and_notes_one_on_both_sides_of_explicit_
     )
     assert "note: 1 patient(s) have images in both train and val: val results would overstate accuracy" in text
     assert "p14" not in text  # counts, never an identifier
+
+
+# ----------------------------------------------------------------------------- the decode cache
+
+
+def test_a_second_read_decodes_nothing_and_a_changed_file_or_setting_decodes_again(small, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import medvec.data.images as images
+    from medvec.data.dicom import write_dicom
+    from medvec.hospital.datacheck import check_data
+
+    files = []
+    for i in range(3):
+        Image.fromarray(small["train"].images[i]).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    files.append(write_dicom(tmp_path / "3.dcm", small["train"].images[3], patient={"PatientID": "p3"}))
+    cache = tmp_path / "cache"
+    decoded = []
+    real = images._decode_one
+
+    def counting(path, *args):
+        decoded.append(Path(path).name)
+        return real(path, *args)
+
+    monkeypatch.setattr(images, "_decode_one", counting)
+    first = images.decode_files(files, 256, "stretch", cache)
+    assert decoded == ["0.png", "1.png", "2.png", "3.dcm"] and cache.stat().st_mode & 0o777 == 0o700
+    second = images.decode_files(files, 256, "stretch", cache)
+    assert decoded == ["0.png", "1.png", "2.png", "3.dcm"]  # nothing decoded again
+    for a, b in zip(first.images, second.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (second.kinds, second.patients, second.native) == (first.kinds, first.patients, first.native)
+    assert second.patients[3] == "p3" and second.kinds[3].startswith("DICOM")
+    Image.fromarray(255 - small["train"].images[1]).save(files[1])  # the file changes
+    third = images.decode_files(files, 256, "stretch", cache)
+    assert decoded[4:] == ["1.png"]
+    np.testing.assert_array_equal(np.asarray(third.images[1]), 255 - small["train"].images[1])
+    images.decode_files(files, 16, "stretch", cache)  # another decode size: every file again
+    assert decoded[5:] == ["0.png", "1.png", "2.png", "3.dcm"]
+    rows = [
+        {"path": f.name, "label": "normal" if i % 2 else "pneumonia", "split": "train"} for i, f in enumerate(files)
+    ]
+    spec = DataSpec("multiclass", ("normal", "pneumonia"), decode_size=256, cache=str(cache))
+    text = check_data(write_csv(tmp_path / "m.csv", rows), spec).text()
+    assert (
+        "cache: 9 decoded file(s)" in text
+    )  # 4 + the changed file + 4 at another size; the check hit them and "(patient images: it stays on this machine)" in text

@@ -56,6 +56,7 @@ class DataSpec:
     max_bad_fraction: float = MAX_BAD_FRACTION
     decode_size: int | None = None  # data.decode_size: decoded files shrunk to fit (None: kept at full size)
     resize: str = "stretch"  # data.resize: how a non-square file is made square as it is decoded
+    cache: str | None = None  # data.cache: the folder of decoded files (None: decode every time)
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -75,6 +76,7 @@ class DataSpec:
             params.data.max_bad_fraction,
             params.data.decode_size,
             params.data.resize,
+            params.data.cache,
         )
 
     def check(self, data: "ImageSet", where: object) -> "ImageSet":
@@ -253,21 +255,42 @@ def shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     return small
 
 
-def decode_files(files: list[Path], max_side: int | None = None, resize: str = "stretch") -> Decoded:
+def _decode_one(path: Path, max_side: int | None, resize: str) -> tuple[Image.Image, str, tuple[int, int], str]:
+    """One file decoded, made square, shrunk and in the mode training reads (grey or RGB): (image, kind, the size
+    as stored, patient)."""
+    image, kind, patient = _read_image(path)
+    native = image.size
+    image = shrink(square(image, resize), max_side)
+    return image.convert("L" if image.mode in GRAY_MODES else "RGB"), kind, native, patient
+
+
+def decode_files(
+    files: list[Path], max_side: int | None = None, resize: str = "stretch", cache: str | Path | None = None
+) -> Decoded:
     """Decode every file (PNG, JPEG or DICOM, by content), one at a time, each made square by ``resize``
     (:func:`square`) and shrunk at once to fit in ``max_side`` (:func:`shrink`, ``data.decode_size``) so that no
-    full-size image is kept; unreadable ones are recorded."""
+    full-size image is kept; unreadable ones are recorded. With ``cache`` (``data.cache``), a file whose bytes and
+    settings were decoded before is read from there (:mod:`medvec.data.cache`)."""
     from PIL import Image
 
+    from medvec.data.cache import DecodeCache, Entry
+
+    store = DecodeCache(Path(cache)) if cache else None
     out = Decoded()
     for i, f in enumerate(files):
         try:
-            image, kind, patient = _read_image(f)
+            key = store.key(Path(f).read_bytes(), max_side, resize) if store else ""
+            hit = store.get(key) if store else None
+            if hit is not None:
+                image, kind, native, patient = Image.fromarray(hit.pixels), hit.kind, hit.native, hit.patient
+            else:
+                image, kind, native, patient = _decode_one(f, max_side, resize)
+                if store:
+                    store.put(key, Entry(np.asarray(image), kind, native, patient))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
             out.failed.append((f, str(exc) or type(exc).__name__))
             continue
-        out.native.append(image.size)
-        image = shrink(square(image, resize), max_side)
+        out.native.append(native)
         out.images.append(image)
         out.kept.append(i)
         out.kinds.append(kind)
@@ -315,7 +338,7 @@ class Listing:
     def load(self, spec: DataSpec, where: Path) -> ImageSet:
         """Decode the files as ``spec`` says (``decode_size``, ``resize``), skipping unreadable ones with a
         DataWarning; DataError past ``spec.max_bad_fraction``."""
-        decoded = decode_files(self.files, spec.decode_size, spec.resize)
+        decoded = decode_files(self.files, spec.decode_size, spec.resize, spec.cache)
         max_bad_fraction = spec.max_bad_fraction
         for f, reason in decoded.failed:
             warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)

@@ -55,6 +55,7 @@ class DataReport:
     duplicates: list[list[str]] = field(default_factory=list)
     published: dict = field(default_factory=dict)
     local_val: str = ""
+    cache: str = ""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -96,7 +97,7 @@ def _pixel_hash(image) -> str:
 def _read_split(path: Path, split: str, spec: DataSpec, report: DataReport, hashes: dict) -> ImageSet | None:
     """Decode one split of a file-based source into ``report``; the ImageSet, or None when nothing was read."""
     listing = _listing(path, split, spec)
-    decoded: Decoded = decode_files(listing.files, spec.decode_size, spec.resize)
+    decoded: Decoded = decode_files(listing.files, spec.decode_size, spec.resize, spec.cache)
     failed = [(_name(f, path), reason) for f, reason in decoded.failed]
     report.splits[split] = SplitReport(len(listing.files), len(decoded.kept), failed)
     for i, image, kind, native in zip(decoded.kept, decoded.images, decoded.kinds, decoded.native, strict=True):
@@ -164,8 +165,20 @@ def check_data(
     report.local_val = _local_val_note(local, "val" in sets)
     report.published = published_data_fields(local.train) | {"num_classes": len(local.train.classes)}
     report.duplicates = [names for names in hashes.values() if len(names) > 1]
+    report.cache = _cache_note(spec)
     _notes(report, local.train)
     return report
+
+
+def _cache_note(spec: DataSpec) -> str:
+    """The decoded-file cache's size (``data.cache``), or "" without one."""
+    if not spec.cache:
+        return ""
+    from medvec.data.cache import DecodeCache
+
+    entries, size = DecodeCache(Path(spec.cache)).size()
+    mb = size / 2**20
+    return f"{entries} decoded file(s), {mb:.1f} MB in {spec.cache} (patient images: it stays on this machine)"
 
 
 def against_base(report: DataReport, labels: dict | None) -> DataReport:
@@ -250,6 +263,8 @@ def _lines(r: DataReport) -> list[str]:
     out += [f"  {' = '.join(g[:5])}{' …' if len(g) > 5 else ''}" for g in r.duplicates[:20]]
     if r.local_val:
         out.append(f"local validation: {r.local_val}")
+    if r.cache:
+        out.append(f"cache: {r.cache}")
     if r.published:
         out.append("a vector from this data publishes exactly these data fields (aggregates, nothing per image):")
         out += [f"  {k}: {v}" for k, v in r.published.items()]
