@@ -109,7 +109,10 @@ def main() -> None:
             t = time.perf_counter()
             manifest = write_export(folder, n, args.side)
             written = time.perf_counter() - t
-            runs = [("decode_size 256", 256, None), ("full size", None, None)]
+            runs: list[tuple[str, int | None, Path | None]] = [
+                ("decode_size 256", 256, None),
+                ("full size", None, None),
+            ]
             runs += [
                 ("cache, first pass", 256, scratch / f"cache{n}"),
                 ("cache, second pass", 256, scratch / f"cache{n}"),
