@@ -3,7 +3,9 @@ the hospital's own disk so that a second read decodes nothing that has not chang
 
 An entry is keyed by the sha256 of the file's bytes and the settings that shaped the pixels (``data.decode_size``,
 ``data.resize`` and :data:`VERSION`, the decoding rules'), so a changed file or setting is a miss, never a stale
-hit. An entry holds the uint8 pixels, the file's kind, its size as stored and its DICOM PatientID: it is patient
+hit. Hashing a 2,048² DICOM file costs more than reading its entry, so a small link, named by the file's path,
+size and modification time, remembers each file's content key: a file whose path, size and time are unchanged is
+not read at all; any change to them reads and hashes it again. An entry holds the uint8 pixels, the file's kind, its size as stored and its DICOM PatientID: it is patient
 data, so the folder is created private (mode 700) and nothing reads it but this module; it never leaves the
 hospital. Entries are written atomically, so two processes reading the same export do not corrupt each other's.
 """
@@ -43,6 +45,21 @@ class DecodeCache:
         h.update(f"|v{VERSION}|{decode_size}|{resize}".encode())
         return h.hexdigest()
 
+    def content_key(self, path: Path, decode_size: int | None, resize: str) -> str:
+        """:meth:`key` of the file at ``path``, through its link when its path, size and time are unchanged."""
+        st = path.stat()
+        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{VERSION}|{decode_size}|{resize}"
+        link = self.folder / "links" / hashlib.sha256(stamp.encode()).hexdigest()
+        try:
+            return link.read_text()
+        except OSError:
+            key = self.key(path.read_bytes(), decode_size, resize)
+            link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+            tmp.write_text(key)
+            os.replace(tmp, link)
+            return key
+
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npz"
 
@@ -67,6 +84,6 @@ class DecodeCache:
         os.replace(tmp, path)
 
     def size(self) -> tuple[int, int]:
-        """(entries, bytes) held."""
-        files = list(self.folder.rglob("*.npz")) if self.folder.is_dir() else []
-        return len(files), sum(f.stat().st_size for f in files)
+        """(entries, bytes) held, the links too."""
+        files = [f for f in self.folder.rglob("*") if f.is_file()] if self.folder.is_dir() else []
+        return sum(f.suffix == ".npz" for f in files), sum(f.stat().st_size for f in files)

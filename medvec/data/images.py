@@ -279,7 +279,7 @@ def decode_files(
     out = Decoded()
     for i, f in enumerate(files):
         try:
-            key = store.key(Path(f).read_bytes(), max_side, resize) if store else ""
+            key = store.content_key(Path(f), max_side, resize) if store else ""
             hit = store.get(key) if store else None
             if hit is not None:
                 image, kind, native, patient = Image.fromarray(hit.pixels), hit.kind, hit.native, hit.patient
