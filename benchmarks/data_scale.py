@@ -14,8 +14,8 @@ images per second:
   process; the second decodes nothing.
 
 The bare loop is ``pydicom.dcmread`` + ``pixel_array`` + a PIL resize to 256 × 256 per file, no medvec, in one
-process: the floor of decoding these files on one core. Parallel decoding does not exist yet (issue 29): one
-worker.
+process: the floor of decoding these files on one core. ``decode_size 256, 2 workers`` decodes in two processes
+(``data.workers``; this machine has 2 cores).
 
     python benchmarks/data_scale.py [--sizes 100 400] [--side 2048]
 
@@ -46,9 +46,10 @@ import json, resource, sys, time
 from medvec.data.images import DataSpec
 from medvec.hospital.local import LocalData
 manifest, decode_size = sys.argv[1], (None if sys.argv[2] == "none" else int(sys.argv[2]))
-cache = sys.argv[3] if len(sys.argv) > 3 else None
+cache = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "none" else None
+workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 start = time.perf_counter()
-local = LocalData.load(manifest, DataSpec(classes=("normal", "pneumonia"), decode_size=decode_size, cache=cache), local_val_fraction=0.1, seed=0)
+local = LocalData.load(manifest, DataSpec(classes=("normal", "pneumonia"), decode_size=decode_size, cache=cache, workers=workers), local_val_fraction=0.1, seed=0)
 seconds = time.perf_counter() - start
 n = len(local.train) + len(local.val)
 print(json.dumps({"images": n, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -73,8 +74,8 @@ def write_export(folder: Path, n: int, side: int) -> Path:
     return folder / "manifest.csv"
 
 
-def read_in_child(manifest: Path, decode_size: int | None, cache: Path | None = None) -> dict:
-    cmd = [sys.executable, "-c", READ, str(manifest), str(decode_size or "none"), *([str(cache)] if cache else [])]
+def read_in_child(manifest: Path, decode_size: int | None, cache: Path | None = None, workers: int = 1) -> dict:
+    cmd = [sys.executable, "-c", READ, str(manifest), str(decode_size or "none"), str(cache or "none"), str(workers)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -117,11 +118,12 @@ def main() -> None:
                 ("cache, first pass", 256, scratch / f"cache{n}"),
                 ("cache, second pass", 256, scratch / f"cache{n}"),
             ]
+            runs.append(("decode_size 256, 2 workers", 256, None))
             for label, decode_size, cache in runs:
-                got = read_in_child(manifest, decode_size, cache)
+                got = read_in_child(manifest, decode_size, cache, 2 if "2 workers" in label else 1)
                 rows.append({"files": n, "path": label, **got, "images_per_s": got["images"] / got["seconds"]})
             rows.append({"files": n, "path": "bare pydicom + PIL", "images_per_s": bare_loop(folder, min(n, 100))})
-            print(f"N={n}: written in {written:.0f} s; {rows[-5:]}", flush=True)
+            print(f"N={n}: written in {written:.0f} s; {rows[-6:]}", flush=True)
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -142,6 +144,7 @@ def main() -> None:
         "peak_rss_mb_full_size": [round(rss(n, "full size"), 1) for n in (small, large)],
         "ratio_to_bare": round(speed(large, "decode_size 256") / speed(large, "bare pydicom + PIL"), 3),
         "cached_speedup": round(speed(large, "cache, second pass") / speed(large, "cache, first pass"), 1),
+        "two_workers_speedup": round(speed(large, "decode_size 256, 2 workers") / speed(large, "decode_size 256"), 2),
         "goal_cached_speedup": 10,
         "goal_growth": 1.2,
         "goal_ratio_to_bare": 0.9,

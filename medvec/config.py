@@ -76,6 +76,7 @@ class DataConfig(_Frozen):
     decode_size: int = Field(
         256, ge=16, description="a decoded file larger than this on its longer side is shrunk to fit, aspect kept"
     )
+    workers: int = Field(1, ge=1, description="processes that decode image files (one: in the reading process)")
     cache: str | None = Field(
         ".medvec/cache/decoded",
         description="the hospital's cache of decoded files (null: none); patient data, kept local",

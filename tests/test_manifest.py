@@ -581,3 +581,20 @@ def test_a_second_read_decodes_nothing_and_a_changed_file_or_setting_decodes_aga
     assert (
         "cache: 9 decoded file(s)" in text
     )  # 4 + the changed file + 4 at another size; the check hit them and "(patient images: it stays on this machine)" in text
+
+
+def test_decoding_in_worker_processes_gives_the_same_images_in_the_same_order(small, tmp_path):
+    from PIL import Image
+
+    from medvec.data.images import PARALLEL_MIN, decode_files
+
+    files = []
+    for i in range(2 * PARALLEL_MIN + 3):
+        Image.fromarray(small["train"].images[i]).save(tmp_path / f"{i:02d}.png")
+        files.append(tmp_path / f"{i:02d}.png")
+    (tmp_path / "05.png").write_bytes(b"not an image")  # one unreadable file among them
+    one, two = decode_files(files, 256, "stretch", None, 1), decode_files(files, 256, "stretch", None, 2)
+    assert one.kept == two.kept and 5 not in two.kept and [f for f, _ in two.failed] == [tmp_path / "05.png"]
+    assert one.failed == two.failed and one.kinds == two.kinds and one.native == two.native
+    for a, b in zip(one.images, two.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

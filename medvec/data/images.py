@@ -57,6 +57,7 @@ class DataSpec:
     decode_size: int | None = None  # data.decode_size: decoded files shrunk to fit (None: kept at full size)
     resize: str = "stretch"  # data.resize: how a non-square file is made square as it is decoded
     cache: str | None = None  # data.cache: the folder of decoded files (None: decode every time)
+    workers: int = 1  # data.workers: processes that decode files
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -77,6 +78,7 @@ class DataSpec:
             params.data.decode_size,
             params.data.resize,
             params.data.cache,
+            params.data.workers,
         )
 
     def check(self, data: "ImageSet", where: object) -> "ImageSet":
@@ -264,37 +266,78 @@ def _decode_one(path: Path, max_side: int | None, resize: str) -> tuple[Image.Im
     return image.convert("L" if image.mode in GRAY_MODES else "RGB"), kind, native, patient
 
 
-def decode_files(
-    files: list[Path], max_side: int | None = None, resize: str = "stretch", cache: str | Path | None = None
-) -> Decoded:
-    """Decode every file (PNG, JPEG or DICOM, by content), one at a time, each made square by ``resize``
-    (:func:`square`) and shrunk at once to fit in ``max_side`` (:func:`shrink`, ``data.decode_size``) so that no
-    full-size image is kept; unreadable ones are recorded. With ``cache`` (``data.cache``), a file whose bytes and
-    settings were decoded before is read from there (:mod:`medvec.data.cache`)."""
+@dataclass(frozen=True)
+class _How:
+    """How files are decoded (``data.decode_size``, ``data.resize``, ``data.cache``): sent to worker processes."""
+
+    max_side: int | None
+    resize: str
+    cache: str | None
+
+
+def _decode_entry(path: Path, how: _How):
+    """One file as a cache :class:`~medvec.data.cache.Entry` (from the cache when there), or the reason it could not
+    be read."""
     from PIL import Image
 
     from medvec.data.cache import DecodeCache, Entry
 
-    store = DecodeCache(Path(cache)) if cache else None
+    store = DecodeCache(Path(how.cache)) if how.cache else None
+    try:
+        key = store.content_key(Path(path), how.max_side, how.resize) if store else ""
+        hit = store.get(key) if store else None
+        if hit is not None:
+            return hit
+        image, kind, native, patient = _decode_one(path, how.max_side, how.resize)
+        entry = Entry(np.asarray(image), kind, native, patient)
+        if store:
+            store.put(key, entry)
+        return entry
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
+        return str(exc) or type(exc).__name__
+
+
+PARALLEL_MIN = 16  # files per worker process below which starting the processes costs more than they save
+
+
+def _decode_all(files: list[Path], how: _How, workers: int) -> list:
+    """:func:`_decode_entry` of every file, in order: in this process, or in ``workers`` processes."""
+    if workers <= 1 or len(files) < PARALLEL_MIN * workers:
+        return [_decode_entry(f, how) for f in files]
+    import itertools
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("forkserver")  # not fork: the parent may hold torch's threads
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(_decode_entry, files, itertools.repeat(how), chunksize=4))
+
+
+def decode_files(
+    files: list[Path],
+    max_side: int | None = None,
+    resize: str = "stretch",
+    cache: str | Path | None = None,
+    workers: int = 1,
+) -> Decoded:
+    """Decode every file (PNG, JPEG or DICOM, by content), each made square by ``resize`` (:func:`square`) and
+    shrunk at once to fit in ``max_side`` (:func:`shrink`, ``data.decode_size``) so that no full-size image is
+    kept; unreadable ones are recorded. With ``cache`` (``data.cache``), a file decoded before with the same bytes
+    and settings is read from there (:mod:`medvec.data.cache`); with ``workers`` > 1 (``data.workers``), files are
+    decoded in that many processes, in order."""
+    from PIL import Image
+
     out = Decoded()
-    for i, f in enumerate(files):
-        try:
-            key = store.content_key(Path(f), max_side, resize) if store else ""
-            hit = store.get(key) if store else None
-            if hit is not None:
-                image, kind, native, patient = Image.fromarray(hit.pixels), hit.kind, hit.native, hit.patient
-            else:
-                image, kind, native, patient = _decode_one(f, max_side, resize)
-                if store:
-                    store.put(key, Entry(np.asarray(image), kind, native, patient))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
-            out.failed.append((f, str(exc) or type(exc).__name__))
+    results = _decode_all(list(files), _How(max_side, resize, str(cache) if cache else None), workers)
+    for i, (f, got) in enumerate(zip(files, results, strict=True)):
+        if isinstance(got, str):
+            out.failed.append((f, got))
             continue
-        out.native.append(native)
-        out.images.append(image)
+        out.native.append(got.native)
+        out.images.append(Image.fromarray(got.pixels))
         out.kept.append(i)
-        out.kinds.append(kind)
-        out.patients.append(patient)
+        out.kinds.append(got.kind)
+        out.patients.append(got.patient)
     return out
 
 
@@ -338,7 +381,7 @@ class Listing:
     def load(self, spec: DataSpec, where: Path) -> ImageSet:
         """Decode the files as ``spec`` says (``decode_size``, ``resize``), skipping unreadable ones with a
         DataWarning; DataError past ``spec.max_bad_fraction``."""
-        decoded = decode_files(self.files, spec.decode_size, spec.resize, spec.cache)
+        decoded = decode_files(self.files, spec.decode_size, spec.resize, spec.cache, spec.workers)
         max_bad_fraction = spec.max_bad_fraction
         for f, reason in decoded.failed:
             warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=3)

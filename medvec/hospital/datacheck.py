@@ -97,7 +97,7 @@ def _pixel_hash(image) -> str:
 def _read_split(path: Path, split: str, spec: DataSpec, report: DataReport, hashes: dict) -> ImageSet | None:
     """Decode one split of a file-based source into ``report``; the ImageSet, or None when nothing was read."""
     listing = _listing(path, split, spec)
-    decoded: Decoded = decode_files(listing.files, spec.decode_size, spec.resize, spec.cache)
+    decoded: Decoded = decode_files(listing.files, spec.decode_size, spec.resize, spec.cache, spec.workers)
     failed = [(_name(f, path), reason) for f, reason in decoded.failed]
     report.splits[split] = SplitReport(len(listing.files), len(decoded.kept), failed)
     for i, image, kind, native in zip(decoded.kept, decoded.images, decoded.kinds, decoded.native, strict=True):

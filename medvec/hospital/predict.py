@@ -60,6 +60,7 @@ class Source:
     decode_size: int | None = None  # each decoded file shrunk to fit (data.decode_size, the model's own)
     resize: str = "stretch"  # and made square so (data.resize, the model's own)
     cache: str | None = None  # data.cache: decoded files read from there when unchanged
+    workers: int = 1  # data.workers: processes that decode the files
 
 
 def _pixels(im) -> np.ndarray:
@@ -70,7 +71,7 @@ def _pixels(im) -> np.ndarray:
 def _file_chunks(files: list[Path], labels: np.ndarray | None, source: Source, chunk: int) -> Iterator[Chunk]:
     for start in range(0, len(files), chunk):
         part = files[start : start + chunk]
-        decoded = decode_files(part, source.decode_size, source.resize, source.cache)
+        decoded = decode_files(part, source.decode_size, source.resize, source.cache, source.workers)
         for f, reason in decoded.failed:
             warnings.warn(f"skipped {f}: not a readable image ({reason})", DataWarning, stacklevel=2)
         source.failed.extend(decoded.failed)
@@ -150,8 +151,12 @@ def set_source(data: ImageSet, chunk: int = CHUNK) -> Source:
 def _listing_source(
     files: list[Path], labels: np.ndarray | None, classes: list[str], chunk: int, spec: DataSpec
 ) -> Source:
-    source = Source(
-        len(files), classes, iter(()), "path", decode_size=spec.decode_size, resize=spec.resize, cache=spec.cache
+    source = Source(len(files), classes, iter(()), "path")
+    source.decode_size, source.resize, source.cache, source.workers = (
+        spec.decode_size,
+        spec.resize,
+        spec.cache,
+        spec.workers,
     )
     source.chunks = _file_chunks(files, labels, source, chunk)
     return source
