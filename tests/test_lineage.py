@@ -334,7 +334,8 @@ def test_medvec_card_is_the_champion_description_and_its_figures_are_the_merge_r
     total, mix = sum(i.n_train for i in record.inputs), [sum(i.label_counts[c] for i in record.inputs) for c in (0, 1)]
     assert total == sum(mix) and all(sum(i.label_counts) == i.n_train for i in record.inputs)
     assert f"{total} training images at 2 sites (label mix: malignant: {mix[0]}, normal, benign: {mix[1]})" in card
-    assert "Per-site counts are not shown" in card and record.inputs[0].vector_id not in card.split("## Privacy")[0]
+    assert "Per-site counts are not shown" in card and "input 1: trained without DP" in card
+    assert not any(i.vector_id in card or f"{i.hospital} " in card for i in record.inputs)  # no site named
     # a network that shares per-site figures (contribution.share) shows each site's count and label mix
     shared = record.model_copy(
         update={
@@ -347,6 +348,7 @@ def test_medvec_card_is_the_champion_description_and_its_figures_are_the_merge_r
     for i in record.inputs:
         row = f"| {i.hospital} | `{i.vector_id}` | {i.n_train} | malignant: {i.label_counts[0]}, normal, benign: {i.label_counts[1]} |"
         assert row in open_card and row not in card
+        assert f"- {i.hospital} `{i.vector_id}`: trained without DP" in open_card
     assert f"AUC {record.val['auc']:.4f}" in card and f"AUC {record.test['auc']:.4f}" in card
     op = record.operating_point
     assert (

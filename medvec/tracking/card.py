@@ -1,9 +1,12 @@
 """The model card of a registered version: markdown built from its merge record, never from hand-written text.
 
 It is every registered version's description (written when the gate has decided) and what ``medvec card
-NAME@alias`` prints: intended use and classes, the training sites with their counts and label mix (aggregates
-only), the merge, validation at the operating point (pooled and per site), test, DP ε per input, the signer, the
-gate and the limits.
+NAME@alias`` prints: intended use and classes, the training data (aggregates only), the merge, validation at the
+operating point, test, DP ε per input, the signer, the gate and the limits.
+
+Every member reads the registry, so what is one site's to tell (its name beside its vector, counts, label mix,
+ε and AUC) is in the card only where the network shares per-site figures (``contribution.share``, as
+``medvec hospital report`` does); otherwise the card gives the network's totals and each input by position.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _mix(counts, classes: list[str]) -> str:
 
 def _training_data(record: MergeRecord, reg: Registration) -> list[str]:
     """Images and label mix: per site where the network shares per-site figures (``contribution.share``), else
-    the network's totals only (no member learns another's counts from the card)."""
+    the network's totals only (no member learns another's counts from the card). Site names, vector ids and each
+    site's ε and AUC follow the same rule."""
     classes = _class_names(record, reg)
     total = sum(i.n_train for i in record.inputs)
     sites = len({i.hospital for i in record.inputs})
@@ -125,7 +129,8 @@ def _validation(record: MergeRecord) -> list[str]:
     ev = record.evaluation
     if ev.where == "hospitals":
         n = max((r.n for r in ev.rounds), default=0)
-        where = f"the hospitals' own validation splits ({', '.join(ev.sites()) or 'none'}; {n} images), pooled"
+        sites = ", ".join(ev.sites()) if record.params.contribution.share else f"{len(ev.sites())} sites"
+        where = f"the hospitals' own validation splits ({sites or 'none'}; {n} images), pooled"
     else:
         where = f"the coordinator's set `{md_inert(record.eval_set.source)}` ({record.eval_set.size} images)"
     lines = [f"On {where}: {_metrics_line(record.val) or 'no metrics'}."]
@@ -156,10 +161,13 @@ def _test_section(record: MergeRecord) -> list[str]:
 
 
 def _privacy(record: MergeRecord) -> list[str]:
+    """DP ε per input: named by site and vector with ``contribution.share``, else by position only (which site
+    trained with which budget is that site's to tell)."""
+    shared = record.params.contribution.share
     lines = [
-        f"- {md_inert(i.hospital)} `{i.vector_id}`: "
+        (f"- {md_inert(i.hospital)} `{i.vector_id}`: " if shared else f"- input {n}: ")
         + (f"DP-SGD, ε = {i.epsilon:.3g}" if i.epsilon is not None else "trained without DP")
-        for i in record.inputs
+        for n, i in enumerate(record.inputs, 1)
     ]
     return lines or ["No inputs."]
 
@@ -173,7 +181,8 @@ def _signature(reg: Registration) -> list[str]:
 def _limits(record: MergeRecord, reg: Registration) -> list[str]:
     chans, size, _ = reg.input_shape or (0, 0, 0)
     channels = "grey images repeated to 3 channels" if chans == 3 else f"{chans} channel(s)"
-    sites = ", ".join(sorted({md_inert(i.hospital) for i in record.inputs}))
+    names = sorted({md_inert(i.hospital) for i in record.inputs})
+    sites = ", ".join(names) if record.params.contribution.share else f"the network's {len(names)} contributing sites"
     resize = f"resized to {size} × {size} ({channels})" if size else "resized to the model's input size"
     return [
         f"- Input: every image is {resize}; fine detail in larger images is lost.",
