@@ -27,14 +27,10 @@ def draw_local_val(
 
     With ``groups`` (one per image: its patient, :meth:`~medvec.data.images.ImageSet.groups`), whole groups are
     held out, in a seeded order, until the split is as close to ``fraction`` of the images as whole groups allow:
-    no patient is on both sides. One group per image draws exactly the images the rule without groups draws.
+    no patient is on both sides. Without ``groups`` each image is its own group (the draw it has always been).
     """
     rng = np.random.default_rng(seed + 1)
-    if groups is None:
-        idx = rng.permutation(n)
-        n_val = round(n * fraction)
-        return np.sort(idx[n_val:]), np.sort(idx[:n_val])
-    return hold_out_groups(np.asarray(groups), round(n * fraction), rng)
+    return hold_out_groups(np.arange(n) if groups is None else np.asarray(groups), round(n * fraction), rng)
 
 
 def hold_out_groups(groups: np.ndarray, target: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +125,7 @@ def write_hospital_shards(
     hold-out) and ``meta.json`` with counts.  Returns the split summary.
     """
     train = load_split(source, "train", spec)
+    groups = train.groups()  # a patient's images stay together; without patients, each image is its own group
     parts = _hospital_parts(train, hospitals, scheme, alpha, seed, min_samples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,13 +140,8 @@ def write_hospital_shards(
         "hospitals": shares,
     }
     for name, idx in zip(names or hospital_names(hospitals), parts, strict=True):
-        if train.patients is None:
-            idx = rng.permutation(idx)
-            n_val = round(len(idx) * local_val_fraction)
-            tr, va = train.subset(np.sort(idx[n_val:])), train.subset(np.sort(idx[:n_val]))
-        else:  # whole patients to the local validation split
-            keep, held = hold_out_groups(train.groups()[idx], round(len(idx) * local_val_fraction), rng)
-            tr, va = train.subset(idx[keep]), train.subset(idx[held])
+        keep, held = hold_out_groups(groups[idx], round(len(idx) * local_val_fraction), rng)  # whole patients
+        tr, va = train.subset(idx[keep]), train.subset(idx[held])
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "data.tmp.npz"

@@ -33,8 +33,7 @@ class LocalData:
     ) -> "LocalData":
         """The local splits: ``val`` when the source has one, else drawn from ``train`` when ``draw_val``."""
         if val is None and draw_val and local_val_fraction > 0:
-            groups = train.groups() if train.patients is not None else None  # a patient on one side only
-            keep, held = draw_local_val(len(train), local_val_fraction, seed, groups)
+            keep, held = draw_local_val(len(train), local_val_fraction, seed, train.groups())  # a patient on one side
             return cls(train.subset(keep), train.subset(held))
         return cls(train, val)
 
