@@ -57,21 +57,6 @@ class InputError(UserError, ValueError):
     """A request the model cannot read; the message is one line naming the row."""
 
 
-def decode_image_bytes(data: bytes) -> np.ndarray:
-    """uint8 pixels (H × W, or H × W × 3 for colour) of a PNG, JPEG or DICOM file's bytes, read as training reads
-    files (:func:`medvec.data.images.decode_files`). Raises ValueError or OSError with a short reason."""
-    from PIL import Image
-
-    from medvec.data.dicom import read_dicom
-    from medvec.data.images import GRAY_MODES
-
-    if data[128:132] == b"DICM":
-        return read_dicom(io.BytesIO(data))
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"), dtype=np.uint8)
-
-
 def pixels_to_uint8(value: Any) -> np.ndarray:
     """A raw image (nested lists or an array, H × W or H × W × 3) as uint8: 8-bit values kept, [0, 1] floats × 255."""
     try:
@@ -102,17 +87,14 @@ def pixels_to_uint8(value: Any) -> np.ndarray:
 def images_to_batch(images: list[np.ndarray], spec: ModelSpec) -> torch.Tensor:
     """uint8 images of any sizes and channels → one model-ready batch, in order (same-shaped ones together)."""
     flat = [im[..., 0] if im.ndim == 3 and im.shape[2] == 1 else im for im in images]
-    if len({im.shape for im in flat}) == 1:  # the common case: one stack, no copies beyond to_tensor's
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(flat):
+        by_shape.setdefault(im.shape, []).append(i)
+    if len(by_shape) == 1:  # the common case: one stack, no copies beyond to_tensor's
         return to_tensor(np.stack(flat), spec)
     out = torch.empty((len(images), spec.in_chans, spec.image_size, spec.image_size))
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(images):
-        by_shape.setdefault(im.shape if im.ndim == 2 or im.shape[2] != 1 else im.shape[:2], []).append(i)
     for index in by_shape.values():
-        stack = np.stack(
-            [images[i] if images[i].ndim == 2 or images[i].shape[2] != 1 else images[i][..., 0] for i in index]
-        )
-        out[index] = to_tensor(stack, spec)
+        out[index] = to_tensor(np.stack([flat[i] for i in index]), spec)
     return out.contiguous(memory_format=torch.channels_last)
 
 
@@ -136,20 +118,24 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, str) and value == "")
 
 
-def _row_image(row: int, column: str, value: Any) -> np.ndarray:
-    """Row ``row``'s raw image from its ``image`` or ``pixels`` cell, as uint8."""
+def _row_image(row: int, column: str, value: Any):
+    """Row ``row``'s raw image from its ``image`` or ``pixels`` cell, as a PIL image (a file's bytes read by
+    training's own reader, :func:`medvec.data.images.read_image`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from medvec.data.images import read_image
+
     if column == "pixels":
-        return pixels_to_uint8(value)
+        pixels = pixels_to_uint8(value)
+        return Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
     if not isinstance(value, (str, bytes)):
         raise ValueError(f"'image' holds a {type(value).__name__}, not base64 text")
     try:
         data = base64.b64decode(value, validate=True) if isinstance(value, str) else value
     except (binascii.Error, ValueError):
         raise ValueError("'image' is not valid base64") from None
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        return decode_image_bytes(data)
+        return read_image(io.BytesIO(data))[0]
     except UnidentifiedImageError:
         raise ValueError("not a readable PNG, JPEG or DICOM file (an unknown image format)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # truncated, corrupt, too many pixels
@@ -157,23 +143,12 @@ def _row_image(row: int, column: str, value: Any) -> np.ndarray:
         raise ValueError(f"not a readable PNG, JPEG or DICOM file ({first})") from None
 
 
-def as_decoded(pixels: np.ndarray, max_side: int | None, resize: str | None = None) -> np.ndarray:
-    """Raw uint8 pixels made square and shrunk as a decoded file is (:func:`medvec.data.images.square` by
-    ``data.resize``, then :func:`~medvec.data.images.shrink` to ``data.decode_size``)."""
-    h, w = pixels.shape[:2]
-    if (resize in (None, "stretch") or h == w) and (max_side is None or max(h, w) <= max_side):
-        return pixels
-    from PIL import Image
-
-    from medvec.data.images import shrink, square
-
-    image = Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
-    return np.asarray(shrink(square(image, resize or "stretch"), max_side))
-
-
 def frame_to_batch(frame, spec: ModelSpec, max_side: int | None = None, resize: str | None = None) -> torch.Tensor:
     """The model-ready batch of a request (a DataFrame with one of :data:`COLUMNS` filled per row); raw images are
-    made square by ``resize`` and shrunk to fit ``max_side`` first, as training reads decoded files."""
+    made square by ``resize`` and shrunk to fit ``max_side`` first (:func:`medvec.data.images.fit`), as training
+    reads decoded files."""
+    from medvec.data.images import fit
+
     known = [c for c in COLUMNS if c in frame.columns]
     unknown = [str(c) for c in frame.columns if c not in COLUMNS]
     if unknown or not known:
@@ -197,7 +172,7 @@ def frame_to_batch(frame, spec: ModelSpec, max_side: int | None = None, resize: 
                 tensors[row] = _tensor(value, spec)
                 where.append(("tensor", row))
             else:
-                raw.append(as_decoded(_row_image(row, column, value), max_side, resize))
+                raw.append(np.asarray(fit(_row_image(row, column, value), max_side, resize or "stretch")))
                 where.append(("raw", len(raw) - 1))
         except ValueError as exc:
             raise InputError(f"row {row} ('{column}'): {exc}") from None

@@ -53,8 +53,14 @@ class DicomReadError(ValueError):
     """A DICOM file could not be turned into pixels; the message is a short reason without tag values or path."""
 
 
-def is_dicom(path: PathLike) -> bool:
-    """True when the file has the DICOM Part 10 signature: ``b"DICM"`` at bytes 128..131 (content, not extension)."""
+def is_dicom(path: Source) -> bool:
+    """True when the file (or bytes in memory, read from where they stand and left there) has the DICOM Part 10
+    signature: ``b"DICM"`` at bytes 128..131 (content, not extension)."""
+    if not isinstance(path, (str, os.PathLike)):
+        where = path.tell()
+        head = path.read(132)
+        path.seek(where)
+        return len(head) == 132 and head[128:132] == b"DICM"
     try:
         with open(path, "rb") as f:
             head = f.read(132)

@@ -7,7 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -190,8 +190,8 @@ class ImageSet:
         )
 
 
-def _read_image(path: Path) -> tuple[Image.Image, str, str]:
-    """The decoded image at ``path``, its kind (``PNG``, ``JPEG``, ``DICOM CT``...), detected by content, and its
+def read_image(path: Path | BinaryIO) -> tuple[Image.Image, str, str]:
+    """The decoded image at ``path`` (or in a file's bytes), its kind (``PNG``, ``JPEG``, ``DICOM CT``...), detected by content, and its
     patient (DICOM PatientID; "" when the file does not say).
 
     Raises OSError or ValueError when it is not a readable image.
@@ -247,23 +247,25 @@ def square(image: Image.Image, resize: str) -> Image.Image:
     raise DataError(f"unknown data.resize {resize!r}: valid are {', '.join(RESIZE_MODES)}")
 
 
-def shrink(image: Image.Image, max_side: int | None) -> Image.Image:
-    """``image`` in the mode training reads it (grey or RGB), shrunk to fit in ``max_side`` × ``max_side`` with its
-    aspect kept (Pillow's ``thumbnail``) when its longer side is larger; as it is otherwise."""
-    if max_side is None or max(image.size) <= max_side:
-        return image
-    small = image.convert("L" if image.mode in GRAY_MODES else "RGB")
-    small.thumbnail((max_side, max_side))
-    return small
+def as_read(image: Image.Image) -> Image.Image:
+    """``image`` in the mode training reads it: grey (:data:`GRAY_MODES`) or RGB."""
+    return image.convert("L" if image.mode in GRAY_MODES else "RGB")
+
+
+def fit(image: Image.Image, max_side: int | None, resize: str) -> Image.Image:
+    """A decoded image as training keeps it: made square by ``resize``, grey or RGB (a new image), and shrunk to
+    fit in ``max_side`` × ``max_side`` with its aspect kept (Pillow's ``thumbnail``) when its longer side is larger.
+    Files (:func:`decode_files`) and a served model's raw images (:mod:`medvec.serving`) both go through it."""
+    image = as_read(square(image, resize))  # convert copies: the caller's image is never changed
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side))
+    return image
 
 
 def _decode_one(path: Path, max_side: int | None, resize: str) -> tuple[Image.Image, str, tuple[int, int], str]:
-    """One file decoded, made square, shrunk and in the mode training reads (grey or RGB): (image, kind, the size
-    as stored, patient)."""
-    image, kind, patient = _read_image(path)
-    native = image.size
-    image = shrink(square(image, resize), max_side)
-    return image.convert("L" if image.mode in GRAY_MODES else "RGB"), kind, native, patient
+    """One file decoded and :func:`fit`: (image, kind, the size as stored, patient)."""
+    image, kind, patient = read_image(path)
+    return fit(image, max_side, resize), kind, image.size, patient
 
 
 @dataclass(frozen=True)
@@ -320,9 +322,8 @@ def decode_files(
     cache: str | Path | None = None,
     workers: int = 1,
 ) -> Decoded:
-    """Decode every file (PNG, JPEG or DICOM, by content), each made square by ``resize`` (:func:`square`) and
-    shrunk at once to fit in ``max_side`` (:func:`shrink`, ``data.decode_size``) so that no full-size image is
-    kept; unreadable ones are recorded. With ``cache`` (``data.cache``), a file decoded before with the same bytes
+    """Decode every file (PNG, JPEG or DICOM, by content), each :func:`fit` at once (made square by ``resize``,
+    shrunk to ``max_side``, ``data.decode_size``) so that no full-size image is kept; unreadable ones are recorded. With ``cache`` (``data.cache``), a file decoded before with the same bytes
     and settings is read from there (:mod:`medvec.data.cache`); with ``workers`` > 1 (``data.workers``), files are
     decoded in that many processes, in order."""
     from PIL import Image

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from medvec.data.images import (
-    GRAY_MODES,
     IMAGE_SUFFIXES,
     DataError,
     DataSpec,
@@ -63,11 +62,6 @@ class Source:
     workers: int = 1  # data.workers: processes that decode the files
 
 
-def _pixels(im) -> np.ndarray:
-    """A decoded PIL image as uint8 pixels, grayscale or RGB as training reads it."""
-    return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"), dtype=np.uint8)
-
-
 def _file_chunks(files: list[Path], labels: np.ndarray | None, source: Source, chunk: int) -> Iterator[Chunk]:
     for start in range(0, len(files), chunk):
         part = files[start : start + chunk]
@@ -78,7 +72,7 @@ def _file_chunks(files: list[Path], labels: np.ndarray | None, source: Source, c
         kept = [start + i for i in decoded.kept]
         yield Chunk(
             [str(files[i]) for i in kept],
-            [_pixels(im) for im in decoded.images],
+            [np.asarray(im) for im in decoded.images],  # grey or RGB uint8, as decode_files keeps them
             labels[kept] if labels is not None else None,
             len(part),
         )
