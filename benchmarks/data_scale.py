@@ -2,20 +2,22 @@
 
 It writes N synthetic 2,048 × 2,048 DICOM files (16 bits stored, a VOI window; medvec's own writer,
 :func:`medvec.data.dicom.write_dicom`, over upscaled PneumoniaMNIST images so they look like X-rays) and a CSV
-manifest, then reads the manifest's training split the way a hospital's fine-tune does
-(:meth:`medvec.hospital.local.LocalData.load`) in a fresh process per run, and reports that process's peak RSS and
-images per second:
+manifest, then, in a fresh process per run, reads the manifest's training split the way a hospital's fine-tune does
+(:meth:`medvec.hospital.local.LocalData.load`) and runs one epoch of its batches (:func:`medvec.preprocess.predecode`
+and :func:`~medvec.preprocess.batches`, as :mod:`medvec.hospital.train` does, without the model), and reports that
+process's peak RSS and the read's images per second:
 
-* ``decode_size 256`` (``data.decode_size``, the default): each file shrunk to fit 256 × 256 as soon as it is
-  decoded;
-* ``full size``: the files kept as decoded (what medvec did before ``data.decode_size``).
-
+* ``decode_size 64 (the model's, default)``: each file shrunk to the model's input size as soon as it is decoded
+  (``data.decode_size`` left null);
+* ``decode_size 256``: a larger cache size (the model's resize then runs per batch);
+* ``full size``: the files kept as decoded (what medvec did before ``data.decode_size``);
 * ``cache, first pass`` and ``second pass``: with ``data.cache`` (a fresh folder), read twice, each in its own
-  process; the second decodes nothing.
+  process; the second decodes nothing;
+* ``2 workers``: ``data.workers: 2`` (this machine has 2 cores).
 
-The bare loop is ``pydicom.dcmread`` + ``pixel_array`` + a PIL resize to 256 × 256 per file, no medvec, in one
-process: the floor of decoding these files on one core. ``decode_size 256, 2 workers`` decodes in two processes
-(``data.workers``; this machine has 2 cores).
+The bare loop is ``pydicom.dcmread`` + ``pixel_array`` + pydicom's VOI window + a PIL resize to 64 × 64 per file,
+no medvec, in one process: the floor of decoding these files on one core. Each child imports its libraries before
+its clock starts, as the bare loop does.
 
     python benchmarks/data_scale.py [--sizes 200 2000] [--side 2048] [--full-size-up-to 400]
 
@@ -23,7 +25,8 @@ The full-size run keeps about 12 MB per file, so it runs only up to ``--full-siz
 some 25 GB of memory); the default sizes are the issue's, 200 and 2,000 (16 GB of files on disk while they run).
 
 Writes ``benchmarks/results/data_scale.json`` (headline: the peak-RSS growth from the smallest to the largest N
-with ``decode_size``, and without it) and ``.md``. The files go to a temporary folder, removed afterwards.
+at the default decode size, at 256 and at full size) and ``.md``. The files go to a temporary folder, removed
+afterwards.
 """
 
 from __future__ import annotations
@@ -46,17 +49,32 @@ from common import ROOT, table, write
 
 READ = """
 import json, resource, sys, time
+import PIL.Image, pydicom, torch  # imported before the clock starts, as they are in a worker that has run before
+import medvec.data.dicom
 from medvec.data.images import DataSpec
 from medvec.hospital.local import LocalData
+from medvec.models import ModelSpec
+from medvec.preprocess import batches, predecode
+torch.set_num_threads(1)
 manifest, decode_size = sys.argv[1], (None if sys.argv[2] == "none" else int(sys.argv[2]))
 cache = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "none" else None
 workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+model = ModelSpec("efficientnet_lite0", 64, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the demo's model input
+spec = DataSpec(classes=("normal", "pneumonia"), decode_size=decode_size, cache=cache, workers=workers)
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * resource.getpagesize() / 2**20  # resident after the imports
 start = time.perf_counter()
-local = LocalData.load(manifest, DataSpec(classes=("normal", "pneumonia"), decode_size=decode_size, cache=cache, workers=workers), local_val_fraction=0.1, seed=0)
+local = LocalData.load(manifest, spec, local_val_fraction=0.1, seed=0)
 seconds = time.perf_counter() - start
+decoded = predecode(local.train, model)  # a fine-tune epoch's data path, as medvec.hospital.train runs it
+for x, y in batches(local.train, model, 64, shuffle=True, seed=0, augment_data=True, decoded=decoded):
+    pass
 n = len(local.train) + len(local.val)
-print(json.dumps({"images": n, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "kept_mb": (local.train.images.nbytes + local.val.images.nbytes) / 2**20}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"images": n, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "data_mb": peak - before,
+                  "kept_mb": (local.train.images.nbytes + local.val.images.nbytes) / 2**20,
+                  "float_copy_mb": 0 if decoded is None else decoded.numel() * 4 / 2**20,
+                  "epoch_seconds": time.perf_counter() - start - seconds}))
 """
 
 
@@ -83,8 +101,14 @@ def read_in_child(manifest: Path, decode_size: int | None, cache: Path | None = 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bare_loop(folder: Path, n: int, size: int = 256) -> float:
-    """Images per second of pydicom + PIL alone: read, window (pydicom's apply_voi_lut), resize."""
+MODEL_SIZE = 64  # the demo's model input, which data.decode_size defaults to
+DEFAULT = f"decode_size {MODEL_SIZE} (the model's, default)"
+LARGER = "decode_size 256"
+FIRST, SECOND, WORKERS, BARE = "cache, first pass", "cache, second pass", "2 workers", "bare pydicom + PIL"
+
+
+def bare_loop(folder: Path, n: int, size: int = MODEL_SIZE) -> float:
+    """Images per second of pydicom + PIL alone: read, window (pydicom's apply_voi_lut), resize to ``size``."""
     import pydicom
     from PIL import Image
     from pydicom.pixels import apply_voi_lut
@@ -97,6 +121,45 @@ def bare_loop(folder: Path, n: int, size: int = 256) -> float:
         arr = np.clip((arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6) * 255, 0, 255).astype(np.uint8)
         Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR)
     return len(files) / (time.perf_counter() - start)
+
+
+def runs_for(n: int, full_size_up_to: int, scratch: Path) -> list[tuple[str, int | None, Path | None, int]]:
+    """(label, decode size, cache folder, workers) of each read of the N-file export."""
+    runs: list[tuple[str, int | None, Path | None, int]] = [(DEFAULT, MODEL_SIZE, None, 1), (LARGER, 256, None, 1)]
+    if n <= full_size_up_to:
+        runs.append(("full size", None, None, 1))
+    cache = scratch / f"cache{n}"
+    return runs + [(FIRST, MODEL_SIZE, cache, 1), (SECOND, MODEL_SIZE, cache, 1), (WORKERS, MODEL_SIZE, None, 2)]
+
+
+def headline_of(rows: list[dict], sizes: list[int], full_size_up_to: int, side: int) -> dict:
+    small, large = min(sizes), max(sizes)
+
+    def get(n: int, path: str, key: str) -> float:
+        return next(r[key] for r in rows if r["files"] == n and r["path"] == path)
+
+    def growth(path: str, ns: list[int]) -> float | None:
+        return round(get(ns[-1], path, "peak_rss_mb") / get(ns[0], path, "peak_rss_mb"), 3) if len(ns) > 1 else None
+
+    full = sorted(n for n in sizes if n <= full_size_up_to)
+    speed = lambda path: get(large, path, "images_per_s")  # noqa: E731
+    return {
+        "files": [small, large],
+        "side": side,
+        "peak_rss_growth": growth(DEFAULT, [small, large]),
+        "peak_rss_mb": [round(get(n, DEFAULT, "peak_rss_mb"), 1) for n in (small, large)],
+        "data_mb": [round(get(n, DEFAULT, "data_mb"), 1) for n in (small, large)],
+        "peak_rss_growth_decode_256": growth(LARGER, [small, large]),
+        "peak_rss_growth_full_size": growth("full size", full),
+        "full_size_files": full,
+        "ratio_to_bare": round(speed(DEFAULT) / speed(BARE), 3),
+        "ratio_to_bare_cache_first_pass": round(speed(FIRST) / speed(BARE), 3),
+        "cached_speedup": round(speed(SECOND) / speed(FIRST), 1),
+        "two_workers_speedup": round(speed(WORKERS) / speed(DEFAULT), 2),
+        "goal_growth": 1.2,
+        "goal_ratio_to_bare": 0.9,
+        "goal_cached_speedup": 10,
+    }
 
 
 def main() -> None:
@@ -113,49 +176,28 @@ def main() -> None:
             folder.mkdir()
             t = time.perf_counter()
             manifest = write_export(folder, n, args.side)
-            written = time.perf_counter() - t
-            runs: list[tuple[str, int | None, Path | None]] = [("decode_size 256", 256, None)]
-            if n <= args.full_size_up_to:
-                runs.append(("full size", None, None))
-            runs += [
-                ("cache, first pass", 256, scratch / f"cache{n}"),
-                ("cache, second pass", 256, scratch / f"cache{n}"),
-            ]
-            runs.append(("decode_size 256, 2 workers", 256, None))
-            for label, decode_size, cache in runs:
-                got = read_in_child(manifest, decode_size, cache, 2 if "2 workers" in label else 1)
+            print(f"N={n}: written in {time.perf_counter() - t:.0f} s", flush=True)
+            for label, decode_size, cache, workers in runs_for(n, args.full_size_up_to, scratch):
+                got = read_in_child(manifest, decode_size, cache, workers)
                 rows.append({"files": n, "path": label, **got, "images_per_s": got["images"] / got["seconds"]})
-            rows.append({"files": n, "path": "bare pydicom + PIL", "images_per_s": bare_loop(folder, min(n, 100))})
-            print(f"N={n}: written in {written:.0f} s; {rows[-6:]}", flush=True)
+                print(f"  {rows[-1]}", flush=True)
+            rows.append({"files": n, "path": BARE, "images_per_s": bare_loop(folder, min(n, 300))})
             shutil.rmtree(folder)
+            shutil.rmtree(scratch / f"cache{n}", ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    small, large = min(args.sizes), max(args.sizes)
-
-    def rss(n: int, path: str) -> float:
-        return next(r["peak_rss_mb"] for r in rows if r["files"] == n and r["path"] == path)
-
-    full = sorted(n for n in args.sizes if n <= args.full_size_up_to)
-
-    def speed(n: int, path: str) -> float:
-        return next(r["images_per_s"] for r in rows if r["files"] == n and r["path"] == path)
-
-    headline = {
-        "files": [small, large],
-        "side": args.side,
-        "peak_rss_growth_decode_size": round(rss(large, "decode_size 256") / rss(small, "decode_size 256"), 3),
-        "peak_rss_growth_full_size": round(rss(full[-1], "full size") / rss(full[0], "full size"), 3) if full else None,
-        "full_size_files": full,
-        "peak_rss_mb_decode_size": [round(rss(n, "decode_size 256"), 1) for n in (small, large)],
-        "peak_rss_mb_full_size": [round(rss(n, "full size"), 1) for n in full],
-        "ratio_to_bare": round(speed(large, "decode_size 256") / speed(large, "bare pydicom + PIL"), 3),
-        "cached_speedup": round(speed(large, "cache, second pass") / speed(large, "cache, first pass"), 1),
-        "two_workers_speedup": round(speed(large, "decode_size 256, 2 workers") / speed(large, "decode_size 256"), 2),
-        "goal_cached_speedup": 10,
-        "goal_growth": 1.2,
-        "goal_ratio_to_bare": 0.9,
-    }
-    cols = ["files", "path", "images", "seconds", "images_per_s", "peak_rss_mb", "kept_mb"]
+    headline = headline_of(rows, args.sizes, args.full_size_up_to, args.side)
+    cols = [
+        "files",
+        "path",
+        "images",
+        "seconds",
+        "images_per_s",
+        "epoch_seconds",
+        "peak_rss_mb",
+        "kept_mb",
+        "float_copy_mb",
+    ]
     markdown = "\n".join(
         [
             "# data_scale",

@@ -69,12 +69,18 @@ class ModelConfig(_Frozen):
         return names
 
 
+NATIVE_DECODE_SIZE = 256  # data.decode_size for a model at its native input size (224 for most ImageNet models)
+
+
 class DataConfig(_Frozen):
     """How image files are read (image folders and CSV manifests)."""
 
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="share of a split's files that may be unreadable")
-    decode_size: int = Field(
-        256, ge=16, description="a decoded file larger than this on its longer side is shrunk to fit, aspect kept"
+    decode_size: int | None = Field(
+        None,
+        ge=16,
+        description="a decoded file larger than this on its longer side is shrunk to fit, aspect kept (null: the "
+        "model's input size, model.image_size, or 256 for a model at its native size)",
     )
     workers: int = Field(1, ge=1, description="processes that decode image files (one: in the reading process)")
     cache: str | None = Field(
@@ -386,6 +392,20 @@ class Params(_Frozen):
     hospital: HospitalConfig = HospitalConfig()
     refine: RefineConfig = RefineConfig()
     demo: DemoConfig = DemoConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decode_at_model_size(cls, values: Any) -> Any:
+        """``data.decode_size`` left null becomes the model's input size (:data:`NATIVE_DECODE_SIZE` when the model
+        keeps its native size), here once, so the hospital, the record and the served model all hold the number."""
+        if not isinstance(values, dict):
+            return values
+        data, model = values.get("data") or {}, values.get("model") or {}
+        data = data.model_dump() if isinstance(data, BaseModel) else dict(data)
+        if data.get("decode_size") is None:
+            size = model.image_size if isinstance(model, BaseModel) else dict(model).get("image_size")
+            data["decode_size"] = size or NATIVE_DECODE_SIZE
+        return {**values, "data": data}
 
     def with_absolute_paths(self, base: Path | None = None) -> Params:
         """These params with every local file or folder they name made absolute against ``base`` (the working

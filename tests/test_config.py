@@ -41,3 +41,15 @@ def test_bad_overrides_name_the_problem(root):
 
 def test_missing_file_gives_defaults(tmp_path):
     assert load_params(tmp_path / "none.yaml").batchnorm.strategy == "recompute"
+
+
+def test_decode_size_left_null_is_the_model_s_input_size(root):
+    """data.decode_size null: the model's input size (model.image_size), 256 for a model at its native size; a
+    number given wins. Resolved once in Params, so the record and the registered model hold the number."""
+    from medvec.config import NATIVE_DECODE_SIZE, Params
+
+    assert load_params(root / "params.yaml").data.decode_size == 64  # the shipped params: model.image_size 64
+    assert Params().data.decode_size == NATIVE_DECODE_SIZE == 256
+    assert Params.model_validate({"model": {"image_size": 96}}).data.decode_size == 96
+    assert Params.model_validate({"model": {"image_size": 96}, "data": {"decode_size": 300}}).data.decode_size == 300
+    assert Params.model_validate(Params().model_dump()).data.decode_size == 256  # a dumped record reads back

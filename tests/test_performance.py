@@ -21,7 +21,7 @@ def spec():
 
 def _images(n=37, seed=0) -> ImageSet:
     rng = np.random.default_rng(seed)
-    return ImageSet(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 2, n), ["a", "b"])
+    return ImageSet(rng.integers(0, 256, (n, 32, 32), dtype=np.uint8), rng.integers(0, 2, n), ["a", "b"])
 
 
 def test_batches_from_predecoded_images_equal_batches_decoded_each_step(spec):
@@ -42,6 +42,8 @@ def test_predecode_keeps_to_its_budget(spec):
     assert predecode(data, spec, budget=37 * per_image) is not None
     assert predecode(data, spec, budget=37 * per_image - 1) is None
     assert predecode(_images(0), spec) is None
+    at_size = ImageSet(np.zeros((5, spec.image_size, spec.image_size), np.uint8), np.zeros(5), ["a", "b"])
+    assert predecode(at_size, spec) is None  # already at the model's size: nothing to save by preprocessing once
 
 
 def test_batches_are_channels_last_with_the_same_values(spec):

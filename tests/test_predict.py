@@ -273,7 +273,7 @@ def test_hospital_monitor_reads_inverted_images_as_drift_and_logs_only_aggregate
 
 
 def test_a_large_image_is_shrunk_once_at_decode_the_same_way_for_a_file_and_a_served_request(spec, tmp_path):
-    """data.decode_size: a file larger than it keeps only a copy that fits (aspect kept); a served raw image or
+    """data.decode_size: a file larger than it keeps only a copy that fits (stretch: each side capped); a served raw image or
     file is shrunk the same way, so both reach the model as the same tensor."""
     from PIL import Image
 
@@ -285,7 +285,7 @@ def test_a_large_image_is_shrunk_once_at_decode_the_same_way_for_a_file_and_a_se
     Image.fromarray(wide).save(tmp_path / "wide.png")
     write_dicom(tmp_path / "big.dcm", np.ascontiguousarray(wide[:, :300]), window=(128, 256))
     decoded = decode_files([tmp_path / "wide.png", tmp_path / "big.dcm"], max_side=256)
-    assert decoded.native == [(600, 300), (300, 300)] and [im.size for im in decoded.images] == [(256, 128), (256, 256)]
+    assert decoded.native == [(600, 300), (300, 300)] and [im.size for im in decoded.images] == [(256, 256), (256, 256)]
     full = decode_files([tmp_path / "wide.png"])
     assert full.images[0].size == (600, 300)  # without a decode size: the file as stored
     from_file = to_tensor(stack_images(decoded.images[:1]), spec)
@@ -310,7 +310,7 @@ def test_pad_and_center_crop_make_a_non_square_file_square_without_stretching_it
     (pad,) = decode_files([tmp_path / "wide.png"], 256, "pad").images
     (crop,) = decode_files([tmp_path / "wide.png"], 256, "center_crop").images
     (stretch,) = decode_files([tmp_path / "wide.png"], 256, "stretch").images
-    assert pad.size == crop.size == (256, 256) and stretch.size == (256, 128)
+    assert pad.size == crop.size == stretch.size == (256, 256)
     pad_px, crop_px = np.asarray(pad), np.asarray(crop)
     assert (pad_px[:60] == 0).all() and (pad_px[-60:] == 0).all()  # the black bands above and below
     assert pad_px[128, 10] > 150 and pad_px[128, 128] < 100  # the light sides and the dark middle kept

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1  # bump when decoding or shrinking changes what a file decodes to
+VERSION = 2  # bump when decoding or shrinking changes what a file decodes to
 
 
 @dataclass(frozen=True)

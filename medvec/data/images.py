@@ -254,11 +254,18 @@ def as_read(image: Image.Image) -> Image.Image:
 
 def fit(image: Image.Image, max_side: int | None, resize: str) -> Image.Image:
     """A decoded image as training keeps it: made square by ``resize``, grey or RGB (a new image), and shrunk to
-    fit in ``max_side`` × ``max_side`` with its aspect kept (Pillow's ``thumbnail``) when its longer side is larger.
+    fit in ``max_side`` × ``max_side`` when its longer side is larger: its aspect kept (Pillow's ``thumbnail``), but
+    for ``stretch``, which stretches it to a square anyway, each side capped at ``max_side`` on its own.
     Files (:func:`decode_files`) and a served model's raw images (:mod:`medvec.serving`) both go through it."""
     image = as_read(square(image, resize))  # convert copies: the caller's image is never changed
-    if max_side is not None and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side))
+    w, h = image.size
+    if max_side is None or max(w, h) <= max_side:
+        return image
+    if resize == "stretch" and w != h:  # stretched anyway: each side shrunk on its own, none below the model's
+        from PIL import Image as PILImage
+
+        return image.resize((min(w, max_side), min(h, max_side)), PILImage.Resampling.BICUBIC, reducing_gap=2.0)
+    image.thumbnail((max_side, max_side))
     return image
 
 
@@ -300,19 +307,32 @@ def _decode_entry(path: Path, how: _How):
 
 
 PARALLEL_MIN = 16  # files per worker process below which starting the processes costs more than they save
+PROGRESS_MIN = 500  # files from which decoding shows a progress bar (on stderr)
 
 
 def _decode_all(files: list[Path], how: _How, workers: int) -> list:
-    """:func:`_decode_entry` of every file, in order: in this process, or in ``workers`` processes."""
-    if workers <= 1 or len(files) < PARALLEL_MIN * workers:
-        return [_decode_entry(f, how) for f in files]
-    import itertools
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """:func:`_decode_entry` of every file, in order: in this process, or in ``workers`` processes; with a progress
+    bar from :data:`PROGRESS_MIN` files."""
+    from tqdm import tqdm
 
-    context = multiprocessing.get_context("forkserver")  # not fork: the parent may hold torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(_decode_entry, files, itertools.repeat(how), chunksize=4))
+    bar = tqdm(total=len(files), desc="decode", unit="file", disable=len(files) < PROGRESS_MIN, leave=False)
+    with bar:
+        if workers <= 1 or len(files) < PARALLEL_MIN * workers:
+            return [_counted(_decode_entry(f, how), bar) for f in files]
+        import itertools
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("forkserver")  # not fork: the parent may hold torch's threads
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = pool.map(_decode_entry, files, itertools.repeat(how), chunksize=4)
+            return [_counted(got, bar) for got in results]
+
+
+def _counted(result, bar):
+    """``result``, one more file on ``bar``."""
+    bar.update()
+    return result
 
 
 def decode_files(
