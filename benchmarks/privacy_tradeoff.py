@@ -1,29 +1,39 @@
-"""The privacy–accuracy trade-off of DP-SGD at the hospitals, and a membership-inference check.
+"""The privacy–accuracy trade-off of DP-SGD at the hospitals, by what DP trains, and a membership-inference attack
+that can succeed.
 
-On the demo configuration (PneumoniaMNIST, 4 hospitals, Dirichlet α = 0.5, EfficientNet-Lite0
-at 64 px) for each target ε (∞ = ordinary fine-tuning, BN trained and recalibrated) and each
-seed (the seed changes the hospital split and the training):
+On the demo configuration (PneumoniaMNIST, 4 hospitals, Dirichlet α = 0.5, EfficientNet-Lite0 at 64 px), for each
+``privacy.trainable`` mode (``head``, ``bn_affine``, ``all``), each target ε (∞: the same recipe without noise,
+gradients still clipped) and each seed (the seed changes the hospital split and the training):
 
-* every hospital fine-tunes θ_pre with DP-SGD at that ε (medvec's own path: ``privacy.enabled``);
-* each hospital's own model and the merge (``merge.method``, λ chosen on validation, BN
-  ``average``, since DP hospitals send no moment sums) are scored on the official test split;
-* a membership-inference attack on the first hospital's own model: its training images
-  (members) against as many images from the other hospitals' shares with the same label
-  counts (non-members, never seen by that model). Two scores: the loss-threshold attack
-  (lower loss → member) and a shadow-free reference attack (the drop in loss from θ_pre
-  to the hospital's model). The attack AUC is reported; 0.5 is chance.
+* every hospital runs DP-SGD from θ_pre with the mode's recipe (:data:`RECIPES`: epochs, Poisson batch, EMA;
+  the learning rate and clipping norm chosen on **public** data, BreastMNIST, by ``--tune``:
+  :func:`medvec.hospital.privacy.tune_on_public`, written to ``privacy_tuning.json`` and read from there);
+* the vectors go through medvec's own file format (a partial vector carries only its trained tensors, and reads
+  as zero elsewhere) and are merged (``merge.method``, λ chosen on validation, BN ``average``); the merge and each
+  hospital's own model are scored on the official test split, the merge also at the operating point chosen on
+  validation (balanced accuracy);
+* the reference is the demo's ordinary fine-tune without DP (mode ``none``).
 
-    python benchmarks/privacy_tradeoff.py                       # ε 1 3 8 ∞, seeds 0 1 2, 1 epoch
-    python benchmarks/privacy_tradeoff.py --epsilons 3 inf --seeds 0 --epochs 2
+The attack (``--attack``) runs in a setting built to leak: a small hospital (``--attack-members`` images of hospital
+1) trained for ``--attack-epochs`` epochs, at ε = 3 and ∞. Members are its images; non-members as many images of the
+other hospitals with the same label counts. Three scores: the loss threshold, the loss drop from θ_pre, and offline
+LiRA (Carlini et al. 2022) with ``--shadows`` shadow models trained the same way on population images that are
+neither: the target's logit-scaled confidence in the true label against the shadows' (one Gaussian per image,
+one variance for all, as the paper advises with few shadows).
 
-Writes ``benchmarks/results/privacy_tradeoff.{json,md,png}``. Fine-tunes run for
-``--epochs`` (default 1, not the demo's 2: DP-SGD's per-sample gradients run at about
-35 images/s on 2 CPU cores, and the whole benchmark must fit in about 30 minutes).
+    python benchmarks/privacy_tradeoff.py --tune                       # the public tuning (BreastMNIST)
+    python benchmarks/privacy_tradeoff.py                              # modes × ε 1 3 8 ∞ × seeds 0 1 2, attack
+    python benchmarks/privacy_tradeoff.py --modes head --epsilons 3 inf --seeds 0
+
+Resumable: each (mode, ε, seed) result is written to ``benchmarks/results/privacy_runs/`` when it finishes, named by
+a hash of its settings, and a rerun skips what exists. Writes ``benchmarks/results/privacy_tradeoff.{json,md,png}``
+from every stored result of the current settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -31,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +88,56 @@ def attack_aucs(model, base, members: ImageSet, outsiders: ImageSet) -> dict:
     return {"loss": float(roc_auc_score(y, -loss)), "reference": float(roc_auc_score(y, ref - loss))}
 
 
-def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, evalsets: scoring.EvalSets) -> dict:
-    """One (seed, ε): four hospitals fine-tune, then singles, the merge and the attack are scored."""
+MODES = ("head", "bn_affine", "all")
+# The DP recipe of each mode (privacy.*): epochs and the Poisson batch set so that each hospital takes many steps
+# (head and bn_affine: ~4 logical steps an epoch at ~1,000 images); lr and max_grad_norm as tuned on BreastMNIST
+# (--tune), these values until a tuning file exists.
+RECIPES: dict[str, dict] = {
+    "head": {"epochs": 30, "batch_size": 256, "lr": 0.003, "max_grad_norm": 1.0, "ema": 0.99},
+    "bn_affine": {"epochs": 5, "batch_size": 256, "lr": 0.003, "max_grad_norm": 1.0, "ema": 0.99},
+    "all": {"epochs": 1, "batch_size": 64, "lr": 0.001, "max_grad_norm": 1.0, "ema": None},
+}
+NO_NOISE = 1e-6  # ε = ∞: the same recipe with a negligible noise multiplier (clipping kept)
+RUNS = ROOT / "benchmarks" / "results" / "privacy_runs"
+TUNING = ROOT / "benchmarks" / "results" / "privacy_tuning.json"
+
+
+def recipe(mode: str) -> dict:
+    """The mode's recipe, with the learning rate and clipping norm the public tuning chose where it ran."""
+    out = dict(RECIPES[mode])
+    if TUNING.is_file():
+        best = json.loads(TUNING.read_text())["best"].get(mode)
+        if best:
+            out.update(lr=best["lr"], max_grad_norm=best["max_grad_norm"])
+    return out
+
+
+def privacy_for(mode: str, epsilon: float, n: int | None = None) -> PrivacyConfig:
+    """``privacy.*`` of one run; ``n``: a hospital this small gets a batch of at most n/4."""
+    r = recipe(mode)
+    batch = min(r["batch_size"], max(2, n // 4)) if n else r["batch_size"]
+    common = {"enabled": True, "trainable": mode, "epochs": r["epochs"], "batch_size": batch, "lr": r["lr"]}
+    common |= {"max_grad_norm": r["max_grad_norm"], "ema": r["ema"]}
+    if math.isinf(epsilon):
+        return PrivacyConfig(**common, noise_multiplier=NO_NOISE)
+    return PrivacyConfig(**common, target_epsilon=epsilon)
+
+
+def train_vectors(base, hospitals, local, cfg, mode: str, epsilon: float, work: Path) -> list:
+    """Each hospital's vector (DP as ``mode`` and ε say; ``none``: the ordinary fine-tune), through medvec's file
+    format and intake's check against the base, as the coordinator reads them."""
+    from medvec.vectors.checks import load_vector
+
+    privacy = None if mode == "none" else privacy_for(mode, epsilon)
+    state, out = base.model.state_dict(), []
+    for h in hospitals:
+        vector, _ = finetune_vector(base, h, local[h], cfg, progress=False, privacy=privacy)
+        out.append(load_vector(vector.save(work / f"{h}.safetensors"), base=state, base_sha256=base.sha256))
+    return out
+
+
+def run_one(mode: str, seed: int, epsilon: float, params: Params, data: str, work: Path, evalsets) -> dict:
+    """One (mode, seed, ε): four hospitals fine-tune, then singles and the merge are scored."""
     started = time.perf_counter()
     folder = work / f"seed{seed}"
     if not folder.exists():
@@ -87,81 +146,175 @@ def run_one(seed: int, epsilon: float, params: Params, data: str, work: Path, ev
     base = create_base(
         params.model.name, 2, pretrained=params.model.pretrained, seed=0, image_size=params.model.image_size
     )
-    dp = PrivacyConfig(enabled=not math.isinf(epsilon), target_epsilon=epsilon if not math.isinf(epsilon) else 8.0)
     cfg = params.finetune.model_copy(update={"seed": seed})
     local = {h: LocalData.load(folder / h) for h in hospitals}
-    vectors = [finetune_vector(base, h, local[h], cfg, progress=False, privacy=dp)[0] for h in hospitals]
+    (work / "vectors").mkdir(exist_ok=True)
+    vectors = train_vectors(base, hospitals, local, cfg, mode, epsilon, work / "vectors")
     singles = [compare.single_model(base, v) for v in vectors]
     assert evalsets.test is not None, "the benchmark's data has a test split"
     single_auc = [evaluate_model(m, evalsets.test, base.spec)["auc"] for _, m, _ in singles]
     merged = engine.merge_once(base, vectors, params, evalsets)
     merged_test = merged.test or {}
-    first = local[hospitals[0]].train
-    outsiders = non_members(first, [local[h].train for h in hospitals[1:]], seed)
     spent = [v.meta.privacy.epsilon if v.meta.privacy else None for v in vectors]
     return {
+        "mode": mode,
         "seed": seed,
         "target_epsilon": None if math.isinf(epsilon) else epsilon,
-        "spent_epsilon": spent,
+        "spent_epsilon": [None if e is None or math.isinf(e) or e > 1e6 else e for e in spent],
         "noise_multiplier": vectors[0].meta.privacy.noise_multiplier if vectors[0].meta.privacy else 0.0,
+        "vector_mb": vectors[0].path.stat().st_size / 2**20,
         "single_test_auc": single_auc,
         "mean_single_test_auc": statistics.fmean(single_auc),
         "merged": {
+            "method": merged.method,
             "lambda": merged.lam,
             "val_auc": merged.val["auc"],
             "test_auc": merged_test["auc"],
-            "test_balanced_accuracy": merged_test["balanced_accuracy"],
+            "test_balanced_accuracy_at_op": merged_test["op"]["balanced_accuracy"],
         },
-        "attack": attack_aucs(singles[0][1], base, first, outsiders)
-        | {"members": len(first), "non_members": len(outsiders)},
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def logit_confidence(model, data: ImageSet, spec) -> np.ndarray:
+    """log(p / (1 − p)) of each image's true label: LiRA's statistic."""
+    p = np.clip(predict(model, data, spec)[np.arange(len(data)), data.labels], 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def leak_model(base, train: ImageSet, cfg, mode: str, epsilon: float, epochs: int):
+    """A model of ``mode`` trained on ``train`` for ``epochs`` (DP at ε; ∞: no noise) — target or shadow."""
+    from medvec.hospital.privacy import dp_finetune
+
+    model = base.fresh()
+    privacy = privacy_for(mode, epsilon, len(train)).model_copy(update={"epochs": epochs})
+    dp_finetune(model, train, base.spec, cfg, privacy, progress=False)
+    return model
+
+
+def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, work: Path, args) -> dict:
+    """The leaking setting: a small hospital's model, attacked by loss, by the loss drop from θ_pre and by LiRA."""
+    from sklearn.metrics import roc_auc_score
+
+    started = time.perf_counter()
+    folder = work / f"seed{seed}"
+    if not folder.exists():
+        write_hospital_shards(data, folder, params.split.hospitals, "dirichlet", params.split.alpha, seed)
+    hospitals = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    local = [LocalData.load(folder / h).train for h in hospitals]
+    rng = np.random.default_rng(seed)
+    members = local[0].subset(np.sort(rng.choice(len(local[0]), args.attack_members, replace=False)))
+    outsiders = non_members(members, local[1:], seed)
+    pool = ImageSet.concat(local[1:])
+    taken = {(img.tobytes()) for img in outsiders.images}
+    free = np.asarray([i for i in range(len(pool)) if pool.images[i].tobytes() not in taken])
+    base = create_base(
+        params.model.name, 2, pretrained=params.model.pretrained, seed=0, image_size=params.model.image_size
+    )
+    cfg = params.finetune.model_copy(update={"seed": seed})
+    target = leak_model(base, members, cfg, mode, epsilon, args.attack_epochs)
+    test = scoring.EvalSets.load(data).test
+    assert test is not None, "the benchmark's data has a test split"
+    both = ImageSet.concat([members, outsiders])
+    y = np.r_[np.ones(len(members)), np.zeros(len(outsiders))]
+    shadows = []
+    for k in range(args.shadows):
+        pick = np.sort(rng.choice(free, args.attack_members, replace=False))
+        shadow_cfg = cfg.model_copy(update={"seed": seed * 100 + k + 1})
+        shadows.append(
+            logit_confidence(
+                leak_model(base, pool.subset(pick), shadow_cfg, mode, epsilon, args.attack_epochs), both, base.spec
+            )
+        )
+    out_conf = np.stack(shadows)  # shadows × images: every image is out of every shadow
+    mu, sd = out_conf.mean(0), max(float(out_conf.std(0, ddof=1).mean()), 1e-6)
+    lira = (logit_confidence(target, both, base.spec) - mu) / sd
+    losses = attack_aucs(target, base, members, outsiders)
+    return {
+        "mode": mode,
+        "seed": seed,
+        "target_epsilon": None if math.isinf(epsilon) else epsilon,
+        "members": len(members),
+        "non_members": len(outsiders),
+        "epochs": args.attack_epochs,
+        "attack_auc": {"loss": losses["loss"], "reference": losses["reference"], "lira": float(roc_auc_score(y, lira))},
+        "member_test_auc": float(evaluate_model(target, test, base.spec)["auc"]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def run_key(kind: str, mode: str, seed: int, epsilon: float, settings: dict) -> Path:
+    """Where one result is kept: named by what it ran and a hash of the settings it ran with."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    eps = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+    return RUNS / f"{kind}-{mode}-eps{eps}-seed{seed}-{digest}.json"
+
+
+def cached(path: Path, compute, *args) -> dict:
+    """The stored result at ``path``, or ``compute(*args)``'s, written there when it finishes."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute(*args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def mean_std(xs: list[float]) -> list[float]:
     return [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
 
 
-def summarise(runs: list[dict], epsilons: list[float]) -> list[dict]:
+def eps_name(eps: float | None) -> str:
+    return "inf" if eps is None or math.isinf(eps) else f"{eps:g}"
+
+
+def summarise(runs: list[dict], attacks: list[dict]) -> list[dict]:
     rows = []
-    for eps in epsilons:
-        hits = [r for r in runs if (r["target_epsilon"] or INF) == eps]
-        rows.append(
-            {
-                "epsilon": "inf" if math.isinf(eps) else eps,
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        for eps in dict.fromkeys(eps_name(r["target_epsilon"]) for r in runs if r["mode"] == mode):
+            hits = [r for r in runs if r["mode"] == mode and eps_name(r["target_epsilon"]) == eps]
+            hit_attacks = [a for a in attacks if a["mode"] == mode and eps_name(a["target_epsilon"]) == eps]
+            row = {
+                "mode": mode,
+                "epsilon": eps,
                 "seeds": len(hits),
+                "vector_mb": hits[0]["vector_mb"],
                 "spent_epsilon_max": max((e for r in hits for e in r["spent_epsilon"] if e is not None), default=None),
                 "mean_single_test_auc": mean_std([r["mean_single_test_auc"] for r in hits]),
                 "merged_test_auc": mean_std([r["merged"]["test_auc"] for r in hits]),
-                "merged_test_balanced_accuracy": mean_std([r["merged"]["test_balanced_accuracy"] for r in hits]),
-                "attack_auc_loss": mean_std([r["attack"]["loss"] for r in hits]),
-                "attack_auc_reference": mean_std([r["attack"]["reference"] for r in hits]),
+                "merged_balanced_accuracy_at_op": mean_std([r["merged"]["test_balanced_accuracy_at_op"] for r in hits]),
             }
-        )
+            for name in ("loss", "reference", "lira"):
+                if hit_attacks:
+                    row[f"attack_auc_{name}"] = mean_std([a["attack_auc"][name] for a in hit_attacks])
+            rows.append(row)
     return rows
 
 
-def fmt(ms: list[float]) -> str:
-    return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+def fmt(ms: list[float] | None) -> str:
+    return "—" if ms is None else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
 
-def markdown(rows: list[dict], command: str, seconds: float, epochs: int) -> str:
+def markdown(rows: list[dict], command: str) -> str:
     lines = [
-        "| target ε | spent ε (max) | mean single test AUC | merged test AUC | merged test bal. acc | "
-        "attack AUC (loss) | attack AUC (reference) |",
-        "|---|---|---|---|---|---|---|",
+        "| trains | target ε | spent ε (max) | vector | mean single test AUC | merged test AUC | merged bal. acc. at op "
+        "| attack AUC: loss | loss drop from θ_pre | LiRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spent = "—" if r["spent_epsilon_max"] is None else f"{r['spent_epsilon_max']:.2f}"
-        eps = "∞ (no DP)" if r["epsilon"] == "inf" else f"{r['epsilon']:g}"
+        eps = {"inf": "∞ (no noise)"}.get(r["epsilon"], r["epsilon"])
+        if r["mode"] == "none":
+            eps = "no DP"
         lines.append(
-            f"| {eps} | {spent} | {fmt(r['mean_single_test_auc'])} | {fmt(r['merged_test_auc'])} | "
-            f"{fmt(r['merged_test_balanced_accuracy'])} | {fmt(r['attack_auc_loss'])} | {fmt(r['attack_auc_reference'])} |"
+            f"| {r['mode']} | {eps} | {spent} | {r['vector_mb']:.2f} MB | {fmt(r['mean_single_test_auc'])} | "
+            f"{fmt(r['merged_test_auc'])} | {fmt(r['merged_balanced_accuracy_at_op'])} | "
+            f"{fmt(r.get('attack_auc_loss'))} | {fmt(r.get('attack_auc_reference'))} | {fmt(r.get('attack_auc_lira'))} |"
         )
     lines += [
         "",
-        f"Mean ± std over {rows[0]['seeds']} seeds (each seed changes the hospital split and the training); "
-        f"{epochs} epoch(s) per fine-tune; δ = 1/(10·n) per hospital; {seconds / 60:.0f} min. Made by `{command}`.",
+        f"Mean ± std over the seeds (each changes the hospital split and the training); δ = 1/(10·n) per hospital. "
+        f"Made by `{command}`.",
     ]
     return "\n".join(lines)
 
@@ -170,73 +323,124 @@ def plot(rows: list[dict], path: Path) -> Path:
     from medvec.evaluate import _plt
 
     plt = _plt()
-    xs = [40.0 if r["epsilon"] == "inf" else float(r["epsilon"]) for r in rows]
-    labels = ["∞" if r["epsilon"] == "inf" else f"{r['epsilon']:g}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, name in (("merged_test_auc", "merged"), ("mean_single_test_auc", "mean single hospital")):
-        axes[0].errorbar(
-            xs, [r[key][0] for r in rows], yerr=[r[key][1] for r in rows], marker="o", capsize=3, label=name
-        )
-    for key, name in (("attack_auc_loss", "loss threshold"), ("attack_auc_reference", "reference (θ_pre)")):
-        axes[1].errorbar(
-            xs, [r[key][0] for r in rows], yerr=[r[key][1] for r in rows], marker="o", capsize=3, label=name
-        )
-    axes[1].axhline(0.5, color="#555", linestyle="--", linewidth=1, label="chance")
-    for ax, title in ((axes[0], "AUC on the test split"), (axes[1], "membership-inference attack AUC (hospital 1)")):
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "none"):
+        mine = [r for r in rows if r["mode"] == mode]
+        xs = [40.0 if r["epsilon"] == "inf" else float(r["epsilon"]) for r in mine]
+        for ax, key in ((axes[0], "merged_test_auc"), (axes[1], "merged_balanced_accuracy_at_op")):
+            ax.errorbar(
+                xs, [r[key][0] for r in mine], yerr=[r[key][1] for r in mine], marker="o", capsize=3, label=mode
+            )
+    for r in rows:
+        if r["mode"] == "none":
+            axes[0].axhline(r["merged_test_auc"][0], color="#555", linestyle="--", linewidth=1, label="no DP (all)")
+            axes[1].axhline(
+                r["merged_balanced_accuracy_at_op"][0], color="#555", linestyle="--", linewidth=1, label="no DP (all)"
+            )
+    for ax, title in ((axes[0], "merged model: test AUC"), (axes[1], "merged model: balanced accuracy at the op")):
         ax.set_xscale("log")
-        ax.set_xticks(xs, labels)
+        ax.set_xticks([1, 3, 8, 40], ["1", "3", "8", "∞"])
         ax.minorticks_off()
-        ax.set_xlabel("target ε (∞: no DP)")
+        ax.set_xlabel("target ε (∞: no noise)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.suptitle("DP-SGD at the hospitals: privacy against accuracy (mean ± std over seeds)")
+        ax.legend(fontsize=8, loc="lower right", frameon=False)
+    fig.suptitle("DP-SGD at the hospitals by what it trains (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def tune(params: Params, modes: list[str], epsilon: float) -> dict:
+    """The learning rate and clipping norm of each mode chosen on BreastMNIST (public for this task) at ε."""
+    from medvec.data.sources import load_split
+    from medvec.hospital.privacy import tune_on_public
+
+    public = load_split(ROOT / "data" / "breastmnist.npz", "train")
+    base = create_base(
+        params.model.name, 2, pretrained=params.model.pretrained, seed=0, image_size=params.model.image_size
+    )
+    doc: dict[str, Any] = (
+        json.loads(TUNING.read_text())
+        if TUNING.is_file()
+        else {"public": "breastmnist train", "epsilon": epsilon, "grid": {}, "best": {}}
+    )
+    for mode in modes:
+        started = time.perf_counter()
+        grid = tune_on_public(public, base, params.finetune, privacy_for(mode, epsilon, len(public)))
+        doc["grid"][mode] = [vars(g) for g in grid]
+        doc["best"][mode] = vars(grid[0]) | {"seconds": round(time.perf_counter() - started, 1)}
+        TUNING.write_text(json.dumps(doc, indent=2))
+        print(mode, doc["best"][mode], flush=True)
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=[*MODES, "none"], choices=[*MODES, "none"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, INF])
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--attack-epsilons", type=float, nargs="+", default=[3.0, INF])
+    ap.add_argument("--attack-members", type=int, default=100)
+    ap.add_argument("--attack-epochs", type=int, default=30)
+    ap.add_argument("--shadows", type=int, default=4)
+    ap.add_argument("--no-attack", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="choose lr and max_grad_norm on BreastMNIST, then stop")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    overrides = [f"finetune.epochs={args.epochs}", f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
+    overrides = [f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
     params = load_params(ROOT / "params.yaml", overrides + args.overrides)
+    if args.tune:
+        tune(params, [m for m in args.modes if m != "none"], 3.0)
+        return 0
     data = str(ROOT / params.demo.data)
     evalsets = scoring.EvalSets.load(data)
-    started, runs = time.perf_counter(), []
+    started, runs, attacks = time.perf_counter(), [], []
+    base_settings: dict[str, Any] = {"params": params.model_dump(mode="json"), "data": data}
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [(s, e) for s in args.seeds for e in args.epsilons]
-        for seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
-            runs.append(run_one(seed, eps, params, data, Path(tmp), evalsets))
-            tqdm.write(
-                json.dumps(
-                    {k: runs[-1][k] for k in ("seed", "target_epsilon", "mean_single_test_auc", "merged", "attack")}
+        jobs = [(m, s, e) for m in args.modes for e in (args.epsilons if m != "none" else [INF]) for s in args.seeds]
+        for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
+            settings = base_settings | {"recipe": recipe(mode) if mode != "none" else None}
+            path = run_key("utility", mode, seed, eps, settings)
+            runs.append(cached(path, run_one, mode, seed, eps, params, data, Path(tmp), evalsets))
+            tqdm.write(json.dumps({k: runs[-1][k] for k in ("mode", "seed", "target_epsilon", "merged", "seconds")}))
+        if not args.no_attack:
+            jobs = [(m, s, e) for m in args.modes if m != "none" for e in args.attack_epsilons for s in args.seeds]
+            for mode, seed, eps in tqdm(jobs, desc="attack", unit="run"):
+                settings = base_settings | {
+                    "recipe": recipe(mode),
+                    "attack": [args.attack_members, args.attack_epochs, args.shadows],
+                }
+                path = run_key("attack", mode, seed, eps, settings)
+                attacks.append(cached(path, run_attack, mode, seed, eps, params, data, Path(tmp), args))
+                tqdm.write(
+                    json.dumps({k: attacks[-1][k] for k in ("mode", "seed", "target_epsilon", "attack_auc", "seconds")})
                 )
-            )
     seconds = time.perf_counter() - started
-    rows = summarise(runs, args.epsilons)
+    rows = summarise(runs, attacks)
     command = "python benchmarks/privacy_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    by_eps = {str(r["epsilon"]): r for r in rows}
-    headline = {
-        "merged_test_auc_by_epsilon": {k: round(r["merged_test_auc"][0], 4) for k, r in by_eps.items()},
-        "attack_auc_loss_by_epsilon": {k: round(r["attack_auc_loss"][0], 4) for k, r in by_eps.items()},
-    }
-    doc = {"command": command.strip(), "seconds": round(seconds, 1), "epochs": args.epochs, "params": params.model_dump(mode="json"),
-           "headline": headline, "summary": rows, "runs": runs}  # fmt: skip
+    headline: dict[str, Any] = {"merged_auc": {}, "balanced_accuracy_at_op": {}, "attack_auc": {}}
+    for r in rows:
+        headline["merged_auc"].setdefault(r["mode"], {})[r["epsilon"]] = round(r["merged_test_auc"][0], 4)
+        headline["balanced_accuracy_at_op"].setdefault(r["mode"], {})[r["epsilon"]] = round(
+            r["merged_balanced_accuracy_at_op"][0], 4
+        )
+        if "attack_auc_lira" in r:
+            headline["attack_auc"].setdefault(r["mode"], {})[r["epsilon"]] = round(r["attack_auc_lira"][0], 4)
+    headline["seeds"] = args.seeds
+    doc = {"command": command.strip(), "seconds": round(seconds, 1), "wall_seconds_of_runs": round(sum(r["seconds"] for r in runs + attacks), 1),
+           "recipes": {m: recipe(m) for m in MODES}, "params": params.model_dump(mode="json"),
+           "headline": headline, "summary": rows, "runs": runs, "attacks": attacks}  # fmt: skip
     (out / "privacy_tradeoff.json").write_text(json.dumps(doc, indent=2))
-    table = markdown(rows, command.strip(), seconds, args.epochs)
+    table = markdown(rows, command.strip())
     (out / "privacy_tradeoff.md").write_text(table + "\n\n![privacy trade-off](privacy_tradeoff.png)\n")
     plot(rows, out / "privacy_tradeoff.png")
     print(table)

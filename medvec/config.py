@@ -138,6 +138,19 @@ class PrivacyConfig(_Frozen):
         None, gt=0, description="a fixed noise multiplier σ instead of solving for target_epsilon"
     )
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    trainable: Literal["all", "bn_affine", "head"] = Field(
+        "all",
+        description="what DP-SGD trains: all (but batch norm), bn_affine (BN scales and shifts and the head) or head;"
+        " a partial vector carries only those tensors",
+    )
+    epochs: int | None = Field(None, ge=1, description="DP-SGD epochs (null: finetune.epochs)")
+    batch_size: int | None = Field(
+        None, ge=2, description="the logical batch, Poisson-sampled (null: finetune.batch_size, the physical batch)"
+    )
+    lr: float | None = Field(None, gt=0, description="DP-SGD's learning rate (null: finetune.lr)")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
+    )
     accountant: Literal["rdp", "prv"] = "rdp"
     lifetime_epsilon: float | None = Field(
         None, gt=0, description="the hospital's total budget over all its vectors; None: no cap"
@@ -403,7 +416,7 @@ class Params(_Frozen):
         data, model = values.get("data") or {}, values.get("model") or {}
         data = data.model_dump() if isinstance(data, BaseModel) else dict(data)
         if data.get("decode_size") is None:
-            size = model.image_size if isinstance(model, BaseModel) else dict(model).get("image_size")
+            size = getattr(model, "image_size", None) if isinstance(model, BaseModel) else dict(model).get("image_size")
             data["decode_size"] = size or NATIVE_DECODE_SIZE
         return {**values, "data": data}
 

@@ -174,3 +174,156 @@ def test_the_prv_accountant_and_a_fixed_noise_multiplier(tiny_base):
     spent = vector.meta.privacy
     assert (spent.accountant, spent.noise_multiplier, spent.delta, spent.steps) == ("prv", 1.5, 1e-3, 4)
     assert spent.epsilon == pytest.approx(epsilon_of(spent), rel=1e-6)  # PRV's own recount from the metadata
+
+
+@pytest.fixture(scope="module")
+def partial_vectors(tiny_base):
+    """DP-SGD vectors of the tiny CNN on 160 real breastmnist images for each partial privacy.trainable, 3 epochs of
+    a logical batch of 64 computed 16 at a time (Opacus' BatchMemoryManager)."""
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data.sources import load_split
+    from medvec.hospital.finetune import finetune_vector
+    from medvec.hospital.local import LocalData
+
+    train = load_split(BREAST, "train").subset(torch.arange(160).numpy())
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=0.003, threads=1)
+    out = {}
+    for mode in ("head", "bn_affine"):
+        privacy = PrivacyConfig(enabled=True, target_epsilon=3.0, trainable=mode, epochs=3, batch_size=64, lr=0.01)
+        out[mode] = finetune_vector(tiny_base, "h1", LocalData(train, None), cfg, progress=False, privacy=privacy)[0]
+    return out
+
+
+def test_a_partial_mode_vector_carries_only_what_it_trained(partial_vectors, tiny_base):
+    """head: the linear head alone; bn_affine: the four BN layers' scales and shifts and the head. Every tensor it
+    carries moved; ε is Opacus' own over the logical steps (q = 64/160 → 1/ceil(160/64) = 1/3, 3 an epoch)."""
+    from opacus.accountants import RDPAccountant
+
+    state = tiny_base.model.state_dict()
+    head = ["fc.bias", "fc.weight"]
+    bn = sorted(f"features.{i}.{n}" for i in (1, 5, 9, 13) for n in ("weight", "bias"))
+    assert sorted(partial_vectors["head"].deltas) == head
+    assert sorted(partial_vectors["bn_affine"].deltas) == sorted(bn + head)
+    for mode, vector in partial_vectors.items():
+        assert all(vector.deltas[k].abs().max() > 0 for k in vector.deltas), mode
+        assert all(vector.deltas[k].shape == state[k].shape for k in vector.deltas)
+        spent = vector.meta.privacy
+        assert (spent.trainable, spent.epochs, spent.sample_rate, spent.steps) == (mode, 3, 1 / 3, 9)
+        accountant = RDPAccountant()
+        accountant.history = [(spent.noise_multiplier, spent.sample_rate, spent.steps)]
+        assert spent.epsilon == accountant.get_epsilon(spent.delta) <= 3.0 + 1e-6
+    n_sent = sum(v.numel() for v in partial_vectors["bn_affine"].deltas.values())
+    assert n_sent == (16 + 32 + 32 + 64) * 2 + 64 * 2 + 2  # the tensors' sizes: what the vector sends
+
+
+def test_a_partial_vector_verifies_and_merges_with_full_ones_as_zeros(partial_vectors, tiny_base, tmp_path):
+    """Loaded against the base, a head vector reads every base key, zeros where it trained nothing; a weighted sum
+    with a full vector equals the hand computation, and a DP merge uses it like any other."""
+    from conftest import perturbed_state
+    from medvec.vectors.checks import load_vector
+    from medvec.vectors.file import weighted_sum
+    from medvec.vectors.vector import DataVector, vector_keys
+
+    state = tiny_base.model.state_dict()
+    partial = load_vector(partial_vectors["head"].save(tmp_path / "head.safetensors"), base=state)
+    assert partial.keys() == sorted(vector_keys(state)) and partial.stored_keys == ["fc.bias", "fc.weight"]
+    assert partial.tensor("features.0.weight").abs().max() == 0 and partial.fp32_layout() is None
+    full = DataVector.from_states(
+        state, perturbed_state(state, 1), hospital="h2", base_sha256=tiny_base.sha256, base_model="tiny_cnn",
+        num_classes=2, n_train=10, label_counts=[5, 5],
+    )  # fmt: skip
+    full_file = load_vector(full.save(tmp_path / "full.safetensors"), base=state)
+    merged = weighted_sum([partial, full_file], [0.25, 0.75])
+    for k in vector_keys(state):
+        own = partial_vectors["head"].deltas.get(k, torch.zeros_like(state[k], dtype=torch.float32))
+        torch.testing.assert_close(merged.deltas[k], 0.25 * own + 0.75 * full.deltas[k], rtol=0, atol=1e-7)
+    assert partial.to_vector().deltas["features.0.weight"].abs().max() == 0
+
+
+def test_intake_holds_a_partial_vector_to_exactly_the_keys_of_its_signed_mode(partial_vectors, tiny_base, tmp_path):
+    """The attacks: a vector that says head but carries a convolution too (a full update under a partial label),
+    one that leaves out part of its head, and one without DP that leaves out keys: each refused, naming the key."""
+    from medvec.vectors.checks import load_vector
+    from medvec.vectors.format import InvalidVectorError
+    from medvec.vectors.vector import DataVector
+
+    state = tiny_base.model.state_dict()
+    head = partial_vectors["head"]
+
+    def forged(deltas: dict, privacy) -> DataVector:
+        meta = head.meta.model_copy(update={"privacy": privacy, "vector_id": f"x-{len(deltas)}-{privacy is None}"})
+        return DataVector(deltas, meta)
+
+    extra = {**head.deltas, "features.0.weight": torch.ones_like(state["features.0.weight"])}
+    with pytest.raises(InvalidVectorError, match=r"1 extra key\(s\) not in the base: features\.0\.weight"):
+        load_vector(forged(extra, head.meta.privacy).save(tmp_path / "extra.safetensors"), base=state)
+    short = {"fc.weight": head.deltas["fc.weight"]}
+    with pytest.raises(
+        InvalidVectorError, match=r"missing 1 key\(s\) of the base that privacy.trainable head trains: fc.bias"
+    ):
+        load_vector(forged(short, head.meta.privacy).save(tmp_path / "short.safetensors"), base=state)
+    with pytest.raises(InvalidVectorError, match=r"missing \d+ key\(s\) of the base: features"):
+        load_vector(forged(dict(head.deltas), None).save(tmp_path / "nodp.safetensors"), base=state)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_frozen_stats_norm_gives_each_example_the_gradient_batch_norm_in_eval_mode_would(tiny_base):
+    """Opacus' per-sample gradients of the BN scales and shifts through FrozenStatsNorm equal autograd's gradient
+    of the real BatchNorm2d (eval mode) for each example alone."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    from medvec.hospital.privacy import frozen_stats_norms, select_trainable
+
+    model = copy.deepcopy(tiny_base.model)
+    with torch.no_grad():  # statistics and affine weights away from their defaults
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+    model.eval()
+    params = select_trainable(model, "bn_affine")
+    x, y = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 1, 0])
+    expected = []
+    for i in range(4):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        expected.append([p.grad.clone() for p in params])
+    with frozen_stats_norms(model):
+        private = GradSampleModule(
+            model.train(), loss_reduction="sum"
+        )  # no batch statistics left: training mode is eval's arithmetic
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(private(x), y, reduction="sum").backward()
+        for i in range(4):
+            for p, want in zip(params, expected[i], strict=True):
+                torch.testing.assert_close(p.grad_sample[i], want, rtol=1e-4, atol=1e-6)
+        private._close()
+    assert isinstance(model.features[1], torch.nn.BatchNorm2d)  # put back after the block
+
+
+def test_tuning_never_reads_a_hospital_s_split(tiny_base, tmp_path):
+    """tune_on_public refuses a hospital's own images (LocalData marks them, and subsets and concatenations keep
+    the mark); on public data it runs DP-SGD over its grid and ranks the points by held-out AUC."""
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data.images import ImageSet
+    from medvec.data.sources import load_split
+    from medvec.hospital.local import LocalData
+    from medvec.hospital.privacy import PrivateDataError, tune_on_public
+
+    cfg = FinetuneConfig(epochs=1, batch_size=16, threads=1)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=3.0, trainable="head", epochs=2, batch_size=32)
+    local = LocalData.of_splits(load_split(BREAST, "train").subset(torch.arange(80).numpy()), None, True, 0.25, 0)
+    for private in (
+        local.train,
+        local.val,
+        local.train.subset([0, 1, 2]),
+        ImageSet.concat([load_split(BREAST, "val"), local.val]),
+    ):
+        with pytest.raises(PrivateDataError, match="a hospital's private split"):
+            tune_on_public(private, tiny_base, cfg, privacy)
+    public = load_split(BREAST, "val")
+    assert not public.private
+    grid = tune_on_public(public, tiny_base, cfg, privacy, lrs=(0.01, 0.1), norms=(1.0,))
+    assert sorted((g.lr, g.max_grad_norm) for g in grid) == [(0.01, 1.0), (0.1, 1.0)]
+    assert grid[0].val_auc >= grid[1].val_auc and all(0 <= g.val_auc <= 1 for g in grid)

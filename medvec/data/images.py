@@ -103,6 +103,8 @@ class ImageSet:
     # the patient of each image, where the source says (a manifest's patient column, DICOM PatientID); None: one
     # patient per image. It stays at the hospital: splits keep a patient on one side, and nothing logs it.
     patients: np.ndarray | None = None
+    # a hospital's own split (medvec.hospital.local.LocalData marks it): what may not tune DP settings
+    private: bool = False
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -166,7 +168,7 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> "ImageSet":
         """The images and labels at ``index`` (indices or a boolean mask), with the same class names."""
         patients = self.patients[index] if self.patients is not None else None
-        return ImageSet(self.images[index], self.labels[index], list(self.classes), patients)
+        return ImageSet(self.images[index], self.labels[index], list(self.classes), patients, self.private)
 
     def groups(self) -> np.ndarray:
         """One group per image for splitting: its patient where known, else the image itself (its own group)."""
@@ -185,9 +187,8 @@ class ImageSet:
             if known
             else None
         )
-        return ImageSet(
-            np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), list(classes), patients
-        )
+        images, labels = np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets])
+        return ImageSet(images, labels, list(classes), patients, any(s.private for s in sets))
 
 
 def read_image(path: Path | BinaryIO) -> tuple[Image.Image, str, str]:

@@ -17,6 +17,11 @@ class LocalData:
     train: ImageSet
     val: ImageSet | None
 
+    def __post_init__(self) -> None:
+        for split in (self.train, self.val):
+            if split is not None:
+                split.private = True  # a hospital's own images: tune_on_public refuses them
+
     @classmethod
     def load(
         cls, folder: str | Path, spec: DataSpec | None = None, local_val_fraction: float = 0.1, seed: int = 0

@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +40,7 @@ from medvec.hospital.train import TrainResult, finish_training, lr_schedule, pre
 from medvec.models import ModelSpec
 from medvec.preprocess import augment, to_tensor
 from medvec.timing import timed, utcnow
-from medvec.vectors.vector import DataVector, PrivacySpent
+from medvec.vectors.vector import DataVector, PrivacySpent, bn_affine_keys, head_keys, trained_keys
 
 LEDGER_NAME = "privacy-ledger.json"
 
@@ -60,12 +63,106 @@ def freeze_batchnorm(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return layers
 
 
-def _loader(train: ImageSet, spec: ModelSpec, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    """All training images preprocessed once; Opacus replaces the loader with its Poisson-sampling one."""
-    x = to_tensor(train.images, spec)
+def select_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Train only what ``privacy.trainable`` names (:func:`~medvec.vectors.vector.trained_keys`, the keys the vector
+    will carry): ``all`` trains every weight but batch norm's (frozen, as ever under DP), ``bn_affine`` the BN
+    scales and shifts and the head, ``head`` the head. The rest is frozen; the trained parameters are returned."""
+    state = model.state_dict()
+    keys = set(trained_keys(state, trainable))
+    if trainable == "all":
+        keys -= set(bn_affine_keys(state))
+    chosen = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keys)
+        if name in keys:
+            chosen.append(p)
+    return chosen
+
+
+class FrozenStatsNorm(nn.Module):
+    """An eval-mode batch norm as Opacus can train it: the input normalised by the layer's frozen running
+    statistics, then scaled and shifted by the layer's own ``weight`` and ``bias`` (the same Parameters, trained in
+    place). It holds no buffers (Opacus refuses trainable layers with buffers: batch statistics would leak), and
+    its per-sample gradients are exact: Σ over positions of x̂·g for the scale, of g for the shift."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        if bn.running_var is None or bn.running_mean is None:
+            raise ValueError("a batch norm without running statistics cannot be frozen")
+        self.weight, self.bias = bn.weight, bn.bias
+        inv = torch.rsqrt(bn.running_var.detach() + bn.eps)
+        self.scale, self.shift = inv.clone(), (-bn.running_mean.detach() * inv).clone()
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1, *([1] * (x.ndim - 2)))
+
+    def normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ = (x − running mean) / √(running var + eps)."""
+        return x * self._view(self.scale, x) + self._view(self.shift, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x̂ · weight + bias, channel by channel."""
+        return self.normalised(x) * self._view(self.weight, x) + self._view(self.bias, x)
+
+
+def _frozen_norm_grad_sample(layer: FrozenStatsNorm, activations: list, backprops: torch.Tensor) -> dict:
+    """Per-sample gradients of a :class:`FrozenStatsNorm`'s scale and shift (registered with Opacus)."""
+    x_hat, dims = layer.normalised(activations[0]), tuple(range(2, backprops.ndim))
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (x_hat * backprops).sum(dims)
+    if layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dims)
+    return out
+
+
+@contextmanager
+def frozen_stats_norms(model: nn.Module) -> Iterator[None]:
+    """While the block runs, every batch norm of ``model`` is a :class:`FrozenStatsNorm` over the same weights, and
+    no activation works in place (Opacus' backward hooks on a norm's output forbid an in-place ReLU after it)."""
+    from opacus.grad_sample.utils import register_grad_sampler
+
+    register_grad_sampler(FrozenStatsNorm)(_frozen_norm_grad_sample)
+    in_place: list[Any] = [m for m in model.modules() if getattr(m, "inplace", False) is True]  # nn.ReLU and kin
+    for m in in_place:
+        m.inplace = False
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, FrozenStatsNorm(module))
+            swapped.append((parent, attr, module))
+    try:
+        yield
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
+        for m in in_place:
+            m.inplace = True
+
+
+def _loader(x: torch.Tensor, train: ImageSet, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    """The training inputs ``x`` (preprocessed images, or features) with their labels; Opacus replaces the loader
+    with its Poisson-sampling one, of ``batch_size`` images a batch on average (the logical batch)."""
     y = torch.as_tensor(train.labels, dtype=torch.float32 if train.multilabel else torch.long)
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, generator=g)
+
+
+@torch.no_grad()
+def head_features(model: nn.Module, head: nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """What ``head`` receives from ``model`` (eval mode) for each input: computed once, since under
+    ``privacy.trainable: head`` nothing below the head changes."""
+    got: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: got.append(inputs[0].detach().flatten(1).cpu()))
+    model.eval()
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size].to(device))
+    finally:
+        hook.remove()
+    return torch.cat(got)
 
 
 @dataclass
@@ -76,7 +173,7 @@ class DPTraining:
     spent: PrivacySpent
 
 
-def _private(model, optimizer, loader, cfg: FinetuneConfig, privacy: PrivacyConfig, delta: float):
+def _private(model, optimizer, loader, epochs: int, privacy: PrivacyConfig, delta: float):
     """Opacus' PrivacyEngine around the model, optimizer and loader; σ fixed or solved for the target ε."""
     from opacus import PrivacyEngine
 
@@ -88,8 +185,20 @@ def _private(model, optimizer, loader, cfg: FinetuneConfig, privacy: PrivacyConf
         if privacy.noise_multiplier is not None:
             return engine, *engine.make_private(**common, noise_multiplier=privacy.noise_multiplier)
         return engine, *engine.make_private_with_epsilon(
-            **common, target_epsilon=privacy.target_epsilon, target_delta=delta, epochs=cfg.epochs
+            **common, target_epsilon=privacy.target_epsilon, target_delta=delta, epochs=epochs
         )
+
+
+@dataclass
+class _Run:
+    """One DP-SGD run's parts: the private module, its engine, optimizer, loader and what trains."""
+
+    module: nn.Module
+    engine: Any  # opacus.PrivacyEngine
+    opt: Any  # opacus.optimizers.DPOptimizer
+    loader: Any  # opacus.data_loader.DPDataLoader
+    params: list[nn.Parameter]
+    delta: float
 
 
 @timed("finetune")
@@ -103,55 +212,34 @@ def dp_finetune(
     progress: bool = True,
     desc: str = "DP fine-tune",
 ) -> DPTraining:
-    """DP-SGD fine-tune of ``model`` in place (BN frozen); returns the record and Opacus' accounted (ε, δ).
+    """DP-SGD fine-tune of ``model`` in place (BN statistics frozen) of what ``privacy.trainable`` names; returns
+    the record and Opacus' accounted (ε, δ).
 
-    ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an
-    unaccounted release.
+    ``head`` trains the head on features computed once (no augmentation: the images pass the frozen network once);
+    ``bn_affine`` and ``all`` backpropagate through the network, with augmentation as ``finetune.augment`` says.
+    Batches are Poisson-sampled at ``privacy.batch_size`` images on average and computed ``finetune.batch_size`` at
+    a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr``; with ``privacy.ema`` the
+    weights kept are an exponential moving average of the steps' (post-processing: no privacy cost).
+    ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an unaccounted release.
     """
     device, loss_fn = prepare_training(model, train, cfg)
     delta = privacy.delta or default_delta(len(train))
+    epochs = privacy.epochs or cfg.epochs
     bn_layers = freeze_batchnorm(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine, private, opt, loader = _private(
-        model, opt, _loader(train, spec, cfg.batch_size, cfg.seed), cfg, privacy, delta
-    )
-    steps_per_epoch = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(steps_per_epoch * cfg.epochs, cfg.warmup_steps))
-    result = TrainResult(device=str(device))
-    g = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation only: sampling is Opacus' own
-    start, seen, steps = time.perf_counter(), 0, 0
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=desc, disable=not progress, leave=False, unit="step")
-    try:
-        for epoch in range(cfg.epochs):
-            private.train()
-            for layer in bn_layers:
-                layer.eval()  # frozen statistics: no batch statistics, no running-stat updates
-            running, n = 0.0, 0
-            for x, y in loader:
-                steps += 1
-                bar.update(1)
-                if len(y) == 0:  # an empty Poisson batch (probability (1-q)^n): no update, but still accounted
-                    engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=loader.sample_rate)
-                    continue
-                x, y = x.to(device), y.to(device)
-                if cfg.augment:
-                    x = augment(x, g)
-                loss = loss_fn(private(x), y)
-                opt.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():  # the first conv's input needs no gradient: Opacus' hooks say so
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                opt.step()
-                sched.step()
-                running, n, seen = running + loss.item() * len(y), n + len(y), seen + len(y)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(n, 1):.4f}")
-            entry = {"epoch": epoch + 1, "loss": running / max(n, 1), "lr": sched.get_last_lr()[0]}
-            entry["epsilon"] = _epsilon(engine, delta)  # spent so far: the fine-tune run's per-epoch curve
-            result.history.append(with_local_val(entry, model, val, spec, device))
-    finally:
-        bar.close()
-    finish_training(model, result, start, seen)
+    params = select_trainable(model, privacy.trainable)
+    x = to_tensor(train.images, spec)
+    module: nn.Module = model
+    if privacy.trainable == "head":
+        module = model.get_submodule(head_keys(model.state_dict())[0].removesuffix(".weight"))
+        x = head_features(model, module, x, cfg.batch_size, device)
+    opt = torch.optim.AdamW(params, lr=privacy.lr or cfg.lr, weight_decay=cfg.weight_decay)
+    loader = _loader(x, train, privacy.batch_size or cfg.batch_size, cfg.seed)
+    swap = frozen_stats_norms(model) if privacy.trainable == "bn_affine" else nullcontext()
+    with swap:
+        module.train()  # Opacus checks it
+        engine, private, opt, loader = _private(module, opt, loader, epochs, privacy, delta)
+        run = _Run(private, engine, opt, loader, params, delta)
+        result, steps = _train(run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val, device, progress, desc)
     spent = PrivacySpent(
         epsilon=_epsilon(engine, delta),
         delta=delta,
@@ -160,9 +248,95 @@ def dp_finetune(
         max_grad_norm=privacy.max_grad_norm,
         sample_rate=float(loader.sample_rate),
         steps=steps,
-        epochs=cfg.epochs,
+        epochs=epochs,
+        trainable=privacy.trainable,
     )
     return DPTraining(result, spent)
+
+
+def _train(run: _Run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val, device, progress, desc):
+    """The DP-SGD loop over ``run``: (the training record, the logical steps accounted)."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    steps_per_epoch = len(run.loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_schedule(steps_per_epoch * epochs, cfg.warmup_steps))
+    ema = [p.detach().clone() for p in run.params] if privacy.ema else None
+    result = TrainResult(device=str(device))
+    augmenting = cfg.augment and privacy.trainable != "head"
+    g = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation only: sampling is Opacus' own
+    start, seen, steps = time.perf_counter(), 0, 0
+    bar = tqdm(total=steps_per_epoch * epochs, desc=desc, disable=not progress, leave=False, unit="step")
+    try:
+        for epoch in range(epochs):
+            run.module.train()
+            for layer in bn_layers:
+                layer.eval()  # frozen statistics: no batch statistics, no running-stat updates
+            running, n = 0.0, 0
+            with BatchMemoryManager(
+                data_loader=run.loader, max_physical_batch_size=cfg.batch_size, optimizer=run.opt
+            ) as physical:
+                for x, y in physical:
+                    if len(y) == 0:  # an empty Poisson batch (probability (1-q)^n): no update, but accounted
+                        run.engine.accountant.step(
+                            noise_multiplier=run.opt.noise_multiplier, sample_rate=run.loader.sample_rate
+                        )
+                        steps += 1
+                        bar.update(1)
+                        continue
+                    x, y = x.to(device), y.to(device)
+                    if augmenting:
+                        x = augment(x, g)
+                    loss = loss_fn(run.module(x), y)
+                    run.opt.zero_grad(set_to_none=True)
+                    with warnings.catch_warnings():  # the first conv's input needs no gradient: Opacus says so
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                    run.opt.step()
+                    running, n, seen = running + loss.item() * len(y), n + len(y), seen + len(y)
+                    if not run.opt._is_last_step_skipped:  # a logical step ended: schedule, average, count
+                        sched.step()
+                        steps += 1
+                        _average(ema, run.params, privacy.ema, steps)
+                        bar.update(1)
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(n, 1):.4f}")
+            entry = {"epoch": epoch + 1, "loss": running / max(n, 1), "lr": sched.get_last_lr()[0]}
+            entry["epsilon"] = _epsilon(run.engine, run.delta)  # spent so far: the per-epoch curve
+            with _averaged(ema, run.params):
+                result.history.append(with_local_val(entry, model, val, spec, device))
+    finally:
+        bar.close()
+    if ema is not None:
+        for p, a in zip(run.params, ema, strict=True):
+            p.data.copy_(a)
+    finish_training(model, result, start, seen)
+    return result, steps
+
+
+def _average(ema: list[torch.Tensor] | None, params: list[nn.Parameter], decay: float | None, step: int) -> None:
+    """ema ← d·ema + (1 − d)·θ after logical step ``step`` (nothing without ``privacy.ema``), with d the smaller of
+    ``privacy.ema`` and (1 + step)/(10 + step), so that the first steps do not leave the average at the start."""
+    if ema is None or decay is None:
+        return
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for a, p in zip(ema, params, strict=True):
+            a.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+@contextmanager
+def _averaged(ema: list[torch.Tensor] | None, params: list[nn.Parameter]) -> Iterator[None]:
+    """While the block runs, the parameters hold their moving average (when there is one)."""
+    if ema is None:
+        yield
+        return
+    kept = [p.detach().clone() for p in params]
+    for p, a in zip(params, ema, strict=True):
+        p.data.copy_(a)
+    try:
+        yield
+    finally:
+        for p, k in zip(params, kept, strict=True):
+            p.data.copy_(k)
 
 
 def _epsilon(engine, delta: float) -> float:
@@ -249,3 +423,51 @@ def epsilon_of(spent: PrivacySpent) -> float:
     accountant = create_accountant(spent.accountant)
     accountant.history = [(spent.noise_multiplier, spent.sample_rate, spent.steps)]
     return float(accountant.get_epsilon(spent.delta))
+
+
+class PrivateDataError(UserError):
+    """DP settings tuned on a hospital's private split: a release its privacy ledger would not count."""
+
+
+@dataclass(frozen=True)
+class TunedSetting:
+    """One point of :func:`tune_on_public`'s grid: the learning rate and clipping norm, and the public validation
+    AUC DP-SGD reached with them."""
+
+    lr: float
+    max_grad_norm: float
+    val_auc: float
+
+
+def tune_on_public(
+    public: ImageSet,
+    base,
+    cfg: FinetuneConfig,
+    privacy: PrivacyConfig,
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01),
+    norms: tuple[float, ...] = (0.5, 1.0, 2.0),
+    val_fraction: float = 0.2,
+) -> list[TunedSetting]:
+    """``privacy.lr`` and ``privacy.max_grad_norm`` chosen on **public** data: DP-SGD as ``privacy`` says (its
+    trainable, ε, epochs, batch) on a seeded split of ``public``, each grid point scored by AUC on the held-out
+    part; the best first. A hospital's own images are refused (:class:`PrivateDataError`): every look at them
+    spends privacy that the ledger does not count, so tune on another data set (BreastMNIST for PneumoniaMNIST),
+    or on the coordinator's public proxy set."""
+    from medvec.data.split import draw_local_val
+    from medvec.evaluate import evaluate_model
+
+    if public.private:
+        raise PrivateDataError(
+            "tune_on_public was given a hospital's private split: tuning on it spends privacy the ledger does not "
+            "count; tune on public data (another data set, or the coordinator's proxy set)"
+        )
+    keep, held = draw_local_val(len(public), val_fraction, cfg.seed, public.groups())
+    train, val = public.subset(keep), public.subset(held)
+    out = []
+    for lr in lrs:
+        for norm in norms:
+            model = base.fresh()
+            setting = privacy.model_copy(update={"enabled": True, "lr": lr, "max_grad_norm": norm})
+            dp_finetune(model, train, base.spec, cfg, setting, progress=False)
+            out.append(TunedSetting(lr, norm, float(evaluate_model(model, val, base.spec)["auc"])))
+    return sorted(out, key=lambda t: -t.val_auc)

@@ -24,7 +24,7 @@ from medvec.vectors.encoding import (
 )
 from medvec.vectors.file import VectorFile, _identity
 from medvec.vectors.format import DEFAULT_MAX_BYTES, DEFAULT_MAX_HEADER_BYTES, DTYPES, FORMAT, InvalidVectorError
-from medvec.vectors.vector import VectorMeta, vector_keys
+from medvec.vectors.vector import VectorMeta, trained_keys, vector_keys
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -102,7 +102,8 @@ def load_vector(
     complete safetensors layout; medvec metadata; the stored tensors' names, dtypes
     and shapes as the vector's encoding lays them out (:mod:`medvec.vectors.encoding`);
     finite values, valid scales and indices; content sha256; and, when given, the
-    base's hash, keys and shapes.
+    base's hash, keys and shapes (a DP vector of ``privacy.trainable`` head or bn_affine: exactly the keys that mode
+    trains; the others then read as zero, :class:`~medvec.vectors.file.VectorFile`).
 
     Raises
     ------
@@ -133,8 +134,8 @@ def load_vector(
                 return cache[name]
 
             shapes = {k: _check_layout(path, k, header, get, meta.encoding) for k in delta_keys}
-            if base is not None:
-                _check_against_base(path, shapes, base)
+            trainable = meta.privacy.trainable if meta.privacy is not None else "all"
+            absent = _check_against_base(path, shapes, base, trainable) if base is not None else {}
             content = _check_values(path, names, get, cache)
     except InvalidVectorError:
         raise
@@ -146,7 +147,7 @@ def load_vector(
             f"content sha256 {content[:12]}… does not match header {str(expected_content)[:12]}… (modified or corrupt)",
             "integrity",
         )
-    return VectorFile(path, meta, content, header, data_start, shapes, extra_keys, identity)
+    return VectorFile(path, meta, content, header, data_start, shapes, extra_keys, identity, absent)
 
 
 def _read_meta(path: Path, header: dict, max_metadata_bytes: int) -> tuple[VectorMeta, str]:
@@ -214,12 +215,17 @@ def _check_layout(path: Path, key: str, header: dict, get, enc: Encoding) -> tup
     return shape
 
 
-def _check_against_base(path: Path, shapes: dict[str, tuple[int, ...]], base: dict[str, torch.Tensor]) -> None:
-    expected = set(vector_keys(base))
+def _check_against_base(
+    path: Path, shapes: dict[str, tuple[int, ...]], base: dict[str, torch.Tensor], trainable: str
+) -> dict[str, tuple[int, ...]]:
+    """The base's keys, shapes and, for a partial vector (``trainable`` head or bn_affine), exactly the keys that
+    mode trains; returns the shapes of the base's keys the vector leaves out, which read as zero."""
+    expected = set(trained_keys(base, trainable))
     missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
     if missing:
+        of = "the base" if trainable == "all" else f"the base that privacy.trainable {trainable} trains"
         raise InvalidVectorError(
-            path, f"missing {len(missing)} key(s) of the base: {', '.join(missing[:5])}", "missing_key"
+            path, f"missing {len(missing)} key(s) of {of}: {', '.join(missing[:5])}", "missing_key"
         )
     if extra:
         raise InvalidVectorError(
@@ -229,6 +235,7 @@ def _check_against_base(path: Path, shapes: dict[str, tuple[int, ...]], base: di
         want = tuple(base[k].shape)
         if want != have:
             raise InvalidVectorError(path, f"shape mismatch for {k}: vector {have}, base {want}", "shape")
+    return {k: tuple(base[k].shape) for k in vector_keys(base) if k not in shapes}
 
 
 def _check_values(path: Path, names: list[str], get, cache: dict) -> str:

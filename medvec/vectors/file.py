@@ -40,6 +40,7 @@ class VectorFile:
         shapes: dict[str, tuple[int, ...]],
         extra_keys: list[str],
         identity: tuple | None = None,
+        absent: dict[str, tuple[int, ...]] | None = None,
     ):
         self.path = path
         self.meta = meta
@@ -56,8 +57,11 @@ class VectorFile:
         }
         self._data_start = data_start
         self._identity = identity  # (inode, size, mtime) when validated: a replaced file is refused
-        self._shapes = shapes
-        self._delta_keys = sorted(shapes)
+        # the base's deltas a partial vector (DP of head or bn_affine) leaves out: read as zero, so it merges
+        # with full vectors by every method
+        self._absent = dict(absent or {})
+        self._shapes = {**shapes, **self._absent}
+        self._delta_keys = sorted(self._shapes)
         self._extra_keys = extra_keys
         self._map: mmap.mmap | None = None
         self.window = MERGE_WINDOW_BYTES
@@ -129,13 +133,20 @@ class VectorFile:
 
     # ---------------------------------------------------------------- decoded deltas
     def _decoded(self, key: str) -> torch.Tensor:
-        """The float32 delta ``key``; for fp32, a view of the mapped file."""
+        """The float32 delta ``key``; for fp32, a view of the mapped file; zeros for a key the file leaves out."""
+        if key in self._absent:
+            return torch.zeros(self._absent[key])
         return decode(key, self._stored, self._shapes[key], self.encoding)
+
+    @property
+    def stored_keys(self) -> list[str]:
+        """The deltas the file holds (:meth:`keys` less those a partial vector leaves out), sorted."""
+        return [k for k in self._delta_keys if k not in self._absent]
 
     def tensor(self, key: str) -> torch.Tensor:
         """The float32 delta ``key`` (a copy the caller owns)."""
         t = self._decoded(key)
-        t = t.clone() if self.encoding.name == "fp32" else t
+        t = t.clone() if self.encoding.name == "fp32" and key not in self._absent else t
         self._release_pages()
         return t
 
@@ -150,6 +161,8 @@ class VectorFile:
 
         fp32 is added straight from the mapped file (no copy); ``out`` may be flat or shaped.
         """
+        if key in self._absent:  # zero: nothing to add
+            return
         if self.encoding.name == "fp32":  # the common case, without decode's indirection
             src = self._flat(key)
         else:
@@ -164,7 +177,7 @@ class VectorFile:
         Two files with equal layouts hold the same tensors at the same offsets: a merge can then add whole
         runs of consecutive deltas at once (:meth:`runs`, :meth:`add_range`).
         """
-        if self.encoding.name != "fp32":
+        if self.encoding.name != "fp32" or self._absent:
             return None
         out = []
         for k in self._delta_keys:

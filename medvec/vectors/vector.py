@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +20,9 @@ from medvec.vectors.encoding import (
     encode_all,
 )
 from medvec.vectors.format import FORMAT, content_sha256, write_safetensors
+
+Trainable = Literal["all", "bn_affine", "head"]  # privacy.trainable: what DP-SGD trains
+TRAINABLE: tuple[str, ...] = get_args(Trainable)
 
 
 class PrivacySpent(BaseModel):
@@ -36,6 +39,9 @@ class PrivacySpent(BaseModel):
     steps: int = Field(ge=0)
     epochs: int = Field(ge=0)
     batchnorm: Literal["frozen"] = "frozen"
+    trainable: Trainable = Field(
+        "all", description="what DP-SGD trained (privacy.trainable); a vector of head or bn_affine carries only that"
+    )
 
 
 class VectorMeta(BaseModel):
@@ -73,6 +79,34 @@ class VectorMeta(BaseModel):
 def vector_keys(state: dict[str, torch.Tensor]) -> list[str]:
     """Keys that a data vector differences: floating point, not BN running statistics."""
     return [k for k, v in state.items() if v.is_floating_point() and not is_bn_stat(k)]
+
+
+def head_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The classifier head's keys: the last two-dimensional floating ``*.weight`` in the state's order (a linear
+    layer's; torchvision and medvec's models define the head last) and its bias."""
+    weights = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2 and v.is_floating_point()]
+    if not weights:
+        raise ValueError("the model has no linear head (no two-dimensional weight)")
+    bias = weights[-1].removesuffix("weight") + "bias"
+    return [weights[-1]] + ([bias] if bias in state else [])
+
+
+def bn_affine_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Every batch-norm layer's scale and shift (``weight``, ``bias`` beside a ``running_mean``)."""
+    layers = [k.removesuffix("running_mean") for k in state if k.endswith(".running_mean")]
+    return [p + n for p in layers for n in ("weight", "bias") if p + n in state]
+
+
+def trained_keys(state: dict[str, torch.Tensor], trainable: str = "all") -> list[str]:
+    """The keys a vector of ``trainable`` (``privacy.trainable``) carries, in :func:`vector_keys`' order: every
+    one for ``all``; the head's for ``head``; the batch-norm scales and shifts and the head's for ``bn_affine``.
+    The hospital trains exactly these, and intake expects exactly these."""
+    if trainable == "all":
+        return vector_keys(state)
+    if trainable not in TRAINABLE:
+        raise ValueError(f"unknown privacy.trainable {trainable!r}: valid are {', '.join(TRAINABLE)}")
+    chosen = set(head_keys(state)) | (set(bn_affine_keys(state)) if trainable == "bn_affine" else set())
+    return [k for k in vector_keys(state) if k in chosen]
 
 
 def new_vector_id(hospital: str, content_sha256: str, when: _dt.datetime | None = None) -> str:
@@ -189,7 +223,7 @@ class DataVector:
         if set(base) != set(tuned):
             raise ValueError(f"state dicts differ in keys: {sorted(set(base) ^ set(tuned))[:5]}")
         deltas = {}
-        for k in vector_keys(base):
+        for k in trained_keys(base, privacy.trainable if privacy is not None else "all"):
             if base[k].shape != tuned[k].shape:
                 raise ValueError(f"{k}: base shape {tuple(base[k].shape)} != fine-tuned {tuple(tuned[k].shape)}")
             deltas[k] = (tuned[k].detach().cpu().float() - base[k].detach().cpu().float()).contiguous()
