@@ -110,7 +110,8 @@ from flows.hospital_finetune import hospital_finetune
 from flows.merge_and_evaluate import merge_and_evaluate
 tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
 p = load_params("params.yaml", overrides)
-dp = load_params("params.yaml", overrides + ["privacy.enabled=true", "privacy.target_epsilon=4", "privacy.lifetime_epsilon=6"])
+dp = load_params("params.yaml", overrides + ["privacy.enabled=true", "privacy.target_epsilon=4", "privacy.lifetime_epsilon=6",
+                                             "privacy.trainable=bn_affine"])
 open_store(tmp + "/store").put_base(create_base("tiny_cnn", 2, False, None, 0))
 write_hospital_shards(%(data)r, tmp + "/h", hospitals=2, alpha=1.0, seed=0)
 out = {"h1": hospital_finetune("h1", tmp + "/h/h1", tmp + "/store", params=dp, emit=False, progress=False),
@@ -121,9 +122,21 @@ try:  # a second DP vector from h1 would take it past its lifetime budget
 except PrivacyBudgetError as exc:
     out["refused"] = str(exc)
 out["merge"] = merge_and_evaluate(tmp + "/store", %(data)r, params=p)
+out["vectors"] = [s["meta"]["vector_id"] for s in open_store(tmp + "/store").sidecars()]
+# the attack: h2 publishes a full update under h1's partial label (bn_affine, whose ε covers only BN and the head)
+import torch
+from medvec.vectors.vector import DataVector
+store = open_store(tmp + "/store")
+h1v = store.get(out["h1"]["vector_id"]).to_vector()
+out["h1_keys"] = sorted(h1v.deltas)
+forged = dict(h1v.deltas) | {"features.0.weight": torch.full((16, 1, 3, 3), 0.5)}
+from medvec.timing import utcnow
+meta = h1v.meta.model_copy(update={"hospital": "h2", "vector_id": "h2-20991231T000000000000-forged00", "created_at": utcnow()})
+store.put(DataVector(forged, meta, h1v.running))
+out["merge2"] = merge_and_evaluate(tmp + "/store", %(data)r, params=p)
+out["quarantined"] = [q.model_dump(mode="json") for q in open_store(tmp + "/store").quarantined()]
 out["lineage"] = lineage.lineage("medvec@champion")
 out["text"] = lineage.lineage_text(out["lineage"])
-out["vectors"] = [s["meta"]["vector_id"] for s in open_store(tmp + "/store").sidecars()]
 print(json.dumps(out, default=str))
 """ % {"data": str(BREAST)}
 
@@ -158,6 +171,16 @@ def test_a_dp_and_a_non_dp_hospital_merge_through_the_flow_and_lineage_shows_eac
     assert f"DP ε={h1['privacy']['epsilon']:.3f}" in out["text"]
     inputs = {i["hospital"]: i for i in out["merge"]["inputs"]}
     assert inputs["h1"]["epsilon"] == pytest.approx(h1["privacy"]["epsilon"]) and inputs["h2"]["epsilon"] is None
+    # h1 trained BN scales and shifts and the head only, and sent only those; the merge took the partial vector
+    assert h1["privacy"]["trainable"] == "bn_affine"
+    bn = [f"features.{i}.{n}" for i in (1, 5, 9, 13) for n in ("weight", "bias")]
+    assert out["h1_keys"] == sorted([*bn, "fc.bias", "fc.weight"])
+    # the forged vector (a convolution under bn_affine's label) is quarantined with its reason, never merged
+    second = out["merge2"]
+    assert "h2-20991231T000000000000-forged00" not in [i["vector_id"] for i in second["inputs"]]
+    (q,) = [q for q in out["quarantined"] if q["hospital_claimed"] == "h2"]
+    assert "forged00" in q["object"]  # kept, with its reason
+    assert q["check"] == "extra_key" and "privacy.trainable bn_affine does not train: features.0.weight" in q["problem"]
 
 
 def test_the_prv_accountant_and_a_fixed_noise_multiplier(tiny_base):
@@ -255,7 +278,9 @@ def test_intake_holds_a_partial_vector_to_exactly_the_keys_of_its_signed_mode(pa
         return DataVector(deltas, meta)
 
     extra = {**head.deltas, "features.0.weight": torch.ones_like(state["features.0.weight"])}
-    with pytest.raises(InvalidVectorError, match=r"1 extra key\(s\) not in the base: features\.0\.weight"):
+    with pytest.raises(
+        InvalidVectorError, match=r"1 extra key\(s\) that privacy.trainable head does not train: features\.0\.weight"
+    ):
         load_vector(forged(extra, head.meta.privacy).save(tmp_path / "extra.safetensors"), base=state)
     short = {"fc.weight": head.deltas["fc.weight"]}
     with pytest.raises(

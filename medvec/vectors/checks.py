@@ -228,9 +228,8 @@ def _check_against_base(
             path, f"missing {len(missing)} key(s) of {of}: {', '.join(missing[:5])}", "missing_key"
         )
     if extra:
-        raise InvalidVectorError(
-            path, f"{len(extra)} extra key(s) not in the base: {', '.join(extra[:5])}", "extra_key"
-        )
+        outside = "not in the base" if trainable == "all" else f"that privacy.trainable {trainable} does not train"
+        raise InvalidVectorError(path, f"{len(extra)} extra key(s) {outside}: {', '.join(extra[:5])}", "extra_key")
     for k, have in sorted(shapes.items()):
         want = tuple(base[k].shape)
         if want != have:
