@@ -178,15 +178,20 @@ def run_one(mode: str, seed: int, epsilon: float, params: Params, data: str, wor
 
 def logit_confidence(model, data: ImageSet, spec) -> np.ndarray:
     """log(p / (1 − p)) of each image's true label: LiRA's statistic."""
-    p = np.clip(predict(model, data, spec)[np.arange(len(data)), data.labels], 1e-12, 1 - 1e-12)
+    p = predict(model, data, spec)[np.arange(len(data)), data.labels].astype(np.float64)  # 1 − 1e-12 is 1 in fp32
+    p = np.clip(p, 1e-12, 1 - 1e-12)
     return np.log(p) - np.log1p(-p)
 
 
 def leak_model(base, train: ImageSet, cfg, mode: str, epsilon: float, epochs: int):
     """A model of ``mode`` trained on ``train`` for ``epochs`` (DP at ε; ∞: no noise) — target or shadow."""
     from medvec.hospital.privacy import dp_finetune
+    from medvec.hospital.train import finetune
 
     model = base.fresh()
+    if mode == "none":  # the ordinary fine-tune: no clipping, no noise, BN trained
+        finetune(model, train, base.spec, cfg.model_copy(update={"epochs": epochs}), progress=False)
+        return model
     privacy = privacy_for(mode, epsilon, len(train)).model_copy(update={"epochs": epochs})
     dp_finetune(model, train, base.spec, cfg, privacy, progress=False)
     return model
@@ -388,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack-epochs", type=int, default=30)
     ap.add_argument("--shadows", type=int, default=4)
     ap.add_argument("--no-attack", action="store_true")
+    ap.add_argument("--only-stored", action="store_true", help="report the stored results; run nothing new")
     ap.add_argument("--tune", action="store_true", help="choose lr and max_grad_norm on BreastMNIST, then stop")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -408,16 +414,25 @@ def main(argv: list[str] | None = None) -> int:
         for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
             settings = base_settings | {"recipe": recipe(mode) if mode != "none" else None}
             path = run_key("utility", mode, seed, eps, settings)
+            if args.only_stored and not path.is_file():
+                continue
             runs.append(cached(path, run_one, mode, seed, eps, params, data, Path(tmp), evalsets))
             tqdm.write(json.dumps({k: runs[-1][k] for k in ("mode", "seed", "target_epsilon", "merged", "seconds")}))
         if not args.no_attack:
-            jobs = [(m, s, e) for m in args.modes if m != "none" for e in args.attack_epsilons for s in args.seeds]
+            jobs = [
+                (m, s, e)
+                for m in args.modes
+                for e in (args.attack_epsilons if m != "none" else [INF])
+                for s in args.seeds
+            ]
             for mode, seed, eps in tqdm(jobs, desc="attack", unit="run"):
                 settings = base_settings | {
-                    "recipe": recipe(mode),
+                    "recipe": recipe(mode) if mode != "none" else None,
                     "attack": [args.attack_members, args.attack_epochs, args.shadows],
                 }
                 path = run_key("attack", mode, seed, eps, settings)
+                if args.only_stored and not path.is_file():
+                    continue
                 attacks.append(cached(path, run_attack, mode, seed, eps, params, data, Path(tmp), args))
                 tqdm.write(
                     json.dumps({k: attacks[-1][k] for k in ("mode", "seed", "target_epsilon", "attack_auc", "seconds")})

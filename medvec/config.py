@@ -137,19 +137,19 @@ class PrivacyConfig(_Frozen):
     noise_multiplier: float | None = Field(
         None, gt=0, description="a fixed noise multiplier σ instead of solving for target_epsilon"
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    max_grad_norm: float = Field(0.5, gt=0, description="per-sample gradient clipping norm C")
     trainable: Literal["all", "bn_affine", "head"] = Field(
-        "all",
+        "head",
         description="what DP-SGD trains: all (but batch norm), bn_affine (BN scales and shifts and the head) or head;"
         " a partial vector carries only those tensors",
     )
-    epochs: int | None = Field(None, ge=1, description="DP-SGD epochs (null: finetune.epochs)")
+    epochs: int | None = Field(30, ge=1, description="DP-SGD epochs (null: finetune.epochs)")
     batch_size: int | None = Field(
-        None, ge=2, description="the logical batch, Poisson-sampled (null: finetune.batch_size, the physical batch)"
+        256, ge=2, description="the logical batch, Poisson-sampled (null: finetune.batch_size, the physical batch)"
     )
-    lr: float | None = Field(None, gt=0, description="DP-SGD's learning rate (null: finetune.lr)")
+    lr: float | None = Field(0.001, gt=0, description="DP-SGD's learning rate (null: finetune.lr)")
     ema: float | None = Field(
-        None, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
+        0.99, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
     )
     accountant: Literal["rdp", "prv"] = "rdp"
     lifetime_epsilon: float | None = Field(

@@ -21,7 +21,9 @@ def dp_vector(tiny_base):
 
     train = load_split(BREAST, "train").subset(torch.arange(200).numpy())
     cfg = FinetuneConfig(epochs=2, batch_size=32, lr=0.003, threads=1)
-    privacy = PrivacyConfig(enabled=True, target_epsilon=3.0)
+    privacy = PrivacyConfig(
+        enabled=True, target_epsilon=3.0, trainable="all", epochs=None, batch_size=None, lr=None, ema=None
+    )
     vector, record = finetune_vector(tiny_base, "h1", LocalData(train, None), cfg, progress=False, privacy=privacy)
     return vector, record
 
@@ -111,7 +113,7 @@ from flows.merge_and_evaluate import merge_and_evaluate
 tmp, overrides = sys.argv[1], json.loads(sys.argv[2])
 p = load_params("params.yaml", overrides)
 dp = load_params("params.yaml", overrides + ["privacy.enabled=true", "privacy.target_epsilon=4", "privacy.lifetime_epsilon=6",
-                                             "privacy.trainable=bn_affine"])
+                                             "privacy.trainable=bn_affine", "privacy.epochs=2", "privacy.batch_size=64"])
 open_store(tmp + "/store").put_base(create_base("tiny_cnn", 2, False, None, 0))
 write_hospital_shards(%(data)r, tmp + "/h", hospitals=2, alpha=1.0, seed=0)
 out = {"h1": hospital_finetune("h1", tmp + "/h/h1", tmp + "/store", params=dp, emit=False, progress=False),
@@ -192,7 +194,9 @@ def test_the_prv_accountant_and_a_fixed_noise_multiplier(tiny_base):
 
     train = load_split(BREAST, "train").subset(torch.arange(120).numpy())
     cfg = FinetuneConfig(epochs=1, batch_size=30, threads=1, augment=False)
-    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.5, accountant="prv", delta=1e-3)
+    privacy = PrivacyConfig(
+        enabled=True, noise_multiplier=1.5, accountant="prv", delta=1e-3, trainable="all", epochs=None, batch_size=None
+    )
     vector, _ = finetune_vector(tiny_base, "h2", LocalData(train, None), cfg, progress=False, privacy=privacy)
     spent = vector.meta.privacy
     assert (spent.accountant, spent.noise_multiplier, spent.delta, spent.steps) == ("prv", 1.5, 1e-3, 4)
