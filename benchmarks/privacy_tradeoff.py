@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, INF])
     ap.add_argument("--attack-epsilons", type=float, nargs="+", default=[3.0, INF])
     ap.add_argument("--attack-members", type=int, default=100)
-    ap.add_argument("--attack-epochs", type=int, default=30)
+    ap.add_argument("--attack-epochs", type=int, default=10)
     ap.add_argument("--shadows", type=int, default=4)
     ap.add_argument("--no-attack", action="store_true")
     ap.add_argument("--only-stored", action="store_true", help="report the stored results; run nothing new")
@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     data = str(ROOT / params.demo.data)
     evalsets = scoring.EvalSets.load(data)
     started, runs, attacks = time.perf_counter(), [], []
-    base_settings: dict[str, Any] = {"params": params.model_dump(mode="json"), "data": data}
+    # privacy.* is each run's own (privacy_for), so the hospital's DP settings in params.yaml do not name a run
+    base_settings: dict[str, Any] = {"params": params.model_dump(mode="json", exclude={"privacy"}), "data": data}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, s, e) for m in args.modes for e in (args.epsilons if m != "none" else [INF]) for s in args.seeds]
         for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
