@@ -136,16 +136,26 @@ def train_vectors(base, hospitals, local, cfg, mode: str, epsilon: float, work: 
     return out
 
 
-def run_one(mode: str, seed: int, epsilon: float, params: Params, data: str, work: Path, evalsets) -> dict:
-    """One (mode, seed, ε): four hospitals fine-tune, then singles and the merge are scored."""
-    started = time.perf_counter()
+def shards(params: Params, data: str, work: Path, seed: int) -> tuple[Path, list[str]]:
+    """The seed's simulated hospitals (written once per seed): their folder and names."""
     folder = work / f"seed{seed}"
     if not folder.exists():
         write_hospital_shards(data, folder, params.split.hospitals, "dirichlet", params.split.alpha, seed)
-    hospitals = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    base = create_base(
+    return folder, sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def demo_base(params: Params):
+    """θ_pre of the demo configuration."""
+    return create_base(
         params.model.name, 2, pretrained=params.model.pretrained, seed=0, image_size=params.model.image_size
     )
+
+
+def run_one(mode: str, seed: int, epsilon: float, params: Params, data: str, work: Path, evalsets) -> dict:
+    """One (mode, seed, ε): four hospitals fine-tune, then singles and the merge are scored."""
+    started = time.perf_counter()
+    folder, hospitals = shards(params, data, work, seed)
+    base = demo_base(params)
     cfg = params.finetune.model_copy(update={"seed": seed})
     local = {h: LocalData.load(folder / h) for h in hospitals}
     (work / "vectors").mkdir(exist_ok=True)
@@ -202,10 +212,7 @@ def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, 
     from sklearn.metrics import roc_auc_score
 
     started = time.perf_counter()
-    folder = work / f"seed{seed}"
-    if not folder.exists():
-        write_hospital_shards(data, folder, params.split.hospitals, "dirichlet", params.split.alpha, seed)
-    hospitals = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    folder, hospitals = shards(params, data, work, seed)
     local = [LocalData.load(folder / h).train for h in hospitals]
     rng = np.random.default_rng(seed)
     members = local[0].subset(np.sort(rng.choice(len(local[0]), args.attack_members, replace=False)))
@@ -213,9 +220,7 @@ def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, 
     pool = ImageSet.concat(local[1:])
     taken = {(img.tobytes()) for img in outsiders.images}
     free = np.asarray([i for i in range(len(pool)) if pool.images[i].tobytes() not in taken])
-    base = create_base(
-        params.model.name, 2, pretrained=params.model.pretrained, seed=0, image_size=params.model.image_size
-    )
+    base = demo_base(params)
     cfg = params.finetune.model_copy(update={"seed": seed})
     target = leak_model(base, members, cfg, mode, epsilon, args.attack_epochs)
     test = scoring.EvalSets.load(data).test
@@ -363,9 +368,7 @@ def tune(params: Params, modes: list[str], epsilon: float) -> dict:
     from medvec.hospital.privacy import tune_on_public
 
     public = load_split(ROOT / "data" / "breastmnist.npz", "train")
-    base = create_base(
-        params.model.name, 2, pretrained=params.model.pretrained, seed=0, image_size=params.model.image_size
-    )
+    base = demo_base(params)
     doc: dict[str, Any] = (
         json.loads(TUNING.read_text())
         if TUNING.is_file()
