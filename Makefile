@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.medvec/prefect
 export MPLBACKEND ?= Agg
 
-.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness federated-eval privacy data-bench async-bench bench load peers install dirs clean
+.PHONY: demo ui ui-check test lint unit fuzz quality latency robustness federated-eval privacy data-bench async-bench async-ablations bench load peers install dirs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -102,8 +102,13 @@ peers: $(STAMP)
 	$(PIP) install -q 'flwr>=1.20'
 	$(PIP) install -q 'fastapi>=0.139,<0.151'
 
+# resumable: each (seed, protocol, regime) is kept in benchmarks/results/async_runs/ and skipped when rerun
 async-bench: peers dirs
 	$(PY) benchmarks/async_vs_sync.py $(ARGS)
+
+# every asynchronous protocol at equal compute, 32 px, 3 seeds: what chose refine's defaults
+async-ablations: peers dirs
+	$(PY) benchmarks/async_vs_sync.py --ablations --seeds 0 1 2 -S model.image_size=32 $(ARGS)
 
 clean:
 	rm -rf .medvec reports/demo .pytest_cache

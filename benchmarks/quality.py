@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medvec.demo.baselines import CONVERGED  # noqa: E402
+
 METRICS = ("auc", "balanced_accuracy", "accuracy")
 
 
@@ -64,13 +68,21 @@ def summarise(docs: list[dict]) -> dict:
         row["val_auc_mean"], _ = mean_std([(r.get("val") or {}).get("auc", float("nan")) for r in hits])
         rows.append(row)
     # per-seed aggregates: the selected merge, the mean single hospital, centralized
-    agg: dict[str, list[float]] = {"selected_merge": [], "mean_single": [], "centralized": [], "control": []}
+    agg: dict[str, list[float]] = {
+        "selected_merge": [],
+        "mean_single": [],
+        "centralized": [],
+        "centralized_converged": [],
+        "control": [],
+    }
     for d in docs:
         res = d["results"]
         agg["selected_merge"].append(next(r["test"]["auc"] for r in res if r.get("selected")))
         singles = [r["test"]["auc"] for r in res if r["kind"] == "single"]
         agg["mean_single"].append(sum(singles) / len(singles))
-        agg["centralized"].extend(r["test"]["auc"] for r in res if r["kind"] == "centralized")
+        central = [r for r in res if r["kind"] == "centralized"]  # at equal compute, then converged
+        agg["centralized"].extend(r["test"]["auc"] for r in central if r["name"] != CONVERGED)
+        agg["centralized_converged"].extend(r["test"]["auc"] for r in central if r["name"] == CONVERGED)
         agg["control"].extend(r["test"]["auc"] for r in res if r["kind"] == "control")
     headline = {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v} for k, v in agg.items()}
     return {"rows": rows, "headline": headline}
@@ -84,8 +96,9 @@ def markdown(summary: dict, seeds: list[int], command: str) -> str:
         "| aggregate | test AUC |",
         "|---|---|",
     ]
-    for k in ("selected_merge", "mean_single", "centralized", "control"):
-        lines.append(f"| {k.replace('_', ' ')} | {h[k]['mean']:.3f} ± {h[k]['std']:.3f} |")
+    for k in ("selected_merge", "mean_single", "centralized", "centralized_converged", "control"):
+        if h[k]["values"]:
+            lines.append(f"| {k.replace('_', ' ')} | {h[k]['mean']:.3f} ± {h[k]['std']:.3f} |")
     lines += [
         "",
         "| model | kind | test AUC | test bal. acc | test acc | val AUC | chosen |",

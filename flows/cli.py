@@ -497,7 +497,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         for r in tree.get("rebuild", []):
             same = "== registered (identical)" if r["identical"] else f"!= registered {r['registered_sha256']}"
             print(f"rebuilt v{r['version']} from lineage: sha256 {r['sha256']} {same}")
-    return 0 if all(r["identical"] for r in tree.get("rebuild", [])) else 1
+            if "ema_sha256" in r:
+                kept = "== stored (identical)" if r["ema_identical"] else "!= stored"
+                print(f"rebuilt EMA champion v{r['version']}: sha256 {r['ema_sha256']} {kept}")
+    rebuilt = tree.get("rebuild", [])
+    return 0 if all(r["identical"] and r.get("ema_identical", True) for r in rebuilt) else 1
 
 
 def _model_ref(args: argparse.Namespace) -> str:
@@ -548,10 +552,14 @@ def _rebuild(store, record) -> list[dict]:
     from medvec.coordinator.lineage import chain, replay_chain
 
     steps = {r.version or 0: r for r in chain(store, record)}
-    return [
-        {"version": v, "sha256": sha, "registered_sha256": steps[v].merged_sha256, "identical": same}
-        for v, sha, same in replay_chain(store, record)
-    ]
+    rows = []
+    for r in replay_chain(store, record):
+        row = {"version": r.version, "sha256": r.sha256, "registered_sha256": steps[r.version].merged_sha256}
+        row["identical"] = r.identical
+        if r.ema_sha256 is not None:
+            row |= {"ema_sha256": r.ema_sha256, "ema_identical": r.ema_identical}
+        rows.append(row)
+    return rows
 
 
 def _new_passphrase() -> bytes:

@@ -7,8 +7,8 @@ Runs in Prefect's local ephemeral mode (no server needed):
 3. run ``hospital-finetune`` (the same flow a hospital's worker runs) per hospital;
 4. admit the latest vector per hospital and merge with every method and BN strategy,
    choosing λ and the model to promote on the validation split;
-5. train the centralized upper bound (all hospitals pooled, same epochs) and a
-   random-vector control of matching norms;
+5. train the centralized references (all hospitals pooled: the same epochs, and to convergence with
+   early stopping on validation) and a random-vector control of matching norms;
 6. evaluate everything on the official test split, score what each vector contributed to
    the selected merge, finish it as the flows do (store, registry through the champion gate),
    and write the report once.
@@ -53,7 +53,7 @@ from tasks.coordinator import (
     publish_base,
     split_hospitals,
 )
-from tasks.demo import centralized, control, simulate_async
+from tasks.demo import centralized, centralized_converged, control, simulate_async
 
 
 @dataclass
@@ -101,6 +101,8 @@ def _rows(net: Network, vectors: list[VectorFile], moments_fn: MomentsFn) -> tup
         rows.append(control(base, vectors, evalsets, p, bn, moments_fn))
     if p.demo.centralized:
         rows.append(centralized(base, list(net.local.values()), evalsets, p, net.progress))
+        if p.demo.converged_max_epochs:
+            rows.append(centralized_converged(base, list(net.local.values()), evalsets, p))
     return rows, comparison, merge_started
 
 
@@ -108,7 +110,8 @@ def _simulate_async(net: Network, landings: int, straggler: float | None, moment
     """Every hospital lands ``landings`` more vectors into an asynchronous champion on a simulated clock."""
     shutil.rmtree(net.out / "async", ignore_errors=True)
     p = net.params
-    refine = p.model_copy(update={"refine": p.refine.model_copy(update={"mode": "async"})})
+    network = p.refine.network or tuple(net.local)  # a fresh buffer waits for the demo's hospitals
+    refine = p.model_copy(update={"refine": p.refine.model_copy(update={"mode": "async", "network": network})})
     store = open_store(str(net.out / "async"))
     store.put_base(net.base)
     clock = Clock.seeded(list(net.local), p.split.seed + p.finetune.seed, straggler)

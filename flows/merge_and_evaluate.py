@@ -38,6 +38,7 @@ from medvec.record import MergeRecord
 from medvec.runtime import set_threads
 from medvec.store import VectorStore, open_store
 from medvec.timing import Started
+from medvec.tracking.finish import buffer_ready
 from tasks.common import fetch_base
 from tasks.coordinator import (
     admit_vectors,
@@ -180,14 +181,10 @@ class Run:
 def _step(run: Run, admission: Admission) -> dict:
     """Async mode: once the buffer holds B vectors, one step into the champion (promoted if better)."""
     logger = get_run_logger()
-    n, need = len(admission.admitted), run.params.refine.buffer
-    if n < need:
-        logger.info("buffer holds %d of %d vectors: no step yet", n, need)
-        return {
-            "skipped": True,
-            "reason": f"buffer holds {n} of {need}",
-            "inputs": [v.meta.vector_id for v in admission.admitted],
-        }
+    ready, why = buffer_ready(run.store, run.base, admission, run.params)
+    if not ready:
+        logger.info("no step yet: %s", why)
+        return {"skipped": True, "reason": why, "inputs": [v.meta.vector_id for v in admission.admitted]}
     evalsets = run.evalsets(admission)
     done = async_step(run.store, run.base, admission, run.params, evalsets, run.calibration(), run.trigger)
     if done is None:

@@ -372,6 +372,37 @@ class RefineConfig(_Frozen):
     staleness_a: float = Field(0.5, gt=0, description="polynomial exponent a, or the hinge slope")
     staleness_b: int = Field(4, ge=0, description="the hinge's knee: no discount up to b versions")
     max_staleness: int = Field(8, ge=0, description="vectors staler than this are kept aside, not merged")
+    staleness_cap: int | None = Field(
+        None, ge=1, description="FADAS: a step whose stalest vector is s > cap versions old is scaled by cap/s"
+    )
+    weighting: Literal["buffer", "network"] = Field(
+        "buffer", description="a vector's weight: its share of the buffer's samples, or of the network's"
+    )
+    fresh: bool = Field(
+        False,
+        description="step when every hospital of the network has a vector in the buffer (or `timeout` passed), "
+        "instead of at B vectors; with no staleness the step is FedAvg's",
+    )
+    network: tuple[str, ...] = Field(
+        (), description="fresh: the hospitals a step waits for; empty: every hospital with a vector on this base"
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="fresh: step anyway once the oldest buffered vector has waited this long (seconds)"
+    )
+    server_optimizer: Literal["none", "fedavgm", "fedadam"] = Field(
+        "none", description="how a step's delta moves the champion: as is, with server momentum, or by Adam"
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: β (Flower's FedAvgM default is 0)")
+    server_lr: float = Field(0.1, gt=0, description="fedadam: η (Flower's FedAdam default)")
+    server_betas: tuple[float, float] = Field((0.9, 0.99), description="fedadam: β1, β2 (Flower's defaults)")
+    server_tau: float = Field(1e-9, gt=0, description="fedadam: τ, the adaptivity (Flower's default)")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="the champion served is an EMA of the promoted versions with this decay"
+    )
+    first_step: Literal["buffer", "oneshot"] = Field(
+        "buffer",
+        description="the step from θ_pre: by the buffer rule, or the one-shot merge of every hospital's vector",
+    )
     local_epochs: int = Field(1, ge=1, description="epochs per contribution in the demo's simulation")
 
 
@@ -383,6 +414,9 @@ class DemoConfig(_Frozen):
     out: str = "reports/demo"
     control: bool = True
     centralized: bool = True
+    converged_max_epochs: int = Field(
+        20, ge=0, description="the centralized reference trained to convergence: at most this many epochs (0: off)"
+    )
 
 
 class Params(_Frozen):

@@ -15,6 +15,8 @@ or an ``s3://bucket/prefix``::
     merges/<base-sha>/<merge-id>.moments.safetensors      the BN moment sums it used
     merges/<base-sha>/latest.json                         the newest merge record
     starts/<base-sha>/index.json, v<n>.safetensors        the champion start points (asynchronous refinement)
+    starts/<base-sha>/v<n>.ema.safetensors                the EMA champion at version n (refine.ema)
+    merges/<base-sha>/server/v<n>.safetensors             the server optimizer's state at version n
     reports/<hospital>/<base-sha>/<merge-id>.json         what one hospital may see of a merge with its vectors
     requests/<request-id>.json                            an evaluation request (the candidates, by key and sha256)
     candidates/<request-id>/<name>.safetensors            a candidate's weights
@@ -44,6 +46,8 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from medvec.answers import CandidateRef, EvalRequest
 from medvec.batchnorm import MomentSums
@@ -350,6 +354,32 @@ class VectorStore:
             raise StoreError(f"{self.url}: no start point v{version} for base {root[:12]}…")
         key = f"starts/{root}/v{version}.safetensors"
         return load_base(self.local_file(key), expected_sha256=points[version].sha256)
+
+    @staticmethod
+    def chain_state_key(root: str, version: int, kind: str) -> str:
+        """``ema``: the champion hospitals use, beside its start point; ``server``: the server optimizer's state,
+        under ``merges/`` (the coordinator's alone: Adam's second moments are not the hospitals' to read)."""
+        if kind == "ema":
+            return f"starts/{root}/v{version}.ema.safetensors"
+        if kind == "server":
+            return f"merges/{root}/server/v{version}.safetensors"
+        raise ValueError(f"unknown chain state {kind!r}: valid are ema, server")
+
+    def put_chain_state(self, root: str, version: int, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store what start point ``version`` carries beyond its weights (:meth:`chain_state_key`)."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "state.safetensors"
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
+            self._write_file(self.chain_state_key(root, version, kind), path)
+
+    def get_chain_state(self, root: str, version: int, kind: str) -> dict[str, torch.Tensor] | None:
+        """The state stored with start point ``version``; None when it has none (version 0, or the option was off)."""
+        from safetensors.torch import load_file
+
+        key = self.chain_state_key(root, version, kind)
+        return load_file(str(self.local_file(key))) if version > 0 and self._exists(key) else None
 
     # ------------------------------------------------------------ merges
     @staticmethod

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from medvec.config import Params
 from medvec.coordinator.engine import BnPlan, MomentsFn
 from medvec.coordinator.scoring import EvalSets
-from medvec.demo.baselines import centralized_row, control_row
+from medvec.demo.baselines import centralized_row, control_row, converged_row
 from medvec.demo.simulate import Clock, simulate
 from medvec.hospital.local import LocalData
 from medvec.models import Base
@@ -33,8 +33,14 @@ def control(
 
 @task(cache_policy=NO_CACHE)
 def centralized(base: Base, local: list[LocalData], evalsets: EvalSets, params: Params, progress: bool) -> dict:
-    """The upper bound: θ_pre fine-tuned on every hospital's training data pooled."""
+    """The equal-compute reference: θ_pre fine-tuned on every hospital's training data pooled."""
     return centralized_row(base, local, evalsets, params, progress)
+
+
+@task(cache_policy=NO_CACHE)
+def centralized_converged(base: Base, local: list[LocalData], evalsets: EvalSets, params: Params) -> dict:
+    """The reference trained to convergence on the pooled data, its epochs chosen by early stopping."""
+    return converged_row(base, local, evalsets, params)
 
 
 @task(cache_policy=NO_CACHE)

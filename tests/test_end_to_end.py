@@ -44,6 +44,8 @@ def demo_run(tmp_path_factory):
         "--no-progress",
         "--landings-per-hospital",  # then one more landing per hospital into an async champion
         "1",
+        "-S",
+        "demo.converged_max_epochs=3",
     ]
     for o in TINY:
         cmd += ["-S", o]
@@ -129,7 +131,12 @@ def test_demo_writes_schema_and_files(demo_run):
     validate_results(doc)
     assert doc["dataset"] == "breastmnist" and doc["model"] == "tiny_cnn" and len(doc["base_sha256"]) == 64
     kinds = [r["kind"] for r in doc["results"]]
-    assert kinds.count("single") == 3 and kinds.count("centralized") == 1 and kinds.count("control") == 1
+    assert kinds.count("single") == 3 and kinds.count("centralized") == 2 and kinds.count("control") == 1
+    equal, converged = [r for r in doc["results"] if r["kind"] == "centralized"]
+    assert equal["name"] == "centralized (pooled)" and converged["name"] == "centralized (pooled, converged)"
+    curve = converged["val_curve"]  # early stopping: the epoch with the best validation AUC, at most 3
+    assert 1 <= len(curve) <= 3 and converged["epochs"] == curve.index(max(curve)) + 1
+    assert round(converged["val"]["auc"], 4) == max(curve)
     assert kinds.count("merged") == 7 * 3  # every method × every BN strategy
     assert {r["method"] for r in doc["results"] if r["kind"] == "merged"} == {
         "sum",
@@ -149,8 +156,10 @@ def test_demo_writes_schema_and_files(demo_run):
 def test_the_demo_counts_each_phase_where_its_work_is_done(demo_run):
     """results.json → phases, which benchmarks/end_to_end.py splits the demo's time by."""
     out, _, _ = demo_run
-    phases = json.loads((out / "results.json").read_text())["phases"]
-    assert phases["finetune"]["calls"] == 3 + 1 + 3  # three hospitals, the centralized baseline, three landings
+    doc = json.loads((out / "results.json").read_text())
+    phases = doc["phases"]
+    epochs = len(next(r for r in doc["results"] if "val_curve" in r)["val_curve"])  # the converged reference's
+    assert phases["finetune"]["calls"] == 3 + 1 + epochs + 3  # three hospitals, the centralized ones, three landings
     for name in ("finetune", "merge", "bn_restore", "evaluate", "tracking"):
         assert phases[name]["seconds"] > 0, name
     assert phases["finetune"]["seconds"] > phases["merge"]["seconds"]
@@ -176,7 +185,7 @@ def test_the_async_simulation_lands_every_hospital_once_through_finish_step(demo
     assert [p.version for p in store.start_points(doc["base_sha256"])] == list(range(len(promoted) + 1))
     assert steps[-1]["version"] == len(promoted)
     if promoted:
-        assert all(same for _, _, same in replay_chain(store, promoted[-1]))
+        assert all(r.identical for r in replay_chain(store, promoted[-1]))
 
 
 def test_selection_uses_validation_not_test(demo_run):

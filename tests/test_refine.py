@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from conftest import BREAST
-from medvec.config import load_params
+from conftest import BREAST, toy_meta
+from medvec.config import RefineConfig, load_params
 from medvec.coordinator.intake import admit, consumed
 from medvec.coordinator.lineage import replay_chain
+from medvec.coordinator.refine import step_ready
 from medvec.coordinator.scoring import EvalSets
-from medvec.coordinator.weights import staleness_discount, step_weights
+from medvec.coordinator.server_opt import ema_update, server_direction
+from medvec.coordinator.weights import staleness_discount, step_weights, weighted_step
 from medvec.data.split import write_hospital_shards
 from medvec.hospital.finetune import finetune_vector
 from medvec.hospital.local import LocalData
@@ -37,12 +39,97 @@ def test_staleness_discounts_by_hand():
 def test_step_weights_and_delta_by_hand(make_vector):
     a, b = make_vector("h1", seed=1, n_train=1), make_vector("h2", seed=2, n_train=3)
     b.meta = b.meta.model_copy(update={"start_version": 1})
-    parts = step_weights([a, b], champion_version=4, kind="polynomial", a=0.5, b=4)
+    parts = step_weights([a, b], 4, RefineConfig(staleness="polynomial", staleness_a=0.5, staleness_b=4))
     assert [(c.staleness, c.discount) for c in parts] == [(4, 5**-0.5), (3, 0.5)]
     assert math.isclose(parts[0].weight, 1 * 5**-0.5 / 4) and parts[1].weight == 3 * 0.5 / 4
     x = DataVector({"w": torch.tensor([1.0, 2.0])})
     y = DataVector({"w": torch.tensor([4.0, -8.0])})
     assert torch.equal(weighted_sum([x, y], [0.25, 0.5]).deltas["w"], torch.tensor([2.25, -3.5]))
+
+
+def toy(hospital: str, n_train: int, start_version: int = 0, **deltas) -> DataVector:
+    """A vector of hand-written deltas from ``hospital`` with ``n_train`` images, started from ``start_version``."""
+    meta = toy_meta(f"{hospital}-{start_version}", hospital).model_copy(
+        update={"n_train": n_train, "start_version": start_version}
+    )
+    return DataVector({k: torch.tensor(v) for k, v in deltas.items()}, meta)
+
+
+def test_network_share_and_the_staleness_cap_by_hand():
+    """``weighting: network`` divides by every hospital's newest count, not the buffer's; FADAS' cap scales a step
+    whose stalest vector is past it by cap / staleness, folded into every weight."""
+    small, big = toy("h1", 20, w=[1.0]), toy("h2", 60, 1, w=[1.0])
+    network = {"h1": 20, "h2": 60, "h3": 120}  # h3 is in the network, not in this buffer
+    r = RefineConfig(weighting="network", staleness_a=1.0)
+    parts = step_weights([small, big], 3, r, network)
+    assert [(p.staleness, p.discount) for p in parts] == [(3, 0.25), (2, 1 / 3)]
+    assert [p.weight for p in parts] == [20 * 0.25 / 200, 60 / 3 / 200]
+    buffer = step_weights([small, big], 3, r.model_copy(update={"weighting": "buffer"}), network)
+    assert [p.weight for p in buffer] == [20 * 0.25 / 80, 60 / 3 / 80]
+    capped = step_weights([small, big], 3, r.model_copy(update={"staleness_cap": 2}), network)
+    assert [p.weight for p in capped] == [2 / 3 * 20 * 0.25 / 200, 2 / 3 * 60 / 3 / 200]
+    assert step_weights([small, big], 2, r.model_copy(update={"staleness_cap": 2}), network)[0].weight == 20 / 3 / 200
+
+
+def test_a_hospital_that_floods_the_buffer_gains_no_weight():
+    """The attack: h1 publishes three copies of its update into one step to outweigh h2. With network shares
+    its 3 vectors split h1's share, so the step is what one vector from each would make."""
+    flood = [toy("h1", 40, w=[1.0]) for _ in range(3)]
+    fair = toy("h2", 40, w=[-1.0])
+    r = RefineConfig(weighting="network", fresh=True)
+    weights, delta = weighted_step([*flood, fair], 0, r, {"h1": 40, "h2": 40})
+    assert [w.weight for w in weights] == [40 / 3 / 80] * 3 + [40 / 80]
+    assert abs(float(delta.deltas["w"])) < 1e-7  # h1's +1 and h2's −1 weigh the same (float32 rounding aside)
+
+
+def test_a_fresh_buffer_without_staleness_is_fedavg():
+    """Every hospital reported from the champion: the step θ + Σ (n_h / N)·τ_h is FedAvg's Σ (n_h / N)·θ_h
+    (dyadic numbers, so float32 holds both exactly), and the step waits until then."""
+    theta = torch.tensor([0.5, -1.0, 2.0])
+    tuned = {"h1": [0.75, -1.0, 1.5], "h2": [0.25, 0.0, 2.5], "h3": [0.5, -2.0, 2.0]}
+    n = {"h1": 1, "h2": 3, "h3": 4}
+    vectors = [toy(h, n[h], w=(torch.tensor(t) - theta).tolist()) for h, t in tuned.items()]
+    r = RefineConfig(fresh=True, weighting="network", timeout=5.0)
+    for got in ([], vectors[:2]):  # nothing, or h3 still missing: wait
+        assert step_ready(got, 0, r, set(n), waited=1.0) == (
+            False,
+            f"waiting for {', '.join(sorted(set(n) - {v.meta.hospital for v in got})) or 'a vector'} ({len(got)} buffered)",
+        )
+    assert step_ready(vectors[:2], 0, r, set(n), waited=5.0)[0]  # the timeout steps without h3
+    assert step_ready(vectors, 0, r, set(n), waited=0.0) == (True, "every hospital of the network reported (3 vectors)")
+    weights, delta = weighted_step(vectors, 0, r, n)
+    assert [w.weight for w in weights] == [1 / 8, 3 / 8, 4 / 8]
+    fedavg = sum(n[h] * torch.tensor(t) for h, t in tuned.items()) / sum(n.values())
+    assert torch.equal(theta + delta.deltas["w"], fedavg)
+
+
+def test_server_optimizers_by_hand():
+    """FedAvgM: m ← β·m + Δ; FedAdam: Flower's m, v and bias-corrected lr_t; BN statistics pass through."""
+    d1 = {"w": torch.tensor([0.5, -0.25]), "bn.running_mean": torch.tensor([1.0])}
+    d2 = {"w": torch.tensor([0.25, 0.25]), "bn.running_mean": torch.tensor([2.0])}
+    m = RefineConfig(server_optimizer="fedavgm", server_momentum=0.5)
+    out1, s1 = server_direction(d1, {}, m, 1)
+    out2, s2 = server_direction(d2, s1, m, 2)
+    assert torch.equal(out1["w"], d1["w"]) and torch.equal(out2["w"], torch.tensor([0.5, 0.125]))  # 0.5·m1 + Δ2
+    assert torch.equal(out2["bn.running_mean"], d2["bn.running_mean"]) and set(s2) == {"m.w"}
+    a = RefineConfig(server_optimizer="fedadam", server_lr=0.1, server_betas=(0.5, 0.75), server_tau=1e-3)
+    out1, s1 = server_direction(d1, {}, a, 1)
+    m1, v1 = 0.5 * d1["w"], 0.25 * d1["w"] ** 2
+    lr1 = 0.1 * math.sqrt(1 - 0.75**2) / (1 - 0.5**2)
+    assert torch.allclose(out1["w"], lr1 * m1 / (v1.sqrt() + 1e-3), rtol=0, atol=1e-7)
+    out2, s2 = server_direction(d2, s1, a, 2)
+    m2, v2 = 0.5 * m1 + 0.5 * d2["w"], 0.75 * v1 + 0.25 * d2["w"] ** 2
+    lr2 = 0.1 * math.sqrt(1 - 0.75**3) / (1 - 0.5**3)
+    assert torch.allclose(out2["w"], lr2 * m2 / (v2.sqrt() + 1e-3), rtol=0, atol=1e-7)
+    assert torch.allclose(s2["v.w"], v2) and torch.equal(out2["bn.running_mean"], d2["bn.running_mean"])
+    assert server_direction(d1, {}, RefineConfig(), 1)[0] == d1
+
+
+def test_the_ema_champion_by_hand():
+    first = ema_update(None, {"w": torch.tensor([1.0]), "n": torch.tensor(3)}, 0.75)
+    assert torch.equal(first["w"], torch.tensor([1.0]))  # the first promoted version starts it, θ_pre does not
+    second = ema_update(first, {"w": torch.tensor([5.0]), "n": torch.tensor(4)}, 0.75)
+    assert torch.equal(second["w"], torch.tensor([2.0])) and int(second["n"]) == 4  # 0.75·1 + 0.25·5
 
 
 def test_a_step_sums_each_rounded_product_as_steps_always_have(tmp_path, make_vector):
@@ -79,27 +166,32 @@ def contribute(store, base, shards, hospital: str, params, seed: int, land: bool
     return vector
 
 
-def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_path, shards):
+CHAIN = [
+    "model.name=tiny_cnn",
+    "finetune.epochs=2",
+    "finetune.lr=0.003",
+    "refine.mode=async",
+    "refine.eta=1.0",
+    "batchnorm.strategy=average",
+    "intake.defence=off",
+    "registry.enabled=false",
+]
+
+
+def chain_start(tmp_path):
+    """θ_pre (a seeded tiny CNN) published to a fresh local store, and BreastMNIST's evaluation sets."""
     from medvec.models import create_base
 
-    params = load_params(
-        None,
-        [
-            "model.name=tiny_cnn",
-            "finetune.epochs=2",
-            "finetune.lr=0.003",
-            "refine.mode=async",
-            "refine.eta=1.0",
-            "refine.max_staleness=1",
-            "batchnorm.strategy=average",
-            "intake.defence=off",
-            "registry.enabled=false",
-        ],
-    )
     base = create_base("tiny_cnn", 2, pretrained=False, seed=0)
     store = LocalStore(tmp_path / "store")
     store.put_base(base)
-    evalsets = EvalSets.load(BREAST)
+    return base, store, EvalSets.load(BREAST)
+
+
+def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_path, shards):
+
+    params = load_params(None, [*CHAIN, "refine.max_staleness=1"])
+    base, store, evalsets = chain_start(tmp_path)
     late = contribute(store, base, shards, "h3", params, seed=9, land=False)  # starts from v0, lands at the end
     steps = []
     for n, hospital in enumerate(["h1", "h2", "h1", "h2"]):
@@ -126,6 +218,87 @@ def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_
     assert any(q.check == "stale" for q in store.quarantined()) and adm.admitted == []
     # the chain replays from θ_pre, each step from its rebuilt parent
     replayed = replay_chain(store, promoted[-1])
-    assert [v for v, _, _ in replayed] == [r.version for r in promoted]
-    assert all(same for _, _, same in replayed), replayed
+    assert [r.version for r in replayed] == [r.version for r in promoted]
+    assert all(r.identical for r in replayed), replayed
     assert promoted[-1].inputs[0].weight == 1.0 and promoted[-1].inputs[0].staleness == 0
+
+
+def test_a_fresh_chain_from_the_one_shot_merge_with_momentum_and_ema_rebuilds_bit_for_bit(tmp_path, shards):
+    """The first step waits for every hospital and is the paper's one-shot merge; later steps are FedAvgM steps of
+    network shares; every version's server state and EMA champion are stored, and ``medvec lineage --rebuild``'s
+    replay reproduces the chain, the momentum and the EMA from θ_pre (a tampered EMA file is caught)."""
+    from medvec.models import state_sha256
+    from medvec.tracking.finish import buffer_ready
+
+    params = load_params(
+        None,
+        [
+            *CHAIN,
+            "refine.fresh=true",
+            "refine.weighting=network",
+            "refine.first_step=oneshot",
+            "refine.network=[h1,h2,h3]",
+            "refine.server_optimizer=fedavgm",
+            "refine.server_momentum=0.5",
+            "refine.ema=0.5",
+            "merge.method=weighted",
+            "merge.lam=1.0",
+        ],
+    )
+    base, store, evalsets = chain_start(tmp_path)
+    records = []
+    for round_ in range(3):
+        for n, hospital in enumerate(["h1", "h2", "h3"]):
+            contribute(store, base, shards, hospital, params, seed=10 * round_ + n)
+            adm = admit(store, base, params.intake, params.refine)
+            ready, why = buffer_ready(store, base, adm, params)
+            if round_ == 0 and hospital != "h3":
+                assert not ready and why.startswith("waiting for"), why  # the first step waits for the network
+                continue
+            if not ready:
+                continue
+            done = finish_step(store, base, adm, params, evalsets)
+            assert done is not None
+            records.append(done.record)
+    first = records[0]
+    assert first.mode == "oneshot" and first.method == "weighted" and len(first.inputs) == 3
+    assert first.version == 1, first  # seeded: the one-shot merge beats θ_pre
+    later = [r for r in records[1:] if r.version is not None]
+    assert later and all(r.mode == "async" and len(r.inputs) == 3 for r in later)
+    n = {i.hospital: i.n_train for i in later[0].inputs}
+    assert [i.weight for i in later[0].inputs] == [n[i.hospital] / sum(n.values()) for i in later[0].inputs]
+    assert store.get_chain_state(base.sha256, 1, "server") is None  # the one-shot step starts no momentum
+    assert store.get_chain_state(base.sha256, later[0].version, "server")  # FedAvgM's m after the first step
+    replayed = replay_chain(store, later[-1])
+    assert [r.version for r in replayed] == [1, *(r.version for r in later)]
+    assert all(r.identical and r.ema_identical for r in replayed), replayed
+    v = later[-1].version
+    ema = store.get_chain_state(base.sha256, v, "ema")
+    assert ema is not None and state_sha256(ema) == replayed[-1].ema_sha256
+    store.put_chain_state(base.sha256, v, "ema", {k: t + 1 if t.is_floating_point() else t for k, t in ema.items()})
+    assert replay_chain(store, later[-1])[-1].ema_identical is False
+
+
+def test_a_hospital_cannot_force_a_timeout_step_by_backdating_its_vector(tmp_path, make_vector, tiny_base):
+    """The attack: h1 publishes a vector dated 2000 to make a fresh buffer with a one-hour timeout step on its
+    vector alone. The wait is counted from when intake first verified it, on the coordinator's clock."""
+    from datetime import datetime, timedelta
+
+    from medvec.tracking.finish import buffer_ready
+
+    params = load_params(
+        None,
+        ["model.name=tiny_cnn", "refine.mode=async", "refine.fresh=true", "refine.timeout=3600",
+         "refine.network=[h1,h2]", "intake.defence=off"],
+    )  # fmt: skip
+    store = LocalStore(tmp_path / "store")
+    store.put_base(tiny_base)
+    vector = make_vector("h1")
+    vector.meta = vector.meta.model_copy(update={"created_at": "2000-01-01T00:00:00+00:00"})
+    store.put(vector)
+    adm = admit(store, tiny_base, params.intake, params.refine)
+    assert [v.meta.vector_id for v in adm.admitted] == [vector.meta.vector_id]
+    assert buffer_ready(store, tiny_base, adm, params) == (False, "waiting for h2 (1 buffered)")
+    later = datetime.now().astimezone() + timedelta(seconds=3601)
+    ready, why = buffer_ready(store, tiny_base, adm, params, now=later)
+    assert ready and why.startswith("timeout: waited 36") and why.endswith("≥ 3600 for h2"), why

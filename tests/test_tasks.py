@@ -110,6 +110,23 @@ def test_demo_tasks_give_the_control_and_centralized_rows(tiny_base, make_vector
     assert 0.0 <= row["test"]["auc"] <= 1.0
 
 
+def test_the_converged_reference_stops_early_and_keeps_its_best_epoch(tiny_base, shards):
+    """Early stopping on validation: training stops ``patience`` epochs after the best, whose model is kept."""
+    from medvec.data.images import ImageSet
+    from medvec.demo.baselines import train_to_convergence
+    from medvec.evaluate import evaluate_model
+    from medvec.hospital.local import LocalData
+
+    params = load_params(None, TINY)
+    evalsets = EvalSets.load(BREAST)
+    assert evalsets.val is not None
+    pooled = ImageSet.concat([LocalData.load(shards / h).train for h in ("h1", "h2")])
+    done = train_to_convergence(tiny_base, pooled, evalsets.val, params, max_epochs=12, patience=2)
+    best = done.curve.index(max(done.curve))
+    assert done.epochs == best + 1 and (len(done.curve) == 12 or len(done.curve) == best + 3), done.curve
+    assert evaluate_model(done.model, evalsets.val, tiny_base.spec)["auc"] == max(done.curve)  # the best kept
+
+
 @pytest.mark.parametrize("given, expected", [(None, 120.0), ("45", 45.0)])
 def test_importing_a_flow_gives_the_ephemeral_server_time_to_start_unless_the_user_chose(given, expected):
     """A flow called from Python (the lineage test's driver, a user's notebook) starts Prefect's ephemeral

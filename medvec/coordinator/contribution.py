@@ -64,9 +64,15 @@ def subset_delta(vectors: Sequence, outcome: MergeOutcome, params: Params) -> Da
     """The merged delta of ``vectors`` as ``outcome``'s merge made it (an async step renormalizes its weights)."""
     if outcome.step_weights is not None:  # an async step: w·s(staleness)/Σw over this subset
         from medvec.coordinator.weights import weighted_step
+        from medvec.vectors.file import weighted_sum
 
         first = outcome.step_weights[0]
-        return weighted_step(vectors, first.start_version + first.staleness, params.refine)[1]
+        if params.refine.weighting == "network":  # a share of the network's samples: the same with or without others
+            recorded = {w.vector_id: w.weight for w in outcome.step_weights}
+            delta = weighted_sum(vectors, [recorded[v.meta.vector_id] for v in vectors], fused=False)
+        else:
+            delta = weighted_step(vectors, first.start_version + first.staleness, params.refine)[1]
+        return outcome.server.direction(delta, keep=False) if outcome.server is not None else delta
     return merge_delta(vectors, get_method(outcome.method, params.merge))
 
 

@@ -19,6 +19,7 @@ from medvec.batchnorm import MomentSums, RunningStats, moment_sums, restore_batc
 from medvec.config import Params
 from medvec.coordinator.methods import MergeMethod, get_method, merge_delta
 from medvec.coordinator.scoring import EvalSets, op_rule, score
+from medvec.coordinator.server_opt import ServerStep
 from medvec.coordinator.weights import StepWeight
 from medvec.data.images import ImageSet
 from medvec.evaluate import evaluate_model, with_operating_point
@@ -159,6 +160,7 @@ class MergeOutcome:
     test: dict | None
     curve: list[tuple[float, float]]
     step_weights: list[StepWeight] | None = None  # an async step's weight per vector
+    server: ServerStep | None = None  # an async step's server optimizer (refine.server_optimizer), its new state
     scores: Contributions | None = None  # what each input contributed (medvec.coordinator.contribution)
 
 
@@ -244,11 +246,13 @@ def merge_once(
     params: Params,
     evalsets: EvalSets,
     calibration: ImageSet | None = None,
+    moments_fn: MomentsFn | None = None,
 ) -> MergeOutcome:
     """One production merge: ``merge.method``, λ fixed or chosen on validation, BN restored, evaluated."""
     method = get_method(params.merge.method, params.merge)
     tau = merge_delta(vectors, method)
-    return choose_scale(base, tau, lambda_grid(method, params), method.name, vectors, params, evalsets, calibration)
+    grid = lambda_grid(method, params)
+    return choose_scale(base, tau, grid, method.name, vectors, params, evalsets, calibration, moments_fn)
 
 
 def choose_scale(

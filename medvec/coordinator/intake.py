@@ -28,6 +28,7 @@ from medvec.coordinator.defence import screen
 from medvec.models import Base
 from medvec.record import ContributionScore, Rejection, Screened
 from medvec.store import VectorStore
+from medvec.timing import utcnow
 from medvec.vectors.checks import load_vector
 from medvec.vectors.file import VectorFile
 from medvec.vectors.format import InvalidVectorError
@@ -104,7 +105,14 @@ def check(store: VectorStore, key: str, checks: Checks) -> VectorFile:
             raise InvalidVectorError(path, f"replay: signature nonce already used by vector {owner}", "replay")
         seen.setdefault("nonces", {})[nonce] = vf.meta.vector_id
     seen.setdefault("ids", {})[vf.meta.vector_id] = key
+    seen.setdefault("landed", {}).setdefault(vf.meta.vector_id, utcnow())  # the coordinator's clock, not the sender's
     return vf
+
+
+def landed_at(store: VectorStore) -> dict[str, str]:
+    """When intake first verified each vector (ISO 8601, the coordinator's clock): the wait ``refine.timeout``
+    measures, which a hospital cannot shorten by backdating its own ``created_at``."""
+    return dict((store.read_json(SEEN_KEY) or {}).get("landed", {}))
 
 
 def admit(store: VectorStore, base: Base, cfg: IntakeConfig, refine: RefineConfig | None = None) -> Admission:
@@ -145,8 +153,9 @@ def _newest_valid(store: VectorStore, checks: Checks, rejected: list[Rejection])
 
 
 def consumed(store: VectorStore, root: str) -> set[str]:
-    """Vector ids that an async step has already merged (promoted or not): never applied twice."""
-    return {i.vector_id for r in store.merges(root) if r.mode == "async" for i in r.inputs}
+    """Vector ids that an async step (promoted or not) or a promoted first step has already merged: never applied
+    twice."""
+    return {i.vector_id for r in store.merges(root) if r.mode == "async" or r.version is not None for i in r.inputs}
 
 
 def _pending(store: VectorStore, checks: Checks, refine: RefineConfig, rejected: list[Rejection]) -> list[VectorFile]:

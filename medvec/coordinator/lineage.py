@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from torch import nn
 
 from medvec.coordinator.engine import apply_delta
 from medvec.coordinator.methods import get_method, merge_delta
+from medvec.coordinator.server_opt import ServerStep, State, ema_update
 from medvec.models import Base
 from medvec.record import MergeRecord
 from medvec.vectors.file import weighted_sum
@@ -16,9 +19,16 @@ def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module,
 
     Inputs come from the store by id (content hashes checked), norm clipping is
     re-applied, and a ``recompute`` merge takes the moment sums stored with it.
-    An async step starts from ``parent`` (default: its stored parent start point).
+    An async step starts from ``parent`` (default: its stored parent start point) and, with a server optimizer,
+    from the state stored with that parent.
     Returns (model, sha256 of its state); equal to ``record.merged_sha256`` when reproducible.
     """
+    model, sha, _ = _rebuild(store, record, parent, None)
+    return model, sha
+
+
+def _rebuild(store, record, parent: Base | None, server: State | None) -> tuple[nn.Module, str, State]:
+    """(model, sha256, the server optimizer's state after the step) of a recorded merge."""
     from medvec.coordinator.defence import Scaled
     from medvec.models import state_sha256
 
@@ -37,13 +47,18 @@ def rebuild_merge(store, record, parent: Base | None = None) -> tuple[nn.Module,
             raise ValueError(f"merge {record.merge_id}: recompute merge without stored moment sums")
         stored = store.get_moments(record.moments_key)
         moments_fn = lambda model: stored  # noqa: E731
+    state: State = {}
     if record.mode == "async":
         start = parent or store.get_start(root.sha256, record.parent_version)
-        tau = weighted_sum(vectors, step_weights_of(record), fused=False)
+        if server is None and record.params.refine.server_optimizer != "none":
+            server = store.get_chain_state(root.sha256, record.parent_version, "server")
+        delta = weighted_sum(vectors, step_weights_of(record), fused=False)
+        step = ServerStep(record.params.refine, server or {}, record.parent_version + 1)
+        tau, state = step.direction(delta), step.new_state or {}
     else:
         start, tau = root, merge_delta(vectors, get_method(record.method, record.params.merge))
     model, _ = apply_delta(start, tau, record.lam, record.bn_strategy, vectors, moments_fn)
-    return model, state_sha256(model.state_dict())
+    return model, state_sha256(model.state_dict()), state
 
 
 def step_weights_of(record: MergeRecord) -> list[float]:
@@ -97,15 +112,35 @@ def chain_rows(store, record: MergeRecord) -> list[dict]:
     return rows
 
 
-def replay_chain(store, record: MergeRecord) -> list[tuple[int, str, bool]]:
-    """Rebuild every promoted step from θ_pre up to ``record``, each from the *rebuilt* parent.
+@dataclass(frozen=True)
+class Replayed:
+    """One promoted step rebuilt from its rebuilt parent: its sha256 and whether it is the recorded one; with
+    ``refine.ema``, the same for the EMA champion stored with it."""
 
-    Returns (version, rebuilt sha256, identical to the recorded one) per step, oldest first.
-    """
+    version: int
+    sha256: str
+    identical: bool
+    ema_sha256: str | None = None
+    ema_identical: bool | None = None
+
+
+def replay_chain(store, record: MergeRecord) -> list[Replayed]:
+    """Rebuild every promoted step from θ_pre up to ``record``, each from the *rebuilt* parent and the server
+    optimizer's *rebuilt* state, and the EMA champion of every version from the rebuilt versions; oldest first."""
+    from medvec.models import state_sha256
+
     root = store.get_base(record.base_sha256)
-    out, parent = [], None
+    out, parent, server, ema = [], None, None, None
     for step in chain(store, record):
-        model, sha = rebuild_merge(store, step, parent=parent)
-        out.append((step.version or 0, sha, sha == step.merged_sha256))
+        model, sha, server = _rebuild(store, step, parent, server)
+        version = step.version or 0
+        row = Replayed(version, sha, sha == step.merged_sha256)
+        decay = step.params.refine.ema
+        ema = ema_update(ema, model.state_dict(), decay) if decay is not None else None
+        if ema is not None:
+            stored = store.get_chain_state(root.sha256, version, "ema")
+            ema_sha = state_sha256(ema)
+            row = replace(row, ema_sha256=ema_sha, ema_identical=stored is not None and state_sha256(stored) == ema_sha)
+        out.append(row)
         parent = root.with_model(model, sha)
     return out

@@ -17,22 +17,32 @@ every vector starts from version 0 and one step merges them all.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from medvec.config import Params
+from medvec.config import Params, RefineConfig
 from medvec.coordinator.compare import scored_by_hospitals
 from medvec.coordinator.contribution import guarded_merge, score_merge
-from medvec.coordinator.engine import MergeOutcome, MomentsFn, choose_scale
+from medvec.coordinator.engine import MergeOutcome, MomentsFn, choose_scale, merge_once
 from medvec.coordinator.intake import Admission
 from medvec.coordinator.judge import voted_out
 from medvec.coordinator.scoring import EvalSets, beats, score
+from medvec.coordinator.server_opt import ServerStep, State
 from medvec.coordinator.weights import weighted_step
 from medvec.data.images import ImageSet
 from medvec.models import Base
 from medvec.record import ContributionScore, MergeRecord, Rejection, StartPoint
 from medvec.timing import Started
 from medvec.vectors.vector import VectorLike
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """What a step needs beyond its vectors: the newest sample count the coordinator has verified for every
+    hospital of the network (``refine.weighting: network``) and the server optimizer's state at the champion."""
+
+    network: dict[str, int] = field(default_factory=dict)
+    server: State = field(default_factory=dict)
 
 
 def refine_step(
@@ -43,13 +53,17 @@ def refine_step(
     evalsets: EvalSets,
     calibration: ImageSet | None = None,
     moments_fn: MomentsFn | None = None,
+    chain: ChainState | None = None,
 ) -> MergeOutcome:
-    """One step: θ_champion + η·Σ w_i·s(staleness_i)·τ_i/Σ w_i, η chosen on validation, BN restored."""
-    r = params.refine
-    weights, tau = weighted_step(vectors, version, r)
+    """One step: θ_champion + η·d, d the server optimizer's direction for Δ = Σ w_i·s(staleness_i)·τ_i/Σ w,
+    η chosen on validation, BN restored."""
+    r, chain = params.refine, chain or ChainState()
+    weights, delta = weighted_step(vectors, version, r, chain.network)
+    server = ServerStep(r, chain.server, version + 1)
+    tau = server.direction(delta)
     grid = [r.eta] if r.eta is not None else list(r.etas)
     outcome = choose_scale(champion, tau, grid, "async", vectors, params, evalsets, calibration, moments_fn)
-    outcome.step_weights = weights
+    outcome.step_weights, outcome.server = weights, server
     return outcome
 
 
@@ -75,6 +89,7 @@ def compute_step(
     evalsets: EvalSets,
     calibration: ImageSet | None = None,
     moments_fn: MomentsFn | None = None,
+    chain: ChainState | None = None,
 ) -> Step:
     """Merge the admitted buffer into the champion (start point ``parent``), score each input under
     ``intake.harmful``, and gate the result against the champion on validation.
@@ -90,8 +105,17 @@ def compute_step(
     evalsets.beside_scan("champion", champion.model)
     if evalsets.judge is None:
         champion_val = evalsets.validate_one(champion.model, champion.spec, params.evaluate.batch_size)
+    if params.refine.first_step == "oneshot" and parent.version == 0:  # the paper's merge starts the chain
+
+        def merge(vs: list) -> MergeOutcome:
+            return merge_once(champion, vs, params, evalsets, calibration, moments_fn)
+    else:
+
+        def merge(vs: list) -> MergeOutcome:
+            return refine_step(champion, parent.version, vs, params, evalsets, calibration, moments_fn, chain)
+
     guarded = guarded_merge(
-        lambda vs: refine_step(champion, parent.version, vs, params, evalsets, calibration, moments_fn),
+        merge,
         lambda vs, o: score_merge(champion, vs, o, params, evalsets, calibration, moments_fn, start_val=champion_val),
         admitted,
         params.intake,
@@ -126,7 +150,7 @@ def step_record(
         evalsets.ref(),
         store_url,
         started,
-        mode="async",
+        mode="async" if step.outcome.step_weights is not None else "oneshot",
         parent_version=step.parent.version,
         parent_sha256=step.parent.sha256,
         screened=tuple(admission.screened),
@@ -134,6 +158,28 @@ def step_record(
         trigger=trigger or {},
         evaluation=evalsets.evaluation(),
     )
+
+
+def step_ready(
+    admitted: Sequence[VectorLike], version: int, r: RefineConfig, network: Collection[str], waited: float
+) -> tuple[bool, str]:
+    """Whether the buffer makes a step now, and why (or why not).
+
+    By default at ``refine.buffer`` vectors.  With ``refine.fresh`` (and for the first step, with
+    ``first_step: oneshot``) once every hospital of the network (``refine.network``, else ``network``) has a
+    vector in the buffer, or once the oldest buffered vector has
+    waited ``refine.timeout`` (``waited``, in the caller's clock).
+    """
+    n = len(admitted)
+    if not r.fresh and not (r.first_step == "oneshot" and version == 0):
+        return n >= r.buffer, f"buffer holds {n} of {r.buffer}"
+    expected = set(r.network or network)
+    missing = sorted(expected - {v.meta.hospital for v in admitted})
+    if n and not missing:
+        return True, f"every hospital of the network reported ({n} vectors)"
+    if n and r.timeout is not None and waited >= r.timeout:
+        return True, f"timeout: waited {waited:g} ≥ {r.timeout:g} for {', '.join(missing)}"
+    return False, f"waiting for {', '.join(missing) or 'a vector'} ({n} buffered)"
 
 
 ALL_VOTED_OUT = "the below-chance vote excluded every vector"  # no merge, no step: why, in one place

@@ -1,18 +1,26 @@
-"""The demo's baselines beside the merges: the paper's random-vector control and the centralized upper bound."""
+"""The demo's baselines beside the merges: the paper's random-vector control and two centralized references, one
+at equal compute (the hospitals' epochs on the pooled images) and one trained to convergence (early stopping on
+validation), which is the one that bounds what federated training can reach."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
 
 from medvec.config import Params
 from medvec.coordinator.compare import Candidate, random_control
 from medvec.coordinator.engine import BnPlan, MomentsFn, realize
 from medvec.coordinator.scoring import EvalSets, evaluate_on, op_rule
 from medvec.data.images import ImageSet
+from medvec.evaluate import evaluate_model
 from medvec.hospital.local import LocalData
 from medvec.hospital.train import finetune
 from medvec.models import Base
 from medvec.vectors.vector import VectorLike
+
+PATIENCE = 3  # epochs without a better validation AUC before the converged reference stops
 
 
 def control_row(
@@ -35,7 +43,7 @@ def control_row(
 
 
 def centralized_row(base: Base, local: Sequence[LocalData], evalsets: EvalSets, params: Params, progress: bool) -> dict:
-    """Upper bound: fine-tune θ_pre on all hospitals' training data pooled, same settings."""
+    """The equal-compute reference: θ_pre fine-tuned on all hospitals' training data pooled, same settings."""
     pooled = ImageSet.concat([d.train for d in local])
     model = base.fresh()
     finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
@@ -43,3 +51,46 @@ def centralized_row(base: Base, local: Sequence[LocalData], evalsets: EvalSets, 
     return Candidate(
         name="centralized (pooled)", kind="centralized", bn="own", val=val, test=test, n_train=len(pooled)
     ).row()
+
+
+CONVERGED = "centralized (pooled, converged)"  # the row's name: the reference that bounds the federated models
+
+
+@dataclass
+class Converged:
+    """A model trained on pooled images until validation stopped improving: its epochs and validation curve."""
+
+    model: nn.Module
+    epochs: int
+    curve: list[float]
+
+
+def train_to_convergence(
+    base: Base, pooled: ImageSet, val: ImageSet, params: Params, max_epochs: int, patience: int = PATIENCE
+) -> Converged:
+    """Fine-tune θ_pre on ``pooled`` one epoch at a time (``finetune.*``, the seed moved each epoch) until the
+    validation AUC has not improved for ``patience`` epochs or ``max_epochs`` ran; keep the best epoch's model
+    (early stopping: the epochs are chosen on validation)."""
+    model, best, best_state, curve = base.fresh(), -1.0, None, []
+    for e in range(max_epochs):
+        cfg = params.finetune.model_copy(update={"epochs": 1, "seed": params.finetune.seed + e})
+        finetune(model, pooled, base.spec, cfg, progress=False)
+        auc = evaluate_model(model, val, base.spec, params.evaluate.batch_size)["auc"]
+        curve.append(auc)
+        if auc > best:
+            best, best_state = auc, {k: v.clone() for k, v in model.state_dict().items()}
+        if len(curve) - 1 - curve.index(best) >= patience:
+            break
+    assert best_state is not None, "max_epochs is at least 1"
+    model.load_state_dict(best_state)
+    return Converged(model, curve.index(best) + 1, curve)
+
+
+def converged_row(base: Base, local: Sequence[LocalData], evalsets: EvalSets, params: Params) -> dict:
+    """The centralized reference trained to convergence (``demo.converged_max_epochs``), scored like the rest."""
+    assert evalsets.val is not None, "early stopping needs a validation split"
+    pooled = ImageSet.concat([d.train for d in local])
+    done = train_to_convergence(base, pooled, evalsets.val, params, params.demo.converged_max_epochs)
+    val, test = evaluate_on(done.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
+    row = Candidate(name=CONVERGED, kind="centralized", bn="own", val=val, test=test, n_train=len(pooled)).row()
+    return row | {"epochs": done.epochs, "val_curve": [round(a, 4) for a in done.curve]}

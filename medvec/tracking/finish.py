@@ -6,15 +6,25 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from medvec.config import ConfigError, Params
 from medvec.coordinator.defence import Scaled
 from medvec.coordinator.engine import MergeOutcome, MomentsFn
 from medvec.coordinator.hospital_report import merge_entries
-from medvec.coordinator.intake import Admission, quarantine_harmful, quarantine_voted
-from medvec.coordinator.refine import Step, compute_step, step_record, step_verdict, vote_on_inputs
+from medvec.coordinator.intake import Admission, landed_at, quarantine_harmful, quarantine_voted
+from medvec.coordinator.refine import (
+    ChainState,
+    Step,
+    compute_step,
+    step_ready,
+    step_record,
+    step_verdict,
+    vote_on_inputs,
+)
 from medvec.coordinator.scoring import EvalSets
+from medvec.coordinator.server_opt import ema_update
 from medvec.data.images import ImageSet
 from medvec.models import Base
 from medvec.record import MergeRecord
@@ -23,6 +33,7 @@ from medvec.store import VectorStore
 from medvec.timing import Started
 from medvec.tracking.dvc import record_merge
 from medvec.vectors.file import VectorFile
+from medvec.vectors.signing import Keyring
 from medvec.vectors.vector import VectorLike
 
 
@@ -56,7 +67,7 @@ def finish_merge(
     merged = root.with_model(outcome.model, record.merged_sha256)
     record = retry(lambda: store.put_merged_model(record, merged, outcome.moments), f"store merge {record.merge_id}")
     if promoted is not None and promoted[0]:
-        record = _promote(store, record, merged, root)
+        record = _promote(store, record, merged, root, outcome)
     if params.registry.dvc_repo:
         commit = _commit(record, vectors, params)
         record = record.model_copy(update={"dvc_commit": commit})
@@ -75,8 +86,17 @@ def publish_views(store: VectorStore, record: MergeRecord) -> None:
         store.put_report(hospital, record.base_sha256, record.merge_id, entry)
 
 
-def _promote(store: VectorStore, record: MergeRecord, merged: Base, root: Base) -> MergeRecord:
-    """The next start point (its weights, then the index that names it); the record, stored again, names it."""
+def _promote(store: VectorStore, record: MergeRecord, merged: Base, root: Base, outcome: MergeOutcome) -> MergeRecord:
+    """The next start point (its weights, the server optimizer's state and the EMA champion that go with it, then
+    the index that names it); the record, stored again, names it."""
+    version = store.champion(root.sha256).version + 1
+    r = record.params.refine
+    if outcome.server is not None and outcome.server.new_state:
+        state = outcome.server.new_state
+        retry(lambda: store.put_chain_state(root.sha256, version, "server", state), "store the server state")
+    if r.ema is not None:
+        ema = ema_update(store.get_chain_state(root.sha256, version - 1, "ema"), merged.model.state_dict(), r.ema)
+        retry(lambda: store.put_chain_state(root.sha256, version, "ema", ema), "store the EMA champion")
     point = retry(lambda: store.put_start(root.sha256, merged, record.merge_id, record.val), "promote the step")
     promoted = record.model_copy(update={"version": point.version})
     return retry(lambda: store.put_merge(promoted, latest=False), f"store merge {record.merge_id}")
@@ -177,7 +197,8 @@ def finish_step(
     voted = retry(lambda: quarantine_voted(store, out), "quarantine the voted-out vectors") if out else []
     if not admitted:
         return None
-    step = compute_step(champion, point, admitted, params, evalsets, calibration, moments_fn)
+    chain = chain_state(store, root, point.version, admitted, params)
+    step = compute_step(champion, point, admitted, params, evalsets, calibration, moments_fn, chain)
     harmful = retry(lambda: quarantine_harmful(store, step.excluded), "quarantine the harmful vectors")
     rejected = [*voted, *harmful]
     record = step_record(step, admission, rejected, root.sha256, params, evalsets, store.url, started, trigger)
@@ -185,3 +206,35 @@ def finish_step(
         store, record, step.outcome, root, step.vectors, evalsets, promoted=(step.promoted, step.reason)
     )
     return FinishedStep(record, step, step_verdict(record, step.reason))
+
+
+def chain_state(
+    store: VectorStore, root: Base, version: int, admitted: Sequence[VectorLike], params: Params
+) -> ChainState:
+    """The network's newest verified sample count per hospital (the inputs of every recorded merge, then the
+    admitted buffer: never a sidecar's unchecked claim) and the server optimizer's state at champion ``version``."""
+    network: dict[str, int] = {}
+    for r in store.merges(root.sha256):  # oldest first
+        network |= {i.hospital: i.n_train for i in r.inputs}
+    network |= {v.meta.hospital: int(v.meta.n_train) for v in admitted}
+    server = store.get_chain_state(root.sha256, version, "server") if params.refine.server_optimizer != "none" else None
+    return ChainState(network, server or {})
+
+
+def buffer_ready(
+    store: VectorStore, root: Base, admission: Admission, params: Params, now: datetime | None = None
+) -> tuple[bool, str]:
+    """Whether the merge flow steps on this landing (:func:`~medvec.coordinator.refine.step_ready`): the network
+    is ``refine.network``, else the hospitals of ``intake.keyring``, else every hospital the coordinator has
+    verified a vector from; the wait is wall-clock seconds since the
+    oldest buffered vector was first verified (:func:`~medvec.coordinator.intake.landed_at`: the coordinator's clock,
+    never a hospital's own ``created_at``)."""
+    version = store.champion(root.sha256).version
+    network = set(chain_state(store, root, version, admission.admitted, params).network)
+    if params.intake.keyring:  # the hospitals allowed to publish are the network
+        network = set(Keyring.load(params.intake.keyring).keys)
+    landed = landed_at(store)
+    times = [datetime.fromisoformat(landed[v.meta.vector_id]) for v in admission.admitted if v.meta.vector_id in landed]
+    now = now or datetime.now(timezone.utc)
+    waited = (now - min(times)).total_seconds() if times else 0.0
+    return step_ready(admission.admitted, version, params.refine, network, waited)
