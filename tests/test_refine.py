@@ -302,3 +302,46 @@ def test_a_hospital_cannot_force_a_timeout_step_by_backdating_its_vector(tmp_pat
     later = datetime.now().astimezone() + timedelta(seconds=3601)
     ready, why = buffer_ready(store, tiny_base, adm, params, now=later)
     assert ready and why.startswith("timeout: waited 36") and why.endswith("≥ 3600 for h2"), why
+
+
+def test_availability_windows_by_hand():
+    """A hospital starts runs only inside its nightly windows, and not in the ones it misses."""
+    from medvec.demo.simulate import Availability
+
+    nights = Availability(period=3.0, window=1.0, miss=0.0, phase={"h1": 0.5})
+    assert nights.next_start("h1", 0.7) == 0.7  # inside [0.5, 1.5)
+    assert nights.next_start("h1", 1.5) == 3.5  # the window closed: the next night
+    assert nights.next_start("h1", 0.0) == 0.5
+    missing = Availability(period=3.0, window=1.0, miss=0.5, seed=1, phase={"h1": 0.0})
+    missed = [k for k in range(40) if missing.missed("h1", k)]
+    assert 8 < len(missed) < 32  # seeded draws, about half
+    k = missed[0]
+    assert missing.next_start("h1", 3.0 * k) >= 3.0 * (k + 1)  # a missed night is skipped whole
+    assert missing.missed("h1", k) == Availability(miss=0.5, seed=1).missed("h1", k)  # the same nights every time
+
+
+def test_a_fresh_buffer_steps_at_the_timeout_without_a_straggler_whose_vector_lands_stale(tmp_path, shards):
+    """The simulation on a clock where h3 is 20× slower: the first step waits until the timeout (an event of its
+    own), h1 and h2 wait for it before they train again, and h3's vector lands one version stale."""
+    from medvec.demo.simulate import Clock, simulate
+    from medvec.hospital.local import LocalData
+
+    params = load_params(None, [*CHAIN, "refine.fresh=true", "refine.weighting=network", "refine.timeout=1.0"])
+    params = params.model_copy(update={"refine": params.refine.model_copy(update={"network": ("h1", "h2", "h3")})})
+    base, store, evalsets = chain_start(tmp_path)
+    local = {h: LocalData.load(shards / h) for h in ("h1", "h2", "h3")}
+    clock = Clock({"h1": 1.0, "h2": 1.0, "h3": 20.0}, {"h1": 0.0, "h2": 0.0, "h3": 0.0})
+    rows = simulate(store, base, local, params, evalsets, 2, clock, progress=False)
+    n = {h: len(d.train) / 1000 for h, d in local.items()}  # a run's simulated time at speed 1
+    assert [(r["event"], r["landings"]) for r in rows] == [
+        *[("landing", 1), ("landing", 2), ("timeout", 2)],  # h1 and h2, then the timeout steps without h3
+        *[("landing", 3), ("landing", 4), ("timeout", 4)],  # they trained again only after that step
+        *[("landing", 5), ("timeout", 5), ("landing", 6), ("timeout", 6)],  # h3's two, each alone after a wait
+    ]
+    fast = sorted([n["h1"], n["h2"]])
+    assert [r["sim_time"] for r in rows[:3]] == [round(fast[0], 4), round(fast[1], 4), round(fast[0] + 1.0, 4)]
+    assert rows[1]["step"] == "waiting for h3 (2 buffered)" and rows[4]["step"] == "waiting for h3 (2 buffered)"
+    assert rows[3]["sim_time"] == round(fast[0] + 1.0 + fast[0], 4)  # h1/h2 restart at the step, not before
+    inputs = [[(i.hospital, i.start_version, i.staleness) for i in r.inputs] for r in store.merges(base.sha256)]
+    promoted = sum(r["event"] == "timeout" and "→ v" in r["step"] for r in rows[:6])
+    assert sorted(inputs[0]) == [("h1", 0, 0), ("h2", 0, 0)] and ("h3", 0, promoted) in inputs[2]  # h3: stale

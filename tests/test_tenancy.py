@@ -589,6 +589,14 @@ def test_with_its_own_store_keys_a_reaches_nothing_of_b_s_nor_what_the_coordinat
         "write a merged model": lambda: s3.put_object(Bucket="medvec", Key=f"net/models/{base}/latest.json", Body=body),
         "quarantine b": lambda: s3.put_object(Bucket="medvec", Key="net/quarantine/b/x.reason.json", Body=body),
         "empty the seen list": lambda: s3.put_object(Bucket="medvec", Key="net/intake/seen.json", Body=body),
+        # the clock a fresh buffer's timeout counts by lives in intake/seen.json (written by no hospital, above);
+        # the server optimizer's state (Adam's second moments of others' steps) is the coordinator's alone
+        "read the server optimizer's state": lambda: s3.get_object(
+            Bucket="medvec", Key=f"net/merges/{base}/server/v1.safetensors"
+        ),
+        "forge an EMA champion": lambda: s3.put_object(
+            Bucket="medvec", Key=f"net/starts/{base}/v1.ema.safetensors", Body=body
+        ),
         "answer as b": lambda: s3.put_object(Bucket="medvec", Key="net/answers/r1/b.json", Body=body),
         "publish an evaluation request": lambda: s3.put_object(Bucket="medvec", Key="net/requests/r1.json", Body=body),
         "publish a candidate": lambda: s3.put_object(Bucket="medvec", Key="net/candidates/r1/x.safetensors", Body=body),
