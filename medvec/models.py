@@ -18,7 +18,7 @@ Names:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,8 @@ __all__ = [
     "build_model",
     "create_base",
     "get_spec",
+    "head_keys",
+    "head_name",
     "load_base",
     "model_names",
     "register_model",
@@ -166,15 +168,45 @@ def _torchvision_builder(name: str) -> Builder | None:
     return build
 
 
+def head_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The classifier head's keys in a state dict: the last two-dimensional floating ``*.weight`` in the state's
+    order (a linear layer's; torchvision and medvec's models define the head last) and its bias.
+
+    medvec's one definition of the head. :func:`head_name` resolves these keys to a module of a model (which must
+    be an ``nn.Linear``), so the head a builder replaces, the head DP-SGD trains under ``privacy.trainable: head``
+    and the keys intake expects of a head vector (it has only state dicts:
+    :func:`~medvec.vectors.vector.trained_keys`) are the same tensors."""
+    weights = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2 and v.is_floating_point()]
+    if not weights:
+        raise ValueError("the model has no linear head (no two-dimensional weight)")
+    bias = weights[-1].removesuffix("weight") + "bias"
+    return [weights[-1]] + ([bias] if bias in state else [])
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of ``model``'s classifier head: the module that holds :func:`head_keys` of its state dict,
+    so the head found on a model and the head keys of its state are the same by construction.
+
+    UnknownModelError when the model has no two-dimensional weight, or when its last one is not an ``nn.Linear``'s
+    (a head medvec could neither replace nor train as one).
+    """
+    try:
+        weight = head_keys(model.state_dict())[0]
+    except ValueError as exc:
+        raise UnknownModelError(f"cannot find a linear classification head in {type(model).__name__}") from exc
+    name = weight.removesuffix(".weight")
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise UnknownModelError(
+            f"cannot find a linear classification head in {type(model).__name__}: its last two-dimensional weight, "
+            f"{weight}, is not a linear layer's ({type(module).__name__})"
+        )
+    return name
+
+
 def _replace_head(model: nn.Module, num_classes: int, seed: int) -> None:
-    """Replace the last ``nn.Linear`` of a classifier with one of ``num_classes`` outputs."""
-    last = None
-    for qual, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = qual
-    if last is None:
-        raise UnknownModelError(f"cannot find a linear classification head in {type(model).__name__}")
-    parent_name, _, attr = last.rpartition(".")
+    """Replace the head (:func:`head_name`, a ``nn.Linear``) of a classifier with one of ``num_classes`` outputs."""
+    parent_name, _, attr = head_name(model).rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
     if old.out_features == num_classes:

@@ -10,7 +10,10 @@ from medvec.models import (
     UnknownModelError,
     build_model,
     create_base,
+    head_keys,
+    head_name,
     load_base,
+    model_names,
     save_base,
     state_sha256,
 )
@@ -79,3 +82,32 @@ def test_base_round_trip_and_hash_check(tmp_path):
     assert loaded.sha256 == base.sha256 and loaded.spec == base.spec
     with pytest.raises(BaseMismatchError, match="expected"):
         load_base(path, expected_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("name", [*model_names(), "resnet18", "mobilenet_v3_small"])  # all registered, 2 torchvision
+def test_the_head_found_on_each_model_is_the_head_keys_of_its_state(name):
+    """One head: the module head_name finds on the model (the one the builder replaced, and DP-SGD's head mode
+    trains) is the model's last nn.Linear, of num_classes outputs, and holds exactly head_keys of its state dict
+    (all that intake, which has only state dicts, reads)."""
+    import medvec.vectors.vector
+
+    model, _ = build_model(name, 3, pretrained=False)
+    head = head_name(model)
+    linears = [q for q, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert head == linears[-1] and model.get_submodule(head).out_features == 3
+    assert head_keys(model.state_dict()) == [f"{head}.weight", f"{head}.bias"]
+    assert medvec.vectors.vector.head_keys is head_keys  # intake's and the hospital's are the same function
+
+
+def test_a_model_whose_last_two_dimensional_weight_is_no_linear_has_no_head():
+    """A last 2-D weight that is not a Linear's (an embedding after the linear layer), or no 2-D weight at all:
+    no head medvec could replace or train, refused rather than taking another layer for it."""
+    from medvec.models import _replace_head
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Embedding(3, 5))
+    with pytest.raises(
+        UnknownModelError, match=r"last two-dimensional weight, 1\.weight, is not a linear layer's \(Embedding\)"
+    ):
+        head_name(model)
+    with pytest.raises(UnknownModelError, match="cannot find a linear classification head in Sequential"):
+        _replace_head(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)), 2, 0)

@@ -356,3 +356,73 @@ def test_tuning_never_reads_a_hospital_s_split(tiny_base, tmp_path):
     grid = tune_on_public(public, tiny_base, cfg, privacy, lrs=(0.01, 0.1), norms=(1.0,))
     assert sorted((g.lr, g.max_grad_norm) for g in grid) == [(0.01, 1.0), (0.1, 1.0)]
     assert grid[0].val_auc >= grid[1].val_auc and all(0 <= g.val_auc <= 1 for g in grid)
+
+
+@pytest.mark.parametrize("mode", ["head", "bn_affine", "all"])
+def test_select_trainable_alone_decides_what_trains(tiny_base, mode):
+    """Whatever ``requires_grad`` the parameters had, select_trainable sets every one: exactly the keys the vector
+    of ``mode`` carries (batch norm's scales and shifts outside bn_affine never); batchnorm_layers changes none."""
+    import copy
+
+    from medvec.hospital.privacy import batchnorm_layers, select_trainable
+    from medvec.vectors.vector import bn_affine_keys, trained_keys
+
+    state = tiny_base.model.state_dict()
+    want = set(trained_keys(state, mode)) - (set(bn_affine_keys(state)) if mode == "all" else set())
+    for before in (True, False):
+        model = copy.deepcopy(tiny_base.model).requires_grad_(before)
+        assert [type(m) for m in batchnorm_layers(model)] == [torch.nn.BatchNorm2d] * 4
+        assert all(p.requires_grad is before for p in model.parameters())  # it only lists the layers
+        chosen = select_trainable(model, mode)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == want
+        assert [id(p) for p in chosen] == [id(p) for n, p in model.named_parameters() if n in want]
+
+
+@pytest.mark.parametrize("size", [28, 36])  # the images' own size, and a resize (to_tensor interpolates)
+def test_head_features_streamed_a_batch_at_a_time_equal_those_of_the_whole_split(tiny_base, size):
+    """privacy.trainable head preprocesses the images a batch at a time (batches, in order, unaugmented) and keeps
+    only the features: bit for bit those of the whole split preprocessed at once and fed in the same slices."""
+    import dataclasses
+
+    from medvec.data.sources import load_split
+    from medvec.hospital.privacy import head_features
+    from medvec.models import head_name
+    from medvec.preprocess import batches, to_tensor
+
+    data = load_split(BREAST, "train").subset(torch.arange(50).numpy())
+    spec = dataclasses.replace(tiny_base.spec, image_size=size)
+    model = tiny_base.fresh()
+    head = model.get_submodule(head_name(model))
+    whole = to_tensor(data.images, spec)  # the way before: every image as float at model size, then sliced
+    before = head_features(model, head, (whole[s : s + 16] for s in range(0, len(data), 16)), "cpu")
+    streamed = head_features(model, head, (x for x, _ in batches(data, spec, 16)), "cpu")
+    assert before.shape == (50, 64) and torch.equal(streamed, before)
+
+
+def test_head_mode_never_preprocesses_more_than_a_batch_of_images(tiny_base, monkeypatch):
+    """dp_finetune under privacy.trainable head hands to_tensor at most finetune.batch_size images at once, and
+    never the whole split; the head still trains."""
+    import medvec.hospital.privacy as privacy_module
+    import medvec.preprocess
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data.sources import load_split
+
+    sizes: list[int] = []
+    real = medvec.preprocess.to_tensor
+
+    def counting(images, spec):
+        sizes.append(len(images))
+        return real(images, spec)
+
+    def whole(images, spec):
+        raise AssertionError("the whole split was preprocessed at once")
+
+    monkeypatch.setattr(medvec.preprocess, "to_tensor", counting)
+    monkeypatch.setattr(privacy_module, "to_tensor", whole)
+    train = load_split(BREAST, "train").subset(torch.arange(40).numpy())
+    cfg = FinetuneConfig(epochs=1, batch_size=16, threads=1)
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, trainable="head", epochs=1, batch_size=16, ema=None)
+    model = tiny_base.fresh()
+    privacy_module.dp_finetune(model, train, tiny_base.spec, cfg, privacy, progress=False)
+    assert sizes == [16, 16, 8]
+    assert not torch.equal(model.fc.weight, tiny_base.model.fc.weight)

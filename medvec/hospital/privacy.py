@@ -7,7 +7,8 @@ Opacus' accountant (RDP or PRV) turns σ, the sampling rate and the number of st
 into the (ε, δ) this module reports: medvec computes no privacy figure of its own.
 
 Batch norm: per-sample gradients and batch statistics do not mix, so BN layers are
-frozen (eval-mode running statistics, affine weights not trained). Their running
+frozen (eval-mode running statistics; affine weights trained only under ``privacy.trainable:
+bn_affine``, through :class:`FrozenStatsNorm`). Their running
 statistics stay θ_start's, and the hospital sends no moment sums, so nothing in the
 vector's BN aggregates depends on its images; the merge restores BN from a calibration
 set, or averages the hospitals' running statistics (``coordinator.plan_bn``).
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,10 @@ from medvec.config import FinetuneConfig, PrivacyConfig
 from medvec.data.images import ImageSet
 from medvec.errors import UserError
 from medvec.hospital.train import TrainResult, finish_training, lr_schedule, prepare_training, with_local_val
-from medvec.models import ModelSpec
-from medvec.preprocess import augment, to_tensor
+from medvec.models import ModelSpec, head_name
+from medvec.preprocess import augment, batches, to_tensor
 from medvec.timing import timed, utcnow
-from medvec.vectors.vector import DataVector, PrivacySpent, bn_affine_keys, head_keys, trained_keys
+from medvec.vectors.vector import DataVector, PrivacySpent, bn_affine_keys, trained_keys
 
 LEDGER_NAME = "privacy-ledger.json"
 
@@ -54,19 +55,18 @@ def default_delta(n: int) -> float:
     return 1.0 / (10 * max(n, 1))
 
 
-def freeze_batchnorm(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """Freeze BN affine weights and return the BN layers (to be kept in eval mode while training)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        for p in layer.parameters():
-            p.requires_grad_(False)
-    return layers
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's batch-norm layers, kept in eval mode while DP-SGD trains (frozen running statistics). Whether
+    their scales and shifts train is :func:`select_trainable`'s to say."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def select_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
     """Train only what ``privacy.trainable`` names (:func:`~medvec.vectors.vector.trained_keys`, the keys the vector
     will carry): ``all`` trains every weight but batch norm's (frozen, as ever under DP), ``bn_affine`` the BN
-    scales and shifts and the head, ``head`` the head. The rest is frozen; the trained parameters are returned."""
+    scales and shifts and the head, ``head`` the head. The rest is frozen; the trained parameters are returned.
+
+    The one place that decides what trains: every parameter's ``requires_grad`` is set here."""
     state = model.state_dict()
     keys = set(trained_keys(state, trainable))
     if trainable == "all":
@@ -151,15 +151,16 @@ def _loader(x: torch.Tensor, train: ImageSet, batch_size: int, seed: int) -> tor
 
 
 @torch.no_grad()
-def head_features(model: nn.Module, head: nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """What ``head`` receives from ``model`` (eval mode) for each input: computed once, since under
-    ``privacy.trainable: head`` nothing below the head changes."""
+def head_features(model: nn.Module, head: nn.Module, inputs: Iterable[torch.Tensor], device) -> torch.Tensor:
+    """What ``head`` receives from ``model`` (eval mode) for each input of ``inputs`` (batches, in order), on the
+    CPU: computed once, since under ``privacy.trainable: head`` nothing below the head changes. Only the features
+    are kept, so the inputs can be preprocessed a batch at a time."""
     got: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, inputs, _out: got.append(inputs[0].detach().flatten(1).cpu()))
+    hook = head.register_forward_hook(lambda _m, args, _out: got.append(args[0].detach().flatten(1).cpu()))
     model.eval()
     try:
-        for start in range(0, len(x), batch_size):
-            model(x[start : start + batch_size].to(device))
+        for x in inputs:
+            model(x.to(device))
     finally:
         hook.remove()
     return torch.cat(got)
@@ -215,7 +216,8 @@ def dp_finetune(
     """DP-SGD fine-tune of ``model`` in place (BN statistics frozen) of what ``privacy.trainable`` names; returns
     the record and Opacus' accounted (ε, δ).
 
-    ``head`` trains the head on features computed once (no augmentation: the images pass the frozen network once);
+    ``head`` trains the head on features computed once (no augmentation: the images pass the frozen network once,
+    preprocessed ``finetune.batch_size`` at a time, so only the features of the split are held in memory);
     ``bn_affine`` and ``all`` backpropagate through the network, with augmentation as ``finetune.augment`` says.
     Batches are Poisson-sampled at ``privacy.batch_size`` images on average and computed ``finetune.batch_size`` at
     a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr``; with ``privacy.ema`` the
@@ -225,13 +227,15 @@ def dp_finetune(
     device, loss_fn = prepare_training(model, train, cfg)
     delta = privacy.delta or default_delta(len(train))
     epochs = privacy.epochs or cfg.epochs
-    bn_layers = freeze_batchnorm(model)
+    bn_layers = batchnorm_layers(model)
     params = select_trainable(model, privacy.trainable)
-    x = to_tensor(train.images, spec)
     module: nn.Module = model
     if privacy.trainable == "head":
-        module = model.get_submodule(head_keys(model.state_dict())[0].removesuffix(".weight"))
-        x = head_features(model, module, x, cfg.batch_size, device)
+        module = model.get_submodule(head_name(model))
+        images = (x for x, _ in batches(train, spec, cfg.batch_size))  # in order, unaugmented, a batch at a time
+        x = head_features(model, module, images, device)
+    else:  # the whole split preprocessed: Opacus samples its batches from it every epoch
+        x = to_tensor(train.images, spec)
     opt = torch.optim.AdamW(params, lr=privacy.lr or cfg.lr, weight_decay=cfg.weight_decay)
     loader = _loader(x, train, privacy.batch_size or cfg.batch_size, cfg.seed)
     swap = frozen_stats_norms(model) if privacy.trainable == "bn_affine" else nullcontext()

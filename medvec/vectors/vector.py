@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import medvec
 from medvec.batchnorm import MomentSums, RunningStats, is_bn_stat
+from medvec.models import head_keys  # the head's one definition (with models.head_name); importable from here too
 from medvec.timing import utcnow
 from medvec.vectors.encoding import (
     FP32,
@@ -81,16 +82,6 @@ def vector_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not is_bn_stat(k)]
 
 
-def head_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    """The classifier head's keys: the last two-dimensional floating ``*.weight`` in the state's order (a linear
-    layer's; torchvision and medvec's models define the head last) and its bias."""
-    weights = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2 and v.is_floating_point()]
-    if not weights:
-        raise ValueError("the model has no linear head (no two-dimensional weight)")
-    bias = weights[-1].removesuffix("weight") + "bias"
-    return [weights[-1]] + ([bias] if bias in state else [])
-
-
 def bn_affine_keys(state: dict[str, torch.Tensor]) -> list[str]:
     """Every batch-norm layer's scale and shift (``weight``, ``bias`` beside a ``running_mean``)."""
     layers = [k.removesuffix("running_mean") for k in state if k.endswith(".running_mean")]
@@ -99,8 +90,8 @@ def bn_affine_keys(state: dict[str, torch.Tensor]) -> list[str]:
 
 def trained_keys(state: dict[str, torch.Tensor], trainable: str = "all") -> list[str]:
     """The keys a vector of ``trainable`` (``privacy.trainable``) carries, in :func:`vector_keys`' order: every
-    one for ``all``; the head's for ``head``; the batch-norm scales and shifts and the head's for ``bn_affine``.
-    The hospital trains exactly these, and intake expects exactly these."""
+    one for ``all``; the head's (:func:`~medvec.models.head_keys`) for ``head``; the batch-norm scales and shifts
+    and the head's for ``bn_affine``. The hospital trains exactly these, and intake expects exactly these."""
     if trainable == "all":
         return vector_keys(state)
     if trainable not in TRAINABLE:
