@@ -111,7 +111,8 @@ def _simulate_async(net: Network, landings: int, straggler: float | None, moment
     shutil.rmtree(net.out / "async", ignore_errors=True)
     p = net.params
     network = p.refine.network or tuple(net.local)  # a fresh buffer waits for the demo's hospitals
-    refine = p.model_copy(update={"refine": p.refine.model_copy(update={"mode": "async", "network": network})})
+    simulated = {"mode": "async", "network": network, "timeout": p.demo.timeout}  # the timeout in simulated units
+    refine = p.model_copy(update={"refine": p.refine.model_copy(update=simulated)})
     store = open_store(str(net.out / "async"))
     store.put_base(net.base)
     clock = Clock.seeded(list(net.local), p.split.seed + p.finetune.seed, straggler)

@@ -376,18 +376,28 @@ class RefineConfig(_Frozen):
         None, ge=1, description="FADAS: a step whose stalest vector is s > cap versions old is scaled by cap/s"
     )
     weighting: Literal["buffer", "network"] = Field(
-        "buffer", description="a vector's weight: its share of the buffer's samples, or of the network's"
+        "network", description="a vector's weight: its share of the buffer's samples, or of the network's"
     )
     fresh: bool = Field(
-        False,
+        True,
         description="step when every hospital of the network has a vector in the buffer (or `timeout` passed), "
         "instead of at B vectors; with no staleness the step is FedAvg's",
+    )
+    quorum: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="fresh: step once this share of the network's hospitals (rounded up) has a vector in the buffer; "
+        "1: every hospital",
     )
     network: tuple[str, ...] = Field(
         (), description="fresh: the hospitals a step waits for; empty: every hospital with a vector on this base"
     )
     timeout: float | None = Field(
-        None, gt=0, description="fresh: step anyway once the oldest buffered vector has waited this long (seconds)"
+        86400.0,
+        gt=0,
+        description="fresh: step anyway once the oldest buffered vector has waited this long (seconds; None: wait for "
+        "every hospital)",
     )
     server_optimizer: Literal["none", "fedavgm", "fedadam"] = Field(
         "none", description="how a step's delta moves the champion: as is, with server momentum, or by Adam"
@@ -415,7 +425,16 @@ class DemoConfig(_Frozen):
     control: bool = True
     centralized: bool = True
     converged_max_epochs: int = Field(
-        20, ge=0, description="the centralized reference trained to convergence: at most this many epochs (0: off)"
+        8,
+        ge=0,
+        description="the centralized reference trained to convergence: at most this many epochs (0: off); "
+        "make quality and make async-bench use 20",
+    )
+    timeout: float = Field(
+        3.0,
+        gt=0,
+        description="the simulation's refine.timeout, in simulated time units (1,000 images, one epoch, speed 1); "
+        "refine.timeout itself is seconds on the coordinator's clock",
     )
 
 

@@ -26,6 +26,8 @@ OVERRIDES = [
     *TINY_FLOW,
     "batchnorm.strategy=average",
     "refine.mode=async",
+    "refine.fresh=false",  # a step per landing (B = 1): the chain and the stale vector are what this tests
+    "refine.weighting=buffer",
     "refine.eta=1.0",
     "refine.max_staleness=1",
     f"coordinator.eval_data={BREAST}",

@@ -136,7 +136,11 @@ def test_demo_writes_schema_and_files(demo_run):
     assert equal["name"] == "centralized (pooled)" and converged["name"] == "centralized (pooled, converged)"
     curve = converged["val_curve"]  # early stopping: the epoch with the best validation AUC, at most 3
     assert 1 <= len(curve) <= 3 and converged["epochs"] == curve.index(max(curve)) + 1
-    assert round(converged["val"]["auc"], 4) == max(curve)
+    assert converged["stopped_early"] is False  # patience 3 cannot run out within a cap of 3 epochs
+    # early stopping read the validation the rows report: the hospitals' pooled splits (the demo's run before this
+    # fix stopped on the coordinator's split: best 0.996 there, 0.923 as reported); the row reads them as histograms
+    # whose sparse cells are grouped (evaluate.min_count), hence not to the last digit
+    assert abs(converged["val"]["auc"] - max(curve)) < 0.02, (converged["val"], curve)
     assert kinds.count("merged") == 7 * 3  # every method × every BN strategy
     assert {r["method"] for r in doc["results"] if r["kind"] == "merged"} == {
         "sum",
@@ -178,7 +182,7 @@ def test_the_async_simulation_lands_every_hospital_once_through_finish_step(demo
     assert doc["async"]["landings_per_hospital"] == 1
     store = open_store(out / "async")
     records = store.merges(doc["base_sha256"])
-    assert len(records) == 3 and all(r.mode == "async" and r.registry is None for r in records)
+    assert len(records) == 1 and all(r.mode == "async" and r.registry is None for r in records)  # a fresh buffer
     assert all(r.params.registry.enabled is False for r in records)
     assert {i.hospital for r in records for i in r.inputs} == set(doc["split"]["hospitals"])
     promoted = [r for r in records if r.version is not None]

@@ -103,6 +103,22 @@ def test_a_fresh_buffer_without_staleness_is_fedavg():
     assert torch.equal(theta + delta.deltas["w"], fedavg)
 
 
+def test_a_quorum_steps_without_the_slowest_and_a_flooding_hospital_counts_once():
+    """``refine.quorum: 0.75`` of 4 hospitals steps at 3 of them; the attack: h1 buffers three vectors and an
+    outsider one, to make a step with fewer hospitals than the quorum. Each hospital counts once, outsiders never."""
+    network = {"h1", "h2", "h3", "h4"}
+    r = RefineConfig(fresh=True, weighting="network", quorum=0.75, timeout=None)
+    flood = [toy("h1", 10) for _ in range(3)] + [toy("h2", 10), toy("intruder", 10)]
+    assert step_ready(flood, 2, r, network, waited=1e9) == (False, "waiting for h3, h4 (5 buffered)")
+    assert step_ready([*flood, toy("h3", 10)], 2, r, network, waited=0.0) == (
+        True,
+        "a quorum of 3 of 4 hospitals reported (not h4)",
+    )
+    half = r.model_copy(update={"quorum": 0.5})  # 2 of 4, rounded up from 2.0: no float rounding to 3
+    assert step_ready(flood, 2, half, network, waited=0.0)[0]
+    assert not step_ready(flood[:3], 2, half, network, waited=0.0)[0]
+
+
 def test_server_optimizers_by_hand():
     """FedAvgM: m ← β·m + Δ; FedAdam: Flower's m, v and bias-corrected lr_t; BN statistics pass through."""
     d1 = {"w": torch.tensor([0.5, -0.25]), "bn.running_mean": torch.tensor([1.0])}
@@ -171,6 +187,8 @@ CHAIN = [
     "finetune.epochs=2",
     "finetune.lr=0.003",
     "refine.mode=async",
+    "refine.fresh=false",  # B = 1 steps by the buffer's own weights (FedAsync); fresh buffers set their own
+    "refine.weighting=buffer",
     "refine.eta=1.0",
     "batchnorm.strategy=average",
     "intake.defence=off",

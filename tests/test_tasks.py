@@ -124,6 +124,7 @@ def test_the_converged_reference_stops_early_and_keeps_its_best_epoch(tiny_base,
     done = train_to_convergence(tiny_base, pooled, evalsets.val, params, max_epochs=12, patience=2)
     best = done.curve.index(max(done.curve))
     assert done.epochs == best + 1 and (len(done.curve) == 12 or len(done.curve) == best + 3), done.curve
+    assert done.stopped_early == (len(done.curve) == best + 3)  # else the cap of 12 epochs ran out first
     assert evaluate_model(done.model, evalsets.val, tiny_base.spec)["auc"] == max(done.curve)  # the best kept
 
 

@@ -17,6 +17,7 @@ every vector starts from version 0 and one step merges them all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -167,8 +168,9 @@ def step_ready(
 
     By default at ``refine.buffer`` vectors.  With ``refine.fresh`` (and for the first step, with
     ``first_step: oneshot``) once every hospital of the network (``refine.network``, else ``network``) has a
-    vector in the buffer, or once the oldest buffered vector has
-    waited ``refine.timeout`` (``waited``, in the caller's clock).
+    vector in the buffer (``refine.quorum`` < 1: that share of them, rounded up), or once the oldest buffered
+    vector has waited ``refine.timeout`` (``waited``, in the caller's clock).  A hospital counts once, however
+    many vectors it buffered, and only if it belongs to the network.
     """
     n = len(admitted)
     if not r.fresh and not (r.first_step == "oneshot" and version == 0):
@@ -177,6 +179,9 @@ def step_ready(
     missing = sorted(expected - {v.meta.hospital for v in admitted})
     if n and not missing:
         return True, f"every hospital of the network reported ({n} vectors)"
+    needed = math.ceil(r.quorum * len(expected) - 1e-9)
+    if n and len(expected) - len(missing) >= needed:
+        return True, f"a quorum of {needed} of {len(expected)} hospitals reported (not {', '.join(missing)})"
     if n and r.timeout is not None and waited >= r.timeout:
         return True, f"timeout: waited {waited:g} ≥ {r.timeout:g} for {', '.join(missing)}"
     return False, f"waiting for {', '.join(missing) or 'a vector'} ({n} buffered)"

@@ -63,6 +63,7 @@ class Converged:
     model: nn.Module
     epochs: int
     curve: list[float]
+    stopped_early: bool  # validation stopped improving; False: ``max_epochs`` ran out first
 
 
 def train_to_convergence(
@@ -71,7 +72,7 @@ def train_to_convergence(
     """Fine-tune θ_pre on ``pooled`` one epoch at a time (``finetune.*``, the seed moved each epoch) until the
     validation AUC has not improved for ``patience`` epochs or ``max_epochs`` ran; keep the best epoch's model
     (early stopping: the epochs are chosen on validation)."""
-    model, best, best_state, curve = base.fresh(), -1.0, None, []
+    model, best, best_state, curve, early = base.fresh(), -1.0, None, [], False
     for e in range(max_epochs):
         cfg = params.finetune.model_copy(update={"epochs": 1, "seed": params.finetune.seed + e})
         finetune(model, pooled, base.spec, cfg, progress=False)
@@ -80,17 +81,24 @@ def train_to_convergence(
         if auc > best:
             best, best_state = auc, {k: v.clone() for k, v in model.state_dict().items()}
         if len(curve) - 1 - curve.index(best) >= patience:
+            early = True
             break
     assert best_state is not None, "max_epochs is at least 1"
     model.load_state_dict(best_state)
-    return Converged(model, curve.index(best) + 1, curve)
+    return Converged(model, curve.index(best) + 1, curve, early)
 
 
 def converged_row(base: Base, local: Sequence[LocalData], evalsets: EvalSets, params: Params) -> dict:
-    """The centralized reference trained to convergence (``demo.converged_max_epochs``), scored like the rest."""
-    assert evalsets.val is not None, "early stopping needs a validation split"
+    """The centralized reference trained to convergence (``demo.converged_max_epochs``), scored like the rest.
+
+    Its epochs are chosen on the validation the rows are scored by: with the hospitals judging, their local
+    validation splits pooled (as a centralized trainer would hold them); else the coordinator's split."""
     pooled = ImageSet.concat([d.train for d in local])
-    done = train_to_convergence(base, pooled, evalsets.val, params, params.demo.converged_max_epochs)
+    vals = [d.val for d in local if d.val is not None and len(d.val)]
+    stop_on = ImageSet.concat(vals) if evalsets.judge is not None and vals else evalsets.val
+    assert stop_on is not None, "early stopping needs a validation split"
+    done = train_to_convergence(base, pooled, stop_on, params, params.demo.converged_max_epochs)
     val, test = evaluate_on(done.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
     row = Candidate(name=CONVERGED, kind="centralized", bn="own", val=val, test=test, n_train=len(pooled)).row()
-    return row | {"epochs": done.epochs, "val_curve": [round(a, 4) for a in done.curve]}
+    curve = [round(a, 4) for a in done.curve]
+    return row | {"epochs": done.epochs, "val_curve": curve, "stopped_early": done.stopped_early}

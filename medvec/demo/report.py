@@ -69,6 +69,14 @@ def _clean(x):
     return x
 
 
+def _epochs(central: dict) -> str:
+    """`` (best epoch 5 of 8, validation stopped it)`` for the converged reference; nothing for the other."""
+    if "val_curve" not in central:
+        return ""
+    why = "validation stopped it" if central.get("stopped_early") else "the cap stopped it: not converged"
+    return f" (best epoch {central['epochs']} of {len(central['val_curve'])}, {why})"
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
     """The report's headline: the selected merge's test AUC against the mean single hospital's, and its ratio
     to each centralized reference (equal compute, converged), where those rows exist."""
@@ -83,7 +91,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         )
     for central in centrals:  # at equal compute, then trained to convergence
         lines.append(
-            f"{central['name']}: test AUC {central['test']['auc']:.3f}; merged / centralized = {sel['test']['auc'] / central['test']['auc']:.3f}"
+            f"{central['name']}{_epochs(central)}: test AUC {central['test']['auc']:.3f}; merged / centralized = {sel['test']['auc'] / central['test']['auc']:.3f}"
         )
     return lines
 
