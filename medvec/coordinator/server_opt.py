@@ -10,8 +10,8 @@ champion moves along, θ ← θ_champion + η·d (η fixed or chosen on validati
   v ← β2·v + (1 − β2)·Δ², d = lr_t·m / (√v + τ) with Flower's bias-corrected
   lr_t = lr·√(1 − β2^(t+1)) / (1 − β1^(t+1)) at step t (1 for the step from θ_pre).
 
-The state (m, v) belongs to the version chain: it moves only when a step is promoted, is stored beside the
-start point it led to (``starts/<base>/v<n>.server.safetensors``), and ``medvec lineage --rebuild`` replays it
+The state (m, v) belongs to the version chain: it moves only when a step is promoted, is stored with the
+version it led to (``merges/<base>/server/v<n>.safetensors``, which hospitals cannot read), and ``medvec lineage --rebuild`` replays it
 from θ_pre.  Only trained parameters move this way; BN's running statistics (restored by the BN plan) and
 integer buffers take Δ as is.
 """
@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medvec.batchnorm import is_bn_stat
 from medvec.config import RefineConfig
 from medvec.vectors.vector import DataVector
 
 State = dict[str, torch.Tensor]
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def moves(key: str, tensor: torch.Tensor) -> bool:
     """Whether the server optimizer moves ``key``: floating parameters, not BN statistics or integer buffers."""
-    return tensor.is_floating_point() and not key.endswith(BUFFER_SUFFIXES)
+    return tensor.is_floating_point() and not is_bn_stat(key)
 
 
 @dataclass

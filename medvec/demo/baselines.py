@@ -47,10 +47,13 @@ def centralized_row(base: Base, local: Sequence[LocalData], evalsets: EvalSets, 
     pooled = ImageSet.concat([d.train for d in local])
     model = base.fresh()
     finetune(model, pooled, base.spec, params.finetune, progress=progress, desc="centralized")
+    return _centralized("centralized (pooled)", model, base, evalsets, params, len(pooled))
+
+
+def _centralized(name: str, model: nn.Module, base: Base, evalsets: EvalSets, params: Params, n: int) -> dict:
+    """A centralized reference's row, scored like every other row."""
     val, test = evaluate_on(model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
-    return Candidate(
-        name="centralized (pooled)", kind="centralized", bn="own", val=val, test=test, n_train=len(pooled)
-    ).row()
+    return Candidate(name=name, kind="centralized", bn="own", val=val, test=test, n_train=n).row()
 
 
 CONVERGED = "centralized (pooled, converged)"  # the row's name: the reference that bounds the federated models
@@ -98,7 +101,6 @@ def converged_row(base: Base, local: Sequence[LocalData], evalsets: EvalSets, pa
     stop_on = ImageSet.concat(vals) if evalsets.judge is not None and vals else evalsets.val
     assert stop_on is not None, "early stopping needs a validation split"
     done = train_to_convergence(base, pooled, stop_on, params, params.demo.converged_max_epochs)
-    val, test = evaluate_on(done.model, evalsets, base.spec, params.evaluate.batch_size, *op_rule(params))
-    row = Candidate(name=CONVERGED, kind="centralized", bn="own", val=val, test=test, n_train=len(pooled)).row()
+    row = _centralized(CONVERGED, done.model, base, evalsets, params, len(pooled))
     curve = [round(a, 4) for a in done.curve]
     return row | {"epochs": done.epochs, "val_curve": curve, "stopped_early": done.stopped_early}

@@ -211,14 +211,19 @@ def finish_step(
 def chain_state(
     store: VectorStore, root: Base, version: int, admitted: Sequence[VectorLike], params: Params
 ) -> ChainState:
-    """The network's newest verified sample count per hospital (the inputs of every recorded merge, then the
-    admitted buffer: never a sidecar's unchecked claim) and the server optimizer's state at champion ``version``."""
+    """The network's sample counts (:func:`network_counts`) and the server optimizer's state at champion
+    ``version``."""
+    server = store.get_chain_state(root.sha256, version, "server") if params.refine.server_optimizer != "none" else None
+    return ChainState(network_counts(store, root, admitted), server or {})
+
+
+def network_counts(store: VectorStore, root: Base, admitted: Sequence[VectorLike]) -> dict[str, int]:
+    """The newest verified sample count per hospital: the inputs of every recorded merge, then the admitted
+    buffer (never a sidecar's unchecked claim)."""
     network: dict[str, int] = {}
     for r in store.merges(root.sha256):  # oldest first
         network |= {i.hospital: i.n_train for i in r.inputs}
-    network |= {v.meta.hospital: int(v.meta.n_train) for v in admitted}
-    server = store.get_chain_state(root.sha256, version, "server") if params.refine.server_optimizer != "none" else None
-    return ChainState(network, server or {})
+    return network | {v.meta.hospital: int(v.meta.n_train) for v in admitted}
 
 
 def buffer_ready(
@@ -230,9 +235,10 @@ def buffer_ready(
     oldest buffered vector was first verified (:func:`~medvec.coordinator.intake.landed_at`: the coordinator's clock,
     never a hospital's own ``created_at``)."""
     version = store.champion(root.sha256).version
-    network = set(chain_state(store, root, version, admission.admitted, params).network)
     if params.intake.keyring:  # the hospitals allowed to publish are the network
         network = set(Keyring.load(params.intake.keyring).keys)
+    else:
+        network = set(network_counts(store, root, admission.admitted))
     landed = landed_at(store)
     times = [datetime.fromisoformat(landed[v.meta.vector_id]) for v in admission.admitted if v.meta.vector_id in landed]
     now = now or datetime.now(timezone.utc)
