@@ -32,7 +32,7 @@ from medvec.hospital.finetune import finetune_vector, for_upload
 from medvec.hospital.local import LocalData
 from medvec.models import Base
 from medvec.store import VectorStore
-from medvec.tracking.finish import finish_step
+from medvec.tracking.finish import finish_step, network_counts
 from medvec.vectors.vector import DataVector
 
 
@@ -221,7 +221,7 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
     admission = admit(sim.store, sim.base, sim.params.intake, sim.params.refine)
     buffered = [sim.landed.get(v.meta.vector_id, now) for v in admission.admitted]
     waited = now - min(buffered) if buffered else 0.0
-    network = {v.meta.hospital for v in admission.admitted} | _hospitals(sim)
+    network = set(network_counts(sim.store, sim.base, admission.admitted))  # the coordinator's verified network
     version = sim.store.champion(sim.base.sha256).version
     ready, note = step_ready(admission.admitted, version, sim.params.refine, network, waited)
     if ready:
@@ -244,11 +244,6 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
             sim.timer = due
             sim.push(due, TIMER, 0)
     return ready
-
-
-def _hospitals(sim: _Sim) -> set[str]:
-    """Every hospital a recorded step has taken a vector from (the coordinator's verified network)."""
-    return {i.hospital for r in sim.store.merges(sim.base.sha256) for i in r.inputs}
 
 
 def _row(sim: _Sim, now: float, note: str, event: str) -> dict:
