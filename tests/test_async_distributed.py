@@ -92,8 +92,13 @@ def test_three_hospitals_in_turn_then_a_burst_climb_a_version_chain_and_a_stale_
         def merged() -> list[str]:
             return [v for step in state(store_url, env)["steps"] for v in step["inputs"]]
 
-        wait_until(lambda: len(set(merged())) == 4, 240, "both burst vectors merged")
+        def finished() -> bool:  # a step's record is stored before its DVC commit and registration, then again
+            steps = state(store_url, env)["steps"]
+            return len({v for step in steps for v in step["inputs"]}) == 4 and all(st["dvc_commit"] for st in steps)
+
+        wait_until(finished, 300, "both burst vectors merged, every step committed and registered")
         time.sleep(5)  # a second triggered run, if any, has had time to (wrongly) merge again
+        wait_until(finished, 120, "every step, a wrongly second one included, committed and registered")
         s = state(store_url, env)
         landed = set(s["landed"])
         assert len(merged()) == len(set(merged())) == 4 and set(merged()) == landed, "every landed vector in one step"

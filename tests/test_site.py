@@ -7,6 +7,7 @@ exact reason a hospital reads in its log.
 from __future__ import annotations
 
 import dataclasses
+import os
 import stat
 import subprocess
 import sys
@@ -160,3 +161,33 @@ def test_a_worker_whose_sigterm_interrupt_is_swallowed_still_exits_after_the_gra
     proc = subprocess.run([sys.executable, "-c", SWALLOWED], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert time.monotonic() - started < 20  # the 1-second grace, not the 60-second sleep
+
+
+PROBE = """
+import os, pathlib
+pathlib.Path(os.environ["PROBE_MARKER"]).write_text("imported")
+
+def probe_flow(**kwargs):
+    pathlib.Path(os.environ["PROBE_MARKER"]).write_text("ran")
+"""
+
+
+def test_a_standby_process_imports_its_site_s_flow_before_any_run_and_ends_at_end_of_input(tmp_path):
+    """The worker's standby process (``--standby``): the site's flow module is imported while no run is handed,
+    and closing its stdin (the worker stopped) ends it having run nothing."""
+    (tmp_path / "standby_probe.py").write_text(PROBE)
+    site = dataclasses.replace(HOSPITAL, entrypoint="standby_probe.py:probe_flow").save(tmp_path / "site.json")
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "PROBE_MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "flows.worker", str(site), "--standby"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.read_text() == "imported"  # before any run: the imports are off the run's path
+        _, err = proc.communicate("", timeout=60)  # end of input: the worker stopped
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert marker.read_text() == "imported"  # and nothing ran

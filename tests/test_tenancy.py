@@ -155,7 +155,9 @@ def network(tmp_path_factory):
         # the coordinator holds no images (issue 25): the hospitals score every candidate, so it names the classes
         sets += ["-S", f"store.url={store}", "-S", "coordinator.eval_data=null", "-S", f"model.classes={CLASSES}"]
         sets += ["-S", "coordinator.key=keys/coordinator.key", "-S", "intake.keyring=keys/keyring.json"]
-        sets += ["-S", "evaluate.timeout_s=45", "-S", "contribution.method=off"]  # its rounds: test_hospital_judge
+        # a round waits 90 s (600 by default): a standby process answers in seconds, one still importing (a round
+        # right after another, on 2 busy cores) took up to 50 s here
+        sets += ["-S", "evaluate.timeout_s=90", "-S", "contribution.method=off"]  # its rounds: test_hospital_judge
         coordinator.medvec("coordinator", "keygen", "--out", "keys")
         coordinator.medvec("coordinator", "up", *sets)
         workers.append(
@@ -297,6 +299,8 @@ def test_three_hospitals_join_two_land_and_the_merge_is_chosen_and_registered_fr
     wait_until(lambda: ["a", "b"] in registered_inputs(network), 300, "a registered merge of a and b")
     record = wait_until(lambda: registered_record(network, ["a", "b"]), 60, "the merge record, registered", every=1)
     assert record["evaluation"]["where"] == "hospitals" and record["eval_set"]["source"] == "hospitals a,b,c"
+    # c's answers came from its worker's standby process, its imports done before the request
+    assert "in standby process" in (tmp / "worker-hospital-c.log").read_text()
     scan = next(r for r in record["evaluation"]["rounds"] if r["purpose"] == "scan")
     assert scan["answered"] == ["a", "b", "c"] and scan["absent"] == [] and scan["rejected"] == []
     assert scan["n"] == n_val(network, "a", "b", "c")  # every local validation image counted once, none sent
@@ -504,7 +508,7 @@ def test_with_c_s_worker_stopped_the_merge_waits_once_and_proceeds_on_the_quorum
     network["workers"]["c"].stop()
     coordinator = network["coordinator"]
     overrides = [o for o in network["sets"] if o != "-S"]
-    out = coordinator.python(MERGE, *overrides)
+    out = coordinator.python(MERGE, *overrides, "evaluate.timeout_s=45")  # a and b answer in seconds
     assert sorted(i["hospital"] for i in out["inputs"]) == ["a", "b"]
     admin = admin_s3(network)
     base = admin.get_object(Bucket="medvec", Key="net/bases/current.json")["Body"].read()
