@@ -117,6 +117,34 @@ def test_champion_pyfunc_returns_probabilities_and_the_label_at_its_registered_t
     assert (out["label"] == (out["p_1"] >= threshold).astype(int)).all()
 
 
+FRESH_LOAD = """
+import json, mlflow, numpy as np, pandas as pd
+model = mlflow.pyfunc.load_model("models:/medvec@champion")
+import medvec
+out = model.predict(pd.DataFrame({"pixels": [np.arange(64, dtype=np.uint8).reshape(8, 8).tolist()]}))
+print(json.dumps({"medvec": medvec.__file__, "p_1": float(out["p_1"][0])}))
+"""
+
+
+def test_the_champion_carries_medvec_as_one_zip_and_a_fresh_process_runs_its_code_from_it(tracked, tmp_path):
+    """One code artifact (each file was an authenticated upload), and the model's own code is what runs."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracked["url"])
+    local = Path(mlflow.artifacts.download_artifacts("models:/medvec@champion", dst_path=str(tmp_path / "model")))
+    assert [p.name for p in (local / "code").iterdir()] == ["medvec-code.zip"]
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD], cwd=tmp_path, env=tracked["env"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "medvec-code.zip/medvec/__init__.py" in fresh["medvec"]
+    here = mlflow.pyfunc.load_model("models:/medvec@champion").predict(
+        pd.DataFrame({"pixels": [np.arange(64, dtype=np.uint8).reshape(8, 8).tolist()]})
+    )
+    assert fresh["p_1"] == pytest.approx(float(here["p_1"][0]), abs=1e-6)
+
+
 def test_the_served_champion_takes_raw_images_and_dicom_bytes_and_answers_as_medvec_predict(tracked, tmp_path):
     """``mlflow models serve`` on the champion the merge flow registered: 40 × 40 uint8 images (trained at 28 × 28)
     as raw pixels and as base64 DICOM files give medvec predict's probabilities; a bad request is a one-line 400."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,12 +122,33 @@ def answer_schema(num_classes: int, task: str):
     return Schema(columns + [ColSpec("long", name) for name in labels])
 
 
-MODEL_CODE = """from mlflow.models import set_model
+CODE_BUNDLE = "medvec-code.zip"
+
+MODEL_CODE = f"""import sys
+from pathlib import Path
+
+from mlflow.models import set_model
+
+# medvec's code travels with the model as one zip ({CODE_BUNDLE}, in the code folder MLflow put on the path):
+# it goes first, as the code folder does
+sys.path[:0] = [str(p / "{CODE_BUNDLE}") for p in map(Path, sys.path) if (p / "{CODE_BUNDLE}").is_file()][:1]
 
 from medvec.tracking.registry import Classifier
 
 set_model(Classifier())
 """
+
+
+def code_bundle(folder: Path) -> Path:
+    """medvec's own code (its ``.py`` files) as one zip, imported from where it lies (:data:`MODEL_CODE`). A copy
+    of the package was one upload per file, each an authenticated request: 0.44 s on MLflow's basic-auth server
+    here, 40 s a model."""
+    package = Path(__file__).resolve().parents[1]
+    bundle = folder / CODE_BUNDLE
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as z:
+        for file in sorted(package.rglob("*.py")):
+            z.write(file, file.relative_to(package.parent).as_posix())
+    return bundle
 
 
 def _log_model(weights, registered_name: str, threshold: float | None = None, data: DataConfig | None = None) -> str:
@@ -164,7 +186,7 @@ def _log_model(weights, registered_name: str, threshold: float | None = None, da
             artifacts={"weights": str(path)},
             signature=ModelSignature(inputs=request_schema(), outputs=answer_schema(weights.num_classes, weights.task)),
             input_example=request,
-            code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole medvec package
+            code_paths=[str(code_bundle(Path(tmp)))],  # the whole medvec package, one file
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 "torchvision",
