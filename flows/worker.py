@@ -14,6 +14,8 @@ is the same thing.  It polls its pool like any Prefect worker, and for each run:
    site's pinned parameters (:func:`execute`) and exits, and the worker starts the next standby process.
    It never loads the deployment's code, so Prefect's pull steps, the deployment's command and the pool's
    job template play no part.  A standby process with no run ends at end of input (the worker stopped).
+   It holds about 750 MB while it waits; ``MEDVEC_WORKER_STANDBY=0`` starts each run's process when the run
+   comes instead.
 
 A process worker (``prefect worker start --type process``) would run whatever the server asks.
 """
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -62,6 +65,11 @@ class MedvecWorkerResult(BaseWorkerResult):
 def refused(site: Site, reason: str) -> State:
     """The final state of a refused run: Failed, named ``Refused``, with the reason."""
     return Failed(name="Refused", message=f"refused by {site.pool}'s medvec worker: {reason}")
+
+
+def standby_enabled(environ: Mapping[str, str]) -> bool:
+    """Whether the worker keeps a standby process (``MEDVEC_WORKER_STANDBY``: ``0`` turns it off)."""
+    return environ.get("MEDVEC_WORKER_STANDBY", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def standby_command(site_path: Path) -> list[str]:
@@ -102,7 +110,8 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
 
     async def setup(self) -> None:
         await super().setup()
-        self._standby = await self._start_standby()
+        if standby_enabled(os.environ):
+            self._standby = await self._start_standby()
 
     async def teardown(self, *exc_info: Any) -> None:
         """Stop the standby process (it holds no run), then Prefect's own clean-up."""
@@ -126,7 +135,7 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
 
     async def _process_for(self, path: Path, flow_run: FlowRun) -> anyio.abc.Process:
         """The run's process: the standby one, handed the run (a new one, which imports first, if it has
-        ended); the next run's standby process starts at once."""
+        ended or there is none); the next run's standby process starts at once (unless turned off)."""
         standby, self._standby = self._standby, None
         line = handed_run(path, flow_run.id)
         if standby is not None and await _hand(standby[0], line):
@@ -139,7 +148,8 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
             proc, _ = await self._start_standby()
             if not await _hand(proc, line):
                 raise RuntimeError(f"the process for flow run {flow_run.id} ended before it was handed the run")
-        self._standby = await self._start_standby()
+        if standby_enabled(os.environ):
+            self._standby = await self._start_standby()
         return proc
 
     def _reload(self) -> list[tuple[Path, Site]]:

@@ -191,3 +191,10 @@ def test_a_standby_process_imports_its_site_s_flow_before_any_run_and_ends_at_en
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert marker.read_text() == "imported"  # and nothing ran
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False), ("off", False), (" False ", False)])
+def test_the_standby_process_is_on_unless_medvec_worker_standby_turns_it_off(value, on):
+    from flows.worker import standby_enabled
+
+    assert standby_enabled({} if value is None else {"MEDVEC_WORKER_STANDBY": value}) is on
