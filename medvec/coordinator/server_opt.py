@@ -11,9 +11,9 @@ champion moves along, θ ← θ_champion + η·d (η fixed or chosen on validati
   lr_t = lr·√(1 − β2^(t+1)) / (1 − β1^(t+1)) at step t (1 for the step from θ_pre).
 
 The state (m, v) belongs to the version chain: it moves only when a step is promoted, is stored with the
-version it led to (``merges/<base>/server/v<n>.safetensors``, which hospitals cannot read), and ``medvec lineage --rebuild`` replays it
-from θ_pre.  Only trained parameters move this way; BN's running statistics (restored by the BN plan) and
-integer buffers take Δ as is.
+version it led to (``merges/<base>/server/v<n>.safetensors``, which hospitals cannot read), and
+``medvec lineage --rebuild`` replays it from θ_pre.  Only trained parameters move this way; BN's running
+statistics (restored by the BN plan) and integer buffers take Δ as is.
 """
 
 from __future__ import annotations
