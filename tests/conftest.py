@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tasks  # noqa: F401  (Prefect's local defaults, tasks/__init__.py, before anything imports Prefect)
+from servers import free_port
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -25,6 +26,15 @@ if _WORKER:
     (_SCRATCH / "prefect").mkdir()
 os.environ.setdefault("MEDVEC_THREADS", "2")
 
+# One real Prefect server for the whole session (started by the ``prefect_api`` fixture below, before any test):
+# every flow this process or its subprocesses run talks to it. Each subprocess would otherwise start Prefect's
+# ephemeral server of its own, 15 to 25 s of CPU before its first flow (a trivial flow in a fresh process here:
+# 19 s with the ephemeral server). Tests of the ephemeral path clear PREFECT_API_URL (the demo's, the CLI's and
+# the front door's), and tests that need a server of their own start one (servers.PrefectServer).
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix=f"medvec-{_WORKER or 'main'}-prefect-server-"))
+_PREFECT_PORT = free_port()
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PREFECT_PORT}/api"
+
 ROOT = Path(__file__).resolve().parents[1]
 BREAST = ROOT / "data" / "breastmnist.npz"
 PNEUMONIA = ROOT / "data" / "pneumoniamnist.npz"
@@ -36,6 +46,16 @@ TINY_FLOW = [
     "finetune.lr=0.003",
     "finetune.threads=1",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    """The session's Prefect server, at the PREFECT_API_URL set above (its own home and SQLite database)."""
+    from servers import PrefectServer
+
+    server = PrefectServer(_PREFECT_HOME, port=_PREFECT_PORT)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

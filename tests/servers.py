@@ -199,10 +199,10 @@ class PrefectServer(_Proc):
     """``prefect server start``; with ``auth`` (PREFECT_SERVER_API_AUTH_STRING) every API call but the health
     check needs that string, which the clients of :meth:`client_env` send (PREFECT_API_AUTH_STRING)."""
 
-    def __init__(self, home: Path, auth: str | None = None):
+    def __init__(self, home: Path, auth: str | None = None, port: int | None = None):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.auth = auth
         self.env = base_env(self.home)
@@ -340,6 +340,7 @@ class MlflowServer(_Proc):
             ini.write_text(
                 "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                 f"database_uri = sqlite:///{home}/auth.db\nadmin_username = {self.ADMIN}\n"
+                "auth_cache_ttl_seconds = 60\n"  # as docs/operators.md advises: one password hash a minute
             )
             env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password)
             env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", "medvec-test-secret")

@@ -50,7 +50,7 @@ def demo_run(tmp_path_factory):
     for o in TINY:
         cmd += ["-S", o]
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},  # the demo as users run it: ephemeral
         "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
         "PREFECT_HOME": str(out / "prefect"),  # its own run history, read back by the Prefect test below
         "PREFECT_LOGGING_LEVEL": "INFO",  # a user's default (conftest quiets the test process)
