@@ -8,14 +8,15 @@ is the same thing.  It polls its pool like any Prefect worker, and for each run:
 2. a refused run is marked Failed (named ``Refused``) with the reason, which the worker also logs; nothing
    of it runs: no pull step, no command, no code;
 3. otherwise it hands the run to its **standby process**: ``python -m flows.worker SITE_FILE --standby``, started
-   in this checkout with this worker's own environment before the run was asked for, which has already
-   imported the site's flow (torch, Prefect, medvec: 10 to 30 s on 2 cores, off the run's path).  The worker
-   writes the run's site file and id to its stdin; it runs the flow under the existing flow run with the
-   site's pinned parameters (:func:`execute`) and exits, and the worker starts the next standby process.
-   It never loads the deployment's code, so Prefect's pull steps, the deployment's command and the pool's
-   job template play no part.  A standby process with no run ends at end of input (the worker stopped).
-   It holds about 750 MB while it waits; ``MEDVEC_WORKER_STANDBY=0`` starts each run's process when the run
-   comes instead.
+   in this checkout with this worker's own environment when the worker starts, which has imported the site's
+   flow once (torch, Prefect, medvec: 10 s of CPU, 10 to 30 s on 2 busy cores).  For each run handed to it
+   (the run's site file and id, on a Unix socket) it forks a child, which runs the flow under the existing
+   flow run with the site's pinned parameters (:func:`execute`) and exits: each run is still a process of its
+   own, started at once, with no imports of its own.  The standby process tells the worker the child's pid,
+   then its exit status.  Nothing runs the deployment's code, so Prefect's pull steps, the deployment's
+   command and the pool's job template play no part.  When the checkout's code changes (:func:`code_stamp`),
+   the next run gets a new standby process; the old one ends when its children have.  It holds about 750 MB;
+   ``MEDVEC_WORKER_STANDBY=0`` starts one per run, when the run comes, instead.
 
 A process worker (``prefect worker start --type process``) would run whatever the server asks.
 """
@@ -25,14 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -48,6 +53,7 @@ from flows.site import RunView, Site, for_run, pool_site_files, refusal
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 WORKER_TYPE = "medvec"
+CODE_DIRS = ("flows", "tasks", "medvec", "pipelines")  # what a standby process imports of this checkout
 
 
 class MedvecJobConfiguration(BaseJobConfiguration):
@@ -72,25 +78,93 @@ def standby_enabled(environ: Mapping[str, str]) -> bool:
     return environ.get("MEDVEC_WORKER_STANDBY", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def standby_command(site_path: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.worker", str(site_path), "--standby"]
+def standby_command(site_path: Path, control_fd: int) -> list[str]:
+    return [sys.executable, "-m", "flows.worker", str(site_path), "--standby", "--control-fd", str(control_fd)]
 
 
 def handed_run(site_path: Path, flow_run_id: UUID) -> bytes:
-    """What the worker writes to a standby process's stdin: the run's site file and id, one line."""
+    """What the worker sends a standby process for one run: the run's site file and id, one line."""
     return f"{site_path}\t{flow_run_id}\n".encode()
 
 
-async def _hand(proc: anyio.abc.Process, line: bytes) -> bool:
-    """Give ``proc`` its run; False when it has already ended (its stdin is closed)."""
-    if proc.returncode is not None or proc.stdin is None:
-        return False
+def code_stamp(root: Path = PROJECT_DIR) -> str:
+    """This checkout's code as a standby process would import it: each ``.py`` file's path, size and mtime."""
+    digest = hashlib.sha256()
+    for folder in CODE_DIRS:
+        for path in sorted((root / folder).rglob("*.py")):
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Forked:
+    """One run's process, forked by a standby process: its pid, and the socket its exit status comes on."""
+
+    pid: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def exit_code(self) -> int:
+        """The process's exit status, once it has ended (-1 if its standby process died first: then this waits
+        until the pid is gone)."""
+        line = await self.reader.readline()
+        self.writer.close()
+        if line.strip():
+            return int(line)
+        while _alive(self.pid):
+            await anyio.sleep(1)
+        return -1
+
+
+def _alive(pid: int) -> bool:
     try:
-        await proc.stdin.send(line)
-        await proc.stdin.aclose()
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
     return True
+
+
+@dataclass
+class Standby:
+    """The worker's side of a standby process: the process, its control socket, when it started, and the code
+    (:func:`code_stamp`) it imported."""
+
+    proc: anyio.abc.Process
+    control: socket.socket
+    started: float
+    stamp: str
+
+    async def fork(self, line: bytes) -> Forked | None:
+        """Hand it a run (:func:`handed_run`); the forked process, or None when the standby process has ended."""
+        if self.proc.returncode is not None:
+            return None
+        ours, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.control, [line], [theirs.fileno()])
+        except OSError:
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        pid = await reader.readline()
+        if not pid.strip():
+            writer.close()
+            return None
+        return Forked(int(pid), reader, writer)
+
+    def retire(self) -> None:
+        """No more runs: it ends once the runs it forked have (their exit status still reported)."""
+        self.control.close()
+
+    async def stop(self) -> None:
+        """End it now (the worker stops); the runs it forked go on."""
+        self.control.close()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            with anyio.move_on_after(5):
+                await self.proc.wait()
 
 
 class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWorkerResult]):
@@ -105,52 +179,59 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
     def __init__(self, site_path: Path, **kwargs: Any):
         self.site_path = Path(site_path).resolve()
         self.site = Site.load(self.site_path)
-        self._standby: tuple[anyio.abc.Process, float] | None = None  # the next run's process, and when it started
+        self._standby: Standby | None = None  # forks each run's process
         super().__init__(work_pool_name=self.site.pool, create_pool_if_not_found=False, **kwargs)
 
     async def setup(self) -> None:
         await super().setup()
         if standby_enabled(os.environ):
-            self._standby = await self._start_standby()
+            self._standby = await self._start_standby(code_stamp())
 
     async def teardown(self, *exc_info: Any) -> None:
-        """Stop the standby process (it holds no run), then Prefect's own clean-up."""
+        """Stop the standby process (the runs it forked go on), then Prefect's own clean-up."""
         standby, self._standby = self._standby, None
-        if standby is not None and standby[0].returncode is None:
-            standby[0].kill()
-            with anyio.move_on_after(5):
-                await standby[0].wait()
+        if standby is not None:
+            await standby.stop()
         await super().teardown(*exc_info)
 
-    async def _start_standby(self) -> tuple[anyio.abc.Process, float]:
-        proc = await anyio.open_process(
-            standby_command(self.site_path),
-            cwd=PROJECT_DIR,
-            env=dict(os.environ),
-            stdin=subprocess.PIPE,
-            stdout=None,
-            stderr=None,
-        )
-        return proc, time.monotonic()
+    async def _start_standby(self, stamp: str) -> Standby:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message a run, its fd with it
+        try:
+            proc = await anyio.open_process(
+                standby_command(self.site_path, theirs.fileno()),
+                cwd=PROJECT_DIR,
+                env=dict(os.environ),
+                stdin=subprocess.DEVNULL,
+                stdout=None,
+                stderr=None,
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        return Standby(proc, ours, time.monotonic(), stamp)
 
-    async def _process_for(self, path: Path, flow_run: FlowRun) -> anyio.abc.Process:
-        """The run's process: the standby one, handed the run (a new one, which imports first, if it has
-        ended or there is none); the next run's standby process starts at once (unless turned off)."""
-        standby, self._standby = self._standby, None
-        line = handed_run(path, flow_run.id)
-        if standby is not None and await _hand(standby[0], line):
-            proc = standby[0]
-            self._logger.info(
-                "flow run %s: in standby process %d, started %.0f s before", flow_run.name, proc.pid,
-                time.monotonic() - standby[1],
-            )  # fmt: skip
+    async def _fork(self, path: Path, flow_run: FlowRun) -> Forked:
+        """The run's process, forked by the standby process; a new standby process first when there is none, it
+        has ended, or the checkout's code changed since it imported it (the old one is retired)."""
+        line, stamp, kept = handed_run(path, flow_run.id), code_stamp(), self._standby
+        forked = await kept.fork(line) if kept is not None and kept.stamp == stamp else None
+        if kept is not None and forked is not None:
+            standby = kept
         else:
-            proc, _ = await self._start_standby()
-            if not await _hand(proc, line):
-                raise RuntimeError(f"the process for flow run {flow_run.id} ended before it was handed the run")
-        if standby_enabled(os.environ):
-            self._standby = await self._start_standby()
-        return proc
+            if kept is not None:
+                kept.retire()
+            standby = await self._start_standby(stamp)
+            forked = await standby.fork(line)
+            if forked is None:
+                raise RuntimeError(f"the standby process for flow run {flow_run.id} ended before it forked the run")
+            self._standby = standby if standby_enabled(os.environ) else None
+            if self._standby is None:
+                standby.retire()  # one run, then it ends
+        self._logger.info(
+            "flow run %s: process %d, forked by standby process %d, started %.0f s before", flow_run.name,
+            forked.pid, standby.proc.pid, time.monotonic() - standby.started,
+        )  # fmt: skip
+        return forked
 
     def _reload(self) -> list[tuple[Path, Site]]:
         """The pool's site files as they are now (``join --replace`` rewrites them while the worker runs); the
@@ -181,10 +262,10 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
             await self._refuse(flow_run, reason)
             status.started(0)
             return MedvecWorkerResult(identifier="refused", status_code=0)
-        proc = await self._process_for(path, flow_run)
-        status.started(proc.pid)
-        code = await proc.wait()
-        return MedvecWorkerResult(identifier=str(proc.pid), status_code=code)
+        forked = await self._fork(path, flow_run)
+        status.started(forked.pid)
+        code = await forked.exit_code()
+        return MedvecWorkerResult(identifier=str(forked.pid), status_code=code)
 
     async def kill_infrastructure(
         self, infrastructure_pid: str, configuration: MedvecJobConfiguration, grace_seconds: int = 30
@@ -257,19 +338,68 @@ def execute(site_path: Path, flow_run_id: UUID) -> None:
         )
 
 
-def standby(site_path: Path) -> None:
-    """A run's process, started before its run: import the site's flow and Prefect's engine, then run the one
-    flow run the worker hands it on stdin (:func:`handed_run`). At end of input (the worker stopped, or
-    replaced it) it ends having run nothing; so does Ctrl-C while it waits."""
+def standby(site_path: Path, control_fd: int) -> None:
+    """The standby process: import the site's flow and Prefect's engine once, then fork a process for each run
+    the worker hands it on ``control_fd`` (:func:`forked_run`), which runs it (:func:`execute`). It ends at end
+    of input (the worker stopped or retired it) once its children have ended; Ctrl-C ends it too."""
+    control = socket.socket(fileno=control_fd)
     try:
         _load_flow(Site.load(site_path))
         importlib.import_module("prefect.flow_engine")
-        line = sys.stdin.readline()
+        handed = forked_run(control)
     except KeyboardInterrupt:
         return
-    if line.strip():
-        path, _, run_id = line.rstrip("\n").partition("\t")
-        execute(Path(path), UUID(run_id))
+    if handed is not None:  # this is the forked child
+        execute(*handed)
+
+
+def forked_run(control: socket.socket, poll: float = 0.2) -> tuple[Path, UUID] | None:
+    """Fork a child for each run received on ``control`` (a line :func:`handed_run` wrote, and a socket to answer
+    on: the child's pid at once, its exit status when it ends). Returns the run in the child; in the parent, None
+    at end of input once every child has ended."""
+    running: dict[int, socket.socket] = {}
+    listening = True
+    while listening or running:
+        readable = select.select([control] if listening else [], [], [], poll)[0]
+        _reap(running)
+        if not readable:
+            continue
+        message, fds, _, _ = socket.recv_fds(control, 4096, 1)
+        if not message or len(fds) != 1:
+            listening = bool(message)  # an empty message: the worker closed its end
+            for fd in fds:
+                os.close(fd)
+            continue
+        answer = socket.socket(fileno=fds[0])
+        path, _, run_id = message.decode().rstrip("\n").partition("\t")
+        pid = os.fork()
+        if pid == 0:  # the run's process: nothing of the standby process's sockets stays open in it
+            for sock in (control, answer, *running.values()):
+                sock.close()
+            return Path(path), UUID(run_id)
+        running[pid] = answer
+        _say(answer, f"{pid}\n")
+    return None
+
+
+def _reap(running: dict[int, socket.socket]) -> None:
+    """Report the exit status of each child that has ended, and forget it."""
+    while running:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        answer = running.pop(pid, None)
+        if answer is not None:
+            _say(answer, f"{os.waitstatus_to_exitcode(status)}\n")
+            answer.close()
+
+
+def _say(answer: socket.socket, text: str) -> None:
+    with contextlib.suppress(OSError):  # the worker stopped: nobody to tell
+        answer.sendall(text.encode())
 
 
 async def _view_now(site: Site, flow_run: FlowRun) -> RunView:
@@ -301,9 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.splitlines()[0])
     parser.add_argument("site", type=Path, help="the site file that join wrote (.medvec/sites/<pool>.json)")
     parser.add_argument("--standby", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.standby:
-        standby(args.site)
+        if args.control_fd is None:
+            parser.error("--standby needs --control-fd (the worker starts it)")
+        standby(args.site, args.control_fd)
     else:
         serve(args.site)
     return 0

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -174,23 +176,87 @@ def probe_flow(**kwargs):
 
 def test_a_standby_process_imports_its_site_s_flow_before_any_run_and_ends_at_end_of_input(tmp_path):
     """The worker's standby process (``--standby``): the site's flow module is imported while no run is handed,
-    and closing its stdin (the worker stopped) ends it having run nothing."""
+    and closing its control socket (the worker stopped) ends it having run nothing."""
     (tmp_path / "standby_probe.py").write_text(PROBE)
     site = dataclasses.replace(HOSPITAL, entrypoint="standby_probe.py:probe_flow").save(tmp_path / "site.json")
     marker = tmp_path / "marker"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "PROBE_MARKER": str(marker)}
-    cmd = [sys.executable, "-m", "flows.worker", str(site), "--standby"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cmd = [sys.executable, "-m", "flows.worker", str(site), "--standby", "--control-fd", str(theirs.fileno())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, pass_fds=(theirs.fileno(),))
+    theirs.close()
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert marker.read_text() == "imported"  # before any run: the imports are off the run's path
-        _, err = proc.communicate("", timeout=60)  # end of input: the worker stopped
+        ours.close()  # end of input: the worker stopped
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert marker.read_text() == "imported"  # and nothing ran
+
+
+FORKER = """
+import pathlib, socket, sys
+from flows.worker import forked_run
+handed = forked_run(socket.socket(fileno=int(sys.argv[1])), poll=0.05)
+if handed is not None:  # the forked child: write the run id where the site path points, exit with a known status
+    path, run_id = handed
+    pathlib.Path(path).write_text(f"{run_id} {pathlib.Path(path).name}")
+    sys.exit(7 if path.name == "a" else 0)
+"""
+
+
+def test_the_standby_process_forks_each_run_reports_its_pid_and_status_and_ends_after_its_children():
+    """The protocol between the worker (``Standby``) and its standby process (``forked_run``), on real processes:
+    each handed run is a forked child of its own, whose pid comes back at once and whose exit status comes back
+    when it ends; a retired standby process ends once its children have."""
+    import tempfile
+    import uuid
+
+    import anyio
+
+    from flows.worker import Standby, handed_run
+
+    async def scenario(folder: Path) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = await anyio.open_process(
+            [sys.executable, "-c", FORKER, str(theirs.fileno())],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        standby = Standby(proc, ours, time.monotonic(), "stamp")
+        runs = {name: uuid.uuid4() for name in ("a", "b")}
+        forked = {name: await standby.fork(handed_run(folder / name, run)) for name, run in runs.items()}
+        pids = {name: f.pid for name, f in forked.items() if f is not None}
+        assert len(set(pids.values()) | {proc.pid}) == 3  # two processes of their own, neither the standby
+        codes = {name: await f.exit_code() for name, f in forked.items() if f is not None}
+        assert codes == {"a": 7, "b": 0}
+        assert {n: (folder / n).read_text() for n in runs} == {n: f"{r} {n}" for n, r in runs.items()}
+        standby.retire()
+        with anyio.fail_after(30):
+            assert await proc.wait() == 0
+        assert await standby.fork(handed_run(folder / "c", uuid.uuid4())) is None  # it has ended: the worker
+        # starts another
+
+    with tempfile.TemporaryDirectory() as folder:
+        anyio.run(scenario, Path(folder))
+
+
+def test_the_code_stamp_changes_when_a_file_of_the_checkout_does(tmp_path):
+    from flows.worker import code_stamp
+
+    (tmp_path / "medvec").mkdir()
+    module = tmp_path / "medvec" / "m.py"
+    module.write_text("x = 1\n")
+    before = code_stamp(tmp_path)
+    assert code_stamp(tmp_path) == before
+    module.write_text("x = 22\n")
+    assert code_stamp(tmp_path) != before
 
 
 @pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False), ("off", False), (" False ", False)])

@@ -299,8 +299,8 @@ def test_three_hospitals_join_two_land_and_the_merge_is_chosen_and_registered_fr
     wait_until(lambda: ["a", "b"] in registered_inputs(network), 300, "a registered merge of a and b")
     record = wait_until(lambda: registered_record(network, ["a", "b"]), 60, "the merge record, registered", every=1)
     assert record["evaluation"]["where"] == "hospitals" and record["eval_set"]["source"] == "hospitals a,b,c"
-    # c's answers came from its worker's standby process, its imports done before the request
-    assert "in standby process" in (tmp / "worker-hospital-c.log").read_text()
+    # c's answers came from a process its worker's standby process forked, with the imports done once, before
+    assert "forked by standby process" in (tmp / "worker-hospital-c.log").read_text()
     scan = next(r for r in record["evaluation"]["rounds"] if r["purpose"] == "scan")
     assert scan["answered"] == ["a", "b", "c"] and scan["absent"] == [] and scan["rejected"] == []
     assert scan["n"] == n_val(network, "a", "b", "c")  # every local validation image counted once, none sent
