@@ -247,6 +247,42 @@ def test_the_standby_process_forks_each_run_reports_its_pid_and_status_and_ends_
         anyio.run(scenario, Path(folder))
 
 
+def test_after_the_checkout_s_code_changes_the_next_run_gets_a_new_standby_process(tmp_path, monkeypatch):
+    """The worker forks runs from its standby process while the checkout's code is the one it imported; once the
+    code changes, the next run comes from a new standby process, and the old one ends. The runs here name no flow
+    run on the session's Prefect server, so each forked process fails, and its exit status comes back."""
+    import uuid
+
+    import anyio
+    from prefect.client.schemas.objects import FlowRun
+
+    import flows.worker as worker_module
+
+    (tmp_path / "standby_probe.py").write_text(PROBE)
+    site = dataclasses.replace(HOSPITAL, entrypoint="standby_probe.py:probe_flow").save(tmp_path / "site.json")
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{tmp_path}")
+    monkeypatch.setenv("PROBE_MARKER", str(tmp_path / "marker"))
+    stamps = iter(["imported", "changed"])
+    monkeypatch.setattr(worker_module, "code_stamp", lambda root=None: next(stamps))
+
+    async def scenario() -> None:
+        worker = worker_module.MedvecWorker(site)
+        first = worker._standby = await worker._start_standby("imported")  # as setup() starts it
+        run = FlowRun(flow_id=uuid.uuid4(), name="probe")
+        forked = await worker._fork(site, run)
+        assert worker._standby is first and forked.pid != first.proc.pid
+        assert await forked.exit_code() == 1  # no such flow run: the run's process failed, and said so
+        forked = await worker._fork(site, run)
+        second = worker._standby
+        assert second is not None and second is not first and second.stamp == "changed"
+        with anyio.fail_after(60):
+            assert await first.proc.wait() == 0  # retired: it ended, having no run left
+        assert await forked.exit_code() == 1
+        await second.stop()
+
+    anyio.run(scenario)
+
+
 def test_the_code_stamp_changes_when_a_file_of_the_checkout_does(tmp_path):
     from flows.worker import code_stamp
 
