@@ -353,9 +353,11 @@ def test_tuning_never_reads_a_hospital_s_split(tiny_base, tmp_path):
             tune_on_public(private, tiny_base, cfg, privacy)
     public = load_split(BREAST, "val")
     assert not public.private
-    grid = tune_on_public(public, tiny_base, cfg, privacy, lrs=(0.01, 0.1), norms=(1.0,))
+    grid = tune_on_public(public, tiny_base, cfg, privacy, lrs=(0.01, 0.1), norms=(1.0,), seeds=2)
     assert sorted((g.lr, g.max_grad_norm) for g in grid) == [(0.01, 1.0), (0.1, 1.0)]
-    assert grid[0].val_auc >= grid[1].val_auc and all(0 <= g.val_auc <= 1 for g in grid)
+    assert grid[0].val_auc >= grid[1].val_auc and all(len(g.val_aucs) == 2 for g in grid)
+    assert all(g.val_auc == sum(g.val_aucs) / 2 and all(0 <= a <= 1 for a in g.val_aucs) for g in grid)
+    assert grid[0].val_aucs[0] != grid[0].val_aucs[1]  # two splits, two scores: the mean ranks, not one split
 
 
 @pytest.mark.parametrize("mode", ["head", "bn_affine", "all"])
