@@ -374,7 +374,7 @@ def tune(params: Params, modes: list[str], epsilon: float) -> dict:
         if TUNING.is_file()
         else {"public": "breastmnist train", "epsilon": epsilon, "grid": {}, "best": {}}
     )
-    doc["splits"] = "each grid point's val_auc is the mean over 3 seeded splits (val_aucs); before, one split"
+    doc["splits"] = "val_auc: the mean of val_aucs, one per seeded public split; an entry without val_aucs: one split"
     for mode in modes:
         started = time.perf_counter()
         grid = tune_on_public(public, base, params.finetune, privacy_for(mode, epsilon, len(public)))

@@ -147,7 +147,7 @@ class PrivacyConfig(_Frozen):
     batch_size: int | None = Field(
         256, ge=2, description="the logical batch, Poisson-sampled (null: finetune.batch_size, the physical batch)"
     )
-    lr: float | None = Field(0.001, gt=0, description="DP-SGD's learning rate (null: finetune.lr)")
+    lr: float | None = Field(0.01, gt=0, description="DP-SGD's learning rate (null: finetune.lr)")
     ema: float | None = Field(
         0.99, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
     )
