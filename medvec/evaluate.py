@@ -11,9 +11,9 @@ import textwrap
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -21,6 +21,9 @@ from medvec.data.images import ImageSet
 from medvec.models import ModelSpec
 from medvec.preprocess import batches
 from medvec.timing import timed
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a frame is made: 1.7 s that a flow opening the store need not pay
 
 
 def probabilities(logits: torch.Tensor, task: str = "multiclass") -> torch.Tensor:
@@ -223,6 +226,8 @@ def with_operating_point(val: dict, test: dict | None, rule: str = "youden", tar
 
 def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
     """Flatten result rows (``{"name", "kind", ..., "test": {...}}``) into a table."""
+    import pandas as pd
+
     flat = []
     for r in rows:
         d = {k: v for k, v in r.items() if not isinstance(v, dict)}
