@@ -160,7 +160,7 @@ class Standby:
 
     async def stop(self) -> None:
         """End it now (the worker stops); the runs it forked go on."""
-        self.control.close()
+        self.retire()
         if self.proc.returncode is None:
             self.proc.kill()
             with anyio.move_on_after(5):
@@ -213,13 +213,11 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
     async def _fork(self, path: Path, flow_run: FlowRun) -> Forked:
         """The run's process, forked by the standby process; a new standby process first when there is none, it
         has ended, or the checkout's code changed since it imported it (the old one is retired)."""
-        line, stamp, kept = handed_run(path, flow_run.id), code_stamp(), self._standby
-        forked = await kept.fork(line) if kept is not None and kept.stamp == stamp else None
-        if kept is not None and forked is not None:
-            standby = kept
-        else:
-            if kept is not None:
-                kept.retire()
+        line, stamp, standby = handed_run(path, flow_run.id), code_stamp(), self._standby
+        forked = await standby.fork(line) if standby is not None and standby.stamp == stamp else None
+        if standby is None or forked is None:
+            if standby is not None:
+                standby.retire()
             standby = await self._start_standby(stamp)
             forked = await standby.fork(line)
             if forked is None:
@@ -278,9 +276,7 @@ class MedvecWorker(BaseWorker[MedvecJobConfiguration, MedvecVariables, MedvecWor
             return
         for _ in range(grace_seconds * 10):
             await anyio.sleep(0.1)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 return
         os.kill(pid, signal.SIGKILL)
 
