@@ -26,18 +26,20 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from flows.events import VECTOR_LANDED
-from flows.hospital_evaluate import EVALUATE_FLOW
-from flows.hospital_finetune import HOSPITAL_FLOW
-from flows.merge_and_evaluate import MERGE_FLOW
+from flows.names import (
+    EVALUATE_ENTRYPOINT,
+    EVALUATE_FLOW,
+    HOSPITAL_ENTRYPOINT,
+    HOSPITAL_FLOW,
+    MERGE_ENTRYPOINT,
+    MERGE_FLOW,
+)
 from flows.site import Site, site_file
 from medvec.errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COORDINATOR_POOL = "coordinator"
 COORDINATOR_DEPLOYMENT = "coordinator"
-HOSPITAL_ENTRYPOINT = "flows/hospital_finetune.py:hospital_finetune"
-EVALUATE_ENTRYPOINT = "flows/hospital_evaluate.py:hospital_evaluate"
-MERGE_ENTRYPOINT = "flows/merge_and_evaluate.py:merge_and_evaluate"
 
 
 def hospital_pool(name: str) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.names import EVALUATE_FLOW
 from medvec.config import Params
 from medvec.errors import UserError
 from medvec.keys import pinned_key
 from medvec.runtime import set_threads
 from medvec.store import open_store
 from tasks.hospital import answer_evaluation, load_local_data
-
-EVALUATE_FLOW = "hospital-evaluate"
 
 
 @flow(name=EVALUATE_FLOW, log_prints=True)

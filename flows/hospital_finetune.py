@@ -15,6 +15,7 @@ import tempfile
 from prefect import flow, get_run_logger
 
 from flows.events import emit_vector_landed
+from flows.names import HOSPITAL_FLOW
 from flows.ui import base_tag, hospital_run_name, label_run
 from medvec.config import Params
 from medvec.hospital.finetune import for_upload
@@ -31,8 +32,6 @@ from tasks.hospital import (
     spend_privacy_budget,
     track_hospital_run,
 )
-
-HOSPITAL_FLOW = "hospital-finetune"
 
 
 @flow(name=HOSPITAL_FLOW, flow_run_name=hospital_run_name, log_prints=True)

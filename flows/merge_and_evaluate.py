@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.hospital_evaluate import EVALUATE_FLOW
+from flows.names import EVALUATE_FLOW, MERGE_FLOW
 from flows.ui import base_tag, embedded_image, label_run, merge_run_name
 from medvec.config import ConfigError, Params
 from medvec.coordinator.compare import Candidate
@@ -50,8 +50,6 @@ from tasks.coordinator import (
     quarantine_excluded,
     supersede_queued,
 )
-
-MERGE_FLOW = "merge-and-evaluate"
 
 
 def _summary(record: MergeRecord, skipped: bool = False, reason: str | None = None) -> dict:
