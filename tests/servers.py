@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,29 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
+VENV = Path(sys.prefix)  # the environment the tests run in, which a fresh clone's make reuses (VENV=)
+
+
+def require_installed(clone: Path) -> None:
+    """Fail unless the venv was installed (``make install``) from ``clone``'s pyproject.toml, so make installs
+    nothing."""
+    import hashlib
+
+    import pytest
+
+    sha = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    if not (VENV / f".medvec-installed-{sha}").exists():
+        pytest.fail(f"{VENV} was not installed by `make install` from this pyproject.toml: run `make install` first")
+
+
+def medvec_in(clone: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the venv's ``medvec ARGS`` in ``clone``, as a user in that checkout; assert it succeeds."""
+    cmd = [str(VENV / "bin" / "medvec"), *args]
+    proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def wait_until(
     check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, every: float = 0.25
 ):
@@ -129,6 +154,73 @@ def wait_until(
     raise TimeoutError(
         f"{what}: not ready after {timeout:.0f} s\n{log.read_text()[-3000:] if log and log.exists() else ''}"
     )
+
+
+# The probe's loop: each request line is a snippet and its argv; each reply line is what the snippet printed, or
+# its traceback. Replies go out on a copy of fd 1; fd 1 itself then goes to stderr, so nothing a library writes
+# there can be taken for a reply.
+PROBE_LOOP = r"""
+import contextlib, io, json, os, sys, traceback
+replies = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.argv = ["-c", *request["argv"]]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(request["code"], "<probe>", "exec"), {"__name__": "__main__"})
+        replies.write(json.dumps({"out": printed.getvalue()}) + "\n")
+    except BaseException:
+        replies.write(json.dumps({"error": traceback.format_exc()}) + "\n")
+"""
+
+
+class Probe:
+    """One Python process in ``env`` that runs each snippet it is sent as ``python -c SNIPPET ARGS`` would, and
+    returns what it printed. A test that polls a store, Prefect or MLflow through a fresh ``python -c`` each time
+    paid 3 to 6 s of CPU a poll in imports (torch, Prefect, MLflow), competing with the flows it waited for; a
+    probe imports them once. Its settings come from ``env`` alone, as a child's would; it ends on ``stop()`` or
+    when this process ends (its stdin closes)."""
+
+    def __init__(self, env: dict, cwd: Path = ROOT):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PROBE_LOOP],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def run(self, code: str, *args: str, timeout: float = 60) -> str:
+        """What the snippet printed; AssertionError with its traceback if it raised."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"code": code, "argv": list(args)}) + "\n")
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.stop()
+            raise TimeoutError(f"the probe gave no answer in {timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        assert line, f"the probe ended (exit status {self.proc.wait(5)})"
+        reply = json.loads(line)
+        assert "error" not in reply, reply.get("error", "")[-3000:]
+        return reply["out"]
+
+    def json(self, code: str, *args: str, timeout: float = 60) -> Any:
+        """The JSON object the snippet's last printed line holds."""
+        return json.loads(self.run(code, *args, timeout=timeout).strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def medvec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

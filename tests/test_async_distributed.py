@@ -9,16 +9,14 @@ with its reason.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import BREAST, ROOT, TINY_FLOW
-from servers import PrefectServer, Worker, medvec, wait_until
+from conftest import BREAST, TINY_FLOW
+from servers import PrefectServer, Probe, Worker, medvec, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +33,7 @@ OVERRIDES = [
 ]
 
 
-def state(store_url: str, env: dict) -> dict:
+def state(probe: Probe, store_url: str) -> dict:
     """The store as the coordinator sees it: steps, start points, quarantine."""
     code = f"""
 import json
@@ -54,9 +52,7 @@ print(json.dumps({{
     "landed": [d["meta"]["vector_id"] for d in s.sidecars(root)],
 }}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return probe.json(code)
 
 
 def test_three_hospitals_in_turn_then_a_burst_climb_a_version_chain_and_a_stale_vector_is_kept_aside(tmp_path):
@@ -69,6 +65,7 @@ def test_three_hospitals_in_turn_then_a_burst_climb_a_version_chain_and_a_stale_
     dvc = [f"registry.dvc_repo={registry}", f"registry.dvc_remote={tmp_path / 'dvc-remote'}"]
     sets = [a for o in [*OVERRIDES, f"store.url={store_url}", *dvc] for a in ("-S", o)]
     workers = []
+    probe = Probe(env)  # reads the store as the coordinator does, importing medvec once for every poll
     try:
         medvec(env, "coordinator", "up", *sets)
         workers.append(Worker("coordinator", env, tmp_path))
@@ -83,23 +80,23 @@ def test_three_hospitals_in_turn_then_a_burst_climb_a_version_chain_and_a_stale_
         for n, name in enumerate(order[:2]):
             assert "COMPLETED" in medvec(env, "hospital", "run", name, "--timeout", "240").stdout
             # wait for this landing's step, so later runs start from a newer champion
-            wait_until(lambda n=n: len(state(store_url, env)["steps"]) == n + 1, 180, f"step {n + 1}")
+            wait_until(lambda n=n: len(state(probe, store_url)["steps"]) == n + 1, 180, f"step {n + 1}")
         # the last two land in a burst (two hospitals at once): no vector lost, none merged twice
         with ThreadPoolExecutor(2) as pool:
             runs = [pool.submit(medvec, env, "hospital", "run", name, "--timeout", "240") for name in order[2:]]
             assert all("COMPLETED" in r.result().stdout for r in runs)
 
         def merged() -> list[str]:
-            return [v for step in state(store_url, env)["steps"] for v in step["inputs"]]
+            return [v for step in state(probe, store_url)["steps"] for v in step["inputs"]]
 
         def finished() -> bool:  # a step's record is stored before its DVC commit and registration, then again
-            steps = state(store_url, env)["steps"]
+            steps = state(probe, store_url)["steps"]
             return len({v for step in steps for v in step["inputs"]}) == 4 and all(st["dvc_commit"] for st in steps)
 
         wait_until(finished, 300, "both burst vectors merged, every step committed and registered")
         time.sleep(5)  # a second triggered run, if any, has had time to (wrongly) merge again
         wait_until(finished, 120, "every step, a wrongly second one included, committed and registered")
-        s = state(store_url, env)
+        s = state(probe, store_url)
         landed = set(s["landed"])
         assert len(merged()) == len(set(merged())) == 4 and set(merged()) == landed, "every landed vector in one step"
         versions = [v for v, _, _ in s["starts"]]
@@ -117,14 +114,15 @@ def test_three_hospitals_in_turn_then_a_burst_climb_a_version_chain_and_a_stale_
             assert (registry / "merges" / f"{step['merge_id']}.json").exists()
         # a vector from θ_pre, now past max_staleness 1: kept aside with its reason, never merged
         assert "COMPLETED" in medvec(env, "hospital", "run", "h4", "--timeout", "240").stdout
-        wait_until(lambda: state(store_url, env)["stale"], 120, "the stale vector kept aside")
-        stale = state(store_url, env)["stale"][0]
+        wait_until(lambda: state(probe, store_url)["stale"], 120, "the stale vector kept aside")
+        stale = state(probe, store_url)["stale"][0]
         assert stale.startswith(f"stale: started from version 0, champion is {versions[-1]}")
         # lineage: the chain back to θ_pre, replayed bit for bit
         out = medvec(env, "lineage", "medvec@champion", "--rebuild").stdout
         assert "version chain (θ_pre is v0):" in out and out.count("== registered (identical)") == versions[-1], out
         assert "!= registered" not in out
     finally:
+        probe.stop()
         for w in workers:
             w.stop()
         server.stop()

@@ -10,11 +10,12 @@ import re
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from conftest import BREAST, ROOT, TINY_FLOW
-from servers import PrefectServer, SeaweedS3, Worker, medvec, wait_until
+from servers import PrefectServer, Probe, SeaweedS3, Worker, medvec, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,23 +45,31 @@ def cluster(tmp_path_factory):
     env = {**server.client_env(), **s3.env()}
     store_url = f"s3://medvec/run?endpoint_url={s3.endpoint}"
     workers: list[Worker] = []
+    probe = Probe(env)  # polls the store, Prefect and MLflow as a client with env, importing them once
     try:
         medvec(env, "coordinator", "up", *sets(store_url))
         workers.append(Worker("coordinator", env, tmp))
-        yield {"tmp": tmp, "env": env, "server": server, "s3": s3, "store_url": store_url, "workers": workers}
+        yield {
+            "tmp": tmp,
+            "env": env,
+            "server": server,
+            "s3": s3,
+            "store_url": store_url,
+            "workers": workers,
+            "probe": probe,
+        }
     finally:
+        probe.stop()
         for w in workers:
             w.stop()
         server.stop()
         s3.stop()
 
 
-def api(env: dict, code: str) -> object:
-    """Run a snippet against the Prefect API in a child process (so settings come from env)."""
+def api(probe: Probe, code: str, timeout: float = 60) -> Any:
+    """Run a snippet against the Prefect API in the cluster's probe (a child whose settings come from env)."""
     script = "import json, asyncio\nfrom prefect.client.orchestration import get_client\n" + code
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return probe.json(script, timeout=timeout)
 
 
 MERGE_RUNS = """
@@ -91,20 +100,18 @@ with get_client(sync_client=True) as c:
 """
 
 
-def merged_ids(store_url: str, env: dict) -> list[list[str]]:
+def merged_ids(probe: Probe, store_url: str) -> list[list[str]]:
     code = (
         "import json, os\nfrom medvec.store import open_store\ns = open_store(%r)\n"
         "print(json.dumps([[i.vector_id for i in m.inputs] for m in s.merges(s.current_base())]))" % store_url
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return probe.json(code)
 
 
-def final_merge_run(env: dict, ids: list[str]):
+def final_merge_run(probe: Probe, ids: list[str]):
     """(API info, run) for a COMPLETED merge run created by the trigger automation whose
     markdown artifact lists every id in ``ids``; None while there is none."""
-    info = api(env, MERGE_RUNS)
+    info = api(probe, MERGE_RUNS)
     for auto in info["automations"]:
         for r in info["runs"]:
             if r["state"] == "COMPLETED" and (r["key"] or "").startswith(f"automation {auto}"):
@@ -114,7 +121,7 @@ def final_merge_run(env: dict, ids: list[str]):
     return None
 
 
-def tracked_merge(env: dict, merge_id: str) -> dict:
+def tracked_merge(probe: Probe, merge_id: str) -> dict:
     """The merge run in the coordinator's MLflow (a SQLite file here): its contribution table, plots and metrics."""
     code = f"""
 import json, mlflow
@@ -126,13 +133,11 @@ table = json.load(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_i
 files = [f.path for f in c.list_artifacts(run.info.run_id, "plots")]
 print(json.dumps({{"table": table, "plots": files, "metrics": run.data.metrics}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return probe.json(code)
 
 
 def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
-    env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
+    env, tmp, store_url, probe = cluster["env"], cluster["tmp"], cluster["store_url"], cluster["probe"]
     from medvec.data.split import write_hospital_shards
 
     write_hospital_shards(BREAST, tmp / "hospitals", hospitals=2, alpha=1.0, seed=0)
@@ -150,7 +155,7 @@ def test_two_hospitals_on_their_own_workers_trigger_the_merge(cluster):
     # MLOps: a retraining schedule, changed later, visible through the API
     medvec(env, "hospital", "schedule", "h1", "--cron", "0 2 * * 0")
     sched = api(
-        env,
+        probe,
         """
 with get_client(sync_client=True) as c:
     dep = c.read_deployment_by_name("hospital-finetune/h1")
@@ -165,9 +170,9 @@ with get_client(sync_client=True) as c:
     ids = sorted(v["vector_id"] for v in vectors)
     assert [v["hospital"] for v in sorted(vectors, key=lambda v: v["hospital"])] == ["h1", "h2"]
 
-    wait_until(lambda: any(sorted(m) == ids for m in merged_ids(store_url, env)), 180, "a merge of both vectors")
+    wait_until(lambda: any(sorted(m) == ids for m in merged_ids(probe, store_url)), 180, "a merge of both vectors")
     info, run = wait_until(
-        lambda: final_merge_run(env, ids), 90, "a completed, triggered merge run whose artifact lists both vectors"
+        lambda: final_merge_run(probe, ids), 90, "a completed, triggered merge run whose artifact lists both vectors"
     )
     assert info["automations"], "the deployment has no trigger automation"
     assert run["params"]["trigger"]["vector"].startswith("medvec.vector.")  # the trigger passes the landed event in
@@ -183,26 +188,26 @@ with get_client(sync_client=True) as c:
     assert "**What each input contributed**" in report
     for vid in ids:
         assert re.search(rf"\| h[12] \| `{vid}` \| [+-]\d\.\d{{4}} ± \d\.\d{{4}} \| – \| ok \|", report), report
-    tracked = tracked_merge(env, merge_id)
+    tracked = tracked_merge(probe, merge_id)
     table = [dict(zip(tracked["table"]["columns"], row)) for row in tracked["table"]["data"]]
     assert sorted(r["vector_id"] for r in table) == ids and {r["verdict"] for r in table} == {"ok"}
     assert "plots/contributions.png" in tracked["plots"]
     loo = sorted(tracked["metrics"][f"contribution_loo.{n}"] for n in (0, 1))
     assert loo == pytest.approx(sorted(r["loo"] for r in table), abs=1e-9)  # the table keeps 10 digits
-    ran = api(env, HOSPITAL_RUNS)
+    ran = api(probe, HOSPITAL_RUNS)
     assert sorted(h["hospital"] for h in ran) == ["h1", "h2"]
     for h in ran:
         assert re.fullmatch(rf"hospital-finetune/{h['hospital']} \d{{4}}-\d{{2}}-\d{{2}}", h["name"]), h
         assert any(t.startswith("base:") for t in h["tags"]) and h["params"] == {}, h
 
 
-def merges_settled(env: dict) -> list[dict] | None:
+def merges_settled(probe: Probe) -> list[dict] | None:
     """The merge deployment's runs once none is pending, running or scheduled within a minute (the hourly
     reconciling run is not); None while one is. A triggered run that waits for the concurrency slot runs
     later and merges whatever the store holds by then."""
     import datetime as dt
 
-    runs = api(env, MERGE_RUNS)["runs"]
+    runs = api(probe, MERGE_RUNS)["runs"]
     soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60)
     due = [
         r
@@ -215,10 +220,10 @@ def merges_settled(env: dict) -> list[dict] | None:
 
 def test_a_lost_event_is_reconciled(cluster):
     """Publish with events switched off: no trigger fires, the reconciling run merges it."""
-    env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
+    env, tmp, store_url, probe = cluster["env"], cluster["tmp"], cluster["store_url"], cluster["probe"]
     # the earlier test's triggered runs have all ended: a late one would merge this test's vector too
-    settled = wait_until(lambda: merges_settled(env), 240, "no merge run pending, running or due")
-    before = len(merged_ids(store_url, env))
+    settled = wait_until(lambda: merges_settled(probe), 240, "no merge run pending, running or due")
+    before = len(merged_ids(probe, store_url))
     code = f"""
 import json
 from flows.hospital_finetune import hospital_finetune
@@ -231,26 +236,27 @@ print(json.dumps(s))
     assert proc.returncode == 0, proc.stderr[-3000:]
     vid = json.loads(proc.stdout.strip().splitlines()[-1])["vector_id"]
     time.sleep(5)
-    merged = merged_ids(store_url, env)
+    merged = merged_ids(probe, store_url)
     assert len(merged) == before and not any(vid in m for m in merged), (
         "a merge ran without an event",
-        [r for r in api(env, MERGE_RUNS)["runs"] if r["id"] not in {s["id"] for s in settled}],
+        [r for r in api(probe, MERGE_RUNS)["runs"] if r["id"] not in {s["id"] for s in settled}],
     )
     # the reconciling schedule's run (started here instead of waiting an hour) merges it
     run = api(
-        env,
+        probe,
         """
 from prefect.deployments import run_deployment
 r = run_deployment("merge-and-evaluate/coordinator", timeout=240)
 print(json.dumps({"state": r.state.type.value}))
 """,
+        timeout=300,
     )
     assert run["state"] == "COMPLETED"
-    assert any(vid in m for m in merged_ids(store_url, env))
+    assert any(vid in m for m in merged_ids(probe, store_url))
 
 
 def test_six_vectors_landing_within_a_second_end_in_one_merge_of_all(cluster, tiny_base):
-    env, tmp, store_url = cluster["env"], cluster["tmp"], cluster["store_url"]
+    env, tmp, store_url, probe = cluster["env"], cluster["tmp"], cluster["store_url"], cluster["probe"]
     code = f"""
 import json, time
 from medvec.config import load_params
@@ -283,19 +289,21 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
     assert landed["seconds"] < 1.0, landed
     six = set(landed["ids"])
     final = wait_until(
-        lambda: next((m for m in merged_ids(store_url, env) if six <= set(m)), None), 240, "a merge containing all six"
+        lambda: next((m for m in merged_ids(probe, store_url) if six <= set(m)), None),
+        240,
+        "a merge containing all six",
     )
     assert six <= set(final)
     # through the Prefect API: a completed, trigger-created merge run whose artifact lists all six
-    _, run = wait_until(lambda: final_merge_run(env, sorted(six)), 120, "the API showing a merge of all six")
+    _, run = wait_until(lambda: final_merge_run(probe, sorted(six)), 120, "the API showing a merge of all six")
     assert run["params"]["trigger"]["vector"].split(".", 2)[-1] in six
-    merges = merged_ids(store_url, env)
+    merges = merged_ids(probe, store_url)
     assert len({tuple(sorted(m)) for m in merges}) == len(merges), "the same inputs were merged twice"
 
     def triggered_runs() -> list[dict] | None:
         """The merge runs the automation created for the six events, once there are six (the automation may
         create the last ones after the first run has already merged all six)."""
-        info = api(env, MERGE_RUNS)
+        info = api(probe, MERGE_RUNS)
         auto = info["automations"][0]
         runs = [
             r
@@ -309,14 +317,14 @@ print(json.dumps({{"ids": [v.meta.vector_id for v in vectors], "seconds": max(do
     assert len(triggered) == 6, "every landed event created a merge run"
     ended = wait_until(
         lambda: (lambda runs: runs if all(r["state"] in ("COMPLETED", "CANCELLED") for r in runs) else None)(
-            [r for r in api(env, MERGE_RUNS)["runs"] if r["id"] in {t["id"] for t in triggered}]
+            [r for r in api(probe, MERGE_RUNS)["runs"] if r["id"] in {t["id"] for t in triggered}]
         ),
         240,
         "all six triggered runs finished",
     )
     # a run that stored its merge cancels the queued runs it already answers, instead of leaving each to find
     # nothing new; the message names the run that answered it
-    completed = {r["id"] for r in api(env, MERGE_RUNS)["runs"] if r["state"] == "COMPLETED"}
+    completed = {r["id"] for r in api(probe, MERGE_RUNS)["runs"] if r["state"] == "COMPLETED"}
     cancelled = [r for r in ended if r["state"] == "CANCELLED"]
     assert any(r["state"] == "COMPLETED" for r in ended), ended
     for r in cancelled:
