@@ -1,17 +1,20 @@
-"""The demo flow end to end on real images (breastmnist, tiny CNN), in Prefect's embedded mode."""
+"""The demo end to end on real images (breastmnist, tiny CNN), as a newcomer runs it: ``make demo`` in a fresh clone
+of this checkout, with an empty HOME and no server (Prefect's ephemeral mode, MLflow on ``.medvec/mlflow.db``)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from conftest import BREAST, ROOT
+from servers import VENV, fresh_clone, fresh_env, medvec_in, require_installed
 
 pytestmark = pytest.mark.integration
 
@@ -24,49 +27,59 @@ TINY = [
     "split.seed=1",
     "batchnorm.max_samples=128",
 ]
+DEMO_ARGS = [
+    *("--data", "data/breastmnist.npz", "--hospitals", "3", "--no-progress"),
+    *("--landings-per-hospital", "1"),  # then one more landing per hospital into an async champion
+    *("-S", "demo.converged_max_epochs=3"),
+    *(a for o in TINY for a in ("-S", o)),
+]
+
+
+@dataclass(frozen=True)
+class Demo:
+    clone: Path  # the fresh clone the demo ran in
+    out: Path  # its report folder (reports/demo)
+    stdout: str  # what make printed
+    env: dict  # the user's environment, with the Prefect home `make` gave the demo
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One real run of ``medvec demo`` (a subprocess, as a user runs it)."""
-    out = tmp_path_factory.mktemp("demo")
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "demo",
-        "--data",
-        str(BREAST),
-        "--hospitals",
-        "3",
-        "--out",
-        str(out),
-        "--no-progress",
-        "--landings-per-hospital",  # then one more landing per hospital into an async champion
-        "1",
-        "-S",
-        "demo.converged_max_epochs=3",
-    ]
-    for o in TINY:
-        cmd += ["-S", o]
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},  # the demo as users run it: ephemeral
-        "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
-        "PREFECT_HOME": str(out / "prefect"),  # its own run history, read back by the Prefect test below
-        "PREFECT_LOGGING_LEVEL": "INFO",  # a user's default (conftest quiets the test process)
-    }
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout, env
+def demo_run(tmp_path_factory) -> Demo:
+    """One real ``make demo`` on a fresh clone with an empty HOME (the venv reused: ``VENV=``)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    clone = fresh_clone(tmp / "medvec")
+    require_installed(clone)
+    env = fresh_env(tmp / "home")
+    cmd = ["make", "demo", f"VENV={VENV}", f"ARGS={shlex.join(DEMO_ARGS)}"]
+    proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert "pip install" not in proc.stdout, "make installed into the reused venv"
+    # the console shows the table, not Prefect's log lines
+    assert "Beginning flow run" not in proc.stdout + proc.stderr
+    env = {**env, "PREFECT_HOME": str(clone / ".medvec" / "prefect")}
+    return Demo(clone, clone / "reports" / "demo", proc.stdout, env)
+
+
+def test_make_demo_leaves_the_run_history_a_card_and_predictions_as_the_docs_show_them(demo_run):
+    """The run history is in the home ``make ui`` opens; docs/hospitals.md "Using the model": the champion's card
+    and its predictions."""
+    clone, env = demo_run.clone, demo_run.env
+    assert (clone / ".medvec" / "prefect" / "prefect.db").is_file()
+    card = medvec_in(clone, env, "card").stdout
+    assert card.startswith("# medvec v") and "## Intended use" in card and "## Limits" in card
+    out = medvec_in(
+        clone, env, "predict", "--data", "data/pneumoniamnist.npz", "--out", "predictions.csv", "--no-progress"
+    )
+    assert "image(s) -> predictions.csv" in out.stdout and "at threshold" in out.stdout, out.stdout
+    assert (clone / "predictions.csv").read_text().startswith("index,p_0,p_1,label\n")
+    assert "warning" not in out.stderr.lower(), out.stderr
 
 
 def test_the_demo_champion_rebuilds_bit_identically_from_its_lineage(demo_run):
-    out, _, env = demo_run
+    out, env = demo_run.out, demo_run.env
     doc = json.loads((out / "results.json").read_text())
     selected = next(r for r in doc["results"] if r["selected"])
-    cmd = [sys.executable, "-m", "flows.cli", "lineage", "medvec@champion", "--rebuild"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = medvec_in(demo_run.clone, env, "lineage", "medvec@champion", "--rebuild")
     assert "== registered (identical)" in proc.stdout and f"bn={selected['bn']} from" in proc.stdout
     assert doc["registry"]["champion"] is True and doc["merge_id"] in proc.stdout
 
@@ -93,10 +106,10 @@ print(json.dumps(runs, default=str))
 
 
 def test_the_demo_prefect_runs_are_named_tagged_and_logged(demo_run):
-    out, _, env = demo_run
+    out, env = demo_run.out, demo_run.env
     doc = json.loads((out / "results.json").read_text())
     proc = subprocess.run(
-        [sys.executable, "-c", READ_PREFECT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", READ_PREFECT], cwd=demo_run.clone, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,7 +139,7 @@ def test_the_demo_prefect_runs_are_named_tagged_and_logged(demo_run):
 def test_demo_writes_schema_and_files(demo_run):
     from medvec.demo.report import validate_results
 
-    out, stdout, _ = demo_run
+    out, stdout = demo_run.out, demo_run.stdout
     doc = json.loads((out / "results.json").read_text())
     validate_results(doc)
     assert doc["dataset"] == "breastmnist" and doc["model"] == "tiny_cnn" and len(doc["base_sha256"]) == 64
@@ -159,7 +172,7 @@ def test_demo_writes_schema_and_files(demo_run):
 
 def test_the_demo_counts_each_phase_where_its_work_is_done(demo_run):
     """results.json → phases, which benchmarks/end_to_end.py splits the demo's time by."""
-    out, _, _ = demo_run
+    out = demo_run.out
     doc = json.loads((out / "results.json").read_text())
     phases = doc["phases"]
     epochs = len(next(r for r in doc["results"] if "val_curve" in r)["val_curve"])  # the converged reference's
@@ -175,7 +188,7 @@ def test_the_async_simulation_lands_every_hospital_once_through_finish_step(demo
     from medvec.coordinator.lineage import replay_chain
     from medvec.store import open_store
 
-    out, _, _ = demo_run
+    out = demo_run.out
     doc = json.loads((out / "results.json").read_text())
     steps = [r for r in doc["results"] if r["kind"] == "async"]
     assert [r["landings"] for r in steps] == [1, 2, 3] and [r["final"] for r in steps] == [False, False, True]
@@ -193,7 +206,7 @@ def test_the_async_simulation_lands_every_hospital_once_through_finish_step(demo
 
 
 def test_selection_uses_validation_not_test(demo_run):
-    out, _, _ = demo_run
+    out = demo_run.out
     doc = json.loads((out / "results.json").read_text())
     merged = [r for r in doc["results"] if r["kind"] == "merged"]
     best_val = max(r["val"]["auc"] for r in merged)
@@ -202,7 +215,7 @@ def test_selection_uses_validation_not_test(demo_run):
 
 
 def test_merged_beats_the_mean_single_hospital(demo_run):
-    out, _, _ = demo_run
+    out = demo_run.out
     doc = json.loads((out / "results.json").read_text())
     singles = [r["test"]["auc"] for r in doc["results"] if r["kind"] == "single"]
     sel = next(r for r in doc["results"] if r["selected"])
@@ -211,7 +224,7 @@ def test_merged_beats_the_mean_single_hospital(demo_run):
 
 def test_vector_files_hold_no_image_or_per_sample_value(demo_run, tiny_base):
     """Inspect every tensor and all metadata of the published vectors."""
-    out, _, _ = demo_run
+    out = demo_run.out
     param_shapes = {tuple(v.shape) for v in tiny_base.model.state_dict().values()}
     split = json.loads((out / "hospitals" / "split.json").read_text())
     for path in (out / "vectors").rglob("*.safetensors"):
@@ -231,7 +244,7 @@ def test_vector_files_hold_no_image_or_per_sample_value(demo_run, tiny_base):
 
 
 def test_cli_verify_accepts_and_rejects(demo_run, tmp_path):
-    out, _, _ = demo_run
+    out = demo_run.out
     vec = next((out / "vectors").rglob("*.safetensors"))
     base = next((out / "bases").glob("*.safetensors"))
     ok = subprocess.run(

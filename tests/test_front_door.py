@@ -3,12 +3,12 @@
 The clone is ``git clone`` of this repository plus the working tree's uncommitted changes
 (none in CI, which runs on a fresh clone), so what is tested is what you have.  The
 installed virtual environment is reused (``make ... VENV=``): nothing is installed twice.
+``make demo`` on a fresh clone is test_end_to_end's demo: its tests read what that run wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -20,52 +20,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import PrefectServer, fresh_clone, fresh_env, wait_until
+from servers import VENV, PrefectServer, fresh_clone, fresh_env, medvec_in, wait_until
 
 pytestmark = pytest.mark.integration
-
-VENV = Path(sys.prefix)
-DEMO_ARGS = (
-    "--hospitals 2 -S model.name=tiny_cnn -S finetune.epochs=1 -S demo.centralized=false"
-    " -S merge.methods=[sum,task_arithmetic] --no-progress"
-)
 
 
 @pytest.fixture()
 def clone(tmp_path) -> Path:
     """A fresh clone of this checkout (with its uncommitted changes), with no ``.medvec/``."""
     return fresh_clone(tmp_path / "medvec")
-
-
-def require_stamp(clone: Path) -> None:
-    """Fail unless the venv was installed (``make install``) from this pyproject.toml, so make installs nothing."""
-    sha = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    if not (VENV / f".medvec-installed-{sha}").exists():
-        pytest.fail(f"{VENV} was not installed by `make install` from this pyproject.toml: run `make install` first")
-
-
-def test_make_demo_on_a_fresh_clone_with_an_empty_home(clone, tmp_path):
-    require_stamp(clone)
-    cmd = ["make", "demo", f"VENV={VENV}", f"ARGS={DEMO_ARGS}"]
-    proc = subprocess.run(cmd, cwd=clone, env=fresh_env(tmp_path / "home"), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    assert "pip install" not in proc.stdout, "make installed into the reused venv"
-    rows = json.loads((clone / "reports" / "demo" / "results.json").read_text())["results"]
-    kinds = [r["kind"] for r in rows]
-    assert kinds.count("single") == 2 and kinds.count("merged") >= 2, kinds
-    # the run history is in the home `make ui` opens, and the console shows the table, not Prefect's log lines
-    assert (clone / ".medvec" / "prefect" / "prefect.db").is_file()
-    assert "Beginning flow run" not in proc.stdout + proc.stderr
-    # docs/hospitals.md "Using the model": the champion's card and its predictions, as the docs show them
-    env = fresh_env(tmp_path / "home")
-    card = medvec(clone, env, "card").stdout
-    assert card.startswith("# medvec v") and "## Intended use" in card and "## Limits" in card
-    out = medvec(
-        clone, env, "predict", "--data", "data/pneumoniamnist.npz", "--out", "predictions.csv", "--no-progress"
-    )
-    assert "image(s) -> predictions.csv" in out.stdout and "at threshold" in out.stdout, out.stdout
-    assert (clone / "predictions.csv").read_text().startswith("index,p_0,p_1,label\n")
-    assert "warning" not in out.stderr.lower(), out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +39,6 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-
-
-def medvec(clone: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the venv's ``medvec`` in ``clone``; assert it succeeds."""
-    cmd = [str(VENV / "bin" / "medvec"), *args]
-    proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"medvec {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def read_deployment(env: dict, name: str) -> dict:
@@ -120,7 +75,7 @@ def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
     sets += ["-S", "coordinator.eval_data=data/breastmnist.npz"]  # the hospitals' data are breast ultrasound too
     sets += ["-S", f"intake.keyring={tmp_path / 'keyring.json'}"]  # whose answers the coordinator trusts
-    medvec(
+    medvec_in(
         clone,
         env,
         "split",
@@ -132,14 +87,16 @@ def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
         "-S",
         "split.names=null",
     )
-    medvec(clone, env, "coordinator", "up", *sets)
-    medvec(clone, env, "hospital", "join", "h1", "--data", str(tmp_path / "hospitals" / "h1"), "--no-worker", *sets)
+    medvec_in(clone, env, "coordinator", "up", *sets)
+    medvec_in(clone, env, "hospital", "join", "h1", "--data", str(tmp_path / "hospitals" / "h1"), "--no-worker", *sets)
     # docs/hospitals.md: from a DICOM export and a CSV to a joined worker
     export = tmp_path / "export"
-    medvec(clone, env, "data", "export", "--data", "data/breastmnist.npz", "--out", str(export), "--format", "dicom")
-    check = medvec(clone, env, "hospital", "check", "--data", str(export / "manifest.csv"), *sets)
+    medvec_in(clone, env, "data", "export", "--data", "data/breastmnist.npz", "--out", str(export), "--format", "dicom")
+    check = medvec_in(clone, env, "hospital", "check", "--data", str(export / "manifest.csv"), *sets)
     assert "train: 546 found, 546 read, 0 failed" in check.stdout and check.stdout.rstrip().endswith("usable: yes")
-    joined = medvec(clone, env, "hospital", "join", "h2", "--data", str(export / "manifest.csv"), "--no-worker", *sets)
+    joined = medvec_in(
+        clone, env, "hospital", "join", "h2", "--data", str(export / "manifest.csv"), "--no-worker", *sets
+    )
     assert "data check: 780 images read, usable" in joined.stdout
     assert read_deployment(env, "hospital-finetune/h2")["pool"] == "hospital-h2"
     coordinator = read_deployment(env, "merge-and-evaluate/coordinator")
@@ -196,7 +153,7 @@ def test_sigterm_stops_a_worker_started_in_the_background_with_sigint_ignored(cl
         tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone), PREFECT_WORKER_QUERY_SECONDS="1"
     )
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
-    medvec(clone, env, "coordinator", "up", *sets, "-S", "coordinator.eval_data=data/breastmnist.npz", *KEYRING)
+    medvec_in(clone, env, "coordinator", "up", *sets, "-S", "coordinator.eval_data=data/breastmnist.npz", *KEYRING)
     with open(tmp_path / "worker.log", "w") as log:
         proc = subprocess.Popen(  # started as `nohup medvec coordinator worker &` would be: SIGINT ignored
             [str(VENV / "bin" / "medvec"), "coordinator", "worker"],
