@@ -3,8 +3,8 @@
 ``privacy.trainable: head`` trains the classifier on the frozen network's features. Those features (after ReLU6
 and pooling) are all positive, with a mean of norm 42 here; per-example gradients of a linear head carry that
 common direction, which clipping and noise then share with the informative part. This probe trains the head on
-``(x − μ) / s`` instead, with μ the mean feature of **public** images (BreastMNIST train through θ_pre, the data
-the learning rate and clipping norm are tuned on) and s one scalar (the public features' RMS per coordinate), and
+``(x − μ) / s`` instead (what ``privacy.centre`` now does), with μ the mean feature of **public** images
+(BreastMNIST train through θ_pre, the data the learning rate and clipping norm are tuned on) and s one scalar (the public features' RMS per coordinate), and
 maps the trained head back exactly (W = W̃ / s, b = b̃ − W μ; θ_pre's head is mapped the other way before
 training, so training starts from θ_pre's function). μ and s are public, so the DP guarantee is unchanged.
 
@@ -17,7 +17,8 @@ and ε, so the differences are paired.
     python benchmarks/privacy_centering.py              # ε 3 1 8, seeds 0 1 2 (about 14 min on 2 cores)
 
 Resumable: each (ε, seed) result is kept in ``benchmarks/results/privacy_runs/`` (``centred-head-…``). Writes
-``benchmarks/results/privacy_centering.{json,md}``. This is a probe: medvec's DP path does not centre features.
+``benchmarks/results/privacy_centering.{json,md}``. The probe patched the head's training; ``privacy.centre`` has
+since built it in, and ``privacy_tradeoff.py``'s head recipe uses it.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(ROOT / "params.yaml", ["finetune.threads=2", "batchnorm.strategy=average"])
     data = str(ROOT / params.demo.data)
     settings = {"params": params.model_dump(mode="json", exclude={"privacy"}), "data": data}
-    raw_recipe = pt.recipe("head")
+    raw_recipe = {k: v for k, v in pt.recipe("head").items() if k != "centre"}  # the head as it was before
     base = pt.demo_base(params)
     public = load_split(ROOT / "data" / "breastmnist.npz", "train")
     centre_head_training(*public_centre(base, public))

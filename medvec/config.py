@@ -151,6 +151,11 @@ class PrivacyConfig(_Frozen):
     ema: float | None = Field(
         0.99, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
     )
+    centre: str | None = Field(
+        None,
+        description="trainable head only: public images (.npz, folder or manifest; never the hospital's own) whose"
+        " mean feature centres the head's inputs during DP-SGD; the head is mapped back exactly (null: off)",
+    )
     accountant: Literal["rdp", "prv"] = "rdp"
     lifetime_epsilon: float | None = Field(
         None, gt=0, description="the hospital's total budget over all its vectors; None: no cap"
@@ -158,6 +163,15 @@ class PrivacyConfig(_Frozen):
     ledger: str | None = Field(
         None, description="the hospital's local privacy ledger; None: privacy-ledger.json in its data folder"
     )
+
+    @model_validator(mode="after")
+    def _centre_needs_head(self) -> PrivacyConfig:
+        if self.centre is not None and self.trainable != "head":
+            raise ValueError(
+                f"privacy.centre applies to trainable: head only (the features below a trained {self.trainable!r}"
+                " change as it trains)"
+            )
+        return self
 
 
 MethodName = Literal["sum", "task_arithmetic", "mean", "weighted", "ties", "dare", "median"]

@@ -428,3 +428,91 @@ def test_head_mode_never_preprocesses_more_than_a_batch_of_images(tiny_base, mon
     privacy_module.dp_finetune(model, train, tiny_base.spec, cfg, privacy, progress=False)
     assert sizes == [16, 16, 8]
     assert not torch.equal(model.fc.weight, tiny_base.model.fc.weight)
+
+
+def test_a_centred_head_is_the_same_function_of_raw_features_before_and_after_training():
+    """privacy.centre: W̃ = W·s and b̃ = b + W·μ give the same outputs on (x − μ)/s as the raw head on x; whatever
+    the centred head learns, W = W̃/s and b = b̃ − W·μ give it back as a function of raw x."""
+    from medvec.hospital.privacy import FeatureCentre
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(6, 2).double()
+    x = torch.rand(10, 6, generator=g, dtype=torch.float64) * 6  # positive, as ReLU6-pooled features are
+    centre = FeatureCentre(x.mean(0), 2.5)
+    w0, b0, before = head.weight.detach().clone(), head.bias.detach().clone(), head(x).detach()
+    centre.to_centred(head)
+    assert torch.equal(head.weight, w0 * 2.5) and torch.allclose(head.bias, b0 + w0 @ x.mean(0), atol=1e-15)
+    assert torch.allclose(head(centre.inputs(x)), before, atol=1e-12)
+    with torch.no_grad():  # what DP-SGD might do to it
+        head.weight.add_(torch.randn(2, 6, generator=g, dtype=torch.float64))
+        head.bias.add_(1.0)
+    learned = head(centre.inputs(x)).detach()
+    with centre.raw(head):  # as the model is evaluated during training
+        assert torch.allclose(head(x), learned, atol=1e-12)
+    assert torch.allclose(head(centre.inputs(x)), learned, atol=1e-12)
+    centre.to_raw(head)
+    assert torch.allclose(head(x), learned, atol=1e-12)
+
+
+def test_the_centre_is_the_public_features_mean_and_rms_and_never_a_hospital_s(tiny_base):
+    import math
+
+    from medvec.data.sources import load_split
+    from medvec.hospital.local import LocalData
+    from medvec.hospital.privacy import FeatureCentre, PrivateDataError, head_features
+    from medvec.models import head_name
+    from medvec.preprocess import batches
+
+    public = load_split(BREAST, "val")
+    model = tiny_base.fresh()
+    head = model.get_submodule(head_name(model))
+    centre = FeatureCentre.of(model, head, public, tiny_base.spec, 16, "cpu")
+    f = head_features(model, head, (x for x, _ in batches(public, tiny_base.spec, 16)), "cpu")
+    assert torch.allclose(centre.mean, f.mean(0), atol=1e-6)
+    rms = float((f - f.mean(0)).norm(dim=1).mean()) / math.sqrt(f.shape[1])
+    assert centre.scale == pytest.approx(rms, rel=1e-5)
+    local = LocalData.of_splits(load_split(BREAST, "train").subset(torch.arange(40).numpy()), None, True, 0.25, 0)
+    with pytest.raises(PrivateDataError, match=r"privacy\.centre names a hospital's private split"):
+        FeatureCentre.of(model, head, local.train, tiny_base.spec, 16, "cpu")
+
+
+def test_dp_with_a_public_centre_trains_another_head_at_the_same_privacy_and_reports_raw_validation(
+    tiny_base, monkeypatch
+):
+    """The same σ, steps and ε as without the centre; another trained head; and the history's last validation
+    metrics are the returned model's (evaluated with the head mapped back to raw features, not the centred one)."""
+    from medvec.config import ConfigError, FinetuneConfig, PrivacyConfig, load_params
+    from medvec.data.sources import load_split
+    from medvec.evaluate import evaluate_model
+    from medvec.hospital import privacy as privacy_module
+    from medvec.hospital.privacy import dp_finetune
+
+    validated: list[tuple[torch.Tensor, torch.Tensor]] = []  # the head each epoch's validation saw
+    real = privacy_module.with_local_val
+
+    def spy(entry, model, val, spec, device):
+        validated.append((model.fc.weight.detach().clone(), model.fc.bias.detach().clone()))
+        return real(entry, model, val, spec, device)
+
+    monkeypatch.setattr(privacy_module, "with_local_val", spy)
+    train = load_split(BREAST, "train").subset(torch.arange(120).numpy())
+    val = load_split(BREAST, "val")
+    cfg = FinetuneConfig(epochs=1, batch_size=32, threads=1)
+    common = {"enabled": True, "target_epsilon": 3.0, "trainable": "head", "epochs": 2, "batch_size": 32, "ema": None}
+    runs = {}
+    for centre in (None, str(BREAST)):
+        model = tiny_base.fresh()
+        privacy = PrivacyConfig(**common, centre=centre)
+        runs[centre] = (model, dp_finetune(model, train, tiny_base.spec, cfg, privacy, val=val, progress=False))
+    (raw, plain), (centred, dp) = runs[None], runs[str(BREAST)]
+    assert (dp.spent.noise_multiplier, dp.spent.steps, dp.spent.epsilon) == (
+        plain.spent.noise_multiplier,
+        plain.spent.steps,
+        plain.spent.epsilon,
+    )
+    assert not torch.allclose(centred.fc.weight, raw.fc.weight)
+    weight, bias = validated[-1]  # the last epoch validated the returned head (no EMA), in raw features
+    assert torch.allclose(weight, centred.fc.weight, atol=1e-6) and torch.allclose(bias, centred.fc.bias, atol=1e-6)
+    assert dp.result.history[-1]["val_auc"] == pytest.approx(evaluate_model(centred, val, tiny_base.spec)["auc"])
+    with pytest.raises(ConfigError, match=r"privacy\.centre applies to trainable: head only"):
+        load_params(None, ["privacy.trainable=all", f"privacy.centre={BREAST}"])

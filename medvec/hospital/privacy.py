@@ -22,13 +22,14 @@ refused, and the vector is kept beside the ledger.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -166,6 +167,60 @@ def head_features(model: nn.Module, head: nn.Module, inputs: Iterable[torch.Tens
     return torch.cat(got)
 
 
+@dataclass(frozen=True)
+class FeatureCentre:
+    """Under ``privacy.centre``: μ, the mean feature that **public** images give the head, and s, one scalar (their
+    centred RMS per coordinate). The head trains on (x − μ)/s instead of x (ReLU6-pooled features are all
+    positive: every per-example gradient carries their mean, which clipping and noise then share), and starts and
+    ends as the same function of x: W̃ = W·s, b̃ = b + W·μ before; W = W̃/s, b = b̃ − W·μ after. μ and s are public,
+    so the privacy accounted is unchanged. ``benchmarks/privacy_centering.py``: +0.010 merged test AUC at ε = 3."""
+
+    mean: torch.Tensor
+    scale: float
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, head: nn.Linear, public: ImageSet, spec: ModelSpec, batch: int, device
+    ) -> FeatureCentre:
+        """μ and s of ``public`` through ``model`` up to ``head``; PrivateDataError for a hospital's split."""
+        if public.private:
+            raise PrivateDataError(
+                "privacy.centre names a hospital's private split: its mean feature would be released unaccounted;"
+                " name public images (another data set, or the coordinator's proxy set)"
+            )
+        f = head_features(model, head, (x for x, _ in batches(public, spec, batch)), device)
+        mean = f.mean(0)
+        return cls(mean, float(f.sub(mean).norm(dim=1).mean()) / math.sqrt(f.shape[1]))
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """(x − μ)/s: what the head trains on."""
+        return (x - self.mean) / self.scale
+
+    @torch.no_grad()
+    def to_centred(self, head: nn.Linear) -> None:
+        """``head`` becomes the same function of centred features: b̃ = b + W·μ, W̃ = W·s."""
+        head.bias.add_(head.weight @ self.mean.to(head.weight))
+        head.weight.mul_(self.scale)
+
+    @torch.no_grad()
+    def to_raw(self, head: nn.Linear) -> None:
+        """``head`` becomes the same function of raw features: W = W̃/s, b = b̃ − W·μ."""
+        head.weight.div_(self.scale)
+        head.bias.sub_(head.weight @ self.mean.to(head.weight))
+
+    @contextmanager
+    def raw(self, head: nn.Linear | None) -> Iterator[None]:
+        """While the block runs, ``head`` (when centring) is the function of raw features, as the model uses it."""
+        if head is None:
+            yield
+            return
+        self.to_raw(head)
+        try:
+            yield
+        finally:
+            self.to_centred(head)
+
+
 @dataclass
 class DPTraining:
     """What :func:`dp_finetune` returns: the training record and the privacy it spent."""
@@ -200,6 +255,8 @@ class _Run:
     loader: Any  # opacus.data_loader.DPDataLoader
     params: list[nn.Parameter]
     delta: float
+    centre: FeatureCentre | None = None  # privacy.centre: the head trains on centred features
+    head: nn.Linear | None = None
 
 
 @timed("finetune")
@@ -230,10 +287,19 @@ def dp_finetune(
     bn_layers = batchnorm_layers(model)
     params = select_trainable(model, privacy.trainable)
     module: nn.Module = model
+    head: nn.Linear | None = None
+    centre: FeatureCentre | None = None
     if privacy.trainable == "head":
-        module = model.get_submodule(head_name(model))
+        module = head = cast(nn.Linear, model.get_submodule(head_name(model)))  # head_name finds an nn.Linear
         images = (x for x, _ in batches(train, spec, cfg.batch_size))  # in order, unaugmented, a batch at a time
-        x = head_features(model, module, images, device)
+        x = head_features(model, head, images, device)
+        if privacy.centre:
+            from medvec.data.sources import load_split
+
+            public = load_split(privacy.centre, "train")
+            centre = FeatureCentre.of(model, head, public, spec, cfg.batch_size, device)
+            centre.to_centred(head)
+            x = centre.inputs(x)
     else:  # the whole split preprocessed: Opacus samples its batches from it every epoch
         x = to_tensor(train.images, spec)
     opt = torch.optim.AdamW(params, lr=privacy.lr or cfg.lr, weight_decay=cfg.weight_decay)
@@ -242,8 +308,10 @@ def dp_finetune(
     with swap:
         module.train()  # Opacus checks it
         engine, private, opt, loader = _private(module, opt, loader, epochs, privacy, delta)
-        run = _Run(private, engine, opt, loader, params, delta)
+        run = _Run(private, engine, opt, loader, params, delta, centre, head if centre else None)
         result, steps = _train(run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val, device, progress, desc)
+    if centre is not None and head is not None:
+        centre.to_raw(head)
     spent = PrivacySpent(
         epsilon=_epsilon(engine, delta),
         delta=delta,
@@ -305,7 +373,7 @@ def _train(run: _Run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val
                         bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(n, 1):.4f}")
             entry = {"epoch": epoch + 1, "loss": running / max(n, 1), "lr": sched.get_last_lr()[0]}
             entry["epsilon"] = _epsilon(run.engine, run.delta)  # spent so far: the per-epoch curve
-            with _averaged(ema, run.params):
+            with _averaged(ema, run.params), run.centre.raw(run.head) if run.centre else nullcontext():
                 result.history.append(with_local_val(entry, model, val, spec, device))
     finally:
         bar.close()
