@@ -2,30 +2,30 @@
 
 ``privacy.trainable: head`` trains the classifier on the frozen network's features. Those features (after ReLU6
 and pooling) are all positive, with a mean of norm 42 here; per-example gradients of a linear head carry that
-common direction, which clipping and noise then share with the informative part. This probe trains the head on
-``(x − μ) / s`` instead (what ``privacy.centre`` now does), with μ the mean feature of **public** images
-(BreastMNIST train through θ_pre, the data the learning rate and clipping norm are tuned on) and s one scalar (the public features' RMS per coordinate), and
-maps the trained head back exactly (W = W̃ / s, b = b̃ − W μ; θ_pre's head is mapped the other way before
-training, so training starts from θ_pre's function). μ and s are public, so the DP guarantee is unchanged.
+common direction, which clipping and noise then share with the informative part. ``privacy.centre``
+(:class:`medvec.hospital.privacy.FeatureCentre`) trains the head on ``(x − μ) / s`` instead, with μ the mean
+feature of **public** images (here BreastMNIST train through θ_pre, the data the learning rate and clipping norm
+are tuned on) and s one scalar (their centred RMS per coordinate), and maps the trained head back exactly. μ and
+s are public, so the DP guarantee is unchanged.
 
 Everything else is :mod:`benchmarks.privacy_tradeoff`'s head mode on the demo configuration (4 Dirichlet-0.5
 hospitals of PneumoniaMNIST, 64 px, 3 seeds that change the split): lr and the clipping norm tuned again on
 BreastMNIST with the centring (``tune_on_public``, three public splits), the merge and its λ chosen on
-validation. The reference is the stored head result of ``privacy_tradeoff.py --modes head`` for the same seed
-and ε, so the differences are paired.
+validation. Both sides are ``privacy_tradeoff.py``'s stored head runs for the same seed and ε (its recipe with
+``centre`` and without, as before the option), so the differences are paired.
 
     python benchmarks/privacy_centering.py              # ε 3 1 8, seeds 0 1 2 (about 14 min on 2 cores)
 
-Resumable: each (ε, seed) result is kept in ``benchmarks/results/privacy_runs/`` (``centred-head-…``). Writes
-``benchmarks/results/privacy_centering.{json,md}``. The probe patched the head's training; ``privacy.centre`` has
-since built it in, and ``privacy_tradeoff.py``'s head recipe uses it.
+Resumable: each (ε, seed) result is the one ``privacy_tradeoff.py`` keeps in ``benchmarks/results/privacy_runs/``
+(a missing centred one is run and kept there), the centred tuning in ``centred-head-tuning.json``. Writes
+``benchmarks/results/privacy_centering.{json,md}``. (The first measurement patched the head's training, before
+``privacy.centre`` existed; the option gave its numbers to the last digit.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -36,56 +36,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import privacy_tradeoff as pt  # noqa: E402
-import torch  # noqa: E402
 
-import medvec.hospital.privacy as dp  # noqa: E402
 from medvec.config import load_params  # noqa: E402
 from medvec.coordinator import scoring  # noqa: E402
 from medvec.data.sources import load_split  # noqa: E402
-from medvec.models import head_name  # noqa: E402
-from medvec.preprocess import batches  # noqa: E402
+from medvec.hospital.privacy import tune_on_public  # noqa: E402
 from medvec.runtime import set_threads  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 
 
-def public_centre(base, public) -> tuple[torch.Tensor, torch.Tensor]:
-    """μ (the mean public feature) and s (a scalar: the centred public features' RMS per coordinate)."""
-    head = base.model.get_submodule(head_name(base.model))
-    f = dp.head_features(base.model, head, (x for x, _ in batches(public, base.spec, 64)), "cpu")
-    mu = f.mean(0)
-    s = f.sub(mu).norm(dim=1).mean() / math.sqrt(f.shape[1])
-    return mu, torch.ones_like(mu) * s
-
-
-def centre_head_training(mu: torch.Tensor, s: torch.Tensor) -> None:
-    """Patch medvec's head-mode DP-SGD (this process only) to train on (x − μ)/s and map the head back after."""
-    raw_features, raw_dp_finetune = dp.head_features, dp.dp_finetune
-    trained: dict = {}
-
-    def features(model, head, inputs, device):
-        x = raw_features(model, head, inputs, device)
-        with torch.no_grad():  # the same function on centred inputs: b̃ = b + W μ, W̃ = W s
-            head.bias.add_(head.weight @ mu)
-            head.weight.mul_(s)
-        trained["head"] = head
-        return (x - mu) / s
-
-    def dp_finetune(*args, **kwargs):
-        out = raw_dp_finetune(*args, **kwargs)
-        head = trained.pop("head", None)
-        if head is not None:
-            with torch.no_grad():  # back to raw features: W = W̃ / s, b = b̃ − W μ
-                head.weight.div_(s)
-                head.bias.sub_(head.weight @ mu)
-        return out
-
-    dp.head_features, dp.dp_finetune = features, dp_finetune
-
-
 def tune(params, public, base) -> dict:
     """lr and the clipping norm of the centred head, chosen on BreastMNIST as privacy_tradeoff.py --tune does."""
-    grid = dp.tune_on_public(public, base, params.finetune, pt.privacy_for("head", 3.0, len(public)))
+    grid = tune_on_public(public, base, params.finetune, pt.privacy_for("head", 3.0, len(public)))
     return vars(grid[0])
 
 
@@ -135,13 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(ROOT / "params.yaml", ["finetune.threads=2", "batchnorm.strategy=average"])
     data = str(ROOT / params.demo.data)
     settings = {"params": params.model_dump(mode="json", exclude={"privacy"}), "data": data}
-    raw_recipe = {k: v for k, v in pt.recipe("head").items() if k != "centre"}  # the head as it was before
-    base = pt.demo_base(params)
+    centred = pt.recipe("head")  # privacy_tradeoff's head recipe: privacy.centre set
+    raw_recipe = {k: v for k, v in centred.items() if k != "centre"}  # the head as it was before the option
     public = load_split(ROOT / "data" / "breastmnist.npz", "train")
-    centre_head_training(*public_centre(base, public))
-    tuned_path = pt.RUNS / "centred-head-tuning.json"
-    tuned = pt.cached(tuned_path, tune, params, public, base)
-    pt.recipe = lambda mode: {**raw_recipe, "lr": tuned["lr"], "max_grad_norm": tuned["max_grad_norm"]}
+    tuned = pt.cached(pt.RUNS / "centred-head-tuning.json", tune, params, public, pt.demo_base(params))
+    centred |= {"lr": tuned["lr"], "max_grad_norm": tuned["max_grad_norm"]}
+    pt.recipe = lambda mode: centred  # what run_one trains with, below
     evalsets = scoring.EvalSets.load(data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not raw_path.is_file():
                     raise SystemExit(f"{raw_path.name}: run `python benchmarks/privacy_tradeoff.py --modes head` first")
                 raw = json.loads(raw_path.read_text())
-                path = pt.run_key("centred", "head", seed, eps, settings | {"recipe": pt.recipe("head")})
+                path = pt.run_key("utility", "head", seed, eps, settings | {"recipe": centred})
                 got = pt.cached(path, pt.run_one, "head", seed, eps, params, data, Path(tmp), evalsets)
                 rows.append(
                     {
