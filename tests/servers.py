@@ -181,13 +181,18 @@ class Probe:
     returns what it printed. A test that polls a store, Prefect or MLflow through a fresh ``python -c`` each time
     paid 3 to 6 s of CPU a poll in imports (torch, Prefect, MLflow), competing with the flows it waited for; a
     probe imports them once. Its settings come from ``env`` alone, as a child's would; it ends on ``stop()`` or
-    when this process ends (its stdin closes)."""
+    when this process ends (its stdin closes). A snippet after one that timed out (the probe is stopped) or after
+    the probe died gets a new probe, as each ``python -c`` was a new process."""
 
     def __init__(self, env: dict, cwd: Path = ROOT):
+        self.env, self.cwd = env, cwd
+        self._start()
+
+    def _start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", PROBE_LOOP],
-            cwd=cwd,
-            env=env,
+            cwd=self.cwd,
+            env=self.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -196,6 +201,8 @@ class Probe:
 
     def run(self, code: str, *args: str, timeout: float = 60) -> str:
         """What the snippet printed; AssertionError with its traceback if it raised."""
+        if self.proc.poll() is not None:
+            self._start()
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"code": code, "argv": list(args)}) + "\n")
         self.proc.stdin.flush()
