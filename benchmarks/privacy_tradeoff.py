@@ -24,6 +24,7 @@ one variance for all, as the paper advises with few shadows).
     python benchmarks/privacy_tradeoff.py --tune                       # the public tuning (BreastMNIST)
     python benchmarks/privacy_tradeoff.py                              # modes × ε 1 3 8 ∞ × seeds 0 1 2, attack
     python benchmarks/privacy_tradeoff.py --modes head --epsilons 3 inf --seeds 0
+    python benchmarks/privacy_tradeoff.py --modes head --augmentations 8   # K = 8 views an example
 
 Resumable: each (mode, ε, seed) result is written to ``benchmarks/results/privacy_runs/`` when it finishes, named by
 a hash of its settings, and a rerun skips what exists. Writes ``benchmarks/results/privacy_tradeoff.{json,md,png}``
@@ -101,10 +102,13 @@ RECIPES: dict[str, dict] = {
         "max_grad_norm": 1.0,
         "ema": 0.99,
         "centre": "data/breastmnist.npz",
+        "augmentations": 1,
     },
-    "bn_affine": {"epochs": 5, "batch_size": 256, "lr": 0.003, "max_grad_norm": 1.0, "ema": 0.99},
-    "all": {"epochs": 1, "batch_size": 64, "lr": 0.001, "max_grad_norm": 1.0, "ema": None},
+    "bn_affine": {"epochs": 5, "batch_size": 256, "lr": 0.003, "max_grad_norm": 1.0, "ema": 0.99, "augmentations": 1},
+    "all": {"epochs": 1, "batch_size": 64, "lr": 0.001, "max_grad_norm": 1.0, "ema": None, "augmentations": 1},
 }
+# Runs stored before DP-SGD's per-example loss (medvec.hospital.privacy.per_example_loss) have recipes without
+# "augmentations": their names differ, so they are never read as runs of today's training.
 NO_NOISE = 1e-6  # ε = ∞: the same recipe with a negligible noise multiplier (clipping kept)
 RUNS = ROOT / "benchmarks" / "results" / "privacy_runs"
 TUNING = ROOT / "benchmarks" / "results" / "privacy_tuning.json"
@@ -125,7 +129,7 @@ def privacy_for(mode: str, epsilon: float, n: int | None = None) -> PrivacyConfi
     r = recipe(mode)
     batch = min(r["batch_size"], max(2, n // 4)) if n else r["batch_size"]
     common = {"enabled": True, "trainable": mode, "epochs": r["epochs"], "batch_size": batch, "lr": r["lr"]}
-    common |= {"max_grad_norm": r["max_grad_norm"], "ema": r["ema"]}
+    common |= {"max_grad_norm": r["max_grad_norm"], "ema": r["ema"], "augmentations": r["augmentations"]}
     if r.get("centre"):
         common["centre"] = str(ROOT / r["centre"])
     if math.isinf(epsilon):
@@ -410,10 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-stored", action="store_true", help="report the stored results; run nothing new")
     ap.add_argument("--tune", action="store_true", help="choose lr and max_grad_norm on BreastMNIST, then stop")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--augmentations", type=int, help="privacy.augmentations K of the DP modes run (default: RECIPES)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    for mode in MODES if args.augmentations else ():
+        RECIPES[mode]["augmentations"] = args.augmentations  # part of each run's recipe, so of its name
     overrides = [f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
     params = load_params(ROOT / "params.yaml", overrides + args.overrides)
     if args.tune:

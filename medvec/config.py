@@ -151,6 +151,13 @@ class PrivacyConfig(_Frozen):
     ema: float | None = Field(
         0.99, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
     )
+    augmentations: int = Field(
+        1,
+        ge=1,
+        description="augmentation multiplicity K: each example's gradient is the mean over K views before clipping"
+        " (De et al. 2022), at the same ε; head: the plain image and K − 1 augmented ones, features computed once"
+        " (1: off)",
+    )
     centre: str | None = Field(
         None,
         description="trainable head only: public images (.npz, folder or manifest; never the hospital's own) whose"

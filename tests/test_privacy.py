@@ -516,3 +516,116 @@ def test_dp_with_a_public_centre_trains_another_head_at_the_same_privacy_and_rep
     assert dp.result.history[-1]["val_auc"] == pytest.approx(evaluate_model(centred, val, tiny_base.spec)["auc"])
     with pytest.raises(ConfigError, match=r"privacy\.centre applies to trainable: head only"):
         load_params(None, ["privacy.trainable=all", f"privacy.centre={BREAST}"])
+
+
+def test_augmentation_multiplicity_clips_each_example_s_mean_gradient_over_its_views():
+    """privacy.augmentations K: Opacus computes a gradient per row (K rows an example); each example's per-sample
+    gradient is then the mean of its K rows' gradients, as autograd computes them one row at a time."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    from medvec.hospital.privacy import _mean_over_views
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(5, 2).double()
+    rows, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 2, (12,), generator=g)
+    alone = copy.deepcopy(head)  # for autograd by hand, outside Opacus' hooks
+    wrapped = GradSampleModule(head)
+    torch.nn.functional.cross_entropy(wrapped(rows), y).backward()  # mean over rows, as the training loss
+    params = list(head.parameters())
+    _mean_over_views(params, 3)
+    for p in params:
+        assert p.grad_sample.shape == (4, *p.shape)
+    for i in range(4):  # example i: rows 3i … 3i + 2
+        by_hand = [torch.zeros_like(p) for p in params]
+        for r in range(3 * i, 3 * i + 3):
+            loss = torch.nn.functional.cross_entropy(alone(rows[r : r + 1]), y[r : r + 1])
+            grads = torch.autograd.grad(loss, list(alone.parameters()))
+            by_hand = [a + b / 3 for a, b in zip(by_hand, grads, strict=True)]
+        for p, want in zip(params, by_hand, strict=True):
+            assert torch.allclose(p.grad_sample[i], want, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["head", "bn_affine"])
+def test_k_identical_views_train_exactly_as_one_at_the_same_epsilon(tiny_base, monkeypatch, mode):
+    """With augmentation made the identity, K = 4 views give each example its one view's gradient: the same
+    trained weights as K = 1 (no clipping at C = 1000, so a sum over views instead of their mean would differ),
+    the same σ, steps and ε; K real views too spend the same ε."""
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data.sources import load_split
+    from medvec.hospital import privacy as privacy_module
+
+    train = load_split(BREAST, "train").subset(torch.arange(64).numpy())
+    cfg = FinetuneConfig(epochs=1, batch_size=16, threads=1, augment=False)
+    common = {"enabled": True, "target_epsilon": 3.0, "trainable": mode, "epochs": 2, "batch_size": 32}
+    common |= {"max_grad_norm": 1000.0, "lr": 0.01, "ema": None}
+
+    def trained(views: int):
+        torch.manual_seed(0)  # Opacus' noise draws from the global generator
+        model = tiny_base.fresh()
+        privacy = PrivacyConfig(**common, augmentations=views)
+        dp = privacy_module.dp_finetune(model, train, tiny_base.spec, cfg, privacy, progress=False)
+        spent = (dp.spent.noise_multiplier, dp.spent.steps, dp.spent.epsilon)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), spent
+
+    _, real_spent = trained(4)
+    monkeypatch.setattr(privacy_module, "augment", lambda x, g: x)
+    one, spent_one = trained(1)
+    four, spent_four = trained(4)
+    assert spent_four == spent_one == real_spent
+    untrained = torch.cat([p.detach().flatten() for p in tiny_base.fresh().parameters()])
+    assert not torch.allclose(one, untrained, atol=1e-4)
+    assert torch.allclose(four, one, atol=1e-6)
+
+
+def test_head_views_are_the_plain_features_then_augmented_ones(tiny_base):
+    from medvec.data.sources import load_split
+    from medvec.hospital.privacy import head_features, head_views
+    from medvec.models import head_name
+    from medvec.preprocess import batches
+
+    data = load_split(BREAST, "train").subset(torch.arange(20).numpy())
+    model = tiny_base.fresh()
+    head = model.get_submodule(head_name(model))
+    plain = head_features(model, head, (x for x, _ in batches(data, tiny_base.spec, 8)), "cpu")
+    assert torch.equal(head_views(model, head, data, tiny_base.spec, 8, 1, 0, "cpu"), plain)
+    views = head_views(model, head, data, tiny_base.spec, 8, 3, 0, "cpu")
+    assert views.shape == (20, 3, 64) and torch.equal(views[:, 0], plain)
+    assert not torch.allclose(views[:, 1], plain) and not torch.allclose(views[:, 2], views[:, 1])
+    assert torch.equal(views, head_views(model, head, data, tiny_base.spec, 8, 3, 0, "cpu"))  # seeded
+
+
+def test_an_example_s_dp_gradient_does_not_depend_on_the_labels_of_its_batch(tiny_base):
+    """Class-weighted cross-entropy under DP: an example's per-sample gradient is w_y·∇ℓ whatever else is in its
+    batch. (nn.CrossEntropyLoss(weight=w) divides by the batch's Σ w: the same example's gradient then changed with
+    its neighbours' labels, a change per-sample clipping does not bound.)"""
+    import copy
+
+    from opacus import GradSampleModule
+
+    from medvec.config import FinetuneConfig
+    from medvec.data.sources import load_split
+    from medvec.hospital.privacy import per_example_loss
+    from medvec.hospital.train import loss_function
+
+    train = load_split(BREAST, "train").subset(torch.arange(60).numpy())
+    weighted = loss_function(train, FinetuneConfig(), torch.device("cpu"))
+    assert weighted.weight is not None and not torch.equal(weighted.weight[0], weighted.weight[1])
+    loss_fn = per_example_loss(weighted)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g)
+    head = torch.nn.Linear(5, 2)
+
+    def first_row_gradient(y: torch.Tensor) -> torch.Tensor:
+        wrapped = GradSampleModule(copy.deepcopy(head))
+        loss_fn(wrapped(x), y).backward()
+        return wrapped._module.weight.grad_sample[0]
+
+    a = first_row_gradient(torch.tensor([1, 0, 0, 0, 0, 0]))
+    b = first_row_gradient(torch.tensor([1, 1, 1, 1, 1, 0]))  # the same first example, other neighbours
+    assert torch.allclose(a, b, atol=1e-7)
+    alone = copy.deepcopy(head)
+    w1 = float(weighted.weight[1])
+    loss = w1 * torch.nn.functional.cross_entropy(alone(x[:1]), torch.tensor([1]))
+    assert torch.allclose(a, torch.autograd.grad(loss, alone.weight)[0], atol=1e-7)

@@ -25,7 +25,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +167,54 @@ def head_features(model: nn.Module, head: nn.Module, inputs: Iterable[torch.Tens
     return torch.cat(got)
 
 
+def head_views(
+    model: nn.Module, head: nn.Module, train: ImageSet, spec: ModelSpec, batch: int, views: int, seed: int, device
+) -> torch.Tensor:
+    """The head's training inputs under ``privacy.trainable: head``: the features of the plain images, (n, d), or
+    with ``views`` K > 1, (n, K, d): view 0 plain and views 1 … K − 1 augmented (:func:`medvec.preprocess.augment`,
+    seeded), each computed once, a batch at a time."""
+    plain = head_features(model, head, (x for x, _ in batches(train, spec, batch)), device)
+    if views == 1:
+        return plain
+    g = torch.Generator().manual_seed(seed)
+    more = [
+        head_features(model, head, (augment(x, g) for x, _ in batches(train, spec, batch)), device)
+        for _ in range(views - 1)
+    ]
+    return torch.stack([plain, *more], dim=1)
+
+
+def _rows_of_views(x: torch.Tensor, y: torch.Tensor, views: int, head: bool, g: torch.Generator):
+    """A batch of examples as the rows the module sees, K = ``views`` consecutive rows an example, and their
+    targets: the head's (n, K, d) features flattened; images repeated K times and each row augmented."""
+    if views == 1:
+        return x, y
+    rows = x.flatten(0, 1) if head else augment(x.repeat_interleave(views, 0), g)
+    return rows, y.repeat_interleave(views, 0)
+
+
+def _mean_over_views(params: list[nn.Parameter], views: int) -> None:
+    """Augmentation multiplicity: each example's per-sample gradient becomes the mean of its K rows' (the loss is
+    the mean over rows, and Opacus scales each row's gradient by their number), before the optimizer clips it."""
+    if views == 1:
+        return
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is not None:
+            p.grad_sample = gs.view(-1, views, *gs.shape[1:]).mean(1)
+
+
+def per_example_loss(loss_fn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The DP-SGD loss: the plain mean over rows of each row's own (class-weighted) loss, so that Opacus' per-sample
+    gradient of a row is w_y·∇ℓ and depends on that row alone. ``nn.CrossEntropyLoss(weight=w)`` divides by the
+    batch's Σ w instead: every example's gradient would then scale with the labels of the others in its batch,
+    which per-sample clipping does not bound. (Class weights average 1 over the split, so the scale is kept.)"""
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is not None:
+        weight = loss_fn.weight
+        return lambda out, y: nn.functional.cross_entropy(out, y, weight=weight, reduction="none").mean()
+    return loss_fn
+
+
 @dataclass(frozen=True)
 class FeatureCentre:
     """Under ``privacy.centre``: μ, the mean feature that **public** images give the head, and s, one scalar (their
@@ -273,15 +321,18 @@ def dp_finetune(
     """DP-SGD fine-tune of ``model`` in place (BN statistics frozen) of what ``privacy.trainable`` names; returns
     the record and Opacus' accounted (ε, δ).
 
-    ``head`` trains the head on features computed once (no augmentation: the images pass the frozen network once,
+    ``head`` trains the head on features computed once (the images pass the frozen network once a view,
     preprocessed ``finetune.batch_size`` at a time, so only the features of the split are held in memory);
     ``bn_affine`` and ``all`` backpropagate through the network, with augmentation as ``finetune.augment`` says.
+    With ``privacy.augmentations`` K > 1, each example's gradient is the mean over K views before clipping
+    (:func:`head_views`; the network modes augment K copies each step, K times the memory of a physical batch).
     Batches are Poisson-sampled at ``privacy.batch_size`` images on average and computed ``finetune.batch_size`` at
     a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr``; with ``privacy.ema`` the
     weights kept are an exponential moving average of the steps' (post-processing: no privacy cost).
     ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an unaccounted release.
     """
-    device, loss_fn = prepare_training(model, train, cfg)
+    device, weighted = prepare_training(model, train, cfg)
+    loss_fn = per_example_loss(weighted)
     delta = privacy.delta or default_delta(len(train))
     epochs = privacy.epochs or cfg.epochs
     bn_layers = batchnorm_layers(model)
@@ -291,8 +342,7 @@ def dp_finetune(
     centre: FeatureCentre | None = None
     if privacy.trainable == "head":
         module = head = cast(nn.Linear, model.get_submodule(head_name(model)))  # head_name finds an nn.Linear
-        images = (x for x, _ in batches(train, spec, cfg.batch_size))  # in order, unaugmented, a batch at a time
-        x = head_features(model, head, images, device)
+        x = head_views(model, head, train, spec, cfg.batch_size, privacy.augmentations, cfg.seed + 2, device)
         if privacy.centre:
             from medvec.data.sources import load_split
 
@@ -334,7 +384,9 @@ def _train(run: _Run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val
     sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_schedule(steps_per_epoch * epochs, cfg.warmup_steps))
     ema = [p.detach().clone() for p in run.params] if privacy.ema else None
     result = TrainResult(device=str(device))
-    augmenting = cfg.augment and privacy.trainable != "head"
+    views, on_features = privacy.augmentations, privacy.trainable == "head"
+    augmenting = cfg.augment and not on_features and views == 1  # K > 1 augments each of the K copies
+    physical_batch = cfg.batch_size if on_features else max(1, cfg.batch_size // views)
     g = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation only: sampling is Opacus' own
     start, seen, steps = time.perf_counter(), 0, 0
     bar = tqdm(total=steps_per_epoch * epochs, desc=desc, disable=not progress, leave=False, unit="step")
@@ -345,7 +397,7 @@ def _train(run: _Run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val
                 layer.eval()  # frozen statistics: no batch statistics, no running-stat updates
             running, n = 0.0, 0
             with BatchMemoryManager(
-                data_loader=run.loader, max_physical_batch_size=cfg.batch_size, optimizer=run.opt
+                data_loader=run.loader, max_physical_batch_size=physical_batch, optimizer=run.opt
             ) as physical:
                 for x, y in physical:
                     if len(y) == 0:  # an empty Poisson batch (probability (1-q)^n): no update, but accounted
@@ -358,11 +410,13 @@ def _train(run: _Run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val
                     x, y = x.to(device), y.to(device)
                     if augmenting:
                         x = augment(x, g)
-                    loss = loss_fn(run.module(x), y)
+                    rows, targets = _rows_of_views(x, y, views, on_features, g)
+                    loss = loss_fn(run.module(rows), targets)
                     run.opt.zero_grad(set_to_none=True)
                     with warnings.catch_warnings():  # the first conv's input needs no gradient: Opacus says so
                         warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         loss.backward()
+                    _mean_over_views(run.params, views)
                     run.opt.step()
                     running, n, seen = running + loss.item() * len(y), n + len(y), seen + len(y)
                     if not run.opt._is_last_step_skipped:  # a logical step ended: schedule, average, count
