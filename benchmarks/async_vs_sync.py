@@ -90,6 +90,11 @@ PROTOCOLS: dict[str, tuple[str, list[str]]] = {  # name: (what it changes, refin
     "fresh_cap": ("fresh buffer + FADAS cap at staleness 1", [*FRESH, "refine.staleness_cap=1"]),
     "fresh_quorum": ("fresh buffer that steps at 3 of 4 hospitals (quorum 0.75)", [*FRESH, "refine.quorum=0.75"]),
     "fresh_oneshot": ("fresh buffer, first step the one-shot merge", [*FRESH, "refine.first_step=oneshot"]),
+    "fresh_bn_average": (
+        "fresh buffer, BN running statistics the sample-weighted mean of the hospitals' (as FedAvg)",
+        [*FRESH, "batchnorm.strategy=average"],
+    ),
+    "fresh_eta1": ("fresh buffer, η = 1 (FedAvg's step) instead of chosen on validation", [*FRESH, "refine.eta=1.0"]),
 }
 SYNC = {  # Flower strategies and their settings
     "fedavg": {},

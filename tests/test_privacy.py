@@ -426,7 +426,7 @@ def test_head_mode_never_preprocesses_more_than_a_batch_of_images(tiny_base, mon
     privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, trainable="head", epochs=1, batch_size=16, ema=None)
     model = tiny_base.fresh()
     privacy_module.dp_finetune(model, train, tiny_base.spec, cfg, privacy, progress=False)
-    assert sizes == [16, 16, 8]
+    assert privacy.views == 8 and sizes == [16, 16, 8] * 8  # the default K: the plain images, then 7 augmented passes
     assert not torch.equal(model.fc.weight, tiny_base.model.fc.weight)
 
 
@@ -569,6 +569,7 @@ def test_k_identical_views_train_exactly_as_one_at_the_same_epsilon(tiny_base, m
         spent = (dp.spent.noise_multiplier, dp.spent.steps, dp.spent.epsilon)
         return torch.cat([p.detach().flatten() for p in model.parameters()]), spent
 
+    assert [PrivacyConfig(trainable=m).views for m in ("head", "bn_affine", "all")] == [8, 1, 1]  # the defaults
     _, real_spent = trained(4)
     monkeypatch.setattr(privacy_module, "augment", lambda x, g: x)
     one, spent_one = trained(1)

@@ -324,7 +324,7 @@ def dp_finetune(
     ``head`` trains the head on features computed once (the images pass the frozen network once a view,
     preprocessed ``finetune.batch_size`` at a time, so only the features of the split are held in memory);
     ``bn_affine`` and ``all`` backpropagate through the network, with augmentation as ``finetune.augment`` says.
-    With ``privacy.augmentations`` K > 1, each example's gradient is the mean over K views before clipping
+    With K = ``privacy.views`` > 1, each example's gradient is the mean over K views before clipping
     (:func:`head_views`; the network modes augment K copies each step, K times the memory of a physical batch).
     Batches are Poisson-sampled at ``privacy.batch_size`` images on average and computed ``finetune.batch_size`` at
     a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr``; with ``privacy.ema`` the
@@ -342,7 +342,7 @@ def dp_finetune(
     centre: FeatureCentre | None = None
     if privacy.trainable == "head":
         module = head = cast(nn.Linear, model.get_submodule(head_name(model)))  # head_name finds an nn.Linear
-        x = head_views(model, head, train, spec, cfg.batch_size, privacy.augmentations, cfg.seed + 2, device)
+        x = head_views(model, head, train, spec, cfg.batch_size, privacy.views, cfg.seed + 2, device)
         if privacy.centre:
             from medvec.data.sources import load_split
 
@@ -384,7 +384,7 @@ def _train(run: _Run, model, bn_layers, loss_fn, spec, cfg, epochs, privacy, val
     sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_schedule(steps_per_epoch * epochs, cfg.warmup_steps))
     ema = [p.detach().clone() for p in run.params] if privacy.ema else None
     result = TrainResult(device=str(device))
-    views, on_features = privacy.augmentations, privacy.trainable == "head"
+    views, on_features = privacy.views, privacy.trainable == "head"
     augmenting = cfg.augment and not on_features and views == 1  # K > 1 augments each of the K copies
     physical_batch = cfg.batch_size if on_features else max(1, cfg.batch_size // views)
     g = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation only: sampling is Opacus' own
