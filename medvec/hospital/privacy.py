@@ -201,7 +201,7 @@ def _mean_over_views(params: list[nn.Parameter], views: int) -> None:
     for p in params:
         gs = getattr(p, "grad_sample", None)
         if gs is not None:
-            p.grad_sample = gs.view(-1, views, *gs.shape[1:]).mean(1)
+            p.grad_sample = gs.view(-1, views, *gs.shape[1:]).mean(1)  # type: ignore[attr-defined]  # set by Opacus
 
 
 def per_example_loss(loss_fn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
