@@ -19,7 +19,8 @@ validation. Both sides are ``privacy_tradeoff.py``'s stored head runs for the sa
 Resumable: each (ε, seed) result is the one ``privacy_tradeoff.py`` keeps in ``benchmarks/results/privacy_runs/``
 (a missing centred one is run and kept there), the centred tuning in ``centred-head-tuning.json``. Writes
 ``benchmarks/results/privacy_centering.{json,md}``. (The first measurement patched the head's training, before
-``privacy.centre`` existed; the option gave its numbers to the last digit.)
+``privacy.centre`` existed; the option gave its numbers to the last digit.) Its stored results predate DP-SGD's
+per-example loss and ``privacy.augmentations``: a rerun pairs today's head recipe (K = 8) with and without the centre.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(2)
     params = load_params(ROOT / "params.yaml", ["finetune.threads=2", "batchnorm.strategy=average"])
     data = str(ROOT / params.demo.data)
-    settings = {"params": params.model_dump(mode="json", exclude={"privacy"}), "data": data}
+    settings = pt.run_settings(params, data)
     centred = pt.recipe("head")  # privacy_tradeoff's head recipe: privacy.centre set
     raw_recipe = {k: v for k, v in centred.items() if k != "centre"}  # the head as it was before the option
     public = load_split(ROOT / "data" / "breastmnist.npz", "train")

@@ -274,6 +274,17 @@ def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, 
     }
 
 
+def run_settings(params: Params, data: str) -> dict[str, Any]:
+    """What names every run of ``params`` on ``data`` (its recipe and ε are added per run): the params but
+    ``privacy.*`` (each run's own), and the data's path relative to the checkout, so that a clone elsewhere finds
+    the stored runs."""
+    path = Path(data).resolve()
+    return {
+        "params": params.model_dump(mode="json", exclude={"privacy"}),
+        "data": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+    }
+
+
 def run_key(kind: str, mode: str, seed: int, epsilon: float, settings: dict) -> Path:
     """Where one result is kept: named by what it ran and a hash of the settings it ran with."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -437,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     evalsets = scoring.EvalSets.load(data)
     started, runs, attacks = time.perf_counter(), [], []
     # privacy.* is each run's own (privacy_for), so the hospital's DP settings in params.yaml do not name a run
-    base_settings: dict[str, Any] = {"params": params.model_dump(mode="json", exclude={"privacy"}), "data": data}
+    base_settings = run_settings(params, data)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, s, e) for m in args.modes for e in (args.epsilons if m != "none" else [INF]) for s in args.seeds]
         for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
