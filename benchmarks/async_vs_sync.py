@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -51,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine
+from common import RESULTS, ROOT, ci95, machine
 
 from medvec.config import Params, load_params
 from medvec.coordinator import compare, scoring
@@ -379,17 +378,6 @@ def sync_best(r: dict) -> str | None:
 # ----------------------------------------------------------------------------- report
 def mean(xs: list[float]) -> float:
     return statistics.fmean(xs)
-
-
-def ci95(diffs: list[float]) -> list[float]:
-    """A t interval for the mean of paired differences."""
-    from scipy import stats
-
-    m = mean(diffs)
-    if len(diffs) < 2:
-        return [m, m]
-    h = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return [m - h, m + h]
 
 
 def ema_decay(seeds: list[dict], protocol: str) -> float:

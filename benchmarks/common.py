@@ -28,6 +28,20 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def ci95(diffs: list[float]) -> list[float]:
+    """The 95 % t interval of the mean of paired differences (one difference: the value twice)."""
+    import math
+    import statistics
+
+    from scipy import stats
+
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return [m, m]
+    h = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return [m - h, m + h]
+
+
 def write(name: str, payload: dict, markdown: str, out: Path = RESULTS) -> Path:
     """Write ``<name>.json`` (with the machine) and ``<name>.md``, and print the Markdown."""
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+from common import ci95
 
 
 def merged(folder: Path) -> dict[tuple[str, str, int], dict]:
@@ -28,15 +28,6 @@ def merged(folder: Path) -> dict[tuple[str, str, int], dict]:
         eps = "inf" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         out[(r["mode"], eps, r["seed"])] = r["merged"]
     return out
-
-
-def ci95(diffs: list[float]) -> list[float]:
-    """The mean's 95 % t interval (a single difference: no interval, the value twice)."""
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return [m, m]
-    half = T95[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return [m - half, m + half]
 
 
 def pair(a: dict, b: dict) -> dict[str, dict[str, dict]]:
