@@ -21,7 +21,8 @@ LiRA (Carlini et al. 2022) with ``--shadows`` shadow models trained the same way
 neither: the target's logit-scaled confidence in the true label against the shadows' (one Gaussian per image,
 one variance for all, as the paper advises with few shadows).
 
-    python benchmarks/privacy_tradeoff.py --tune                       # the public tuning (BreastMNIST)
+    python benchmarks/privacy_tradeoff.py --tune                       # the public tuning (BreastMNIST), at ε = 3
+    python benchmarks/privacy_tradeoff.py --tune --modes head --epsilons 1 8   # ε 1 and 8 their own lr and C
     python benchmarks/privacy_tradeoff.py                              # modes × ε 1 3 8 ∞ × seeds 0 1 2, attack
     python benchmarks/privacy_tradeoff.py --modes head --epsilons 3 inf --seeds 0
     python benchmarks/privacy_tradeoff.py --modes head --augmentations 8   # K = 8 views an example
@@ -112,16 +113,21 @@ RECIPES: dict[str, dict] = {
 # The leaking setting's epochs: the head, trained on features computed once, memorises 100 images only in
 # hundreds of steps (10 epochs: LiRA 0.556 without noise; 100: 0.606); the network modes cost 10 epochs already.
 ATTACK_EPOCHS = {"head": 100, "bn_affine": 10, "all": 10, "none": 10}
+DEFAULT_EPSILONS = [1.0, 3.0, 8.0, INF]
+DEFAULT_TUNING_EPSILON = 3.0  # the recipes' lr and clipping norm; ε = ∞ keeps them, another ε tuned there has its own
 NO_NOISE = 1e-6  # ε = ∞: the same recipe with a negligible noise multiplier (clipping kept)
 RUNS = ROOT / "benchmarks" / "results" / "privacy_runs"
 TUNING = ROOT / "benchmarks" / "results" / "privacy_tuning.json"
 
 
-def recipe(mode: str) -> dict:
-    """The mode's recipe, with the learning rate and clipping norm the public tuning chose where it ran."""
+def recipe(mode: str, epsilon: float | None = None) -> dict:
+    """The mode's recipe, with the learning rate and clipping norm the public tuning chose where it ran: at
+    ``epsilon`` where it was tuned at that ε (``by_epsilon``), else at ε = 3 (``best``)."""
     out = dict(RECIPES[mode])
     if TUNING.is_file():
-        best = json.loads(TUNING.read_text())["best"].get(mode)
+        doc = json.loads(TUNING.read_text())
+        tuned = doc.get("by_epsilon", {}).get(eps_name(epsilon), {}) if epsilon is not None else {}
+        best = tuned.get(mode) or doc["best"].get(mode)
         if best:
             out.update(lr=best["lr"], max_grad_norm=best["max_grad_norm"])
     return out
@@ -134,7 +140,7 @@ def attack_epochs(mode: str, args) -> int:
 
 def privacy_for(mode: str, epsilon: float, n: int | None = None) -> PrivacyConfig:
     """``privacy.*`` of one run; ``n``: a hospital this small gets a batch of at most n/4."""
-    r = recipe(mode)
+    r = recipe(mode, epsilon)
     batch = min(r["batch_size"], max(2, n // 4)) if n else r["batch_size"]
     common = {"enabled": True, "trainable": mode, "epochs": r["epochs"], "batch_size": batch, "lr": r["lr"]}
     common |= {"max_grad_norm": r["max_grad_norm"], "ema": r["ema"], "augmentations": r["augmentations"]}
@@ -276,11 +282,12 @@ def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, 
 
 def run_settings(params: Params, data: str) -> dict[str, Any]:
     """What names every run of ``params`` on ``data`` (its recipe and ε are added per run): the params but
-    ``privacy.*`` (each run's own), and the data's path relative to the checkout, so that a clone elsewhere finds
-    the stored runs."""
+    ``privacy.*`` (each run's own) and ``finetune.threads`` (which changes the time, not the result), and the
+    data's path relative to the checkout, so that a clone elsewhere, or ``--threads`` of its own, finds the stored
+    runs."""
     path = Path(data).resolve()
     return {
-        "params": params.model_dump(mode="json", exclude={"privacy"}),
+        "params": params.model_dump(mode="json", exclude={"privacy": True, "finetune": {"threads"}}),
         "data": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
     }
 
@@ -395,7 +402,8 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def tune(params: Params, modes: list[str], epsilon: float) -> dict:
-    """The learning rate and clipping norm of each mode chosen on BreastMNIST (public for this task) at ε."""
+    """The learning rate and clipping norm of each mode chosen on BreastMNIST (public for this task) at ε: at
+    ε = 3 the recipe's default (``best``), at another ε that ε's own (``by_epsilon``)."""
     from medvec.data.sources import load_split
     from medvec.hospital.privacy import tune_on_public
 
@@ -410,10 +418,14 @@ def tune(params: Params, modes: list[str], epsilon: float) -> dict:
     for mode in modes:
         started = time.perf_counter()
         grid = tune_on_public(public, base, params.finetune, privacy_for(mode, epsilon, len(public)))
-        doc["grid"][mode] = [vars(g) for g in grid]
-        doc["best"][mode] = vars(grid[0]) | {"seconds": round(time.perf_counter() - started, 1)}
+        best = vars(grid[0]) | {"seconds": round(time.perf_counter() - started, 1)}
+        if epsilon == DEFAULT_TUNING_EPSILON:
+            doc["grid"][mode], doc["best"][mode] = [vars(g) for g in grid], best
+        else:
+            at = doc.setdefault("by_epsilon", {}).setdefault(eps_name(epsilon), {"grid": {}})
+            at["grid"][mode], at[mode] = [vars(g) for g in grid], best
         TUNING.write_text(json.dumps(doc, indent=2))
-        print(mode, doc["best"][mode], flush=True)
+        print(mode, eps_name(epsilon), best, flush=True)
     return doc
 
 
@@ -423,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=[*MODES, "none"], choices=[*MODES, "none"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, INF])
+    ap.add_argument("--epsilons", type=float, nargs="+", default=DEFAULT_EPSILONS)
     ap.add_argument("--attack-epsilons", type=float, nargs="+", default=[3.0, INF])
     ap.add_argument("--attack-members", type=int, default=100)
     ap.add_argument("--attack-epochs", type=int, help="the leaking setting's epochs (default: ATTACK_EPOCHS)")
@@ -441,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         RECIPES[mode]["augmentations"] = args.augmentations  # part of each run's recipe, so of its name
     overrides = [f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
     params = load_params(ROOT / "params.yaml", overrides + args.overrides)
-    if args.tune:
-        tune(params, [m for m in args.modes if m != "none"], 3.0)
+    if args.tune:  # at ε = 3 unless --epsilons names others
+        for eps in args.epsilons if args.epsilons != DEFAULT_EPSILONS else [DEFAULT_TUNING_EPSILON]:
+            tune(params, [m for m in args.modes if m != "none"], eps)
         return 0
     data = str(ROOT / params.demo.data)
     evalsets = scoring.EvalSets.load(data)
@@ -452,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, s, e) for m in args.modes for e in (args.epsilons if m != "none" else [INF]) for s in args.seeds]
         for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
-            settings = base_settings | {"recipe": recipe(mode) if mode != "none" else None}
+            settings = base_settings | {"recipe": recipe(mode, eps) if mode != "none" else None}
             path = run_key("utility", mode, seed, eps, settings)
             if args.only_stored and not path.is_file():
                 continue
@@ -467,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for mode, seed, eps in tqdm(jobs, desc="attack", unit="run"):
                 settings = base_settings | {
-                    "recipe": recipe(mode) if mode != "none" else None,
+                    "recipe": recipe(mode, eps) if mode != "none" else None,
                     "attack": [args.attack_members, attack_epochs(mode, args), args.shadows],
                 }
                 path = run_key("attack", mode, seed, eps, settings)
@@ -492,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             headline["attack_auc"].setdefault(r["mode"], {})[r["epsilon"]] = round(r["attack_auc_lira"][0], 4)
     headline["seeds"] = args.seeds
     doc = {"command": command.strip(), "seconds": round(seconds, 1), "wall_seconds_of_runs": round(sum(r["seconds"] for r in runs + attacks), 1),
-           "recipes": {m: recipe(m) for m in MODES}, "params": params.model_dump(mode="json"),
+           "recipes": {m: recipe(m) for m in MODES},
+           "recipes_by_epsilon": {m: {eps_name(e): recipe(m, e) for e in args.epsilons} for m in MODES},
+           "params": params.model_dump(mode="json"),
            "headline": headline, "summary": rows, "runs": runs, "attacks": attacks}  # fmt: skip
     (out / "privacy_tradeoff.json").write_text(json.dumps(doc, indent=2))
     table = markdown(rows, command.strip())
