@@ -143,7 +143,8 @@ def privacy_for(mode: str, epsilon: float, n: int | None = None) -> PrivacyConfi
     r = recipe(mode, epsilon)
     batch = min(r["batch_size"], max(2, n // 4)) if n else r["batch_size"]
     common = {"enabled": True, "trainable": mode, "epochs": r["epochs"], "batch_size": batch, "lr": r["lr"]}
-    common |= {"max_grad_norm": r["max_grad_norm"], "ema": r["ema"], "augmentations": r["augmentations"]}
+    views = r.get("augmentations", 1)  # a recipe from before privacy.augmentations trained one view an image
+    common |= {"max_grad_norm": r["max_grad_norm"], "ema": r["ema"], "augmentations": views}
     if r.get("centre"):
         common["centre"] = str(ROOT / r["centre"])
     if math.isinf(epsilon):
