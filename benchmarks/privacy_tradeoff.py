@@ -23,6 +23,7 @@ one variance for all, as the paper advises with few shadows).
 
     python benchmarks/privacy_tradeoff.py --tune                       # the public tuning (BreastMNIST), at ε = 3
     python benchmarks/privacy_tradeoff.py --tune --modes head --epsilons 1 8   # ε 1 and 8 their own lr and C
+    python benchmarks/privacy_tradeoff.py --modes head --tuned-at-each-epsilon   # ... trained with them
     python benchmarks/privacy_tradeoff.py                              # modes × ε 1 3 8 ∞ × seeds 0 1 2, attack
     python benchmarks/privacy_tradeoff.py --modes head --epsilons 3 inf --seeds 0
     python benchmarks/privacy_tradeoff.py --modes head --augmentations 8   # K = 8 views an example
@@ -114,19 +115,21 @@ RECIPES: dict[str, dict] = {
 # hundreds of steps (10 epochs: LiRA 0.556 without noise; 100: 0.606); the network modes cost 10 epochs already.
 ATTACK_EPOCHS = {"head": 100, "bn_affine": 10, "all": 10, "none": 10}
 DEFAULT_EPSILONS = [1.0, 3.0, 8.0, INF]
-DEFAULT_TUNING_EPSILON = 3.0  # the recipes' lr and clipping norm; ε = ∞ keeps them, another ε tuned there has its own
+DEFAULT_TUNING_EPSILON = 3.0  # the recipes' lr and clipping norm at every ε, unless --tuned-at-each-epsilon
+TUNED_AT_EACH_EPSILON = False  # --tuned-at-each-epsilon: an ε tuned on its own (--tune --epsilons) takes its lr and C
 NO_NOISE = 1e-6  # ε = ∞: the same recipe with a negligible noise multiplier (clipping kept)
 RUNS = ROOT / "benchmarks" / "results" / "privacy_runs"
 TUNING = ROOT / "benchmarks" / "results" / "privacy_tuning.json"
 
 
 def recipe(mode: str, epsilon: float | None = None) -> dict:
-    """The mode's recipe, with the learning rate and clipping norm the public tuning chose where it ran: at
-    ``epsilon`` where it was tuned at that ε (``by_epsilon``), else at ε = 3 (``best``)."""
+    """The mode's recipe, with the learning rate and clipping norm the public tuning chose where it ran: at ε = 3
+    (``best``), or with ``--tuned-at-each-epsilon`` at ``epsilon`` where it was tuned there (``by_epsilon``)."""
     out = dict(RECIPES[mode])
     if TUNING.is_file():
         doc = json.loads(TUNING.read_text())
-        tuned = doc.get("by_epsilon", {}).get(eps_name(epsilon), {}) if epsilon is not None else {}
+        each = TUNED_AT_EACH_EPSILON and epsilon is not None
+        tuned = doc.get("by_epsilon", {}).get(eps_name(epsilon), {}) if each else {}
         best = tuned.get(mode) or doc["best"].get(mode)
         if best:
             out.update(lr=best["lr"], max_grad_norm=best["max_grad_norm"])
@@ -445,11 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-stored", action="store_true", help="report the stored results; run nothing new")
     ap.add_argument("--tune", action="store_true", help="choose lr and max_grad_norm on BreastMNIST, then stop")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--tuned-at-each-epsilon", action="store_true", help="an ε tuned on its own (--tune --epsilons) uses its lr, C"
+    )
     ap.add_argument("--augmentations", type=int, help="privacy.augmentations K of the DP modes run (default: RECIPES)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    global TUNED_AT_EACH_EPSILON
+    TUNED_AT_EACH_EPSILON = args.tuned_at_each_epsilon
     for mode in MODES if args.augmentations else ():
         RECIPES[mode]["augmentations"] = args.augmentations  # part of each run's recipe, so of its name
     overrides = [f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
