@@ -70,6 +70,30 @@ def test_a_make_bench_script_runs_alone_on_a_fresh_clone(clone, tmp_path):
     assert (out / "merge_bandwidth.md").read_text().startswith("# Merge bandwidth (mobilenet_v3_small shapes")
 
 
+def test_stored_privacy_tables_rebuild_on_a_fresh_clone(clone, tmp_path):
+    """docs/results.md's DP tables come from runs kept in benchmarks/results/privacy_runs/: on a fresh clone the
+    documented commands find every one of them (names hold no absolute path, no thread count, the recipes as they
+    ran) and rebuild the committed tables to the digit, training nothing."""
+    python, env, out = str(VENV / "bin" / "python"), fresh_env(tmp_path / "home"), tmp_path / "results"
+
+    def run(*args: str) -> None:
+        proc = subprocess.run([python, *args], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    def rows(path: Path) -> list[str]:  # the table, without the line naming the command
+        return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+    run("benchmarks/privacy_centering.py", "--out", str(out))  # trains what is missing: a miss would time out
+    committed = clone / "benchmarks" / "results"
+    assert (out / "privacy_centering.md").read_text() == (committed / "privacy_centering.md").read_text()
+    run("benchmarks/privacy_tradeoff.py", "--modes", "head", "--only-stored", "--no-attack", "--out", str(out))
+    got = rows(out / "privacy_tradeoff.md")
+    assert [r.split(" | ")[:6] for r in got] == [
+        r.split(" | ")[:6] for r in rows(committed / "privacy_head_k8" / "privacy_tradeoff.md")
+    ]
+    assert len(got) == 6  # the header, its rule and ε 1, 3, 8, ∞
+
+
 def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     env = fresh_env(tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone))
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
