@@ -8,7 +8,7 @@ split) is fitted for each inverse regularisation C of a grid; each is scored on 
 "Chosen on validation" is the C with the best validation AUC, the rule every other choice in medvec follows; the
 best test AUC over the grid is shown beside it as what no rule could choose.
 
-    python benchmarks/linear_probe.py                 # ~5 min on 2 cores
+    python benchmarks/linear_probe.py                 # ~3 min on 2 cores
     python benchmarks/linear_probe.py --views 1       # plain features only
 
 Writes ``benchmarks/results/linear_probe.{json,md}``.
@@ -23,11 +23,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from common import RESULTS, ROOT, table, write
+from privacy_tradeoff import demo_base
 
 from medvec.config import load_params
 from medvec.data.sources import load_split
 from medvec.hospital.privacy import head_features, head_views
-from medvec.models import create_base, head_name
+from medvec.models import head_name
 from medvec.preprocess import batches
 from medvec.runtime import set_threads
 
@@ -45,26 +46,31 @@ class Fit:
     test_auc: float
 
 
-def features(views: int, batch: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The head's inputs and labels of each split: train as (n·K, d) rows (K views an image), val and test plain."""
-    p = load_params(ROOT / "params.yaml")
-    base = create_base(p.model.name, 2, pretrained=p.model.pretrained, seed=0, image_size=p.model.image_size)
+Sets = dict[str, tuple[np.ndarray, np.ndarray]]  # split: (features, labels)
+
+
+def features(views: int, batch: int, seed: int) -> dict[str, Sets]:
+    """The head's inputs and labels of each split through θ_pre, each image computed once: ``plain`` (every split
+    plain) and, with ``views`` K > 1, ``K views`` (train as (n·K, d) rows, view 0 the plain one; val and test
+    plain)."""
+    base = demo_base(load_params(ROOT / "params.yaml"))
     model = base.model
     head = model.get_submodule(head_name(model))
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for split in ("train", "val", "test"):
+    plain: Sets = {}
+    for split in ("val", "test"):
         data = load_split(DATA, split)
-        labels = np.asarray(data.labels).ravel()
-        if split == "train" and views > 1:
-            x = head_views(model, head, data, base.spec, batch, views, seed, "cpu").flatten(0, 1).numpy()
-            out[split] = (x, np.repeat(labels, views))
-        else:
-            x = head_features(model, head, (b for b, _ in batches(data, base.spec, batch)), "cpu").numpy()
-            out[split] = (x, labels)
-    return out
+        x = head_features(model, head, (b for b, _ in batches(data, base.spec, batch)), "cpu").numpy()
+        plain[split] = (x, np.asarray(data.labels).ravel())
+    train = load_split(DATA, "train")
+    labels = np.asarray(train.labels).ravel()
+    x = head_views(model, head, train, base.spec, batch, views, seed, "cpu").numpy()  # (n, d), or (n, K, d)
+    if views == 1:
+        return {"plain": plain | {"train": (x, labels)}}
+    augmented = plain | {"train": (x.reshape(-1, x.shape[2]), np.repeat(labels, views))}
+    return {"plain": plain | {"train": (x[:, 0], labels)}, f"{views} views": augmented}
 
 
-def fits(name: str, sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Fit]:
+def fits(name: str, sets: Sets) -> list[Fit]:
     """The logistic regression at every C of :data:`CS`, scored on validation and test."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -91,9 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     set_threads(args.threads)
     started = time.perf_counter()
-    got = fits("plain", features(1, 256, args.seed))
-    if args.views > 1:
-        got += fits(f"{args.views} views", features(args.views, 256, args.seed))
+    got = [fit for name, sets in features(args.views, 256, args.seed).items() for fit in fits(name, sets)]
     headline: dict[str, dict] = {}
     for name in dict.fromkeys(f.features for f in got):
         mine = [f for f in got if f.features == name]

@@ -130,7 +130,7 @@ def recipe(mode: str, epsilon: float | None = None) -> dict:
         doc = json.loads(TUNING.read_text())
         each = TUNED_AT_EACH_EPSILON and epsilon is not None
         tuned = doc.get("by_epsilon", {}).get(eps_name(epsilon), {}) if each else {}
-        best = tuned.get(mode) or doc["best"].get(mode)
+        best = tuned.get("best", {}).get(mode) or doc["best"].get(mode)
         if best:
             out.update(lr=best["lr"], max_grad_norm=best["max_grad_norm"])
     return out
@@ -422,14 +422,13 @@ def tune(params: Params, modes: list[str], epsilon: float) -> dict:
     for mode in modes:
         started = time.perf_counter()
         grid = tune_on_public(public, base, params.finetune, privacy_for(mode, epsilon, len(public)))
-        best = vars(grid[0]) | {"seconds": round(time.perf_counter() - started, 1)}
-        if epsilon == DEFAULT_TUNING_EPSILON:
-            doc["grid"][mode], doc["best"][mode] = [vars(g) for g in grid], best
-        else:
-            at = doc.setdefault("by_epsilon", {}).setdefault(eps_name(epsilon), {"grid": {}})
-            at["grid"][mode], at[mode] = [vars(g) for g in grid], best
+        at = doc
+        if epsilon != DEFAULT_TUNING_EPSILON:
+            at = doc.setdefault("by_epsilon", {}).setdefault(eps_name(epsilon), {"grid": {}, "best": {}})
+        at["grid"][mode] = [vars(g) for g in grid]
+        at["best"][mode] = vars(grid[0]) | {"seconds": round(time.perf_counter() - started, 1)}
         TUNING.write_text(json.dumps(doc, indent=2))
-        print(mode, eps_name(epsilon), best, flush=True)
+        print(mode, eps_name(epsilon), at["best"][mode], flush=True)
     return doc
 
 
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=[*MODES, "none"], choices=[*MODES, "none"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epsilons", type=float, nargs="+", default=DEFAULT_EPSILONS)
+    ap.add_argument("--epsilons", type=float, nargs="+", help="default: 1 3 8 ∞ (with --tune: 3)")
     ap.add_argument("--attack-epsilons", type=float, nargs="+", default=[3.0, INF])
     ap.add_argument("--attack-members", type=int, default=100)
     ap.add_argument("--attack-epochs", type=int, help="the leaking setting's epochs (default: ATTACK_EPOCHS)")
@@ -462,17 +461,18 @@ def main(argv: list[str] | None = None) -> int:
         RECIPES[mode]["augmentations"] = args.augmentations  # part of each run's recipe, so of its name
     overrides = [f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
     params = load_params(ROOT / "params.yaml", overrides + args.overrides)
-    if args.tune:  # at ε = 3 unless --epsilons names others
-        for eps in args.epsilons if args.epsilons != DEFAULT_EPSILONS else [DEFAULT_TUNING_EPSILON]:
+    if args.tune:
+        for eps in args.epsilons or [DEFAULT_TUNING_EPSILON]:
             tune(params, [m for m in args.modes if m != "none"], eps)
         return 0
+    epsilons = args.epsilons or DEFAULT_EPSILONS
     data = str(ROOT / params.demo.data)
     evalsets = scoring.EvalSets.load(data)
     started, runs, attacks = time.perf_counter(), [], []
     # privacy.* is each run's own (privacy_for), so the hospital's DP settings in params.yaml do not name a run
     base_settings = run_settings(params, data)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [(m, s, e) for m in args.modes for e in (args.epsilons if m != "none" else [INF]) for s in args.seeds]
+        jobs = [(m, s, e) for m in args.modes for e in (epsilons if m != "none" else [INF]) for s in args.seeds]
         for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
             settings = base_settings | {"recipe": recipe(mode, eps) if mode != "none" else None}
             path = run_key("utility", mode, seed, eps, settings)
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     headline["seeds"] = args.seeds
     doc = {"command": command.strip(), "seconds": round(seconds, 1), "wall_seconds_of_runs": round(sum(r["seconds"] for r in runs + attacks), 1),
            "recipes": {m: recipe(m) for m in MODES},
-           "recipes_by_epsilon": {m: {eps_name(e): recipe(m, e) for e in args.epsilons} for m in MODES},
+           "recipes_by_epsilon": {m: {eps_name(e): recipe(m, e) for e in epsilons} for m in MODES},
            "params": params.model_dump(mode="json"),
            "headline": headline, "summary": rows, "runs": runs, "attacks": attacks}  # fmt: skip
     (out / "privacy_tradeoff.json").write_text(json.dumps(doc, indent=2))
