@@ -151,6 +151,9 @@ class PrivacyConfig(_Frozen):
         256, ge=2, description="the logical batch, Poisson-sampled (null: finetune.batch_size, the physical batch)"
     )
     lr: float | None = Field(0.01, gt=0, description="DP-SGD's learning rate (null: finetune.lr)")
+    weight_decay: float | None = Field(
+        None, ge=0, description="DP-SGD's decoupled (AdamW) weight decay (null: finetune.weight_decay)"
+    )
     ema: float | None = Field(
         0.99, gt=0, lt=1, description="keep an exponential moving average of the weights with this decay (null: off)"
     )

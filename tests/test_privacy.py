@@ -360,6 +360,29 @@ def test_tuning_never_reads_a_hospital_s_split(tiny_base, tmp_path):
     assert grid[0].val_aucs[0] != grid[0].val_aucs[1]  # two splits, two scores: the mean ranks, not one split
 
 
+def test_privacy_weight_decay_is_adamw_s_decoupled_decay_of_the_start_weights(tiny_base):
+    """One logical step (the whole split, q = 1): Adam's first update, g / (|g| + eps), is the same with and without
+    decay (same seed, same noise), so the two heads differ by exactly lr · weight_decay · θ_start."""
+    from medvec.config import FinetuneConfig, PrivacyConfig
+    from medvec.data.sources import load_split
+    from medvec.hospital.privacy import dp_finetune
+
+    train = load_split(BREAST, "train").subset(torch.arange(64).numpy())
+    cfg = FinetuneConfig(epochs=1, batch_size=64, threads=1, weight_decay=0.0)
+    common = {"enabled": True, "target_epsilon": 3.0, "trainable": "head", "epochs": 1, "batch_size": 64}
+    common |= {"ema": None, "augmentations": 1, "lr": 0.05}
+    heads = {}
+    for decay in (None, 4.0):  # None: finetune.weight_decay, here 0
+        model = tiny_base.fresh()
+        dp = dp_finetune(model, train, tiny_base.spec, cfg, PrivacyConfig(**common, weight_decay=decay), progress=False)
+        assert dp.spent.steps == 1
+        heads[decay] = (model.fc.weight.detach().clone(), model.fc.bias.detach().clone())
+    start = tiny_base.fresh().fc
+    for trained, plain, before in zip(heads[4.0], heads[None], (start.weight, start.bias), strict=True):
+        torch.testing.assert_close(trained - plain, -0.05 * 4.0 * before.detach(), rtol=1e-4, atol=1e-6)
+        assert (trained - plain).abs().max() > 1e-3  # the decay moved the head
+
+
 @pytest.mark.parametrize("mode", ["head", "bn_affine", "all"])
 def test_select_trainable_alone_decides_what_trains(tiny_base, mode):
     """Whatever ``requires_grad`` the parameters had, select_trainable sets every one: exactly the keys the vector

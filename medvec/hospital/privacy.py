@@ -327,7 +327,7 @@ def dp_finetune(
     With K = ``privacy.views`` > 1, each example's gradient is the mean over K views before clipping
     (:func:`head_views`; the network modes augment K copies each step, K times the memory of a physical batch).
     Batches are Poisson-sampled at ``privacy.batch_size`` images on average and computed ``finetune.batch_size`` at
-    a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr``; with ``privacy.ema`` the
+    a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr`` and ``privacy.weight_decay``; with ``privacy.ema`` the
     weights kept are an exponential moving average of the steps' (post-processing: no privacy cost).
     ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an unaccounted release.
     """
@@ -352,7 +352,8 @@ def dp_finetune(
             x = centre.inputs(x)
     else:  # the whole split preprocessed: Opacus samples its batches from it every epoch
         x = to_tensor(train.images, spec)
-    opt = torch.optim.AdamW(params, lr=privacy.lr or cfg.lr, weight_decay=cfg.weight_decay)
+    decay = cfg.weight_decay if privacy.weight_decay is None else privacy.weight_decay
+    opt = torch.optim.AdamW(params, lr=privacy.lr or cfg.lr, weight_decay=decay)
     loader = _loader(x, train, privacy.batch_size or cfg.batch_size, cfg.seed)
     swap = frozen_stats_norms(model) if privacy.trainable == "bn_affine" else nullcontext()
     with swap:
@@ -557,13 +558,15 @@ class PrivateDataError(UserError):
 
 @dataclass(frozen=True)
 class TunedSetting:
-    """One point of :func:`tune_on_public`'s grid: the learning rate and clipping norm, the public validation AUC
-    DP-SGD reached with them on each seeded split (``val_aucs``), and its mean (``val_auc``), which ranks them."""
+    """One point of :func:`tune_on_public`'s grid: the learning rate, clipping norm and weight decay (None:
+    ``privacy.weight_decay`` as given), the public validation AUC DP-SGD reached with them on each seeded split
+    (``val_aucs``), and its mean (``val_auc``), which ranks them."""
 
     lr: float
     max_grad_norm: float
     val_auc: float
     val_aucs: tuple[float, ...] = ()
+    weight_decay: float | None = None
 
 
 def tune_on_public(
@@ -575,8 +578,10 @@ def tune_on_public(
     norms: tuple[float, ...] = (0.5, 1.0, 2.0),
     val_fraction: float = 0.2,
     seeds: int = 3,
+    weight_decays: tuple[float | None, ...] = (None,),
 ) -> list[TunedSetting]:
-    """``privacy.lr`` and ``privacy.max_grad_norm`` chosen on **public** data: DP-SGD as ``privacy`` says (its
+    """``privacy.lr``, ``privacy.max_grad_norm`` and (with ``weight_decays``; None: as ``privacy`` has it)
+    ``privacy.weight_decay`` chosen on **public** data: DP-SGD as ``privacy`` says (its
     trainable, ε, epochs, batch) on ``seeds`` seeded splits of ``public`` (seeds ``cfg.seed``, ``cfg.seed + 1``,
     …: each changes the split, the noise and the batches), each grid point scored by its mean AUC on the
     held-out parts; the best first. One split is not enough: on BreastMNIST at ε = 3 the head's learning rates
@@ -591,15 +596,18 @@ def tune_on_public(
             "tune_on_public was given a hospital's private split: tuning on it spends privacy the ledger does not "
             "count; tune on public data (another data set, or the coordinator's proxy set)"
         )
-    scores: dict[tuple[float, float], list[float]] = {(lr, norm): [] for lr in lrs for norm in norms}
+    grid = [(lr, norm, wd) for lr in lrs for norm in norms for wd in weight_decays]
+    scores: dict[tuple[float, float, float | None], list[float]] = {point: [] for point in grid}
     for seed in range(cfg.seed, cfg.seed + seeds):
         keep, held = draw_local_val(len(public), val_fraction, seed, public.groups())
         train, val = public.subset(keep), public.subset(held)
         seeded = cfg.model_copy(update={"seed": seed})
-        for (lr, norm), got in scores.items():
+        for (lr, norm, wd), got in scores.items():
             model = base.fresh()
             setting = privacy.model_copy(update={"enabled": True, "lr": lr, "max_grad_norm": norm})
+            if wd is not None:
+                setting = setting.model_copy(update={"weight_decay": wd})
             dp_finetune(model, train, base.spec, seeded, setting, progress=False)
             got.append(float(evaluate_model(model, val, base.spec)["auc"]))
-    out = [TunedSetting(lr, norm, sum(got) / len(got), tuple(got)) for (lr, norm), got in scores.items()]
+    out = [TunedSetting(lr, norm, sum(got) / len(got), tuple(got), wd) for (lr, norm, wd), got in scores.items()]
     return sorted(out, key=lambda t: -t.val_auc)
