@@ -51,10 +51,9 @@ ui-check: $(STAMP) dirs
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-# two xdist workers, whole files each, the longest files first (tests/conftest.py: LONGEST_FIRST; it also gives each
-# worker one torch thread and its own Prefect/MLflow files)
+# two xdist workers, whole files each (tests/conftest.py gives each one torch thread and its own Prefect/MLflow files)
 test: $(STAMP) dirs lint
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 unit: $(STAMP) dirs
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -58,32 +58,6 @@ def prefect_api():
     server.stop()
 
 
-# `make test` hands whole files to its two workers in collection order (--no-loadscope-reorder), so the files
-# that start real servers, each minutes long, go first and the short ones fill in at the end (longest first).
-# xdist's own order (most tests first) left a 5-minute file of one test for the end, one worker idle meanwhile.
-# Ordered by their time in a --durations=0 run of the suite here; a file not named keeps its place after them.
-LONGEST_FIRST = (
-    "test_tenancy.py",
-    "test_distributed.py",
-    "test_faults.py",
-    "test_async_distributed.py",
-    "test_end_to_end.py",
-    "test_cli_errors.py",
-    "test_front_door.py",
-    "test_lineage.py",
-    "test_privacy.py",
-    "test_dvc.py",
-    "test_manifest.py",
-    "test_payload_audit.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files of :data:`LONGEST_FIRST` first, in its order; each file's tests stay together and in order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
