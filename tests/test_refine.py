@@ -338,6 +338,17 @@ def test_availability_windows_by_hand():
     assert missing.missed("h1", k) == Availability(miss=0.5, seed=1).missed("h1", k)  # the same nights every time
 
 
+def test_a_timeout_that_fires_without_a_step_queues_the_next_one():
+    """Seed 5 of async_vs_sync.py: h3's vector set the timeout at 3.3771 (landed 0.3771, timeout 3) and left the
+    buffer before it; when it fired, the oldest vector (1.382) had waited 1.995, so no step, and the next timeout
+    (4.382) must be queued then, or the buffer waits for ever."""
+    from medvec.demo.simulate import rearm
+
+    assert rearm(3.3771, 3.3771, 4.382)  # fired at its own time, no step: queue the next
+    assert rearm(None, 1.0, 4.0) and rearm(5.0, 1.0, 4.0)  # none queued; one later than due
+    assert not rearm(4.0, 1.0, 4.0) and not rearm(3.3771, 1.4516, 4.382)  # the queued one stands (it fires first)
+
+
 def test_a_fresh_buffer_steps_at_the_timeout_without_a_straggler_whose_vector_lands_stale(tmp_path, shards):
     """The simulation on a clock where h3 is 20× slower: the first step waits until the timeout (an event of its
     own), h1 and h2 wait for it before they train again, and h3's vector lands one version stale."""

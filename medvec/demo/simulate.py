@@ -240,10 +240,18 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
         sim.timer = None
     elif admission.admitted and sim.params.refine.timeout is not None:
         due = min(buffered) + sim.params.refine.timeout
-        if sim.timer is None or sim.timer < now or sim.timer > due:
+        if rearm(sim.timer, now, due):
             sim.timer = due
             sim.push(due, TIMER, 0)
     return ready
+
+
+def rearm(timer: float | None, now: float, due: float) -> bool:
+    """Whether a buffer whose oldest vector times out at ``due`` needs a timeout queued: none is (``timer`` None),
+    the queued one has fired (at ``now`` or before), or it is later than ``due``. A timeout that fires at its own
+    time without a step (the vector it was set for left the buffer since, and the oldest now is younger) must queue
+    the next one: with ``timer < now`` it did not, and a fresh buffer then waited for ever."""
+    return timer is None or timer <= now or timer > due
 
 
 def _row(sim: _Sim, now: float, note: str, event: str) -> dict:
