@@ -327,8 +327,9 @@ def dp_finetune(
     With K = ``privacy.views`` > 1, each example's gradient is the mean over K views before clipping
     (:func:`head_views`; the network modes augment K copies each step, K times the memory of a physical batch).
     Batches are Poisson-sampled at ``privacy.batch_size`` images on average and computed ``finetune.batch_size`` at
-    a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr`` and ``privacy.weight_decay``; with ``privacy.ema`` the
-    weights kept are an exponential moving average of the steps' (post-processing: no privacy cost).
+    a time (Opacus' BatchMemoryManager), for ``privacy.epochs``, at ``privacy.lr`` and ``privacy.weight_decay``;
+    with ``privacy.ema`` the weights kept are an exponential moving average of the steps' (post-processing: no
+    privacy cost).
     ``bn_recalibrate`` is not applied: re-estimating BN statistics on the images would be an unaccounted release.
     """
     device, weighted = prepare_training(model, train, cfg)
@@ -604,9 +605,8 @@ def tune_on_public(
         seeded = cfg.model_copy(update={"seed": seed})
         for (lr, norm, wd), got in scores.items():
             model = base.fresh()
-            setting = privacy.model_copy(update={"enabled": True, "lr": lr, "max_grad_norm": norm})
-            if wd is not None:
-                setting = setting.model_copy(update={"weight_decay": wd})
+            point = {"enabled": True, "lr": lr, "max_grad_norm": norm} | ({} if wd is None else {"weight_decay": wd})
+            setting = privacy.model_copy(update=point)
             dp_finetune(model, train, base.spec, seeded, setting, progress=False)
             got.append(float(evaluate_model(model, val, base.spec)["auc"]))
     out = [TunedSetting(lr, norm, sum(got) / len(got), tuple(got), wd) for (lr, norm, wd), got in scores.items()]
