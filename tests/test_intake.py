@@ -258,6 +258,42 @@ def test_norm_and_direction_outliers_are_quarantined(store, tiny_base, make_vect
     assert again.screened == [] and again.rejected == []
 
 
+def test_a_fresh_buffer_does_not_wait_for_a_hospital_whose_vector_the_screen_quarantined(store, tiny_base, make_vector):
+    """async_vs_sync.py seed 5: once a third vector landed, the screen quarantined h3's, and the fresh buffer
+    waited for h3 (which had reported) until the timeout. A hospital screened out since the champion has
+    reported; one screened out before the champion was promoted has not reported from it."""
+    from medvec.config import load_params
+    from medvec.coordinator.intake import screened_out
+    from medvec.coordinator.refine import step_ready
+    from medvec.record import StartPoint
+    from medvec.timing import utcnow
+    from medvec.tracking.finish import buffer_ready
+
+    before = utcnow()
+    common = make_vector("c", seed=99).deltas
+    vectors = [make_vector(f"h{i}", seed=i) for i in range(1, 5)]
+    for v in vectors:
+        scale = 50 if v.meta.hospital == "h4" else 1
+        v.deltas = {k: scale * (common[k] + 0.5 * t) for k, t in v.deltas.items()}
+        store.put(v)
+    params = load_params(None, ["refine.mode=async", "refine.fresh=true", "refine.timeout=3600"])
+    network = ("h1", "h2", "h3", "h4")  # as refine.network names it (else the hospitals of merges so far)
+    params = params.model_copy(update={"refine": params.refine.model_copy(update={"network": network})})
+    adm = admit(store, tiny_base, params.intake, params.refine)
+    assert sorted(v.meta.hospital for v in adm.admitted) == ["h1", "h2", "h3"]
+    assert screened_out(store, before) == {"h4"} and screened_out(store, utcnow()) == set()
+    assert buffer_ready(store, tiny_base, adm, params) == (
+        True,
+        "every hospital of the network reported (3 vectors; the screen left out h4)",
+    )
+    later = StartPoint(version=1, sha256=tiny_base.sha256, promoted_at=utcnow())  # a step since: h4 owes a vector
+    screened = screened_out(store, later.promoted_at)
+    assert step_ready(adm.admitted, 1, params.refine, set(network), 0.0, screened) == (
+        False,
+        "waiting for h4 (3 buffered)",
+    )
+
+
 def test_clipping_keeps_the_outlier_scaled_to_the_median_norm(store, tiny_base, make_vector):
     from medvec.coordinator.defence import Scaled
 

@@ -220,6 +220,13 @@ def _screen(
     return result.kept, report
 
 
+def screened_out(store: VectorStore, since: str) -> set[str]:
+    """The hospitals whose vector the outlier screen quarantined after ``since`` (an ISO time, such as the
+    champion's ``promoted_at``; "" for ever): they reported, and their vector will not be merged, so a fresh
+    buffer does not wait for another (:func:`~medvec.coordinator.refine.step_ready`)."""
+    return {r.hospital_claimed for r in store.quarantined() if r.check == "outlier" and r.time > since}
+
+
 def quarantine_harmful(store: VectorStore, excluded: Sequence[tuple[VectorLike, ContributionScore]]) -> list[Rejection]:
     """Move the vectors the harmful rule excluded (:func:`~medvec.coordinator.contribution.guarded_merge`) to
     quarantine, each with its reason."""

@@ -162,7 +162,12 @@ def step_record(
 
 
 def step_ready(
-    admitted: Sequence[VectorLike], version: int, r: RefineConfig, network: Collection[str], waited: float
+    admitted: Sequence[VectorLike],
+    version: int,
+    r: RefineConfig,
+    network: Collection[str],
+    waited: float,
+    screened: Collection[str] = (),
 ) -> tuple[bool, str]:
     """Whether the buffer makes a step now, and why (or why not).
 
@@ -170,15 +175,19 @@ def step_ready(
     ``first_step: oneshot``) once every hospital of the network (``refine.network``, else ``network``) has a
     vector in the buffer (``refine.quorum`` < 1: that share of them, rounded up), or once the oldest buffered
     vector has waited ``refine.timeout`` (``waited``, in the caller's clock).  A hospital counts once, however
-    many vectors it buffered, and only if it belongs to the network.
+    many vectors it buffered, and only if it belongs to the network.  A hospital in ``screened`` (its vector
+    since the champion was quarantined by the outlier screen: :func:`~medvec.coordinator.intake.screened_out`)
+    has reported too: waiting for it would only wait for the timeout.
     """
     n = len(admitted)
     if not r.fresh and not (r.first_step == "oneshot" and version == 0):
         return n >= r.buffer, f"buffer holds {n} of {r.buffer}"
     expected = set(r.network or network)
-    missing = sorted(expected - {v.meta.hospital for v in admitted})
+    left_out = sorted(expected & set(screened) - {v.meta.hospital for v in admitted})
+    missing = sorted(expected - {v.meta.hospital for v in admitted} - set(left_out))
     if n and not missing:
-        return True, f"every hospital of the network reported ({n} vectors)"
+        but = f"; the screen left out {', '.join(left_out)}" if left_out else ""
+        return True, f"every hospital of the network reported ({n} vectors{but})"
     needed = math.ceil(r.quorum * len(expected) - 1e-9)
     if n and len(expected) - len(missing) >= needed:
         return True, f"a quorum of {needed} of {len(expected)} hospitals reported (not {', '.join(missing)})"

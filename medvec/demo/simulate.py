@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from medvec.config import Params
 from medvec.coordinator.compare import Candidate
 from medvec.coordinator.engine import MomentsFn
-from medvec.coordinator.intake import admit
+from medvec.coordinator.intake import admit, screened_out
 from medvec.coordinator.refine import ALL_VOTED_OUT, step_ready
 from medvec.coordinator.scoring import EvalSets, evaluate_on, op_rule
 from medvec.hospital.finetune import finetune_vector, for_upload
@@ -222,12 +222,15 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
     buffered = [sim.landed.get(v.meta.vector_id, now) for v in admission.admitted]
     waited = now - min(buffered) if buffered else 0.0
     network = set(network_counts(sim.store, sim.base, admission.admitted))  # the coordinator's verified network
-    version = sim.store.champion(sim.base.sha256).version
-    ready, note = step_ready(admission.admitted, version, sim.params.refine, network, waited)
+    champion = sim.store.champion(sim.base.sha256)
+    screened = screened_out(sim.store, champion.promoted_at)
+    ready, note = step_ready(admission.admitted, champion.version, sim.params.refine, network, waited, screened)
     if ready:
         step_sets = sim.evalsets.fresh()  # the step's record lists its own rounds only
         done = finish_step(sim.store, sim.base, admission, sim.params, step_sets, moments_fn=sim.moments_fn)
         note = done.verdict if done is not None else f"no step: {ALL_VOTED_OUT}"
+    for r in admission.rejected:  # why a vector left the buffer, kept in the row (the store is the run's own)
+        note += f"; rejected {r.hospital_claimed}'s vector ({r.check}: {r.problem})"
     if hospital is not None or ready:
         row = _row(sim, now, note, "landing" if hospital is not None else "timeout")
         sim.rows.append(row)

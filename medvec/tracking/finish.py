@@ -13,7 +13,7 @@ from medvec.config import ConfigError, Params
 from medvec.coordinator.defence import Scaled
 from medvec.coordinator.engine import MergeOutcome, MomentsFn
 from medvec.coordinator.hospital_report import merge_entries
-from medvec.coordinator.intake import Admission, landed_at, quarantine_harmful, quarantine_voted
+from medvec.coordinator.intake import Admission, landed_at, quarantine_harmful, quarantine_voted, screened_out
 from medvec.coordinator.refine import (
     ChainState,
     Step,
@@ -233,8 +233,9 @@ def buffer_ready(
     is ``refine.network``, else the hospitals of ``intake.keyring``, else every hospital the coordinator has
     verified a vector from; the wait is wall-clock seconds since the
     oldest buffered vector was first verified (:func:`~medvec.coordinator.intake.landed_at`: the coordinator's clock,
-    never a hospital's own ``created_at``)."""
-    version = store.champion(root.sha256).version
+    never a hospital's own ``created_at``). A hospital whose vector the screen quarantined since the champion
+    has reported (:func:`~medvec.coordinator.intake.screened_out`)."""
+    champion = store.champion(root.sha256)
     if params.intake.keyring:  # the hospitals allowed to publish are the network
         network = set(Keyring.load(params.intake.keyring).keys)
     else:
@@ -243,4 +244,5 @@ def buffer_ready(
     times = [datetime.fromisoformat(landed[v.meta.vector_id]) for v in admission.admitted if v.meta.vector_id in landed]
     now = now or datetime.now(timezone.utc)
     waited = (now - min(times)).total_seconds() if times else 0.0
-    return step_ready(admission.admitted, version, params.refine, network, waited)
+    screened = screened_out(store, champion.promoted_at)
+    return step_ready(admission.admitted, champion.version, params.refine, network, waited, screened)
