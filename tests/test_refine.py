@@ -349,6 +349,16 @@ def test_a_timeout_that_fires_without_a_step_queues_the_next_one():
     assert not rearm(4.0, 1.0, 4.0) and not rearm(3.3771, 1.4516, 4.382)  # the queued one stands (it fires first)
 
 
+def test_a_timeout_has_waited_its_full_time_when_it_fires():
+    """A timeout queued at landed + timeout must see the full timeout when it fires: (1.1 + 3.0) − 1.1 rounds to
+    2.9999999999999996, the step was not ready, and the timeout re-queued itself at the same time for ever."""
+    from medvec.demo.simulate import waited_for
+
+    assert (1.1 + 3.0) - 1.1 < 3.0  # the rounding itself
+    assert waited_for(1.1, 1.1 + 3.0, 3.0) == 3.0 and waited_for(1.1, 5.1, 3.0) == 5.1 - 1.1
+    assert waited_for(1.1, 2.1, 3.0) == 2.1 - 1.1 and waited_for(1.1, 9.0, None) == 9.0 - 1.1
+
+
 def test_a_fresh_buffer_steps_at_the_timeout_without_a_straggler_whose_vector_lands_stale(tmp_path, shards):
     """The simulation on a clock where h3 is 20× slower: the first step waits until the timeout (an event of its
     own), h1 and h2 wait for it before they train again, and h3's vector lands one version stale."""

@@ -220,7 +220,7 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
     that waited for the step train again, and a timeout is set for what stays buffered. Whether it stepped."""
     admission = admit(sim.store, sim.base, sim.params.intake, sim.params.refine)
     buffered = [sim.landed.get(v.meta.vector_id, now) for v in admission.admitted]
-    waited = now - min(buffered) if buffered else 0.0
+    waited = waited_for(min(buffered), now, sim.params.refine.timeout) if buffered else 0.0
     network = set(network_counts(sim.store, sim.base, admission.admitted))  # the coordinator's verified network
     champion = sim.store.champion(sim.base.sha256)
     screened = screened_out(sim.store, champion.promoted_at)
@@ -247,6 +247,16 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
             sim.timer = due
             sim.push(due, TIMER, 0)
     return ready
+
+
+def waited_for(oldest: float, now: float, timeout: float | None) -> float:
+    """How long the oldest buffered vector (landed at ``oldest``) has waited at ``now``. A timeout queued at
+    ``oldest + timeout`` has waited the full timeout when it fires: ``(oldest + timeout) − oldest`` can round below
+    ``timeout`` (1.1 + 3.0 − 1.1 is 2.9999999999999996), and the timeout then re-queued itself at the same time
+    for ever."""
+    if timeout is not None and oldest + timeout <= now:
+        return max(now - oldest, timeout)
+    return now - oldest
 
 
 def rearm(timer: float | None, now: float, due: float) -> bool:
