@@ -269,6 +269,10 @@ def run_async(s: Setting, protocol: str, regime: str, landings: int, until: floa
     store.put_base(s.base)
     moments = live_moments(s.base, s.data, p.batchnorm) if p.batchnorm.strategy == "recompute" else None
     rows = simulate(store, s.base, s.data, p, s.evalsets, landings, s.clock(regime), 1, False, None, moments, until)
+    if until is None and rows[-1]["step"].startswith("waiting for"):  # every landing done, and vectors still buffered
+        raise RuntimeError(
+            f"seed {s.seed} {protocol} {regime}: the run ended with vectors buffered: {rows[-1]['step']}"
+        )
     versions = [0] + [pt.version for pt in store.start_points(s.base.sha256)[1:]]
     scored = {0: s.score(s.base.model)}
     emas: dict[float, dict[int, dict]] = {d: {0: scored[0]} for d in EMA_DECAYS}
