@@ -94,6 +94,7 @@ PROTOCOLS: dict[str, tuple[str, list[str]]] = {  # name: (what it changes, refin
         [*FRESH, "batchnorm.strategy=average"],
     ),
     "fresh_eta1": ("fresh buffer, η = 1 (FedAvg's step) instead of chosen on validation", [*FRESH, "refine.eta=1.0"]),
+    "fresh_screen_off": ("fresh buffer, no outlier screen (intake.defence off)", [*FRESH, "intake.defence=off"]),
 }
 SYNC = {  # Flower strategies and their settings
     "fedavg": {},
@@ -316,8 +317,11 @@ def run_central(s: Setting, converged: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- one seed
-def seed_results(seed: int, rounds: int, overrides: list[str], ablations: bool, only_stored: bool) -> dict | None:
-    """Every protocol of one seed, from the store where it ran before."""
+def seed_results(
+    seed: int, rounds: int, overrides: list[str], ablations: bool, only_stored: bool, only: list[str] | None = None
+) -> dict | None:
+    """Every protocol of one seed (with ``ablations``, those in ``only`` and FedAsync, the reference, if given),
+    from the store where it ran before."""
     key = {"seed": seed, "rounds": rounds, "overrides": sorted(overrides), "version": 2}
     setting: list[Setting] = []
 
@@ -342,7 +346,9 @@ def seed_results(seed: int, rounds: int, overrides: list[str], ablations: bool, 
         "equal": get("central-equal", {}, lambda x: run_central(x, False)),
         "converged": get("central-converged", {}, lambda x: run_central(x, True)),
     }
-    protocols = list(PROTOCOLS) if ablations else list(HEADLINE_ASYNC)
+    protocols = list(HEADLINE_ASYNC)
+    if ablations:
+        protocols = [pr for pr in PROTOCOLS if only is None or pr in only or pr == "fedasync"]
 
     def run(pr: str, regime: str, landings: int, until: float | None) -> dict | None:
         extra = {"protocol": PROTOCOLS[pr][1], "landings": landings, "until": until}
@@ -490,6 +496,8 @@ def ablation_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
     rows: list[dict] = []
     lines = [HEADER]
     for pr, (what, _) in PROTOCOLS.items():
+        if pr not in seeds[0]["async"]:  # --protocols left it out
+            continue
         got = [final(r, pr) for r in seeds]
         d_sync = [final(r, pr)["auc"] - r["sync"][sync_best(r)]["rounds"][-1]["auc"] for r in seeds]
         d_fedasync = [final(r, pr)["auc"] - final(r, "fedasync")["auc"] for r in seeds]
@@ -573,17 +581,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="R = C: rounds, and landings per hospital")
     ap.add_argument("--ablations", action="store_true", help="every protocol, equal compute only")
     ap.add_argument("--only-stored", action="store_true", help="report the stored runs; run nothing")
+    ap.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), help="--ablations: only these (and fedasync)")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    results = [seed_results(s, args.rounds, args.overrides, args.ablations, args.only_stored) for s in args.seeds]
+    only = args.protocols if args.ablations else None
+    results = [seed_results(s, args.rounds, args.overrides, args.ablations, args.only_stored, only) for s in args.seeds]
     done = [r for r in results if r is not None]
     if not done:
         print("no seed complete yet")
         return
     name = "async_ablations" if args.ablations else "async_vs_sync"
+    name += "-" + "-".join(only) if only else ""
     head, md = (ablation_report if args.ablations else headline_report)(done, args.rounds)
     command = "python benchmarks/async_vs_sync.py" + (" --ablations" if args.ablations else "")
+    command += " --protocols " + " ".join(only) if only else ""
     command += " --seeds " + " ".join(map(str, args.seeds)) + "".join(f" -S {o}" for o in args.overrides)
     stored = sum(json.loads(f.read_text())["result"].get("seconds", 0) for f in RUNS.glob("*.json"))
     doc = {
