@@ -94,6 +94,42 @@ def test_stored_privacy_tables_rebuild_on_a_fresh_clone(clone, tmp_path):
     assert len(got) == 6  # the header, its rule and ε 1, 3, 8, ∞
 
 
+def test_stored_async_tables_rebuild_on_a_fresh_clone(clone, tmp_path):
+    """docs/results.md's async tables come from runs kept in benchmarks/results/async_runs/: on a fresh clone the
+    documented commands with --only-stored find every one of them and rebuild the committed tables to the digit
+    (a missing run leaves its seed out, and the table changes)."""
+    python, env, results = str(VENV / "bin" / "python"), fresh_env(tmp_path / "home"), clone / "benchmarks" / "results"
+    seeds = ["--seeds", "0", "1", "2", "3", "4", "5", "6", "-S", "model.image_size=32", "--only-stored"]
+    commands = {
+        "async_vs_sync.md": seeds,
+        "async_ablations.md": ["--ablations", "--seeds", "0", "1", "2", "-S", "model.image_size=32", "--only-stored"],
+        "async_ablations-fresh-fresh_screen_off.md": [
+            "--ablations",
+            "--protocols",
+            "fresh",
+            "fresh_screen_off",
+            *seeds,
+        ],
+    }
+
+    def body(text: str) -> list[str]:  # all but the line naming the command and the minutes of stored runs
+        return [line for line in text.splitlines() if not line.startswith("`python")]
+
+    for name, args in commands.items():
+        committed = body((results / name).read_text())
+        proc = subprocess.run(
+            [python, "benchmarks/async_vs_sync.py", *args],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert body((results / name).read_text()) == committed, name
+        assert len(committed) > 20, name
+
+
 def test_distributed_first_steps_on_a_fresh_clone(clone, tmp_path, server):
     env = fresh_env(tmp_path / "home", PREFECT_API_URL=server.url, PYTHONPATH=str(clone))
     sets = ["-S", "model.name=tiny_cnn", "-S", f"store.url={tmp_path / 'store'}"]
