@@ -262,6 +262,8 @@ def test_a_fresh_buffer_does_not_wait_for_a_hospital_whose_vector_the_screen_qua
     """async_vs_sync.py seed 5: once a third vector landed, the screen quarantined h3's, and the fresh buffer
     waited for h3 (which had reported) until the timeout. A hospital screened out since the champion has
     reported; one screened out before the champion was promoted has not reported from it."""
+    from functools import partial
+
     from medvec.config import load_params
     from medvec.coordinator.intake import screened_out
     from medvec.coordinator.refine import step_ready
@@ -281,17 +283,24 @@ def test_a_fresh_buffer_does_not_wait_for_a_hospital_whose_vector_the_screen_qua
     params = params.model_copy(update={"refine": params.refine.model_copy(update={"network": network})})
     adm = admit(store, tiny_base, params.intake, params.refine)
     assert sorted(v.meta.hospital for v in adm.admitted) == ["h1", "h2", "h3"]
-    assert screened_out(store, before) == {"h4"} and screened_out(store, utcnow()) == set()
+    assert screened_out(store, before, network) == {"h4"} and screened_out(store, utcnow(), network) == set()
     assert buffer_ready(store, tiny_base, adm, params) == (
         True,
         "every hospital of the network reported (3 vectors; the screen left out h4)",
     )
     later = StartPoint(version=1, sha256=tiny_base.sha256, promoted_at=utcnow())  # a step since: h4 owes a vector
-    screened = screened_out(store, later.promoted_at)
+    screened = partial(screened_out, store, later.promoted_at)
     assert step_ready(adm.admitted, 1, params.refine, set(network), 0.0, screened) == (
         False,
         "waiting for h4 (3 buffered)",
     )
+
+    def unasked(missing):  # the quarantine is read only for a fresh buffer's missing hospitals
+        raise AssertionError(f"asked for {missing}")
+
+    everyone = params.refine.model_copy(update={"network": ("h1", "h2", "h3")})
+    assert step_ready(adm.admitted, 1, everyone, set(), 0.0, unasked)[0]
+    assert step_ready(adm.admitted, 1, params.refine.model_copy(update={"fresh": False}), set(), 0.0, unasked)[0]
 
 
 def test_clipping_keeps_the_outlier_scaled_to_the_median_norm(store, tiny_base, make_vector):

@@ -17,7 +17,7 @@ what it rejects and records the replay state.  The store itself only stores.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,11 +220,12 @@ def _screen(
     return result.kept, report
 
 
-def screened_out(store: VectorStore, since: str) -> set[str]:
-    """The hospitals whose vector the outlier screen quarantined after ``since`` (an ISO time, such as the
-    champion's ``promoted_at``; "" for ever): they reported, and their vector will not be merged, so a fresh
-    buffer does not wait for another (:func:`~medvec.coordinator.refine.step_ready`)."""
-    return {r.hospital_claimed for r in store.quarantined() if r.check == "outlier" and r.time > since}
+def screened_out(store: VectorStore, since: str, hospitals: Collection[str]) -> set[str]:
+    """Those of ``hospitals`` whose vector the outlier screen quarantined after ``since`` (an ISO time, such as
+    the champion's ``promoted_at``; "" for ever): they reported, and their vector will not be merged, so a fresh
+    buffer does not wait for another (:func:`~medvec.coordinator.refine.step_ready`). Reads those hospitals'
+    quarantine folders only."""
+    return {h for h in hospitals if any(r.check == "outlier" and r.time > since for r in store.quarantined(h))}
 
 
 def quarantine_harmful(store: VectorStore, excluded: Sequence[tuple[VectorLike, ContributionScore]]) -> list[Rejection]:

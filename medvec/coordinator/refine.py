@@ -18,7 +18,7 @@ every vector starts from version 0 and one step merges them all.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from medvec.config import Params, RefineConfig
@@ -167,7 +167,7 @@ def step_ready(
     r: RefineConfig,
     network: Collection[str],
     waited: float,
-    screened: Collection[str] = (),
+    screened: Callable[[set[str]], Collection[str]] = lambda missing: (),
 ) -> tuple[bool, str]:
     """Whether the buffer makes a step now, and why (or why not).
 
@@ -175,16 +175,19 @@ def step_ready(
     ``first_step: oneshot``) once every hospital of the network (``refine.network``, else ``network``) has a
     vector in the buffer (``refine.quorum`` < 1: that share of them, rounded up), or once the oldest buffered
     vector has waited ``refine.timeout`` (``waited``, in the caller's clock).  A hospital counts once, however
-    many vectors it buffered, and only if it belongs to the network.  A hospital in ``screened`` (its vector
-    since the champion was quarantined by the outlier screen: :func:`~medvec.coordinator.intake.screened_out`)
-    has reported too: waiting for it would only wait for the timeout.
+    many vectors it buffered, and only if it belongs to the network.  A hospital of the network without a
+    buffered vector that ``screened`` names (asked with those hospitals only, and only by a fresh buffer: the
+    ones whose vector the outlier screen quarantined since the champion,
+    :func:`~medvec.coordinator.intake.screened_out`) has reported too: waiting for it would only wait for the
+    timeout.
     """
     n = len(admitted)
     if not r.fresh and not (r.first_step == "oneshot" and version == 0):
         return n >= r.buffer, f"buffer holds {n} of {r.buffer}"
     expected = set(r.network or network)
-    left_out = sorted(expected & set(screened) - {v.meta.hospital for v in admitted})
-    missing = sorted(expected - {v.meta.hospital for v in admitted} - set(left_out))
+    absent = expected - {v.meta.hospital for v in admitted}
+    left_out = sorted(absent & set(screened(absent))) if absent else []
+    missing = sorted(absent - set(left_out))
     if n and not missing:
         but = f"; the screen left out {', '.join(left_out)}" if left_out else ""
         return True, f"every hospital of the network reported ({n} vectors{but})"

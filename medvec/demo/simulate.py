@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from tqdm.auto import tqdm
 
@@ -223,7 +224,7 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
     waited = waited_for(min(buffered), now, sim.params.refine.timeout) if buffered else 0.0
     network = set(network_counts(sim.store, sim.base, admission.admitted))  # the coordinator's verified network
     champion = sim.store.champion(sim.base.sha256)
-    screened = screened_out(sim.store, champion.promoted_at)
+    screened = partial(screened_out, sim.store, champion.promoted_at)
     ready, note = step_ready(admission.admitted, champion.version, sim.params.refine, network, waited, screened)
     if ready:
         step_sets = sim.evalsets.fresh()  # the step's record lists its own rounds only

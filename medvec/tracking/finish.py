@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from medvec.config import ConfigError, Params
@@ -244,5 +245,5 @@ def buffer_ready(
     times = [datetime.fromisoformat(landed[v.meta.vector_id]) for v in admission.admitted if v.meta.vector_id in landed]
     now = now or datetime.now(timezone.utc)
     waited = (now - min(times)).total_seconds() if times else 0.0
-    screened = screened_out(store, champion.promoted_at)
+    screened = partial(screened_out, store, champion.promoted_at)
     return step_ready(admission.admitted, champion.version, params.refine, network, waited, screened)
