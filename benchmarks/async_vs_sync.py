@@ -28,9 +28,13 @@ so the benchmark can be resumed across sessions (``--only-stored`` reports witho
 
     python benchmarks/async_vs_sync.py                                   # the headline: demo configuration
     python benchmarks/async_vs_sync.py --ablations -S model.image_size=32   # every protocol, equal compute
+    python benchmarks/async_vs_sync.py --ablations --protocols fresh fresh_screen_off --seeds 0 1 2 3 4 5 6 \
+        -S model.image_size=32                                           # two protocols (and FedAsync), 7 seeds
     python benchmarks/async_vs_sync.py --seeds 0 -S model.name=tiny_cnn  # a quick look
 
-Writes ``benchmarks/results/async_vs_sync.json`` and ``.md`` (``async_ablations.*`` with ``--ablations``).
+Writes ``benchmarks/results/async_vs_sync.json`` and ``.md`` (``async_ablations.*`` with ``--ablations``,
+``async_ablations-<protocols>.*`` with ``--protocols``). An equal-compute run that ends with vectors still
+buffered (no last step) is an error: the simulation's clock has a bug, and its result is not stored.
 """
 
 from __future__ import annotations
