@@ -596,10 +596,10 @@ def main(argv: list[str] | None = None) -> None:
         print("no seed complete yet")
         return
     name = "async_ablations" if args.ablations else "async_vs_sync"
-    name += "-" + "-".join(only) if only else ""
+    name += ("-" + "-".join(only)) if only else ""
     head, md = (ablation_report if args.ablations else headline_report)(done, args.rounds)
     command = "python benchmarks/async_vs_sync.py" + (" --ablations" if args.ablations else "")
-    command += " --protocols " + " ".join(only) if only else ""
+    command += (" --protocols " + " ".join(only)) if only else ""
     command += " --seeds " + " ".join(map(str, args.seeds)) + "".join(f" -S {o}" for o in args.overrides)
     stored = sum(json.loads(f.read_text())["result"].get("seconds", 0) for f in RUNS.glob("*.json"))
     doc = {

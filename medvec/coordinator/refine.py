@@ -186,10 +186,10 @@ def step_ready(
         return n >= r.buffer, f"buffer holds {n} of {r.buffer}"
     expected = set(r.network or network)
     absent = expected - {v.meta.hospital for v in admitted}
-    left_out = sorted(absent & set(screened(absent))) if absent else []
-    missing = sorted(absent - set(left_out))
+    left_out = absent & set(screened(absent)) if absent else set()
+    missing = sorted(absent - left_out)
     if n and not missing:
-        but = f"; the screen left out {', '.join(left_out)}" if left_out else ""
+        but = f"; the screen left out {', '.join(sorted(left_out))}" if left_out else ""
         return True, f"every hospital of the network reported ({n} vectors{but})"
     needed = math.ceil(r.quorum * len(expected) - 1e-9)
     if n and len(expected) - len(missing) >= needed:

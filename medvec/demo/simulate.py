@@ -221,7 +221,8 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
     that waited for the step train again, and a timeout is set for what stays buffered. Whether it stepped."""
     admission = admit(sim.store, sim.base, sim.params.intake, sim.params.refine)
     buffered = [sim.landed.get(v.meta.vector_id, now) for v in admission.admitted]
-    waited = waited_for(min(buffered), now, sim.params.refine.timeout) if buffered else 0.0
+    oldest = min(buffered, default=now)
+    waited = waited_for(oldest, now, sim.params.refine.timeout)
     network = set(network_counts(sim.store, sim.base, admission.admitted))  # the coordinator's verified network
     champion = sim.store.champion(sim.base.sha256)
     screened = partial(screened_out, sim.store, champion.promoted_at)
@@ -243,7 +244,7 @@ def _event(sim: _Sim, now: float, hospital: str | None, on_landing: Callable[[di
         sim.waiting.clear()
         sim.timer = None
     elif admission.admitted and sim.params.refine.timeout is not None:
-        due = min(buffered) + sim.params.refine.timeout
+        due = oldest + sim.params.refine.timeout
         if rearm(sim.timer, now, due):
             sim.timer = due
             sim.push(due, TIMER, 0)
