@@ -26,6 +26,8 @@ one variance for all, as the paper advises with few shadows).
     python benchmarks/privacy_tradeoff.py --modes head --tuned-at-each-epsilon   # ... trained with them
     python benchmarks/privacy_tradeoff.py --tune --modes head --epsilons 3 8 1 --weight-decays 0.3 1 3
     python benchmarks/privacy_tradeoff.py --modes head --tuned-weight-decay   # ... and each ε's weight decay
+    python benchmarks/privacy_tradeoff.py --tune --modes head --epsilons 3 8 1 --epochs-grid 10 60 100
+    python benchmarks/privacy_tradeoff.py --modes head --tuned-epochs   # ... each ε's lr, C and epochs
     python benchmarks/privacy_tradeoff.py                              # modes × ε 1 3 8 ∞ × seeds 0 1 2, attack
     python benchmarks/privacy_tradeoff.py --modes head --epsilons 3 inf --seeds 0
     python benchmarks/privacy_tradeoff.py --modes head --augmentations 8   # K = 8 views an example
@@ -120,6 +122,7 @@ DEFAULT_EPSILONS = [1.0, 3.0, 8.0, INF]
 DEFAULT_TUNING_EPSILON = 3.0  # the recipes' lr and clipping norm at every ε, unless --tuned-at-each-epsilon
 TUNED_AT_EACH_EPSILON = False  # --tuned-at-each-epsilon: an ε tuned on its own (--tune --epsilons) takes its lr and C
 TUNED_WEIGHT_DECAY = False  # --tuned-weight-decay: each ε's lr and C, and the weight decay --tune --weight-decays chose
+TUNED_EPOCHS = False  # --tuned-epochs: each ε's lr and C, and the epochs --tune --epochs-grid chose
 NO_NOISE = 1e-6  # ε = ∞: the same recipe with a negligible noise multiplier (clipping kept)
 RUNS = ROOT / "benchmarks" / "results" / "privacy_runs"
 TUNING = ROOT / "benchmarks" / "results" / "privacy_tuning.json"
@@ -129,11 +132,12 @@ def recipe(mode: str, epsilon: float | None = None) -> dict:
     """The mode's recipe, with the learning rate and clipping norm the public tuning chose where it ran: at ε = 3
     (``best``), or with ``--tuned-at-each-epsilon`` at ``epsilon`` where it was tuned there (``by_epsilon``); with
     ``--tuned-weight-decay`` also the weight decay chosen at ``epsilon`` (``weight_decay``; a recipe without the key
-    keeps ``finetune.weight_decay``, so the runs stored before it keep their names)."""
+    keeps ``finetune.weight_decay``, so the runs stored before it keep their names); with ``--tuned-epochs`` the
+    epochs chosen at ``epsilon`` instead of the recipe's (``epochs``)."""
     out = dict(RECIPES[mode])
     if TUNING.is_file():
         doc = json.loads(TUNING.read_text())
-        each = (TUNED_AT_EACH_EPSILON or TUNED_WEIGHT_DECAY) and epsilon is not None
+        each = (TUNED_AT_EACH_EPSILON or TUNED_WEIGHT_DECAY or TUNED_EPOCHS) and epsilon is not None
         tuned = doc.get("by_epsilon", {}).get(eps_name(epsilon), {}) if each else {}
         best = tuned.get("best", {}).get(mode) or doc["best"].get(mode)
         if best:
@@ -141,6 +145,9 @@ def recipe(mode: str, epsilon: float | None = None) -> dict:
         decay = doc.get("weight_decay", {}).get(eps_name(epsilon), {}).get("best", {}).get(mode)
         if TUNED_WEIGHT_DECAY and decay and decay["weight_decay"] is not None:
             out["weight_decay"] = decay["weight_decay"]
+        epochs = doc.get("epochs", {}).get(eps_name(epsilon), {}).get("best", {}).get(mode)
+        if TUNED_EPOCHS and epochs and epochs["epochs"] is not None:
+            out["epochs"] = epochs["epochs"]
     return out
 
 
@@ -414,11 +421,18 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def tune(params: Params, modes: list[str], epsilon: float, weight_decays: list[float] | None = None) -> dict:
+def tune(
+    params: Params,
+    modes: list[str],
+    epsilon: float,
+    weight_decays: list[float] | None = None,
+    epochs: list[int] | None = None,
+) -> dict:
     """The learning rate and clipping norm of each mode chosen on BreastMNIST (public for this task) at ε: at
     ε = 3 the recipe's default (``best``), at another ε that ε's own (``by_epsilon``). With ``weight_decays``, the
     weight decay instead, at that ε's lr and C (``weight_decay``; the recipe's own finetune.weight_decay is in the
-    grid as None)."""
+    grid as None); with ``epochs``, the epochs, at that ε's lr and C and the recipe's decay (``epochs``; the recipe's
+    own epochs are in the grid as None)."""
     from medvec.data.sources import load_split
     from medvec.hospital.privacy import tune_on_public
 
@@ -433,15 +447,19 @@ def tune(params: Params, modes: list[str], epsilon: float, weight_decays: list[f
     for mode in modes:
         started = time.perf_counter()
         privacy = privacy_for(mode, epsilon, len(public))
+        lr, norm = privacy.lr or params.finetune.lr, privacy.max_grad_norm
         if weight_decays:  # None in the grid: finetune.weight_decay, as every recipe before
             privacy = privacy.model_copy(update={"weight_decay": None})
-            lr, norm, decays = privacy.lr or params.finetune.lr, privacy.max_grad_norm, (None, *weight_decays)
+            decays = (None, *weight_decays)
             grid = tune_on_public(public, base, params.finetune, privacy, (lr,), (norm,), weight_decays=decays)
+        elif epochs:  # None in the grid: the recipe's epochs
+            grid = tune_on_public(public, base, params.finetune, privacy, (lr,), (norm,), epochs=(None, *epochs))
         else:
             grid = tune_on_public(public, base, params.finetune, privacy)
         at = doc
-        if weight_decays:
-            at = doc.setdefault("weight_decay", {}).setdefault(eps_name(epsilon), {"grid": {}, "best": {}})
+        if weight_decays or epochs:
+            axis = "weight_decay" if weight_decays else "epochs"
+            at = doc.setdefault(axis, {}).setdefault(eps_name(epsilon), {"grid": {}, "best": {}})
         elif epsilon != DEFAULT_TUNING_EPSILON:
             at = doc.setdefault("by_epsilon", {}).setdefault(eps_name(epsilon), {"grid": {}, "best": {}})
         at["grid"][mode] = [vars(g) for g in grid]
@@ -473,21 +491,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tuned-weight-decay", action="store_true", help="each ε's lr and C and the weight decay tuned at it"
     )
+    ap.add_argument("--epochs-grid", type=int, nargs="+", help="with --tune: tune the epochs over these")
+    ap.add_argument("--tuned-epochs", action="store_true", help="each ε's lr and C and the epochs tuned at it")
     ap.add_argument("--augmentations", type=int, help="privacy.augmentations K of the DP modes run (default: RECIPES)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    global TUNED_AT_EACH_EPSILON, TUNED_WEIGHT_DECAY
+    global TUNED_AT_EACH_EPSILON, TUNED_WEIGHT_DECAY, TUNED_EPOCHS
     TUNED_AT_EACH_EPSILON = args.tuned_at_each_epsilon
     TUNED_WEIGHT_DECAY = args.tuned_weight_decay or bool(args.weight_decays)  # tuning wd runs at each ε's lr and C
+    TUNED_EPOCHS = args.tuned_epochs
+    if args.epochs_grid:  # tuning the epochs runs at each ε's lr and C, and the recipe's weight decay
+        TUNED_AT_EACH_EPSILON = True
     for mode in MODES if args.augmentations else ():
         RECIPES[mode]["augmentations"] = args.augmentations  # part of each run's recipe, so of its name
     overrides = [f"finetune.threads={args.threads}", "batchnorm.strategy=average"]
     params = load_params(ROOT / "params.yaml", overrides + args.overrides)
     if args.tune:
         for eps in args.epsilons or [DEFAULT_TUNING_EPSILON]:
-            tune(params, [m for m in args.modes if m != "none"], eps, args.weight_decays)
+            tune(params, [m for m in args.modes if m != "none"], eps, args.weight_decays, args.epochs_grid)
         return 0
     epsilons = args.epsilons or DEFAULT_EPSILONS
     data = str(ROOT / params.demo.data)

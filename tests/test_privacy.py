@@ -358,6 +358,9 @@ def test_tuning_never_reads_a_hospital_s_split(tiny_base, tmp_path):
     assert grid[0].val_auc >= grid[1].val_auc and all(len(g.val_aucs) == 2 for g in grid)
     assert all(g.val_auc == sum(g.val_aucs) / 2 and all(0 <= a <= 1 for a in g.val_aucs) for g in grid)
     assert grid[0].val_aucs[0] != grid[0].val_aucs[1]  # two splits, two scores: the mean ranks, not one split
+    by_epochs = tune_on_public(public, tiny_base, cfg, privacy, lrs=(0.01,), norms=(1.0,), seeds=1, epochs=(1, 4))
+    assert sorted(g.epochs for g in by_epochs) == [1, 4]  # type: ignore[type-var]  # both set
+    assert by_epochs[0].val_aucs != by_epochs[1].val_aucs  # each point trained for its own epochs
 
 
 def test_privacy_weight_decay_is_adamw_s_decoupled_decay_of_the_start_weights(tiny_base):

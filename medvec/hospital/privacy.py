@@ -559,8 +559,8 @@ class PrivateDataError(UserError):
 
 @dataclass(frozen=True)
 class TunedSetting:
-    """One point of :func:`tune_on_public`'s grid: the learning rate, clipping norm and weight decay (None:
-    ``privacy.weight_decay`` as given), the public validation AUC DP-SGD reached with them on each seeded split
+    """One point of :func:`tune_on_public`'s grid: the learning rate, clipping norm, weight decay and epochs (None:
+    ``privacy.weight_decay``, ``privacy.epochs`` as given), the public validation AUC DP-SGD reached with them on each seeded split
     (``val_aucs``), and its mean (``val_auc``), which ranks them."""
 
     lr: float
@@ -568,6 +568,7 @@ class TunedSetting:
     val_auc: float
     val_aucs: tuple[float, ...] = ()
     weight_decay: float | None = None
+    epochs: int | None = None
 
 
 def tune_on_public(
@@ -580,9 +581,11 @@ def tune_on_public(
     val_fraction: float = 0.2,
     seeds: int = 3,
     weight_decays: tuple[float | None, ...] = (None,),
+    epochs: tuple[int | None, ...] = (None,),
 ) -> list[TunedSetting]:
-    """``privacy.lr``, ``privacy.max_grad_norm`` and (with ``weight_decays``; None: as ``privacy`` has it)
-    ``privacy.weight_decay`` chosen on **public** data: DP-SGD as ``privacy`` says (its
+    """``privacy.lr``, ``privacy.max_grad_norm`` and (with ``weight_decays`` and ``epochs``; None: as ``privacy``
+    has it) ``privacy.weight_decay`` and ``privacy.epochs`` chosen on **public** data (at a fixed ε, more epochs
+    mean more noise each step): DP-SGD as ``privacy`` says (its
     trainable, ε, epochs, batch) on ``seeds`` seeded splits of ``public`` (seeds ``cfg.seed``, ``cfg.seed + 1``,
     …: each changes the split, the noise and the batches), each grid point scored by its mean AUC on the
     held-out parts; the best first. One split is not enough: on BreastMNIST at ε = 3 the head's learning rates
@@ -597,17 +600,20 @@ def tune_on_public(
             "tune_on_public was given a hospital's private split: tuning on it spends privacy the ledger does not "
             "count; tune on public data (another data set, or the coordinator's proxy set)"
         )
-    grid = [(lr, norm, wd) for lr in lrs for norm in norms for wd in weight_decays]
-    scores: dict[tuple[float, float, float | None], list[float]] = {point: [] for point in grid}
+    grid = [(lr, norm, wd, ep) for lr in lrs for norm in norms for wd in weight_decays for ep in epochs]
+    scores: dict[tuple[float, float, float | None, int | None], list[float]] = {point: [] for point in grid}
     for seed in range(cfg.seed, cfg.seed + seeds):
         keep, held = draw_local_val(len(public), val_fraction, seed, public.groups())
         train, val = public.subset(keep), public.subset(held)
         seeded = cfg.model_copy(update={"seed": seed})
-        for (lr, norm, wd), got in scores.items():
+        for (lr, norm, wd, ep), got in scores.items():
             model = base.fresh()
             point = {"enabled": True, "lr": lr, "max_grad_norm": norm} | ({} if wd is None else {"weight_decay": wd})
+            point |= {} if ep is None else {"epochs": ep}
             setting = privacy.model_copy(update=point)
             dp_finetune(model, train, base.spec, seeded, setting, progress=False)
             got.append(float(evaluate_model(model, val, base.spec)["auc"]))
-    out = [TunedSetting(lr, norm, sum(got) / len(got), tuple(got), wd) for (lr, norm, wd), got in scores.items()]
+    out = [
+        TunedSetting(lr, norm, sum(got) / len(got), tuple(got), wd, ep) for (lr, norm, wd, ep), got in scores.items()
+    ]
     return sorted(out, key=lambda t: -t.val_auc)
