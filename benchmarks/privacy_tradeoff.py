@@ -110,7 +110,7 @@ RECIPES: dict[str, dict] = {
         "centre": "data/breastmnist.npz",
         "augmentations": 8,  # privacy.views' default for head
     },
-    "bn_affine": {"epochs": 5, "batch_size": 256, "lr": 0.003, "max_grad_norm": 1.0, "ema": 0.99, "augmentations": 1},
+    "bn_affine": {"epochs": 10, "batch_size": 256, "lr": 0.003, "max_grad_norm": 1.0, "ema": 0.99, "augmentations": 1},
     "all": {"epochs": 1, "batch_size": 64, "lr": 0.001, "max_grad_norm": 1.0, "ema": None, "augmentations": 1},
 }
 # Runs stored before DP-SGD's per-example loss (medvec.hospital.privacy.per_example_loss) have recipes without
