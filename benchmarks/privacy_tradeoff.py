@@ -142,12 +142,10 @@ def recipe(mode: str, epsilon: float | None = None) -> dict:
         best = tuned.get("best", {}).get(mode) or doc["best"].get(mode)
         if best:
             out.update(lr=best["lr"], max_grad_norm=best["max_grad_norm"])
-        decay = doc.get("weight_decay", {}).get(eps_name(epsilon), {}).get("best", {}).get(mode)
-        if TUNED_WEIGHT_DECAY and decay and decay["weight_decay"] is not None:
-            out["weight_decay"] = decay["weight_decay"]
-        epochs = doc.get("epochs", {}).get(eps_name(epsilon), {}).get("best", {}).get(mode)
-        if TUNED_EPOCHS and epochs and epochs["epochs"] is not None:
-            out["epochs"] = epochs["epochs"]
+        for axis, on in (("weight_decay", TUNED_WEIGHT_DECAY), ("epochs", TUNED_EPOCHS)):
+            chosen = doc.get(axis, {}).get(eps_name(epsilon), {}).get("best", {}).get(mode)
+            if on and chosen and chosen[axis] is not None:
+                out[axis] = chosen[axis]
     return out
 
 

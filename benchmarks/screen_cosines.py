@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS, ROOT, table, write
+from robustness import attacked
 
 from medvec.config import Params, load_params
 from medvec.coordinator import engine, scoring
@@ -52,11 +53,6 @@ class Part:
         return self.vector.deltas[key]
 
 
-def flipped(v: DataVector) -> DataVector:
-    """The sign-flip attack: −τ with the same metadata."""
-    return DataVector({k: -t for k, t in v.deltas.items()}, v.meta, v.running, v.moments)
-
-
 def cosines(vectors: list[DataVector]) -> dict[str, list[float]]:
     """Each vector's leave-one-out cosine over all tensors, the head's and the rest's."""
     keys = sorted(vectors[0].deltas)
@@ -68,7 +64,8 @@ def cosines(vectors: list[DataVector]) -> dict[str, list[float]]:
 def rows_of(seed: int, start: str, vectors: list[DataVector], counts: list[list[int]]) -> list[dict]:
     """One row a (start, attack): the cosines and what the screen flags."""
     out = []
-    for attack, vs in (("none", vectors), ("sign_flip", [*vectors[:-1], flipped(vectors[-1])])):
+    for attack in ("none", "sign_flip"):  # make robustness's sign flip: the last vector sent as −τ
+        vs = attacked(vectors, attack, {})
         flagged = {v.meta.hospital for v, _ in screen(vs, "quarantine").flagged}
         out.append({"seed": seed, "start": start, "attack": attack, "counts": counts, **cosines(vs),
                     "last": vectors[-1].meta.hospital, "flagged": sorted(flagged)})  # fmt: skip

@@ -26,7 +26,9 @@ from common import RESULTS, ROOT, table, write
 from privacy_tradeoff import demo_base
 
 from medvec.config import load_params
+from medvec.data.images import ImageSet
 from medvec.data.sources import load_split
+from medvec.evaluate import evaluate_model
 from medvec.hospital.privacy import select_trainable
 from medvec.preprocess import to_tensor
 from medvec.runtime import set_threads
@@ -47,25 +49,13 @@ class Epoch:
     test_auc: float
 
 
-Split = tuple[torch.Tensor, torch.Tensor]  # (preprocessed images, labels)
-
-
-def auc(model: torch.nn.Module, split: Split, batch: int = 256) -> float:
-    """The model's AUC on ``split`` (eval mode)."""
-    from sklearn.metrics import roc_auc_score
-
-    model.eval()
-    with torch.no_grad():
-        scores = [torch.softmax(model(split[0][i : i + batch]), 1)[:, 1] for i in range(0, len(split[0]), batch)]
-    return float(roc_auc_score(split[1].numpy(), torch.cat(scores).numpy()))
-
-
-def train(base, mode: str, lr: float, epochs: int, sets: dict[str, Split], seed: int) -> list[Epoch]:
-    """``mode``'s parameters of a fresh θ_pre trained on the pooled train split, scored after every epoch."""
+def train(base, mode: str, lr: float, epochs: int, x: torch.Tensor, y: torch.Tensor, sets: dict[str, ImageSet],
+          seed: int) -> list[Epoch]:  # fmt: skip
+    """``mode``'s parameters of a fresh θ_pre trained on the pooled train split (``x`` preprocessed, ``y``), scored
+    on ``sets`` (val and test) after every epoch."""
     torch.manual_seed(seed)
     model = base.fresh()
     params = select_trainable(model, mode)
-    x, y = sets["train"]
     weight = (len(y) / (2 * torch.bincount(y, minlength=2).clamp_min(1))).float()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     out = []
@@ -76,7 +66,8 @@ def train(base, mode: str, lr: float, epochs: int, sets: dict[str, Split], seed:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        out.append(Epoch(mode, lr, epoch, round(auc(model, sets["val"]), 4), round(auc(model, sets["test"]), 4)))
+        auc = {s: round(float(evaluate_model(model, data, base.spec)["auc"]), 4) for s, data in sets.items()}
+        out.append(Epoch(mode, lr, epoch, auc["val"], auc["test"]))
         print(out[-1], flush=True)
     return out
 
@@ -90,11 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     started = time.perf_counter()
     base = demo_base(load_params(ROOT / "params.yaml"))
-    sets: dict[str, Split] = {}
-    for split in ("train", "val", "test"):
-        data = load_split(DATA, split)
-        sets[split] = (to_tensor(data.images, base.spec), torch.as_tensor(np.asarray(data.labels).ravel()))
-    got = [e for mode in MODES for lr in LRS for e in train(base, mode, lr, args.epochs, sets, args.seed)]
+    pooled = load_split(DATA, "train")
+    x, y = to_tensor(pooled.images, base.spec), torch.as_tensor(np.asarray(pooled.labels).ravel())
+    sets = {split: load_split(DATA, split) for split in ("val", "test")}
+    got = [e for mode in MODES for lr in LRS for e in train(base, mode, lr, args.epochs, x, y, sets, args.seed)]
     headline: dict[str, dict] = {}
     for mode in MODES:
         mine = [e for e in got if e.mode == mode]

@@ -560,8 +560,8 @@ class PrivateDataError(UserError):
 @dataclass(frozen=True)
 class TunedSetting:
     """One point of :func:`tune_on_public`'s grid: the learning rate, clipping norm, weight decay and epochs (None:
-    ``privacy.weight_decay``, ``privacy.epochs`` as given), the public validation AUC DP-SGD reached with them on each seeded split
-    (``val_aucs``), and its mean (``val_auc``), which ranks them."""
+    ``privacy.weight_decay``, ``privacy.epochs`` as given), the public validation AUC DP-SGD reached with them on
+    each seeded split (``val_aucs``), and its mean (``val_auc``), which ranks them."""
 
     lr: float
     max_grad_norm: float
