@@ -63,7 +63,7 @@ from medvec.data.images import ImageSet
 from medvec.data.split import split_from_config
 from medvec.demo.baselines import train_to_convergence
 from medvec.demo.simulate import Clock, simulate
-from medvec.evaluate import metrics, operating_point, predict
+from medvec.evaluate import evaluate_model, operating_point
 from medvec.hospital.finetune import finetune_vector, live_moments
 from medvec.hospital.local import LocalData
 from medvec.hospital.train import finetune
@@ -148,9 +148,9 @@ class Setting:
         """Validation and test AUC, and the validation-chosen operating point on test."""
         ev, bs, spec = self.evalsets, self.params.evaluate.batch_size, self.base.spec
         assert ev.val is not None and ev.test is not None, "the benchmark's data has val and test splits"
-        pv, pt = predict(model, ev.val, spec, bs), predict(model, ev.test, spec, bs)
-        op = operating_point((ev.val.labels, pv[:, 1]), (ev.test.labels, pt[:, 1]))
-        return {"val_auc": metrics(ev.val.labels, pv)["auc"], "auc": metrics(ev.test.labels, pt)["auc"], "op": op}
+        v, t = evaluate_model(model, ev.val, spec, bs), evaluate_model(model, ev.test, spec, bs)
+        op = operating_point((v["labels"], v["scores"]), (t["labels"], t["scores"]))
+        return {"val_auc": v["auc"], "auc": t["auc"], "op": op}
 
     def model(self, state: dict) -> torch.nn.Module:
         m = self.base.fresh()

@@ -1,7 +1,9 @@
 """Metrics, tables and plots (scikit-learn's metrics, not our own).
 
 ROC-AUC (binary, or one-vs-rest macro for multi-class), balanced accuracy,
-accuracy, per-class recall and the confusion matrix.
+accuracy, per-class recall and the confusion matrix. A model's AUC ranks its
+images by each class's log-odds (:func:`log_odds`), not by the float32
+probability, which saturates at 1 once a margin passes about 17.
 """
 
 from __future__ import annotations
@@ -27,25 +29,48 @@ if TYPE_CHECKING:
 
 
 def probabilities(logits: torch.Tensor, task: str = "multiclass") -> torch.Tensor:
-    """Class probabilities of logits: a softmax over classes, or for multi-label one sigmoid per label."""
-    return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), dim=1)
+    """Class probabilities of logits, in float64: a softmax over classes, or for multi-label one sigmoid per label.
+    float64, because a float32 probability is 1 exactly once the margin passes about 17, and a threshold on it (the
+    operating point, the registered model's label) then cannot tell those images apart; float64 holds them apart up
+    to a margin of about 37 (the AUC ranks by :func:`log_odds`, which never ties them)."""
+    z = logits.double()
+    return torch.sigmoid(z) if task == "multilabel" else torch.softmax(z, dim=1)
+
+
+def log_odds(logits: torch.Tensor, task: str = "multiclass") -> np.ndarray:
+    """Each column's log-odds log(p / (1 − p)), N×K in float64, from the logits: z_c − logsumexp_{j≠c} z_j under
+    a softmax (z₁ − z₀ for two classes), z itself under per-label sigmoids. They rank the images as the
+    probabilities do, without saturating: a float32 softmax gives p = 1 exactly once the margin passes about 17
+    (float64: 37), and the AUC then scores those images as ties. A DP head's merged margins reach 90 (issue 28)."""
+    z = logits.detach().double().cpu()
+    if task == "multilabel" or z.shape[1] < 2:
+        return z.numpy()
+    others = z.unsqueeze(1).expand(-1, z.shape[1], -1).clone()  # [n, c, j] = z_j
+    others.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # leave out j = c
+    return (z - torch.logsumexp(others, dim=2)).numpy()
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The model's logits, N×K on the CPU, in eval mode."""
+    model.eval()
+    model.to(device)
+    out = [model(x.to(device)).float().cpu() for x, _ in batches(data, spec, batch_size)]
+    return torch.cat(out) if out else torch.zeros((0, data.num_classes))
+
+
 def predict(
     model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> np.ndarray:
     """Class probabilities, N×K, with the model in eval mode (per-label sigmoids for a multi-label set)."""
-    model.eval()
-    model.to(device)
-    out = []
-    for x, _ in batches(data, spec, batch_size):
-        out.append(probabilities(model(x.to(device)), data.task).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, data.num_classes))
+    return probabilities(predict_logits(model, data, spec, batch_size, device), data.task).numpy()
 
 
-def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict:
-    """Per-label AUC and their macro mean, and per-label balanced accuracy, accuracy and recall at p ≥ 0.5.
+def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray, ranks: np.ndarray | None = None) -> dict:
+    """Per-label AUC (of ``ranks``, the log-odds, where given) and their macro mean, and per-label balanced
+    accuracy, accuracy and recall at p ≥ 0.5.
 
     A label whose AUC is undefined here (no positives, or no negatives) is left out of the macro mean, and
     ``auc_labels`` counts those that were in it; the mean is NaN only when no label has an AUC.
@@ -53,7 +78,7 @@ def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict:
     from sklearn.metrics import recall_score
 
     pred = (proba >= 0.5).astype(int)
-    auc = per_label_auc(y_true, proba)
+    auc = per_label_auc(y_true, proba if ranks is None else ranks)
     return {
         "auc": macro_auc(auc),
         "auc_per_label": auc,
@@ -95,19 +120,21 @@ def _binary_or_nan(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 and np.isfinite(p).all() else float("nan")
 
 
-def metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = None) -> dict:
+def metrics(
+    y_true: np.ndarray, proba: np.ndarray, num_classes: int | None = None, ranks: np.ndarray | None = None
+) -> dict:
     """AUC, balanced accuracy, accuracy, per-class recall and confusion matrix (multi-label: per label, no
-    confusion matrix)."""
+    confusion matrix). The AUC ranks by ``ranks`` (:func:`log_odds`) where given, else by ``proba``."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
     if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
-        return multilabel_metrics(np.asarray(y_true), proba)
+        return multilabel_metrics(np.asarray(y_true), proba, ranks)
     y_true = np.asarray(y_true).reshape(-1)
     k = num_classes or proba.shape[1]
     labels = list(range(k))
     pred = proba.argmax(1)
     return {
-        "auc": metric_value(y_true, proba, "auc"),
+        "auc": metric_value(y_true, proba, "auc", ranks),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
         "accuracy": float(accuracy_score(y_true, pred)),
         "recall": [float(r) for r in recall_score(y_true, pred, labels=labels, average=None, zero_division=0)],
@@ -175,10 +202,13 @@ def operating_point(
 def evaluate_model(
     model: nn.Module, data: ImageSet, spec: ModelSpec, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> dict:
-    """:func:`metrics` of the model on ``data``, with ``proba`` and ``labels`` (a paired bootstrap resamples them);
-    binary tasks also keep ``scores``, P(positive), for an operating point."""
-    proba = predict(model, data, spec, batch_size, device)
-    out = metrics(data.labels, proba, data.num_classes) | {"proba": proba, "labels": np.asarray(data.labels)}
+    """:func:`metrics` of the model on ``data`` (the AUC of the log-odds), with ``proba``, ``log_odds`` and
+    ``labels`` (a paired bootstrap resamples them); binary tasks also keep ``scores``, P(positive), for an
+    operating point."""
+    logits = predict_logits(model, data, spec, batch_size, device)
+    proba, ranks = probabilities(logits, data.task).numpy(), log_odds(logits, data.task)
+    out = metrics(data.labels, proba, data.num_classes, ranks)
+    out |= {"proba": proba, "log_odds": ranks, "labels": np.asarray(data.labels)}
     if data.multilabel:
         out["auc_by_label"] = dict(zip(data.classes, out["auc_per_label"], strict=True))
     elif proba.shape[1] == 2:
@@ -186,24 +216,27 @@ def evaluate_model(
     return out
 
 
-def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str) -> float:
-    """One selection metric (``auc``, ``balanced_accuracy`` or ``accuracy``) of class probabilities; NaN if undefined."""
+def metric_value(y_true: np.ndarray, proba: np.ndarray, metric: str, ranks: np.ndarray | None = None) -> float:
+    """One selection metric (``auc``, ``balanced_accuracy`` or ``accuracy``) of class probabilities, the AUC of
+    ``ranks`` (:func:`log_odds`) where given; NaN if undefined."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
     if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
         if metric not in ("auc", "balanced_accuracy", "accuracy"):
             raise ValueError(f"unknown metric {metric!r}: valid are auc, balanced_accuracy, accuracy")
-        return _multilabel_score(np.asarray(y_true), proba, metric)
+        return _multilabel_score(np.asarray(y_true), proba if metric != "auc" or ranks is None else ranks, metric)
     y_true = np.asarray(y_true).reshape(-1)
     if metric == "auc":
-        if len(np.unique(y_true)) < 2 or not np.isfinite(proba).all():
+        scores = proba if ranks is None else ranks
+        if len(np.unique(y_true)) < 2 or not np.isfinite(scores).all():
             return float("nan")
-        if proba.shape[1] == 2:
-            return float(roc_auc_score(y_true, proba[:, 1]))
-        labels = list(range(proba.shape[1]))
+        if scores.shape[1] == 2:
+            return float(roc_auc_score(y_true, scores[:, 1]))
+        labels = list(range(scores.shape[1]))
         if len(np.unique(y_true)) < len(labels):  # a class without examples: its one-vs-rest AUC is undefined
             return float("nan")
-        return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels))
+        # the macro mean of the one-vs-rest AUCs, as roc_auc_score(multi_class="ovr") (which takes probabilities)
+        return float(np.mean([roc_auc_score(y_true == c, scores[:, c]) for c in labels]))
     if metric == "balanced_accuracy":
         return float(balanced_accuracy_score(y_true, proba.argmax(1)))
     if metric == "accuracy":

@@ -70,3 +70,38 @@ def test_a_hospital_name_cannot_plant_markup_or_links_in_an_mlflow_description()
 
     assert _md("st-marys") == "st-marys"
     assert _md("x | [click](https://evil)\n# big") == "x \\| \\[click\\](https://evil) \\# big"
+
+
+class _Margins(torch.nn.Module):
+    """Logits (0, m) with m = scale × (the image's mean pixel − 0.5): a binary model whose margins reach ±scale/2."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        m = self.scale * (x.mean(dim=(1, 2, 3)) - 0.5)
+        return torch.stack([torch.zeros_like(m), m], 1)
+
+
+def test_auc_ranks_by_log_odds_where_a_float32_softmax_saturates():
+    from medvec.data.sources import load_split
+    from medvec.evaluate import evaluate_model, log_odds, predict, probabilities
+    from medvec.models import ModelSpec
+
+    # log-odds of each class: z_c − logsumexp of the others, exactly
+    z = torch.tensor([[0.0, 40.0], [1.0, 2.0], [3.0, -50.0]])
+    assert log_odds(z) == pytest.approx(np.array([[-40.0, 40.0], [-1.0, 1.0], [53.0, -53.0]]))
+    three = log_odds(torch.tensor([[0.0, 1.0, 2.0]]))[0]
+    assert three[2] == pytest.approx(2 - np.log(np.exp(0) + np.exp(1)))
+    assert three[0] == pytest.approx(0 - np.log(np.exp(1) + np.exp(2)))
+    # real images, a model whose margins pass 17: the probabilities tie at 1, the log-odds keep the order
+    data = load_split("data/pneumoniamnist.npz", "val").subset(np.arange(200))
+    spec = ModelSpec("margins", 28, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    small, large = evaluate_model(_Margins(1.0), data, spec), evaluate_model(_Margins(400.0), data, spec)
+    tied = int((predict(_Margins(400.0), data, spec)[:, 1] == 1.0).sum())
+    assert tied > 10  # saturated: P = 1 exactly, past a margin of ~37 even in float64
+    p = probabilities(torch.tensor([[0.0, 20.0], [0.0, 25.0], [0.0, 30.0]]))[:, 1]
+    assert p.dtype == torch.float64 and p[0] < p[1] < p[2] < 1  # float32 gives 1, 1, 1: a threshold sees one value
+    assert large["auc"] == pytest.approx(small["auc"], abs=1e-12)  # a scale of the margin ranks the same
+    assert metrics(data.labels, large["proba"])["auc"] != pytest.approx(small["auc"], abs=1e-3)  # what ties cost

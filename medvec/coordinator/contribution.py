@@ -159,16 +159,25 @@ class Game:
 
 
 def paired_se(a: dict, b: dict, metric: str, resamples: int, seed: int) -> float | None:
-    """Standard error of metric(a) − metric(b) by a paired bootstrap over the same images; None without resamples."""
+    """Standard error of metric(a) − metric(b) by a paired bootstrap over the same images (an AUC of the log-odds
+    where both kept them); None without resamples."""
     if resamples < 2 or "proba" not in a or "proba" not in b:
         return None
     y, pa, pb = np.asarray(a["labels"]), a["proba"], b["proba"]
+    ra, rb = (a["log_odds"], b["log_odds"]) if "log_odds" in a and "log_odds" in b else (None, None)
     y = y if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1)  # multi-label rows stay rows
     idx = np.random.default_rng(seed).integers(0, len(y), (resamples, len(y)))
     if metric == "auc" and pa.shape[1] == 2 and y.ndim == 1:
-        diffs = _binary_auc(y, pa[:, 1], idx) - _binary_auc(y, pb[:, 1], idx)
+        sa, sb = (pa, pb) if ra is None or rb is None else (ra, rb)
+        diffs = _binary_auc(y, sa[:, 1], idx) - _binary_auc(y, sb[:, 1], idx)
     else:
-        diffs = np.array([metric_value(y[i], pa[i], metric) - metric_value(y[i], pb[i], metric) for i in idx])
+        diffs = np.array(
+            [
+                metric_value(y[i], pa[i], metric, None if ra is None else ra[i])
+                - metric_value(y[i], pb[i], metric, None if rb is None else rb[i])
+                for i in idx
+            ]
+        )
     diffs = diffs[np.isfinite(diffs)]
     return float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
 
