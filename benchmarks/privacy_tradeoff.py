@@ -59,7 +59,7 @@ from medvec.config import Params, PrivacyConfig, load_params  # noqa: E402
 from medvec.coordinator import compare, engine, scoring  # noqa: E402
 from medvec.data.images import ImageSet  # noqa: E402
 from medvec.data.split import write_hospital_shards  # noqa: E402
-from medvec.evaluate import evaluate_model, predict  # noqa: E402
+from medvec.evaluate import evaluate_model, log_odds, predict_logits  # noqa: E402
 from medvec.hospital.finetune import finetune_vector  # noqa: E402
 from medvec.hospital.local import LocalData  # noqa: E402
 from medvec.models import create_base  # noqa: E402
@@ -68,10 +68,15 @@ from medvec.runtime import set_threads  # noqa: E402
 INF = math.inf
 
 
+def true_log_odds(model, data: ImageSet, spec) -> np.ndarray:
+    """log(p / (1 − p)) of each image's true label, from the logits (medvec.evaluate.log_odds: no saturation)."""
+    return log_odds(predict_logits(model, data, spec), data.task)[np.arange(len(data)), data.labels]
+
+
 def per_sample_loss(model, data: ImageSet, spec) -> np.ndarray:
-    """Cross-entropy of each image under ``model`` (computed here, never leaves this benchmark)."""
-    p = predict(model, data, spec)
-    return -np.log(np.clip(p[np.arange(len(data)), data.labels], 1e-12, 1.0))
+    """Cross-entropy of each image under ``model``, −log p = log(1 + e^(−log-odds)) (computed here, never leaves
+    this benchmark)."""
+    return np.logaddexp(0.0, -true_log_odds(model, data, spec))
 
 
 def non_members(member: ImageSet, others: list[ImageSet], seed: int) -> ImageSet:
@@ -124,6 +129,10 @@ TUNED_AT_EACH_EPSILON = False  # --tuned-at-each-epsilon: an ε tuned on its own
 TUNED_WEIGHT_DECAY = False  # --tuned-weight-decay: each ε's lr and C, and the weight decay --tune --weight-decays chose
 TUNED_EPOCHS = False  # --tuned-epochs: each ε's lr and C, and the epochs --tune --epochs-grid chose
 NO_NOISE = 1e-6  # ε = ∞: the same recipe with a negligible noise multiplier (clipping kept)
+# What the AUCs and the attacks rank by (medvec.evaluate.log_odds), and the operating point's probabilities
+# (float64): part of every run's name, so the runs scored on float32 probabilities before, which tie at 1 once a
+# margin passes ~17 (the merged DP heads' reach 90), are not read as today's.
+AUC_OF = "log-odds; float64 probabilities"
 RUNS = ROOT / "benchmarks" / "results" / "privacy_runs"
 TUNING = ROOT / "benchmarks" / "results" / "privacy_tuning.json"
 
@@ -234,9 +243,7 @@ def run_one(mode: str, seed: int, epsilon: float, params: Params, data: str, wor
 
 def logit_confidence(model, data: ImageSet, spec) -> np.ndarray:
     """log(p / (1 − p)) of each image's true label: LiRA's statistic."""
-    p = predict(model, data, spec)[np.arange(len(data)), data.labels].astype(np.float64)  # 1 − 1e-12 is 1 in fp32
-    p = np.clip(p, 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
+    return true_log_odds(model, data, spec)
 
 
 def leak_model(base, train: ImageSet, cfg, mode: str, epsilon: float, epochs: int):
@@ -519,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, s, e) for m in args.modes for e in (epsilons if m != "none" else [INF]) for s in args.seeds]
         for mode, seed, eps in tqdm(jobs, desc="privacy trade-off", unit="run"):
-            settings = base_settings | {"recipe": recipe(mode, eps) if mode != "none" else None}
+            settings = base_settings | {"recipe": recipe(mode, eps) if mode != "none" else None, "auc": AUC_OF}
             path = run_key("utility", mode, seed, eps, settings)
             if args.only_stored and not path.is_file():
                 continue
@@ -536,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings = base_settings | {
                     "recipe": recipe(mode, eps) if mode != "none" else None,
                     "attack": [args.attack_members, attack_epochs(mode, args), args.shadows],
+                    "auc": AUC_OF,
                 }
                 path = run_key("attack", mode, seed, eps, settings)
                 if args.only_stored and not path.is_file():
