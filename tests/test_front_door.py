@@ -88,9 +88,9 @@ def test_stored_privacy_tables_rebuild_on_a_fresh_clone(clone, tmp_path):
     assert (out / "privacy_centering.md").read_text() == (committed / "privacy_centering.md").read_text()
     run("benchmarks/privacy_tradeoff.py", "--modes", "head", "--only-stored", "--no-attack", "--out", str(out))
     got = rows(out / "privacy_tradeoff.md")
-    assert [r.split(" | ")[:6] for r in got] == [
-        r.split(" | ")[:6] for r in rows(committed / "privacy_head_k8" / "privacy_tradeoff.md")
-    ]
+    made = rows(committed / "privacy_tradeoff.md")  # make privacy's table: every mode; its header, rule and head's
+    heads = [r for r in made if r.startswith(("| trains ", "|---", "| head "))]
+    assert [r.split(" | ")[:6] for r in got] == [r.split(" | ")[:6] for r in heads]
     assert len(got) == 6  # the header, its rule and ε 1, 3, 8, ∞
 
 
