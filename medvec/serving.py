@@ -202,6 +202,16 @@ def class_probabilities(model: torch.nn.Module, x: torch.Tensor, task: str = "mu
     return probabilities(model(x), task).cpu().numpy()
 
 
+@torch.no_grad()
+def class_scores(model: torch.nn.Module, x: torch.Tensor, task: str = "multiclass") -> tuple[np.ndarray, np.ndarray]:
+    """The model's class probabilities and their log-odds (:func:`medvec.evaluate.log_odds`, what an AUC ranks by)
+    on a model-ready batch, from one forward pass."""
+    from medvec.evaluate import log_odds, probabilities
+
+    logits = model(x)
+    return probabilities(logits, task).cpu().numpy(), log_odds(logits, task)
+
+
 def label_frame(
     model: torch.nn.Module, x: np.ndarray | torch.Tensor, threshold: float | None, task: str = "multiclass"
 ):

@@ -105,3 +105,10 @@ def test_auc_ranks_by_log_odds_where_a_float32_softmax_saturates():
     assert p.dtype == torch.float64 and p[0] < p[1] < p[2] < 1  # float32 gives 1, 1, 1: a threshold sees one value
     assert large["auc"] == pytest.approx(small["auc"], abs=1e-12)  # a scale of the margin ranks the same
     assert metrics(data.labels, large["proba"])["auc"] != pytest.approx(small["auc"], abs=1e-3)  # what ties cost
+    # medvec predict on labelled images scores them as the evaluation does: by the log-odds
+    from medvec.hospital.predict import labelled_metrics
+    from medvec.preprocess import to_tensor
+    from medvec.serving import class_scores
+
+    p, odds = class_scores(_Margins(400.0), to_tensor(data.images, spec))
+    assert labelled_metrics(np.asarray(data.labels), p, None, odds)["auc"] == pytest.approx(large["auc"], abs=1e-12)

@@ -32,7 +32,7 @@ from medvec.data.images import (
     failed_share,
     too_many_failed,
 )
-from medvec.serving import Registered, class_probabilities, images_to_batch, label_columns
+from medvec.serving import Registered, class_scores, images_to_batch, label_columns
 
 CHUNK = 256  # images decoded, preprocessed and scored at a time
 
@@ -169,10 +169,12 @@ class Prediction:
 
 @dataclass
 class Scored:
-    """One batch of a source, scored: row names, class probabilities, labels (None: unlabelled), the uint8 images."""
+    """One batch of a source, scored: row names, class probabilities and their log-odds, labels (None: unlabelled),
+    the uint8 images."""
 
     ids: list[str]
     p: np.ndarray
+    log_odds: np.ndarray
     labels: np.ndarray | None
     images: list[np.ndarray]
 
@@ -193,9 +195,9 @@ def score(
         for chunk in source.chunks:
             for start in range(0, len(chunk.images), batch_size):
                 images = chunk.images[start : start + batch_size]
-                p = class_probabilities(net, images_to_batch(images, model.spec).to(device), model.task)
+                p, odds = class_scores(net, images_to_batch(images, model.spec).to(device), model.task)
                 labels = chunk.labels[start : start + batch_size] if chunk.labels is not None else None
-                yield Scored(chunk.ids[start : start + batch_size], p, labels, images)
+                yield Scored(chunk.ids[start : start + batch_size], p, odds, labels, images)
             bar.update(chunk.seen)
 
 
@@ -217,7 +219,7 @@ def predict_source(
 ) -> Prediction:
     """Score every image of ``source`` and write one CSV row per image (id, ``p_*``, label(s)); labelled data
     also gets its metrics beside the CSV (``<out stem>.metrics.json``)."""
-    probs, labels = [], []
+    probs, odds, labels = [], [], []
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     with out.open("w", newline="") as f:
@@ -229,24 +231,28 @@ def predict_source(
                 writer.writerow(frame.columns)
             writer.writerows(frame.itertuples(index=False, name=None))
             probs.append(batch.p)
+            odds.append(batch.log_odds)
             if batch.labels is not None:
                 labels.append(batch.labels)
             rows += len(frame)
     check_unreadable(source, rows, max_bad_fraction, f"{out} holds the {rows} that could be read")
     metrics, metrics_path = None, None
     if labels and rows:
-        metrics = labelled_metrics(np.concatenate(labels), np.concatenate(probs), model.threshold)
+        metrics = labelled_metrics(np.concatenate(labels), np.concatenate(probs), model.threshold, np.concatenate(odds))
         metrics_path = out.with_suffix(".metrics.json")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return Prediction(out, rows, source.failed, metrics, metrics_path)
 
 
-def labelled_metrics(labels: np.ndarray, proba: np.ndarray, threshold: float | None) -> dict:
-    """The demo's evaluation of scored, labelled images: :func:`medvec.evaluate.metrics`, and for a binary
-    task the sensitivity and specificity at the registered operating point (``op``)."""
+def labelled_metrics(
+    labels: np.ndarray, proba: np.ndarray, threshold: float | None, ranks: np.ndarray | None = None
+) -> dict:
+    """The demo's evaluation of scored, labelled images: :func:`medvec.evaluate.metrics` (its AUC ranks by
+    ``ranks``, the log-odds, as :func:`medvec.evaluate.evaluate_model`'s does), and for a binary task the
+    sensitivity and specificity at the registered operating point (``op``)."""
     from medvec.evaluate import at_threshold, metrics
 
-    out = metrics(labels, proba, proba.shape[1])
+    out = metrics(labels, proba, proba.shape[1], ranks)
     single = np.ndim(labels) == 1 or np.shape(labels)[1] == 1
     if threshold is not None and proba.shape[1] == 2 and single:
         out["op"] = at_threshold(labels, proba[:, 1], threshold)
