@@ -69,7 +69,8 @@ INF = math.inf
 
 
 def true_log_odds(model, data: ImageSet, spec) -> np.ndarray:
-    """log(p / (1 − p)) of each image's true label, from the logits (medvec.evaluate.log_odds: no saturation)."""
+    """log(p / (1 − p)) of each image's true label, from the logits (medvec.evaluate.log_odds: no saturation):
+    LiRA's statistic, and the loss attacks' through :func:`per_sample_loss`."""
     return log_odds(predict_logits(model, data, spec), data.task)[np.arange(len(data)), data.labels]
 
 
@@ -241,11 +242,6 @@ def run_one(mode: str, seed: int, epsilon: float, params: Params, data: str, wor
     }
 
 
-def logit_confidence(model, data: ImageSet, spec) -> np.ndarray:
-    """log(p / (1 − p)) of each image's true label: LiRA's statistic."""
-    return true_log_odds(model, data, spec)
-
-
 def leak_model(base, train: ImageSet, cfg, mode: str, epsilon: float, epochs: int):
     """A model of ``mode`` trained on ``train`` for ``epochs`` (DP at ε; ∞: no noise) — target or shadow."""
     from medvec.hospital.privacy import dp_finetune
@@ -286,11 +282,11 @@ def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, 
         pick = np.sort(rng.choice(free, args.attack_members, replace=False))
         shadow_cfg = cfg.model_copy(update={"seed": seed * 100 + k + 1})
         shadows.append(
-            logit_confidence(leak_model(base, pool.subset(pick), shadow_cfg, mode, epsilon, epochs), both, base.spec)
+            true_log_odds(leak_model(base, pool.subset(pick), shadow_cfg, mode, epsilon, epochs), both, base.spec)
         )
     out_conf = np.stack(shadows)  # shadows × images: every image is out of every shadow
     mu, sd = out_conf.mean(0), max(float(out_conf.std(0, ddof=1).mean()), 1e-6)
-    lira = (logit_confidence(target, both, base.spec) - mu) / sd
+    lira = (true_log_odds(target, both, base.spec) - mu) / sd
     losses = attack_aucs(target, base, members, outsiders)
     return {
         "mode": mode,

@@ -168,16 +168,14 @@ def paired_se(a: dict, b: dict, metric: str, resamples: int, seed: int) -> float
     y = y if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1)  # multi-label rows stay rows
     idx = np.random.default_rng(seed).integers(0, len(y), (resamples, len(y)))
     if metric == "auc" and pa.shape[1] == 2 and y.ndim == 1:
-        sa, sb = (pa, pb) if ra is None or rb is None else (ra, rb)
+        sa, sb = (ra, rb) if ra is not None and rb is not None else (pa, pb)
         diffs = _binary_auc(y, sa[:, 1], idx) - _binary_auc(y, sb[:, 1], idx)
     else:
-        diffs = np.array(
-            [
-                metric_value(y[i], pa[i], metric, None if ra is None else ra[i])
-                - metric_value(y[i], pb[i], metric, None if rb is None else rb[i])
-                for i in idx
-            ]
-        )
+
+        def resampled(p: np.ndarray, r: np.ndarray | None, i: np.ndarray) -> float:
+            return metric_value(y[i], p[i], metric, None if r is None else r[i])
+
+        diffs = np.array([resampled(pa, ra, i) - resampled(pb, rb, i) for i in idx])
     diffs = diffs[np.isfinite(diffs)]
     return float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
 
