@@ -19,7 +19,10 @@ hospitals, with the same split, θ_pre, training loop and evaluation:
   AUC of sync best;
 * an **EMA of the accepted versions** of every async run, its decay chosen on validation;
 * **centralized** training on the pooled images: the same 2 epochs as each hospital (equal compute) and to
-  convergence (epochs chosen by early stopping on validation).
+  convergence (epochs chosen by early stopping on validation);
+* a **half-time ceiling** under the straggler and absences: pooled training on every image-epoch the hospitals
+  could have finished, back to back in their windows, by half the time sync best took to reach its final AUC
+  (at most ``3·C`` each, as async). Where it falls short of that AUC, no protocol could have reached it by then.
 
 Every model is scored by test AUC and by balanced accuracy, sensitivity and specificity at the operating point
 chosen on validation (Youden's J).  Every (seed, protocol, regime) result is kept in
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -308,6 +312,31 @@ def run_async(s: Setting, protocol: str, regime: str, landings: int, until: floa
     return {"events": events}
 
 
+def run_ceiling(s: Setting, regime: str, horizon: float, cap: int) -> dict:
+    """Pooled training on each hospital's images as many times as it could have trained them by ``horizon`` on
+    ``regime``'s clock (:meth:`~medvec.demo.simulate.Clock.runs_by`), shuffled into one stream and trained in
+    passes of the pooled size (one pass sees each available image once on average), the best pass on validation
+    kept. θ_pre's score where no hospital could finish a run."""
+    clock, ev = s.clock(regime), s.evalsets
+    epochs = {h: clock.runs_by(h, n, 1, horizon, cap) for h, n in s.n.items()}
+    available = [s.data[h].train for h in s.hospitals if epochs[h]]
+    if not available:
+        return {"epochs": epochs, "passes": 0, "val_curve": [], **s.score(s.base.model)}
+    stream = ImageSet.concat([s.data[h].train for h in s.hospitals for _ in range(epochs[h])])
+    order = np.random.default_rng(s.seed).permutation(len(stream))
+    size = sum(len(d) for d in available)
+    model, curve, best = s.base.fresh(), [], None
+    assert ev.val is not None
+    for i in range(math.ceil(len(stream) / size)):
+        cfg = s.params.finetune.model_copy(update={"epochs": 1, "seed": s.params.finetune.seed + i})
+        finetune(model, stream.subset(order[i * size : (i + 1) * size]), s.base.spec, cfg, progress=False)
+        curve.append(evaluate_model(model, ev.val, s.base.spec, s.params.evaluate.batch_size)["auc"])
+        if best is None or curve[-1] > max(curve[:-1]):
+            best = {k: v.clone() for k, v in model.state_dict().items()}
+    assert best is not None
+    return {"epochs": epochs, "passes": len(curve), "val_curve": curve, **s.score(s.model(best))}
+
+
 def run_central(s: Setting, converged: bool) -> dict:
     """The pooled images: ``finetune.epochs`` epochs (equal compute), or to convergence (epochs chosen by early
     stopping on validation: :func:`medvec.demo.baselines.train_to_convergence`, at most 20)."""
@@ -362,7 +391,7 @@ def seed_results(
     best = sync_best(out)
     if ablations or best is None:
         return out if _complete(out) else None
-    out["sync_best"], out["sync_times"], out["quorum"] = best, {}, {}
+    out["sync_best"], out["sync_times"], out["quorum"], out["ceiling"] = best, {}, {}, {}
     for regime in ("straggler", "absences"):
         times = get(f"times-{regime}", {}, lambda x, r=regime: {"times": sync_times(x, rounds, r)})
         if times is None:
@@ -373,6 +402,12 @@ def seed_results(
         quorum = {"flower": SYNC[best]}
         out["quorum"][regime] = get(
             f"sync-{best}-quorum-{regime}", quorum, lambda x, r=regime: run_sync(x, best, rounds, r)
+        )
+        half = sync_reaches(out, regime) / 2
+        out["ceiling"][regime] = get(
+            f"ceiling-{regime}",
+            {"horizon": half, "cap": 3 * rounds},
+            lambda x, r=regime, h=half: run_ceiling(x, r, h, 3 * rounds),
         )
     return out if _complete(out) else None
 
@@ -409,6 +444,21 @@ def final(r: dict, protocol: str, regime: str = "equal") -> dict:
 def first_time(points: list[tuple[float, float]], target: float) -> float | None:
     """The first simulated time at which the test AUC reaches ``target`` (None: never)."""
     return next((t for t, auc in points if auc >= target), None)
+
+
+def sync_reaches(r: dict, regime: str) -> float:
+    """When sync best (every hospital) first reaches its own final test AUC on ``regime``'s clock."""
+    rounds = r["sync"][r["sync_best"]]["rounds"]
+    reached = first_time(list(zip(r["sync_times"][regime]["times"], (x["auc"] for x in rounds))), rounds[-1]["auc"])
+    assert reached is not None, "the final round reaches its own AUC"
+    return reached
+
+
+def at_time(r: dict, protocol: str, regime: str, t: float) -> float:
+    """The test AUC of ``protocol``'s champion at simulated time ``t`` (θ_pre's before its first event)."""
+    events = [e for e in r["async"][protocol][regime]["events"] if e["sim_time"] <= t]
+    first = r["async"][protocol][regime]["events"][0]
+    return events[-1]["auc"] if events else (first["auc"] if first["version"] == 0 else math.nan)
 
 
 def time_to(r: dict, protocol: str, regime: str) -> dict:
@@ -457,7 +507,55 @@ def headline(seeds: list[dict], rounds: int, protocol: str) -> dict:
         "paired_async_minus_sync_best": {"mean": mean(diffs), "ci95": ci95(diffs), "per_seed": diffs},
         "time_to_sync_final_auc": times_to(seeds, protocol),
         "time_to_sync_final_auc_by_protocol": {pr: times_to(seeds, pr) for pr in HEADLINE_ASYNC[1:]},
+        "half_time_ceiling": ceilings(seeds),
     }
+
+
+def ceilings(seeds: list[dict]) -> dict:
+    """Per regime and seed: half sync best's time to its final AUC (the goal's horizon), the image-epochs each
+    hospital could have finished by then, the pooled ceiling's test AUC on them against that target, and each
+    async protocol's test AUC at the horizon and whether it reached the target by then."""
+    out = {}
+    for g in ("straggler", "absences"):
+        horizon = [sync_reaches(r, g) / 2 for r in seeds]
+        target = [r["sync"][r["sync_best"]]["rounds"][-1]["auc"] for r in seeds]
+        ceiling = [r["ceiling"][g]["auc"] for r in seeds]
+        out[g] = {
+            "horizon": horizon,
+            "target_auc": target,
+            "epochs": [r["ceiling"][g]["epochs"] for r in seeds],
+            "ceiling_auc": ceiling,
+            "ceiling_reaches_target": [c >= t for c, t in zip(ceiling, target)],
+            "async_auc_at_horizon": {
+                pr: [at_time(r, pr, g, h) for r, h in zip(seeds, horizon)] for pr in HEADLINE_ASYNC[1:]
+            },
+            "async_met": {
+                pr: [(t := time_to(r, pr, g)["async"]) is not None and t <= h for r, h in zip(seeds, horizon)]
+                for pr in HEADLINE_ASYNC[1:]
+            },
+        }
+    return out
+
+
+def ceiling_table(regime: str, c: dict, seeds: list[int]) -> str:
+    """The half-time ceiling of one regime as a markdown table, one row per seed."""
+    prs = list(c["async_auc_at_horizon"])
+    lines = [
+        f"| {regime}: seed | horizon | image-epochs by then (per hospital) | target | ceiling | "
+        + " | ".join(f"async {pr}" for pr in prs)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(prs),
+    ]
+    for i, seed in enumerate(seeds):
+        epochs = ", ".join(str(k) for k in c["epochs"][i].values())
+        got = [f"{c['async_auc_at_horizon'][pr][i]:.3f}" + (" (met)" if c["async_met"][pr][i] else "") for pr in prs]
+        reach = "" if c["ceiling_reaches_target"][i] else " (short)"
+        lines.append(
+            f"| {seed} | {c['horizon'][i]:.2f} | {epochs} | {c['target_auc'][i]:.3f} | {c['ceiling_auc'][i]:.3f}{reach} | "
+            + " | ".join(got)
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def times_to(seeds: list[dict], protocol: str) -> dict:
@@ -576,6 +674,13 @@ def headline_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
                 f" per seed — sync (all) {fmt(t['sync'])}; sync (quorum) {fmt(t['sync_quorum'])}; async {fmt(t['async'])}"
                 f" (— : not within sync's time); async's test AUC at sync's final time {fmt(t['async_auc_at_sync_final_time'], 3)}."
             )
+    lines.append(
+        "\nThe half-time ceiling: pooled training on every image-epoch the hospitals could have finished by the horizon"
+        " (half of sync best's time to its final test AUC, the target), the best pass on validation; test AUC at the"
+        " horizon; (met): async reached the target by then; (short): the ceiling does not reach it."
+    )
+    for regime, c in head["half_time_ceiling"].items():
+        lines.append("\n" + ceiling_table(regime, c, head["seeds"]))
     return head, "\n".join(lines)
 
 

@@ -338,6 +338,18 @@ def test_availability_windows_by_hand():
     assert missing.missed("h1", k) == Availability(miss=0.5, seed=1).missed("h1", k)  # the same nights every time
 
 
+def test_runs_a_hospital_can_finish_by_a_horizon_by_hand():
+    """The half-time ceiling's image-epochs: back-to-back runs from the first start, each started in a window."""
+    from medvec.demo.simulate import Availability, Clock
+
+    always = Clock({"h1": 1.0}, {"h1": 0.5})  # 500 images: 0.5 per run, the first ending at 1.0
+    assert [always.runs_by("h1", 500, 1, t, cap=9) for t in (0.99, 1.0, 2.0, 2.49)] == [0, 1, 3, 3]
+    assert always.runs_by("h1", 500, 1, 100.0, cap=9) == 9  # at most the cap
+    nights = Clock({"h1": 1.0}, {"h1": 0.0}, Availability(period=3.0, window=1.0, miss=0.0, phase={"h1": 0.0}))
+    # 800 images: runs start at 0 and 0.8 (inside [0, 1)), end at 0.8 and 1.6; the third waits for 3, ends at 3.8
+    assert [nights.runs_by("h1", 800, 1, t, cap=9) for t in (1.6, 3.7, 3.8)] == [2, 2, 3]
+
+
 def test_a_timeout_that_fires_without_a_step_queues_the_next_one():
     """Seed 5 of async_vs_sync.py: h3's vector set the timeout at 3.3771 (landed 0.3771, timeout 3) and left the
     buffer before it; when it fired, the oldest vector (1.382) had waited 1.995, so no step, and the next timeout

@@ -103,6 +103,17 @@ class Clock:
         """When a run the hospital wants to start at ``t`` ends."""
         return self.start(hospital, t) + self.duration(hospital, n_train, epochs)
 
+    def runs_by(self, hospital: str, n_train: int, epochs: int, horizon: float, cap: int) -> int:
+        """How many runs the hospital can finish by ``horizon``, back to back from its first start (each at its next
+        window), at most ``cap``: what it could have trained by then had it never waited for a step."""
+        t, done = self.offset[hospital], 0
+        while done < cap:
+            t = self.run_end(hospital, n_train, epochs, t)
+            if t > horizon:
+                break
+            done += 1
+        return done
+
     def sync_round(self, n_train: dict[str, int], epochs: int, t: float = 0.0) -> float:
         """A synchronous round from ``t`` ends when its slowest hospital ends (its length)."""
         return max(self.run_end(h, n, epochs, t) for h, n in n_train.items()) - t
