@@ -80,12 +80,15 @@ RUNS = RESULTS / "async_runs"
 WORK = ROOT / ".medvec" / "async_vs_sync"
 TIMEOUT = 3.0  # a fresh buffer's timeout, simulated units: about the longest ordinary run (1,950 images at 1.25×)
 FRESH = ["refine.fresh=true", "refine.weighting=network", f"refine.timeout={TIMEOUT}"]
-PROTOCOLS: dict[str, tuple[str, list[str]]] = {  # name: (what it changes, refine.* overrides)
-    "fedasync": ("B = 1, weight n_i / Σ buffer (the old default: FedAsync)", []),
-    "network": ("B = 1, weight n_i / N of the network", ["refine.weighting=network"]),
+B1 = ["refine.fresh=false"]  # B-vector steps (refine.buffer, 1 in params.yaml)
+# name: (what it changes, overrides). Each names the step rule it is, whatever params.yaml's refine defaults are:
+# "fedasync" once had none, and ran as the fresh buffer when that became the default
+PROTOCOLS: dict[str, tuple[str, list[str]]] = {
+    "fedasync": ("B = 1, weight n_i / Σ buffer (the old default: FedAsync)", [*B1, "refine.weighting=buffer"]),
+    "network": ("B = 1, weight n_i / N of the network", [*B1, "refine.weighting=network"]),
     "network_cap": (
         "B = 1, network share, FADAS cap at staleness 1",
-        ["refine.weighting=network", "refine.staleness_cap=1"],
+        [*B1, "refine.weighting=network", "refine.staleness_cap=1"],
     ),
     "fresh": ("fresh buffer (every hospital or a timeout), network share", FRESH),
     "fresh_fedavgm": ("fresh buffer + server momentum 0.9 (FedAvgM)", [*FRESH, "refine.server_optimizer=fedavgm"]),
@@ -454,11 +457,24 @@ def sync_reaches(r: dict, regime: str) -> float:
     return reached
 
 
+def pre_auc(r: dict) -> float:
+    """θ_pre's test AUC: the default's champion before its first step."""
+    first = r["async"][HEADLINE_ASYNC[-1]]["equal"]["events"][0]
+    assert first["version"] == 0, "a fresh buffer does not step at its first landing"
+    return first["auc"]
+
+
 def at_time(r: dict, protocol: str, regime: str, t: float) -> float:
     """The test AUC of ``protocol``'s champion at simulated time ``t`` (θ_pre's before its first event)."""
     events = [e for e in r["async"][protocol][regime]["events"] if e["sim_time"] <= t]
-    first = r["async"][protocol][regime]["events"][0]
-    return events[-1]["auc"] if events else (first["auc"] if first["version"] == 0 else math.nan)
+    return events[-1]["auc"] if events else pre_auc(r)
+
+
+def sync_at_time(r: dict, regime: str, t: float) -> float:
+    """The test AUC of sync best's model at simulated time ``t``: its last round ended by then (θ_pre's before)."""
+    rounds = zip(r["sync_times"][regime]["times"], r["sync"][r["sync_best"]]["rounds"])
+    done = [x["auc"] for end, x in rounds if end <= t]
+    return done[-1] if done else pre_auc(r)
 
 
 def time_to(r: dict, protocol: str, regime: str) -> dict:
@@ -526,6 +542,7 @@ def ceilings(seeds: list[dict]) -> dict:
             "epochs": [r["ceiling"][g]["epochs"] for r in seeds],
             "ceiling_auc": ceiling,
             "ceiling_reaches_target": [c >= t for c, t in zip(ceiling, target)],
+            "sync_auc_at_horizon": [sync_at_time(r, g, h) for r, h in zip(seeds, horizon)],
             "async_auc_at_horizon": {
                 pr: [at_time(r, pr, g, h) for r, h in zip(seeds, horizon)] for pr in HEADLINE_ASYNC[1:]
             },
@@ -541,10 +558,10 @@ def ceiling_table(regime: str, c: dict, seeds: list[int]) -> str:
     """The half-time ceiling of one regime as a markdown table, one row per seed."""
     prs = list(c["async_auc_at_horizon"])
     lines = [
-        f"| {regime}: seed | horizon | image-epochs by then (per hospital) | target | ceiling | "
+        f"| {regime}: seed | horizon | image-epochs by then (per hospital) | target | ceiling | sync best then | "
         + " | ".join(f"async {pr}" for pr in prs)
         + " |",
-        "|---|---|---|---|---|" + "---|" * len(prs),
+        "|---|---|---|---|---|---|" + "---|" * len(prs),
     ]
     for i, seed in enumerate(seeds):
         epochs = ", ".join(str(k) for k in c["epochs"][i].values())
@@ -552,8 +569,7 @@ def ceiling_table(regime: str, c: dict, seeds: list[int]) -> str:
         reach = "" if c["ceiling_reaches_target"][i] else " (short)"
         lines.append(
             f"| {seed} | {c['horizon'][i]:.2f} | {epochs} | {c['target_auc'][i]:.3f} | {c['ceiling_auc'][i]:.3f}{reach} | "
-            + " | ".join(got)
-            + " |"
+            f"{c['sync_auc_at_horizon'][i]:.3f} | " + " | ".join(got) + " |"
         )
     return "\n".join(lines)
 
@@ -677,7 +693,8 @@ def headline_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
     lines.append(
         "\nThe half-time ceiling: pooled training on every image-epoch the hospitals could have finished by the horizon"
         " (half of sync best's time to its final test AUC, the target), the best pass on validation; test AUC at the"
-        " horizon; (met): async reached the target by then; (short): the ceiling does not reach it."
+        " horizon (sync best then: its last round ended by the horizon, θ_pre's if none); (met): async reached the"
+        " target by then; (short): the ceiling does not reach it."
     )
     for regime, c in head["half_time_ceiling"].items():
         lines.append("\n" + ceiling_table(regime, c, head["seeds"]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,6 +338,33 @@ def test_availability_windows_by_hand():
     k = missed[0]
     assert missing.next_start("h1", 3.0 * k) >= 3.0 * (k + 1)  # a missed night is skipped whole
     assert missing.missed("h1", k) == Availability(miss=0.5, seed=1).missed("h1", k)  # the same nights every time
+
+
+def test_async_protocols_name_their_step_rule(tmp_path):
+    """Every protocol of benchmarks/async_vs_sync.py resolves to the same refine settings whatever params.yaml's
+    step-rule defaults are. "fedasync" named none and ran as the fresh buffer on seeds 3–6 once that became the
+    default (async_runs/fresh_default/): under flipped defaults it was no longer FedAsync."""
+    import importlib.util
+
+    from medvec.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("async_vs_sync", root / "benchmarks" / "async_vs_sync.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["async_vs_sync"] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    text = (root / "params.yaml").read_text()
+    flipped = text.replace("\n  fresh: true ", "\n  fresh: false").replace(
+        "\n  weighting: network", "\n  weighting: buffer "
+    )
+    assert flipped.count("\n  fresh: false") == 1 and "\n  weighting: buffer" in flipped, "params.yaml's refine moved"
+    (tmp_path / "params.yaml").write_text(flipped)
+    for name, (_, overrides) in bench.PROTOCOLS.items():
+        today = load_params(root / "params.yaml", overrides).refine
+        other = load_params(tmp_path / "params.yaml", overrides).refine
+        assert today == other, name
+    assert load_params(root / "params.yaml", bench.PROTOCOLS["fedasync"][1]).refine.fresh is False
 
 
 def test_runs_a_hospital_can_finish_by_a_horizon_by_hand():
