@@ -22,7 +22,8 @@ hospitals, with the same split, θ_pre, training loop and evaluation:
   convergence (epochs chosen by early stopping on validation);
 * a **half-time ceiling** under the straggler and absences: pooled training on every image-epoch the hospitals
   could have finished, back to back in their windows, by half the time sync best took to reach its final AUC
-  (at most ``3·C`` each, as async). Where it falls short of that AUC, no protocol could have reached it by then.
+  (at most ``3·C`` each, as async). Where it falls short of that AUC, the images trained by then are the limit,
+  not the protocol (pooled SGD is no strict bound: async can pass it by a few thousandths).
 
 Every model is scored by test AUC and by balanced accuracy, sensitivity and specificity at the operating point
 chosen on validation (Youden's J).  Every (seed, protocol, regime) result is kept in
