@@ -450,10 +450,15 @@ def first_time(points: list[tuple[float, float]], target: float) -> float | None
     return next((t for t, auc in points if auc >= target), None)
 
 
+def sync_final(r: dict) -> dict:
+    """Sync best's last round (its final model's scores): the target the regimes measure time to."""
+    return r["sync"][r["sync_best"]]["rounds"][-1]
+
+
 def sync_reaches(r: dict, regime: str) -> float:
     """When sync best (every hospital) first reaches its own final test AUC on ``regime``'s clock."""
     rounds = r["sync"][r["sync_best"]]["rounds"]
-    reached = first_time(list(zip(r["sync_times"][regime]["times"], (x["auc"] for x in rounds))), rounds[-1]["auc"])
+    reached = first_time(list(zip(r["sync_times"][regime]["times"], (x["auc"] for x in rounds))), sync_final(r)["auc"])
     assert reached is not None, "the final round reaches its own AUC"
     return reached
 
@@ -481,16 +486,14 @@ def sync_at_time(r: dict, regime: str, t: float) -> float:
 def time_to(r: dict, protocol: str, regime: str) -> dict:
     """When sync best (all hospitals; and the quorum) and async first reach sync best's final test AUC, within
     sync's final time, and async's test AUC at that time."""
-    best = r["sync_best"]
-    target = r["sync"][best]["rounds"][-1]["auc"]
+    target = sync_final(r)["auc"]
     times = r["sync_times"][regime]["times"]
-    sync_pts = [(t, x["auc"]) for t, x in zip(times, r["sync"][best]["rounds"])]
     quorum_pts = [(x["time"], x["auc"]) for x in r["quorum"][regime]["rounds"]]
     events = r["async"][protocol][regime]["events"]  # runs that started before sync's final time may land after it
     async_pts = [(e["sim_time"], e["auc"]) for e in events if e["sim_time"] <= times[-1]]
     return {
         "target": target,
-        "sync": first_time(sync_pts, target),
+        "sync": sync_reaches(r, regime),
         "sync_quorum": first_time(quorum_pts, target),
         "async": first_time(async_pts, target),
         "sync_final_time": times[-1],
@@ -507,14 +510,14 @@ def headline(seeds: list[dict], rounds: int, protocol: str) -> dict:
         return {
             "single_mean": mean([single(r, key) for r in seeds]),
             "oneshot": mean([key(r["oneshot"]["oneshot"]) for r in seeds]),
-            "sync_best": mean([key(r["sync"][r["sync_best"]]["rounds"][-1]) for r in seeds]),
+            "sync_best": mean([key(sync_final(r)) for r in seeds]),
             f"fedavg_r{rounds}": mean([key(r["sync"]["fedavg"]["rounds"][-1]) for r in seeds]),
             f"async_c{rounds}": mean([key(final(r, protocol)) for r in seeds]),
             "centralized": mean([key(r["central"]["equal"]) for r in seeds]),
             "centralized_converged": mean([key(r["central"]["converged"]) for r in seeds]),
         }
 
-    diffs = [final(r, protocol)["auc"] - r["sync"][r["sync_best"]]["rounds"][-1]["auc"] for r in seeds]
+    diffs = [final(r, protocol)["auc"] - sync_final(r)["auc"] for r in seeds]
     return {
         "seeds": [r["seed"] for r in seeds],
         "async_protocol": protocol,
@@ -535,7 +538,7 @@ def ceilings(seeds: list[dict]) -> dict:
     out = {}
     for g in ("straggler", "absences"):
         horizon = [sync_reaches(r, g) / 2 for r in seeds]
-        target = [r["sync"][r["sync_best"]]["rounds"][-1]["auc"] for r in seeds]
+        target = [sync_final(r)["auc"] for r in seeds]
         ceiling = [r["ceiling"][g]["auc"] for r in seeds]
         out[g] = {
             "horizon": horizon,
@@ -668,9 +671,7 @@ def headline_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
     lines.append(_row("one-shot merge", [r["oneshot"]["oneshot"] for r in seeds]))
     for st in SYNC:
         lines.append(_row(f"sync {st}, R = {rounds}", [r["sync"][st]["rounds"][-1] for r in seeds]))
-    lines.append(
-        _row(f"sync best (on validation), R = {rounds}", [r["sync"][r["sync_best"]]["rounds"][-1] for r in seeds])
-    )
+    lines.append(_row(f"sync best (on validation), R = {rounds}", [sync_final(r) for r in seeds]))
     for pr in HEADLINE_ASYNC:
         lines.append(_row(f"async {pr}, C = {rounds} ({PROTOCOLS[pr][0]})", [final(r, pr) for r in seeds]))
     lines.append(_row("centralized, equal compute", [r["central"]["equal"] for r in seeds]))

@@ -244,9 +244,7 @@ def predict_source(
     return Prediction(out, rows, source.failed, metrics, metrics_path)
 
 
-def labelled_metrics(
-    labels: np.ndarray, proba: np.ndarray, threshold: float | None, ranks: np.ndarray | None = None
-) -> dict:
+def labelled_metrics(labels: np.ndarray, proba: np.ndarray, threshold: float | None, ranks: np.ndarray) -> dict:
     """The demo's evaluation of scored, labelled images: :func:`medvec.evaluate.metrics` (its AUC ranks by
     ``ranks``, the log-odds, as :func:`medvec.evaluate.evaluate_model`'s does), and for a binary task the
     sensitivity and specificity at the registered operating point (``op``)."""
