@@ -85,7 +85,7 @@ B1 = ["refine.fresh=false"]  # B-vector steps (refine.buffer, 1 in params.yaml)
 # name: (what it changes, overrides). Each names the step rule it is, whatever params.yaml's refine defaults are:
 # "fedasync" once had none, and ran as the fresh buffer when that became the default
 PROTOCOLS: dict[str, tuple[str, list[str]]] = {
-    "fedasync": ("B = 1, weight n_i / Σ buffer (the old default: FedAsync)", [*B1, "refine.weighting=buffer"]),
+    "fedasync": ("B = 1, weight n_i / Σ buffer (FedAsync)", [*B1, "refine.weighting=buffer"]),
     "network": ("B = 1, weight n_i / N of the network", [*B1, "refine.weighting=network"]),
     "network_cap": (
         "B = 1, network share, FADAS cap at staleness 1",
@@ -116,8 +116,10 @@ SYNC = {  # Flower strategies and their settings
 }
 REGIMES = {"equal": {}, "straggler": {"straggler": 4.0}, "absences": {"absences": 0.3}}
 EMA_DECAYS = (0.5, 0.75, 0.9)
-# the old default, the quorum and (last) the default chosen: each also runs under the straggler and absences
+# the protocols that also run under the straggler and absences; params.yaml's step rule is the one of them with
+# the best validation AUC over the three regimes (:func:`choose`)
 HEADLINE_ASYNC = ("fedasync", "fresh_quorum", "fresh")
+PRE = "fresh"  # a fresh buffer does not step at its first landing: its first event scores θ_pre
 
 
 # ----------------------------------------------------------------------------- one seed's setting
@@ -463,17 +465,36 @@ def sync_reaches(r: dict, regime: str) -> float:
     return reached
 
 
-def pre_auc(r: dict) -> float:
-    """θ_pre's test AUC: the default's champion before its first step."""
-    first = r["async"][HEADLINE_ASYNC[-1]]["equal"]["events"][0]
+def pre_auc(r: dict, score: str = "auc") -> float:
+    """θ_pre's test AUC (``score`` "val_auc": its validation AUC): a fresh buffer's champion before its first step."""
+    first = r["async"][PRE]["equal"]["events"][0]
     assert first["version"] == 0, "a fresh buffer does not step at its first landing"
-    return first["auc"]
+    return first[score]
 
 
-def at_time(r: dict, protocol: str, regime: str, t: float) -> float:
-    """The test AUC of ``protocol``'s champion at simulated time ``t`` (θ_pre's before its first event)."""
+def at_time(r: dict, protocol: str, regime: str, t: float, score: str = "auc") -> float:
+    """The test AUC (or ``score``) of ``protocol``'s champion at simulated time ``t`` (θ_pre's before its first
+    event)."""
     events = [e for e in r["async"][protocol][regime]["events"] if e["sim_time"] <= t]
-    return events[-1]["auc"] if events else pre_auc(r)
+    return events[-1][score] if events else pre_auc(r, score)
+
+
+def validation_by_regime(r: dict, protocol: str) -> dict[str, float]:
+    """``protocol``'s champion's validation AUC at the end of each regime: after its last landing at equal compute,
+    at sync's final time under the straggler and absences."""
+    out = {"equal": final(r, protocol)["val_auc"]}
+    for g in ("straggler", "absences"):
+        out[g] = at_time(r, protocol, g, r["sync_times"][g]["times"][-1], "val_auc")
+    return out
+
+
+def choose(seeds: list[dict]) -> dict:
+    """The default step rule, on validation only: the protocol of :data:`HEADLINE_ASYNC` whose champion has the best
+    validation AUC, averaged over seeds and the three regimes (each regime's mean beside it)."""
+    by = {pr: [validation_by_regime(r, pr) for r in seeds] for pr in HEADLINE_ASYNC}
+    val = {pr: {g: mean([x[g] for x in xs]) for g in REGIMES} for pr, xs in by.items()}
+    overall = {pr: mean(list(v.values())) for pr, v in val.items()}
+    return {"chosen": max(overall, key=lambda pr: overall[pr]), "val_auc": val, "val_auc_mean": overall}
 
 
 def sync_at_time(r: dict, regime: str, t: float) -> float:
@@ -502,7 +523,7 @@ def time_to(r: dict, protocol: str, regime: str) -> dict:
     }
 
 
-def headline(seeds: list[dict], rounds: int, protocol: str) -> dict:
+def headline(seeds: list[dict], rounds: int, protocol: str, choice: dict) -> dict:
     def single(r: dict, key) -> float:
         return mean([key(x) for x in r["oneshot"]["singles"]])
 
@@ -521,6 +542,7 @@ def headline(seeds: list[dict], rounds: int, protocol: str) -> dict:
     return {
         "seeds": [r["seed"] for r in seeds],
         "async_protocol": protocol,
+        "default_on_validation": choice,
         "sync_best_per_seed": [r["sync_best"] for r in seeds],
         "auc": block(lambda x: x["auc"]),
         "balanced_accuracy": block(lambda x: x["op"]["balanced_accuracy"]),
@@ -665,8 +687,9 @@ def ablation_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
 
 
 def headline_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
-    protocol = HEADLINE_ASYNC[-1]
-    head = headline(seeds, rounds, protocol)
+    choice = choose(seeds)
+    protocol = choice["chosen"]
+    head = headline(seeds, rounds, protocol, choice)
     lines = [HEADER, _row("single hospital (mean)", [_singles(r) for r in seeds])]
     lines.append(_row("one-shot merge", [r["oneshot"]["oneshot"] for r in seeds]))
     for st in SYNC:
@@ -676,6 +699,14 @@ def headline_report(seeds: list[dict], rounds: int) -> tuple[dict, str]:
         lines.append(_row(f"async {pr}, C = {rounds} ({PROTOCOLS[pr][0]})", [final(r, pr) for r in seeds]))
     lines.append(_row("centralized, equal compute", [r["central"]["equal"] for r in seeds]))
     lines.append(_row("centralized, converged (early stopping)", [r["central"]["converged"] for r in seeds]))
+    lines.append(
+        f"\nThe default, chosen on validation: **{protocol}**, the best validation AUC of its champion averaged over"
+        " the three regimes (at equal compute after its last landing; under the straggler and absences at sync's"
+        " final time):\n\n| protocol | " + " | ".join(REGIMES) + " | mean |\n|---|" + "---|" * (len(REGIMES) + 1)
+    )
+    for pr, v in choice["val_auc"].items():
+        cells = " | ".join(f"{v[g]:.4f}" for g in REGIMES)
+        lines.append(f"| {pr} | {cells} | {choice['val_auc_mean'][pr]:.4f} |")
     p = head["paired_async_minus_sync_best"]
     lines.append(
         f"\nPaired async {protocol} − sync best (test AUC): {p['mean']:+.4f}, 95 % CI [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"

@@ -409,10 +409,10 @@ class RefineConfig(_Frozen):
         None, ge=1, description="FADAS: a step whose stalest vector is s > cap versions old is scaled by cap/s"
     )
     weighting: Literal["buffer", "network"] = Field(
-        "network", description="a vector's weight: its share of the buffer's samples, or of the network's"
+        "buffer", description="a vector's weight: its share of the buffer's samples, or of the network's"
     )
     fresh: bool = Field(
-        True,
+        False,
         description="step when every hospital of the network has a vector in the buffer (or `timeout` passed), "
         "instead of at B vectors; with no staleness the step is FedAvg's",
     )

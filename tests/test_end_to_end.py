@@ -195,7 +195,8 @@ def test_the_async_simulation_lands_every_hospital_once_through_finish_step(demo
     assert doc["async"]["landings_per_hospital"] == 1
     store = open_store(out / "async")
     records = store.merges(doc["base_sha256"])
-    assert len(records) == 1 and all(r.mode == "async" and r.registry is None for r in records)  # a fresh buffer
+    # params.yaml's step rule (FedAsync, B = 1): a step at every landing, each kept whether promoted or not
+    assert len(records) == 3 and all(r.mode == "async" and r.registry is None for r in records)
     assert all(r.params.registry.enabled is False for r in records)
     assert {i.hospital for r in records for i in r.inputs} == set(doc["split"]["hospitals"])
     promoted = [r for r in records if r.version is not None]
