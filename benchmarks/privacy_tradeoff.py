@@ -301,14 +301,27 @@ def run_attack(mode: str, seed: int, epsilon: float, params: Params, data: str, 
     }
 
 
+# refine.* as the stored runs were named (params.yaml's from 2026-12-06 to 12-07, the fresh buffer's): no run here
+# takes an asynchronous step, so a run's name no longer follows params.yaml's refine (a new async default renamed
+# every stored run once)
+NAMED_REFINE: dict[str, Any] = {
+    "mode": "oneshot", "buffer": 1, "eta": None, "etas": [0.5, 1.0, 1.5, 2.0], "staleness": "polynomial",
+    "staleness_a": 0.5, "staleness_b": 4, "max_staleness": 8, "staleness_cap": None, "weighting": "network",
+    "fresh": True, "quorum": 1.0, "network": [], "timeout": 86400.0, "server_optimizer": "none",
+    "server_momentum": 0.9, "server_lr": 0.1, "server_betas": [0.9, 0.99], "server_tau": 1e-09, "ema": None,
+    "first_step": "buffer", "local_epochs": 1,
+}  # fmt: skip
+
+
 def run_settings(params: Params, data: str) -> dict[str, Any]:
     """What names every run of ``params`` on ``data`` (its recipe and ε are added per run): the params but
-    ``privacy.*`` (each run's own) and ``finetune.threads`` (which changes the time, not the result), and the
-    data's path relative to the checkout, so that a clone elsewhere, or ``--threads`` of its own, finds the stored
-    runs."""
+    ``privacy.*`` (each run's own), ``finetune.threads`` (which changes the time, not the result) and ``refine.*``
+    (:data:`NAMED_REFINE` instead), and the data's path relative to the checkout, so that a clone elsewhere, or
+    ``--threads`` of its own, finds the stored runs."""
     path = Path(data).resolve()
+    named = params.model_dump(mode="json", exclude={"privacy": True, "finetune": {"threads"}})
     return {
-        "params": params.model_dump(mode="json", exclude={"privacy": True, "finetune": {"threads"}}),
+        "params": named | {"refine": NAMED_REFINE},
         "data": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
     }
 

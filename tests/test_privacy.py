@@ -656,3 +656,28 @@ def test_an_example_s_dp_gradient_does_not_depend_on_the_labels_of_its_batch(tin
     w1 = float(weighted.weight[1])
     loss = w1 * torch.nn.functional.cross_entropy(alone(x[:1]), torch.tensor([1]))
     assert torch.allclose(a, torch.autograd.grad(loss, alone.weight)[0], atol=1e-7)
+
+
+def test_a_stored_privacy_run_is_named_by_nothing_the_async_default_changes():
+    """privacy_tradeoff.py names each stored run by a hash of the params it ran with. refine.* was in it, so making
+    FedAsync the asynchronous default again renamed every stored run, and the fresh-clone rebuild found none. No
+    run there takes an asynchronous step: the name holds NAMED_REFINE, whatever params.yaml's refine is, and still
+    follows what the runs do read."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from medvec.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("privacy_tradeoff", root / "benchmarks" / "privacy_tradeoff.py")
+    assert spec is not None and spec.loader is not None
+    pt = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root / "benchmarks"))  # it imports the benchmarks' common module
+    spec.loader.exec_module(pt)
+    data, yaml = str(root / "data" / "pneumoniamnist.npz"), root / "params.yaml"
+    named = pt.run_settings(load_params(yaml), data)
+    other = ["refine.fresh=true", "refine.weighting=network", "refine.mode=async", "refine.quorum=0.5"]
+    assert pt.run_settings(load_params(yaml, other), data) == named
+    assert pt.run_settings(load_params(yaml, ["finetune.epochs=3"]), data) != named
+    assert named["params"]["refine"] == pt.NAMED_REFINE
