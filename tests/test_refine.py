@@ -361,16 +361,36 @@ def test_availability_windows_by_hand():
     assert missing.missed("h1", k) == Availability(miss=0.5, seed=1).missed("h1", k)  # the same nights every time
 
 
-def _async_bench():
-    """benchmarks/async_vs_sync.py as a module (it is a script, not a package)."""
+def _async_bench(name: str = "async_vs_sync"):
+    """benchmarks/<name>.py as a module (it is a script, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("async_vs_sync", ROOT / "benchmarks" / "async_vs_sync.py")
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # they import the benchmarks' common module
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
-    sys.modules["async_vs_sync"] = bench  # its dataclasses look their module up there
+    sys.modules[name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_the_class_balanced_folder_holds_the_npz_s_images_and_loads_as_a_user_s_folder(tmp_path):
+    """benchmarks/async_balanced.py's folder: every normal training image of PneumoniaMNIST and its first 388
+    pneumonia ones, validation and test whole, read back by the product's image-folder loader pixel for pixel."""
+    import numpy as np
+
+    from medvec.data.sources import load_split
+
+    bench = _async_bench("async_balanced")
+    bench.build(ROOT / "data" / "pneumoniamnist.npz", tmp_path)
+    npz = np.load(ROOT / "data" / "pneumoniamnist.npz")
+    y = npz["train_labels"].ravel()
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:388]])
+    train = load_split(tmp_path, "train")
+    assert np.bincount(train.labels).tolist() == [388, 388] and train.classes == ["normal", "pneumonia"]
+    assert np.array_equal(np.asarray(train.images).reshape(776, 28, 28), npz["train_images"][keep])
+    for split, counts in (("val", [135, 389]), ("test", [234, 390])):
+        assert np.bincount(load_split(tmp_path, split).labels).tolist() == counts
 
 
 def test_async_protocols_name_their_step_rule(tmp_path):
