@@ -126,17 +126,30 @@ def toy_meta(vector_id: str = "v", hospital: str = "h1"):
     )
 
 
+def benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package): registered under its name,
+    where its dataclasses look their module up, with benchmarks/ on the path for their ``common`` import."""
+    import importlib.util
+    import sys
+
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture()
 def folio_share(tmp_path):
     """``share(path)``: how much of a file a read-only map maps with 2 MiB entries (benchmarks/common.py).
 
     Skips where this kernel and filesystem cache no 2 MiB folios even for one large write,
     and checks the contrast first: 1 MiB writes leave 4 KiB pages."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = benchmark("common")
     reference, small = tmp_path / "one-write.bin", tmp_path / "small-writes.bin"
     reference.write_bytes(b"\1" * (12 << 20))
     with open(small, "wb") as f:

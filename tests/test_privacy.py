@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import BREAST, TINY_FLOW
+from conftest import BREAST, TINY_FLOW, benchmark
 from servers import MlflowServer, run_driver
 
 
@@ -663,18 +663,12 @@ def test_a_stored_privacy_run_is_named_by_nothing_the_async_default_changes():
     FedAsync the asynchronous default again renamed every stored run, and the fresh-clone rebuild found none. No
     run there takes an asynchronous step: the name holds NAMED_REFINE, whatever params.yaml's refine is, and still
     follows what the runs do read."""
-    import importlib.util
-    import sys
     from pathlib import Path
 
     from medvec.config import load_params
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("privacy_tradeoff", root / "benchmarks" / "privacy_tradeoff.py")
-    assert spec is not None and spec.loader is not None
-    pt = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(root / "benchmarks"))  # it imports the benchmarks' common module
-    spec.loader.exec_module(pt)
+    pt = benchmark("privacy_tradeoff")
     data, yaml = str(root / "data" / "pneumoniamnist.npz"), root / "params.yaml"
     named = pt.run_settings(load_params(yaml), data)
     other = ["refine.fresh=true", "refine.weighting=network", "refine.mode=async", "refine.quorum=0.5"]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BREAST, toy_meta
+from conftest import BREAST, benchmark, toy_meta
 from medvec.config import RefineConfig, load_params
 from medvec.coordinator.intake import admit, consumed
 from medvec.coordinator.lineage import replay_chain
@@ -361,19 +360,6 @@ def test_availability_windows_by_hand():
     assert missing.missed("h1", k) == Availability(miss=0.5, seed=1).missed("h1", k)  # the same nights every time
 
 
-def _async_bench(name: str = "async_vs_sync"):
-    """benchmarks/<name>.py as a module (it is a script, not a package)."""
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # they import the benchmarks' common module
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_the_class_balanced_folder_holds_the_npz_s_images_and_loads_as_a_user_s_folder(tmp_path):
     """benchmarks/async_balanced.py's folder: every normal training image of PneumoniaMNIST and its first 388
     pneumonia ones, validation and test whole, read back by the product's image-folder loader pixel for pixel."""
@@ -381,7 +367,7 @@ def test_the_class_balanced_folder_holds_the_npz_s_images_and_loads_as_a_user_s_
 
     from medvec.data.sources import load_split
 
-    bench = _async_bench("async_balanced")
+    bench = benchmark("async_balanced")
     bench.build(ROOT / "data" / "pneumoniamnist.npz", tmp_path)
     npz = np.load(ROOT / "data" / "pneumoniamnist.npz")
     y = npz["train_labels"].ravel()
@@ -399,7 +385,7 @@ def test_async_protocols_name_their_step_rule(tmp_path):
     default (async_runs/fresh_default/): under flipped defaults it was no longer FedAsync."""
     import re
 
-    bench = _async_bench()
+    bench = benchmark("async_vs_sync")
     text = (ROOT / "params.yaml").read_text()
     flipped, n = re.subn(
         r"\n  fresh: (true|false)", lambda m: "\n  fresh: " + {"true": "false", "false": "true"}[m[1]], text
@@ -424,7 +410,7 @@ def test_params_yaml_steps_by_the_protocol_chosen_on_validation():
     0–6) by validation AUC over the three regimes, not one chosen once and left: FedAsync since the regimes ran
     it (the fresh buffer, chosen on 3 seeds at equal compute before, fails this). The simulated timeout of a
     fresh protocol is in clock units, not params.yaml's seconds, so it is left out of the comparison."""
-    bench = _async_bench()
+    bench = benchmark("async_vs_sync")
     seeds = [bench.seed_results(s, 3, ["model.image_size=32"], False, True) for s in range(7)]
     assert all(r is not None for r in seeds), "a stored run is missing"
     choice = bench.choose(seeds)
