@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, ci95, table, write
+from common import ROOT, ci95, medvec_demo, table, write
 from PIL import Image
 
 PROTOCOLS = {"default": [], "fresh": ["refine.fresh=true", "refine.weighting=network"]}
@@ -54,15 +51,11 @@ def build(npz: Path, root: Path) -> None:
 def demo(data: Path, seed: int, protocol: str, work: Path) -> dict:
     """One ``medvec demo`` run (or the one already in ``work``): its results.json."""
     out = work / f"out-{protocol}-{seed}"
-    if not (out / "results.json").is_file():
-        sets = [*SETTINGS, f"split.seed={seed}", *PROTOCOLS[protocol]]
-        cmd = [sys.executable, "-m", "flows.cli", "demo", "--data", str(data), "--landings-per-hospital", "3"]
-        cmd += ["--seed", str(seed), "--out", str(out), "--no-progress", *(a for s in sets for a in ("-S", s))]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out}.db", "PREFECT_HOME": str(work / "prefect")}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"demo {protocol} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads((out / "results.json").read_text())
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    args = ["--data", str(data), "--landings-per-hospital", "3", "--seed", str(seed)]
+    sets = [*SETTINGS, f"split.seed={seed}", *PROTOCOLS[protocol]]
+    return medvec_demo(out, work / "prefect", args, sets, f"{protocol} seed {seed}")
 
 
 def row(seed: int, protocol: str, results: dict) -> dict:

@@ -42,6 +42,21 @@ def ci95(diffs: list[float]) -> list[float]:
     return [m - h, m + h]
 
 
+def medvec_demo(out: Path, prefect_home: Path, args: list[str], sets: list[str], what: str) -> dict:
+    """Run ``medvec demo ARGS --out OUT --no-progress -S SET…`` from the checkout, with its own MLflow database
+    beside ``out`` and Prefect home, and return its results.json; a failed run stops the benchmark naming ``what``."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "flows.cli", "demo", *args, "--out", str(out), "--no-progress"]
+    cmd += [a for s in sets for a in ("-S", s)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out}.db", "PREFECT_HOME": str(prefect_home)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"demo {what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads((out / "results.json").read_text())
+
+
 def write(name: str, payload: dict, markdown: str, out: Path = RESULTS) -> Path:
     """Write ``<name>.json`` (with the machine) and ``<name>.md``, and print the Markdown."""
     out.mkdir(parents=True, exist_ok=True)

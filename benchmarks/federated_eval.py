@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, table, write
+from common import ROOT, medvec_demo, table, write
 
 MODES = ("central", "hospitals")
 WHERE = {"central": "coordinator", "hospitals": "hospitals"}
@@ -47,14 +44,8 @@ def demo(data: str, seed: int, mode: str, landings: int, extra: list[str], folde
     """One ``medvec demo`` run; its results.json and the selected merge's record."""
     out = folder / f"{mode}-{seed}"
     sets = [*SETTINGS, f"split.seed={seed}", f"finetune.seed={seed}", f"evaluate.where={WHERE[mode]}", *extra]
-    cmd = [sys.executable, "-m", "flows.cli", "demo", "--data", data, "--hospitals", "4", "--out", str(out)]
-    cmd += ["--no-progress", "--landings-per-hospital", str(landings)]
-    cmd += [a for s in sets for a in ("-S", s)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out}.db", "PREFECT_HOME": str(folder / "prefect")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"demo {mode} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    results = json.loads((out / "results.json").read_text())
+    args = ["--data", data, "--hospitals", "4", "--landings-per-hospital", str(landings)]
+    results = medvec_demo(out, folder / "prefect", args, sets, f"{mode} seed {seed}")
     (record_file,) = (out / "merges").glob(f"*/{results['merge_id']}.json")
     record = json.loads(record_file.read_text())
     return {"results": results, "record": record.get("doc", record)}
