@@ -4,8 +4,9 @@ Issue 27 began with a user's try: a class-balanced PneumoniaMNIST subset read as
 ``medvec demo --data DIR --contributions 3``; the async champion ended below the best single hospital. This
 builds such a folder (every normal training image and as many pneumonia ones, the first in file order;
 validation and test whole: 776, 524 and 624 images) and runs ``medvec demo --data DIR --landings-per-hospital 3``
-per seed (which moves the split and the training) and per step rule: the default (``params.yaml``'s) and the
-fresh buffer (``refine.fresh=true``, ``refine.weighting=network``). Everything else is the product's default:
+per seed (which moves the split and the training) and per step rule (:data:`PROTOCOLS`): FedAsync (B = 1,
+n_i / Σ buffer), FedAsync that carries a kept-out step's vectors to the next (``refine.carry``), and the fresh
+buffer (``refine.fresh=true``, ``refine.weighting=network``). Everything else is the product's default:
 EfficientNet-Lite0 at 64 px, the gate on the hospitals' own validation answers (``evaluate.where: hospitals``,
 one standard error). Test AUC is on the coordinator's test split, which nothing reads; an async row's val AUC is
 the hospitals' pooled answers the gate read (a small sample the gate promoted on: biased up, the more so the
@@ -28,7 +29,13 @@ import numpy as np
 from common import ROOT, ci95, medvec_demo, table, write
 from PIL import Image
 
-PROTOCOLS = {"default": [], "fresh": ["refine.fresh=true", "refine.weighting=network"]}
+FEDASYNC = ["refine.fresh=false", "refine.buffer=1", "refine.weighting=buffer"]
+PROTOCOLS = {  # each names its step rule, whatever params.yaml's default is
+    "fedasync": FEDASYNC,
+    "carry": [*FEDASYNC, "refine.carry=true"],
+    "fresh": ["refine.fresh=true", "refine.weighting=network"],
+}
+PAIRS = (("fedasync", "fresh"), ("carry", "fresh"), ("carry", "fedasync"))  # paired by seed
 SETTINGS = ["demo.centralized=false", "demo.control=false"]
 CLASSES = ("normal", "pneumonia")
 
@@ -78,7 +85,7 @@ def row(seed: int, protocol: str, results: dict) -> dict:
 
 
 def summary(rows: list[dict]) -> dict:
-    """Means per protocol, the goals' counts, and default − fresh paired by seed."""
+    """Means per protocol, the goals' counts, and the differences of :data:`PAIRS` paired by seed."""
     out: dict = {"seeds": sorted({r["seed"] for r in rows}), "protocols": {}}
     for pr in PROTOCOLS:
         got = [r for r in rows if r["protocol"] == pr]
@@ -90,9 +97,10 @@ def summary(rows: list[dict]) -> dict:
             "more_than_0.005_below_oneshot": sum(r["async_test_auc"] < r["oneshot_test_auc"] - 0.005 for r in got),
         }
     by = {(r["seed"], r["protocol"]): r for r in rows}
-    for key in ("async_val_auc", "async_test_auc"):
-        d = [by[(s, "default")][key] - by[(s, "fresh")][key] for s in out["seeds"]]
-        out[f"default_minus_fresh_{key}"] = {"mean": statistics.fmean(d), "ci95": ci95(d), "per_seed": d}
+    for a, b in PAIRS:
+        for key in ("async_val_auc", "async_test_auc"):
+            d = [by[(s, a)][key] - by[(s, b)][key] for s in out["seeds"]]
+            out[f"{a}_minus_{b}_{key}"] = {"mean": statistics.fmean(d), "ci95": ci95(d), "per_seed": d}
     return out
 
 
@@ -115,7 +123,7 @@ def main() -> None:
         f"# Async landings on a class-balanced image folder (`{command}`)",
         "",
         "PneumoniaMNIST, training images class-balanced (388 + 388), 4 hospitals (Dirichlet α = 0.5), 3 landings",
-        "each; `default` is params.yaml's step rule, `fresh` the fresh buffer. Test AUC on the coordinator's test",
+        "each; `fedasync` B = 1, `carry` FedAsync with refine.carry, `fresh` the fresh buffer. Test AUC on the coordinator's test",
         "split, which nothing reads; val AUC is the hospitals' pooled answers the gate promoted on (biased up).",
         "",
         table(rows, list(rows[0])),
@@ -128,12 +136,13 @@ def main() -> None:
             f"| {pr} | {m['async_val_auc']:.3f} | {m['async_test_auc']:.3f} | {m['async_balanced_accuracy']:.3f} | "
             f"{m['oneshot_test_auc']:.3f} | {m['below_best_single']} | {m['more_than_0.005_below_oneshot']} |"
         )
-    for key in ("async_val_auc", "async_test_auc"):
-        d = head[f"default_minus_fresh_{key}"]
-        lines.append(
-            f"\ndefault − fresh, {key}: {d['mean']:+.3f}, 95 % CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-            f" (per seed {', '.join(f'{x:+.3f}' for x in d['per_seed'])})."
-        )
+    for a, b in PAIRS:
+        for key in ("async_val_auc", "async_test_auc"):
+            d = head[f"{a}_minus_{b}_{key}"]
+            lines.append(
+                f"\n{a} − {b}, {key}: {d['mean']:+.3f}, 95 % CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                f" (per seed {', '.join(f'{x:+.3f}' for x in d['per_seed'])})."
+            )
     payload = {"command": command, "headline": head, "rows": rows, "folder_counts": counts, "settings": SETTINGS}
     write("async_balanced", payload, "\n".join(lines))
 

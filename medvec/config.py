@@ -446,6 +446,11 @@ class RefineConfig(_Frozen):
         "buffer",
         description="the step from θ_pre: by the buffer rule, or the one-shot merge of every hospital's vector",
     )
+    carry: bool = Field(
+        False,
+        description="a step the gate did not promote leaves its vectors in the buffer for the next step from the same "
+        "champion (a hospital's vectors then share its weight), instead of spending them",
+    )
     local_epochs: int = Field(1, ge=1, description="epochs per contribution in the demo's simulation")
 
 

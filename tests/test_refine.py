@@ -75,14 +75,15 @@ def test_network_share_and_the_staleness_cap_by_hand():
 
 
 def test_a_hospital_that_floods_the_buffer_gains_no_weight():
-    """The attack: h1 publishes three copies of its update into one step to outweigh h2. With network shares
-    its 3 vectors split h1's share, so the step is what one vector from each would make."""
+    """The attack: h1 publishes three copies of its update into one step to outweigh h2 (a fresh buffer that
+    waits for h2, or a carried buffer). Under either weighting its 3 vectors split h1's share, so the step is
+    what one vector from each would make."""
     flood = [toy("h1", 40, w=[1.0]) for _ in range(3)]
     fair = toy("h2", 40, w=[-1.0])
-    r = RefineConfig(weighting="network", fresh=True)
-    weights, delta = weighted_step([*flood, fair], 0, r, {"h1": 40, "h2": 40})
-    assert [w.weight for w in weights] == [40 / 3 / 80] * 3 + [40 / 80]
-    assert abs(float(delta.deltas["w"])) < 1e-7  # h1's +1 and h2's −1 weigh the same (float32 rounding aside)
+    for r in (RefineConfig(weighting="network", fresh=True), RefineConfig(weighting="buffer", carry=True)):
+        weights, delta = weighted_step([*flood, fair], 0, r, {"h1": 40, "h2": 40})
+        assert [w.weight for w in weights] == [40 / 3 / 80] * 3 + [40 / 80]
+        assert abs(float(delta.deltas["w"])) < 1e-7  # h1's +1 and h2's −1 weigh the same (float32 rounding aside)
 
 
 def test_the_default_step_gives_an_inflated_sample_count_no_weight():
@@ -261,6 +262,36 @@ def test_a_chain_of_async_steps_replays_bit_for_bit_and_keeps_stale_vectors(tmp_
     assert [r.version for r in replayed] == [r.version for r in promoted]
     assert all(r.identical for r in replayed), replayed
     assert promoted[-1].inputs[0].weight == 1.0 and promoted[-1].inputs[0].staleness == 0
+
+
+def test_a_kept_out_step_carries_its_vectors_to_the_next_until_one_is_promoted(tmp_path, shards):
+    """refine.carry: a step the gate keeps out (margin 1: nothing clears it) leaves its vector in the buffer, and
+    the next step from the same champion merges it with what landed since, h1's two vectors sharing h1's weight;
+    a promoted step spends them all. Without carry the kept-out step spent its vector."""
+    carry = load_params(None, [*CHAIN, "refine.carry=true", "registry.champion_margin=1.0"])
+    base, store, evalsets = chain_start(tmp_path)
+    first = contribute(store, base, shards, "h1", carry, seed=0)
+    kept = finish_step(store, base, admit(store, base, carry.intake, carry.refine), carry, evalsets)
+    assert kept is not None and not kept.promoted and kept.verdict.startswith("v0 → kept")
+    landed = [
+        first,
+        contribute(store, base, shards, "h1", carry, seed=1),
+        contribute(store, base, shards, "h2", carry, seed=2),
+    ]
+    ids = [v.meta.vector_id for v in landed]
+    spent = carry.refine.model_copy(update={"carry": False})
+    assert [v.meta.vector_id for v in admit(store, base, carry.intake, spent).admitted] == ids[1:]
+    adm = admit(store, base, carry.intake, carry.refine)
+    assert [v.meta.vector_id for v in adm.admitted] == ids
+    gate = carry.model_copy(update={"registry": carry.registry.model_copy(update={"champion_margin": 0.0})})
+    step = finish_step(store, base, adm, gate, evalsets)
+    assert step is not None and step.promoted, step.verdict if step else None
+    n1, n2 = (int(v.meta.n_train) for v in landed[1:])
+    weights = step.step.outcome.step_weights
+    assert weights is not None and [w.weight for w in weights] == [n1 / 2 / (n1 + n2)] * 2 + [n2 / (n1 + n2)]
+    assert (
+        consumed(store, base.sha256, True) == set(ids) and admit(store, base, carry.intake, carry.refine).admitted == []
+    )
 
 
 def test_a_fresh_chain_from_the_one_shot_merge_with_momentum_and_ema_rebuilds_bit_for_bit(tmp_path, shards):

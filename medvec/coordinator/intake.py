@@ -152,10 +152,17 @@ def _newest_valid(store: VectorStore, checks: Checks, rejected: list[Rejection])
     return chosen
 
 
-def consumed(store: VectorStore, root: str) -> set[str]:
+def consumed(store: VectorStore, root: str, carry: bool = False) -> set[str]:
     """Vector ids that an async step (promoted or not) or a promoted first step has already merged: never applied
-    twice."""
-    return {i.vector_id for r in store.merges(root) if r.mode == "async" or r.version is not None for i in r.inputs}
+    twice. With ``carry`` (``refine.carry``), a step the gate did not promote spends its vectors only once the
+    champion has moved past the version it started from: until then they wait for the next step."""
+    champion = store.champion(root).version if carry else 0
+    return {
+        i.vector_id
+        for r in store.merges(root)
+        if r.version is not None or (r.mode == "async" and (not carry or r.parent_version != champion))
+        for i in r.inputs
+    }
 
 
 def _pending(store: VectorStore, checks: Checks, refine: RefineConfig, rejected: list[Rejection]) -> list[VectorFile]:
@@ -163,7 +170,7 @@ def _pending(store: VectorStore, checks: Checks, refine: RefineConfig, rejected:
     base = checks.base
     points = {p.version: p for p in store.start_points(base.sha256)}
     champion = max(points)
-    done = consumed(store, base.sha256)
+    done = consumed(store, base.sha256, refine.carry)
     out = []
     for side in store.sidecars(base.sha256):
         if side["meta"]["vector_id"] in done:

@@ -55,17 +55,16 @@ def step_weights(
     r: RefineConfig,
     network: Mapping[str, int] | None = None,
 ) -> list[StepWeight]:
-    """Each vector's staleness, discount s and weight c·w·s/Σw (w = sample count, 1 each if any count is 0;
-    Σw over the buffer, or over ``network``'s newest counts per hospital with ``weighting: network``, where a
-    hospital with k vectors in the step gives each w/k; c the staleness cap's factor)."""
+    """Each vector's staleness, discount s and weight c·w·s/Σw (w = sample count, 1 each if any count is 0, and
+    a hospital with k vectors in the step gives each w/k: flooding buys no weight; Σw over the buffer, or over
+    ``network``'s newest counts per hospital with ``weighting: network``; c the staleness cap's factor)."""
     counts = [int(v.meta.n_train) for v in vectors]
     w = [float(n) for n in counts] if all(n > 0 for n in counts) else [1.0] * len(vectors)
+    per = Counter(v.meta.hospital for v in vectors)
+    w = [wi / per[v.meta.hospital] for v, wi in zip(vectors, w)]  # a hospital's share is split between its vectors
     total = sum(w)
     if r.weighting == "network" and network and all(n > 0 for n in counts):
         total = float(sum(({**network, **{v.meta.hospital: n for v, n in zip(vectors, counts)}}).values()))
-    if r.weighting == "network":  # a hospital's share is split between its vectors: flooding buys no weight
-        per = Counter(v.meta.hospital for v in vectors)
-        w = [wi / per[v.meta.hospital] for v, wi in zip(vectors, w)]
     stale = [champion_version - int(v.meta.start_version or 0) for v in vectors]
     cap = staleness_cap_factor(max(stale, default=0), r.staleness_cap)
     out = []
