@@ -447,6 +447,10 @@ def test_params_yaml_steps_by_the_protocol_chosen_on_validation():
     choice = bench.choose(seeds)
     assert choice["chosen"] == "fedasync"
     assert choice["val_auc_mean"]["fedasync"] > choice["val_auc_mean"]["fresh"] + 0.01
+    # carried steps were kept from the choice before they ran (their validation is the gate's, tested most);
+    # results.md says they would not have been chosen either
+    assert "fedasync_carry" not in choice["candidates"]
+    assert choice["val_auc_mean"]["fedasync_carry"] < choice["val_auc_mean"]["fedasync"]
     shipped = load_params(ROOT / "params.yaml")
     pinned = load_params(ROOT / "params.yaml", bench.PROTOCOLS[choice["chosen"]][1])
     pinned = pinned.model_copy(update={"refine": pinned.refine.model_copy(update={"timeout": shipped.refine.timeout})})
