@@ -51,7 +51,8 @@ def finish_merge(
     """Store, version, register and publish a computed merge, in this order, and return its final record:
 
     1. the merged weights and the BN moment sums used, then the record (its vectors now count as consumed,
-       so a vector is never applied twice, even if a later step fails);
+       so a vector is never applied twice, even if a later step fails; with ``refine.carry`` an unpromoted
+       step's count only once the champion has moved past its parent, :func:`~medvec.coordinator.intake.consumed`);
     2. an asynchronous step whose gate ``promoted`` it becomes the next start point (``record.version``);
     3. with ``registry.dvc_repo``: one commit of the input vectors in the git+DVC registry;
     4. with ``registry.enabled``: the MLflow run and model version, through the champion gate (an
