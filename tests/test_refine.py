@@ -515,3 +515,19 @@ def test_a_fresh_buffer_steps_at_the_timeout_without_a_straggler_whose_vector_la
     inputs = [[(i.hospital, i.start_version, i.staleness) for i in r.inputs] for r in store.merges(base.sha256)]
     promoted = sum(r["event"] == "timeout" and "→ v" in r["step"] for r in rows[:6])
     assert sorted(inputs[0]) == [("h1", 0, 0), ("h2", 0, 0)] and ("h3", 0, promoted) in inputs[2]  # h3: stale
+
+
+def test_the_paired_gate_counts_by_hand():
+    """benchmarks/gate_paired_se.py: a 1-SE gate promotes a step whose validation gain passes the standard error it
+    reads; the paired one also passes the first row, and only it does."""
+    bench = benchmark("gate_paired_se")
+    rows = [
+        {"run": "out-fedasync-0", "parent": 1, "d_val": 0.03, "unpaired_se": 0.05, "paired_se": 0.02, "d_test": 0.01},
+        {"run": "out-fedasync-0", "parent": 1, "d_val": 0.06, "unpaired_se": 0.05, "paired_se": 0.02, "d_test": -0.01},
+        {"run": "out-fedasync-1", "parent": 2, "d_val": 0.01, "unpaired_se": 0.05, "paired_se": 0.04, "d_test": 0.02},
+    ]
+    assert bench.rule(rows, "unpaired_se") == {"promotes": 1, "raise_test": 0, "of": 3}
+    assert bench.rule(rows, "paired_se") == {"promotes": 2, "raise_test": 1, "of": 3}
+    head = bench.summary(rows)["fedasync"]
+    assert head["only_paired"] == {"steps": 1, "raise_test": 1, "mean_d_test": 0.01}
+    assert head["median_paired_over_unpaired_se"] == 0.02 / 0.05
