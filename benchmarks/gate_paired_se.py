@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from common import ROOT, table, write
 from safetensors.torch import load_file
-from sklearn.metrics import roc_auc_score
 
 from medvec.coordinator.contribution import paired_se
 from medvec.coordinator.scoring import EvalSets
 from medvec.data.images import ImageSet
-from medvec.evaluate import evaluate_model
+from medvec.evaluate import evaluate_model, metric_value
 from medvec.histograms import hanley_mcneil_se
 from medvec.hospital.local import LocalData
 from medvec.runtime import set_threads
@@ -47,7 +46,7 @@ def pooled(sets: list[ImageSet], model: torch.nn.Module, spec) -> dict:
     """The model's evaluation on the hospitals' validation images, pooled (labels, proba, log_odds, auc)."""
     parts = [evaluate_model(model, s, spec, 64) for s in sets]
     out: dict = {k: np.concatenate([p[k] for p in parts]) for k in ("labels", "proba", "log_odds")}
-    out["auc"] = float(roc_auc_score(out["labels"].ravel(), out["log_odds"][:, 1]))  # ranked by log-odds, as the gate
+    out["auc"] = metric_value(out["labels"], out["proba"], "auc", out["log_odds"])  # ranked by log-odds, as the gate
     return out
 
 
@@ -58,26 +57,27 @@ def steps(run: Path, test: ImageSet) -> list[dict]:
     base = store.get_base(root)
     local = [LocalData.load(h).val for h in sorted(p for p in (run / "hospitals").iterdir() if p.is_dir())]
     vals = [s for s in local if s is not None]
-    champions: dict[int, torch.nn.Module] = {}
+    champions: dict[int, tuple[dict, float]] = {}  # per version: its pooled validation and its test AUC, once
+
+    def scored(model: torch.nn.Module) -> tuple[dict, float]:
+        return pooled(vals, model, base.spec), evaluate_model(model, test, base.spec, 64)["auc"]
+
     rows = []
     for rec in store.merges(root):
         if rec.mode != "async":
             continue
         parent = rec.parent_version
         if parent not in champions:
-            champions[parent] = base.model if parent == 0 else store.get_start(root, parent).model
+            champions[parent] = scored(base.model if parent == 0 else store.get_start(root, parent).model)
         candidate = base.fresh()
         candidate.load_state_dict(load_file(str(store.local_file(store.model_key(root, rec.merge_id)))))
-        new, old = pooled(vals, candidate, base.spec), pooled(vals, champions[rec.parent_version], base.spec)
+        (new, t_new), (old, t_old) = scored(candidate), champions[parent]
         y = np.asarray(old["labels"]).ravel()
         n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-        t_new, t_old = (
-            evaluate_model(m, test, base.spec, 64)["auc"] for m in (candidate, champions[rec.parent_version])
-        )
         rows.append(
             {
                 "run": run.name,
-                "parent": rec.parent_version,
+                "parent": parent,
                 "promoted": rec.version is not None,
                 "val_images": len(y),
                 "d_val": new["auc"] - old["auc"],
